@@ -1,0 +1,128 @@
+"""The one place where other checkpoint layouts are mapped onto the BFL names that minflux uses.
+
+The HF repos ship the transformer and the autoencoder twice: as BFL single files (our native names) and in
+the diffusers layout (`transformer/`, `vae/`). diffusers splits BFL's fused linears (qkv, single-block
+`linear1`) into separate q/k/v/mlp linears and stores the final adaLN (shift, scale) halves swapped. Both
+facts are captured by one table: each diffusers linear lands in a set of *rows* of one BFL linear. The LoRA
+converters in `iclora/` reuse the same table.
+"""
+
+import re
+from collections import defaultdict
+
+import torch
+from torch import Tensor
+
+Rows = slice | Tensor | None  # which output rows of the BFL tensor a diffusers tensor fills (None = all)
+
+
+def transformer_table(depth: int, depth_single: int, hidden: int, mlp_hidden: int) -> dict[str, tuple[str, Rows]]:
+    """diffusers module (or norm parameter) name -> (BFL name, rows of the BFL tensor it fills)."""
+    C, F = hidden, mlp_hidden
+    q, k, v, m = slice(0, C), slice(C, 2 * C), slice(2 * C, 3 * C), slice(3 * C, 3 * C + F)
+    table = {
+        "x_embedder": ("img_in", None),
+        "context_embedder": ("txt_in", None),
+        "time_text_embed.timestep_embedder.linear_1": ("time_in.in_layer", None),
+        "time_text_embed.timestep_embedder.linear_2": ("time_in.out_layer", None),
+        "time_text_embed.guidance_embedder.linear_1": ("guidance_in.in_layer", None),
+        "time_text_embed.guidance_embedder.linear_2": ("guidance_in.out_layer", None),
+        "time_text_embed.text_embedder.linear_1": ("vector_in.in_layer", None),
+        "time_text_embed.text_embedder.linear_2": ("vector_in.out_layer", None),
+        "proj_out": ("final_layer.linear", None),
+        # diffusers chunks the final modulation as (scale, shift), BFL as (shift, scale)
+        "norm_out.linear": ("final_layer.adaLN_modulation.1", torch.cat([torch.arange(C, 2 * C), torch.arange(C)])),
+    }
+    for i in range(depth):
+        d, b = f"transformer_blocks.{i}", f"double_blocks.{i}"
+        for stream, (dq, dk, dv) in (("img", ("to_q", "to_k", "to_v")),
+                                     ("txt", ("add_q_proj", "add_k_proj", "add_v_proj"))):
+            table |= {f"{d}.attn.{dq}": (f"{b}.{stream}_attn.qkv", q), f"{d}.attn.{dk}": (f"{b}.{stream}_attn.qkv", k),
+                      f"{d}.attn.{dv}": (f"{b}.{stream}_attn.qkv", v)}
+        table |= {
+            f"{d}.norm1.linear": (f"{b}.img_mod.lin", None),
+            f"{d}.norm1_context.linear": (f"{b}.txt_mod.lin", None),
+            f"{d}.attn.to_out.0": (f"{b}.img_attn.proj", None),
+            f"{d}.attn.to_add_out": (f"{b}.txt_attn.proj", None),
+            f"{d}.ff.net.0.proj": (f"{b}.img_mlp.0", None),
+            f"{d}.ff.net.2": (f"{b}.img_mlp.2", None),
+            f"{d}.ff_context.net.0.proj": (f"{b}.txt_mlp.0", None),
+            f"{d}.ff_context.net.2": (f"{b}.txt_mlp.2", None),
+            f"{d}.attn.norm_q.weight": (f"{b}.img_attn.norm.query_norm.scale", None),
+            f"{d}.attn.norm_k.weight": (f"{b}.img_attn.norm.key_norm.scale", None),
+            f"{d}.attn.norm_added_q.weight": (f"{b}.txt_attn.norm.query_norm.scale", None),
+            f"{d}.attn.norm_added_k.weight": (f"{b}.txt_attn.norm.key_norm.scale", None),
+        }
+    for i in range(depth_single):
+        d, b = f"single_transformer_blocks.{i}", f"single_blocks.{i}"
+        table |= {
+            f"{d}.attn.to_q": (f"{b}.linear1", q), f"{d}.attn.to_k": (f"{b}.linear1", k),
+            f"{d}.attn.to_v": (f"{b}.linear1", v), f"{d}.proj_mlp": (f"{b}.linear1", m),
+            f"{d}.proj_out": (f"{b}.linear2", None),
+            f"{d}.norm.linear": (f"{b}.modulation.lin", None),
+            f"{d}.attn.norm_q.weight": (f"{b}.norm.query_norm.scale", None),
+            f"{d}.attn.norm_k.weight": (f"{b}.norm.key_norm.scale", None),
+        }
+    return table
+
+
+def transformer_from_diffusers(sd: dict[str, Tensor], config: dict) -> dict[str, Tensor]:
+    """A `transformer/` state dict (diffusers names) -> BFL names, fusing q/k/v(/mlp) and un-swapping norm_out."""
+    hidden = config["num_attention_heads"] * config["attention_head_dim"]
+    mlp_hidden = sd["single_transformer_blocks.0.proj_mlp.weight"].shape[0] if config["num_single_layers"] else 0
+    table = transformer_table(config["num_layers"], config["num_single_layers"], hidden, mlp_hidden)
+    parts = defaultdict(list)  # BFL key -> [(rows, tensor)]
+    for key, tensor in sd.items():
+        module, leaf = key.rsplit(".", 1)
+        if key in table:
+            name, rows = table[key]
+        elif module in table:
+            name, rows = table[module]
+            name = f"{name}.{leaf}"
+        else:
+            raise ValueError(f"unexpected key {key!r} in a diffusers FLUX transformer checkpoint")
+        parts[name].append((rows, tensor))
+    out = {}
+    for name, pieces in parts.items():
+        if len(pieces) == 1 and pieces[0][0] is None:
+            out[name] = pieces[0][1]
+            continue
+        first = pieces[0][1]
+        n = sum(r.stop - r.start if isinstance(r, slice) else len(r) for r, _ in pieces)
+        fused = torch.empty((n, *first.shape[1:]), dtype=first.dtype, device=first.device)
+        for rows, tensor in pieces:
+            fused[rows] = tensor
+        out[name] = fused
+    return out
+
+
+# diffusers AutoencoderKL -> BFL AutoEncoder: renames applied in order (decoder levels are renumbered below)
+VAE_RULES = [
+    (r"\.down_blocks\.(\d+)\.resnets\.(\d+)\.", r".down.\1.block.\2."),
+    (r"\.down_blocks\.(\d+)\.downsamplers\.0\.", r".down.\1.downsample."),
+    (r"\.up_blocks\.(\d+)\.resnets\.(\d+)\.", r".up.<\1>.block.\2."),
+    (r"\.up_blocks\.(\d+)\.upsamplers\.0\.", r".up.<\1>.upsample."),
+    (r"\.mid_block\.resnets\.0\.", ".mid.block_1."),
+    (r"\.mid_block\.resnets\.1\.", ".mid.block_2."),
+    (r"\.mid_block\.attentions\.0\.group_norm\.", ".mid.attn_1.norm."),
+    (r"\.mid_block\.attentions\.0\.to_([qkv])\.", r".mid.attn_1.\1."),
+    (r"\.mid_block\.attentions\.0\.to_out\.0\.", ".mid.attn_1.proj_out."),
+    (r"\.conv_shortcut\.", ".nin_shortcut."),
+    (r"\.conv_norm_out\.", ".norm_out."),
+]
+
+
+def vae_from_diffusers(sd: dict[str, Tensor]) -> dict[str, Tensor]:
+    """A `vae/` state dict (diffusers names) -> the names of `ae.safetensors`."""
+    levels = 1 + max((int(m[1]) for k in sd if (m := re.match(r"decoder\.up_blocks\.(\d+)\.", k))), default=-1)
+    out = {}
+    for key, tensor in sd.items():
+        name = key
+        for pattern, repl in VAE_RULES:
+            name = re.sub(pattern, repl, name)
+        # diffusers counts decoder levels from the low-resolution end, BFL from the high-resolution end
+        name = re.sub(r"<(\d+)>", lambda m: str(levels - 1 - int(m[1])), name)
+        if ".attn_1." in name and name.endswith("weight") and tensor.ndim == 2:
+            tensor = tensor[:, :, None, None]  # attention projections are 1×1 convs in BFL, linears in diffusers
+        out[name] = tensor
+    return out

@@ -1,0 +1,104 @@
+"""Rectified-flow sampling for FLUX.1: noise, latent packing, the shifted schedule and the Euler loop.
+
+Follows the BFL reference `flux/sampling.py` (get_noise, get_schedule, denoise, unpack).
+
+The project's one convention for time (stated here, used everywhere):
+    t = 1 is pure noise, t = 0 is data;   x_t = (1 − t)·x0 + t·ε;
+    the model predicts the velocity v = ε − x0;   an Euler step is x += (t_next − t)·v.
+
+Shape letters: B batch, c latent channels (16), h/w latent height/width (image size / 8),
+N image tokens ((h/2)·(w/2)), L text tokens.
+"""
+
+import math
+
+import torch
+from einops import rearrange, repeat
+from torch import Tensor
+from tqdm.auto import tqdm
+
+
+def check_size(width: int, height: int):
+    if width % 16 or height % 16 or width <= 0 or height <= 0:
+        raise ValueError(f"width and height must be positive multiples of 16 (the VAE's 8× times the 2×2 patch), "
+                         f"got {width}×{height}; nearest valid size: {16 * max(1, round(width / 16))}×"
+                         f"{16 * max(1, round(height / 16))}")
+
+
+def get_noise(num: int, width: int, height: int, seed: int) -> Tensor:
+    """Initial latent noise, drawn exactly as the reference pipelines do (CPU generator, float32)."""
+    check_size(width, height)
+    g = torch.Generator("cpu").manual_seed(seed)
+    return torch.randn(num, 16, height // 8, width // 8, generator=g, dtype=torch.float32)  # (B, c, h, w)
+
+
+def pack(x: Tensor) -> Tensor:
+    """Latent image -> sequence of 2×2 patches, row-major."""
+    return rearrange(x, "b c (h ph) (w pw) -> b (h w) (c ph pw)", ph=2, pw=2)   # (B, N, 4c)
+
+
+def unpack(x: Tensor, width: int, height: int) -> Tensor:
+    return rearrange(x, "b (h w) (c ph pw) -> b c (h ph) (w pw)", h=height // 16, w=width // 16, ph=2, pw=2)
+
+
+def image_ids(batch: int, width: int, height: int) -> Tensor:
+    """RoPE positions (0, row, col) of each packed image token."""
+    ids = torch.zeros(height // 16, width // 16, 3)
+    ids[..., 1] = torch.arange(height // 16)[:, None]
+    ids[..., 2] = torch.arange(width // 16)[None, :]
+    return repeat(ids, "h w a -> b (h w) a", b=batch)                            # (B, N, 3)
+
+
+def text_ids(batch: int, length: int) -> Tensor:
+    return torch.zeros(batch, length, 3)                                          # (B, L, 3): RoPE is identity
+
+
+def add_noise(x0: Tensor, noise: Tensor, t: float | Tensor) -> Tensor:
+    """The point at time t on the straight line from data x0 (t = 0) to noise (t = 1)."""
+    return (1 - t) * x0 + t * noise
+
+
+def shift_mu(image_seq_len: int, base_shift: float = 0.5, max_shift: float = 1.15) -> float:
+    """FLUX's time-shift exponent: linear in the token count, 0.5 at 256 tokens (256²px), 1.15 at 4096 (1024²px)."""
+    return base_shift + (max_shift - base_shift) * (image_seq_len - 256) / (4096 - 256)
+
+
+def time_shift(mu: float, t: Tensor) -> Tensor:
+    """Moves the schedule toward t = 1 (more noise) by e^mu: larger images need more steps at high noise."""
+    return math.exp(mu) / (math.exp(mu) + (1 / t - 1))
+
+
+def get_schedule(num_steps: int, image_seq_len: int, shift: bool = True,
+                 base_shift: float = 0.5, max_shift: float = 1.15) -> list[float]:
+    """num_steps + 1 times from 1 to 0; mu grows linearly with the token count (0.5 at 256, 1.15 at 4096).
+    Computed in float64, so the first time is exactly 1 (pure noise), as in diffusers' scheduler."""
+    ts = torch.linspace(1, 0, num_steps + 1, dtype=torch.float64)
+    if shift:
+        ts[:-1] = time_shift(shift_mu(image_seq_len, base_shift, max_shift), ts[:-1])  # t = 0 stays 0
+    return ts.tolist()
+
+
+def img2img_start(num_steps: int, strength: float) -> int:
+    """Index into the schedule where image-to-image starts: strength 1 is the whole schedule (text-to-image),
+    0 is its end (no step). The rule and its float rounding are diffusers' (FluxImg2ImgPipeline.get_timesteps):
+    int(n − n·s). BFL's demo writes int((1 − s)·n), which rounds differently: 10 steps at s = 0.3 start at 6 here
+    and in diffusers, at 7 there."""
+    if not 0.0 <= strength <= 1.0:
+        raise ValueError(f"strength must be in [0, 1] (0 keeps the input image, 1 ignores it), got {strength}")
+    return int(num_steps - num_steps * strength)
+
+
+@torch.no_grad()
+def denoise(model, img: Tensor, img_ids: Tensor, txt: Tensor, txt_ids: Tensor, vec: Tensor,
+            timesteps: list[float], guidance: float = 3.5, after_step=None, progress: bool = True) -> Tensor:
+    """Euler integration of dx/dt = v from t = 1 to t = 0. `after_step(x, t_next)` may edit x (e.g. to pin
+    reference panels); it returns the new x."""
+    B = img.shape[0]
+    g = torch.full((B,), guidance, dtype=img.dtype, device=img.device)
+    for t, t_next in tqdm(list(zip(timesteps[:-1], timesteps[1:])), desc="sampling", disable=not progress):
+        v = model(img, img_ids, txt, txt_ids, timesteps=torch.full((B,), t, dtype=img.dtype, device=img.device),
+                  y=vec, guidance=g)                                              # (B, N, 4c)
+        img = (img.float() + (t_next - t) * v.float()).to(img.dtype)
+        if after_step is not None:
+            img = after_step(img, t_next)
+    return img
