@@ -1,0 +1,193 @@
+"""A hand-written LoRA injector for minflux's FLUX transformer (LoRA: Hu et al., arXiv 2106.09685).
+
+A targeted `nn.Linear` is replaced in place by a `LoRALinear` that keeps the base `weight` and `bias` Parameters
+under the same names, so state-dict names stay the official checkpoint names, and adds adapters beside them:
+    y = W x + b + Σ_adapters scale · B(A(dropout(x))),   scale = multiplier · alpha / r.
+A starts kaiming-uniform (as nn.Linear) and B at zero, so a fresh adapter leaves the model unchanged. The base is
+frozen; adapters are float32 even on a bf16 base. The LoRA-file formats, and how the 304 BFL linears targeted here
+correspond to the 494 diffusers modules of the IC-LoRA release, are in `iclora/lora_files.py`.
+
+Shape letters: N any leading dims, I in features, O out features, r rank.
+"""
+
+import math
+import re
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+# every Linear of the 19 double (img/txt: mod.lin, attn.qkv, attn.proj, mlp.0, mlp.2) and 38 single blocks
+# (linear1, linear2, modulation.lin): 304 BFL linears = the 494 diffusers modules of the IC-LoRA release
+DEFAULT_TARGETS = (r"double_blocks\.\d+\..+", r"single_blocks\.\d+\..+")
+
+
+class LoRALinear(nn.Module):
+    """An nn.Linear's own `weight` / `bias` Parameters (frozen) plus named adapters, each with its own scale."""
+
+    def __init__(self, base: nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight = base.weight.requires_grad_(False)
+        self.register_parameter("bias", base.bias.requires_grad_(False) if base.bias is not None else None)
+        self.lora_A, self.lora_B, self.dropout = nn.ModuleDict(), nn.ModuleDict(), nn.ModuleDict()
+        self.alpha: dict[str, float] = {}
+        self.scale: dict[str, float] = {}
+        self.merged: set[str] = set()
+
+    def add_adapter(self, name: str, rank: int, alpha: float, dropout: float = 0.0, bias: bool = False,
+                    generator: torch.Generator | None = None):
+        """A kaiming-uniform as nn.Linear's (drawn on the CPU from `generator`, for reproducible runs), B zero."""
+        if name in self.lora_A:
+            raise ValueError(f"a LoRA adapter named {name!r} is already on this layer; pick another name")
+        # built on meta and then allocated, so nn.Linear's own init draws nothing from the global RNG
+        self.lora_A[name] = nn.Linear(self.in_features, rank, bias=False, device="meta", dtype=torch.float32)
+        self.lora_B[name] = nn.Linear(rank, self.out_features, bias=bias, device="meta", dtype=torch.float32)
+        self.lora_A[name].to_empty(device=self.weight.device)
+        self.lora_B[name].to_empty(device=self.weight.device)
+        bound = 1 / math.sqrt(self.in_features)  # kaiming_uniform_(a=√5), nn.Linear's default
+        with torch.no_grad():
+            self.lora_A[name].weight.copy_(torch.empty(rank, self.in_features).uniform_(-bound, bound,
+                                                                                       generator=generator))
+            self.lora_B[name].weight.zero_()
+            if bias:
+                self.lora_B[name].bias.zero_()
+        self.dropout[name] = nn.Dropout(dropout) if dropout else nn.Identity()
+        self.alpha[name] = float(alpha)
+        self.scale[name] = float(alpha) / rank
+
+    def delta(self, name: str) -> tuple[Tensor, Tensor | None]:
+        """scale · B @ A (O, I) and scale · B's bias (O,), in float32."""
+        A, B = self.lora_A[name], self.lora_B[name]
+        s = self.scale[name]
+        return s * (B.weight.float() @ A.weight.float()), None if B.bias is None else s * B.bias.float()
+
+    def forward(self, x: Tensor) -> Tensor:
+        # x: (N, I)
+        out = F.linear(x, self.weight, self.bias)                                 # (N, O)
+        for name, A in self.lora_A.items():
+            if name not in self.merged:
+                h = A(self.dropout[name](x.to(A.weight.dtype)))                   # (N, r) float32
+                up = self.lora_B[name](h)                                         # (N, O) float32
+                if self.scale[name] != 1.0:  # alpha = rank (the usual case) needs no pass over the output
+                    up = up * self.scale[name]
+                out = out + up.to(out.dtype)
+        return out
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, adapters={dict(self.scale)}, merged={self.merged}"
+
+
+def linears(model: nn.Module, prefix: str = ""):
+    """(name, module) of every nn.Linear / LoRALinear, not descending into a LoRALinear's own adapters."""
+    for child_name, child in model.named_children():
+        name = prefix + child_name
+        if isinstance(child, (nn.Linear, LoRALinear)):
+            yield name, child
+        else:
+            yield from linears(child, name + ".")
+
+
+def wrap(model: nn.Module, module_name: str) -> LoRALinear:
+    """The LoRALinear at module_name, replacing a plain nn.Linear there in place if needed."""
+    module = model.get_submodule(module_name)
+    if isinstance(module, LoRALinear):
+        return module
+    if not isinstance(module, nn.Linear):
+        raise ValueError(f"{module_name} is a {type(module).__name__}, not an nn.Linear: cannot carry a LoRA")
+    parent, _, child = module_name.rpartition(".")
+    setattr(model.get_submodule(parent), child, wrapped := LoRALinear(module))
+    return wrapped
+
+
+def inject_lora(model: nn.Module, rank: int = 16, alpha: float = 16.0, targets=DEFAULT_TARGETS,
+                dropout: float = 0.0, name: str = "default", seed: int = 0) -> list[str]:
+    """Adds a fresh adapter (B = 0) to every Linear whose name fully matches one of the `targets` regexes,
+    and freezes every base parameter of the model (targeted or not), so only adapters train.
+    A is drawn from a generator seeded with `seed`: torch's own default seed differs from process to process."""
+    names = [n for n, _ in linears(model) if any(re.fullmatch(t, n) for t in targets)]
+    if not names:
+        raise ValueError(f"no Linear layer matches the LoRA targets {list(targets)}")
+    for n, p in model.named_parameters():
+        if ".lora_" not in n:
+            p.requires_grad_(False)
+    g = torch.Generator().manual_seed(seed)
+    for n in names:
+        wrap(model, n).add_adapter(name, rank, alpha, dropout, generator=g)
+    return names
+
+
+def adapters(model: nn.Module, name: str) -> dict[str, LoRALinear]:
+    """module name -> LoRALinear for every layer carrying adapter `name`."""
+    found = {n: m for n, m in linears(model) if isinstance(m, LoRALinear) and name in m.lora_A}
+    if not found:
+        raise ValueError(f"the model has no LoRA adapter named {name!r}")
+    return found
+
+
+@torch.no_grad()
+def merge_lora(model: nn.Module, name: str = "default"):
+    """Adds the adapter's delta into the base weights (computed in float32) and skips it in forward."""
+    layers = adapters(model, name)
+    if bad := [n for n, m in layers.items() if m.lora_B[name].bias is not None and m.bias is None]:
+        raise ValueError(f"cannot merge a LoRA bias into a Linear without bias: {', '.join(bad)}")
+    for m in layers.values():
+        if name in m.merged:
+            continue
+        dw, db = m.delta(name)
+        m.weight.copy_((m.weight.float() + dw).to(m.weight.dtype))
+        if db is not None:
+            m.bias.copy_((m.bias.float() + db).to(m.bias.dtype))
+        m.merged.add(name)
+
+
+@torch.no_grad()
+def unmerge_lora(model: nn.Module, name: str = "default"):
+    """The inverse of merge_lora (exact up to rounding in the base dtype)."""
+    for m in adapters(model, name).values():
+        if name not in m.merged:
+            continue
+        dw, db = m.delta(name)
+        m.weight.copy_((m.weight.float() - dw).to(m.weight.dtype))
+        if db is not None:
+            m.bias.copy_((m.bias.float() - db).to(m.bias.dtype))
+        m.merged.discard(name)
+
+
+def set_lora_scale(model: nn.Module, name: str, multiplier: float):
+    """scale = multiplier · alpha / r for every layer of this adapter (re-merging it if it was merged)."""
+    merged = any(name in m.merged for m in adapters(model, name).values())
+    unmerge_lora(model, name)
+    for m in adapters(model, name).values():
+        m.scale[name] = multiplier * m.alpha[name] / m.lora_A[name].out_features
+    if merged:
+        merge_lora(model, name)
+
+
+def remove_lora(model: nn.Module, name: str = "default"):
+    """Drops the adapter (unmerging it first); a layer left with none becomes a plain nn.Linear again."""
+    unmerge_lora(model, name)
+    for module_name, m in adapters(model, name).items():
+        for d in (m.lora_A, m.lora_B, m.dropout, m.alpha, m.scale):
+            del d[name]
+        if not m.lora_A:
+            plain = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
+            plain.weight, plain.bias = m.weight, m.bias
+            parent, _, child = module_name.rpartition(".")
+            setattr(model.get_submodule(parent), child, plain)
+
+
+def lora_parameters(model: nn.Module, name: str = "default") -> list[nn.Parameter]:
+    """The adapter's A and B parameters, for the optimizer."""
+    return [p for m in adapters(model, name).values() for p in (*m.lora_A[name].parameters(),
+                                                                 *m.lora_B[name].parameters())]
+
+
+def lora_state(model: nn.Module, name: str = "default") -> dict[str, tuple[Tensor, Tensor, Tensor | None, float]]:
+    """BFL module name -> (A (r, I), B (O, r), B's bias (O,) or None, alpha), detached."""
+    out = {}
+    for module_name, m in adapters(model, name).items():
+        A, B = m.lora_A[name], m.lora_B[name]
+        out[module_name] = (A.weight.detach(), B.weight.detach(),
+                            None if B.bias is None else B.bias.detach(), m.alpha[name])
+    return out

@@ -1,0 +1,231 @@
+"""The IC-LoRA dataset: panel joining, panel boxes, aspect buckets, up-front validation, batching.
+
+Tiny images are drawn with PIL in tmp_path; no model, no GPU.
+"""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+from iclora.data import PanelSetDataset, batches_by_bucket, join_panels, make_buckets, panel_boxes
+
+RED, GREEN, BLUE, YELLOW = (255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0)
+
+
+def write_set(folder, panels, caption="[SET] four colours, [IMAGE1] red [IMAGE2] green"):
+    """A layout (b) set folder: panels saved as 0.png, 1.png, ... plus caption.txt (None: no caption file)."""
+    folder.mkdir(parents=True)
+    for k, panel in enumerate(panels):
+        panel.save(folder / f"{k}.png")
+    if caption is not None:
+        (folder / "caption.txt").write_text(caption)
+
+
+def write_joined(root, name, image, caption="[SCENE] a joined image"):
+    """A layout (a) sample: <name>.png plus <name>.txt (None: no caption file)."""
+    root.mkdir(parents=True, exist_ok=True)
+    image.save(root / f"{name}.png")
+    if caption is not None:
+        (root / f"{name}.txt").write_text(caption)
+
+
+def disc(size, diameter):
+    """White image of `size` (W, H) with a black disc of `diameter` at its center."""
+    image = Image.new("RGB", size, "white")
+    x, y, r = size[0] / 2, size[1] / 2, diameter / 2
+    ImageDraw.Draw(image).ellipse((x - r, y - r, x + r, y + r), fill="black")
+    return image
+
+
+def dark_extent(pixels):
+    """(width, height) of the bounding box of dark pixels in an (H, W, 3) array in [-1, 1]."""
+    ys, xs = np.nonzero(pixels.mean(axis=-1) < 0)
+    return xs.max() - xs.min() + 1, ys.max() - ys.min() + 1
+
+
+def colour_at(image, x, y):
+    """RGB 0..255 of a (3, H, W) tensor in [-1, 1] at (x, y)."""
+    return tuple(round((v + 1) * 127.5) for v in image[:, y, x].tolist())
+
+
+@pytest.mark.parametrize("layout,size", [("row", (90, 20)), ("column", (30, 60)), ("grid", (60, 40))])
+def test_join_panels_puts_each_panel_in_its_cell(layout, size):
+    colours = [RED, GREEN, BLUE]
+    joined = join_panels([Image.new("RGB", (30, 20), c) for c in colours], layout)
+    assert joined.size == size
+    for colour, (left, top, right, bottom) in zip(colours, panel_boxes(*size, 3, layout)):
+        assert right - left == 30 and bottom - top == 20
+        assert joined.getpixel(((left + right) // 2, (top + bottom) // 2)) == colour
+    if layout == "grid":  # 3 panels in 2x2 cells: the bottom-right cell stays black
+        assert joined.getpixel((45, 30)) == (0, 0, 0)
+
+
+def test_join_panels_rejects_panels_of_different_sizes():
+    with pytest.raises(ValueError, match="one size"):
+        join_panels([Image.new("RGB", (30, 20)), Image.new("RGB", (30, 21))], "row")
+
+
+def test_panel_boxes_put_cell_edges_at_floor_of_the_even_split():
+    assert panel_boxes(1001, 777, 3, "row") == [(0, 0, 333, 777), (333, 0, 667, 777), (667, 0, 1001, 777)]
+    assert panel_boxes(1001, 777, 3, "grid") == [(0, 0, 500, 388), (500, 0, 1001, 388), (0, 388, 500, 777)]
+
+
+@pytest.mark.parametrize("n,layout", [(3, "grid"), (3, "row"), (3, "column"), (4, "grid"), (5, "grid"), (7, "grid")])
+def test_panel_boxes_tile_odd_canvases_without_gap_or_overlap(n, layout):
+    width, height = 1001, 777
+    cover = np.zeros((height, width), dtype=int)
+    for left, top, right, bottom in panel_boxes(width, height, n, layout):
+        cover[top:bottom, left:right] += 1
+    assert cover.max() == 1
+    empty = np.argwhere(cover == 0)  # only grid cells past the n-th, which end the last row
+    if len(empty):
+        (top, left), (bottom, right) = empty.min(axis=0), empty.max(axis=0) + 1
+        assert (right, bottom) == (width, height) and len(empty) == (right - left) * (bottom - top)
+        assert layout == "grid"
+
+
+@pytest.mark.parametrize("resolution", [256, 512, 1024, 1280])
+@pytest.mark.parametrize("multiple_w,multiple_h", [(16, 16), (48, 16), (16, 32)])
+def test_buckets_have_16_multiple_sides_and_area_within_target(resolution, multiple_w, multiple_h):
+    buckets = make_buckets(resolution, multiple_w, multiple_h)
+    assert buckets
+    for h, w in buckets:
+        assert h % 16 == 0 and w % 16 == 0 and w % multiple_w == 0 and h % multiple_h == 0
+        assert h * w <= resolution**2 and 1 / 4 <= w / h <= 4
+    if (multiple_w, multiple_h) == (16, 16):
+        assert (resolution, resolution) in buckets and (resolution // 2, resolution * 2) in buckets
+
+
+def test_joined_image_becomes_a_tensor_in_minus_one_to_one(tmp_path):
+    image = Image.new("RGB", (64, 64), "white")
+    image.paste((0, 0, 0), (0, 0, 32, 64))
+    write_joined(tmp_path, "a", image, caption="  [LEFT] black [RIGHT] white\n")
+    item = PanelSetDataset(tmp_path, resolution=64)[0]
+    assert item["image"].dtype == torch.float32 and item["image"].shape == (3, 64, 64)
+    assert item["bucket"] == (64, 64) and item["path"] == str(tmp_path / "a.png")
+    assert item["caption"] == "[LEFT] black [RIGHT] white"
+    assert item["image"][:, :, 4].eq(-1).all() and item["image"][:, :, -4].eq(1).all()
+
+
+@pytest.mark.parametrize("layout", ["row", "column", "grid"])
+def test_set_folders_are_joined_into_equal_panels_on_16_pixel_edges(tmp_path, layout):
+    colours = [RED, GREEN, BLUE, YELLOW, RED]
+    write_set(tmp_path / "s1", [Image.new("RGB", (50, 40), c) for c in colours])
+    item = PanelSetDataset(tmp_path, resolution=256, layout=layout)[0]
+    h, w = item["bucket"]
+    cols, rows = {"row": (5, 1), "column": (1, 5), "grid": (3, 2)}[layout]
+    assert item["image"].shape == (3, h, w) and h * w <= 256**2
+    assert w % (16 * cols) == 0 and h % (16 * rows) == 0
+    for colour, (left, top, right, bottom) in zip(colours, panel_boxes(w, h, 5, layout)):
+        assert left % 16 == 0 and top % 16 == 0 and right - left == w // cols and bottom - top == h // rows
+        assert colour_at(item["image"], (left + right) // 2, (top + bottom) // 2) == colour
+        assert colour_at(item["image"], left + 1, top + 1) == colour and colour_at(item["image"], right - 2, bottom - 2) == colour
+
+
+def test_bucket_is_the_closest_aspect_ratio(tmp_path):
+    write_joined(tmp_path, "wide", Image.new("RGB", (300, 100)))
+    write_joined(tmp_path, "tall", Image.new("RGB", (100, 200)))
+    write_joined(tmp_path, "storyboard", Image.new("RGB", (108, 162)))  # the authors' 1080x1620 sample, scaled
+    # buckets near 3:1 at resolution 96: W x H 144x64 (2.25) and 160x48 (3.33); near 1:2: 64x144 (0.44); near 2:3: 80x112 (0.71)
+    assert [s.bucket for s in PanelSetDataset(tmp_path, resolution=96).samples] == [(112, 80), (144, 64), (48, 160)]
+    assert PanelSetDataset(tmp_path, resolution=1024).samples[0].bucket == (1248, 832)  # exactly 2:3
+
+
+def test_resizing_never_stretches_joined_images(tmp_path):
+    write_joined(tmp_path, "a", disc((620, 200), 160))  # 3.1:1 goes to a 3:1 bucket: cover-resize, then crop
+    item = PanelSetDataset(tmp_path, resolution=256)[0]
+    h, w = item["bucket"]
+    assert abs(w / h - 3.1) < 0.2
+    disc_w, disc_h = dark_extent(item["image"].permute(1, 2, 0).numpy())
+    print(f"bucket {w}x{h}, disc {disc_w}x{disc_h}")
+    assert abs(disc_w - disc_h) <= 1 and abs(disc_h - 160 * h / 200) <= 2
+
+
+def test_resizing_never_stretches_panels(tmp_path):
+    write_set(tmp_path / "s1", [disc((200, 120), 100), disc((200, 120), 100)])
+    item = PanelSetDataset(tmp_path, resolution=256, layout="row")[0]
+    h, w = item["bucket"]
+    for left, top, right, bottom in panel_boxes(w, h, 2, "row"):
+        disc_w, disc_h = dark_extent(item["image"][:, top:bottom, left:right].permute(1, 2, 0).numpy())
+        print(f"panel {right - left}x{bottom - top}, disc {disc_w}x{disc_h}")
+        assert abs(disc_w - disc_h) <= 1
+
+
+def test_validation_lists_every_offending_file_in_one_error(tmp_path):
+    panel = Image.new("RGB", (32, 32), RED)
+    write_set(tmp_path / "corrupt", [panel, panel])
+    (tmp_path / "corrupt" / "1.png").write_bytes(b"not a png at all")
+    write_set(tmp_path / "truncated", [panel, panel])
+    data = (tmp_path / "truncated" / "0.png").read_bytes()
+    (tmp_path / "truncated" / "0.png").write_bytes(data[: len(data) // 2])
+    write_set(tmp_path / "no_caption", [panel, panel], caption=None)
+    write_set(tmp_path / "empty_caption", [panel, panel], caption=" \n")
+    write_set(tmp_path / "mixed", [panel, Image.new("RGB", (32, 48))])
+    (tmp_path / "no_panels").mkdir()
+    write_set(tmp_path / "fine", [panel, panel])
+    with pytest.raises(ValueError) as error:
+        PanelSetDataset(tmp_path, resolution=64)
+    message = str(error.value)
+    print(message)
+    assert message.startswith("6 problem(s)")
+    for expected in [f"{tmp_path / 'corrupt' / '1.png'}: unreadable image",
+                     f"{tmp_path / 'truncated' / '0.png'}: unreadable image",
+                     f"{tmp_path / 'no_caption' / 'caption.txt'}: missing caption",
+                     f"{tmp_path / 'empty_caption' / 'caption.txt'}: empty caption",
+                     f"{tmp_path / 'mixed'}: panels of one set must share one size, got 0.png 32x32, 1.png 32x48",
+                     f"{tmp_path / 'no_panels'}: set folder has no panel images"]:
+        assert expected in message
+    assert "fine" not in message
+
+
+def test_validation_of_joined_images_lists_every_offending_file(tmp_path):
+    write_joined(tmp_path, "good", Image.new("RGB", (32, 32)))
+    write_joined(tmp_path, "no_caption", Image.new("RGB", (32, 32)), caption=None)
+    write_joined(tmp_path, "empty_caption", Image.new("RGB", (32, 32)), caption="")
+    (tmp_path / "corrupt.jpg").write_bytes(b"\xff\xd8\xff garbage")
+    (tmp_path / "corrupt.txt").write_text("a caption")
+    with pytest.raises(ValueError) as error:
+        PanelSetDataset(tmp_path, resolution=64)
+    message = str(error.value)
+    print(message)
+    assert message.startswith("3 problem(s)")
+    assert f"{tmp_path / 'corrupt.jpg'}: unreadable image" in message
+    assert f"{tmp_path / 'no_caption.txt'}: missing caption" in message
+    assert f"{tmp_path / 'empty_caption.txt'}: empty caption" in message
+
+
+def test_empty_folder_is_an_error(tmp_path):
+    (tmp_path / "notes.md").write_text("no images here")
+    with pytest.raises(ValueError, match="no samples in"):
+        PanelSetDataset(tmp_path)
+
+
+def test_missing_folder_is_an_error(tmp_path):
+    with pytest.raises(ValueError, match="does not exist"):
+        PanelSetDataset(tmp_path / "nowhere")
+
+
+def test_folder_mixing_both_layouts_is_an_error(tmp_path):
+    write_joined(tmp_path, "joined", Image.new("RGB", (32, 32)))
+    write_set(tmp_path / "set", [Image.new("RGB", (32, 32))])
+    with pytest.raises(ValueError, match="mixes joined images"):
+        PanelSetDataset(tmp_path, resolution=64)
+
+
+def test_unknown_layout_is_an_error(tmp_path):
+    with pytest.raises(ValueError, match="unknown layout 'diagonal'"):
+        PanelSetDataset(tmp_path, layout="diagonal")
+
+
+def test_batches_by_bucket_never_mix_buckets_and_cover_every_index_once(tmp_path):
+    for k, size in enumerate([(64, 64)] * 7 + [(128, 64)] * 5 + [(64, 128)] * 2):
+        write_joined(tmp_path, f"s{k:02d}", Image.new("RGB", size))
+    dataset = PanelSetDataset(tmp_path, resolution=64)
+    assert len({s.bucket for s in dataset.samples}) == 3
+    for seed in range(5):
+        batches = list(batches_by_bucket(dataset, batch_size=3, seed=seed))
+        assert sorted(i for batch in batches for i in batch) == list(range(len(dataset)))
+        assert all(len({dataset.samples[i].bucket for i in batch}) == 1 and 1 <= len(batch) <= 3 for batch in batches)
+    assert list(batches_by_bucket(dataset, 3, seed=0)) == list(batches_by_bucket(dataset, 3, seed=0))
+    assert list(batches_by_bucket(dataset, 3, seed=0)) != list(batches_by_bucket(dataset, 3, seed=1))

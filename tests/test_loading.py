@@ -1,0 +1,142 @@
+"""Loading the official layouts, and the specific errors a user gets for bad input."""
+
+import http.server
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from minflux import loading
+from minflux.pipeline import load_pipeline
+from tests.tiny_repo import copy_repo, write_tiny_repo
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return write_tiny_repo(tmp_path_factory.mktemp("tiny") / "FLUX.1-dev", layout="both")
+
+
+def edit_file(path: Path, edit):
+    sd = load_file(path)
+    edit(sd)
+    save_file(sd, path)
+
+
+def test_all_six_pieces_load_with_their_stored_dtype(tiny, tmp_path):
+    repo = copy_repo(tiny, tmp_path / "bf16")
+    edit_file(repo / "flux1-dev.safetensors", lambda sd: sd.update({k: v.bfloat16() for k, v in sd.items()}))
+    pipe = load_pipeline(str(repo))
+    assert {p.dtype for p in pipe.flow.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in pipe.ae.parameters()} == {torch.float32}
+    assert not any(p.is_meta for m in (pipe.flow, pipe.ae, pipe.t5, pipe.clip) for p in m.parameters())
+    assert {p.dtype for p in load_pipeline(str(repo), dtype="fp32").flow.parameters()} == {torch.float32}
+
+
+def test_missing_and_unexpected_keys_are_named(tiny, tmp_path):
+    repo = copy_repo(tiny, tmp_path / "keys")
+
+    def edit(sd):
+        del sd["double_blocks.1.txt_mlp.0.bias"]
+        sd["double_blocks.1.txt_mlp.9.bias"] = torch.zeros(3)
+
+    edit_file(repo / "flux1-dev.safetensors", edit)
+    with pytest.raises(ValueError, match=r"missing keys: double_blocks\.1\.txt_mlp\.0\.bias.*"
+                                         r"unexpected keys: double_blocks\.1\.txt_mlp\.9\.bias"):
+        load_pipeline(str(repo))
+
+
+def test_a_shape_mismatch_names_the_key_and_both_shapes(tiny, tmp_path):
+    repo = copy_repo(tiny, tmp_path / "shape")
+    edit_file(repo / "flux1-dev.safetensors", lambda sd: sd.update({"double_blocks.0.img_mlp.2.bias": torch.zeros(31)}))
+    with pytest.raises(ValueError, match=r"double_blocks\.0\.img_mlp\.2\.bias has shape \(31,\), expected \(32,\)"):
+        load_pipeline(str(repo))
+
+
+def test_a_truncated_safetensors_file_is_reported_with_its_path(tiny, tmp_path):
+    repo = copy_repo(tiny, tmp_path / "truncated")
+    data = (repo / "ae.safetensors").read_bytes()
+    (repo / "ae.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=r"ae\.safetensors: cannot read this safetensors file \(truncated"):
+        load_pipeline(str(repo))
+
+
+def test_a_folder_that_is_not_a_flux_repo_says_what_is_missing(tmp_path):
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(FileNotFoundError, match=r"is not a FLUX repo: missing text_encoder/config\.json.*"
+                                                r"flux1-\*\.safetensors or transformer/"):
+        load_pipeline(str(tmp_path))
+
+
+def test_a_string_that_is_neither_folder_nor_repo_id_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="neither a folder nor a HF repo id"):
+        loading.Repo(str(tmp_path / "no" / "such" / "folder"))
+
+
+def test_dtype_names_are_checked():
+    with pytest.raises(ValueError, match="unknown dtype 'int8'"):
+        loading.parse_dtype("int8")
+
+
+class GatedHub(http.server.BaseHTTPRequestHandler):
+    """Answers every request the way the HF hub answers for a gated repo and no token."""
+
+    def do_GET(self):
+        self.send_response(401)
+        self.send_header("X-Error-Code", "GatedRepo")
+        self.send_header("X-Error-Message", "Access to model org/gated is restricted.")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    do_HEAD = do_GET
+
+    def log_message(self, *args):
+        pass
+
+
+def test_a_gated_repo_without_token_explains_how_to_get_access(tmp_path):
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), GatedHub)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+    env |= {"HF_ENDPOINT": f"http://127.0.0.1:{server.server_port}", "HF_HOME": str(tmp_path / "hf")}
+    try:
+        run = subprocess.run([sys.executable, "sample.py", "--model", "org/gated", "--prompt", "x"], cwd=ROOT,
+                             env=env, capture_output=True, text=True, timeout=120)
+    finally:
+        server.shutdown()
+    assert run.returncode != 0
+    assert "org/gated is a gated repo" in run.stderr and "HF_TOKEN" in run.stderr
+    assert "--model toy" in run.stderr  # what to run meanwhile
+    assert "Traceback" not in run.stderr
+
+
+def test_sample_py_help_explains_every_flag():
+    run = subprocess.run([sys.executable, "sample.py", "--help"], cwd=ROOT, capture_output=True, text=True)
+    assert run.returncode == 0
+    for flag in ("--model", "--prompt", "--prompt-file", "--width", "--height", "--steps", "--guidance", "--seed",
+                 "--num-images", "--out", "--device", "--dtype", "--offload"):
+        assert flag in run.stdout
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--model", "org/x"], "org/x: not in the HF cache and the hub cannot be reached (offline?). To try everything "
+                           "without the real weights, use --model toy"),
+    (["--model", "org/x", "--device", "cdua"], "unknown device 'cdua'"),
+    (["--model", "org/x", "--steps", "0"], "--steps must be at least 1, got 0"),
+    (["--model", "/no/such/model", "--lora", "{bad}"], "not a readable safetensors LoRA file"),
+], ids=["offline-not-cached", "bad-device", "zero-steps", "corrupt-lora-before-model"])
+def test_sample_py_reports_bad_input_in_one_line_without_a_traceback(tmp_path, args, message):
+    (tmp_path / "bad.safetensors").write_text("not a safetensors file")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+    env |= {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    args = [a.format(bad=tmp_path / "bad.safetensors") for a in args]
+    run = subprocess.run([sys.executable, "sample.py", "--prompt", "x", "--device", "cpu", *args],  # last flag wins
+                         cwd=ROOT, env=env, capture_output=True, text=True)
+    assert run.returncode != 0
+    assert message in run.stderr and "Traceback" not in run.stderr

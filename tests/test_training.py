@@ -1,0 +1,161 @@
+"""train.py on a tiny random FLUX: it learns, resumes bit-for-bit, and stops cleanly on bad input or NaN."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+import train
+from iclora.data import PanelSetDataset
+from iclora.lora_files import load_lora
+from iclora.training import Example, cache_examples, collate, flow_matching_loss
+from minflux.pipeline import load_pipeline
+from tests.tiny_repo import write_tiny_repo
+
+ROOT = Path(__file__).resolve().parents[1]
+CAPTIONS = ["[TWO-PANEL] a red square and its blue twin, [LEFT] a red square, [RIGHT] a blue square",
+            "[TWO-PANEL] a green disc and its yellow twin, [LEFT] a green disc, [RIGHT] a yellow disc"]
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    return write_tiny_repo(tmp_path_factory.mktemp("tiny") / "FLUX.1-dev", layout="bfl", seed=1)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """Two joined two-panel images (64×32) with captions: the layout most LoRA datasets use."""
+    folder = tmp_path_factory.mktemp("sets") / "twins"
+    folder.mkdir()
+    colours = [((220, 30, 30), (30, 30, 220)), ((30, 200, 30), (230, 220, 20))]
+    for i, ((left, right), caption) in enumerate(zip(colours, CAPTIONS)):
+        img = np.zeros((32, 64, 3), np.uint8)
+        img[:, :32], img[:, 32:] = left, right
+        img[8:24, 8:24], img[8:24, 40:56] = 255, 255
+        Image.fromarray(img).save(folder / f"set{i}.png")
+        (folder / f"set{i}.txt").write_text(caption)
+    return folder
+
+
+def run_train(repo, data, out: Path, *extra) -> Path:
+    return train.main(["--model", str(repo), "--data", str(data), "--out", str(out), "--resolution", "48",
+                       "--batch-size", "2", "--rank", "4", "--alpha", "4", "--lr", "3e-3", "--warmup", "1",
+                       "--caption-dropout", "0", "--sample-every", "0", "--device", "cpu", *extra])
+
+
+def eval_loss(flow, examples, seeds=range(16)) -> float:
+    x0 = torch.stack([e.latents for e in examples])
+    txt, vec = torch.stack([e.txt for e in examples]), torch.stack([e.vec for e in examples])
+    with torch.no_grad():
+        return float(np.mean([flow_matching_loss(flow, x0, txt, vec, torch.Generator().manual_seed(s)).item()
+                              for s in seeds]))
+
+
+@pytest.fixture(scope="module")
+def trained(repo, data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "twins.safetensors"
+    run_train(repo, data, out, "--steps", "80", "--save-every", "40")
+    return out
+
+
+def test_training_lowers_the_flow_matching_loss_on_the_training_set(repo, data, trained):
+    pipe = load_pipeline(str(repo))
+    examples = cache_examples(pipe, PanelSetDataset(data, resolution=48))
+    before = eval_loss(pipe.flow, examples)
+    load_lora(pipe.flow, trained)
+    after = eval_loss(pipe.flow, examples)
+    print(f"flow-matching loss on the training set: base {before:.4f}, with LoRA {after:.4f}")
+    assert after < 0.5 * before
+
+
+def test_sampling_with_the_trained_lora_moves_toward_the_training_images(repo, data, trained):
+    pipe = load_pipeline(str(repo))
+    target = cache_examples(pipe, PanelSetDataset(data, resolution=48))[0].latents
+    txt, vec = pipe.encode_prompts([CAPTIONS[0]])
+    base = pipe.sample(txt, vec, width=64, height=32, steps=10, guidance=1.0, seed=3, progress=False)[0]
+    load_lora(pipe.flow, trained)
+    tuned = pipe.sample(txt, vec, width=64, height=32, steps=10, guidance=1.0, seed=3, progress=False)[0]
+    d_base, d_tuned = (base - target).norm().item(), (tuned - target).norm().item()
+    print(f"latent distance to the training image: base {d_base:.2f}, with LoRA {d_tuned:.2f}")
+    assert d_tuned < 0.7 * d_base
+
+
+def test_training_writes_lora_state_and_loss_log(trained):
+    assert trained.exists() and trained.with_name("twins.state.pt").exists()
+    rows = trained.with_name("twins.loss.csv").read_text().splitlines()
+    assert rows[0] == "step,loss,lr,seconds" and len(rows) == 81
+    assert any(k.startswith("transformer.") and k.endswith("lora_A.weight") for k in load_file(trained))
+
+
+def test_resume_continues_bit_for_bit(repo, data, tmp_path):
+    straight = run_train(repo, data, tmp_path / "a" / "lora.safetensors", "--steps", "6", "--save-every", "3")
+    run_train(repo, data, tmp_path / "b" / "lora.safetensors", "--steps", "3", "--save-every", "3")
+    resumed = run_train(repo, data, tmp_path / "b" / "lora.safetensors", "--steps", "6", "--save-every", "3",
+                        "--resume")
+    a, b = load_file(straight), load_file(resumed)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(repo, data, tmp_path):
+    out = tmp_path / "nan.safetensors"
+    with pytest.raises(SystemExit, match=r"loss is (nan|inf) at step \d+: training stopped"):
+        run_train(repo, data, out, "--steps", "50", "--save-every", "1", "--lr", "1e30", "--grad-clip", "1e30")
+    state = torch.load(out.with_name("nan.state.pt"), weights_only=True)
+    assert state["step"] >= 1
+    assert all(torch.isfinite(t).all() for t in load_file(out).values())
+
+
+def test_a_broken_dataset_fails_before_the_model_is_loaded(tmp_path):
+    (tmp_path / "a.png").write_bytes(b"not a png")
+    (tmp_path / "b.png").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"a\.png"):
+        train.main(["--model", str(tmp_path / "no-model-needed"), "--data", str(tmp_path), "--device", "cpu"])
+
+
+def test_config_file_values_are_used_and_flags_override_them(tmp_path):
+    cfg = tmp_path / "run.json"
+    cfg.write_text('{"data": "sets/x", "rank": 8, "lr": 0.001}')
+    args = train.parse_args(["--config", str(cfg), "--rank", "32"])
+    assert (args.data, args.rank, args.lr) == (Path("sets/x"), 32, 0.001)
+
+
+def test_train_py_help_explains_every_flag():
+    run = subprocess.run([sys.executable, "train.py", "--help"], cwd=ROOT, capture_output=True, text=True)
+    assert run.returncode == 0
+    for flag in ("--data", "--model", "--out", "--steps", "--batch-size", "--rank", "--alpha", "--lr", "--resolution",
+                 "--seed", "--device", "--dtype", "--resume", "--config", "--grad-accum", "--save-every"):
+        assert flag in run.stdout
+
+
+def test_caption_dropout_swaps_in_the_empty_caption_reproducibly_at_rate_p():
+    examples = [Example(torch.zeros(16, 2, 2), torch.full((3, 4), float(i + 1)), torch.ones(4)) for i in range(8)]
+    empty = Example(None, torch.zeros(3, 4), torch.zeros(4))
+
+    def drops(seed):
+        out = []
+        for step in range(100):
+            _, txt, _ = collate(examples, empty, 0.25, torch.Generator().manual_seed(seed * 1000 + step), "cpu")
+            out += (txt.flatten(1).abs().sum(1) == 0).tolist()
+        return out
+
+    assert drops(1) == drops(1) and drops(1) != drops(2)
+    assert abs(sum(drops(1)) / 800 - 0.25) < 0.05
+
+
+def test_resume_with_different_settings_is_refused_naming_them(repo, data, tmp_path):
+    out = tmp_path / "lora.safetensors"
+    run_train(repo, data, out, "--steps", "2", "--save-every", "2")
+    with pytest.raises(SystemExit, match=r"--rank 4 -> 8"):
+        run_train(repo, data, out, "--steps", "4", "--rank", "8", "--resume")
+
+
+def test_nonsense_numbers_are_refused_before_anything_loads(tmp_path):
+    for flag in ("--save-every", "--steps", "--batch-size", "--grad-accum", "--rank"):
+        with pytest.raises(SystemExit):
+            train.parse_args(["--data", str(tmp_path), flag, "0"])
