@@ -1,0 +1,234 @@
+"""Toy scenes: random layouts of flat shapes, their exact captions, reading images back into scenes, and the toy
+In-Context LoRA task "recolour" with its scores.
+
+A scene is a background colour plus 1-3 shapes, each in its own cell of a 3x3 grid. PALETTE holds six corners of
+the RGB cube, at least 255 apart, so a blurry, noisy generator still lands nearest the colour it meant. The task
+follows In-Context LoRA (arXiv 2410.23775; caption style of the authors' release): a two-panel
+set whose right panel is the left scene (same shapes, cells and sizes) with every colour, background included,
+sent through RECOLOUR, a fixed 6-cycle that no base model knows.
+
+Reading an image back (`analyse`) works on blurry, noisy generated images, not only on clean renders.
+Thresholds (cell fractions are of the cell's pixel count or side):
+  SNAP_RADIUS 127.5  a pixel takes the nearest palette colour only when within 127.5 of it (half the smallest
+                     palette distance, so never two candidates); other pixels (blurred edges, off colours) are
+                     ignored for shapes. The background is the most common nearest colour over all pixels.
+  PRESENT 0.04       a cell holds a shape when its most common non-background colour covers more than 4% of the
+                     cell (a clean small triangle covers ~10%, a large square ~64%) and
+  CENTERED 0.25      that colour's centroid lies within 0.25 of a cell side from the cell centre (so an edge
+                     bleeding in from a neighbouring cell is not a shape).
+  kind               the mask is compared with an ideal circle, square and up-pointing triangle of the same
+                     area and centroid; the best intersection-over-union wins, a circle only by more than
+  ROUND_CORNERS 0.04 (blur rounds a small square's corners, it never squares a circle).
+  LARGE 0.62         the shape is large when the fitted shape's width (sqrt(area / fill), fill = pi/4, 1 or 1/2)
+                     is more than 0.62 of the cell side (large shapes are drawn at 0.8, small ones at 0.45).
+Measured at 64 px with Gaussian blur radius 1 and pixel noise sigma 20 (see tests/test_toy_world.py): background,
+colour and cell ~100%, size ~100%, kind ~97%; clean renders from 24 px up are read back exactly.
+Images are PIL RGB; PIL sizes are (W, H); arrays are (H, W) for an image, (h, w) for one cell; P palette colours.
+"""
+
+import random
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+PALETTE = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255), "yellow": (255, 255, 0),
+           "white": (255, 255, 255), "black": (0, 0, 0)}
+COLOURS = tuple(PALETTE)
+RECOLOUR = {"red": "blue", "blue": "green", "green": "yellow", "yellow": "white", "white": "black", "black": "red"}
+KINDS = ("circle", "square", "triangle")
+SIZES = {"small": 0.45, "large": 0.8}  # side of the shape / side of its cell
+CELLS = ("top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right")  # row-major
+MIN_IMAGE_SIZE = 24  # a small shape is then 3-4 pixels wide
+
+SNAP_RADIUS = 127.5
+PRESENT, CENTERED, LARGE, ROUND_CORNERS = 0.04, 0.25, 0.62, 0.04
+FILL = {"circle": np.pi / 4, "square": 1.0, "triangle": 0.5}  # area / (width * height)
+SET_SUMMARY = "[TWO-PANEL] the same scene in two colour schemes"
+
+
+@dataclass(frozen=True)
+class Shape:
+    kind: str  # one of KINDS
+    colour: str  # one of COLOURS
+    size: str  # one of SIZES
+    cell: str  # one of CELLS
+
+    def __post_init__(self):
+        for field, value, allowed in (("kind", self.kind, KINDS), ("colour", self.colour, COLOURS),
+                                      ("size", self.size, tuple(SIZES)), ("cell", self.cell, CELLS)):
+            if value not in allowed:
+                raise ValueError(f"shape {field} {value!r} is not one of {allowed}")
+
+
+@dataclass(frozen=True)
+class Scene:
+    background: str  # one of COLOURS, never the colour of a shape
+    shapes: tuple[Shape, ...]  # at most one per cell; stored in CELLS order, so equal scenes compare equal
+
+    def __post_init__(self):
+        if self.background not in COLOURS:
+            raise ValueError(f"background {self.background!r} is not one of {COLOURS}")
+        shapes = tuple(sorted(self.shapes, key=lambda shape: CELLS.index(shape.cell)))
+        cells = [shape.cell for shape in shapes]
+        if len(set(cells)) != len(cells):
+            raise ValueError(f"two shapes share a cell: {cells}")
+        if any(shape.colour == self.background for shape in shapes):
+            raise ValueError(f"a shape has the background colour {self.background!r}")
+        object.__setattr__(self, "shapes", shapes)
+
+
+def random_scene(rng: random.Random, max_shapes: int = 3) -> Scene:
+    """A background and 1..max_shapes shapes in distinct cells, drawn from rng alone."""
+    if not 1 <= max_shapes <= len(CELLS):
+        raise ValueError(f"max_shapes must be in 1..{len(CELLS)}, got {max_shapes}")
+    background = rng.choice(COLOURS)
+    colours = [colour for colour in COLOURS if colour != background]
+    cells = rng.sample(CELLS, rng.randint(1, max_shapes))
+    return Scene(background, tuple(Shape(rng.choice(KINDS), rng.choice(colours), rng.choice(tuple(SIZES)), cell)
+                                   for cell in cells))
+
+
+def recolour(scene: Scene) -> Scene:
+    """The task's rule: every colour, background included, sent through RECOLOUR."""
+    return Scene(RECOLOUR[scene.background],
+                 tuple(Shape(s.kind, RECOLOUR[s.colour], s.size, s.cell) for s in scene.shapes))
+
+
+# ---------------------------------------------------------------------------------------------- drawing and captions
+def cell_boxes(width: int, height: int) -> list[tuple[int, int, int, int]]:
+    """(left, top, right, bottom), right/bottom exclusive, of the 9 cells in CELLS order; edges at floor(i * side / 3)."""
+    xs, ys = [i * width // 3 for i in range(4)], [j * height // 3 for j in range(4)]
+    return [(xs[k % 3], ys[k // 3], xs[k % 3 + 1], ys[k // 3 + 1]) for k in range(9)]
+
+
+def render(scene: Scene, size: int = 64) -> Image.Image:
+    """The scene as a size x size RGB image in flat palette colours, no anti-aliasing; shapes centred in their cells."""
+    if size < MIN_IMAGE_SIZE:
+        raise ValueError(f"render size must be at least {MIN_IMAGE_SIZE} pixels, got {size}")
+    image = Image.new("RGB", (size, size), PALETTE[scene.background])
+    draw, boxes = ImageDraw.Draw(image), cell_boxes(size, size)
+    for shape in scene.shapes:
+        left, top, right, bottom = boxes[CELLS.index(shape.cell)]
+        side = round(SIZES[shape.size] * min(right - left, bottom - top))
+        x0, y0 = (left + right - side) // 2, (top + bottom - side) // 2
+        x1, y1 = x0 + side - 1, y0 + side - 1  # PIL boxes include their last pixel
+        fill = PALETTE[shape.colour]
+        if shape.kind == "circle":
+            draw.ellipse((x0, y0, x1, y1), fill=fill)
+        elif shape.kind == "square":
+            draw.rectangle((x0, y0, x1, y1), fill=fill)
+        else:  # pointing up, base along the bottom
+            draw.polygon([(x0, y1), (x1, y1), ((x0 + x1) / 2, y0)], fill=fill)
+    return image
+
+
+def caption(scene: Scene) -> str:
+    """'a large red circle at the top left and a small blue square at the center, on a yellow background'."""
+    parts = [f"a {s.size} {s.colour} {s.kind} at the {s.cell}" for s in scene.shapes]
+    if not parts:
+        return f"a plain {scene.background} background"
+    listed = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+    return f"{listed}, on a {scene.background} background"
+
+
+def set_caption(left: Scene) -> str:
+    """The joint caption of a recolour set: summary, then one description per panel (IC-LoRA style)."""
+    return f"{SET_SUMMARY}; [LEFT] {caption(left)}; [RIGHT] {caption(recolour(left))}"
+
+
+def make_set(rng: random.Random, panel_size: int = 64, max_shapes: int = 3) -> tuple[Image.Image, str]:
+    """A random recolour set: the two panels side by side (2*panel_size x panel_size) and its joint caption."""
+    left = random_scene(rng, max_shapes)
+    joined = Image.new("RGB", (2 * panel_size, panel_size))
+    joined.paste(render(left, panel_size), (0, 0))
+    joined.paste(render(recolour(left), panel_size), (panel_size, 0))
+    return joined, set_caption(left)
+
+
+# ------------------------------------------------------------------------------------------------------- analysis
+def snap(image: Image.Image) -> tuple[np.ndarray, np.ndarray]:
+    """(H, W) index into COLOURS of each pixel's nearest palette colour, and (H, W) whether it is within SNAP_RADIUS."""
+    pixels = np.asarray(image.convert("RGB"), dtype=np.float32)  # (H, W, 3)
+    palette = np.array(list(PALETTE.values()), dtype=np.float32)  # (P, 3)
+    distance = np.linalg.norm(pixels[:, :, None, :] - palette, axis=-1)  # (H, W, P)
+    return distance.argmin(-1), distance.min(-1) < SNAP_RADIUS  # (H, W), (H, W)
+
+
+def ideal_shapes(h: int, w: int, cy: float, cx: float, area: float) -> dict[str, np.ndarray]:
+    """(h, w) masks of an upright circle, square and up-pointing triangle of the given area and centroid."""
+    y, x = np.mgrid[:h, :w]  # (h, w) pixel-centre coordinates, as np.nonzero reports them
+    side = np.sqrt(2 * area)  # the triangle's base and height; its centroid is a third of the height above the base
+    top = cy - 2 * side / 3
+    return {"circle": (x - cx) ** 2 + (y - cy) ** 2 <= area / np.pi,
+            "square": np.maximum(abs(x - cx), abs(y - cy)) <= np.sqrt(area) / 2,
+            "triangle": (y >= top) & (y <= top + side) & (abs(x - cx) <= (y - top) / 2)}
+
+
+def read_cell(labels: np.ndarray, background: int, cell: str) -> Shape | None:
+    """The shape in one cell from its (h, w) labels (COLOURS index, -1 for no colour), or None when it is empty."""
+    h, w = labels.shape
+    counts = np.bincount(labels[(labels >= 0) & (labels != background)], minlength=len(COLOURS))
+    colour = int(counts.argmax())
+    area = counts[colour]
+    if area <= PRESENT * h * w:
+        return None
+    mask = labels == colour  # (h, w)
+    ys, xs = np.nonzero(mask)
+    cy, cx = ys.mean(), xs.mean()
+    if max(abs(cy - (h - 1) / 2) / h, abs(cx - (w - 1) / 2) / w) > CENTERED:
+        return None
+    overlap = {kind: (ideal & mask).sum() / (ideal | mask).sum()
+               for kind, ideal in ideal_shapes(h, w, cy, cx, area).items()}
+    overlap["circle"] -= ROUND_CORNERS  # blur rounds a square's corners but never squares a circle
+    kind = max(overlap, key=overlap.get)
+    side = np.sqrt(area / FILL[kind])  # the width of the fitted shape
+    return Shape(kind, COLOURS[colour], "large" if side / min(h, w) > LARGE else "small", cell)
+
+
+def analyse(image: Image.Image) -> Scene:
+    """The scene an image shows, read with the thresholds in the module docstring (any image size)."""
+    nearest, close = snap(image)  # (H, W), (H, W)
+    background = int(np.bincount(nearest.ravel(), minlength=len(COLOURS)).argmax())
+    labels = np.where(close, nearest, -1)  # (H, W)
+    shapes = [read_cell(labels[top:bottom, left:right], background, cell)
+              for cell, (left, top, right, bottom) in zip(CELLS, cell_boxes(*image.size))]
+    return Scene(COLOURS[background], tuple(shape for shape in shapes if shape is not None))
+
+
+# --------------------------------------------------------------------------------------------------------- scores
+def caption_match(image: Image.Image, scene: Scene) -> float:
+    """Fraction of the scene's facts the image reproduces: the background, and per shape its cell (something is
+    there), colour, kind and size. A shape in a cell the caption leaves empty counts as one more, failed, fact."""
+    seen = analyse(image)
+    found = {shape.cell: shape for shape in seen.shapes}
+    matched = int(seen.background == scene.background)
+    for shape in scene.shapes:
+        if (other := found.get(shape.cell)) is not None:
+            matched += 1 + (other.colour == shape.colour) + (other.kind == shape.kind) + (other.size == shape.size)
+    extras = len(found.keys() - {shape.cell for shape in scene.shapes})
+    return matched / (1 + 4 * len(scene.shapes) + extras)
+
+
+def rule_score(left_image: Image.Image, right_image: Image.Image) -> float:
+    """How well the right panel is the recoloured left panel, both as analysed: items are the background and every
+    cell occupied in either the expected or the seen right panel; a shape item counts only when cell, kind, size and
+    mapped colour all match. An identity pair scores 0 (RECOLOUR moves every colour)."""
+    expected, seen = recolour(analyse(left_image)), analyse(right_image)
+    want, got = {s.cell: s for s in expected.shapes}, {s.cell: s for s in seen.shapes}
+    matched = int(expected.background == seen.background) + sum(got.get(cell) == shape for cell, shape in want.items())
+    return matched / (1 + len(want.keys() | got.keys()))
+
+
+def split_panels(joined: Image.Image) -> tuple[Image.Image, Image.Image]:
+    """The left and right halves of a joined two-panel image (the left one is narrower when the width is odd)."""
+    width, height = joined.size
+    return joined.crop((0, 0, width // 2, height)), joined.crop((width // 2, 0, width, height))
+
+
+def panel_consistency(joined: Image.Image, left_scene: Scene) -> dict[str, float]:
+    """The three scores of a (generated) recolour set whose left panel was meant to show left_scene."""
+    left, right = split_panels(joined)
+    return {"caption_left": caption_match(left, left_scene),
+            "caption_right": caption_match(right, recolour(left_scene)),
+            "rule": rule_score(left, right)}
