@@ -1,0 +1,128 @@
+"""Score the toy In-Context LoRA task "recolour": generate held-out two-panel sets with the toy FLUX, with and without
+a LoRA, read every panel back with toy.world.analyse, and report the panel-consistency scores.
+
+    python toy/score.py --lora out.safetensors                   # base vs LoRA on 20 held-out sets
+    python toy/score.py --lora out.safetensors --sheet sets.png  # ... and a picture: targets, base, LoRA
+
+Each set is generated twice (In-Context LoRA, arXiv 2410.23775, §4):
+  text  from the joint caption alone; scores: caption match of the left and right panels, and the rule (the right
+        panel is the left one, as it was generated, recoloured)
+  ref   with the left panel given (its render, pinned SDEdit-style as `sample.py --ref` does), so only the right
+        panel is generated; scores: caption match of the right panel and the rule against the given left panel
+The scenes are drawn from their own seed (--scenes-seed), not from make_sets.py's, so they are held out from the
+training sets; every set uses the same noise (--seed) with and without the LoRA.
+Shape letters: B sets, N image tokens, c latent channels.
+"""
+
+import argparse
+import json
+import random
+import sys
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+from iclora.lora import remove_lora  # noqa: E402
+from iclora.lora_files import load_lora  # noqa: E402
+from iclora.panels import pin_references, reference_latents  # noqa: E402
+from minflux.pipeline import Pipeline, load_pipeline, to_pil  # noqa: E402
+from minflux.sampling import get_noise  # noqa: E402
+from toy.world import Scene, panel_consistency, random_scene, recolour, render, set_caption  # noqa: E402
+
+SCORES = ("caption_left", "caption_right", "rule")
+
+
+def held_out_scenes(count: int, seed: int, max_shapes: int = 2) -> list[Scene]:
+    rng = random.Random(f"held-out-{seed}")
+    return [random_scene(rng, max_shapes) for _ in range(count)]
+
+
+def generate_sets(pipe: Pipeline, scenes: list[Scene], size: int, steps: int, seed: int,
+                  reference: bool) -> list[Image.Image]:
+    """One joined (2·size)×size set per scene, all from one noise draw of `seed`; with `reference`, the left panel is
+    the scene's render, pinned at every step."""
+    width, height = 2 * size, size
+    txt, vec = pipe.encode_prompts([set_caption(scene) for scene in scenes])
+    noise = get_noise(len(scenes), width, height, seed)                                     # (B, c, h, w)
+    hook = None
+    if reference:
+        known = [reference_latents(pipe, [(render(s, size), (0, 0, size, size))], width, height) for s in scenes]
+        mask = known[0][1]                                                                  # (N,)
+        hook = pin_references(torch.cat([k for k, _ in known]), mask, noise, pipe.schedule(width, height, steps))
+    latents = pipe.sample(txt, vec, width, height, steps, 3.5, noise=noise, after_step=hook, progress=False)
+    return to_pil(pipe.decode(latents))
+
+
+def mean_scores(images: list[Image.Image], scenes: list[Scene]) -> dict[str, float]:
+    per_set = [panel_consistency(image, scene) for image, scene in zip(images, scenes)]
+    return {k: round(sum(s[k] for s in per_set) / len(per_set), 4) for k in SCORES}
+
+
+def evaluate(pipe: Pipeline, scenes: list[Scene], size: int = 64, steps: int = 20,
+             seed: int = 0) -> tuple[dict[str, dict[str, float]], dict[str, list[Image.Image]]]:
+    """Scores and images of both modes, {"text": {...}, "ref": {...}}."""
+    images = {mode: generate_sets(pipe, scenes, size, steps, seed, mode == "ref") for mode in ("text", "ref")}
+    scores = {mode: mean_scores(images[mode], scenes) for mode in images}
+    del scores["ref"]["caption_left"]  # the given panel, not generated
+    return scores, images
+
+
+def contact_sheet(scenes: list[Scene], rows: list[list[Image.Image]], size: int, columns: int = 8) -> Image.Image:
+    """The first `columns` sets: their targets (renders of both panels) on top, then one row per image list."""
+    targets = []
+    for scene in scenes[:columns]:
+        joined = Image.new("RGB", (2 * size, size))
+        joined.paste(render(scene, size), (0, 0))
+        joined.paste(render(recolour(scene), size), (size, 0))
+        targets.append(joined)
+    rows, gap = [targets] + [r[:columns] for r in rows], 4
+    sheet = Image.new("RGB", (len(targets) * (2 * size + gap) - gap, len(rows) * (size + gap) - gap), "gray")
+    for j, row in enumerate(rows):
+        for i, image in enumerate(row):
+            sheet.paste(image, (i * (2 * size + gap), j * (size + gap)))
+    return sheet
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--lora", type=Path, help="the recolour IC-LoRA to score (without: the base model alone)")
+    p.add_argument("--model", default="toy", help="the base model (default: toy)")
+    p.add_argument("--count", type=int, default=20, help="held-out sets (default: 20)")
+    p.add_argument("--scenes-seed", type=int, default=1000, help="seed of the held-out scenes (default: 1000)")
+    p.add_argument("--seed", type=int, default=0, help="noise seed (default: 0)")
+    p.add_argument("--steps", type=int, default=20, help="sampling steps (default: 20)")
+    p.add_argument("--size", type=int, default=64, help="panel side in pixels (default: 64, the toy model's)")
+    p.add_argument("--sheet", type=Path, help="also save a picture: targets, base and LoRA sets, text then ref mode")
+    args = p.parse_args(argv)
+    if args.count < 1 or args.steps < 1:
+        p.error("--count and --steps must be at least 1")
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    pipe = load_pipeline(args.model)
+    scenes = held_out_scenes(args.count, args.scenes_seed)
+    results, rows = {}, []
+    for name in ["base"] + (["lora"] if args.lora else []):
+        if name == "lora":
+            load_lora(pipe.flow, str(args.lora), name="recolour")
+        results[name], images = evaluate(pipe, scenes, args.size, args.steps, args.seed)
+        rows += [(name, mode, images[mode]) for mode in images]
+        if name == "lora":
+            remove_lora(pipe.flow, "recolour")
+    print(json.dumps(results, indent=1))
+    if args.sheet:
+        order = sorted(rows, key=lambda r: r[1] != "text")  # text rows first, then ref rows
+        contact_sheet(scenes, [images for _, _, images in order], args.size).save(args.sheet)
+        print(f"{args.sheet}: targets, then " + ", ".join(f"{n} ({m})" for n, m, _ in order), file=sys.stderr)
+    return results
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}")
