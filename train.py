@@ -29,7 +29,7 @@ from minflux.pipeline import load_pipeline, to_pil
 
 # Defaults left open on the command line: the paper's for FLUX.1-dev; for --model toy, a run of a few CPU minutes.
 DEFAULTS = {"steps": 5000, "lr": 1e-4, "resolution": 1024, "save_every": 250, "sample_every": 250}
-TOY_DEFAULTS = {"steps": 400, "lr": 1e-3, "resolution": 96, "save_every": 100, "sample_every": 100}
+TOY_DEFAULTS = {"steps": 1000, "lr": 1e-3, "resolution": 96, "save_every": 250, "sample_every": 250}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
