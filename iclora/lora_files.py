@@ -248,11 +248,20 @@ def load_lora(model: nn.Module, path_or_state_dict, name: str = "default", multi
             raise ValueError(f"{source}: {key} has shape {tuple(tensor.shape)}, "
                              f"the model's is {tuple(params[key].shape)}")
 
-    # 2. One adapter per BFL linear; parts of a fused linear go into row blocks of B.
+    # 2. One adapter per BFL linear; parts of a fused linear go into row blocks of B. Parts that share one A and
+    #    alpha (a fused adapter split on save, as ours) become that adapter again; others stack their A's.
     for bfl, group in pieces.items():
         out = model_linears[bfl].out_features
         if len(group) == 1 and group[0][0] is None:
             _, A, B, bias, alpha, _ = group[0]
+        elif not group[0][1].is_meta and all(torch.equal(g[1], group[0][1]) and g[4] == group[0][4] for g in group):
+            _, A, _, _, alpha, _ = group[0]                                      # (r, I)
+            B = A.new_zeros(out, A.shape[0])                                     # (O, r)
+            bias = A.new_zeros(out) if any(g[3] is not None for g in group) else None
+            for rows, _, B_i, bias_i, _, _ in group:
+                B[slice(None) if rows is None else rows] = B_i
+                if bias_i is not None:
+                    bias[slice(None) if rows is None else rows] = bias_i
         else:
             A = torch.cat([g[1] for g in group])                                 # (R, I)
             B = A.new_zeros(out, A.shape[0])                                     # (O, R) block-diagonal
