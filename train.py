@@ -28,8 +28,10 @@ from minflux.pipeline import load_pipeline, to_pil
 
 
 # Defaults left open on the command line: the paper's for FLUX.1-dev; for --model toy, a run of a few CPU minutes.
-DEFAULTS = {"steps": 5000, "lr": 1e-4, "resolution": 1024, "save_every": 250, "sample_every": 250}
-TOY_DEFAULTS = {"steps": 1000, "lr": 1e-3, "resolution": 96, "save_every": 250, "sample_every": 250}
+DEFAULTS = {"steps": 5000, "lr": 1e-4, "resolution": 1024, "save_every": 250, "sample_every": 250,
+            "no_checkpointing": False}
+TOY_DEFAULTS = {"steps": 1000, "lr": 1e-3, "resolution": 96, "save_every": 250, "sample_every": 250,
+                "no_checkpointing": True}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -64,8 +66,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                                                                "(default: 1.0)")
     p.add_argument("--timestep-sampling", default="logit_normal", choices=["logit_normal", "uniform"],
                    help="how t is drawn before FLUX's resolution shift (default: logit_normal)")
-    p.add_argument("--no-checkpointing", action="store_true",
-                   help="disable gradient checkpointing (faster, much more memory)")
+    p.add_argument("--no-checkpointing", action="store_true", default=None,
+                   help="disable gradient checkpointing (faster, much more memory; toy: always off, it is tiny)")
     p.add_argument("--save-every", type=int, help="write LoRA + training state every N steps (default: 250; toy: "
                                                   f"{TOY_DEFAULTS['save_every']})")
     p.add_argument("--sample-every", type=int, help="validation images every N steps; 0 = never (default: 250; "
