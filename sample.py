@@ -98,7 +98,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="how much of the schedule to run from --init: 0 returns the image, 1 ignores it "
                         "(diffusers' rule; default: 0.6)")
     args = p.parse_args(argv)
-    if args.model == "toy" and args.width is args.height is args.panel_width is args.panel_height is None:
+    if args.model == "toy" and all(v is None for v in (args.width, args.height, args.panel_width, args.panel_height)):
         args.panel_width = args.panel_height = TOY_SIZE  # the size the toy model was trained at, per panel
     side = TOY_SIZE if args.model == "toy" else 1024
     args.width, args.height = args.width or side, args.height or side

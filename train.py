@@ -67,7 +67,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--timestep-sampling", default="logit_normal", choices=["logit_normal", "uniform"],
                    help="how t is drawn before FLUX's resolution shift (default: logit_normal)")
     p.add_argument("--no-checkpointing", action="store_true", default=None,
-                   help="disable gradient checkpointing (faster, much more memory; toy: always off, it is tiny)")
+                   help="disable gradient checkpointing (faster, much more memory; toy: off by default, it is tiny)")
     p.add_argument("--save-every", type=int, help="write LoRA + training state every N steps (default: 250; toy: "
                                                   f"{TOY_DEFAULTS['save_every']})")
     p.add_argument("--sample-every", type=int, help="validation images every N steps; 0 = never (default: 250; "

@@ -259,9 +259,9 @@ def load_lora(model: nn.Module, path_or_state_dict, name: str = "default", multi
             B = A.new_zeros(out, A.shape[0])                                     # (O, r)
             bias = A.new_zeros(out) if any(g[3] is not None for g in group) else None
             for rows, _, B_i, bias_i, _, _ in group:
-                B[slice(None) if rows is None else rows] = B_i
+                B[slice(None) if rows is None else rows] += B_i
                 if bias_i is not None:
-                    bias[slice(None) if rows is None else rows] = bias_i
+                    bias[slice(None) if rows is None else rows] += bias_i
         else:
             A = torch.cat([g[1] for g in group])                                 # (R, I)
             B = A.new_zeros(out, A.shape[0])                                     # (O, R) block-diagonal

@@ -49,15 +49,22 @@ class Repo:
         else:
             self.root = None
             try:
-                self.files = set(hub_call(model, lambda hub: hub.list_repo_files(model)))
+                self.files = set(self.hub(lambda hub: hub.list_repo_files(model)))
             except ConnectionError:  # offline: use the copy in the HF cache, if there is one
-                self.root = Path(hub_call(model, lambda hub: hub.snapshot_download(model, local_files_only=True)))
+                self.root = Path(self.hub(lambda hub: hub.snapshot_download(model, local_files_only=True)))
                 self.files = {p.relative_to(self.root).as_posix() for p in self.root.rglob("*") if p.is_file()}
 
     def path(self, name: str) -> Path:
         if self.root is not None:
             return self.root / name
-        return Path(hub_call(self.model, lambda hub: hub.hf_hub_download(self.model, name)))
+        return Path(self.hub(lambda hub: hub.hf_hub_download(self.model, name)))
+
+    def hub(self, fn):
+        """hub_call for the base model: when it cannot be had, the error also says how to go on without it."""
+        try:
+            return hub_call(self.model, fn)
+        except (PermissionError, ConnectionError) as e:
+            raise type(e)(f"{e}.{TOY_HINT}") from None
 
     def json(self, name: str) -> dict:
         return json.loads(self.path(name).read_text()) if name in self.files else {}
@@ -97,18 +104,17 @@ def hub_call(model: str, fn):
     except GatedRepoError as e:
         raise PermissionError(
             f"{model} is a gated repo: accept its license on huggingface.co/{model} with your account, then set "
-            f"HF_TOKEN (or run `hf auth login`). ({type(e).__name__})" + TOY_HINT) from None
+            f"HF_TOKEN (or run `hf auth login`). ({type(e).__name__})") from None
     except RepositoryNotFoundError:
         raise FileNotFoundError(f"{model}: no such HF repo (or it is private and no token was given)") from None
     except (LocalEntryNotFoundError, OfflineModeIsEnabled):
-        raise ConnectionError(f"{model}: not in the HF cache and the hub cannot be reached (offline?)."
-                              + TOY_HINT) from None
+        raise ConnectionError(f"{model}: not in the HF cache and the hub cannot be reached (offline?)") from None
     except HfHubHTTPError as e:
         raise ConnectionError(f"{model}: the HF hub answered with an error: {e}") from None
     except (FileNotFoundError, ValueError, PermissionError):  # the caller's own, clear errors
         raise
     except Exception as e:  # network failures (connection refused, DNS, timeouts) come in the HTTP client's types
-        raise ConnectionError(f"{model}: cannot reach the HF hub ({type(e).__name__}: {e})." + TOY_HINT) from None
+        raise ConnectionError(f"{model}: cannot reach the HF hub ({type(e).__name__}: {e})") from None
 
 
 def read_safetensors(paths: list[Path], dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:

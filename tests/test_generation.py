@@ -12,7 +12,7 @@ import sample
 from iclora.data import panel_boxes
 from iclora.panels import canvas_size, joint_caption, panel_size, pin_references, reference_latents
 from minflux.pipeline import from_pil, load_pipeline, to_pil
-from minflux.sampling import get_noise, img2img_start, pack, unpack
+from minflux.sampling import get_noise, img2img_start, pack
 from tests.tiny_repo import write_tiny_repo
 
 PROMPT = "a small red circle above a blue square, on a yellow background"
@@ -137,8 +137,9 @@ def test_hub_lora_offline_is_a_clear_error(monkeypatch):
         raise LocalEntryNotFoundError("no connection")
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
-    with pytest.raises(ConnectionError, match="ali-vilab/In-Context-LoRA: not in the HF cache"):
+    with pytest.raises(ConnectionError, match="ali-vilab/In-Context-LoRA: not in the HF cache") as error:
         sample.resolve_lora("ali-vilab/In-Context-LoRA/film-storyboard.safetensors")
+    assert "--model toy" not in str(error.value)  # a FLUX.1-dev LoRA is no use on the toy model
 
 
 def test_unknown_lora_path_is_a_clear_error(repo, tmp_path):
@@ -257,14 +258,16 @@ def test_reference_panel_is_fixed_and_the_other_panel_generated_whatever_the_see
     assert ref_change < 0.25 * gen_change
 
 
-def toy_set_with_reference(tmp_path, scene, seed) -> list[np.ndarray]:
-    """`sample.py --model toy` on a two-panel row whose left panel is the render of `scene`: [joined, left, right]."""
+def toy_set_with_reference(tmp_path, scene, seed, prompt_scene=None) -> list[np.ndarray]:
+    """`sample.py --model toy` on a two-panel row whose left panel is the render of `scene`, prompted with the
+    joint caption of `prompt_scene` (default: the same scene): [joined, left, right]."""
     from toy.world import render, set_caption
 
-    ref = tmp_path / f"ref-{len(list(tmp_path.glob('ref-*.png')))}.png"
+    ref = tmp_path / f"ref-{len(list(tmp_path.glob('*.png')))}.png"
     render(scene).save(ref)
-    paths = sample.main(["--model", "toy", "--panels", "2", "--ref", str(ref), "--prompt", set_caption(scene),
-                         "--steps", "12", "--seed", str(seed), "--out", str(tmp_path / f"{ref.stem}-set.png")])
+    paths = sample.main(["--model", "toy", "--panels", "2", "--ref", str(ref), "--prompt",
+                         set_caption(prompt_scene or scene), "--steps", "12", "--seed", str(seed),
+                         "--out", str(tmp_path / f"{ref.stem}-set.png")])
     return [np.asarray(Image.open(p), dtype=np.int16) for p in paths]
 
 
@@ -293,8 +296,9 @@ def test_reference_panel_decodes_close_to_the_reference_image(tmp_path):
 
 
 def test_the_generated_panel_changes_with_the_reference_picture(tmp_path):
-    _, left_a, right_a = toy_set_with_reference(tmp_path, toy_scene(0), seed=1)
-    _, left_b, right_b = toy_set_with_reference(tmp_path, toy_scene(1), seed=1)
+    """Same prompt, same seed, only the reference picture differs."""
+    _, left_a, right_a = toy_set_with_reference(tmp_path, toy_scene(0), seed=1, prompt_scene=toy_scene(0))
+    _, left_b, right_b = toy_set_with_reference(tmp_path, toy_scene(1), seed=1, prompt_scene=toy_scene(0))
     assert pixel_diff("reference panels, scene 0 vs 1", left_a, left_b).mean() > 20
     assert pixel_diff("generated panels, reference scene 0 vs 1", right_a, right_b).mean() > 10
 

@@ -33,8 +33,10 @@ def lora_pair(module, rank, g, dtype=torch.float32):
 
 
 def in_float64(*models):
-    """Models and inputs in float64: comparisons with LoRAs merged by hand then see the mapping, not the ~2e-5
-    by which fp32 (W + BA)·x and W·x + B(A·x) differ at these reference weights' output scale (~13)."""
+    """Models and inputs in float64, for comparing computations that differ only in fp32 summation order (a LoRA
+    merged by hand, (W + BA)·x, against W·x + B(A·x); separate q/k/v adapters against one fused block-diagonal
+    adapter): they differ by ~2e-5 in fp32 at these reference weights' output scale (~13); in float64 the test
+    sees the mapping itself."""
     x = {k: v.double() if v.is_floating_point() else v for k, v in inputs(models[-1].params).items()}
     return *(m.double() for m in models), x
 
@@ -91,6 +93,19 @@ def test_save_then_load_gives_identical_outputs(tmp_path):
     before = run(base, x)
     load_lora(base, path)
     report("save -> load round trip", run(base, x), run(ours, x), before)
+    assert torch.equal(run(base, x), run(ours, x))  # the same adapters come back, not an equivalent of them
+
+
+def test_a_fused_adapter_split_on_save_loads_back_at_its_own_rank(tmp_path):
+    _, ours = reference_and_ours(guidance_embed=True)
+    base = copy.deepcopy(ours)
+    save_lora(trained(ours, rank=4, alpha=8.0), tmp_path / "lora.safetensors")
+    load_lora(base, tmp_path / "lora.safetensors")
+    for (name, saved), (_, loaded) in zip(ours.named_modules(), base.named_modules()):
+        if isinstance(saved, LoRALinear):
+            assert torch.equal(loaded.lora_A["default"].weight, saved.lora_A["default"].weight), name
+            assert torch.equal(loaded.lora_B["default"].weight, saved.lora_B["default"].weight), name
+            assert loaded.alpha["default"] == 8.0
 
 
 def test_save_can_cast_the_tensors_to_fp16(tmp_path):

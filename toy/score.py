@@ -98,6 +98,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.count < 1 or args.steps < 1:
         p.error("--count and --steps must be at least 1")
+    if args.size < 16 or args.size % 16:
+        p.error(f"--size {args.size}: a panel side must be a positive multiple of 16 (whole latent tokens)")
+    if args.lora and not args.lora.is_file():
+        p.error(f"--lora {args.lora}: no such file")
     return args
 
 
@@ -124,5 +128,5 @@ def main(argv=None) -> dict:
 if __name__ == "__main__":
     try:
         main()
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, PermissionError, ConnectionError) as e:
         raise SystemExit(f"error: {e}")
