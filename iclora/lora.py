@@ -63,15 +63,19 @@ class LoRALinear(nn.Module):
         return s * (B.weight.float() @ A.weight.float()), None if B.bias is None else s * B.bias.float()
 
     def forward(self, x: Tensor) -> Tensor:
-        # x: (N, I)
-        out = F.linear(x, self.weight, self.bias)                                 # (N, O)
+        # x: (..., I)
+        out = F.linear(x, self.weight, self.bias)                                 # (..., O)
         for name, A in self.lora_A.items():
-            if name not in self.merged:
-                h = A(self.dropout[name](x.to(A.weight.dtype)))                   # (N, r) float32
-                up = self.lora_B[name](h)                                         # (N, O) float32
-                if self.scale[name] != 1.0:  # alpha = rank (the usual case) needs no pass over the output
-                    up = up * self.scale[name]
-                out = out + up.to(out.dtype)
+            if name in self.merged:
+                continue
+            h = A(self.dropout[name](x.to(A.weight.dtype)))                       # (..., r) float32
+            B, s = self.lora_B[name], self.scale[name]
+            if out.dtype == h.dtype and B.bias is None:
+                # out + s·h·Bᵀ as one GEMM that accumulates into a copy of out: no (..., O) temporary, no extra pass
+                flat = torch.addmm(out.flatten(0, -2), h.flatten(0, -2), B.weight.t(), alpha=s)  # (N, O)
+                out = flat.view(out.shape)
+            else:  # a bf16 base: the update is computed in float32, then rounded once
+                out = out + (s * B(h)).to(out.dtype)
         return out
 
     def extra_repr(self) -> str:

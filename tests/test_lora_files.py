@@ -128,7 +128,7 @@ def test_our_file_loads_in_diffusers_with_the_same_output(tmp_path, alpha, multi
     set_lora_scale(ours, "default", multiplier)
     load_lora(loaded, tmp_path / "lora.safetensors", multiplier=multiplier)
     assert torch.allclose(run(loaded, x), run(ours, x), atol=1e-5)
-    got, want = run_both(ref, ours, x)
+    got, want = run_both(*in_float64(ref, ours))  # peft's separate q/k/v adapters vs our fused one: see in_float64
     report(f"our file in diffusers (alpha {alpha}, multiplier {multiplier})", got, want, before)
 
 
