@@ -13,11 +13,14 @@ The adapter config is NOT written as diffusers' `lora_adapter_metadata`: diffuse
 and `.alpha` keys. Caller metadata goes in as plain safetensors string metadata.
 
 Loading detects the layout from the key names:
-    PEFT/diffusers  [transformer.]<diffusers module>.lora_A.weight / .lora_B.weight (or lora_down / lora_up), .alpha
+    PEFT/diffusers  [base_model.model.][transformer.]<diffusers module>.lora_A.weight / .lora_B.weight (or lora_down
+                    / lora_up), .alpha
                     (the ali-vilab In-Context-LoRA release: no alpha, rank 16, fp16, 494 modules)
     kohya           lora_unet_<BFL module, dots as underscores>.lora_down.weight / .lora_up.weight / .alpha,
-                    and ComfyUI's diffusion_model.<BFL module>.lora_down.weight / ...
-    BFL-native      <BFL module>.lora_A.weight / .lora_B.weight / .lora_B.bias, plus full tensors such as
+                    and ComfyUI's diffusion_model.<BFL module>.lora_down.weight / ..., and kohya's diffusers
+                    naming lora_transformer_<diffusers module, dots as underscores>.lora_down.weight / ...
+    BFL-native      [diffusion_model.]<BFL module>.lora_A.weight / .lora_B.weight / .lora_B.bias, plus full tensors
+                    (unprefixed) such as
                     `...query_norm.scale` that are copied into the model (remove_lora does NOT undo that copy)
     XLabs           double_blocks.{i}.processor.{qkv,proj}_lora{1,2}.{down,up}.weight (1 = img, 2 = txt),
                     single_blocks.{i}.processor.{qkv,proj}_lora.{down,up}.weight (qkv: first 3C rows of linear1)
@@ -136,12 +139,13 @@ def resolvers(model: nn.Module, keys) -> dict:
     """Per layout: the module part of a key -> (BFL module, rows) or None if the layout does not know it."""
     table = module_table(model, keys)
     bfl_names = {n for n, _ in linears(model)} | {bfl for bfl, _ in table.values()}
-    kohya = {"lora_unet_" + n.replace(".", "_"): n for n in bfl_names}
+    kohya = {"lora_unet_" + n.replace(".", "_"): (n, None) for n in bfl_names}
+    kohya |= {"lora_transformer_" + d.replace(".", "_"): target for d, target in table.items()}
     C = model.params.hidden_size
 
     def comfy_or_kohya(m: str):
         if m in kohya:
-            return kohya[m], None
+            return kohya[m]
         bfl = m.removeprefix("diffusion_model.")
         return (bfl, None) if m.startswith("diffusion_model.") and bfl in bfl_names else None
 
@@ -158,8 +162,12 @@ def resolvers(model: nn.Module, keys) -> dict:
             return f"single_blocks.{i}.linear2", None
         return None
 
-    return {"PEFT/diffusers": lambda m: table.get(m.removeprefix("transformer.")), "kohya": comfy_or_kohya,
-            "BFL-native": lambda m: (m, None) if m in bfl_names else None, "XLabs": xlabs}
+    def bfl_native(m: str):
+        bfl = m.removeprefix("diffusion_model.")
+        return (bfl, None) if bfl in bfl_names else None
+
+    return {"PEFT/diffusers": lambda m: table.get(m.removeprefix("base_model.model.").removeprefix("transformer.")),
+            "kohya": comfy_or_kohya, "BFL-native": bfl_native, "XLabs": xlabs}
 
 
 def parse(sd: dict[str, Tensor], suffixes: dict[str, str], resolve, full: set[str]):

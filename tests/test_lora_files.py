@@ -164,7 +164,15 @@ def test_separate_qkv_loras_on_fused_linears_match_diffusers_with_the_lora_appli
     report("separate q/k/v/mlp LoRAs on fused linears (float64 base)", got, want, before)
 
 
+def kohya_diffusers_name(key: str) -> str:
+    """transformer.transformer_blocks.0.attn.to_out.0.lora_down.weight
+    -> lora_transformer_transformer_blocks_0_attn_to_out_0.lora_down.weight (kohya's naming of diffusers modules)"""
+    module, role = key.removeprefix("transformer.").split(".lora_")
+    return f"lora_transformer_{module.replace('.', '_')}.lora_{role}"
+
+
 def test_peft_name_variants_load_the_same():
+    """transformer.-prefixed or not, lora_A/B or lora_down/up, peft's base_model.model. prefix, kohya's naming."""
     _, ours = reference_and_ours(guidance_embed=True)
     g = torch.Generator().manual_seed(3)
     A, B = lora_pair(torch.nn.Linear(32, 32), 4, g)
@@ -172,13 +180,16 @@ def test_peft_name_variants_load_the_same():
                 "transformer.transformer_blocks.0.attn.to_out.0.lora_B.weight": B}
     x = inputs(ours.params)
     outputs = []
-    for sd in (standard, {k.removeprefix("transformer."): v for k, v in standard.items()},
-               {k.replace("lora_A", "lora_down").replace("lora_B", "lora_up"): v for k, v in standard.items()}):
+    down_up = {k.replace("lora_A", "lora_down").replace("lora_B", "lora_up"): v for k, v in standard.items()}
+    variants = [standard, {k.removeprefix("transformer."): v for k, v in standard.items()}, down_up,
+                {"base_model.model." + k.removeprefix("transformer."): v for k, v in standard.items()},  # peft's own
+                {kohya_diffusers_name(k): v for k, v in down_up.items()}]
+    for sd in variants:
         model = copy.deepcopy(ours)
         load_lora(model, sd)
         outputs.append(run(model, x))
     assert not torch.allclose(outputs[0], run(ours, x))
-    assert torch.equal(outputs[0], outputs[1]) and torch.equal(outputs[0], outputs[2])
+    assert all(torch.equal(outputs[0], out) for out in outputs[1:])
 
 
 def test_a_file_in_the_official_iclora_layout_matches_diffusers(tmp_path):
@@ -269,6 +280,18 @@ def test_bfl_native_file_equals_merging_its_deltas_by_hand():
     report("BFL-native file vs its deltas merged by hand (float64 base)", run(ours, x), run(want, x), before)
     remove_lora(ours)
     assert torch.equal(ours.get_parameter(norm), sd[norm])  # documented: the replaced norm scale stays
+
+
+def test_bfl_native_keys_may_carry_comfyui_diffusion_model_prefix():
+    _, ours = reference_and_ours(guidance_embed=True)
+    A, B = lora_pair(ours.get_submodule("single_blocks.0.linear1"), 3, torch.Generator().manual_seed(7))
+    plain = {"single_blocks.0.linear1.lora_A.weight": A, "single_blocks.0.linear1.lora_B.weight": B}
+    x, outputs = inputs(ours.params), []
+    for sd in (plain, {"diffusion_model." + k: v for k, v in plain.items()}):
+        model = copy.deepcopy(ours)
+        assert load_lora(model, sd) == ["single_blocks.0.linear1"]
+        outputs.append(run(model, x))
+    assert not torch.allclose(outputs[0], run(ours, x)) and torch.equal(*outputs)
 
 
 def test_xlabs_file_equals_merging_its_deltas_by_hand():
