@@ -45,6 +45,17 @@ def _encode(tok: Tokenizer, prompts: list[str]) -> torch.Tensor:
     return torch.tensor([row.ids for row in tok.encode_batch(prompts)], dtype=torch.long)       # (B, L)
 
 
+def clip_normalizer() -> normalizers.Normalizer:
+    """CLIP's text clean-up: NFC, whitespace runs -> one space, lowercase."""
+    return normalizers.Sequence([normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()])
+
+
+def clip_pre_tokenizer() -> pre_tokenizers.PreTokenizer:
+    """CLIP's split into words (CLIP_SPLIT), each mapped to byte-level characters."""
+    return pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(CLIP_SPLIT), behavior="removed", invert=True),
+                                    pre_tokenizers.ByteLevel(add_prefix_space=False)])
+
+
 class CLIPTokenizer:
     """prompts -> (B, max_length) ids `<|startoftext|> tokens… <|endoftext|> <|endoftext|>…`, ids from vocab.json."""
 
@@ -52,11 +63,7 @@ class CLIPTokenizer:
         bos, eos = "<|startoftext|>", "<|endoftext|>"
         tok = Tokenizer(BPE.from_file(str(_existing(vocab_file)), str(_existing(merges_file)), unk_token=eos,
                                       continuing_subword_prefix="", end_of_word_suffix="</w>", fuse_unk=False))
-        tok.normalizer = normalizers.Sequence(
-            [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()])
-        tok.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(CLIP_SPLIT), behavior="removed", invert=True),
-            pre_tokenizers.ByteLevel(add_prefix_space=False)])
+        tok.normalizer, tok.pre_tokenizer = clip_normalizer(), clip_pre_tokenizer()
         framed = _framed(tok, [bos], eos, eos, max_length, vocab_file)  # checks bos/eos before they are added
         framed.add_special_tokens([AddedToken(bos, normalized=True), AddedToken(eos, normalized=False)])
         self.max_length, self.tokenizer = max_length, framed

@@ -14,12 +14,9 @@ from pathlib import Path
 
 import sentencepiece
 
-from toy.hf_files import added_token as _added_token
-from toy.hf_files import clip_vocab, write_clip_tokenizer_files
-from toy.hf_files import write_json as _write_json
+from toy.hf_files import clip_vocab, write_clip_tokenizer_files, write_t5_tokenizer_files
 
 N_CLIP_MERGES = 48894
-N_EXTRA_IDS = 100
 
 _clip_files: tuple[dict[str, int], list[str]] | None = None  # (vocab, merges), built once per process
 
@@ -83,26 +80,9 @@ def write_t5_tokenizer(folder, vocab_size: int = 256) -> int:
     transformers puts on top of them (`<extra_id_0>` is the last id), i.e. the T5 embedding rows needed."""
     from transformers import T5Tokenizer as ReferenceT5Tokenizer
 
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    model = train_spiece_model(vocab_size)
-    (folder / "spiece.model").write_bytes(model)
+    folder, model = Path(folder), train_spiece_model(vocab_size)
     pieces = _pieces(model)
-    n_pieces = len(pieces)
-    extras = [f"<extra_id_{i}>" for i in range(N_EXTRA_IDS)]
-    ids = {"<pad>": 0, "</s>": 1, "<unk>": 2} | {t: n_pieces + N_EXTRA_IDS - 1 - i for i, t in enumerate(extras)}
-    _write_json(folder / "tokenizer_config.json", {
-        "add_prefix_space": True,
-        "added_tokens_decoder": {str(i): _added_token(t, False) for t, i in sorted(ids.items(), key=lambda x: x[1])},
-        "additional_special_tokens": extras, "clean_up_tokenization_spaces": True, "eos_token": "</s>",
-        "extra_ids": N_EXTRA_IDS, "legacy": True, "model_max_length": 512, "pad_token": "<pad>",
-        "sp_model_kwargs": {}, "tokenizer_class": "T5Tokenizer", "unk_token": "<unk>",
-    })
-    plain = {"lstrip": False, "normalized": False, "rstrip": False, "single_word": False}
-    _write_json(folder / "special_tokens_map.json", {
-        "additional_special_tokens": extras, "eos_token": {"content": "</s>", **plain},
-        "pad_token": {"content": "<pad>", **plain}, "unk_token": {"content": "<unk>", **plain},
-    })
+    ids = write_t5_tokenizer_files(folder, model, len(pieces))
     reference = ReferenceT5Tokenizer.from_pretrained(folder)  # only spiece.model so far: transformers converts it
     reference.backend_tokenizer.save(str(folder / "tokenizer.json"))
     if reference.get_vocab() != {**{p: i for i, p in enumerate(pieces)}, **ids}:

@@ -2,13 +2,15 @@
 
 `write_clip_tokenizer_files` writes a `tokenizer/` folder (vocab.json, merges.txt and the two configs) for any
 byte-level BPE merge list, with ids in OpenAI CLIP's order: the 256 byte characters, the same with `</w>`, one
-token per merge, then `<|startoftext|>` and `<|endoftext|>`.
+token per merge, then `<|startoftext|>` and `<|endoftext|>`. `write_t5_tokenizer_files` writes a `tokenizer_2/`
+folder (spiece.model and the two configs) for any SentencePiece model with T5's special ids.
 """
 
 import json
 from pathlib import Path
 
 CLIP_BOS, CLIP_EOS = "<|startoftext|>", "<|endoftext|>"
+N_EXTRA_IDS = 100  # T5's <extra_id_N> sentinels, put on top of the SentencePiece pieces
 
 MODEL_INDEX = {
     "_class_name": "FluxPipeline", "_diffusers_version": "0.30.0.dev0",
@@ -62,3 +64,24 @@ def write_clip_tokenizer_files(folder: Path, merges: list[str]) -> dict[str, int
         "bos_token": {**special, "content": CLIP_BOS, "normalized": True}, "eos_token": special,
         "pad_token": CLIP_EOS, "unk_token": special})
     return vocab
+
+
+def write_t5_tokenizer_files(folder: Path, spiece_model: bytes, num_pieces: int) -> dict[str, int]:
+    """spiece.model, tokenizer_config.json, special_tokens_map.json for a SentencePiece model of num_pieces pieces
+    with T5's special ids (<pad> 0, </s> 1, <unk> 2); returns the ids of those and of the 100 sentinels, which
+    transformers puts after the pieces in reverse (`<extra_id_0>` is the last id)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "spiece.model").write_bytes(spiece_model)
+    extras = [f"<extra_id_{i}>" for i in range(N_EXTRA_IDS)]
+    ids = {"<pad>": 0, "</s>": 1, "<unk>": 2} | {t: num_pieces + N_EXTRA_IDS - 1 - i for i, t in enumerate(extras)}
+    write_json(folder / "tokenizer_config.json", {
+        "add_prefix_space": True,
+        "added_tokens_decoder": {str(i): added_token(t, False) for t, i in sorted(ids.items(), key=lambda x: x[1])},
+        "additional_special_tokens": extras, "clean_up_tokenization_spaces": True, "eos_token": "</s>",
+        "extra_ids": N_EXTRA_IDS, "legacy": True, "model_max_length": 512, "pad_token": "<pad>",
+        "sp_model_kwargs": {}, "tokenizer_class": "T5Tokenizer", "unk_token": "<unk>"})
+    plain = {"lstrip": False, "normalized": False, "rstrip": False, "single_word": False}
+    write_json(folder / "special_tokens_map.json", {
+        "additional_special_tokens": extras, "eos_token": {"content": "</s>", **plain},
+        "pad_token": {"content": "<pad>", **plain}, "unk_token": {"content": "<unk>", **plain}})
+    return ids

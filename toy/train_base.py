@@ -64,7 +64,6 @@ import torch.nn.functional as F
 from einops import rearrange
 from PIL import Image
 from safetensors.torch import save_file
-from tokenizers import Regex, normalizers, pre_tokenizers
 from tqdm.auto import tqdm
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -77,13 +76,12 @@ from minflux.model import Flux, FluxParams  # noqa: E402
 from minflux.pipeline import load_pipeline  # noqa: E402
 from minflux.sampling import image_ids, text_ids  # noqa: E402
 from minflux.t5 import T5Config, T5Encoder, relative_position_bucket  # noqa: E402
-from minflux.tokenizers import CLIP_SPLIT, CLIPTokenizer, T5Tokenizer  # noqa: E402
-from toy.hf_files import (CLIP_EOS, MODEL_INDEX, added_token, bytes_to_unicode,  # noqa: E402
-                           write_clip_tokenizer_files, write_json)
+from minflux.tokenizers import CLIPTokenizer, T5Tokenizer, clip_normalizer, clip_pre_tokenizer  # noqa: E402
+from toy.hf_files import (CLIP_EOS, MODEL_INDEX, N_EXTRA_IDS, bytes_to_unicode,  # noqa: E402
+                           write_clip_tokenizer_files, write_json, write_t5_tokenizer_files)
 from toy.world import Scene, Shape, caption, caption_match, random_scene, render, set_caption  # noqa: E402
 
 T5_LENGTH = 512  # what minflux.pipeline feeds T5 for a guidance-distilled (dev) model
-N_EXTRA_IDS = 100  # T5's <extra_id_N> sentinels, put on top of the SentencePiece pieces
 ISSUE_PROMPT = "a large red circle at the center, on a blue background"
 
 
@@ -188,21 +186,8 @@ def write_t5_tokenizer(folder: Path, corpus: list[str], seed: int) -> int:
         hard_vocab_limit=False, character_coverage=1.0, split_by_unicode_script=False, num_threads=1,
         minloglevel=2, pad_id=0, eos_id=1, unk_id=2, bos_id=-1, pad_piece="<pad>", eos_piece="</s>",
         unk_piece="<unk>")
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "spiece.model").write_bytes(model.getvalue())
     pieces = sentencepiece.SentencePieceProcessor(model_proto=model.getvalue()).get_piece_size()
-    extras = [f"<extra_id_{i}>" for i in range(N_EXTRA_IDS)]
-    ids = {"<pad>": 0, "</s>": 1, "<unk>": 2} | {t: pieces + N_EXTRA_IDS - 1 - i for i, t in enumerate(extras)}
-    write_json(folder / "tokenizer_config.json", {
-        "add_prefix_space": True,
-        "added_tokens_decoder": {str(i): added_token(t, False) for t, i in sorted(ids.items(), key=lambda x: x[1])},
-        "additional_special_tokens": extras, "clean_up_tokenization_spaces": True, "eos_token": "</s>",
-        "extra_ids": N_EXTRA_IDS, "legacy": True, "model_max_length": T5_LENGTH, "pad_token": "<pad>",
-        "sp_model_kwargs": {}, "tokenizer_class": "T5Tokenizer", "unk_token": "<unk>"})
-    plain = {"lstrip": False, "normalized": False, "rstrip": False, "single_word": False}
-    write_json(folder / "special_tokens_map.json", {
-        "additional_special_tokens": extras, "eos_token": {"content": "</s>", **plain},
-        "pad_token": {"content": "<pad>", **plain}, "unk_token": {"content": "<unk>", **plain}})
+    write_t5_tokenizer_files(folder, model.getvalue(), pieces)
     return pieces + N_EXTRA_IDS
 
 
@@ -210,11 +195,7 @@ def bpe_merges(corpus: list[str], min_frequency: int = 2) -> list[str]:
     """Byte-level BPE merges learnt greedily from the corpus: repeatedly merge the most frequent adjacent pair of
     symbols (a word's last symbol carries "</w>") until no pair occurs min_frequency times. Equal counts are broken
     by the pair itself, so two runs write the same merges.txt (tokenizers' BpeTrainer orders ties arbitrarily)."""
-    normalizer = normalizers.Sequence(  # minflux.tokenizers.CLIPTokenizer's text pipeline
-        [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()])
-    splitter = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(CLIP_SPLIT), behavior="removed", invert=True),
-        pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    normalizer, splitter = clip_normalizer(), clip_pre_tokenizer()  # the text pipeline of minflux's CLIPTokenizer
     counts = Counter(w for text in corpus for w, _ in splitter.pre_tokenize_str(normalizer.normalize_str(text)))
     words = {w: [*w[:-1], w[-1] + "</w>"] for w in counts}
     merges = []
