@@ -256,7 +256,9 @@ def main(argv=None) -> list[Path]:
 
 
 if __name__ == "__main__":
+    from minflux.loading import USER_ERRORS
+
     try:
         main()
-    except (ValueError, FileNotFoundError, PermissionError, ConnectionError) as e:
+    except USER_ERRORS as e:
         raise SystemExit(f"error: {e}")

@@ -28,6 +28,9 @@ from .tokenizers import CLIPTokenizer, T5Tokenizer
 TOY_MODEL = Path(__file__).resolve().parents[1] / "toy" / "model"
 LAYOUT_HELP = ("a FLUX repo has flux1-*.safetensors + ae.safetensors at its root, or transformer/ and vae/ "
                "folders, plus text_encoder/, text_encoder_2/, tokenizer/ and tokenizer_2/")
+# The errors a command-line script reports as one line, "error: <message>": ours name the file, key or flag at
+# fault and what was expected, so a stack trace would add nothing.
+USER_ERRORS = (ValueError, FileNotFoundError, PermissionError, ConnectionError)
 TOY_HINT = " To try everything without the real weights, use --model toy (a 12 MB FLUX that ships in toy/model)."
 
 

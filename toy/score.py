@@ -24,9 +24,9 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
-from iclora.lora import remove_lora  # noqa: E402
 from iclora.lora_files import load_lora  # noqa: E402
 from iclora.panels import pin_references, reference_latents  # noqa: E402
+from minflux.loading import USER_ERRORS  # noqa: E402
 from minflux.pipeline import Pipeline, load_pipeline, to_pil  # noqa: E402
 from minflux.sampling import get_noise  # noqa: E402
 from toy.world import Scene, panel_consistency, random_scene, recolour, render, set_caption  # noqa: E402
@@ -115,8 +115,6 @@ def main(argv=None) -> dict:
             load_lora(pipe.flow, str(args.lora), name="recolour")
         results[name], images = evaluate(pipe, scenes, args.size, args.steps, args.seed)
         rows += [(name, mode, images[mode]) for mode in images]
-        if name == "lora":
-            remove_lora(pipe.flow, "recolour")
     print(json.dumps(results, indent=1))
     if args.sheet:
         order = sorted(rows, key=lambda r: r[1] != "text")  # text rows first, then ref rows
@@ -128,5 +126,5 @@ def main(argv=None) -> dict:
 if __name__ == "__main__":
     try:
         main()
-    except (ValueError, FileNotFoundError, PermissionError, ConnectionError) as e:
+    except USER_ERRORS as e:
         raise SystemExit(f"error: {e}")
