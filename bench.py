@@ -5,7 +5,9 @@
     python bench.py --config mid --what train         # LoRA training step vs diffusers + peft
 
 Timings are medians over `--repeats` runs, ours and the reference interleaved so that both see the same
-machine state. Without diffusers installed only our numbers are printed.
+machine state. Without diffusers installed only our numbers are printed. On the CPU in float32, minflux's frozen
+linears use PyTorch's oneDNN GEMM (minflux/linear.py); ours is then also timed with F.linear, the reference's
+kernel, and `ratio_f_linear` is that time over the reference's.
 """
 
 import argparse
@@ -15,6 +17,7 @@ import time
 
 import torch
 
+import minflux.linear
 from minflux.convert import transformer_from_diffusers
 from minflux.model import CONFIGS, Flux, preset
 from minflux.sampling import denoise, get_schedule, image_ids, text_ids
@@ -44,15 +47,12 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def median_ms(fn, device, repeats: int) -> list[float]:
-    times = []
-    for _ in range(repeats):
-        sync(device)
-        start = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(1000 * (time.perf_counter() - start))
-    return times
+def timed_ms(fn, device) -> float:
+    sync(device)
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    return 1000 * (time.perf_counter() - start)
 
 
 def build(args, device, dtype):
@@ -105,6 +105,14 @@ def add_lora(args, ours, ref):
         opt_ref = torch.optim.AdamW([q for q in ref.parameters() if q.requires_grad], lr=1e-4)
     ours.train()
     return opt_ours, opt_ref
+
+
+def with_f_linear(fn):
+    minflux.linear.ONEDNN = False
+    try:
+        return fn()
+    finally:
+        minflux.linear.ONEDNN = True
 
 
 def main(argv=None):
@@ -161,20 +169,30 @@ def main(argv=None):
         result |= {"rank": args.rank, "checkpointing": args.checkpointing}
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()  # from here on: the workload, with both models resident
+    # Ours also runs with every linear on F.linear (minflux.linear.ONEDNN off) where that changes the kernel: the
+    # reference's GEMMs, so that ratio shows what the implementation itself saves, apart from the GEMM kernel.
+    runs = {"minflux": run_ours}
+    if minflux.linear.ONEDNN and device.type == "cpu" and dtype == torch.float32:
+        runs["minflux_f_linear"] = lambda: with_f_linear(run_ours)
+    if ref is not None:
+        runs["diffusers"] = run_ref
     grad = torch.enable_grad() if args.what == "train" else torch.inference_mode()
     with grad:
-        run_ours(), ref is not None and run_ref()  # warm-up
-        ours_ms, ref_ms = [], []
-        for _ in range(args.repeats):  # interleaved, so both see the same machine state
-            ours_ms += median_ms(run_ours, device, 1)
-            if ref is not None:
-                ref_ms += median_ms(run_ref, device, 1)
+        for fn in runs.values():  # warm-up
+            fn()
+        times = {name: [] for name in runs}
+        for _ in range(args.repeats):  # interleaved, so all see the same machine state
+            for name, fn in runs.items():
+                times[name].append(timed_ms(fn, device))
         if ref is not None and args.what != "train":
             result["max_abs_diff"] = (run_ours().float() - run_ref().float()).abs().max().item()
-    result["minflux_ms"] = round(statistics.median(ours_ms), 2)
+    result["gemm"] = "onednn" if "minflux_f_linear" in runs else "f.linear"
+    ms = {name: statistics.median(t) for name, t in times.items()}
+    result |= {f"{name}_ms": round(m, 2) for name, m in ms.items()}
     if ref is not None:
-        result |= {"diffusers_ms": round(statistics.median(ref_ms), 2),
-                   "ratio": round(statistics.median(ours_ms) / statistics.median(ref_ms), 3)}
+        result["ratio"] = round(ms["minflux"] / ms["diffusers"], 3)
+        if "minflux_f_linear" in ms:
+            result["ratio_f_linear"] = round(ms["minflux_f_linear"] / ms["diffusers"], 3)
     if device.type == "cuda":
         result["peak_memory_gb_both_models"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     print(json.dumps(result))

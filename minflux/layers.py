@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
+from .linear import Linear
+
 
 # ----------------------------------------------------------------------------------------------------------
 # Positions: 3-axis rotary embedding (RoPE) with interleaved pairs
@@ -74,8 +76,8 @@ def timestep_embedding(t: Tensor, dim: int = 256, max_period: float = 10000.0, t
 class MLPEmbedder(nn.Module):
     def __init__(self, in_dim: int, hidden_dim: int):
         super().__init__()
-        self.in_layer = nn.Linear(in_dim, hidden_dim)
-        self.out_layer = nn.Linear(hidden_dim, hidden_dim)
+        self.in_layer = Linear(in_dim, hidden_dim)
+        self.out_layer = Linear(hidden_dim, hidden_dim)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.out_layer(F.silu(self.in_layer(x)))                          # (B, in) -> (B, C)
@@ -87,7 +89,7 @@ class Modulation(nn.Module):
     def __init__(self, dim: int, double: bool):
         super().__init__()
         self.n = 6 if double else 3
-        self.lin = nn.Linear(dim, self.n * dim)
+        self.lin = Linear(dim, self.n * dim)
 
     def forward(self, vec: Tensor) -> list[Tensor]:
         out = self.lin(F.silu(vec))[:, None]                                      # (B, 1, n·C)
@@ -136,9 +138,9 @@ class SelfAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool):
         super().__init__()
         self.num_heads = num_heads
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.qkv = Linear(dim, dim * 3, bias=qkv_bias)
         self.norm = QKNorm(dim // num_heads)
-        self.proj = nn.Linear(dim, dim)
+        self.proj = Linear(dim, dim)
 
     def qkv_heads(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         q, k, v = split_qkv(self.qkv(x), self.num_heads)                          # (B, L, H, D) each
@@ -147,7 +149,7 @@ class SelfAttention(nn.Module):
 
 
 def mlp(dim: int, hidden: int) -> nn.Sequential:
-    return nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim))
+    return nn.Sequential(Linear(dim, hidden), nn.GELU(approximate="tanh"), Linear(hidden, dim))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -196,8 +198,8 @@ class SingleStreamBlock(nn.Module):
         super().__init__()
         self.num_heads = num_heads
         self.mlp_hidden = int(hidden_size * mlp_ratio)
-        self.linear1 = nn.Linear(hidden_size, hidden_size * 3 + self.mlp_hidden)  # qkv and mlp-in, fused
-        self.linear2 = nn.Linear(hidden_size + self.mlp_hidden, hidden_size)      # attn-out and mlp-out, fused
+        self.linear1 = Linear(hidden_size, hidden_size * 3 + self.mlp_hidden)     # qkv and mlp-in, fused
+        self.linear2 = Linear(hidden_size + self.mlp_hidden, hidden_size)         # attn-out and mlp-out, fused
         self.norm = QKNorm(hidden_size // num_heads)
         self.pre_norm = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.mlp_act = nn.GELU(approximate="tanh")
@@ -220,8 +222,8 @@ class LastLayer(nn.Module):
     def __init__(self, hidden_size: int, out_channels: int):
         super().__init__()
         self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.linear = nn.Linear(hidden_size, out_channels)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
+        self.linear = Linear(hidden_size, out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), Linear(hidden_size, 2 * hidden_size))
 
     def forward(self, x: Tensor, vec: Tensor) -> Tensor:
         shift, scale = self.adaLN_modulation(vec)[:, None].chunk(2, dim=-1)       # (B, 1, C) each

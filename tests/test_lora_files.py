@@ -15,6 +15,8 @@ from iclora.lora_files import load_lora, save_lora
 from minflux.model import Flux, preset
 from tests.test_transformer import inputs, reference_and_ours, run_both
 
+pytestmark = pytest.mark.usefixtures("reference_kernels")  # see tests/conftest.py
+
 
 def trained(model, rank=4, alpha=4.0, seed=1):
     """Our model with an adapter of random (non-zero) A and B, as after training."""

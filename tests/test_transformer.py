@@ -7,6 +7,8 @@ from diffusers import FluxTransformer2DModel
 from minflux.convert import transformer_from_diffusers
 from minflux.model import Flux, FluxParams, preset
 
+pytestmark = pytest.mark.usefixtures("reference_kernels")  # see tests/conftest.py
+
 
 def reference_and_ours(guidance_embed: bool, seed: int = 0):
     """A tiny random diffusers transformer, and ours carrying the same weights through the diffusers->BFL table."""
