@@ -1,0 +1,93 @@
+"""Peak memory of one IC-LoRA training step at the paper's settings, without the GPU or the 24 GB of weights.
+
+Runs one real training step (`iclora.training.flow_matching_loss`, backward, AdamW) of a FLUX-dev-width model
+with only a few blocks, bf16 base, fp32 rank-16 LoRA on every block linear, gradient checkpointing per block,
+and measures the step's peak resident memory over what was resident before it (Linux: VmHWM, reset through
+/proc/self/clear_refs). Then it extrapolates to the full 19 + 38 blocks: + the missing blocks' bf16 weights,
++ the missing blocks' checkpointed inputs (each block keeps only its input stream(s) for the backward pass),
++ the missing adapters' weights, gradients and AdamW state. On a GPU, `bench.py --what train --device cuda`
+measures the same thing directly.
+
+    python bench/train_memory.py                      # batch 4, 1024×1536 (a 3-panel film storyboard), 1+1 blocks
+    python bench/train_memory.py --batch 1 --double 2 --single 2
+"""
+
+import argparse
+import json
+import re
+import time
+from dataclasses import replace
+
+import torch
+
+from iclora.lora import inject_lora, lora_parameters
+from iclora.training import flow_matching_loss, step_generator
+from minflux.model import Flux, preset
+
+GIB = 2 ** 30
+
+
+def memory_gib(field: str) -> float:
+    return int(re.search(field + r":\s+(\d+) kB", open("/proc/self/status").read()).group(1)) * 1024 / GIB
+
+
+def build(double: int, single: int, rank: int):
+    """A flux-dev-width model with `double` + `single` blocks, bf16, random weights, frozen, LoRA on every block linear."""
+    with torch.device("meta"):
+        flux = Flux(replace(preset("flux-dev"), depth=double, depth_single_blocks=single))
+    flux.to_empty(device="cpu").to(torch.bfloat16).requires_grad_(False)
+    with torch.no_grad():
+        for t in flux.parameters():
+            t.normal_(0, 0.02)
+    inject_lora(flux, rank=rank, alpha=float(rank))
+    flux.gradient_checkpointing = True
+    return flux
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batch", type=int, default=4, help="images per step (default: 4, the paper's)")
+    ap.add_argument("--width", type=int, default=1024, help="joined image width in pixels (default: 1024)")
+    ap.add_argument("--height", type=int, default=1536, help="joined image height in pixels (default: 1536)")
+    ap.add_argument("--text-tokens", type=int, default=512, help="T5 tokens (default: 512, FLUX.1-dev's)")
+    ap.add_argument("--rank", type=int, default=16, help="LoRA rank (default: 16, the paper's)")
+    ap.add_argument("--double", type=int, default=1, help="double-stream blocks actually run (default: 1)")
+    ap.add_argument("--single", type=int, default=1, help="single-stream blocks actually run (default: 1)")
+    args = ap.parse_args(argv)
+    B, L = args.batch, args.text_tokens
+    tokens = L + (args.height // 16) * (args.width // 16)
+
+    flux = build(args.double, args.single, args.rank)
+    params = lora_parameters(flux)
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    x0 = torch.randn(B, 16, args.height // 8, args.width // 8)
+    txt, vec = torch.randn(B, L, 4096), torch.randn(B, 768)
+    before = memory_gib("VmRSS")
+    open("/proc/self/clear_refs", "w").write("5")  # VmHWM := VmRSS
+    start = time.perf_counter()
+    flow_matching_loss(flux, x0, txt, vec, step_generator(0, 0)).backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    seconds = time.perf_counter() - start
+    step_peak = memory_gib("VmHWM") - before
+
+    # the full model: exact sizes of what the few-block run did not hold
+    with torch.device("meta"):
+        full = Flux(preset("flux-dev"))
+    inject_lora(full, rank=args.rank, alpha=float(args.rank))
+    lora_count = sum(p.numel() for p in lora_parameters(full))
+    base_gib = (sum(p.numel() for p in full.parameters()) - lora_count) * 2 / GIB                    # bf16
+    adapters_gib = lora_count * 4 * 4 / GIB           # fp32 weights, gradients, AdamW's two moments
+    missing_blocks = (19 - args.double) + (38 - args.single)
+    checkpoints_gib = missing_blocks * B * tokens * 3072 * 2 / GIB  # each block's bf16 input (B, L + N, 3072)
+    total = base_gib + adapters_gib + checkpoints_gib + step_peak
+    print(json.dumps(dict(
+        batch=B, width=args.width, height=args.height, tokens=tokens, rank=args.rank, blocks_run=[args.double,
+        args.single], step_seconds_cpu=round(seconds, 1), measured_step_peak_gib=round(step_peak, 2),
+        full_base_bf16_gib=round(base_gib, 2), full_lora_params=lora_count, full_adapters_and_adamw_gib=round(
+            adapters_gib, 2), other_blocks_checkpoints_gib=round(checkpoints_gib, 2),
+        estimated_full_peak_gib=round(total, 1))))
+
+
+if __name__ == "__main__":
+    main()

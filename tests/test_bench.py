@@ -1,0 +1,40 @@
+"""The benchmark scripts run and report what bench/RESULTS.md quotes (timings themselves are never asserted)."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+import bench
+import minflux.linear
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("what", ["forward", "train"])
+def test_bench_times_ours_with_both_kernels_against_diffusers(what):
+    result = bench.main(["--config", "tiny", "--what", what, "--repeats", "1"])
+    assert {"minflux_ms", "diffusers_ms", "ratio"} <= result.keys()
+    if minflux.linear.ONEDNN:
+        assert result["gemm"] == "onednn" and "ratio_f_linear" in result
+    assert minflux.linear.ONEDNN == (result["gemm"] == "onednn")  # the F.linear run switched it back on
+    if what == "forward":
+        assert result["max_abs_diff"] < 1e-5
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads peak memory from /proc/self/status")
+def test_train_memory_adds_the_missing_blocks_to_the_measured_step(capsys):
+    spec = importlib.util.spec_from_file_location("train_memory", ROOT / "bench" / "train_memory.py")
+    train_memory = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train_memory)
+    train_memory.main(["--batch", "1", "--width", "32", "--height", "32", "--text-tokens", "8",
+                       "--double", "1", "--single", "1"])
+    out = json.loads(capsys.readouterr().out)
+    assert out["tokens"] == 8 + 2 * 2
+    assert out["full_lora_params"] == 76_578_816  # rank 16 on the 304 block linears
+    assert out["other_blocks_checkpoints_gib"] == round(55 * 12 * 3072 * 2 / 2**30, 2)
+    parts = ("measured_step_peak_gib", "full_base_bf16_gib", "full_adapters_and_adamw_gib",
+             "other_blocks_checkpoints_gib")
+    assert abs(out["estimated_full_peak_gib"] - sum(out[k] for k in parts)) < 0.1
