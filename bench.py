@@ -108,11 +108,11 @@ def add_lora(args, ours, ref):
 
 
 def with_f_linear(fn):
-    minflux.linear.ONEDNN = False
+    onednn, minflux.linear.ONEDNN = minflux.linear.ONEDNN, False
     try:
         return fn()
     finally:
-        minflux.linear.ONEDNN = True
+        minflux.linear.ONEDNN = onednn
 
 
 def main(argv=None):

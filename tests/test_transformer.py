@@ -7,8 +7,6 @@ from diffusers import FluxTransformer2DModel
 from minflux.convert import transformer_from_diffusers
 from minflux.model import Flux, FluxParams, preset
 
-pytestmark = pytest.mark.usefixtures("reference_kernels")  # see tests/conftest.py
-
 
 def reference_and_ours(guidance_embed: bool, seed: int = 0):
     """A tiny random diffusers transformer, and ours carrying the same weights through the diffusers->BFL table."""
@@ -46,6 +44,7 @@ def run_both(ref, ours, x):
     return got, want
 
 
+@pytest.mark.usefixtures("reference_kernels")  # see tests/conftest.py
 @pytest.mark.parametrize("guidance_embed", [True, False], ids=["dev", "schnell"])
 def test_transformer_matches_diffusers(guidance_embed):
     ref, ours = reference_and_ours(guidance_embed)
