@@ -44,8 +44,9 @@ class _FrozenLinear(torch.autograd.Function):
 def _takes_onednn(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
     """Frozen float32 CPU weights, well-formed operands (anything else gets F.linear's own checks and errors)."""
     f32 = torch.float32
-    return (ONEDNN and x.device.type == "cpu" and x.dtype == weight.dtype == f32 and weight.dim() == 2
-            and x.dim() >= 1 and x.shape[-1] == weight.shape[1] > 0 and x.numel() * weight.shape[0] >= MIN_MACS
+    return (ONEDNN and x.device.type == weight.device.type == "cpu" and x.dtype == weight.dtype == f32
+            and weight.dim() == 2 and x.dim() >= 1 and x.shape[-1] == weight.shape[1] > 0
+            and x.numel() * weight.shape[0] >= MIN_MACS
             and (bias is None or (bias.shape == weight.shape[:1] and bias.dtype == f32 and bias.is_contiguous()))
             and not (torch.is_grad_enabled() and (weight.requires_grad or (bias is not None and bias.requires_grad)))
             and torch._C._get_mkldnn_enabled() and not torch.is_autocast_enabled("cpu")
