@@ -6,7 +6,8 @@ and measures the step's peak resident memory over what was resident before it (L
 /proc/self/clear_refs). Then it extrapolates to the full 19 + 38 blocks: + the missing blocks' bf16 weights,
 + the missing blocks' checkpointed inputs (each block keeps only its input stream(s) for the backward pass),
 + the missing adapters' weights, gradients and AdamW state. On a GPU, `bench.py --what train --device cuda`
-measures the same thing directly.
+measures the same thing directly. Not included: the CUDA context and cuBLAS workspace (~0.5–1 GiB), the caching
+allocator's slack, and the VAE that train.py keeps on the GPU for validation images (0.16 GiB).
 
     python bench/train_memory.py                      # batch 4, 1024×1536 (a 3-panel film storyboard), 1+1 blocks
     python bench/train_memory.py --batch 1 --double 2 --single 2
@@ -72,22 +73,22 @@ def main(argv=None):
     step_peak = memory_gib("VmHWM") - before
 
     # the full model: exact sizes of what the few-block run did not hold
+    p = preset("flux-dev")
     with torch.device("meta"):
-        full = Flux(preset("flux-dev"))
+        full = Flux(p)
     inject_lora(full, rank=args.rank, alpha=float(args.rank))
-    lora_count = sum(p.numel() for p in lora_parameters(full))
-    base_gib = (sum(p.numel() for p in full.parameters()) - lora_count) * 2 / GIB                    # bf16
+    lora_count = sum(q.numel() for q in lora_parameters(full))
+    base_gib = (sum(q.numel() for q in full.parameters()) - lora_count) * 2 / GIB                    # bf16
     adapters_gib = lora_count * 4 * 4 / GIB           # fp32 weights, gradients, AdamW's two moments
-    missing_blocks = (19 - args.double) + (38 - args.single)
-    checkpoints_gib = missing_blocks * B * tokens * 3072 * 2 / GIB  # each block's bf16 input (B, L + N, 3072)
-    total = base_gib + adapters_gib + checkpoints_gib + step_peak
-    print(json.dumps(dict(
-        batch=B, width=args.width, height=args.height, tokens=tokens, rank=args.rank, blocks_run=[args.double,
-        args.single], step_seconds_cpu=round(seconds, 1), measured_step_peak_gib=round(step_peak, 2),
-        full_base_bf16_gib=round(base_gib, 2), full_lora_params=lora_count, full_adapters_and_adamw_gib=round(
-            adapters_gib, 2), other_blocks_checkpoints_gib=round(checkpoints_gib, 2),
-        estimated_full_peak_gib=round(total, 1))))
-
+    missing_blocks = (p.depth - args.double) + (p.depth_single_blocks - args.single)
+    checkpoints_gib = missing_blocks * B * tokens * p.hidden_size * 2 / GIB  # each block's bf16 input (B, L+N, C)
+    result = dict(batch=B, width=args.width, height=args.height, tokens=tokens, rank=args.rank,
+                  blocks_run=[args.double, args.single], step_seconds_cpu=seconds, measured_step_peak_gib=step_peak,
+                  full_base_bf16_gib=base_gib, full_lora_params=lora_count, full_adapters_and_adamw_gib=adapters_gib,
+                  other_blocks_checkpoints_gib=checkpoints_gib,
+                  estimated_full_peak_gib=base_gib + adapters_gib + checkpoints_gib + step_peak)
+    print(json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in result.items()}))
+    return result
 
 if __name__ == "__main__":
     main()

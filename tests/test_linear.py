@@ -16,8 +16,8 @@ from tests.test_transformer import inputs
 U = 2.0 ** -24  # float32 unit roundoff
 
 SHAPES = [  # (x shape, out features, bias): a vector, batches, many tokens, the wide fused layers
-    ((4096,), 512, True), ((3, 512), 1024, False), ((2, 77, 128), 384, True), ((1, 300, 256), 1152, True),
-    ((17, 1024), 64, True),
+    ((8192,), 512, True), ((8, 512), 1024, False), ((2, 77, 128), 384, True), ((1, 300, 256), 1152, True),
+    ((48, 1024), 64, True),
 ]
 
 
@@ -76,7 +76,8 @@ def test_frozen_float32_cpu_weights_of_real_size_take_the_onednn_kernel(x_shape,
 
 @pytest.mark.filterwarnings("ignore:TF32 acceleration on top of oneDNN")  # torch's own note on flags()
 @pytest.mark.parametrize("case", ["frozen bfloat16", "frozen float64", "tiny matrices", "strided bias",
-                                  "expanded bias", "oneDNN switched off by torch", "ONEDNN = False"])
+                                  "expanded bias", "bias on another device", "sparse input",
+                                  "oneDNN switched off by torch", "ONEDNN = False"])
 def test_everything_else_is_f_linear_bit_for_bit(case, monkeypatch):
     dtype = {"frozen bfloat16": torch.bfloat16, "frozen float64": torch.float64}.get(case, torch.float32)
     x, weight, b = (t.to(dtype) for t in random_layer((8, 1024) if case != "tiny matrices" else (4, 16), 256, True))
@@ -84,6 +85,12 @@ def test_everything_else_is_f_linear_bit_for_bit(case, monkeypatch):
         b = torch.randn(2 * weight.shape[0])[::2]
     if case == "expanded bias":
         b = torch.randn(1).expand(weight.shape[0])
+    if case == "bias on another device":  # F.linear's error, not a result computed without the bias
+        with pytest.raises(RuntimeError, match="device"):
+            linear(x, weight, b.to("meta"))
+        return
+    if case == "sparse input":
+        x = x.to_sparse()
     if case == "ONEDNN = False":
         monkeypatch.setattr(minflux.linear, "ONEDNN", False)
     off = case == "oneDNN switched off by torch"
