@@ -33,14 +33,15 @@ def memory_gib(field: str) -> float:
 
 
 def build(double: int, single: int, rank: int):
-    """A flux-dev-width model with `double` + `single` blocks, bf16, random weights, frozen, LoRA on every block linear."""
+    """A flux-dev-width model with `double` + `single` blocks: bf16 random weights, frozen, a LoRA on every block
+    linear."""
     with torch.device("meta"):
         flux = Flux(replace(preset("flux-dev"), depth=double, depth_single_blocks=single))
-    flux.to_empty(device="cpu").to(torch.bfloat16).requires_grad_(False)
+    flux.to_empty(device="cpu").to(torch.bfloat16)
     with torch.no_grad():
         for t in flux.parameters():
             t.normal_(0, 0.02)
-    inject_lora(flux, rank=rank, alpha=float(rank))
+    inject_lora(flux, rank=rank, alpha=float(rank))  # also freezes every base parameter
     flux.gradient_checkpointing = True
     return flux
 
@@ -89,6 +90,7 @@ def main(argv=None):
                   estimated_full_peak_gib=base_gib + adapters_gib + checkpoints_gib + step_peak)
     print(json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in result.items()}))
     return result
+
 
 if __name__ == "__main__":
     main()

@@ -4,12 +4,12 @@ Every linear layer of the transformer, T5 and CLIP is a `Linear` from here: an `
 state-dict names) whose forward calls `linear`. On a GPU, in bf16, or for weights being trained, that is plain
 `F.linear`. For float32 weights on the CPU that are not being trained (inference, and the frozen base under a
 LoRA) it calls PyTorch's own oneDNN matmul (`torch.ops.mkldnn._linear_pointwise`, a private op: if a PyTorch
-release drops it, `ONEDNN` is False and everything is `F.linear`) instead of the BLAS behind `F.linear`; that path
-has a backward pass for the input but no forward-mode AD or torch.func transforms (set `ONEDNN = False` for those). The
+release drops it, `ONEDNN` is False and everything is `F.linear`) instead of the BLAS behind `F.linear`. The
 arithmetic is the same float32 GEMM in another summation order; the kernel differs: on AMD CPUs MKL's sgemm takes
 its AVX2 path while oneDNN uses every vector unit the CPU has (2.0–2.4× faster on a 2-core AMD EPYC for the
-transformer's shapes; see bench/RESULTS.md). Set `ONEDNN = False` (or turn oneDNN off with
-`torch.backends.mkldnn.flags(enabled=False)`) to use `F.linear` everywhere.
+transformer's shapes; see bench/RESULTS.md). That path has a backward pass for the input, but no forward-mode AD
+or torch.func transforms. Set `ONEDNN = False` (or turn oneDNN off with `torch.backends.mkldnn.flags(enabled=False)`)
+to use `F.linear` everywhere.
 
 Shape letters: N any leading dims, I in features, O out features.
 """

@@ -1,4 +1,5 @@
-"""minflux.linear: frozen float32 CPU weights take oneDNN, which is F.linear up to float32 rounding; all else is F.linear."""
+"""minflux.linear: frozen float32 CPU weights take oneDNN, which is F.linear up to float32 rounding; the rest is
+F.linear."""
 
 import contextlib
 
@@ -11,6 +12,7 @@ import minflux.linear
 from iclora.lora import inject_lora, lora_parameters
 from minflux.linear import linear
 from minflux.model import Flux, preset
+from tests.test_lora import randomize
 from tests.test_transformer import inputs
 
 U = 2.0 ** -24  # float32 unit roundoff
@@ -152,9 +154,7 @@ def test_the_transformer_on_onednn_errs_at_most_twice_as_much_as_on_f_linear(eve
 def test_lora_gradients_with_checkpointing_through_onednn_match_f_linear(every_linear_on_onednn, monkeypatch):
     model = tiny_flux()
     inject_lora(model, rank=4, alpha=4.0)
-    with torch.no_grad():
-        for p in lora_parameters(model):
-            p.copy_(torch.randn_like(p) * 0.1)
+    randomize(model)
     x = inputs(model.params)
     model.gradient_checkpointing = True
     grads = []
