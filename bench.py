@@ -5,9 +5,7 @@
     python bench.py --config mid --what train         # LoRA training step vs diffusers + peft
 
 Timings are medians over `--repeats` runs, ours and the reference interleaved so that both see the same
-machine state. Without diffusers installed only our numbers are printed. On the CPU in float32, minflux's frozen
-linears use PyTorch's oneDNN GEMM (minflux/linear.py); ours is then also timed with F.linear, the reference's
-kernel, and `ratio_f_linear` is that time over the reference's.
+machine state. Without diffusers installed only our numbers are printed.
 """
 
 import argparse
@@ -17,7 +15,6 @@ import time
 
 import torch
 
-import minflux.linear
 from minflux.convert import transformer_from_diffusers
 from minflux.model import CONFIGS, Flux, preset
 from minflux.sampling import denoise, get_schedule, image_ids, text_ids
@@ -107,14 +104,6 @@ def add_lora(args, ours, ref):
     return opt_ours, opt_ref
 
 
-def with_f_linear(fn):
-    onednn, minflux.linear.ONEDNN = minflux.linear.ONEDNN, False
-    try:
-        return fn()
-    finally:
-        minflux.linear.ONEDNN = onednn
-
-
 def main(argv=None):
     args = parse_args(argv)
     device, dtype = torch.device(args.device), {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
@@ -127,7 +116,7 @@ def main(argv=None):
     txt = torch.randn(B, L, p.context_in_dim, device=device, dtype=dtype)
     y = torch.randn(B, p.vec_in_dim, device=device, dtype=dtype)
     target = torch.randn(B, N, p.out_channels, device=device, dtype=dtype)
-    img_ids, txt_ids = image_ids(B, width, height).to(device), text_ids(B, L).to(device)
+    img_ids, txt_ids = image_ids(B, height, width).to(device), text_ids(B, L).to(device)
     t, g = torch.full((B,), 0.7, device=device, dtype=dtype), torch.full((B,), 3.5, device=device, dtype=dtype)
     timesteps = get_schedule(args.steps, N)
     if args.what == "train":
@@ -169,11 +158,7 @@ def main(argv=None):
         result |= {"rank": args.rank, "checkpointing": args.checkpointing}
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()  # from here on: the workload, with both models resident
-    # Ours also runs with every linear on F.linear (minflux.linear.ONEDNN off) where that changes the kernel: the
-    # reference's GEMMs, so that ratio shows what the implementation itself saves, apart from the GEMM kernel.
     runs = {"minflux": run_ours}
-    if minflux.linear.ONEDNN and device.type == "cpu" and dtype == torch.float32:
-        runs["minflux_f_linear"] = lambda: with_f_linear(run_ours)
     if ref is not None:
         runs["diffusers"] = run_ref
     grad = torch.enable_grad() if args.what == "train" else torch.inference_mode()
@@ -186,13 +171,10 @@ def main(argv=None):
                 times[name].append(timed_ms(fn, device))
         if ref is not None and args.what != "train":
             result["max_abs_diff"] = (run_ours().float() - run_ref().float()).abs().max().item()
-    result["gemm"] = "onednn" if "minflux_f_linear" in runs else "f.linear"
     ms = {name: statistics.median(t) for name, t in times.items()}
     result |= {f"{name}_ms": round(m, 2) for name, m in ms.items()}
     if ref is not None:
         result["ratio"] = round(ms["minflux"] / ms["diffusers"], 3)
-        if "minflux_f_linear" in ms:
-            result["ratio_f_linear"] = round(ms["minflux_f_linear"] / ms["diffusers"], 3)
     if device.type == "cuda":
         result["peak_memory_gb_both_models"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     print(json.dumps(result))

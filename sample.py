@@ -131,7 +131,7 @@ def canvas(args) -> tuple[int, int]:
         raise ValueError(f"--panels must be at least 1, got {args.panels}")
     if args.panel_width is None and args.panel_height is None:
         if args.panels == 1:
-            check_size(args.width, args.height)
+            check_size(args.height, args.width)
             return args.width, args.height
         return canvas_size(args.panels, args.layout, *panel_size(args.panels, args.layout, args.width, args.height))
     if args.panel_width is None or args.panel_height is None:
@@ -141,7 +141,7 @@ def canvas(args) -> tuple[int, int]:
 
 def resolve_lora(spec: str) -> Path:
     """A local LoRA file, or `owner/repo/path/in/repo.safetensors` downloaded from the HF hub (into its cache)."""
-    from minflux.loading import hub_call
+    from minflux.hub import hub_call
 
     path = Path(spec).expanduser()
     if path.is_file():
@@ -187,7 +187,7 @@ def main(argv=None) -> list[Path]:
     from iclora.data import panel_boxes
     from iclora.lora import merge_lora
     from iclora.lora_files import load_lora, read_lora_file
-    from minflux.loading import check_device
+    from minflux.hub import check_device
     from iclora.panels import pin_references, reference_latents, reference_panels, split_panels
     from minflux.pipeline import from_pil, load_pipeline, to_pil
     from minflux.sampling import get_noise
@@ -234,7 +234,7 @@ def main(argv=None) -> list[Path]:
     # 4. One run per seed.
     images = []
     for seed in args.seed:
-        noise = get_noise(txt.shape[0], width, height, seed)
+        noise = get_noise(txt.shape[0], height, width, seed)
         hook = None
         if refs:
             timesteps = pipe.schedule(width, height, args.steps, strength)
@@ -256,7 +256,7 @@ def main(argv=None) -> list[Path]:
 
 
 if __name__ == "__main__":
-    from minflux.loading import USER_ERRORS
+    from minflux.hub import USER_ERRORS
 
     try:
         main()

@@ -23,7 +23,7 @@ from iclora.lora import inject_lora, lora_parameters
 from iclora.lora_files import save_lora
 from iclora.training import (Example, atomic_save, cache_examples, collate, flow_matching_loss, is_finite, lr_at,
                              step_generator)
-from minflux.loading import USER_ERRORS, check_device
+from minflux.hub import USER_ERRORS, check_device
 from minflux.pipeline import load_pipeline, to_pil
 
 

@@ -14,9 +14,8 @@ import math
 import re
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
-
-from minflux.linear import Linear, linear
 
 # every Linear of the 19 double (img/txt: mod.lin, attn.qkv, attn.proj, mlp.0, mlp.2) and 38 single blocks
 # (linear1, linear2, modulation.lin): 304 BFL linears = the 494 diffusers modules of the IC-LoRA release
@@ -65,7 +64,7 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         # x: (..., I)
-        out = linear(x, self.weight, self.bias)                                   # (..., O)
+        out = F.linear(x, self.weight, self.bias)                                 # (..., O)
         for name, A in self.lora_A.items():
             if name in self.merged:
                 continue
@@ -176,7 +175,7 @@ def remove_lora(model: nn.Module, name: str = "default"):
         for d in (m.lora_A, m.lora_B, m.dropout, m.alpha, m.scale):
             del d[name]
         if not m.lora_A:
-            plain = Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
+            plain = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
             plain.weight, plain.bias = m.weight, m.bias
             parent, _, child = module_name.rpartition(".")
             setattr(model.get_submodule(parent), child, plain)

@@ -16,8 +16,6 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from .linear import Linear
-
 
 def quick_gelu(x: Tensor) -> Tensor:
     return x * torch.sigmoid(1.702 * x)
@@ -61,11 +59,11 @@ class CLIPEncoderLayer(nn.Module):
     def __init__(self, cfg: CLIPConfig):
         super().__init__()
         width, self.heads, self.act = cfg.hidden_size, cfg.num_attention_heads, ACTIVATIONS[cfg.hidden_act]
-        self.self_attn = nn.ModuleDict({name: Linear(width, width)
+        self.self_attn = nn.ModuleDict({name: nn.Linear(width, width)
                                         for name in ("q_proj", "k_proj", "v_proj", "out_proj")})
         self.layer_norm1 = nn.LayerNorm(width, eps=cfg.layer_norm_eps)
-        self.mlp = nn.ModuleDict(dict(fc1=Linear(width, cfg.intermediate_size),
-                                      fc2=Linear(cfg.intermediate_size, width)))
+        self.mlp = nn.ModuleDict(dict(fc1=nn.Linear(width, cfg.intermediate_size),
+                                      fc2=nn.Linear(cfg.intermediate_size, width)))
         self.layer_norm2 = nn.LayerNorm(width, eps=cfg.layer_norm_eps)
 
     def attention(self, x: Tensor) -> Tensor:

@@ -15,18 +15,17 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from .linear import Linear
-
 
 # ----------------------------------------------------------------------------------------------------------
 # Positions: 3-axis rotary embedding (RoPE) with interleaved pairs
 
 
 def rope(pos: Tensor, dim: int, theta: float) -> Tensor:
-    """Rotations for one axis as unit complex numbers e^(i·pos·θ_j), θ_j = theta^(-2j/dim): (B, L) -> (B, L, dim/2)."""
-    freqs = theta ** -(torch.arange(0, dim, 2, dtype=torch.float64, device=pos.device) / dim)  # (dim/2,)
-    angles = pos.to(torch.float64)[..., None] * freqs                                         # (B, L, dim/2)
-    return torch.polar(torch.ones_like(angles), angles).to(torch.complex64)
+    """Rotations for one axis as unit complex numbers e^(i·pos·θ_j), θ_j = theta^(-2j/dim): (B, L) -> (B, L, dim/2).
+    The angles are computed in float64 on the CPU (MPS has no float64), then moved to pos's device."""
+    freqs = theta ** -(torch.arange(0, dim, 2, dtype=torch.float64) / dim)                     # (dim/2,)
+    angles = pos.cpu().to(torch.float64)[..., None] * freqs                                   # (B, L, dim/2)
+    return torch.polar(torch.ones_like(angles), angles).to(pos.device, torch.complex64)
 
 
 class EmbedND(nn.Module):
@@ -48,6 +47,11 @@ def apply_rope(x: Tensor, pe: Tensor) -> Tensor:
     return rearrange(torch.view_as_real(pairs * pe), "b l h p two -> b l h (p two)").type_as(x)   # (B, L, H, D)
 
 
+# Extra attention logits for the first keys (the text tokens), or None. FLUX never sets it: it is the toy model's
+# hook (toy/train_base.py trains on runs of equal padding tokens merged into one, weighted by log of their count).
+text_key_bias: Tensor | None = None
+
+
 def attention(q: Tensor, k: Tensor, v: Tensor, pe: Tensor) -> Tensor:
     """Full (unmasked) attention over the joint text + image sequence, RoPE on q and k.
 
@@ -55,7 +59,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, pe: Tensor) -> Tensor:
     contiguous concatenation; SDPA takes head-major views."""
     q, k = apply_rope(q, pe), apply_rope(k, pe)                                   # (B, L, H, D)
     q, k, v = (rearrange(t, "b l h d -> b h l d") for t in (q, k, v))
-    x = F.scaled_dot_product_attention(q, k, v)                                   # (B, H, L, D)
+    bias = None if text_key_bias is None else F.pad(text_key_bias, (0, k.shape[2] - len(text_key_bias)))  # (L,)
+    x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)                   # (B, H, L, D)
     return rearrange(x, "b h l d -> b l (h d)")                                   # (B, L, C)
 
 
@@ -76,8 +81,8 @@ def timestep_embedding(t: Tensor, dim: int = 256, max_period: float = 10000.0, t
 class MLPEmbedder(nn.Module):
     def __init__(self, in_dim: int, hidden_dim: int):
         super().__init__()
-        self.in_layer = Linear(in_dim, hidden_dim)
-        self.out_layer = Linear(hidden_dim, hidden_dim)
+        self.in_layer = nn.Linear(in_dim, hidden_dim)
+        self.out_layer = nn.Linear(hidden_dim, hidden_dim)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.out_layer(F.silu(self.in_layer(x)))                          # (B, in) -> (B, C)
@@ -89,7 +94,7 @@ class Modulation(nn.Module):
     def __init__(self, dim: int, double: bool):
         super().__init__()
         self.n = 6 if double else 3
-        self.lin = Linear(dim, self.n * dim)
+        self.lin = nn.Linear(dim, self.n * dim)
 
     def forward(self, vec: Tensor) -> list[Tensor]:
         out = self.lin(F.silu(vec))[:, None]                                      # (B, 1, n·C)
@@ -138,9 +143,9 @@ class SelfAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool):
         super().__init__()
         self.num_heads = num_heads
-        self.qkv = Linear(dim, dim * 3, bias=qkv_bias)
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.norm = QKNorm(dim // num_heads)
-        self.proj = Linear(dim, dim)
+        self.proj = nn.Linear(dim, dim)
 
     def qkv_heads(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         q, k, v = split_qkv(self.qkv(x), self.num_heads)                          # (B, L, H, D) each
@@ -149,7 +154,7 @@ class SelfAttention(nn.Module):
 
 
 def mlp(dim: int, hidden: int) -> nn.Sequential:
-    return nn.Sequential(Linear(dim, hidden), nn.GELU(approximate="tanh"), Linear(hidden, dim))
+    return nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -198,8 +203,8 @@ class SingleStreamBlock(nn.Module):
         super().__init__()
         self.num_heads = num_heads
         self.mlp_hidden = int(hidden_size * mlp_ratio)
-        self.linear1 = Linear(hidden_size, hidden_size * 3 + self.mlp_hidden)     # qkv and mlp-in, fused
-        self.linear2 = Linear(hidden_size + self.mlp_hidden, hidden_size)         # attn-out and mlp-out, fused
+        self.linear1 = nn.Linear(hidden_size, hidden_size * 3 + self.mlp_hidden)     # qkv and mlp-in, fused
+        self.linear2 = nn.Linear(hidden_size + self.mlp_hidden, hidden_size)         # attn-out and mlp-out, fused
         self.norm = QKNorm(hidden_size // num_heads)
         self.pre_norm = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.mlp_act = nn.GELU(approximate="tanh")
@@ -222,8 +227,8 @@ class LastLayer(nn.Module):
     def __init__(self, hidden_size: int, out_channels: int):
         super().__init__()
         self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.linear = Linear(hidden_size, out_channels)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), Linear(hidden_size, 2 * hidden_size))
+        self.linear = nn.Linear(hidden_size, out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
 
     def forward(self, x: Tensor, vec: Tensor) -> Tensor:
         shift, scale = self.adaLN_modulation(vec)[:, None].chunk(2, dim=-1)       # (B, 1, C) each

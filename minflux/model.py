@@ -16,7 +16,6 @@ import torch
 from torch import Tensor, nn
 
 from .layers import DoubleStreamBlock, EmbedND, LastLayer, MLPEmbedder, SingleStreamBlock, timestep_embedding
-from .linear import Linear
 
 
 @dataclass
@@ -74,11 +73,11 @@ class Flux(nn.Module):
         self.params = params
         p = params
         self.pe_embedder = EmbedND(p.theta, list(p.axes_dim))
-        self.img_in = Linear(p.in_channels, p.hidden_size)
+        self.img_in = nn.Linear(p.in_channels, p.hidden_size)
         self.time_in = MLPEmbedder(256, p.hidden_size)
         self.vector_in = MLPEmbedder(p.vec_in_dim, p.hidden_size)
         self.guidance_in = MLPEmbedder(256, p.hidden_size) if p.guidance_embed else nn.Identity()
-        self.txt_in = Linear(p.context_in_dim, p.hidden_size)
+        self.txt_in = nn.Linear(p.context_in_dim, p.hidden_size)
         self.double_blocks = nn.ModuleList(
             DoubleStreamBlock(p.hidden_size, p.num_heads, p.mlp_ratio, p.qkv_bias) for _ in range(p.depth))
         self.single_blocks = nn.ModuleList(

@@ -19,6 +19,7 @@ from PIL import Image, ImageOps
 from torch import Tensor, nn
 
 from . import loading
+from .hub import Repo
 from .autoencoder import AutoEncoder
 from .clip import CLIPTextModel
 from .model import Flux
@@ -90,9 +91,9 @@ class Pipeline:
         """Encoded prompts -> clean latents (B, c, h, w), integrating from the seed's noise at t = 1, or with
         `init` latents (1 or B, c, h, w) from t0 = schedule[img2img_start(steps, strength)] (module docstring).
         `noise` (B, c, h, w) replaces the seed's draw; `after_step(x, t_next)` is passed on to `denoise`."""
-        check_size(width, height)
+        check_size(height, width)
         B, dtype = txt.shape[0], self.flow_dtype
-        x = get_noise(B, width, height, seed) if noise is None else noise.float().cpu()    # (B, c, h, w)
+        x = get_noise(B, height, width, seed) if noise is None else noise.float().cpu()    # (B, c, h, w)
         if x.shape != (B, 16, height // 8, width // 8):
             raise ValueError(f"noise must have shape {(B, 16, height // 8, width // 8)}, got {tuple(x.shape)}")
         timesteps = self.schedule(width, height, steps, strength)
@@ -104,10 +105,10 @@ class Pipeline:
         elif strength != 1.0:
             raise ValueError(f"strength {strength} needs init latents (image-to-image); text-to-image is strength 1")
         x = pack(x).to(self.device, dtype)                                                  # (B, N, 4c)
-        x = denoise(self.on_device(self.flow), x, image_ids(B, width, height).to(self.device), txt.to(dtype),
+        x = denoise(self.on_device(self.flow), x, image_ids(B, height, width).to(self.device), txt.to(dtype),
                     text_ids(B, txt.shape[1]).to(self.device), vec.to(dtype), timesteps, guidance, after_step,
                     progress)
-        return unpack(x, width, height)
+        return unpack(x, height, width)
 
     @torch.no_grad()
     def encode_image(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
@@ -136,7 +137,7 @@ def to_pil(x: Tensor) -> list[Image.Image]:
 def load_pipeline(model: str = "black-forest-labs/FLUX.1-dev", device: str = "cpu", dtype: str | None = None,
                   offload: bool = False) -> Pipeline:
     """Loads all six pieces of a FLUX repo (see `minflux.loading`). `dtype` None keeps the stored dtypes."""
-    repo = loading.Repo(model)
+    repo = Repo(model)
     loading.check_repo(repo)
     torch_dtype = loading.parse_dtype(dtype)
     flow = loading.load_flow(repo, torch_dtype)

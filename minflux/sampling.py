@@ -6,8 +6,8 @@ The project's one convention for time (stated here, used everywhere):
     t = 1 is pure noise, t = 0 is data;   x_t = (1 − t)·x0 + t·ε;
     the model predicts the velocity v = ε − x0;   an Euler step is x += (t_next − t)·v.
 
-Shape letters: B batch, c latent channels (16), h/w latent height/width (image size / 8),
-N image tokens ((h/2)·(w/2)), L text tokens.
+Sizes are (height, width), as in BFL's files. Shape letters: B batch, c latent channels (16), h/w latent height
+and width (image size / 8), Li image tokens ((h/2)·(w/2)), Lt text tokens.
 """
 
 import math
@@ -18,39 +18,40 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 
-def check_size(width: int, height: int):
+def check_size(height: int, width: int):
     if width % 16 or height % 16 or width <= 0 or height <= 0:
         raise ValueError(f"width and height must be positive multiples of 16 (the VAE's 8× times the 2×2 patch), "
-                         f"got {width}×{height}; nearest valid size: {16 * max(1, round(width / 16))}×"
+                         f"got {width}×{height} (W×H); nearest valid size: {16 * max(1, round(width / 16))}×"
                          f"{16 * max(1, round(height / 16))}")
 
 
-def get_noise(num: int, width: int, height: int, seed: int) -> Tensor:
+def get_noise(num: int, height: int, width: int, seed: int) -> Tensor:
     """Initial latent noise, drawn exactly as the reference pipelines do (CPU generator, float32)."""
-    check_size(width, height)
+    check_size(height, width)
     g = torch.Generator("cpu").manual_seed(seed)
     return torch.randn(num, 16, height // 8, width // 8, generator=g, dtype=torch.float32)  # (B, c, h, w)
 
 
 def pack(x: Tensor) -> Tensor:
     """Latent image -> sequence of 2×2 patches, row-major."""
-    return rearrange(x, "b c (h ph) (w pw) -> b (h w) (c ph pw)", ph=2, pw=2)   # (B, N, 4c)
+    return rearrange(x, "b c (h ph) (w pw) -> b (h w) (c ph pw)", ph=2, pw=2)   # (B, Li, 4c)
 
 
-def unpack(x: Tensor, width: int, height: int) -> Tensor:
+def unpack(x: Tensor, height: int, width: int) -> Tensor:
+    """The inverse of pack for an image of height×width pixels: (B, Li, 4c) -> (B, c, h, w)."""
     return rearrange(x, "b (h w) (c ph pw) -> b c (h ph) (w pw)", h=height // 16, w=width // 16, ph=2, pw=2)
 
 
-def image_ids(batch: int, width: int, height: int) -> Tensor:
+def image_ids(batch: int, height: int, width: int) -> Tensor:
     """RoPE positions (0, row, col) of each packed image token."""
     ids = torch.zeros(height // 16, width // 16, 3)
     ids[..., 1] = torch.arange(height // 16)[:, None]
     ids[..., 2] = torch.arange(width // 16)[None, :]
-    return repeat(ids, "h w a -> b (h w) a", b=batch)                            # (B, N, 3)
+    return repeat(ids, "h w a -> b (h w) a", b=batch)                            # (B, Li, 3)
 
 
 def text_ids(batch: int, length: int) -> Tensor:
-    return torch.zeros(batch, length, 3)                                          # (B, L, 3): RoPE is identity
+    return torch.zeros(batch, length, 3)                                          # (B, Lt, 3): RoPE is identity
 
 
 def add_noise(x0: Tensor, noise: Tensor, t: float | Tensor) -> Tensor:

@@ -20,8 +20,6 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from .linear import Linear
-
 
 @dataclass
 class T5Config:
@@ -86,8 +84,8 @@ class T5Attention(nn.Module):
         super().__init__()
         self.cfg = cfg
         inner = cfg.num_heads * cfg.d_kv
-        self.q, self.k, self.v = (Linear(cfg.d_model, inner, bias=False) for _ in range(3))
-        self.o = Linear(inner, cfg.d_model, bias=False)
+        self.q, self.k, self.v = (nn.Linear(cfg.d_model, inner, bias=False) for _ in range(3))
+        self.o = nn.Linear(inner, cfg.d_model, bias=False)
         if has_relative_bias:
             self.relative_attention_bias = nn.Embedding(cfg.relative_attention_num_buckets, cfg.num_heads)
 
@@ -110,9 +108,9 @@ class T5GatedFeedForward(nn.Module):
 
     def __init__(self, cfg: T5Config):
         super().__init__()
-        self.wi_0 = Linear(cfg.d_model, cfg.d_ff, bias=False)
-        self.wi_1 = Linear(cfg.d_model, cfg.d_ff, bias=False)
-        self.wo = Linear(cfg.d_ff, cfg.d_model, bias=False)
+        self.wi_0 = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
+        self.wi_1 = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
+        self.wo = nn.Linear(cfg.d_ff, cfg.d_model, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.wo(F.gelu(self.wi_0(x), approximate="tanh") * self.wi_1(x))          # (B, L, C)

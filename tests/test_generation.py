@@ -225,7 +225,7 @@ def run_with_reference(pipe, ref, seed=1, steps=8, strength=1.0, stop=0.0, size=
     """Latents (1, c, h, w) of a 2-panel row whose first panel is the reference."""
     W, H = size
     txt, vec = pipe.encode_prompts([PANELS_PROMPT])
-    noise = get_noise(1, W, H, seed)
+    noise = get_noise(1, H, W, seed)
     known, mask = reference_latents(pipe, [(ref, panel_boxes(W, H, 2, "row")[0])], W, H)
     hook = pin_references(known, mask, noise, pipe.schedule(W, H, steps), strength, stop)
     return pipe.sample(txt, vec, W, H, steps, 3.5, seed, progress=False, noise=noise, after_step=hook)

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from minflux import loading
+from minflux import hub, loading
 from minflux.pipeline import load_pipeline
 from tests.tiny_repo import copy_repo, write_tiny_repo
 
@@ -76,7 +76,7 @@ def test_a_folder_that_is_not_a_flux_repo_says_what_is_missing(tmp_path):
 
 def test_a_string_that_is_neither_folder_nor_repo_id_is_refused(tmp_path):
     with pytest.raises(ValueError, match="neither a folder nor a HF repo id"):
-        loading.Repo(str(tmp_path / "no" / "such" / "folder"))
+        hub.Repo(str(tmp_path / "no" / "such" / "folder"))
 
 
 def test_dtype_names_are_checked():

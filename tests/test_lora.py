@@ -2,11 +2,11 @@
 
 import pytest
 import torch
+from torch import nn
 
 from iclora.lora import (LoRALinear, inject_lora, lora_parameters, lora_state, merge_lora, remove_lora,
                          set_lora_scale, unmerge_lora)
 from minflux.convert import transformer_table
-from minflux.linear import Linear
 from minflux.model import Flux, preset
 from tests.test_transformer import inputs
 
@@ -133,7 +133,7 @@ def test_remove_lora_restores_plain_linears_with_identical_weights():
     merge_lora(flux)
     remove_lora(flux)
     assert not any(isinstance(m, LoRALinear) for m in flux.modules())
-    assert type(flux.double_blocks[0].img_attn.qkv) is Linear
+    assert type(flux.double_blocks[0].img_attn.qkv) is nn.Linear
     after = flux.state_dict()
     assert after.keys() == before.keys()
     diff = max((after[k] - v).abs().max().item() for k, v in before.items())

@@ -192,7 +192,6 @@ def test_peft_name_variants_load_the_same():
     assert all(torch.equal(outputs[0], out) for out in outputs[1:])
 
 
-@pytest.mark.usefixtures("reference_kernels")  # see tests/conftest.py
 def test_a_file_in_the_official_iclora_layout_matches_diffusers(tmp_path):
     """ali-vilab/In-Context-LoRA: `transformer.` prefix, lora_A/lora_B only, no alpha, rank 16, fp16, every
     Linear of every double (14) and single (6) block, modulation linears included."""

@@ -34,11 +34,11 @@ def test_schedule_matches_diffusers_scheduler(steps, tokens):
 
 def test_noise_and_packing_match_diffusers_prepare_latents():
     width, height, batch = 96, 64, 2
-    noise = get_noise(batch, width, height, seed=42)
+    noise = get_noise(batch, height, width, seed=42)
     want, want_ids = FluxPipeline.prepare_latents(_PipeStub(), batch, 16, height, width, torch.float32, "cpu",
                                                   torch.Generator().manual_seed(42))
     assert torch.equal(pack(noise), want)
-    assert torch.equal(image_ids(batch, width, height)[0], want_ids)
+    assert torch.equal(image_ids(batch, height, width)[0], want_ids)
 
 
 class _PipeStub:
@@ -64,7 +64,7 @@ def test_token_order_is_row_major_with_features_c_ph_pw():
 @pytest.mark.parametrize("width,height", [(100, 64), (64, 0), (17, 32)])
 def test_sizes_that_are_not_multiples_of_16_are_refused(width, height):
     with pytest.raises(ValueError, match="multiples of 16"):
-        get_noise(1, width, height, seed=0)
+        get_noise(1, height, width, seed=0)
 
 
 def test_time_convention_euler_with_the_true_velocity_lands_on_the_data():

@@ -44,7 +44,6 @@ def run_both(ref, ours, x):
     return got, want
 
 
-@pytest.mark.usefixtures("reference_kernels")  # see tests/conftest.py
 @pytest.mark.parametrize("guidance_embed", [True, False], ids=["dev", "schnell"])
 def test_transformer_matches_diffusers(guidance_embed):
     ref, ours = reference_and_ours(guidance_embed)

@@ -26,7 +26,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 from iclora.lora_files import load_lora  # noqa: E402
 from iclora.panels import pin_references, reference_latents  # noqa: E402
-from minflux.loading import USER_ERRORS  # noqa: E402
+from minflux.hub import USER_ERRORS  # noqa: E402
 from minflux.pipeline import Pipeline, load_pipeline, to_pil  # noqa: E402
 from minflux.sampling import get_noise  # noqa: E402
 from toy.world import Scene, panel_consistency, random_scene, recolour, render, set_caption  # noqa: E402
@@ -45,7 +45,7 @@ def generate_sets(pipe: Pipeline, scenes: list[Scene], size: int, steps: int, se
     the scene's render, pinned at every step."""
     width, height = 2 * size, size
     txt, vec = pipe.encode_prompts([set_caption(scene) for scene in scenes])
-    noise = get_noise(len(scenes), width, height, seed)                                     # (B, c, h, w)
+    noise = get_noise(len(scenes), height, width, seed)                                     # (B, c, h, w)
     hook = None
     if reference:
         known = [reference_latents(pipe, [(render(s, size), (0, 0, size, size))], width, height) for s in scenes]

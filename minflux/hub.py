@@ -1,0 +1,118 @@
+"""Where a model's files come from, and what a script tells its user when they cannot be had.
+
+`Repo` lists the files of a local folder in the HF repo layout, or of a HF hub repo (downloaded on first use into
+the HF cache); `minflux.loading` builds the models from them. `hub_call` turns the hub's errors into one sentence,
+`USER_ERRORS` are the errors the scripts print as `error: <message>`, and `check_device` checks --device up front.
+"""
+
+import json
+import re
+from pathlib import Path
+
+import torch
+
+from .loading import LAYOUT_HELP
+
+TOY_MODEL = Path(__file__).resolve().parents[1] / "toy" / "model"
+TOY_HINT = " To try everything without the real weights, use --model toy (a 12 MB FLUX that ships in toy/model)."
+# ours name the file, key or flag at fault and what was expected, so a stack trace would add nothing
+USER_ERRORS = (ValueError, FileNotFoundError, PermissionError, ConnectionError)
+
+
+class Repo:
+    """The files of a local folder or a HF hub repo; hub files are downloaded on first use (and cached)."""
+
+    def __init__(self, model: str):
+        self.model = model
+        if model == "toy":  # the tiny FLUX trained on toy scenes that ships in the repo (toy/model)
+            model = str(TOY_MODEL)
+            if not TOY_MODEL.is_dir():
+                raise FileNotFoundError(f"the toy model is not at {TOY_MODEL} (it ships with a clone of the "
+                                        f"repository once built by toy/train_base.py)")
+        if Path(model).is_dir():
+            self.root = Path(model)
+            self.files = {p.relative_to(self.root).as_posix() for p in self.root.rglob("*") if p.is_file()}
+        elif Path(model).exists() or model.count("/") != 1:
+            raise ValueError(f"{model!r} is neither a folder nor a HF repo id like black-forest-labs/FLUX.1-dev")
+        else:
+            self.root = None
+            try:
+                self.files = set(self.hub(lambda hub: hub.list_repo_files(model)))
+            except ConnectionError:  # offline: use the copy in the HF cache, if there is one
+                self.root = Path(self.hub(lambda hub: hub.snapshot_download(model, local_files_only=True)))
+                self.files = {p.relative_to(self.root).as_posix() for p in self.root.rglob("*") if p.is_file()}
+
+    def path(self, name: str) -> Path:
+        if self.root is not None:
+            return self.root / name
+        return Path(self.hub(lambda hub: hub.hf_hub_download(self.model, name)))
+
+    def hub(self, fn):
+        """hub_call for the base model: when it cannot be had, the error also says how to go on without it."""
+        try:
+            return hub_call(self.model, fn)
+        except (PermissionError, ConnectionError) as e:
+            raise type(e)(f"{e}.{TOY_HINT}") from None
+
+    def json(self, name: str) -> dict:
+        return json.loads(self.path(name).read_text()) if name in self.files else {}
+
+    def safetensors(self, folder: str, stem: str) -> list[Path]:
+        """`folder/stem.safetensors`, or all the shards listed by `folder/stem.safetensors.index.json`."""
+        index = f"{folder}/{stem}.safetensors.index.json"
+        if index in self.files:
+            shards = sorted(set(self.json(index)["weight_map"].values()))
+            return [self.path(f"{folder}/{shard}") for shard in shards]
+        if f"{folder}/{stem}.safetensors" in self.files:
+            return [self.path(f"{folder}/{stem}.safetensors")]
+        raise FileNotFoundError(f"{self.model}: no {folder}/{stem}.safetensors (or its index); {LAYOUT_HELP}")
+
+    def root_file(self, names: list[str]) -> Path | None:
+        found = [n for n in names if n in self.files]
+        return self.path(found[0]) if found else None
+
+    def transformer_file(self) -> Path | None:
+        """The BFL single file at the root: flux1-<variant>.safetensors (older releases used .sft)."""
+        names = sorted(f for f in self.files if "/" not in f and f.startswith("flux1") and f.endswith((".safetensors", ".sft")))
+        official = [n for n in names if re.fullmatch(r"flux1-[a-z]+\.(safetensors|sft)", n)]
+        if len(official or names) > 1:
+            raise ValueError(f"{self.model}: several transformer files ({', '.join(official or names)}); "
+                             f"point --model at a folder that holds one")
+        return self.root_file(official or names)
+
+
+def hub_call(model: str, fn):
+    """Runs a huggingface_hub call, turning its errors into one clear sentence."""
+    import huggingface_hub as hub
+    from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
+                                        OfflineModeIsEnabled, RepositoryNotFoundError)
+
+    try:
+        return fn(hub)
+    except GatedRepoError as e:
+        raise PermissionError(
+            f"{model} is a gated repo: accept its license on huggingface.co/{model} with your account, then set "
+            f"HF_TOKEN (or run `hf auth login`). ({type(e).__name__})") from None
+    except RepositoryNotFoundError:
+        raise FileNotFoundError(f"{model}: no such HF repo (or it is private and no token was given)") from None
+    except (LocalEntryNotFoundError, OfflineModeIsEnabled):
+        raise ConnectionError(f"{model}: not in the HF cache and the hub cannot be reached (offline?)") from None
+    except HfHubHTTPError as e:
+        raise ConnectionError(f"{model}: the HF hub answered with an error: {e}") from None
+    except (FileNotFoundError, ValueError, PermissionError):  # the caller's own, clear errors
+        raise
+    except Exception as e:  # network failures (connection refused, DNS, timeouts) come in the HTTP client's types
+        raise ConnectionError(f"{model}: cannot reach the HF hub ({type(e).__name__}: {e})") from None
+
+
+def check_device(name: str) -> torch.device:
+    """A torch device that exists here, checked before anything is loaded."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"unknown device {name!r}; use cpu, cuda, cuda:1, mps, ...") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r}: this torch has no CUDA GPU available; use --device cpu")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {name!r}: MPS is not available here; use --device cpu")
+    return device
