@@ -1,5 +1,5 @@
-"""Generate images with FLUX.1 (dev or schnell) from a HF repo id or a local folder in the HF repo layout, with
-LoRAs, In-Context LoRA panel sets, reference panels and image-to-image.
+"""Generate images with FLUX.1 (dev or schnell): text to image, with LoRAs, In-Context LoRA panel sets, reference
+panels and image-to-image. `main` is BFL's cli.py recipe in order, then one block per option.
 
     python sample.py --prompt "a red fox in the snow, watercolor" --width 1024 --height 768
     python sample.py --model black-forest-labs/FLUX.1-schnell --prompt-file prompts.txt --num-images 2
@@ -8,21 +8,36 @@ LoRAs, In-Context LoRA panel sets, reference panels and image-to-image.
     python sample.py --lora out.safetensors --panels 2 --panel-width 512 --panel-height 512 --ref photo.png \\
         --prompt "a product shot and its poster" --panel-prompt "the photo" --panel-prompt "the poster" --seed 1 2 3
     python sample.py --init photo.png --strength 0.6 --prompt "the same street in winter"
-
-Panel sets (In-Context LoRA, arXiv 2410.23775) are generated as ONE canvas; `--panel-prompt` builds the joint caption
-"This two-panel image shows <prompt>; [IMAGE1] <panel 1>; [IMAGE2] <panel 2>" (iclora/panels.py). The joined image is
-saved as out.png and each panel as out-panel1.png, out-panel2.png, ... A `--ref` image fixes a panel: after every
-sampling step that panel's latents are reset to the reference's, noised to the current time (iclora/panels.py).
 """
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import torch
 
-TOY_SIZE = 64
+from iclora.data import load_rgb
+from iclora.lora import merge_lora
+from iclora.lora_files import load_lora, read_lora_file
+from iclora.panels import canvas_size, joint_caption, panel_boxes, panel_size, split_panels
+from iclora.references import pin_references, reference_latents, reference_panels
+from minflux.hub import USER_ERRORS, check_device, hub_call
+from minflux.pipeline import from_pil, load_pipeline, to_pil
+from minflux.sampling import add_noise, check_size, denoise, get_noise, image_ids, img2img_start, pack, text_ids, unpack
+
+TOY_SIZE = 64  # the toy model draws 64×64 scenes (per panel)
+
+
+def at_least_1(text: str) -> int:
+    if int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
+    return int(text)
+
+
+def fraction(text: str) -> float:
+    if not 0.0 <= float(text) <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
+    return float(text)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -37,13 +52,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--prompt-file", type=Path, help="a text file with one prompt per line (blank lines skipped)")
     p.add_argument("--width", type=int, help="image width in pixels, a multiple of 16 (default: 1024; toy: 64)")
     p.add_argument("--height", type=int, help="image height in pixels, a multiple of 16 (default: 1024; toy: 64)")
-    p.add_argument("--steps", type=int, help="sampling steps (default: 28 for dev, 4 for schnell)")
+    p.add_argument("--steps", type=at_least_1, help="sampling steps (default: 28 for dev, 4 for schnell)")
     p.add_argument("--guidance", type=float, default=3.5,
                    help="distilled guidance strength fed to FLUX.1-dev; ignored by schnell (default: 3.5)")
     p.add_argument("--seed", type=int, nargs="+", default=[0],
                    help="noise seed(s), one run per seed (--seed 1 2 3); image i of a run uses the same draw as "
                         "diffusers with generator.manual_seed(seed) (default: 0)")
-    p.add_argument("--num-images", type=int, default=1, help="images per prompt and seed (default: 1)")
+    p.add_argument("--num-images", type=at_least_1, default=1, help="images per prompt and seed (default: 1)")
     p.add_argument("--out", type=Path, default=Path("out.png"),
                    help="output file; with several images an index is appended: out-0.png, out-1.png, ...; "
                         "panels get -panel1, -panel2, ...: out-panel1.png or out-0-panel1.png (default: out.png)")
@@ -68,7 +83,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "(slower per step; merging is the default)")
 
     g = p.add_argument_group("panel sets (In-Context LoRA)")
-    g.add_argument("--panels", type=int, default=1, help="number of panels on the canvas (default: 1)")
+    g.add_argument("--panels", type=at_least_1, default=1, help="number of panels on the canvas (default: 1)")
     g.add_argument("--layout", default="row", choices=["row", "column", "grid"],
                    help="panels side by side, stacked, or in a grid of ceil(sqrt(N)) columns (default: row)")
     g.add_argument("--panel-width", type=int,
@@ -84,65 +99,58 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "cover-resized and center-cropped to the panel size")
     g.add_argument("--ref-panel", type=int, action="append", default=[],
                    help="1-based panel fixed by each --ref, one per --ref in the same order")
-    g.add_argument("--ref-strength", type=float, default=1.0,
+    g.add_argument("--ref-strength", type=fraction, default=1.0,
                    help="s in [0, 1]: after each step the reference panel's latents become (1 - s)·x + s·x_ref(t); "
                         "1 pins them to the reference, 0 ignores it (default: 1.0)")
-    g.add_argument("--ref-stop", type=float, default=0.0,
+    g.add_argument("--ref-stop", type=fraction, default=0.0,
                    help="F in [0, 1]: leave the reference panels to the model for the last round(F·steps) steps, "
                         "to smooth the seams (default: 0, pinned through the last step)")
 
     g = p.add_argument_group("image-to-image")
     g.add_argument("--init", type=Path,
                    help="start from this image (cover-resized and center-cropped to the canvas) instead of noise")
-    g.add_argument("--strength", type=float,
+    g.add_argument("--strength", type=fraction,
                    help="how much of the schedule to run from --init: 0 returns the image, 1 ignores it "
                         "(diffusers' rule; default: 0.6)")
     args = p.parse_args(argv)
+    if args.strength is not None and args.init is None:
+        p.error("--strength needs an --init image")
+    if args.lora_scale and len(args.lora_scale) != len(args.lora):
+        p.error(f"{len(args.lora_scale)} --lora-scale value(s) for {len(args.lora)} --lora file(s); "
+                f"give one per --lora, or none for 1.0")
     if args.model == "toy" and all(v is None for v in (args.width, args.height, args.panel_width, args.panel_height)):
-        args.panel_width = args.panel_height = TOY_SIZE  # the size the toy model was trained at, per panel
+        args.panel_width = args.panel_height = TOY_SIZE
     side = TOY_SIZE if args.model == "toy" else 1024
     args.width, args.height = args.width or side, args.height or side
+    args.strength = 0.6 if args.strength is None else args.strength
+    args.lora_scale = args.lora_scale or [1.0] * len(args.lora)
     return args
 
 
 def read_prompts(args) -> list[str]:
     """The prompts, each made into a joint caption when there are --panel-prompt's."""
-    from iclora.panels import joint_caption
-
     prompts = list(args.prompt)
     if args.prompt_file:
         prompts += [line.strip() for line in args.prompt_file.read_text().splitlines() if line.strip()]
-    if args.panel_prompt:
-        if len(args.panel_prompt) != args.panels:
-            raise ValueError(f"{len(args.panel_prompt)} --panel-prompt(s) for --panels {args.panels}; "
-                             f"give one per panel")
-        return [joint_caption(p, args.panel_prompt) for p in prompts or [None]]
-    if not prompts:
-        raise ValueError("give at least one --prompt, a --prompt-file, or --panel-prompt's")
-    return prompts
+    if args.panel_prompt and len(args.panel_prompt) != args.panels:
+        raise ValueError(f"{len(args.panel_prompt)} --panel-prompt(s) for --panels {args.panels}; give one per panel")
+    return [joint_caption(p, args.panel_prompt) for p in prompts or [None]]
 
 
 def canvas(args) -> tuple[int, int]:
-    """(width, height) of the canvas: --width/--height, or the joined size of the panels."""
-    from iclora.panels import canvas_size, panel_size
-    from minflux.sampling import check_size
-
-    if args.panels < 1:
-        raise ValueError(f"--panels must be at least 1, got {args.panels}")
+    """(height, width) of the canvas: --height/--width, or the panels' (given, or the canvas split) joined."""
     if args.panel_width is None and args.panel_height is None:
+        check_size(args.height, args.width)
         if args.panels == 1:
-            check_size(args.height, args.width)
-            return args.width, args.height
-        return canvas_size(args.panels, args.layout, *panel_size(args.panels, args.layout, args.width, args.height))
+            return args.height, args.width
+        return canvas_size(args.panels, args.layout, *panel_size(args.panels, args.layout, args.height, args.width))
     if args.panel_width is None or args.panel_height is None:
         raise ValueError("give both --panel-width and --panel-height (or neither, to split --width/--height)")
-    return canvas_size(args.panels, args.layout, args.panel_width, args.panel_height)
+    return canvas_size(args.panels, args.layout, args.panel_height, args.panel_width)
 
 
 def resolve_lora(spec: str) -> Path:
     """A local LoRA file, or `owner/repo/path/in/repo.safetensors` downloaded from the HF hub (into its cache)."""
-    from minflux.hub import hub_call
-
     path = Path(spec).expanduser()
     if path.is_file():
         return path
@@ -167,8 +175,6 @@ def resolve_lora(spec: str) -> Path:
 
 
 def read_image(path: Path, flag: str):
-    from iclora.data import load_rgb
-
     if not path.is_file():
         raise FileNotFoundError(f"{flag} {path}: no such image file")
     return load_rgb(path)
@@ -184,80 +190,64 @@ def output_paths(out: Path, n: int, panels: int) -> list[list[Path]]:
 
 def main(argv=None) -> list[Path]:
     args = parse_args(argv)
-    from iclora.data import panel_boxes
-    from iclora.lora import merge_lora
-    from iclora.lora_files import load_lora, read_lora_file
-    from minflux.hub import check_device
-    from iclora.panels import pin_references, reference_latents, reference_panels, split_panels
-    from minflux.pipeline import from_pil, load_pipeline, to_pil
-    from minflux.sampling import get_noise
-
-    # 1. Check everything that needs no model.
+    # Everything that needs no model is read (and so checked) first.
     check_device(args.device)
-    for flag, value in (("--steps", args.steps), ("--num-images", args.num_images)):
-        if value is not None and value < 1:
-            raise ValueError(f"{flag} must be at least 1, got {value}")
-    prompts = read_prompts(args)
-    width, height = canvas(args)
-    boxes = panel_boxes(width, height, args.panels, args.layout)
+    prompts = [p for p in read_prompts(args) for _ in range(args.num_images)]
+    height, width = canvas(args)
+    boxes = panel_boxes(height, width, args.panels, args.layout)
     refs = [(read_image(path, "--ref"), boxes[k])
             for path, k in zip(args.ref, reference_panels(len(args.ref), args.ref_panel, args.panels))]
     init = read_image(args.init, "--init") if args.init else None
-    if args.strength is not None and init is None:
-        raise ValueError("--strength needs an --init image")
-    strength = 1.0 if init is None else 0.6 if args.strength is None else args.strength
-    for flag, value in (("--strength", strength), ("--ref-strength", args.ref_strength), ("--ref-stop", args.ref_stop)):
-        if not 0.0 <= value <= 1.0:
-            raise ValueError(f"{flag} must be in [0, 1], got {value}")
-    if args.lora_scale and len(args.lora_scale) != len(args.lora):
-        raise ValueError(f"{len(args.lora_scale)} --lora-scale value(s) for {len(args.lora)} --lora file(s); "
-                         f"give one per --lora, or none for 1.0")
     loras = [(path, read_lora_file(path)) for path in map(resolve_lora, args.lora)]
 
-    # 2. Load the model and the LoRAs.
-    start = time.perf_counter()
+    # 1. Load the models (T5, CLIP, the flow transformer, the autoencoder) and the LoRAs.
     pipe = load_pipeline(args.model, args.device, args.dtype, args.offload)
-    print(f"loaded {args.model} ({'schnell' if pipe.is_schnell else 'dev'}) in {time.perf_counter() - start:.1f}s",
-          file=sys.stderr)
-    for i, ((path, tensors), scale) in enumerate(zip(loras, args.lora_scale or [1.0] * len(loras))):
+    for i, ((path, tensors), scale) in enumerate(zip(loras, args.lora_scale)):
         layers = load_lora(pipe.flow, tensors, name=f"lora{i}", multiplier=scale, source=str(path))
         if not args.no_merge:
             merge_lora(pipe.flow, f"lora{i}")
         print(f"LoRA {path.name}: {len(layers)} layers, scale {scale}, {'adapter' if args.no_merge else 'merged'}",
               file=sys.stderr)
 
-    # 3. Encode what every seed shares: prompts, the init image, the reference panels.
-    txt, vec = pipe.encode_prompts([p for p in prompts for _ in range(args.num_images)])
-    init_latents = pipe.encode_image(from_pil(init, width, height)) if init is not None else None
-    known, mask = reference_latents(pipe, refs, width, height) if refs else (None, None)
+    # 2. Tokenize and encode the prompts; 3. the schedule of times from 1 (noise) to 0 for this size.
+    txt, vec = pipe.encode_prompts(prompts)                                         # (B, Lt, 4096), (B, 768)
+    B, Lt = txt.shape[:2]
+    timesteps = pipe.schedule(height, width, args.steps)
 
-    # 4. One run per seed.
+    # --init (image-to-image, SDEdit): start part-way down the schedule from the image noised to that time.
+    if init is not None:
+        init_latents = pipe.encode_image(from_pil(init, height, width))             # (1, c, h, w)
+        timesteps = timesteps[img2img_start(len(timesteps) - 1, args.strength):]
+
+    # --ref (reference panels, paper §4.2): their latents, pinned after every step by `after_step`.
+    if refs:
+        known, mask = reference_latents(pipe, refs, height, width)                  # (1, Li, 4c), (Li,)
+
     images = []
     for seed in args.seed:
-        noise = get_noise(txt.shape[0], height, width, seed)
-        hook = None
+        # 4. Noise, packed into 2×2 patches; 5. Euler steps of the flow; 6. unpack, decode to pixels.
+        noise = get_noise(B, height, width, seed)                                   # (B, c, h, w) at t = 1
+        x = noise if init is None else add_noise(init_latents, noise, timesteps[0])
+        after_step = None
         if refs:
-            timesteps = pipe.schedule(width, height, args.steps, strength)
-            hook = pin_references(known, mask, noise, timesteps, args.ref_strength, args.ref_stop)
-        latents = pipe.sample(txt, vec, width, height, args.steps, args.guidance, seed, init=init_latents,
-                              strength=strength, noise=noise, after_step=hook)
-        images += to_pil(pipe.decode(latents))
+            after_step = pin_references(known, mask, noise, timesteps, args.ref_strength, args.ref_stop)
+        x = pack(x).to(pipe.device, pipe.dtype)                                     # (B, Li, 4c)
+        x = denoise(pipe.on_device(pipe.flow), x, image_ids(B, height, width), txt, text_ids(B, Lt), vec,
+                    timesteps, args.guidance, after_step)                           # (B, Li, 4c) at t = 0
+        images += to_pil(pipe.decode(unpack(x, height, width)))
 
-    # 5. Save each joined image and its panels.
+    # 7. Save each image, and each of its panels.
     written = []
     for image, paths in zip(images, output_paths(args.out, len(images), args.panels)):
         paths[0].parent.mkdir(parents=True, exist_ok=True)
-        for picture, path in zip([image] + (split_panels(image, args.panels, args.layout) if len(paths) > 1 else []),
-                                 paths):
+        panels = split_panels(image, args.panels, args.layout) if args.panels > 1 else []
+        for picture, path in zip([image, *panels], paths):
             picture.save(path)
             print(path)
         written += paths
     return written
 
-
 if __name__ == "__main__":
-    from minflux.hub import USER_ERRORS
-
     try:
         main()
     except USER_ERRORS as e:

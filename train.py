@@ -2,15 +2,18 @@
 
     python train.py --data sets/home_decor                       # the paper's settings, writes out.safetensors
     python train.py --data sets/home_decor --config my_run.json  # values from a JSON file, flags override them
+    python train.py --model toy --data sets/toy_recolour         # the 12 MB toy FLUX, a few CPU minutes
 
-Reads top to bottom: arguments -> data -> model -> cache latents and captions -> LoRA -> training loop -> save.
+Reads top to bottom: options -> data -> model -> encode the sets once -> LoRA -> training loop -> save.
 Writes next to --out: the LoRA (PEFT/diffusers layout, loads in diffusers and ComfyUI), `<stem>.state.pt`
 (LoRA + optimizer + step, for --resume), `<stem>.loss.csv` and `<stem>_samples/` (validation images).
 """
 
 import argparse
 import csv
+import itertools
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -20,21 +23,31 @@ from tqdm.auto import tqdm
 
 from iclora.data import PanelSetDataset, batches_by_bucket
 from iclora.lora import inject_lora, lora_parameters
-from iclora.lora_files import save_lora
-from iclora.training import (Example, atomic_save, cache_examples, collate, flow_matching_loss, is_finite, lr_at,
-                             step_generator)
+from iclora.lora_files import atomic_write, save_lora
+from iclora.training import EncodedSet, collate, encode_sets, flow_matching_loss, step_generator
 from minflux.hub import USER_ERRORS, check_device
 from minflux.pipeline import load_pipeline, to_pil
 
+# The defaults that depend on the model: the paper's for FLUX.1-dev; for --model toy, a run of a few CPU minutes
+# (no gradient checkpointing: the toy is tiny; resolution 96 keeps the 128x64 toy sets at their size).
+MODEL_DEFAULTS = {"flux": dict(steps=5000, lr=1e-4, resolution=1024, checkpointing=True),
+                  "toy": dict(steps=1000, lr=1e-3, resolution=96, checkpointing=False)}
+# options that change what a step computes: --resume must see the same values to continue bit for bit
+RESUME_MUST_MATCH = ("data", "layout", "model", "batch_size", "grad_accum", "rank", "alpha", "lr", "warmup",
+                     "grad_clip", "resolution", "caption_dropout", "guidance", "timestep_sampling", "seed", "dtype")
 
-# Defaults left open on the command line: the paper's for FLUX.1-dev; for --model toy, a run of a few CPU minutes.
-DEFAULTS = {"steps": 5000, "lr": 1e-4, "resolution": 1024, "save_every": 250, "sample_every": 250,
-            "no_checkpointing": False}
-TOY_DEFAULTS = {"steps": 1000, "lr": 1e-3, "resolution": 96, "save_every": 250, "sample_every": 250,
-                "no_checkpointing": True}
+
+def number(kind, low: float, high: float = math.inf):
+    """An argparse type: `kind` (int or float) in [low, high]."""
+    def parse(text: str):
+        if not low <= kind(text) <= high:
+            raise argparse.ArgumentTypeError(f"must be in [{low}, {high}], got {text}")
+        return kind(text)
+    return parse
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    flux, toy = MODEL_DEFAULTS["flux"], MODEL_DEFAULTS["toy"]
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", type=Path, help="JSON file of option values (keys as the flags, with _); "
                                                "flags given on the command line override it")
@@ -46,42 +59,45 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="HF repo id or local folder in the HF repo layout, or `toy` for the 12 MB toy FLUX in "
                         "toy/model, which also changes the defaults marked 'toy' (default: %(default)s)")
     p.add_argument("--out", type=Path, default=Path("out.safetensors"), help="LoRA file (default: out.safetensors)")
-    p.add_argument("--steps", type=int,
-                   help=f"optimizer steps (default: 5000, the paper's; toy: {TOY_DEFAULTS['steps']})")
-    p.add_argument("--batch-size", type=int, default=4, help="examples per step (default: 4, the paper's)")
-    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (default: 1)")
-    p.add_argument("--rank", type=int, default=16, help="LoRA rank (default: 16, the paper's)")
+    p.add_argument("--steps", type=number(int, 1), help=f"optimizer steps (default: {flux['steps']}, the paper's; "
+                                                          f"toy: {toy['steps']})")
+    p.add_argument("--batch-size", type=number(int, 1), default=4, help="examples per step (default: 4, the paper's)")
+    p.add_argument("--grad-accum", type=number(int, 1), default=1,
+                   help="micro-batches of --batch-size per optimizer step (default: 1)")
+    p.add_argument("--rank", type=number(int, 1), default=16, help="LoRA rank (default: 16, the paper's)")
     p.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha; the update is scaled by alpha/rank "
                                                              "(default: 16)")
-    p.add_argument("--lr", type=float, help=f"AdamW learning rate (default: 1e-4; toy: {TOY_DEFAULTS['lr']})")
-    p.add_argument("--warmup", type=int, default=100, help="linear warm-up steps (default: 100)")
+    p.add_argument("--lr", type=number(float, 1e-12), help=f"AdamW learning rate (default: {flux['lr']}; toy: "
+                                                           f"{toy['lr']})")
+    p.add_argument("--warmup", type=number(int, 0), default=100, help="linear warm-up steps (default: 100)")
     p.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (default: 1.0)")
-    p.add_argument("--resolution", type=int,
+    p.add_argument("--resolution", type=number(int, 16),
                    help="target area as the side of a square: images go to aspect buckets of about this many "
-                        "pixels squared, sides multiples of 16 (default: 1024; toy: "
-                        f"{TOY_DEFAULTS['resolution']}, which keeps the 128x64 toy sets at their size)")
-    p.add_argument("--caption-dropout", type=float, default=0.05, help="probability a caption is replaced by the "
-                                                                       "empty one (default: 0.05)")
+                        f"pixels squared, sides multiples of 16 (default: {flux['resolution']}; toy: "
+                        f"{toy['resolution']})")
+    p.add_argument("--caption-dropout", type=number(float, 0, 1), default=0.05,
+                   help="probability a caption is replaced by the empty one (default: 0.05)")
     p.add_argument("--guidance", type=float, default=1.0, help="distilled-guidance input during training "
                                                                "(default: 1.0)")
     p.add_argument("--timestep-sampling", default="logit_normal", choices=["logit_normal", "uniform"],
                    help="how t is drawn before FLUX's resolution shift (default: logit_normal)")
-    p.add_argument("--no-checkpointing", action="store_true", default=None,
-                   help="disable gradient checkpointing (faster, much more memory; toy: off by default, it is tiny)")
-    p.add_argument("--save-every", type=int, help="write LoRA + training state every N steps (default: 250; toy: "
-                                                  f"{TOY_DEFAULTS['save_every']})")
-    p.add_argument("--sample-every", type=int, help="validation images every N steps; 0 = never (default: 250; "
-                                                    f"toy: {TOY_DEFAULTS['sample_every']})")
+    p.add_argument("--checkpointing", action=argparse.BooleanOptionalAction,
+                   help="gradient checkpointing per block: much less memory, ~30%% slower (default: on; toy: off)")
+    p.add_argument("--save-every", type=number(int, 1), default=250,
+                   help="write LoRA + training state every N steps (default: 250)")
+    p.add_argument("--sample-every", type=number(int, 0), default=250,
+                   help="validation images every N steps; 0 = never (default: 250)")
     p.add_argument("--val-prompt", action="append", default=[], help="validation prompt (repeatable; default: the "
                                                                      "first training caption)")
-    p.add_argument("--sample-steps", type=int, default=20, help="steps for validation images (default: 20)")
+    p.add_argument("--sample-steps", type=number(int, 1), default=20,
+                   help="steps for validation images (default: 20)")
     p.add_argument("--seed", type=int, default=42, help="seed for data order, noise, t and dropout (default: 42)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--dtype", default=None, choices=["bf16", "fp32"],
                    help="base-model dtype (default: bf16 on GPU, the stored dtype on CPU); LoRA and optimizer "
                         "are fp32")
-    p.add_argument("--resume", action="store_true", help="continue from <out stem>.state.pt, bit-for-bit")
+    p.add_argument("--resume", action="store_true", help="continue from <out stem>.state.pt, bit for bit")
     args = p.parse_args(argv)
     if args.config:
         config = json.loads(args.config.read_text())
@@ -89,22 +105,12 @@ def parse_args(argv=None) -> argparse.Namespace:
             p.error(f"{args.config}: unknown options {', '.join(sorted(unknown))}")
         p.set_defaults(**{k: Path(v) if k in ("data", "out") else v for k, v in config.items()})
         args = p.parse_args(argv)
-    for k, v in (TOY_DEFAULTS if args.model == "toy" else DEFAULTS).items():
+    for k, v in MODEL_DEFAULTS["toy" if args.model == "toy" else "flux"].items():
         if getattr(args, k) is None:
             setattr(args, k, v)
     if args.data is None:
         p.error("--data is required (or set \"data\" in the --config file)")
-    for flag in ("steps", "batch_size", "grad_accum", "rank", "save_every", "sample_steps"):
-        if getattr(args, flag) < 1:
-            p.error(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
-    if args.sample_every < 0 or args.warmup < 0 or not 0 <= args.caption_dropout <= 1 or args.lr <= 0:
-        p.error("--sample-every and --warmup must be >= 0, --caption-dropout in [0, 1], --lr > 0")
     return args
-
-
-# options that change what a step computes: a resumed run must use the same values to continue bit-for-bit
-RESUME_MUST_MATCH = ("data", "layout", "model", "batch_size", "grad_accum", "rank", "alpha", "lr", "warmup",
-                     "grad_clip", "resolution", "caption_dropout", "guidance", "timestep_sampling", "seed", "dtype")
 
 
 def main(argv=None) -> Path:
@@ -113,117 +119,104 @@ def main(argv=None) -> Path:
     state_path, log_path = out.with_name(f"{out.stem}.state.pt"), out.with_name(f"{out.stem}.loss.csv")
     samples_dir = out.with_name(f"{out.stem}_samples")
     out.parent.mkdir(parents=True, exist_ok=True)
-
     check_device(args.device)
+
     # 1. Data: every image and caption is checked now, not at step 3,000.
     dataset = PanelSetDataset(args.data, resolution=args.resolution, layout=args.layout)
     print(f"{len(dataset)} training sets from {args.data}", file=sys.stderr)
 
-    # 2. Model, then 3. encode everything once; the text encoders leave the device.
+    # 2. Model; 3. encode every set and caption once, then the text encoders leave the device.
     dtype = args.dtype or ("bf16" if torch.device(args.device).type == "cuda" else None)
     pipe = load_pipeline(str(args.model), args.device, dtype)
-    examples = cache_examples(pipe, dataset)
-    empty = Example(None, *(x[0].cpu() for x in pipe.encode_prompts([""])))
+    sets = encode_sets(pipe, dataset)
+    empty = EncodedSet(None, *(x[0].cpu() for x in pipe.encode_prompts([""])))     # for caption dropout
     val_prompts = args.val_prompt or [dataset[0]["caption"]]
     val_txt, val_vec = pipe.encode_prompts(val_prompts)
+    val_height, val_width = dataset.samples[0].bucket
     pipe.t5.to("cpu"), pipe.clip.to("cpu")
     flow = pipe.flow
 
-    # 4. LoRA on the frozen base; only the adapters train (in fp32).
+    # 4. A LoRA on the frozen base: only the adapters train, in float32.
     inject_lora(flow, rank=args.rank, alpha=args.alpha, seed=args.seed)
     params = lora_parameters(flow)
-    flow.gradient_checkpointing = not args.no_checkpointing
-    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
     named = {n: p for n, p in flow.named_parameters() if p.requires_grad}
-    start = 0
+    flow.gradient_checkpointing = args.checkpointing
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
+    metadata = {"rank": str(args.rank), "alpha": str(args.alpha), "base_model": str(args.model),
+                "caption_template": val_prompts[0], "steps": str(args.steps)}
+    start, log_rows = 0, []
     if args.resume:
         if not state_path.exists():
             raise SystemExit(f"error: --resume: no training state at {state_path}")
         state = torch.load(state_path, map_location="cpu", weights_only=True)
-        saved = state["args"]
-        if changed := [k for k in RESUME_MUST_MATCH if saved.get(k) != str(getattr(args, k))]:
+        if changed := [k for k in RESUME_MUST_MATCH if state["args"].get(k) != str(getattr(args, k))]:
             raise SystemExit("error: --resume with different settings than the saved run: " + ", ".join(
-                f"--{k.replace('_', '-')} {saved.get(k)} -> {getattr(args, k)}" for k in changed))
+                f"--{k.replace('_', '-')} {state['args'].get(k)} -> {getattr(args, k)}" for k in changed))
         with torch.no_grad():
             for n, p in named.items():
                 p.copy_(state["lora"][n])
         optimizer.load_state_dict(state["optimizer"])
         start = state["step"]
+        if log_path.exists():  # the rows up to the saved step; later ones belong to the run that was lost
+            with open(log_path, newline="") as f:
+                log_rows = [r for r in csv.reader(f) if r and r[0].isdigit() and int(r[0]) <= start]
         print(f"resumed from {state_path} at step {start}", file=sys.stderr)
-    metadata = {"rank": str(args.rank), "alpha": str(args.alpha), "base_model": str(args.model),
-                "caption_template": val_prompts[0], "steps": str(args.steps)}
 
     def save(step: int):
-        atomic_save({"step": step, "lora": {n: p.detach().cpu() for n, p in named.items()},
-                     "optimizer": optimizer.state_dict(), "args": {k: str(v) for k, v in vars(args).items()}},
-                    state_path)
+        """The training state first, then the LoRA; each written atomically."""
+        state = {"step": step, "lora": {n: p.detach().cpu() for n, p in named.items()},
+                 "optimizer": optimizer.state_dict(), "args": {k: str(v) for k, v in vars(args).items()}}
+        atomic_write(state_path, lambda tmp: torch.save(state, tmp))
         save_lora(flow, out, metadata=metadata | {"step": str(step)})
 
-    def sample_images(step: int):
-        flow.eval()
-        W, H = 8 * examples[0].latents.shape[-1], 8 * examples[0].latents.shape[-2]
-        for i in range(len(val_prompts)):
-            latents = pipe.sample(val_txt[i : i + 1], val_vec[i : i + 1], W, H, args.sample_steps, 3.5, seed=42,
-                                  progress=False)
-            samples_dir.mkdir(exist_ok=True)
-            to_pil(pipe.decode(latents))[0].save(samples_dir / f"step{step:06d}-{i}.png")
+    # 5. The loop. The data order is a pure function of the seed: epoch e is batches_by_bucket(seed + e).
+    order = itertools.chain.from_iterable(batches_by_bucket(dataset, args.batch_size, args.seed + epoch)
+                                          for epoch in itertools.count())
+    batches = itertools.islice(order, start * args.grad_accum, None)  # on resume, skip the batches already seen
+    done = start  # optimizer steps applied
+    with open(log_path, "w", newline="") as log:
+        writer = csv.writer(log)
+        writer.writerows([["step", "loss", "lr", "seconds"], *log_rows])
         flow.train()
-
-    epochs: list[list[list[int]]] = []  # the data order: epoch e is batches_by_bucket(seed + e)
-
-    def batch(i: int) -> list[int]:
-        order = [b for epoch in epochs for b in epoch]
-        while len(order) <= i:
-            epochs.append(list(batches_by_bucket(dataset, args.batch_size, args.seed + len(epochs))))
-            order += epochs[-1]
-        return order[i]
-
-    # 5. The loop.
-    rows = []  # on resume: the rows up to the saved step (later ones were lost with the run that wrote them)
-    if args.resume and log_path.exists():
-        rows = [r for r in csv.reader(log_path.open()) if r and r[0].isdigit() and int(r[0]) <= start]
-    log = open(log_path, "w", newline="")
-    writer = csv.writer(log)
-    writer.writerows([["step", "loss", "lr", "seconds"], *rows])
-    flow.train()
-    begin, done = time.perf_counter(), start  # done: optimizer steps applied so far
-    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="training")
-    try:
-        for step in bar:
-            g = step_generator(args.seed, step)
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, args.lr, args.warmup)
-            total = 0.0
-            for micro in range(args.grad_accum):
-                x0, txt, vec = collate([examples[i] for i in batch(step * args.grad_accum + micro)], empty,
-                                       args.caption_dropout, g, args.device)
-                loss = flow_matching_loss(flow, x0, txt, vec, g, args.guidance, args.timestep_sampling)
-                if not is_finite(loss):
-                    raise FloatingPointError(f"loss is {loss.item()} at step {step}: training stopped. The last good "
-                                             f"checkpoint ({state_path}, {out}) is intact; try a lower --lr.")
-                (loss / args.grad_accum).backward()
-                total += loss.item() / args.grad_accum
-            torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            done = step + 1
-            writer.writerow([step + 1, f"{total:.6f}", f"{optimizer.param_groups[0]['lr']:.3g}",
-                             f"{time.perf_counter() - begin:.2f}"])
-            bar.set_postfix(loss=f"{total:.4f}")
-            if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
-                save(step + 1)
-                log.flush()
-            if args.sample_every and (step + 1) % args.sample_every == 0:
-                sample_images(step + 1)
-    except KeyboardInterrupt:
-        save(done)
-        raise SystemExit(f"interrupted: saved the LoRA and training state at step {done} to {out}, {state_path}")
-    except FloatingPointError as e:
-        raise SystemExit(f"error: {e}")
-    finally:
-        log.close()
+        begin = time.perf_counter()
+        try:
+            for step in tqdm(range(start, args.steps), initial=start, total=args.steps, desc="training"):
+                g = step_generator(args.seed, step)
+                lr = args.lr * min(1.0, (step + 1) / max(1, args.warmup))  # linear warm-up, then constant
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                loss_sum = 0.0
+                for _ in range(args.grad_accum):
+                    x0, txt, vec = collate([sets[i] for i in next(batches)], empty, args.caption_dropout, g,
+                                           args.device)
+                    loss = flow_matching_loss(flow, x0, txt, vec, g, args.guidance, args.timestep_sampling)
+                    if not math.isfinite(loss.item()):
+                        raise SystemExit(f"error: loss is {loss.item()} at step {step}: training stopped. The last "
+                                         f"good checkpoint ({state_path}, {out}) is intact; try a lower --lr.")
+                    (loss / args.grad_accum).backward()
+                    loss_sum += loss.item()
+                torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                done = step + 1
+                writer.writerow([done, f"{loss_sum / args.grad_accum:.6f}", f"{lr:.3g}",
+                                 f"{time.perf_counter() - begin:.2f}"])
+                if done % args.save_every == 0 or done == args.steps:
+                    save(done)
+                    log.flush()
+                if args.sample_every and done % args.sample_every == 0:
+                    flow.eval()
+                    samples_dir.mkdir(exist_ok=True)
+                    for i in range(len(val_prompts)):
+                        latents = pipe.sample(val_txt[i : i + 1], val_vec[i : i + 1], val_height, val_width,
+                                              args.sample_steps, seed=42, progress=False)
+                        to_pil(pipe.decode(latents))[0].save(samples_dir / f"step{done:06d}-{i}.png")
+                    flow.train()
+        except KeyboardInterrupt:
+            save(done)
+            raise SystemExit(f"interrupted: saved the LoRA and training state at step {done} to {out}, {state_path}")
     if start >= args.steps:
-        save(args.steps)
+        save(start)
     print(out)
     return out
 

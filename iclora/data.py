@@ -1,24 +1,12 @@
-"""In-Context LoRA training data: each panel set becomes ONE image with ONE caption, bucketed by aspect ratio.
+"""In-Context LoRA training data (arXiv 2410.23775 §3): each panel set becomes ONE image with ONE caption.
 
-Follows In-Context LoRA (arXiv 2410.23775, section 3): the panels of a set are joined into a single image,
-described by one joint caption, and trained on as ordinary text-to-image data.
-A dataset folder holds ONE of two layouts; mixing them is an error:
-
-(a) joined images, the usual LoRA layout and what the authors' trainer reads:
-        sets/<name>/set01.jpg  set01.txt  set02.png  set02.txt  ...
-    every image (.jpg .jpeg .png .webp) has a same-named .txt caption.
-(b) one sub-folder per set, joined on the fly:
-        sets/<name>/set01/a.png  b.png  c.png  caption.txt
-    the panels (one size per set) are taken in file-name order and joined in `layout`: "row" (side by side),
-    "column" (stacked) or "grid" (ceil(sqrt(n)) columns filled row-major; unused cells of the last row stay black).
-
-Each sample goes to the bucket closest to its aspect ratio. Buckets span 1:4 to 4:1, have an area of at most
-resolution**2 and sides that are multiples of 16; in layout (b) the width is a multiple of 16*cols and the height
-of 16*rows, so every panel is cover-resized and center-cropped (never stretched) to the same 16-multiple size
-and panel edges fall on 16-pixel boundaries. Layout (a) is the one-panel case of the same path.
-
-Every image and caption is checked when the dataset is built; one ValueError lists every problem.
-A bucket is (H, W), like the image tensor (3, H, W); PIL sizes are (W, H).
+A dataset folder holds one of two layouts (mixing them is an error): (a) joined images with same-named .txt
+captions (`set01.jpg set01.txt ...`, the usual LoRA layout, what the authors' trainer reads), or (b) one sub-folder
+per set, `set01/a.png b.png caption.txt`, whose panels (one size per set) are joined in file-name order in a
+`layout` (iclora/panels.py). Each set goes to the aspect bucket nearest its own: buckets span 1:4 to 4:1, have an
+area of at most resolution² and sides that are multiples of 16 per panel, so panels are cover-resized (never
+stretched) to one size and their edges fall on the 16-px token grid. Every image and caption is checked when the
+dataset is built; one ValueError lists every problem. A bucket is (H, W), like the image tensor (3, H, W).
 """
 
 import math
@@ -30,47 +18,12 @@ import torch
 from einops import rearrange
 from PIL import Image, ImageOps
 
+from .panels import grid_shape, join_panels
+
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
-LAYOUTS = ("row", "column", "grid")
 
 
-def grid_shape(n: int, layout: str) -> tuple[int, int]:
-    """(cols, rows) of the cells that hold n panels in a layout."""
-    if layout not in LAYOUTS:
-        raise ValueError(f"unknown layout {layout!r}, expected one of {LAYOUTS}")
-    if layout == "row":
-        return n, 1
-    if layout == "column":
-        return 1, n
-    cols = math.ceil(math.sqrt(n))
-    return cols, math.ceil(n / cols)
-
-
-def panel_boxes(width: int, height: int, n: int, layout: str) -> list[tuple[int, int, int, int]]:
-    """(left, top, right, bottom) of each of n panels on a width x height canvas, in panel order.
-
-    Cell edges sit at floor(i * width / cols) and floor(j * height / rows): the cells tile the canvas exactly,
-    and on a canvas the grid does not divide they differ by at most one pixel. Grid cells past the n-th are empty.
-    """
-    cols, rows = grid_shape(n, layout)
-    xs = [i * width // cols for i in range(cols + 1)]
-    ys = [j * height // rows for j in range(rows + 1)]
-    return [(xs[k % cols], ys[k // cols], xs[k % cols + 1], ys[k // cols + 1]) for k in range(n)]
-
-
-def join_panels(panels: list[Image.Image], layout: str) -> Image.Image:
-    """Paste equal-sized panels into one RGB image in the given layout (empty grid cells stay black)."""
-    sizes = sorted({panel.size for panel in panels})
-    if len(sizes) != 1:
-        raise ValueError(f"join_panels needs at least one panel, all of one size; got sizes {sizes}")
-    (w, h), (cols, rows) = sizes[0], grid_shape(len(panels), layout)
-    canvas = Image.new("RGB", (cols * w, rows * h))
-    for panel, box in zip(panels, panel_boxes(cols * w, rows * h, len(panels), layout)):
-        canvas.paste(panel.convert("RGB"), box[:2])
-    return canvas
-
-
-def make_buckets(resolution: int, multiple_w: int = 16, multiple_h: int = 16) -> list[tuple[int, int]]:
+def make_buckets(resolution: int, multiple_h: int = 16, multiple_w: int = 16) -> list[tuple[int, int]]:
     """(H, W) buckets, aspect 1:4 to 4:1, area <= resolution**2: for each width, the tallest height that fits."""
     area, buckets = resolution * resolution, []
     for w in range(multiple_w, 2 * resolution + 1, multiple_w):  # W/H <= 4 and W*H <= area give W <= 2*resolution
@@ -80,8 +33,8 @@ def make_buckets(resolution: int, multiple_w: int = 16, multiple_h: int = 16) ->
     return buckets
 
 
-def nearest_bucket(width: int, height: int, buckets: list[tuple[int, int]]) -> tuple[int, int]:
-    """The (H, W) bucket closest to width/height in log aspect ratio; ties go to the larger area."""
+def nearest_bucket(height: int, width: int, buckets: list[tuple[int, int]]) -> tuple[int, int]:
+    """The (H, W) bucket closest to height×width in log aspect ratio; ties go to the larger area."""
     return min(buckets, key=lambda b: (abs(math.log(b[1] * height / (b[0] * width))), -b[0] * b[1]))
 
 
@@ -147,20 +100,20 @@ class PanelSetDataset(torch.utils.data.Dataset):
             problems.append(f"{path}: panels of one set must share one size, got {listing}")
         if len(problems) > found:
             return
-        (w, h), (cols, rows) = sizes[panels[0]], grid_shape(len(panels), self.layout)
-        buckets = make_buckets(self.resolution, 16 * cols, 16 * rows)
+        (w, h), (rows, cols) = sizes[panels[0]], grid_shape(len(panels), self.layout)
+        buckets = make_buckets(self.resolution, 16 * rows, 16 * cols)
         if not buckets:
             problems.append(f"{path}: {len(panels)} panels in a {cols}x{rows} {self.layout} do not fit "
                             f"resolution {self.resolution} with 16-pixel panel sides")
             return
-        self.samples.append(Sample(path, panels, caption, nearest_bucket(cols * w, rows * h, buckets)))
+        self.samples.append(Sample(path, panels, caption, nearest_bucket(rows * h, cols * w, buckets)))
 
     def __len__(self):
         return len(self.samples)
 
     def __getitem__(self, i):
         sample = self.samples[i]
-        (h, w), (cols, rows) = sample.bucket, grid_shape(len(sample.panels), self.layout)
+        (h, w), (rows, cols) = sample.bucket, grid_shape(len(sample.panels), self.layout)
         panels = [ImageOps.fit(load_rgb(p), (w // cols, h // rows), Image.Resampling.LANCZOS) for p in sample.panels]
         pixels = torch.from_numpy(np.array(join_panels(panels, self.layout)))  # (H, W, 3) uint8
         image = rearrange(pixels, "h w c -> c h w").float() / 127.5 - 1.0  # (3, H, W) in [-1, 1]

@@ -1,21 +1,15 @@
-"""The pieces of flow-matching LoRA training that `train.py` strings together.
+"""Flow-matching LoRA training, the pieces `train.py` strings together (In-Context LoRA, arXiv 2410.23775 §3).
 
-In-Context LoRA (arXiv 2410.23775, §3) fine-tunes FLUX.1-dev on joined panel images with a small LoRA and the
-ordinary rectified-flow objective. With the project's one convention (t = 1 is noise):
+The ordinary rectified-flow objective on joined panel images, with the project's one convention (t = 1 is noise):
     x_t = (1 − t)·x0 + t·ε,   the model is trained to predict v = ε − x0   (mean squared error).
-t is drawn logit-normal (SD3 paper §3.1) and then shifted toward noise by FLUX's resolution shift, the same
-shift the sampler uses for that image size. The distilled guidance input is held fixed (default 1.0).
+t is drawn logit-normal (SD3 §3.1), then shifted toward noise as the sampler's schedule is for that image size.
+Every random draw of step s comes from a generator seeded with (seed, s), so a resumed run continues bit for bit
+without stored RNG state.
 
-Every random draw of step s comes from a generator seeded with (seed, s), so resuming from a checkpoint
-continues bit-for-bit without having to store any RNG state (on CPU; on a GPU, nondeterministic CUDA kernels
-such as attention backward can add tiny run-to-run differences).
-
-Shape letters: B batch, N image tokens, L text tokens, c latent channels, h/w latent size.
+Shape letters: B batch, Li image tokens, Lt text tokens, c latent channels, h/w latent height/width.
 """
 
-import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -23,8 +17,6 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from minflux.sampling import add_noise, image_ids, pack, shift_mu, text_ids, time_shift
-
-from .lora_files import atomic_write
 
 
 def step_generator(seed: int, step: int) -> torch.Generator:
@@ -39,17 +31,17 @@ def sample_timesteps(batch: int, image_tokens: int, g: torch.Generator, mode: st
         t = torch.rand(batch, generator=g).clamp(1e-5, 1 - 1e-5)
     else:
         raise ValueError(f"unknown timestep sampling {mode!r}; use logit_normal or uniform")
-    return time_shift(shift_mu(image_tokens), t)                                                      # (B,)
+    return time_shift(shift_mu(image_tokens), t)                                  # (B,)
 
 
 def flow_matching_loss(flow, x0: Tensor, txt: Tensor, vec: Tensor, g: torch.Generator, guidance: float = 1.0,
                        timestep_mode: str = "logit_normal") -> Tensor:
     """MSE between the predicted and the true velocity ε − x0 at a random point of the noise-data line."""
     B, _, h, w = x0.shape
-    x0 = pack(x0)                                                                 # (B, N, 4c)
+    x0 = pack(x0)                                                                 # (B, Li, 4c)
     noise = torch.randn(x0.shape, generator=g).to(x0)
     t = sample_timesteps(B, x0.shape[1], g, timestep_mode).to(x0)                 # (B,)
-    x_t = add_noise(x0, noise, t[:, None, None])                                # (B, N, 4c)
+    x_t = add_noise(x0, noise, t[:, None, None])                                  # (B, Li, 4c)
     dtype, device = next(flow.parameters()).dtype, x0.device
     v = flow(x_t.to(dtype), image_ids(B, 8 * h, 8 * w).to(device), txt.to(dtype), text_ids(B, txt.shape[1]).to(device),
              timesteps=t.to(dtype), y=vec.to(dtype), guidance=torch.full((B,), guidance, dtype=dtype, device=device))
@@ -57,41 +49,27 @@ def flow_matching_loss(flow, x0: Tensor, txt: Tensor, vec: Tensor, g: torch.Gene
 
 
 @dataclass
-class Example:
-    latents: Tensor  # (c, h, w) the joined image, encoded once
-    txt: Tensor      # (L, 4096) T5 states of its caption
+class EncodedSet:
+    """One training set as the flow sees it, encoded once so the VAE and text encoders can leave the GPU."""
+    latents: Tensor  # (c, h, w) the joined image
+    txt: Tensor      # (Lt, 4096) T5 states of its caption
     vec: Tensor      # (768,) CLIP pooled
 
 
 @torch.no_grad()
-def cache_examples(pipe, dataset) -> list[Example]:
-    """Encodes every image and caption once, so the VAE and text encoders can leave the GPU for training."""
-    cache = []
-    for i in tqdm(range(len(dataset)), desc="caching latents and text"):
+def encode_sets(pipe, dataset) -> list[EncodedSet]:
+    encoded = []
+    for i in tqdm(range(len(dataset)), desc="encoding images and captions"):
         item = dataset[i]
         latents = pipe.encode_image(item["image"][None])[0].cpu()
         txt, vec = pipe.encode_prompts([item["caption"]])
-        cache.append(Example(latents, txt[0].cpu(), vec[0].cpu()))
-    return cache
+        encoded.append(EncodedSet(latents, txt[0].cpu(), vec[0].cpu()))
+    return encoded
 
 
-def collate(examples: list[Example], empty: Example, dropout: float, g: torch.Generator, device) -> tuple:
+def collate(sets: list[EncodedSet], empty: EncodedSet, dropout: float, g: torch.Generator, device) -> tuple:
     """Stacks a batch; each caption is replaced by the empty caption with probability `dropout`."""
-    drop = (torch.rand(len(examples), generator=g) < dropout).tolist()
-    texts = [empty if d else e for d, e in zip(drop, examples)]
-    return (torch.stack([e.latents for e in examples]).to(device), torch.stack([e.txt for e in texts]).to(device),
-            torch.stack([e.vec for e in texts]).to(device))
-
-
-def lr_at(step: int, lr: float, warmup: int) -> float:
-    """Linear warm-up over the first `warmup` steps, then constant (as the authors' trainer)."""
-    return lr * min(1.0, (step + 1) / max(1, warmup))
-
-
-def atomic_save(obj, path: Path):
-    """torch.save, atomically (a crash never leaves a broken file)."""
-    atomic_write(path, lambda tmp: torch.save(obj, tmp))
-
-
-def is_finite(loss: Tensor) -> bool:
-    return math.isfinite(loss.item())
+    drop = (torch.rand(len(sets), generator=g) < dropout).tolist()
+    texts = [empty if d else s for d, s in zip(drop, sets)]
+    return (torch.stack([s.latents for s in sets]).to(device), torch.stack([s.txt for s in texts]).to(device),
+            torch.stack([s.vec for s in texts]).to(device))

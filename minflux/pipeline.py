@@ -1,13 +1,11 @@
-"""Text-to-image with FLUX.1: prompts -> (T5, CLIP) -> Euler sampling of the transformer -> autoencoder -> pixels.
+"""The six pieces of a FLUX.1 repo held together: text encoders with their tokenizers, the flow transformer and the
+autoencoder, on one device (or each moved there only while it runs, with `offload`).
 
-Follows the BFL reference `flux/cli.py` + `flux/sampling.py`; defaults and pixel conversion match diffusers'
-FluxPipeline, so the same prompt, seed, size, steps and guidance give the same image.
+`generate` is the text-to-image recipe of BFL's `cli.py` in a few lines; `sample.py` spells the same recipe out
+with every option. Defaults and pixel conversion match diffusers' FluxPipeline, so the same prompt, seed, size, steps
+and guidance give the same image.
 
-Image-to-image (SDEdit, as BFL's demo and diffusers' FluxImg2ImgPipeline): the schedule starts at index
-i0 = `img2img_start(steps, strength)` from x = (1 − t0)·x_init + t0·ε, with ε the seed's noise; strength 1 is
-exactly text-to-image, strength 0 returns the init latents.
-
-Shape letters: B images, L text tokens, N image tokens, c latent channels, h/w latent size.
+Shape letters: B images, Lt text tokens, Li image tokens, c latent channels, h/w latent height/width.
 """
 
 from dataclasses import dataclass
@@ -19,12 +17,11 @@ from PIL import Image, ImageOps
 from torch import Tensor, nn
 
 from . import loading
-from .hub import Repo
 from .autoencoder import AutoEncoder
 from .clip import CLIPTextModel
+from .hub import Repo
 from .model import Flux
-from .sampling import (add_noise, check_size, denoise, get_noise, get_schedule, image_ids, img2img_start, pack,
-                       text_ids, unpack)
+from .sampling import denoise, get_noise, get_schedule, image_ids, pack, text_ids, unpack
 from .t5 import T5Encoder
 from .tokenizers import CLIPTokenizer, T5Tokenizer
 
@@ -45,8 +42,9 @@ class Pipeline:
         return not self.flow.params.guidance_embed
 
     @property
-    def default_steps(self) -> int:
-        return 4 if self.is_schnell else 28
+    def dtype(self) -> torch.dtype:
+        """The flow transformer's dtype, in which sampling runs."""
+        return next(self.flow.parameters()).dtype
 
     def on_device(self, model: nn.Module) -> nn.Module:
         """Moves `model` to the device; with offload, first sends every other model back to the CPU."""
@@ -58,71 +56,47 @@ class Pipeline:
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
-        """T5 hidden states (B, L, 4096) for every token (pads too, no mask), and CLIP's pooled vector (B, 768)."""
-        txt = self.on_device(self.t5)(self.t5_tokenizer(prompts).to(self.device))           # (B, L, 4096)
+        """T5 hidden states (B, Lt, 4096) for every token (pads too, no mask), and CLIP's pooled vector (B, 768)."""
+        txt = self.on_device(self.t5)(self.t5_tokenizer(prompts).to(self.device))           # (B, Lt, 4096)
         vec = self.on_device(self.clip)(self.clip_tokenizer(prompts).to(self.device))       # (B, 768)
         return txt, vec
 
-    @property
-    def ae_dtype(self) -> torch.dtype:
-        return next(self.ae.parameters()).dtype
-
-    @property
-    def flow_dtype(self) -> torch.dtype:
-        return next(self.flow.parameters()).dtype
-
-    @torch.no_grad()
-    def generate(self, prompts: list[str], width: int = 1024, height: int = 1024, steps: int | None = None,
-                 guidance: float = 3.5, seed: int = 0, num_images: int = 1, progress: bool = True) -> list[Image.Image]:
-        """num_images per prompt, all from one noise draw of `seed` (as diffusers does with one generator)."""
-        txt, vec = self.encode_prompts([p for p in prompts for _ in range(num_images)])
-        return to_pil(self.decode(self.sample(txt, vec, width, height, steps, guidance, seed, progress)))
-
-    def schedule(self, width: int, height: int, steps: int | None = None, strength: float = 1.0) -> list[float]:
-        """The times sample() visits: the shifted schedule for this size (linear for schnell), from img2img's start."""
-        steps = self.default_steps if steps is None else steps
-        ts = get_schedule(steps, (width // 16) * (height // 16), shift=not self.is_schnell)
-        return ts[img2img_start(steps, strength):]
-
-    @torch.no_grad()
-    def sample(self, txt: Tensor, vec: Tensor, width: int, height: int, steps: int | None = None,
-               guidance: float = 3.5, seed: int = 0, progress: bool = True, init: Tensor | None = None,
-               strength: float = 1.0, noise: Tensor | None = None, after_step=None) -> Tensor:
-        """Encoded prompts -> clean latents (B, c, h, w), integrating from the seed's noise at t = 1, or with
-        `init` latents (1 or B, c, h, w) from t0 = schedule[img2img_start(steps, strength)] (module docstring).
-        `noise` (B, c, h, w) replaces the seed's draw; `after_step(x, t_next)` is passed on to `denoise`."""
-        check_size(height, width)
-        B, dtype = txt.shape[0], self.flow_dtype
-        x = get_noise(B, height, width, seed) if noise is None else noise.float().cpu()    # (B, c, h, w)
-        if x.shape != (B, 16, height // 8, width // 8):
-            raise ValueError(f"noise must have shape {(B, 16, height // 8, width // 8)}, got {tuple(x.shape)}")
-        timesteps = self.schedule(width, height, steps, strength)
-        if init is not None:
-            if init.shape[1:] != x.shape[1:] or init.shape[0] not in (1, B):
-                raise ValueError(f"init latents must have shape (1 or {B}, {', '.join(map(str, x.shape[1:]))}) "
-                                 f"for a {width}×{height} image, got {tuple(init.shape)}")
-            x = add_noise(init.float().cpu(), x, timesteps[0])                             # (B, c, h, w)
-        elif strength != 1.0:
-            raise ValueError(f"strength {strength} needs init latents (image-to-image); text-to-image is strength 1")
-        x = pack(x).to(self.device, dtype)                                                  # (B, N, 4c)
-        x = denoise(self.on_device(self.flow), x, image_ids(B, height, width).to(self.device), txt.to(dtype),
-                    text_ids(B, txt.shape[1]).to(self.device), vec.to(dtype), timesteps, guidance, after_step,
-                    progress)
-        return unpack(x, height, width)
+    def schedule(self, height: int, width: int, steps: int | None = None) -> list[float]:
+        """The times from 1 to 0 for this image size: 28 shifted steps for dev, 4 unshifted for schnell."""
+        steps = steps or (4 if self.is_schnell else 28)
+        return get_schedule(steps, (height // 16) * (width // 16), shift=not self.is_schnell)
 
     @torch.no_grad()
     def encode_image(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """Pixels (B, 3, H, W) in [-1, 1] -> latents (B, c, H/8, W/8): the mean, or a sample with `generator`."""
-        return self.on_device(self.ae).encode(images.to(self.device, self.ae_dtype), generator).float()
+        ae = self.on_device(self.ae)
+        return ae.encode(images.to(self.device, next(ae.parameters()).dtype), generator).float()
 
     @torch.no_grad()
     def decode(self, latents: Tensor) -> Tensor:
         """Latents (B, c, h, w) -> pixels (B, 3, 8h, 8w) in [-1, 1]."""
-        return self.on_device(self.ae).decode(latents.to(self.device, self.ae_dtype))
+        ae = self.on_device(self.ae)
+        return ae.decode(latents.to(self.device, next(ae.parameters()).dtype))
+
+    @torch.no_grad()
+    def sample(self, txt: Tensor, vec: Tensor, height: int, width: int, steps: int | None = None,
+               guidance: float = 3.5, seed: int = 0, progress: bool = True) -> Tensor:
+        """Encoded prompts -> clean latents (B, c, h, w), all from one noise draw of `seed` (as diffusers does)."""
+        B, Lt = txt.shape[:2]
+        x = pack(get_noise(B, height, width, seed)).to(self.device, self.dtype)  # (B, Li, 4c) at t = 1
+        x = denoise(self.on_device(self.flow), x, image_ids(B, height, width), txt, text_ids(B, Lt), vec,
+                    self.schedule(height, width, steps), guidance, progress=progress)
+        return unpack(x, height, width)
+
+    def generate(self, prompts: list[str], height: int = 1024, width: int = 1024, steps: int | None = None,
+                 guidance: float = 3.5, seed: int = 0, progress: bool = True) -> list[Image.Image]:
+        """Text to images, one per prompt: the whole recipe (sample.py spells it out with every option)."""
+        txt, vec = self.encode_prompts(prompts)                                   # (B, Lt, 4096), (B, 768)
+        return to_pil(self.decode(self.sample(txt, vec, height, width, steps, guidance, seed, progress)))
 
 
-def from_pil(image: Image.Image, width: int, height: int) -> Tensor:
-    """An image cover-resized and center-cropped to width×height (never stretched) -> (1, 3, H, W) in [-1, 1]."""
+def from_pil(image: Image.Image, height: int, width: int) -> Tensor:
+    """An image cover-resized and center-cropped to height×width (never stretched) -> (1, 3, H, W) in [-1, 1]."""
     image = ImageOps.fit(image.convert("RGB"), (width, height), Image.Resampling.LANCZOS)
     x = torch.from_numpy(np.array(image)).float() / 127.5 - 1.0                          # (H, W, 3)
     return rearrange(x, "h w c -> 1 c h w")

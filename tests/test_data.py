@@ -8,7 +8,8 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from iclora.data import PanelSetDataset, batches_by_bucket, join_panels, make_buckets, panel_boxes
+from iclora.data import PanelSetDataset, batches_by_bucket, make_buckets
+from iclora.panels import join_panels, panel_boxes
 
 RED, GREEN, BLUE, YELLOW = (255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0)
 
@@ -49,11 +50,11 @@ def colour_at(image, x, y):
     return tuple(round((v + 1) * 127.5) for v in image[:, y, x].tolist())
 
 
-@pytest.mark.parametrize("layout,size", [("row", (90, 20)), ("column", (30, 60)), ("grid", (60, 40))])
+@pytest.mark.parametrize("layout,size", [("row", (20, 90)), ("column", (60, 30)), ("grid", (40, 60))])
 def test_join_panels_puts_each_panel_in_its_cell(layout, size):
     colours = [RED, GREEN, BLUE]
     joined = join_panels([Image.new("RGB", (30, 20), c) for c in colours], layout)
-    assert joined.size == size
+    assert (joined.height, joined.width) == size
     for colour, (left, top, right, bottom) in zip(colours, panel_boxes(*size, 3, layout)):
         assert right - left == 30 and bottom - top == 20
         assert joined.getpixel(((left + right) // 2, (top + bottom) // 2)) == colour
@@ -67,15 +68,15 @@ def test_join_panels_rejects_panels_of_different_sizes():
 
 
 def test_panel_boxes_put_cell_edges_at_floor_of_the_even_split():
-    assert panel_boxes(1001, 777, 3, "row") == [(0, 0, 333, 777), (333, 0, 667, 777), (667, 0, 1001, 777)]
-    assert panel_boxes(1001, 777, 3, "grid") == [(0, 0, 500, 388), (500, 0, 1001, 388), (0, 388, 500, 777)]
+    assert panel_boxes(777, 1001, 3, "row") == [(0, 0, 333, 777), (333, 0, 667, 777), (667, 0, 1001, 777)]
+    assert panel_boxes(777, 1001, 3, "grid") == [(0, 0, 500, 388), (500, 0, 1001, 388), (0, 388, 500, 777)]
 
 
 @pytest.mark.parametrize("n,layout", [(3, "grid"), (3, "row"), (3, "column"), (4, "grid"), (5, "grid"), (7, "grid")])
 def test_panel_boxes_tile_odd_canvases_without_gap_or_overlap(n, layout):
     width, height = 1001, 777
     cover = np.zeros((height, width), dtype=int)
-    for left, top, right, bottom in panel_boxes(width, height, n, layout):
+    for left, top, right, bottom in panel_boxes(height, width, n, layout):
         cover[top:bottom, left:right] += 1
     assert cover.max() == 1
     empty = np.argwhere(cover == 0)  # only grid cells past the n-th, which end the last row
@@ -86,9 +87,9 @@ def test_panel_boxes_tile_odd_canvases_without_gap_or_overlap(n, layout):
 
 
 @pytest.mark.parametrize("resolution", [256, 512, 1024, 1280])
-@pytest.mark.parametrize("multiple_w,multiple_h", [(16, 16), (48, 16), (16, 32)])
-def test_buckets_have_16_multiple_sides_and_area_within_target(resolution, multiple_w, multiple_h):
-    buckets = make_buckets(resolution, multiple_w, multiple_h)
+@pytest.mark.parametrize("multiple_h,multiple_w", [(16, 16), (16, 48), (32, 16)])
+def test_buckets_have_16_multiple_sides_and_area_within_target(resolution, multiple_h, multiple_w):
+    buckets = make_buckets(resolution, multiple_h, multiple_w)
     assert buckets
     for h, w in buckets:
         assert h % 16 == 0 and w % 16 == 0 and w % multiple_w == 0 and h % multiple_h == 0
@@ -114,10 +115,10 @@ def test_set_folders_are_joined_into_equal_panels_on_16_pixel_edges(tmp_path, la
     write_set(tmp_path / "s1", [Image.new("RGB", (50, 40), c) for c in colours])
     item = PanelSetDataset(tmp_path, resolution=256, layout=layout)[0]
     h, w = item["bucket"]
-    cols, rows = {"row": (5, 1), "column": (1, 5), "grid": (3, 2)}[layout]
+    rows, cols = {"row": (1, 5), "column": (5, 1), "grid": (2, 3)}[layout]
     assert item["image"].shape == (3, h, w) and h * w <= 256**2
     assert w % (16 * cols) == 0 and h % (16 * rows) == 0
-    for colour, (left, top, right, bottom) in zip(colours, panel_boxes(w, h, 5, layout)):
+    for colour, (left, top, right, bottom) in zip(colours, panel_boxes(h, w, 5, layout)):
         assert left % 16 == 0 and top % 16 == 0 and right - left == w // cols and bottom - top == h // rows
         assert colour_at(item["image"], (left + right) // 2, (top + bottom) // 2) == colour
         assert colour_at(item["image"], left + 1, top + 1) == colour and colour_at(item["image"], right - 2, bottom - 2) == colour
@@ -146,7 +147,7 @@ def test_resizing_never_stretches_panels(tmp_path):
     write_set(tmp_path / "s1", [disc((200, 120), 100), disc((200, 120), 100)])
     item = PanelSetDataset(tmp_path, resolution=256, layout="row")[0]
     h, w = item["bucket"]
-    for left, top, right, bottom in panel_boxes(w, h, 2, "row"):
+    for left, top, right, bottom in panel_boxes(h, w, 2, "row"):
         disc_w, disc_h = dark_extent(item["image"][:, top:bottom, left:right].permute(1, 2, 0).numpy())
         print(f"panel {right - left}x{bottom - top}, disc {disc_w}x{disc_h}")
         assert abs(disc_w - disc_h) <= 1

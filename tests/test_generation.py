@@ -1,5 +1,7 @@
 """sample.py beyond text-to-image: LoRA files (the official IC-LoRA layout, against diffusers), panel sets and their
-files, reference panels pinned during sampling (iclora/panels.py), and image-to-image (against diffusers)."""
+files, reference panels pinned during sampling (iclora/references.py), and image-to-image (against diffusers)."""
+
+import re
 
 import numpy as np
 import pytest
@@ -9,10 +11,11 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 import sample
-from iclora.data import panel_boxes
-from iclora.panels import canvas_size, joint_caption, panel_size, pin_references, reference_latents
+from iclora.panels import canvas_size, joint_caption, panel_boxes, panel_size
+from iclora.references import pin_references, reference_latents
 from minflux.pipeline import from_pil, load_pipeline, to_pil
-from minflux.sampling import get_noise, img2img_start, pack
+from minflux.sampling import (add_noise, denoise, get_noise, image_ids, img2img_start, pack, text_ids,
+                              unpack)
 from tests.tiny_repo import write_tiny_repo
 
 PROMPT = "a small red circle above a blue square, on a yellow background"
@@ -177,8 +180,8 @@ def test_grid_of_three_writes_the_joined_image_and_each_panel_at_exact_sizes(rep
 
 
 def test_panel_size_defaults_to_the_canvas_split_by_the_grid():
-    assert panel_size(3, "column", 1024, 1536) == (1024, 512)  # film-storyboard's recommended size
-    assert canvas_size(3, "column", 1024, 512) == (1024, 1536)
+    assert panel_size(3, "column", 1536, 1024) == (512, 1024)  # film-storyboard's recommended size, (H, W)
+    assert canvas_size(3, "column", 512, 1024) == (1536, 1024)
 
 
 @pytest.mark.parametrize("args,error", [
@@ -191,9 +194,6 @@ def test_panel_size_defaults_to_the_canvas_split_by_the_grid():
     (["--panels", "2", "--ref", "REF", "--ref-panel", "3"], r"--ref-panel 3 is not a panel of this 2-panel set"),
     (["--panels", "2", "--ref", "REF", "--ref", "REF"], r"fix every panel"),
     (["--panels", "2", "--ref", "MISSING"], r"--ref .*missing\.png: no such image file"),
-    (["--panels", "2", "--ref", "REF", "--ref-strength", "1.5"], r"--ref-strength must be in \[0, 1\]"),
-    (["--strength", "0.5"], "--strength needs an --init image"),
-    (["--lora", "a.safetensors", "--lora-scale", "1", "--lora-scale", "2"], r"2 --lora-scale value\(s\) for 1"),
 ])
 def test_bad_arguments_are_refused_before_loading_the_model(tmp_path, args, error):
     Image.new("RGB", (32, 32)).save(tmp_path / "ref.png")
@@ -201,6 +201,19 @@ def test_bad_arguments_are_refused_before_loading_the_model(tmp_path, args, erro
             for a in args]
     with pytest.raises((ValueError, FileNotFoundError), match=error):
         sample.main(["--model", str(tmp_path / "no-model-needed"), "--prompt", "x", *args])
+
+
+@pytest.mark.parametrize("args,error", [
+    (["--panels", "2", "--ref", "r.png", "--ref-strength", "1.5"], r"--ref-strength: must be in \[0, 1\], got 1.5"),
+    (["--init", "i.png", "--strength", "-0.1"], r"--strength: must be in \[0, 1\]"),
+    (["--strength", "0.5"], "--strength needs an --init image"),
+    (["--lora", "a.safetensors", "--lora-scale", "1", "--lora-scale", "2"], r"2 --lora-scale value\(s\) for 1"),
+    (["--steps", "0"], "--steps: must be at least 1, got 0"),
+])
+def test_flag_values_out_of_range_are_refused_by_the_parser(capsys, args, error):
+    with pytest.raises(SystemExit):
+        sample.parse_args(["--prompt", "x", *args])
+    assert re.search(error, capsys.readouterr().err)
 
 
 def test_a_list_of_seeds_runs_once_per_seed(repo, tmp_path):
@@ -221,19 +234,26 @@ def reference_image(seed, size=(64, 48)) -> Image.Image:
                                                                                   Image.Resampling.BICUBIC)
 
 
+def sample_latents(pipe, prompt, H, W, timesteps, x, after_step=None) -> torch.Tensor:
+    """sample.py's recipe from the latents x (1, c, h, w) at timesteps[0] to clean latents (1, c, h, w)."""
+    txt, vec = pipe.encode_prompts([prompt])
+    x = denoise(pipe.flow, pack(x).to(pipe.dtype), image_ids(1, H, W), txt, text_ids(1, txt.shape[1]), vec, timesteps, 3.5,
+                after_step, progress=False)
+    return unpack(x, H, W)
+
+
 def run_with_reference(pipe, ref, seed=1, steps=8, strength=1.0, stop=0.0, size=(128, 48)) -> torch.Tensor:
     """Latents (1, c, h, w) of a 2-panel row whose first panel is the reference."""
     W, H = size
-    txt, vec = pipe.encode_prompts([PANELS_PROMPT])
-    noise = get_noise(1, H, W, seed)
-    known, mask = reference_latents(pipe, [(ref, panel_boxes(W, H, 2, "row")[0])], W, H)
-    hook = pin_references(known, mask, noise, pipe.schedule(W, H, steps), strength, stop)
-    return pipe.sample(txt, vec, W, H, steps, 3.5, seed, progress=False, noise=noise, after_step=hook)
+    noise, timesteps = get_noise(1, H, W, seed), pipe.schedule(H, W, steps)
+    known, mask = reference_latents(pipe, [(ref, panel_boxes(H, W, 2, "row")[0])], H, W)
+    hook = pin_references(known, mask, noise, timesteps, strength, stop)
+    return sample_latents(pipe, PANELS_PROMPT, H, W, timesteps, noise, hook)
 
 
 def test_reference_panel_ends_exactly_on_the_reference_latents(pipe):
     ref = reference_image(0)
-    want = pipe.encode_image(from_pil(ref, 64, 48))                                    # (1, c, 6, 8)
+    want = pipe.encode_image(from_pil(ref, 48, 64))                                    # (1, c, 6, 8)
     got = run_with_reference(pipe, ref)
     assert torch.equal(got[..., :8], want)
     diff = (got[..., 8:] - want).abs().mean()
@@ -313,8 +333,7 @@ def test_the_generated_panel_depends_on_the_reference(pipe):
 
 
 def test_reference_strength_zero_is_plain_generation(pipe):
-    txt, vec = pipe.encode_prompts([PANELS_PROMPT])
-    plain = pipe.sample(txt, vec, 128, 48, 8, 3.5, 1, progress=False)
+    plain = sample_latents(pipe, PANELS_PROMPT, 48, 128, pipe.schedule(48, 128, 8), get_noise(1, 48, 128, 1))
     assert torch.equal(run_with_reference(pipe, reference_image(0), strength=0.0), plain)
 
 
@@ -330,14 +349,14 @@ def test_reference_strength_blends_the_known_tokens_toward_the_noised_reference(
 
 
 def test_reference_stop_leaves_the_last_fraction_of_steps_to_the_model(pipe):
-    timesteps = pipe.schedule(128, 48, 10)
+    timesteps = pipe.schedule(48, 128, 10)
     known, noise, mask = torch.randn(1, 24, 64), torch.randn(1, 16, 6, 16), torch.ones(24, dtype=torch.bool)
     hook = pin_references(known, mask, noise, timesteps, stop=0.3)
     x = torch.zeros(1, 24, 64)
     pinned = [not torch.equal(hook(x, t), x) for t in timesteps[1:]]
     assert pinned == [True] * 7 + [False] * 3  # round(0.3 · 10) = 3 free steps at the end
     ref = reference_image(0)
-    want = pipe.encode_image(from_pil(ref, 64, 48))
+    want = pipe.encode_image(from_pil(ref, 48, 64))
     freed = run_with_reference(pipe, ref, stop=0.25)[..., :8]
     drift = (freed - want).abs().mean()
     print(f"reference panel after 2 free steps of 8: mean abs latent drift {drift:.3f}")
@@ -357,7 +376,7 @@ def init_image(tmp_path_factory):
 
 def test_img2img_strength_zero_returns_the_input_through_the_vae(repo, pipe, init_image, tmp_path):
     got = ours(repo, tmp_path / "out.png", "--init", str(init_image), "--strength", "0")[0]
-    round_trip = np.asarray(to_pil(pipe.decode(pipe.encode_image(from_pil(Image.open(init_image), 64, 48))))[0])
+    round_trip = np.asarray(to_pil(pipe.decode(pipe.encode_image(from_pil(Image.open(init_image), 48, 64))))[0])
     assert pixel_diff("img2img strength 0 vs decode(encode(init))", got, round_trip).max() == 0
 
 
@@ -383,19 +402,12 @@ def test_img2img_matches_diffusers_with_its_sampled_init_latents(repo, pipe, ini
     want = np.asarray(ref(PROMPT, image=image, strength=strength, width=64, height=48, num_inference_steps=steps,
                           guidance_scale=3.5, generator=torch.Generator().manual_seed(seed)).images[0], np.int16)
     g = torch.Generator().manual_seed(seed)
-    init = pipe.encode_image(from_pil(image, 64, 48), generator=g)
+    init = pipe.encode_image(from_pil(image, 48, 64), generator=g)
     noise = torch.randn(1, 16, 6, 8, generator=g)
-    txt, vec = pipe.encode_prompts([PROMPT])
-    latents = pipe.sample(txt, vec, 64, 48, steps, 3.5, progress=False, init=init, strength=strength, noise=noise)
+    timesteps = pipe.schedule(48, 64, steps)
+    timesteps = timesteps[img2img_start(steps, strength):]  # as sample.py --init
+    latents = sample_latents(pipe, PROMPT, 48, 64, timesteps, add_noise(init, noise, timesteps[0]))
     got = np.asarray(to_pil(pipe.decode(latents))[0], np.int16)
     assert pixel_diff(f"img2img strength {strength} vs diffusers FluxImg2ImgPipeline", got, want).max() <= 1
-    t2i = np.asarray(to_pil(pipe.decode(pipe.sample(txt, vec, 64, 48, steps, 3.5, progress=False, noise=noise)))[0])
-    assert np.abs(got - t2i).mean() > 2, "the init image must matter"
-
-
-def test_img2img_refuses_strength_without_init_latents(pipe):
-    txt, vec = pipe.encode_prompts([PROMPT])
-    with pytest.raises(ValueError, match="needs init latents"):
-        pipe.sample(txt, vec, 64, 48, 4, strength=0.5)
-    with pytest.raises(ValueError, match=r"init latents must have shape \(1 or 1, 16, 6, 8\)"):
-        pipe.sample(txt, vec, 64, 48, 4, init=torch.zeros(1, 16, 4, 4), strength=0.5)
+    t2i = sample_latents(pipe, PROMPT, 48, 64, pipe.schedule(48, 64, steps), noise)
+    assert np.abs(got - np.asarray(to_pil(pipe.decode(t2i))[0], np.int16)).mean() > 2, "the init image must matter"

@@ -76,5 +76,7 @@ def test_time_convention_euler_with_the_true_velocity_lands_on_the_data():
         assert torch.allclose(img, (1 - t) * x0 + t * eps, atol=1e-5)  # every visited state is on the line
         return eps - x0
 
-    out = denoise(true_velocity, eps.clone(), None, None, None, None, get_schedule(5, 6), progress=False)
+    ids, txt = torch.zeros(1, 6, 3), torch.zeros(1, 0, 8)  # no text: the velocity reads only the image state
+    out = denoise(true_velocity, eps.clone(), ids, txt, ids[:, :0], torch.zeros(1, 8), get_schedule(5, 6),
+                  progress=False)
     assert torch.allclose(out, x0, atol=1e-5)

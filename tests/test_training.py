@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 import train
 from iclora.data import PanelSetDataset
 from iclora.lora_files import load_lora
-from iclora.training import Example, cache_examples, collate, flow_matching_loss
+from iclora.training import EncodedSet, collate, encode_sets, flow_matching_loss
 from minflux.pipeline import load_pipeline
 from tests.tiny_repo import write_tiny_repo
 
@@ -48,9 +48,9 @@ def run_train(repo, data, out: Path, *extra) -> Path:
                        "--caption-dropout", "0", "--sample-every", "0", "--device", "cpu", *extra])
 
 
-def eval_loss(flow, examples, seeds=range(16)) -> float:
-    x0 = torch.stack([e.latents for e in examples])
-    txt, vec = torch.stack([e.txt for e in examples]), torch.stack([e.vec for e in examples])
+def eval_loss(flow, sets, seeds=range(16)) -> float:
+    x0 = torch.stack([e.latents for e in sets])
+    txt, vec = torch.stack([e.txt for e in sets]), torch.stack([e.vec for e in sets])
     with torch.no_grad():
         return float(np.mean([flow_matching_loss(flow, x0, txt, vec, torch.Generator().manual_seed(s)).item()
                               for s in seeds]))
@@ -65,21 +65,21 @@ def trained(repo, data, tmp_path_factory):
 
 def test_training_lowers_the_flow_matching_loss_on_the_training_set(repo, data, trained):
     pipe = load_pipeline(str(repo))
-    examples = cache_examples(pipe, PanelSetDataset(data, resolution=48))
-    before = eval_loss(pipe.flow, examples)
+    sets = encode_sets(pipe, PanelSetDataset(data, resolution=48))
+    before = eval_loss(pipe.flow, sets)
     load_lora(pipe.flow, trained)
-    after = eval_loss(pipe.flow, examples)
+    after = eval_loss(pipe.flow, sets)
     print(f"flow-matching loss on the training set: base {before:.4f}, with LoRA {after:.4f}")
     assert after < 0.5 * before
 
 
 def test_sampling_with_the_trained_lora_moves_toward_the_training_images(repo, data, trained):
     pipe = load_pipeline(str(repo))
-    target = cache_examples(pipe, PanelSetDataset(data, resolution=48))[0].latents
+    target = encode_sets(pipe, PanelSetDataset(data, resolution=48))[0].latents
     txt, vec = pipe.encode_prompts([CAPTIONS[0]])
-    base = pipe.sample(txt, vec, width=64, height=32, steps=10, guidance=1.0, seed=3, progress=False)[0]
+    base = pipe.sample(txt, vec, height=32, width=64, steps=10, guidance=1.0, seed=3, progress=False)[0]
     load_lora(pipe.flow, trained)
-    tuned = pipe.sample(txt, vec, width=64, height=32, steps=10, guidance=1.0, seed=3, progress=False)[0]
+    tuned = pipe.sample(txt, vec, height=32, width=64, steps=10, guidance=1.0, seed=3, progress=False)[0]
     d_base, d_tuned = (base - target).norm().item(), (tuned - target).norm().item()
     print(f"latent distance to the training image: base {d_base:.2f}, with LoRA {d_tuned:.2f}")
     assert d_tuned < 0.7 * d_base
@@ -134,13 +134,13 @@ def test_train_py_help_explains_every_flag():
 
 
 def test_caption_dropout_swaps_in_the_empty_caption_reproducibly_at_rate_p():
-    examples = [Example(torch.zeros(16, 2, 2), torch.full((3, 4), float(i + 1)), torch.ones(4)) for i in range(8)]
-    empty = Example(None, torch.zeros(3, 4), torch.zeros(4))
+    sets = [EncodedSet(torch.zeros(16, 2, 2), torch.full((3, 4), float(i + 1)), torch.ones(4)) for i in range(8)]
+    empty = EncodedSet(None, torch.zeros(3, 4), torch.zeros(4))
 
     def drops(seed):
         out = []
         for step in range(100):
-            _, txt, _ = collate(examples, empty, 0.25, torch.Generator().manual_seed(seed * 1000 + step), "cpu")
+            _, txt, _ = collate(sets, empty, 0.25, torch.Generator().manual_seed(seed * 1000 + step), "cpu")
             out += (txt.flatten(1).abs().sum(1) == 0).tolist()
         return out
 

@@ -25,10 +25,10 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 from iclora.lora_files import load_lora  # noqa: E402
-from iclora.panels import pin_references, reference_latents  # noqa: E402
+from iclora.references import pin_references, reference_latents  # noqa: E402
 from minflux.hub import USER_ERRORS  # noqa: E402
 from minflux.pipeline import Pipeline, load_pipeline, to_pil  # noqa: E402
-from minflux.sampling import get_noise  # noqa: E402
+from minflux.sampling import denoise, get_noise, image_ids, pack, text_ids, unpack  # noqa: E402
 from toy.world import Scene, panel_consistency, random_scene, recolour, render, set_caption  # noqa: E402
 
 SCORES = ("caption_left", "caption_right", "rule")
@@ -46,13 +46,15 @@ def generate_sets(pipe: Pipeline, scenes: list[Scene], size: int, steps: int, se
     width, height = 2 * size, size
     txt, vec = pipe.encode_prompts([set_caption(scene) for scene in scenes])
     noise = get_noise(len(scenes), height, width, seed)                                     # (B, c, h, w)
-    hook = None
+    timesteps, hook = pipe.schedule(height, width, steps), None
     if reference:
-        known = [reference_latents(pipe, [(render(s, size), (0, 0, size, size))], width, height) for s in scenes]
-        mask = known[0][1]                                                                  # (N,)
-        hook = pin_references(torch.cat([k for k, _ in known]), mask, noise, pipe.schedule(width, height, steps))
-    latents = pipe.sample(txt, vec, width, height, steps, 3.5, noise=noise, after_step=hook, progress=False)
-    return to_pil(pipe.decode(latents))
+        known = [reference_latents(pipe, [(render(s, size), (0, 0, size, size))], height, width) for s in scenes]
+        mask = known[0][1]                                                                  # (Li,)
+        hook = pin_references(torch.cat([k for k, _ in known]), mask, noise, timesteps)
+    B, Lt = txt.shape[:2]
+    x = denoise(pipe.flow, pack(noise).to(pipe.dtype), image_ids(B, height, width), txt, text_ids(B, Lt), vec, timesteps, 3.5,
+                hook, progress=False)                                                       # (B, Li, 4c)
+    return to_pil(pipe.decode(unpack(x, height, width)))
 
 
 def mean_scores(images: list[Image.Image], scenes: list[Scene]) -> dict[str, float]:

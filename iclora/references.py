@@ -1,0 +1,71 @@
+"""Reference panels (In-Context LoRA, arXiv 2410.23775 §4.2): known panels condition the generated ones.
+
+SDEdit/RePaint-style masking in latent space. After every Euler step, which ends at some t_next, the known panels'
+tokens are pulled toward their clean latents x_ref noised to t_next with ε, the run's initial noise of those tokens
+(so at t = 1 both agree):    x[known] ← (1 − s)·x[known] + s·((1 − t_next)·x_ref + t_next·ε)
+s = 1 replaces the region (RePaint), s = 0 ignores the reference. With `stop` F the last round(F·steps) steps leave
+the region to the model, which can then smooth the seams.
+
+Shape letters: B images, Li image tokens, c latent channels (16), h/w latent height/width.
+"""
+
+import torch
+from einops import rearrange
+from PIL import Image
+from torch import Tensor
+
+from minflux.pipeline import Pipeline, from_pil
+from minflux.sampling import add_noise, pack
+
+
+def reference_panels(num_refs: int, ref_panels: list[int], n: int) -> list[int]:
+    """0-based panel of each reference: reference i fixes panel i, or ref_panels gives a 1-based panel per reference."""
+    if num_refs and n < 2:
+        raise ValueError("reference images need a panel set (--panels N with N >= 2): at least one panel to generate")
+    panels = list(ref_panels) if ref_panels else list(range(1, num_refs + 1))
+    if len(panels) != num_refs:
+        raise ValueError(f"{len(panels)} --ref-panel value(s) for {num_refs} --ref image(s); give one per --ref")
+    if bad := [k for k in panels if not 1 <= k <= n]:
+        raise ValueError(f"--ref-panel {bad[0]} is not a panel of this {n}-panel set (1..{n})")
+    if len(set(panels)) != len(panels):
+        raise ValueError(f"two references fix the same panel: --ref-panel {panels}")
+    if len(panels) >= n:
+        raise ValueError(f"{len(panels)} reference(s) fix every panel of this {n}-panel set: nothing left to generate")
+    return [k - 1 for k in panels]
+
+
+@torch.no_grad()
+def reference_latents(pipe: Pipeline, refs: list[tuple[Image.Image, tuple[int, int, int, int]]], height: int,
+                      width: int) -> tuple[Tensor, Tensor]:
+    """Each reference image cover-resized to its panel box (left, top, right, bottom) and VAE-encoded (the mean),
+    placed on a height×width canvas: packed latents (1, Li, 4c) and the mask of the known tokens (Li,)."""
+    known = torch.zeros(1, pipe.ae.params.z_channels, height // 8, width // 8)       # (1, c, h, w)
+    mask = torch.zeros(height // 16, width // 16, dtype=torch.bool)
+    for image, (left, top, right, bottom) in refs:
+        if any(v % 16 for v in (left, top, right, bottom)):
+            raise ValueError(f"panel box {(left, top, right, bottom)} is not on the 16-px token grid")
+        latent = pipe.encode_image(from_pil(image, bottom - top, right - left)).cpu()   # (1, c, h', w')
+        known[:, :, top // 8 : bottom // 8, left // 8 : right // 8] = latent
+        mask[top // 16 : bottom // 16, left // 16 : right // 16] = True
+    return pack(known), rearrange(mask, "h w -> (h w)")                             # (1, Li, 4c), (Li,)
+
+
+def pin_references(known: Tensor, mask: Tensor, noise: Tensor, timesteps: list[float], strength: float = 1.0,
+                   stop: float = 0.0):
+    """The `after_step(x, t_next)` hook of the module docstring, for the initial noise (B, c, h, w) of this run
+    and the times it visits; `strength` s and `stop` F are both in [0, 1]."""
+    for name, value in (("reference strength", strength), ("reference stop", stop)):
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"{name} must be in [0, 1], got {value}")
+    steps = len(timesteps) - 1
+    t_stop = timesteps[steps - round(stop * steps)]  # after step k (t_next = timesteps[k + 1]) pin iff t_next >= t_stop
+    eps, keep = pack(noise.float().cpu()), rearrange(mask, "n -> n 1")             # (B, Li, 4c), (Li, 1)
+
+    def after_step(x: Tensor, t_next: float) -> Tensor:
+        if t_next < t_stop:
+            return x
+        target = add_noise(known, eps, t_next).to(x.device)                         # (B, Li, 4c)
+        pulled = torch.lerp(x.float(), target, strength)  # lerp is exact at 0 and 1
+        return torch.where(keep.to(x.device), pulled, x.float()).to(x.dtype)       # (B, Li, 4c)
+
+    return after_step
