@@ -37,7 +37,7 @@ class EmbedND(nn.Module):
 
     def forward(self, ids: Tensor) -> Tensor:
         # ids: (B, L, A) positions (0, row, col) for image tokens, zeros for text tokens
-        pe = [rope(ids[..., a], d, self.theta) for a, d in enumerate(self.axes_dim)]
+        pe = [rope(pos, d, self.theta) for pos, d in zip(ids.unbind(-1), self.axes_dim)]  # A × (B, L, d/2)
         return torch.cat(pe, dim=-1)[:, :, None]                                  # (B, L, 1, P) complex
 
 

@@ -6,7 +6,7 @@ the checkpoint's, so `flux1-dev.safetensors` loads with a strict `load_state_dic
 Given packed image latents x_t and the time t, the model predicts the velocity v = ε − x0
 (the project's one convention, see `minflux/sampling.py`).
 
-Shape letters: B batch, Li image tokens, Lt text tokens, C hidden size, A position axes (3).
+Shape letters: B batch, Lt text tokens, Li image tokens, L = Lt + Li, C hidden size, D head dim, A position axes (3).
 """
 
 import re
@@ -97,16 +97,16 @@ class Flux(nn.Module):
             vec = vec + self.guidance_in(timestep_embedding(guidance))
         vec = vec + self.vector_in(y)
         txt = self.txt_in(txt)                                                    # (B, Lt, C)
-        pe = self.pe_embedder(torch.cat([txt_ids, img_ids], dim=1))               # (B, Lt + Li, 1, D/2) complex
+        pe = self.pe_embedder(torch.cat([txt_ids, img_ids], dim=1))               # (B, L, 1, D/2) complex
 
         for block in self.double_blocks:
-            img, txt = self._run(block, img, txt, vec, pe)
-        x = torch.cat([txt, img], dim=1)                                          # (B, Lt + Li, C)
+            img, txt = self.run_block(block, img, txt, vec, pe)
+        x = torch.cat([txt, img], dim=1)                                          # (B, L, C), L = Lt + Li
         for block in self.single_blocks:
-            x = self._run(block, x, vec, pe)
+            x = self.run_block(block, x, vec, pe)
         return self.final_layer(x[:, txt.shape[1] :], vec)                        # (B, Li, out)
 
-    def _run(self, block: nn.Module, *args):
+    def run_block(self, block: nn.Module, *args):
         """Runs a block, recomputing its activations in the backward pass when checkpointing is on."""
         if self.gradient_checkpointing and torch.is_grad_enabled():
             return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)

@@ -81,9 +81,7 @@ def get_schedule(num_steps: int, image_seq_len: int, shift: bool = True,
 
 def img2img_start(num_steps: int, strength: float) -> int:
     """Index into the schedule where image-to-image starts: strength 1 is the whole schedule (text-to-image),
-    0 is its end (no step). The rule and its float rounding are diffusers' (FluxImg2ImgPipeline.get_timesteps):
-    int(n − n·s). BFL's demo writes int((1 − s)·n), which rounds differently: 10 steps at s = 0.3 start at 6 here
-    and in diffusers, at 7 there."""
+    0 is its end (no step). The rule and its float rounding are diffusers' (docs/notes.md): int(n − n·s)."""
     if not 0.0 <= strength <= 1.0:
         raise ValueError(f"strength must be in [0, 1] (0 keeps the input image, 1 ignores it), got {strength}")
     return int(num_steps - num_steps * strength)

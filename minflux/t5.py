@@ -6,10 +6,7 @@ parameter names are the HF checkpoint keys (`encoder.block.3.layer.1.DenseReluDe
 tied copy of `shared.weight`: this module has only `shared`, and the loader drops that key.
 
 FLUX calls the encoder without an attention mask, so every token attends to the pads too; so does this module.
-transformers' fp16 overflow clamp is left out: FLUX runs T5 in bf16.
-
-Shape letters used in this file:
-    B batch, L tokens, C model width (d_model), H heads, D head width (d_kv).
+Shape letters: B batch, L tokens, C model width (d_model), H heads, D head width (d_kv).
 """
 
 import math

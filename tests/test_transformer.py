@@ -3,8 +3,11 @@
 import pytest
 import torch
 from diffusers import FluxTransformer2DModel
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from minflux.convert import transformer_from_diffusers
+from minflux.layers import rope
 from minflux.model import Flux, FluxParams, preset
 
 
@@ -107,3 +110,28 @@ def test_params_are_read_off_checkpoint_shapes():
 def test_a_non_flux_checkpoint_is_rejected_with_the_missing_keys():
     with pytest.raises(ValueError, match="missing img_in.weight"):
         FluxParams.from_state_dict({"encoder.conv_in.weight": torch.zeros(1)})
+
+
+class DtypeDeviceLog(TorchDispatchMode):
+    """Records (dtype, device type) of every tensor each op returns."""
+
+    def __init__(self):
+        super().__init__()
+        self.outputs = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.outputs += [(t.dtype, t.device.type) for t in (out if isinstance(out, (tuple, list)) else [out])
+                         if isinstance(t, torch.Tensor)]
+        return out
+
+
+def test_rope_table_makes_no_float64_tensor_off_the_cpu():
+    """MPS has no float64: for positions on another device the angles are computed on the CPU, then moved."""
+    with FakeTensorMode():  # an MPS tensor without a Mac: ops only propagate dtypes and devices
+        positions = torch.zeros(1, 10, device="mps")                                    # (B, L)
+        with DtypeDeviceLog() as log:
+            table = rope(positions, 56, 10_000)
+    assert table.device.type == "mps" and table.dtype == torch.complex64 and table.shape == (1, 10, 28)
+    assert (torch.float64, "cpu") in log.outputs
+    assert not [o for o in log.outputs if o[0] == torch.float64 and o[1] != "cpu"]
