@@ -4,14 +4,10 @@ a LoRA, read every panel back with toy.world.analyse, and report the panel-consi
     python toy/score.py --lora out.safetensors                   # base vs LoRA on 20 held-out sets
     python toy/score.py --lora out.safetensors --sheet sets.png  # ... and a picture: targets, base, LoRA
 
-Each set is generated twice (In-Context LoRA, arXiv 2410.23775, §4):
-  text  from the joint caption alone; scores: caption match of the left and right panels, and the rule (the right
-        panel is the left one, as it was generated, recoloured)
-  ref   with the left panel given (its render, pinned SDEdit-style as `sample.py --ref` does), so only the right
-        panel is generated; scores: caption match of the right panel and the rule against the given left panel
-The scenes are drawn from their own seed (--scenes-seed), not from make_sets.py's, so they are held out from the
-training sets; every set uses the same noise (--seed) with and without the LoRA.
-Shape letters: B sets, N image tokens, c latent channels.
+Each set is generated in two modes (In-Context LoRA, arXiv 2410.23775, §4): "text" from the joint caption alone,
+"ref" with the left panel given (see `evaluate`). The scenes have their own seed (--scenes-seed), so they are held
+out from make_sets.py's training sets; every set uses the same noise (--seed) with and without the LoRA.
+Shape letters: B sets, Li image tokens, c latent channels.
 """
 
 import argparse
@@ -48,10 +44,13 @@ def generate_sets(pipe: Pipeline, scenes: list[Scene], size: int, steps: int, se
     noise = get_noise(len(scenes), height, width, seed)                                     # (B, c, h, w)
     hook = None
     if reference:
-        known = [reference_latents(pipe, [(render(s, size), (0, 0, size, size))], width, height) for s in scenes]
-        mask = known[0][1]                                                                  # (N,)
-        hook = pin_references(torch.cat([k for k, _ in known]), mask, noise, pipe.schedule(width, height, steps))
-    latents = pipe.sample(txt, vec, width, height, steps, 3.5, noise=noise, after_step=hook, progress=False)
+        known = [reference_latents(pipe, [(render(s, size), (0, 0, size, size))], width=width, height=height)
+                 for s in scenes]
+        mask = known[0][1]                                                                  # (Li,)
+        schedule = pipe.schedule(width=width, height=height, steps=steps)
+        hook = pin_references(torch.cat([k for k, _ in known]), mask, noise, schedule)
+    latents = pipe.sample(txt, vec, width=width, height=height, steps=steps, guidance=3.5, noise=noise,
+                          after_step=hook, progress=False)
     return to_pil(pipe.decode(latents))
 
 
@@ -62,7 +61,10 @@ def mean_scores(images: list[Image.Image], scenes: list[Scene]) -> dict[str, flo
 
 def evaluate(pipe: Pipeline, scenes: list[Scene], size: int = 64, steps: int = 20,
              seed: int = 0) -> tuple[dict[str, dict[str, float]], dict[str, list[Image.Image]]]:
-    """Scores and images of both modes, {"text": {...}, "ref": {...}}."""
+    """Scores and images of both modes, {"text": {...}, "ref": {...}}. text: from the joint caption alone; scores:
+    caption match of the left and right panels, and the rule (the right panel is the left one, as it was generated,
+    recoloured). ref: the left panel is the scene's render, pinned SDEdit-style as `sample.py --ref` does, so only the
+    right panel is generated; scores: caption match of the right panel and the rule against the given left panel."""
     images = {mode: generate_sets(pipe, scenes, size, steps, seed, mode == "ref") for mode in ("text", "ref")}
     scores = {mode: mean_scores(images[mode], scenes) for mode in images}
     del scores["ref"]["caption_left"]  # the given panel, not generated
