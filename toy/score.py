@@ -4,14 +4,10 @@ a LoRA, read every panel back with toy.world.analyse, and report the panel-consi
     python toy/score.py --lora out.safetensors                   # base vs LoRA on 20 held-out sets
     python toy/score.py --lora out.safetensors --sheet sets.png  # ... and a picture: targets, base, LoRA
 
-Each set is generated twice (In-Context LoRA, arXiv 2410.23775, §4):
-  text  from the joint caption alone; scores: caption match of the left and right panels, and the rule (the right
-        panel is the left one, as it was generated, recoloured)
-  ref   with the left panel given (its render, pinned SDEdit-style as `sample.py --ref` does), so only the right
-        panel is generated; scores: caption match of the right panel and the rule against the given left panel
-The scenes are drawn from their own seed (--scenes-seed), not from make_sets.py's, so they are held out from the
-training sets; every set uses the same noise (--seed) with and without the LoRA.
-Shape letters: B sets, N image tokens, c latent channels.
+Each set is generated in two modes (In-Context LoRA, arXiv 2410.23775, §4): "text" from the joint caption alone,
+"ref" with the left panel given (see `evaluate`). The scenes have their own seed (--scenes-seed), so they are held
+out from make_sets.py's training sets; every set uses the same noise (--seed) with and without the LoRA.
+Shape letters: B sets, Li image tokens, c latent channels.
 """
 
 import argparse
@@ -52,8 +48,8 @@ def generate_sets(pipe: Pipeline, scenes: list[Scene], size: int, steps: int, se
         mask = known[0][1]                                                                  # (Li,)
         hook = pin_references(torch.cat([k for k, _ in known]), mask, noise, timesteps)
     B, Lt = txt.shape[:2]
-    x = denoise(pipe.flow, pack(noise).to(pipe.dtype), image_ids(B, height, width), txt, text_ids(B, Lt), vec, timesteps, 3.5,
-                hook, progress=False)                                                       # (B, Li, 4c)
+    x = denoise(pipe.flow, pack(noise).to(pipe.dtype), image_ids(B, height, width), txt, text_ids(B, Lt), vec,
+                timesteps, 3.5, hook, progress=False)                                       # (B, Li, 4c)
     return to_pil(pipe.decode(unpack(x, height, width)))
 
 
@@ -64,7 +60,10 @@ def mean_scores(images: list[Image.Image], scenes: list[Scene]) -> dict[str, flo
 
 def evaluate(pipe: Pipeline, scenes: list[Scene], size: int = 64, steps: int = 20,
              seed: int = 0) -> tuple[dict[str, dict[str, float]], dict[str, list[Image.Image]]]:
-    """Scores and images of both modes, {"text": {...}, "ref": {...}}."""
+    """Scores and images of both modes, {"text": {...}, "ref": {...}}. text: from the joint caption alone; scores:
+    caption match of the left and right panels, and the rule (the right panel is the left one, as it was generated,
+    recoloured). ref: the left panel is the scene's render, pinned SDEdit-style as `sample.py --ref` does, so only the
+    right panel is generated; scores: caption match of the right panel and the rule against the given left panel."""
     images = {mode: generate_sets(pipe, scenes, size, steps, seed, mode == "ref") for mode in ("text", "ref")}
     scores = {mode: mean_scores(images[mode], scenes) for mode in images}
     del scores["ref"]["caption_left"]  # the given panel, not generated

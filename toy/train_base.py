@@ -1,69 +1,29 @@
 """Train the toy FLUX that ships in toy/model/: FLUX.1-dev's code and file layout at a few MB, trained from scratch
-on toy/world.py scenes in minutes on a laptop CPU.
+on toy/world.py scenes in minutes on a laptop CPU, then loaded and scored through minflux.pipeline.
 
     python toy/train_base.py                                 # the shipped run: rewrites toy/model/
     python toy/train_base.py --out /tmp/toy --scenes 32 --ae-steps 2 --flow-steps 3 --eval-prompts 1   # smoke run
 
-The result loads like the real model, through exactly the FLUX.1-dev code path:
-    from minflux.pipeline import load_pipeline
-    load_pipeline("toy/model").generate(["a large red circle at the center, on a blue background"],
-                                        width=64, height=64, steps=20)
-
-Reads top to bottom, one numbered section per piece of the repo:
- 1. scenes: --scenes random 64x64 scenes of 1..--max-shapes shapes and their exact captions (toy/world.py);
- 2. tokenizers trained on those captions plus the recolour task's joint captions ("[TWO-PANEL] the same scene in
-    two colour schemes; [LEFT] ...; [RIGHT] ..."), so IC-LoRA captions tokenize into whole words too: a SentencePiece
-    unigram model for T5 (<pad> 0, </s> 1, <unk> 2, no BOS) and a CLIP byte-level BPE (vocab.json + merges.txt);
- 3. text encoders, random and FROZEN: a tiny T5 v1.1 encoder and a tiny CLIP text tower. The captions are exact,
-    short and drawn from ~40 words, so a fixed random encoder that keeps each token's identity and its neighbours is
-    all the flow model needs: it learns to read those features, and training the encoders as well would cost CPU
-    time for little gain. One hand-set choice: T5's relative position bias is BANDED, buckets farther than
-    --t5-reach tokens are closed (-1e4), so each T5 layer mixes a token only with its near neighbours. With random
-    biases over all 512 positions, attention is spread almost evenly over the ~490 pads and a colour word hardly
-    knows whether "circle" or "background" follows it; the band keeps that local word order. It also makes the
-    outputs of content tokens independent of the padding, and all pads far from both the caption and the end of
-    the sequence exactly equal, which section 5 uses;
- 4. an AutoEncoder (ch 32, ch_mult 2,1,1,2, one resnet block per level; z_channels 16 and 8x downsampling as
-    FLUX's, so latents pack the same way) trained as a VAE: weighted L1 + L2 reconstruction of the reparameterized
-    sample plus a small KL term (--kl), see train_autoencoder for what makes it train in minutes; then the latent
-    shift and scale (vae/config.json `shift_factor` / `scaling_factor`) that give the latent means zero mean and
-    unit variance over the scenes;
- 5. the flow transformer (FluxParams with guidance_embed=True, like dev) trained from scratch with
-    iclora.training.flow_matching_loss (t = 1 noise, x_t = (1 - t) x0 + t eps, target eps - x0) on cached latents
-    and text features, AdamW with warm-up and cosine decay, an EMA of the weights (the shipped ones), adaLN-Zero
-    init (DiT, Peebles & Xie 2023). The distilled-guidance input is drawn uniformly from --guidance-range for each
-    step and so carries no meaning: any value in that range (IC-LoRA's 1.0 in training, the sampler's 3.5) gives
-    the same images. The pipeline always feeds T5 512 tokens; to train on ~40 instead, the run of identical far
-    pads is merged into ONE token whose attention logit gets + log(count) ("proportional attention", Token
-    Merging, Bolya et al. 2023), which is exactly the full-length attention (checked on start-up);
- 6. toy/model/ in the HF layout of black-forest-labs/FLUX.1-dev (BFL root files flux1-dev.safetensors and
-    ae.safetensors, text_encoder*/ and tokenizer*/ as transformers writes them, configs), written to a temporary
-    folder and swapped in, plus a README with the command, time, losses and the caption_match score of
-    --eval-prompts held-out scenes generated through minflux.pipeline (and samples.png, renders above them).
-
-Deterministic for a given --seed and --threads. Shape letters: N scenes, B batch, L tokens, C channels.
+Stages, in main's order: scenes; tokenizers (toy/train_tokenizers.py); random, frozen text encoders; an
+autoencoder; the flow transformer; the repo in FLUX.1-dev's layout (toy/hf_files.py), evaluated, with a README.
+Deterministic for a given --seed and --threads.
+Shape letters: N scenes, B batch, Lt text tokens, Li image tokens, C width.
 """
 
 import argparse
-import io
-import json
 import math
 import os
 import random
 import shutil
 import sys
 import time
-from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
-import sentencepiece
 import torch
-import torch.nn.functional as F
 from einops import rearrange
 from PIL import Image
-from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -76,13 +36,14 @@ from minflux.model import Flux, FluxParams  # noqa: E402
 from minflux.pipeline import load_pipeline  # noqa: E402
 from minflux.sampling import image_ids, text_ids  # noqa: E402
 from minflux.t5 import T5Config, T5Encoder, relative_position_bucket  # noqa: E402
-from minflux.tokenizers import CLIPTokenizer, T5Tokenizer, clip_normalizer, clip_pre_tokenizer  # noqa: E402
-from toy.hf_files import (CLIP_EOS, MODEL_INDEX, N_EXTRA_IDS, bytes_to_unicode,  # noqa: E402
-                           write_clip_tokenizer_files, write_json, write_t5_tokenizer_files)
+from minflux.tokenizers import CLIPTokenizer, T5Tokenizer  # noqa: E402
+from toy.hf_files import T5_LENGTH, write_json, write_weights_and_configs  # noqa: E402
+from toy.train_tokenizers import (check_tokenizers, tokenizer_corpus, train_clip_tokenizer,  # noqa: E402
+                                  train_t5_tokenizer)
 from toy.world import Scene, Shape, caption, caption_match, random_scene, render, set_caption  # noqa: E402
 
-T5_LENGTH = 512  # what minflux.pipeline feeds T5 for a guidance-distilled (dev) model
-ISSUE_PROMPT = "a large red circle at the center, on a blue background"
+DEMO_SCENE = Scene("blue", (Shape("circle", "red", "large", "center"),))
+DEMO_PROMPT = caption(DEMO_SCENE)  # "a large red circle at the center, on a blue background"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -135,7 +96,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-# ---------------------------------------------------------------------------------------------------- 1. scenes
+# ---------------------------------------------------------------------------------------------------- scenes
+
+
 def renders(scenes: list[Scene], size: int) -> torch.Tensor:
     """(N, 3, size, size) in [-1, 1]."""
     pixels = np.stack([np.asarray(render(scene, size)) for scene in scenes])               # (N, H, W, 3) uint8
@@ -150,112 +113,22 @@ def make_scenes(count: int, max_shapes: int, size: int, seed: int) -> tuple[torc
 
 
 def eval_scenes(count: int, max_shapes: int, seed: int, seen: set[str]) -> list[Scene]:
-    """Held-out scenes for the score, none with a caption in `seen` (the training captions): the issue's example
-    first, then scenes from a seed of their own."""
+    """Held-out scenes for the score, none with a caption in `seen` (the training captions): DEMO_SCENE first, then
+    scenes from a seed of their own."""
     rng = random.Random(f"eval-{seed}")
-    scenes = [Scene("blue", (Shape("circle", "red", "large", "center"),))][:count]
+    scenes = [DEMO_SCENE][:count]
     while len(scenes) < count:
         if caption(scene := random_scene(rng, max_shapes)) not in seen:
             scenes.append(scene)
     return scenes
 
 
-# ------------------------------------------------------------------------------------------------ 2. tokenizers
-def tokenizer_corpus(captions: list[str], task_captions: int, seed: int) -> list[str]:
-    """The training captions plus recolour-task joint captions."""
-    rng = random.Random(f"task-{seed}")
-    return captions + [set_caption(random_scene(rng)) for _ in range(task_captions)]
+# ------------------------------------------------------------------------------------------- text encoders
+# Random and frozen: the captions are exact, short and drawn from ~40 words, so a fixed random encoder that keeps each
+# token's identity and its neighbours is all the flow model needs; training the encoders too would cost CPU time for
+# little gain.
 
 
-def write_t5_tokenizer(folder: Path, corpus: list[str], seed: int) -> int:
-    """tokenizer_2/: spiece.model (unigram, T5's special ids) + configs. Returns the vocabulary size incl. sentinels.
-
-    SentencePiece's seed search finds only a few dozen candidates in a language of ~40 words that always come in
-    the same order, and then splits words into letters; shuffling the words of each caption (punctuation split
-    off) shows every word in many contexts, and it learns one piece per word."""
-    rng = random.Random(f"spm-{seed}")
-    lines = []
-    for text in corpus:
-        words = text.replace(",", " ,").replace(";", " ;").split()
-        rng.shuffle(words)
-        lines.append(" ".join(words))
-    lines.append(" ".join("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.:!?'\"()-"))  # no <unk>s
-    model = io.BytesIO()
-    sentencepiece.SentencePieceTrainer.train(
-        sentence_iterator=iter(lines), model_writer=model, model_type="unigram", vocab_size=256,
-        hard_vocab_limit=False, character_coverage=1.0, split_by_unicode_script=False, num_threads=1,
-        minloglevel=2, pad_id=0, eos_id=1, unk_id=2, bos_id=-1, pad_piece="<pad>", eos_piece="</s>",
-        unk_piece="<unk>")
-    pieces = sentencepiece.SentencePieceProcessor(model_proto=model.getvalue()).get_piece_size()
-    write_t5_tokenizer_files(folder, model.getvalue(), pieces)
-    return pieces + N_EXTRA_IDS
-
-
-def bpe_merges(corpus: list[str], min_frequency: int = 2) -> list[str]:
-    """Byte-level BPE merges learnt greedily from the corpus: repeatedly merge the most frequent adjacent pair of
-    symbols (a word's last symbol carries "</w>") until no pair occurs min_frequency times. Equal counts are broken
-    by the pair itself, so two runs write the same merges.txt (tokenizers' BpeTrainer orders ties arbitrarily)."""
-    normalizer, splitter = clip_normalizer(), clip_pre_tokenizer()  # the text pipeline of minflux's CLIPTokenizer
-    counts = Counter(w for text in corpus for w, _ in splitter.pre_tokenize_str(normalizer.normalize_str(text)))
-    words = {w: [*w[:-1], w[-1] + "</w>"] for w in counts}
-    merges = []
-    while True:
-        pairs = Counter()
-        for w, symbols in words.items():
-            for pair in zip(symbols, symbols[1:]):
-                pairs[pair] += counts[w]
-        if not pairs:
-            break
-        best = min(pairs, key=lambda pair: (-pairs[pair], pair))
-        if pairs[best] < min_frequency:
-            break
-        merges.append(best)
-        for w, symbols in words.items():
-            merged, i = [], 0
-            while i < len(symbols):
-                if tuple(symbols[i:i + 2]) == best:
-                    merged.append(best[0] + best[1])
-                    i += 2
-                else:
-                    merged.append(symbols[i])
-                    i += 1
-            words[w] = merged
-    return [" ".join(pair) for pair in merges]
-
-
-def write_clip_tokenizer(folder: Path, corpus: list[str]) -> int:
-    """tokenizer/: a byte-level BPE in OpenAI CLIP's files and id order (256 bytes, the same with </w>, one token per
-    merge, <|startoftext|>, <|endoftext|> last) + configs. Returns the vocabulary size."""
-    return len(write_clip_tokenizer_files(folder, bpe_merges(corpus)))
-
-
-def check_tokenizers(repo: Path, texts: list[str]) -> dict[str, float]:
-    """Every text must come back from minflux's tokenizers (as the pipeline loads them) without an unknown token,
-    equal up to whitespace (CLIP also lowercases; like the real one it cuts long texts at 77 tokens, so a cut row
-    must give a prefix). Returns the mean token counts."""
-    t5 = T5Tokenizer(repo / "tokenizer_2" / "spiece.model", max_length=T5_LENGTH)
-    clip = CLIPTokenizer(repo / "tokenizer" / "vocab.json", repo / "tokenizer" / "merges.txt")
-    pieces = {i: p for p, i in t5.tokenizer.get_vocab().items()}
-    clip_tokens = {i: t for t, i in json.loads((repo / "tokenizer" / "vocab.json").read_text()).items()}
-    from_bytes = {c: b for b, c in bytes_to_unicode().items()}
-    squash = lambda s: "".join(s.split())
-    eos = clip.tokenizer.token_to_id(CLIP_EOS)
-    t5_ids, clip_ids = t5(texts).tolist(), clip(texts).tolist()                          # (N, 512), (N, 77)
-    for text, t5_row, clip_row in zip(texts, t5_ids, clip_ids):
-        body = t5_row[: t5_row.index(1)]  # up to </s>
-        back = "".join(pieces[i] for i in body).replace("▁", " ")
-        if 2 in body or squash(back) != squash(text):
-            raise RuntimeError(f"T5 tokenizer round trip failed: {text!r} -> {back!r}")
-        body = clip_row[1 : clip_row.index(eos)]  # between <|startoftext|> and <|endoftext|>
-        text_bytes = bytes(from_bytes[c] for i in body for c in clip_tokens[i].removesuffix("</w>"))
-        back, full = squash(text_bytes.decode("utf-8", errors="replace")), squash(text.lower())
-        if back != full and not (len(clip_row) == clip_row.index(eos) + 1 and full.startswith(back)):  # cut at 77
-            raise RuntimeError(f"CLIP tokenizer round trip failed: {text!r} -> {text_bytes!r}")
-    return {"t5": float(np.mean([row.index(1) + 1 for row in t5_ids])),
-            "clip": float(np.mean([row.index(eos) + 1 for row in clip_ids]))}
-
-
-# ------------------------------------------------------------------------------------------- 3. text encoders
 def t5_config(vocab_size: int, args) -> T5Config:
     """16 buckets: distances 0..3 on each side get a bucket of their own, every farther one is in a log bucket."""
     return T5Config(vocab_size=vocab_size, d_model=args.t5_width, d_kv=args.t5_width // 4, d_ff=2 * args.t5_width,
@@ -264,7 +137,11 @@ def t5_config(vocab_size: int, args) -> T5Config:
 
 
 def banded_t5(cfg: T5Config, reach: int, seed: int) -> T5Encoder:
-    """A random T5 whose position bias closes every bucket that holds a distance beyond `reach` (module docstring)."""
+    """A random T5 whose position bias closes (-1e4) every bucket that holds a distance beyond `reach`, so each layer
+    mixes a token only with its near neighbours. With random biases over all 512 positions, attention spreads almost
+    evenly over the ~490 pads and a colour word hardly knows whether "circle" or "background" follows it; the band
+    keeps that local word order. It also makes the outputs of content tokens independent of the padding, and all
+    pads far from both the caption and the end of the sequence exactly equal, which encode_captions merges."""
     torch.manual_seed(seed)
     t5 = T5Encoder(cfg)
     distances = torch.arange(-cfg.relative_attention_max_distance, cfg.relative_attention_max_distance + 1)
@@ -296,7 +173,7 @@ def encode_captions(t5: T5Encoder, clip: CLIPTextModel, repo: Path, captions: li
     T5 runs on all 512 tokens, as in the pipeline. Position p of a caption with content (incl. </s>) in [0, c) is
     a pad whose receptive field [p - R, p + R] (R = reach x layers) holds only pads when c + R <= p < 512 - R: all
     those rows are the same vector. Kept: [0, K) with K = max c + R, one row for the run [K, 512 - R) with a bias
-    of log(its length), and the last R rows. Returns txt (N, K + 1 + R, C), bias (K + 1 + R,), vec (N, C)."""
+    of log(its length), and the last R rows. Returns txt (N, Lt, C) with Lt = K + 1 + R, bias (Lt,), vec (N, C)."""
     t5_tok = T5Tokenizer(repo / "tokenizer_2" / "spiece.model", max_length=T5_LENGTH)
     clip_tok = CLIPTokenizer(repo / "tokenizer" / "vocab.json", repo / "tokenizer" / "merges.txt")
     R = reach * len(t5.encoder.block)
@@ -319,12 +196,15 @@ def encode_captions(t5: T5Encoder, clip: CLIPTextModel, repo: Path, captions: li
     return torch.cat(txt), bias, torch.cat(vec)
 
 
-# -------------------------------------------------------------------------------------------- 4. autoencoder
+# -------------------------------------------------------------------------------------------- autoencoder
+
+
 def ae_params() -> AutoEncoderParams:
-    """ch 32 with ch_mult (2, 1, 1, 2): 64 channels at full and at latent resolution, where the encoder's and the
-    decoder's last GroupNorm (32 groups) sit. With one channel per group those norms erase each channel's mean over
-    the image, i.e. the background colour, which (1, 1, 1, 1) then has to smuggle through zero-padding effects and
-    learns many times slower; two channels per group keep their difference."""
+    """z_channels 16 and 8x downsampling as FLUX's, so latents pack the same way. ch 32 with ch_mult (2, 1, 1, 2):
+    64 channels at full and at latent resolution, where the encoder's and the decoder's last GroupNorm (32 groups)
+    sit. With one channel per group those norms erase each channel's mean over the image, i.e. the background
+    colour, which (1, 1, 1, 1) then has to smuggle through zero-padding effects and learns many times slower; two
+    channels per group keep their difference."""
     return AutoEncoderParams(resolution=64, ch=32, ch_mult=(2, 1, 1, 2), num_res_blocks=1, z_channels=16)
 
 
@@ -351,7 +231,7 @@ def train_autoencoder(images: torch.Tensor, args) -> tuple[AutoEncoder, dict]:
     bar = tqdm(range(args.ae_steps), desc="autoencoder")
     for step in bar:
         for group in opt.param_groups:
-            group["lr"] = args.ae_lr * cosine(step, args.ae_steps, min(50, args.ae_steps // 10))
+            group["lr"] = args.ae_lr * warmup_cosine(step, args.ae_steps, min(50, args.ae_steps // 10))
         x = images[torch.randint(len(images), (args.ae_batch,), generator=g)]            # (B, 3, H, W)
         x = x.contiguous(memory_format=torch.channels_last)
         weight = 1 + args.shape_weight * (x != x[:, :, :1, :1]).any(1, keepdim=True).float()  # (B, 1, H, W)
@@ -379,20 +259,10 @@ def set_latent_factors(ae: AutoEncoder, images: torch.Tensor, batch: int = 256) 
     return (z - ae.params.shift_factor) * ae.params.scale_factor                         # (N, 16, h, w)
 
 
-@torch.no_grad()
-def reconstruction_match(ae: AutoEncoder, images: torch.Tensor, scenes: list[Scene]) -> float:
-    """Mean caption_match of the decoded latent means: about the best the flow model can reach."""
-    out = ae.decode(ae.encode(images))
-    return float(np.mean([caption_match(img, scene) for img, scene in zip(to_images(out), scenes)]))
+# ------------------------------------------------------------------------------------------------------ flow
 
 
-def to_images(x: torch.Tensor) -> list[Image.Image]:
-    pixels = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return [Image.fromarray(rearrange(p, "c h w -> h w c").numpy()) for p in pixels]
-
-
-# ------------------------------------------------------------------------------------------------------ 5. flow
-def cosine(step: int, total: int, warmup: int) -> float:
+def warmup_cosine(step: int, total: int, warmup: int) -> float:
     """Learning-rate factor: linear warm-up, then cosine decay to 10%."""
     if step < warmup:
         return (step + 1) / warmup
@@ -403,22 +273,15 @@ def cosine(step: int, total: int, warmup: int) -> float:
 @contextmanager
 def merged_pad_attention(text_bias: torch.Tensor):
     """While active, every FLUX attention adds text_bias (Lt,) to the logits of the first Lt keys (the text tokens)
-    and 0 to the image keys: a token standing for n equal ones gets log n, so softmax weighs it n times."""
-    original = layers.attention
-
-    def attention(q, k, v, pe):
-        q, k = layers.apply_rope(q, pe), layers.apply_rope(k, pe)                      # (B, L, H, D)
-        q, k, v = (rearrange(t, "b l h d -> b h l d") for t in (q, k, v))
-        bias = torch.zeros(k.shape[2], dtype=q.dtype, device=q.device)
-        bias[: len(text_bias)] = text_bias                                               # (L,)
-        x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias[None, :])            # (B, H, L, D)
-        return rearrange(x, "b h l d -> b l (h d)")                                      # (B, L, C)
-
-    layers.attention = attention
+    and 0 to the image keys, through minflux.layers.text_key_bias. The pipeline feeds T5 512 tokens; to train on ~40
+    instead, the run of equal far pads is merged into one token whose logit gets + log(count) ("proportional
+    attention", Token Merging, Bolya et al. 2023): softmax weighs it count times, exactly the full-length attention
+    (check_merged_attention)."""
+    previous, layers.text_key_bias = layers.text_key_bias, text_bias
     try:
         yield
     finally:
-        layers.attention = original
+        layers.text_key_bias = previous
 
 
 def flow_params(args) -> FluxParams:
@@ -447,18 +310,23 @@ def check_merged_attention(params: FluxParams, t5: T5Encoder, clip: CLIPTextMode
     txt, bias, vec = encode_captions(t5, clip, repo, captions, reach)
     full = t5(T5Tokenizer(repo / "tokenizer_2" / "spiece.model", max_length=T5_LENGTH)(captions))  # (B, 512, C)
     B = len(captions)
-    x = torch.randn(B, 16, 64)                                                           # (B, N, 64): 64x64 px
+    x = torch.randn(B, 16, 64)                                                           # (B, Li, 64): 64x64 px
     inputs = dict(img=x, img_ids=image_ids(B, 64, 64), timesteps=torch.full((B,), 0.7), y=vec,
                   guidance=torch.full((B,), 3.5))
-    want = flow(txt=full, txt_ids=text_ids(B, T5_LENGTH), **inputs)                    # (B, N, 64)
+    want = flow(txt=full, txt_ids=text_ids(B, T5_LENGTH), **inputs)                    # (B, Li, 64)
     with merged_pad_attention(bias):
         got = flow(txt=txt, txt_ids=text_ids(B, txt.shape[1]), **inputs)
     return (got - want).abs().max().item()
 
 
 def train_flow(latents, txt, bias, vec, args) -> tuple[Flux, dict]:
-    """Flow matching on cached latents (N, 16, h, w), merged T5 states (N, L, C) + their bias (L,), CLIP vectors
-    (N, C); returns the EMA weights and the loss summary."""
+    """Flow matching on cached latents (N, 16, h, w), merged T5 states (N, Lt, C) + their bias (Lt,), CLIP vectors
+    (N, C); returns the EMA weights (the shipped ones) and the loss summary.
+
+    iclora.training.flow_matching_loss (t = 1 noise, x_t = (1 - t) x0 + t eps, target eps - x0), AdamW with warm-up
+    and cosine decay, gradient clipping at 1, an EMA of the weights, adaLN-Zero init (DiT, Peebles & Xie 2023). The
+    distilled-guidance input is drawn uniformly from --guidance-range each step and so carries no meaning: any value
+    in that range (IC-LoRA's 1.0 in training, the sampler's 3.5) gives the same images."""
     torch.manual_seed(args.seed + 3)
     flow = Flux(flow_params(args))
     adaln_zero_(flow)
@@ -474,7 +342,7 @@ def train_flow(latents, txt, bias, vec, args) -> tuple[Flux, dict]:
         for step in bar:
             g = step_generator(args.seed, step)
             for group in opt.param_groups:
-                group["lr"] = args.flow_lr * cosine(step, args.flow_steps, args.warmup)
+                group["lr"] = args.flow_lr * warmup_cosine(step, args.flow_steps, args.warmup)
             idx = torch.randint(len(latents), (args.flow_batch,), generator=g)
             guidance = low + (high - low) * torch.rand((), generator=g).item()
             loss = flow_matching_loss(flow, latents[idx], txt[idx], vec[idx], g, guidance, args.timesteps)
@@ -492,64 +360,11 @@ def train_flow(latents, txt, bias, vec, args) -> tuple[Flux, dict]:
     return ema.eval(), log
 
 
-# -------------------------------------------------------------------------------------------------- 6. the repo
+# ------------------------------------------------------------------------------------- evaluation and README
 
 
-def save_weights(path: Path, state: dict[str, torch.Tensor]):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().contiguous().clone() for k, v in state.items()}, path, metadata={"format": "pt"})
-
-
-def write_weights_and_configs(repo: Path, flow: Flux, ae: AutoEncoder, t5: T5Encoder, clip: CLIPTextModel):
-    """Everything but the tokenizers (section 2) and the README, in FLUX.1-dev's names and config fields."""
-    save_weights(repo / "flux1-dev.safetensors", flow.state_dict())
-    save_weights(repo / "ae.safetensors", ae.state_dict())
-    save_weights(repo / "text_encoder" / "model.safetensors",
-                 {f"text_model.{k}": v for k, v in clip.state_dict().items()})
-    save_weights(repo / "text_encoder_2" / "model.safetensors", t5.state_dict())
-    c = clip.cfg
-    write_json(repo / "text_encoder" / "config.json", {
-        "architectures": ["CLIPTextModel"], "attention_dropout": 0.0, "bos_token_id": 0, "dropout": 0.0,
-        "eos_token_id": c.eos_token_id, "hidden_act": c.hidden_act, "hidden_size": c.hidden_size,
-        "initializer_factor": 1.0, "initializer_range": 0.02, "intermediate_size": c.intermediate_size,
-        "layer_norm_eps": c.layer_norm_eps, "max_position_embeddings": c.max_position_embeddings,
-        "model_type": "clip_text_model", "num_attention_heads": c.num_attention_heads,
-        "num_hidden_layers": c.num_hidden_layers, "pad_token_id": 1, "projection_dim": c.hidden_size,
-        "torch_dtype": "float32", "vocab_size": c.vocab_size})
-    c = t5.cfg
-    write_json(repo / "text_encoder_2" / "config.json", {
-        "architectures": ["T5EncoderModel"], "classifier_dropout": 0.0, "d_ff": c.d_ff, "d_kv": c.d_kv,
-        "d_model": c.d_model, "decoder_start_token_id": 0, "dense_act_fn": "gelu_new", "dropout_rate": 0.1,
-        "eos_token_id": 1, "feed_forward_proj": "gated-gelu", "initializer_factor": 1.0, "is_encoder_decoder": True,
-        "is_gated_act": True, "layer_norm_epsilon": c.layer_norm_epsilon, "model_type": "t5",
-        "num_decoder_layers": c.num_layers, "num_heads": c.num_heads, "num_layers": c.num_layers,
-        "output_past": True, "pad_token_id": 0, "relative_attention_max_distance": c.relative_attention_max_distance,
-        "relative_attention_num_buckets": c.relative_attention_num_buckets, "tie_word_embeddings": False,
-        "torch_dtype": "float32", "use_cache": True, "vocab_size": c.vocab_size})
-    p = flow.params
-    write_json(repo / "transformer" / "config.json", {
-        "_class_name": "FluxTransformer2DModel", "_diffusers_version": "0.30.0.dev0",
-        "attention_head_dim": p.hidden_size // p.num_heads, "axes_dims_rope": list(p.axes_dim),
-        "guidance_embeds": p.guidance_embed, "in_channels": p.in_channels, "joint_attention_dim": p.context_in_dim,
-        "num_attention_heads": p.num_heads, "num_layers": p.depth, "num_single_layers": p.depth_single_blocks,
-        "patch_size": 1, "pooled_projection_dim": p.vec_in_dim})
-    a = ae.params
-    write_json(repo / "vae" / "config.json", {
-        "_class_name": "AutoencoderKL", "_diffusers_version": "0.30.0.dev0", "act_fn": "silu",
-        "block_out_channels": [a.ch * m for m in a.ch_mult], "down_block_types": ["DownEncoderBlock2D"] * 4,
-        "force_upcast": True, "in_channels": a.in_channels, "latent_channels": a.z_channels,
-        "layers_per_block": a.num_res_blocks, "mid_block_add_attention": True, "norm_num_groups": 32,
-        "out_channels": a.out_ch, "sample_size": a.resolution, "scaling_factor": a.scale_factor,
-        "shift_factor": a.shift_factor, "up_block_types": ["UpDecoderBlock2D"] * 4, "use_post_quant_conv": False,
-        "use_quant_conv": False})
-    write_json(repo / "scheduler" / "scheduler_config.json", {
-        "_class_name": "FlowMatchEulerDiscreteScheduler", "_diffusers_version": "0.30.0.dev0",
-        "base_image_seq_len": 256, "base_shift": 0.5, "max_image_seq_len": 4096, "max_shift": 1.15,
-        "num_train_timesteps": 1000, "shift": 3.0, "use_dynamic_shifting": True})
-    write_json(repo / "model_index.json", MODEL_INDEX)
-
-
-def evaluate(repo: Path, scenes: list[Scene], size: int, steps: int, guidance: float) -> tuple[list[float], list]:
+def score_captions(repo: Path, scenes: list[Scene], size: int, steps: int,
+                   guidance: float) -> tuple[list[float], list[Image.Image]]:
     """caption_match of each scene and the images generated from the captions through minflux.pipeline (seed 0,
     one batch, so image i starts from row i of seed 0's noise)."""
     pipe = load_pipeline(str(repo))
@@ -558,7 +373,7 @@ def evaluate(repo: Path, scenes: list[Scene], size: int, steps: int, guidance: f
     return [caption_match(image, scene) for image, scene in zip(images, scenes)], images
 
 
-def contact_sheet(scenes: list[Scene], images: list[Image.Image], size: int) -> Image.Image:
+def samples_sheet(scenes: list[Scene], images: list[Image.Image], size: int) -> Image.Image:
     """The renders on top, the generated images below."""
     sheet = Image.new("RGB", (size * len(scenes), 2 * size), "gray")
     for i, (scene, image) in enumerate(zip(scenes, images)):
@@ -567,10 +382,23 @@ def contact_sheet(scenes: list[Scene], images: list[Image.Image], size: int) -> 
     return sheet
 
 
-def timed_issue_prompt(repo: Path, size: int, steps: int) -> float:
-    """Seconds to load the repo and draw the issue's prompt, the way a user would."""
+@torch.no_grad()
+def reconstruction_match(ae: AutoEncoder, images: torch.Tensor, scenes: list[Scene]) -> float:
+    """Mean caption_match of the decoded latent means: about the best the flow model can reach."""
+    out = ae.decode(ae.encode(images))
+    return float(np.mean([caption_match(img, scene) for img, scene in zip(to_images(out), scenes)]))
+
+
+def to_images(x: torch.Tensor) -> list[Image.Image]:
+    """(B, 3, H, W) in [-1, 1] -> PIL images."""
+    pixels = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return [Image.fromarray(rearrange(p, "c h w -> h w c").numpy()) for p in pixels]
+
+
+def time_demo_prompt(repo: Path, size: int, steps: int) -> float:
+    """Seconds to load the repo and draw DEMO_PROMPT, the way a user would."""
     t0 = time.perf_counter()
-    load_pipeline(str(repo)).generate([ISSUE_PROMPT], width=size, height=size, steps=steps, progress=False)
+    load_pipeline(str(repo)).generate([DEMO_PROMPT], width=size, height=size, steps=steps, progress=False)
     return time.perf_counter() - t0
 
 
@@ -583,7 +411,7 @@ def readme(args, argv, info: dict) -> str:
     score = (f"""`toy.world.caption_match` (the fraction of a caption's facts that `toy.world.analyse` reads back
 from the image: the background, and per shape its cell, colour, kind and size) over {n} held-out scenes (captions
 never seen in training), generated at {side}, {args.eval_steps} steps, seed 0: **{mean:.3f}** at guidance 3.5
-({mean_g1:.3f} at guidance 1.0); the issue's prompt "{ISSUE_PROMPT}": {info['scores'][0]:.2f}.
+({mean_g1:.3f} at guidance 1.0); the demo prompt "{DEMO_PROMPT}": {info['scores'][0]:.2f}.
 Chance is far lower: an image of only the right background scores 1/5 for a one-shape caption, 1/9 for two.
 Decoding the autoencoder's own latents of the same scenes scores {info['recon']:.3f}, about the flow model's
 ceiling.
@@ -599,7 +427,7 @@ key names of `black-forest-labs/FLUX.1-dev`, so it loads through exactly the cod
 ```python
 from minflux.pipeline import load_pipeline
 pipe = load_pipeline("toy/model")
-pipe.generate(["{ISSUE_PROMPT}"], width=64, height=64, steps=20)[0].save("toy.png")
+pipe.generate(["{DEMO_PROMPT}"], width=64, height=64, steps=20)[0].save("toy.png")
 ```
 
 It knows only the captions of `toy/world.py` ("a large red circle at the top left and a small blue square at the
@@ -630,11 +458,29 @@ the sampler's default 3.5 and IC-LoRA training's 1.0 give the same images.
 ```
 
 {info['scenes']} scenes (seed {args.seed}), {args.threads} CPU thread(s), {info['total_s'] / 60:.1f} minutes in all
-({', '.join(f'{k} {v:.0f} s' for k, v in info['times'].items())}). Every choice is explained in the docstring of
+({', '.join(f'{k} {v:.0f} s' for k, v in info['times'].items())}). Every choice is explained in the docstrings of
 `toy/train_base.py`. Final losses: autoencoder L1 {info['ae']['l1']:.4f}, L2 {info['ae']['l2']:.4f} (per pixel,
 in [-1, 1] units), KL {info['ae']['kl']:.2f} (per latent element); flow matching
 {info['flow']['loss_last100']:.4f} (mean of the last 100 steps; {info['flow']['loss_first100']:.4f} over the first 100).
 """
+
+
+@contextmanager
+def timed(times: dict[str, float], name: str):
+    """Adds the seconds the block took to times[name]."""
+    t0 = time.perf_counter()
+    yield
+    times[name] = time.perf_counter() - t0
+
+
+def swap_in(tmp: Path, out: Path):
+    """Replaces the folder `out` by `tmp`, a sibling, so `out` is never half written."""
+    old = out.with_name(f".{out.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if out.exists():
+        os.replace(out, old)
+    os.replace(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def main(argv=None) -> Path:
@@ -643,61 +489,56 @@ def main(argv=None) -> Path:
     if args.size % 16 or args.size < 32:
         raise SystemExit(f"--size must be a multiple of 16 and at least 32, got {args.size}")
     begin, times = time.perf_counter(), {}
-    tick = lambda name, t0: times.__setitem__(name, time.perf_counter() - t0)
     tmp = args.out.with_name(f".{args.out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
 
-    # 1. Scenes.
-    t0 = time.perf_counter()
-    images, captions = make_scenes(args.scenes, args.max_shapes, args.size, args.seed)
-
-    # 2. Tokenizers, checked with the pipeline's own classes.
-    corpus = tokenizer_corpus(captions, args.task_captions, args.seed)
-    t5_vocab = write_t5_tokenizer(tmp / "tokenizer_2", corpus, args.seed)
-    clip_vocab = write_clip_tokenizer(tmp / "tokenizer", corpus)
-    lengths = check_tokenizers(tmp, corpus)
+    # 1. Scenes, 2. tokenizers trained on their captions (+ recolour-task captions), checked with the pipeline's own
+    # tokenizer classes.
+    with timed(times, "data+tokenizers"):
+        images, captions = make_scenes(args.scenes, args.max_shapes, args.size, args.seed)    # (N, 3, H, W)
+        corpus = tokenizer_corpus(captions, args.task_captions, args.seed)
+        t5_vocab = train_t5_tokenizer(tmp / "tokenizer_2", corpus, args.seed)
+        clip_vocab = train_clip_tokenizer(tmp / "tokenizer", corpus)
+        lengths = check_tokenizers(tmp, corpus)
     print(f"tokenizers: T5 {t5_vocab} ids, CLIP {clip_vocab} tokens; a text is {lengths['t5']:.1f} T5 / "
           f"{lengths['clip']:.1f} CLIP tokens on average; every corpus text round-trips", file=sys.stderr)
-    tick("data+tokenizers", t0)
 
     # 3. Text encoders (random, frozen), then every caption encoded once.
-    t0 = time.perf_counter()
-    t5 = banded_t5(t5_config(t5_vocab, args), args.t5_reach, args.seed + 4)
-    clip = random_clip(clip_config(clip_vocab, args), args.seed + 5)
-    diff = check_merged_attention(flow_params(args), t5, clip, tmp, captions[:4], args.t5_reach, args.seed + 6)
-    if diff > 1e-4:
-        raise RuntimeError(f"merged-pad attention differs from the 512-token forward by {diff:.2e}")
-    txt, bias, vec = encode_captions(t5, clip, tmp, captions, args.t5_reach)
+    with timed(times, "text"):
+        t5 = banded_t5(t5_config(t5_vocab, args), args.t5_reach, args.seed + 4)
+        clip = random_clip(clip_config(clip_vocab, args), args.seed + 5)
+        diff = check_merged_attention(flow_params(args), t5, clip, tmp, captions[:4], args.t5_reach, args.seed + 6)
+        if diff > 1e-4:
+            raise RuntimeError(f"merged-pad attention differs from the 512-token forward by {diff:.2e}")
+        txt, bias, vec = encode_captions(t5, clip, tmp, captions, args.t5_reach)       # (N, Lt, C), (Lt,), (N, C)
     print(f"text: {txt.shape[1]} of {T5_LENGTH} T5 tokens kept, the run of far pads merged "
           f"(max diff to the full forward {diff:.1e})", file=sys.stderr)
-    tick("text", t0)
 
     # 4. Autoencoder, then the latent shift and scale.
-    t0 = time.perf_counter()
-    ae, ae_log = train_autoencoder(images, args)
-    latents = set_latent_factors(ae, images)
-    tick("autoencoder", t0)
+    with timed(times, "autoencoder"):
+        ae, ae_log = train_autoencoder(images, args)
+        latents = set_latent_factors(ae, images)                                         # (N, 16, h, w)
 
     # 5. Flow transformer.
-    t0 = time.perf_counter()
-    flow, flow_log = train_flow(latents, txt, bias, vec, args)
-    tick("flow", t0)
+    with timed(times, "flow"):
+        flow, flow_log = train_flow(latents, txt, bias, vec, args)
 
-    # 6. The repo, evaluated through the pipeline, then swapped in.
-    t0 = time.perf_counter()
-    write_weights_and_configs(tmp, flow, ae, t5, clip)
-    scenes = eval_scenes(args.eval_prompts, args.max_shapes, args.seed, set(captions))
-    scores, scores_g1, recon, draw_s = [], [], float("nan"), float("nan")
-    if scenes:
-        scores, generated = evaluate(tmp, scenes, args.size, args.eval_steps, guidance=3.5)
-        scores_g1, _ = evaluate(tmp, scenes, args.size, args.eval_steps, guidance=1.0)
-        contact_sheet(scenes, generated, args.size).save(tmp / "samples.png")
-        recon = reconstruction_match(ae, renders(scenes, args.size), scenes)
-        draw_s = timed_issue_prompt(tmp, args.size, args.eval_steps)
-        print(f"caption_match over {len(scenes)} held-out scenes: {np.mean(scores):.3f} at guidance 3.5, "
-              f"{np.mean(scores_g1):.3f} at 1.0 (autoencoder ceiling {recon:.3f})", file=sys.stderr)
-    tick("write+eval", t0)
+    # 6. The repo in a temporary folder, evaluated through the pipeline on held-out scenes.
+    with timed(times, "write+eval"):
+        write_weights_and_configs(tmp, flow, ae, t5, clip)
+        scenes = eval_scenes(args.eval_prompts, args.max_shapes, args.seed, set(captions))
+        scores, scores_g1, recon, draw_s = [], [], float("nan"), float("nan")
+        if scenes:
+            scores, generated = score_captions(tmp, scenes, args.size, args.eval_steps, guidance=3.5)
+            scores_g1, _ = score_captions(tmp, scenes, args.size, args.eval_steps, guidance=1.0)
+            samples_sheet(scenes, generated, args.size).save(tmp / "samples.png")
+            recon = reconstruction_match(ae, renders(scenes, args.size), scenes)
+            draw_s = time_demo_prompt(tmp, args.size, args.eval_steps)
+            print(f"caption_match over {len(scenes)} held-out scenes: {np.mean(scores):.3f} at guidance 3.5, "
+                  f"{np.mean(scores_g1):.3f} at 1.0 (autoencoder ceiling {recon:.3f})", file=sys.stderr)
+
+    # 7. The README and the log, then the folder swapped in.
     count = lambda m: sum(p.numel() for p in m.parameters())
     info = dict(size_mb=sum(f.stat().st_size for f in tmp.rglob("*.safetensors")) / 2**20,
                 axes_dim=flow.params.axes_dim, ae_params=ae.params,
@@ -709,12 +550,7 @@ def main(argv=None) -> Path:
     log = {k: v for k, v in info.items() if k not in ("axes_dim", "ae_params")}
     write_json(tmp / "train_log.json", log | {"eval_captions": [caption(s) for s in scenes],
                                                "args": {k: str(v) for k, v in vars(args).items()}})
-    old = args.out.with_name(f".{args.out.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if args.out.exists():
-        os.replace(args.out, old)
-    os.replace(tmp, args.out)
-    shutil.rmtree(old, ignore_errors=True)
+    swap_in(tmp, args.out)
     print(f"wrote {args.out} ({info['size_mb']:.1f} MB of weights) in {info['total_s'] / 60:.1f} min",
           file=sys.stderr)
     return args.out

@@ -3,26 +3,9 @@ In-Context LoRA task "recolour" with its scores.
 
 A scene is a background colour plus 1-3 shapes, each in its own cell of a 3x3 grid. PALETTE holds six corners of
 the RGB cube, at least 255 apart, so a blurry, noisy generator still lands nearest the colour it meant. The task
-follows In-Context LoRA (arXiv 2410.23775; caption style of the authors' release): a two-panel
-set whose right panel is the left scene (same shapes, cells and sizes) with every colour, background included,
-sent through RECOLOUR, a fixed 6-cycle that no base model knows.
-
-Reading an image back (`analyse`) works on blurry, noisy generated images, not only on clean renders.
-Thresholds (cell fractions are of the cell's pixel count or side):
-  SNAP_RADIUS 127.5  a pixel takes the nearest palette colour only when within 127.5 of it (half the smallest
-                     palette distance, so never two candidates); other pixels (blurred edges, off colours) are
-                     ignored for shapes. The background is the most common nearest colour over all pixels.
-  PRESENT 0.04       a cell holds a shape when its most common non-background colour covers more than 4% of the
-                     cell (a clean small triangle covers ~10%, a large square ~64%) and
-  CENTERED 0.25      that colour's centroid lies within 0.25 of a cell side from the cell centre (so an edge
-                     bleeding in from a neighbouring cell is not a shape).
-  kind               the mask is compared with an ideal circle, square and up-pointing triangle of the same
-                     area and centroid; the best intersection-over-union wins, a circle only by more than
-  ROUND_CORNERS 0.04 (blur rounds a small square's corners, it never squares a circle).
-  LARGE 0.62         the shape is large when the fitted shape's width (sqrt(area / fill), fill = pi/4, 1 or 1/2)
-                     is more than 0.62 of the cell side (large shapes are drawn at 0.8, small ones at 0.45).
-Measured at 64 px with Gaussian blur radius 1 and pixel noise sigma 20 (see tests/test_toy_world.py): background,
-colour and cell ~100%, size ~100%, kind ~97%; clean renders from 24 px up are read back exactly.
+follows In-Context LoRA (arXiv 2410.23775; caption style of the authors' release): a two-panel set whose right
+panel is the left scene (same shapes, cells and sizes) with every colour, background included, sent through
+RECOLOUR, a fixed 6-cycle that no base model knows. `analyse` reads blurry, noisy generated images back too.
 Images are PIL RGB; PIL sizes are (W, H); arrays are (H, W) for an image, (h, w) for one cell; P palette colours.
 """
 
@@ -41,8 +24,18 @@ SIZES = {"small": 0.45, "large": 0.8}  # side of the shape / side of its cell
 CELLS = ("top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right")  # row-major
 MIN_IMAGE_SIZE = 24  # a small shape is then 3-4 pixels wide
 
-SNAP_RADIUS = 127.5
-PRESENT, CENTERED, LARGE, ROUND_CORNERS = 0.04, 0.25, 0.62, 0.04
+# Thresholds of `analyse` (cell fractions are of the cell's pixel count or side). tests/test_toy_world.py reads
+# renders blurred (radius 1) and noised (sigma 20) at 64 px back: background, colour, cell and size ~100%, kind ~97%.
+SNAP_RADIUS = 127.5  # a pixel takes the nearest palette colour only within this distance (half the smallest palette
+#                      distance, so never two candidates); other pixels (blurred edges, off colours) are not shapes
+PRESENT = 0.04  # a cell holds a shape when its most common non-background colour covers more than this (a clean
+#                 small triangle covers ~10% of its cell, a large square ~64%) and
+CENTERED = 0.25  # that colour's centroid lies within this fraction of a side from the cell centre (so an edge
+#                  bleeding in from a neighbouring cell is not a shape)
+LARGE = 0.62  # large when the fitted shape's width (sqrt(area / fill)) exceeds this fraction of the side (SIZES)
+ROUND_CORNERS = 0.04  # the mask's best IoU with an ideal circle, square or triangle of the same area and centroid
+#                       picks the kind; a circle wins only by more than this (blur rounds a small square's corners,
+#                       it never squares a circle)
 FILL = {"circle": np.pi / 4, "square": 1.0, "triangle": 0.5}  # area / (width * height)
 SET_SUMMARY = "[TWO-PANEL] the same scene in two colour schemes"
 
@@ -187,7 +180,8 @@ def read_cell(labels: np.ndarray, background: int, cell: str) -> Shape | None:
 
 
 def analyse(image: Image.Image) -> Scene:
-    """The scene an image shows, read with the thresholds in the module docstring (any image size)."""
+    """The scene an image shows (any image size), read with the thresholds above: the background is the most common
+    nearest palette colour over all pixels, then each cell is read on its own."""
     nearest, close = snap(image)  # (H, W), (H, W)
     background = int(np.bincount(nearest.ravel(), minlength=len(COLOURS)).argmax())
     labels = np.where(close, nearest, -1)  # (H, W)
