@@ -36,8 +36,11 @@ class Repo:
             raise ValueError(f"{model!r} is neither a folder nor a HF repo id like black-forest-labs/FLUX.1-dev")
         else:
             self.root = None
-            try:
-                self.files = set(self.hub(lambda hub: hub.list_repo_files(model)))
+            from huggingface_hub.constants import HF_HUB_ETAG_TIMEOUT
+
+            try:  # one request with a timeout: list_repo_files retries a dead connection for 25 s
+                info = self.hub(lambda hub: hub.model_info(model, timeout=HF_HUB_ETAG_TIMEOUT))
+                self.files = {sibling.rfilename for sibling in info.siblings}
             except ConnectionError:  # offline: use the copy in the HF cache, if there is one
                 self.root = Path(self.hub(lambda hub: hub.snapshot_download(model, local_files_only=True)))
                 self.files = {p.relative_to(self.root).as_posix() for p in self.root.rglob("*") if p.is_file()}

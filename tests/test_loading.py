@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -114,6 +115,35 @@ def test_a_gated_repo_without_token_explains_how_to_get_access(tmp_path):
     assert "org/gated is a gated repo" in run.stderr and "HF_TOKEN" in run.stderr
     assert "--model toy" in run.stderr  # what to run meanwhile
     assert "Traceback" not in run.stderr
+
+
+def unreachable_hub(tmp_path) -> dict:
+    """An environment whose HF hub is a closed local port and whose HF cache is tmp_path/hf."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+    return env | {"HF_ENDPOINT": "http://127.0.0.1:9", "HF_HOME": str(tmp_path / "hf")}
+
+
+def test_an_unreachable_hub_is_reported_within_seconds_with_the_toy_hint(tmp_path):
+    start = time.perf_counter()
+    run = subprocess.run([sys.executable, "sample.py", "--model", "org/x", "--prompt", "x", "--device", "cpu"],
+                         cwd=ROOT, env=unreachable_hub(tmp_path), capture_output=True, text=True, timeout=120)
+    assert time.perf_counter() - start < 10  # not huggingface_hub's 25 s of retries
+    assert run.returncode != 0
+    assert "org/x: not in the HF cache and the hub cannot be reached (offline?)" in run.stderr
+    assert "--model toy" in run.stderr and "Traceback" not in run.stderr
+
+
+def test_an_unreachable_hub_falls_back_to_the_copy_in_the_hf_cache(tmp_path):
+    cached = tmp_path / "hf" / "hub" / "models--org--x"
+    (cached / "snapshots" / ("0" * 40) / "vae").mkdir(parents=True)
+    (cached / "snapshots" / ("0" * 40) / "vae" / "config.json").write_text("{}")
+    (cached / "refs").mkdir()
+    (cached / "refs" / "main").write_text("0" * 40)
+    start = time.perf_counter()
+    run = subprocess.run([sys.executable, "-c", "from minflux.hub import Repo; print(sorted(Repo('org/x').files))"],
+                         cwd=ROOT, env=unreachable_hub(tmp_path), capture_output=True, text=True, timeout=120)
+    assert time.perf_counter() - start < 10
+    assert run.stdout.strip() == "['vae/config.json']", run.stderr
 
 
 def test_sample_py_help_explains_every_flag():
