@@ -32,7 +32,7 @@ class Repo:
         if Path(model).is_dir():
             self.root = Path(model)
             self.files = {p.relative_to(self.root).as_posix() for p in self.root.rglob("*") if p.is_file()}
-        elif Path(model).exists() or model.count("/") != 1:
+        elif Path(model).exists() or model.count("/") != 1 or model.startswith(("/", ".", "~")):
             raise ValueError(f"{model!r} is neither a folder nor a HF repo id like black-forest-labs/FLUX.1-dev")
         else:
             self.root = None

@@ -80,6 +80,12 @@ def test_a_string_that_is_neither_folder_nor_repo_id_is_refused(tmp_path):
         hub.Repo(str(tmp_path / "no" / "such" / "folder"))
 
 
+@pytest.mark.parametrize("path", ["/no-such-folder", "./no-such-folder", "~/no-such-folder"])
+def test_a_missing_folder_with_one_slash_is_not_taken_for_a_repo_id(path):
+    with pytest.raises(ValueError, match="neither a folder nor a HF repo id"):
+        hub.Repo(path)
+
+
 def test_dtype_names_are_checked():
     with pytest.raises(ValueError, match="unknown dtype 'int8'"):
         loading.parse_dtype("int8")
