@@ -1,17 +1,17 @@
 """A hand-written LoRA injector for minflux's FLUX transformer (LoRA: Hu et al., arXiv 2106.09685).
 
 A targeted `nn.Linear` is replaced in place by a `LoRALinear` that keeps the base `weight` and `bias` Parameters
-under the same names, so state-dict names stay the official checkpoint names, and adds adapters beside them:
-    y = W x + b + Σ_adapters scale · B(A(dropout(x))),   scale = multiplier · alpha / r.
-A starts kaiming-uniform (as nn.Linear) and B at zero, so a fresh adapter leaves the model unchanged. The base is
-frozen; adapters are float32 even on a bf16 base. The LoRA-file formats, and how the 304 BFL linears targeted here
-correspond to the 494 diffusers modules of the IC-LoRA release, are in `iclora/lora_files.py`.
+under their official names and adds named adapters beside them:
+    y = W x + b + Σ_adapters scaling · B(A(dropout(x))),   scaling = multiplier · alpha / r.
+A starts kaiming-uniform (as nn.Linear) and B at zero, so a fresh adapter leaves the model unchanged. Adapters
+are float32 even on a bf16 base; LoRA files are read and written by `iclora/lora_files.py`.
 
 Shape letters: N any leading dims, I in features, O out features, r rank.
 """
 
 import math
 import re
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +23,7 @@ DEFAULT_TARGETS = (r"double_blocks\.\d+\..+", r"single_blocks\.\d+\..+")
 
 
 class LoRALinear(nn.Module):
-    """An nn.Linear's own `weight` / `bias` Parameters (frozen) plus named adapters, each with its own scale."""
+    """An nn.Linear's own `weight` / `bias` Parameters (frozen) plus named adapters, each with its own scaling."""
 
     def __init__(self, base: nn.Linear):
         super().__init__()
@@ -32,7 +32,7 @@ class LoRALinear(nn.Module):
         self.register_parameter("bias", base.bias.requires_grad_(False) if base.bias is not None else None)
         self.lora_A, self.lora_B, self.dropout = nn.ModuleDict(), nn.ModuleDict(), nn.ModuleDict()
         self.alpha: dict[str, float] = {}
-        self.scale: dict[str, float] = {}
+        self.scaling: dict[str, float] = {}
         self.merged: set[str] = set()
 
     def add_adapter(self, name: str, rank: int, alpha: float, dropout: float = 0.0, bias: bool = False,
@@ -54,32 +54,26 @@ class LoRALinear(nn.Module):
                 self.lora_B[name].bias.zero_()
         self.dropout[name] = nn.Dropout(dropout) if dropout else nn.Identity()
         self.alpha[name] = float(alpha)
-        self.scale[name] = float(alpha) / rank
+        self.scaling[name] = float(alpha) / rank
 
     def delta(self, name: str) -> tuple[Tensor, Tensor | None]:
-        """scale · B @ A (O, I) and scale · B's bias (O,), in float32."""
+        """scaling · B @ A (O, I) and scaling · B's bias (O,), in float32."""
         A, B = self.lora_A[name], self.lora_B[name]
-        s = self.scale[name]
+        s = self.scaling[name]
         return s * (B.weight.float() @ A.weight.float()), None if B.bias is None else s * B.bias.float()
 
     def forward(self, x: Tensor) -> Tensor:
         # x: (..., I)
         out = F.linear(x, self.weight, self.bias)                                 # (..., O)
         for name, A in self.lora_A.items():
-            if name in self.merged:
-                continue
-            h = A(self.dropout[name](x.to(A.weight.dtype)))                       # (..., r) float32
-            B, s = self.lora_B[name], self.scale[name]
-            if out.dtype == h.dtype and B.bias is None:
-                # out + s·h·Bᵀ as one GEMM that accumulates into a copy of out: no (..., O) temporary, no extra pass
-                flat = torch.addmm(out.flatten(0, -2), h.flatten(0, -2), B.weight.t(), alpha=s)  # (N, O)
-                out = flat.view(out.shape)
-            else:  # a bf16 base: the update is computed in float32, then rounded once
-                out = out + (s * B(h)).to(out.dtype)
+            if name not in self.merged:
+                B, s = self.lora_B[name], self.scaling[name]
+                h = s * A(self.dropout[name](x.to(A.weight.dtype)))               # (..., r) float32
+                out = out + F.linear(h, B.weight, None if B.bias is None else s * B.bias).to(out.dtype)  # (..., O)
         return out
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, adapters={dict(self.scale)}, merged={self.merged}"
+        return f"in={self.in_features}, out={self.out_features}, adapters={dict(self.scaling)}, merged={self.merged}"
 
 
 def linears(model: nn.Module, prefix: str = ""):
@@ -92,7 +86,7 @@ def linears(model: nn.Module, prefix: str = ""):
             yield from linears(child, name + ".")
 
 
-def wrap(model: nn.Module, module_name: str) -> LoRALinear:
+def lora_linear_at(model: nn.Module, module_name: str) -> LoRALinear:
     """The LoRALinear at module_name, replacing a plain nn.Linear there in place if needed."""
     module = model.get_submodule(module_name)
     if isinstance(module, LoRALinear):
@@ -106,22 +100,20 @@ def wrap(model: nn.Module, module_name: str) -> LoRALinear:
 
 def inject_lora(model: nn.Module, rank: int = 16, alpha: float = 16.0, targets=DEFAULT_TARGETS,
                 dropout: float = 0.0, name: str = "default", seed: int = 0) -> list[str]:
-    """Adds a fresh adapter (B = 0) to every Linear whose name fully matches one of the `targets` regexes,
-    and freezes every base parameter of the model (targeted or not), so only adapters train.
+    """Adds a fresh adapter (B = 0) to every Linear whose name fully matches one of the `targets` regexes and
+    freezes every other parameter of the model, older adapters included, so only this adapter trains.
     A is drawn from a generator seeded with `seed`: torch's own default seed differs from process to process."""
     names = [n for n, _ in linears(model) if any(re.fullmatch(t, n) for t in targets)]
     if not names:
         raise ValueError(f"no Linear layer matches the LoRA targets {list(targets)}")
-    for n, p in model.named_parameters():
-        if ".lora_" not in n:
-            p.requires_grad_(False)
+    model.requires_grad_(False)
     g = torch.Generator().manual_seed(seed)
     for n in names:
-        wrap(model, n).add_adapter(name, rank, alpha, dropout, generator=g)
+        lora_linear_at(model, n).add_adapter(name, rank, alpha, dropout, generator=g)
     return names
 
 
-def adapters(model: nn.Module, name: str) -> dict[str, LoRALinear]:
+def lora_layers(model: nn.Module, name: str) -> dict[str, LoRALinear]:
     """module name -> LoRALinear for every layer carrying adapter `name`."""
     found = {n: m for n, m in linears(model) if isinstance(m, LoRALinear) and name in m.lora_A}
     if not found:
@@ -130,49 +122,40 @@ def adapters(model: nn.Module, name: str) -> dict[str, LoRALinear]:
 
 
 @torch.no_grad()
-def merge_lora(model: nn.Module, name: str = "default"):
-    """Adds the adapter's delta into the base weights (computed in float32) and skips it in forward."""
-    layers = adapters(model, name)
-    if bad := [n for n, m in layers.items() if m.lora_B[name].bias is not None and m.bias is None]:
+def merge_lora(model: nn.Module, name: str = "default", sign: int = 1):
+    """sign 1: adds the adapter's delta into the base weights (computed in float32), and forward skips the adapter.
+    sign -1: takes a merged delta out again (exact up to rounding in the base dtype)."""
+    if sign not in (1, -1):
+        raise ValueError(f"sign must be 1 (merge) or -1 (unmerge), not {sign}")
+    layers = lora_layers(model, name)
+    if sign == 1 and (bad := [n for n, m in layers.items() if m.lora_B[name].bias is not None and m.bias is None]):
         raise ValueError(f"cannot merge a LoRA bias into a Linear without bias: {', '.join(bad)}")
     for m in layers.values():
-        if name in m.merged:
+        if (name in m.merged) == (sign == 1):  # already as asked
             continue
         dw, db = m.delta(name)
-        m.weight.copy_((m.weight.float() + dw).to(m.weight.dtype))
+        m.weight.copy_((m.weight.float() + sign * dw).to(m.weight.dtype))
         if db is not None:
-            m.bias.copy_((m.bias.float() + db).to(m.bias.dtype))
-        m.merged.add(name)
-
-
-@torch.no_grad()
-def unmerge_lora(model: nn.Module, name: str = "default"):
-    """The inverse of merge_lora (exact up to rounding in the base dtype)."""
-    for m in adapters(model, name).values():
-        if name not in m.merged:
-            continue
-        dw, db = m.delta(name)
-        m.weight.copy_((m.weight.float() - dw).to(m.weight.dtype))
-        if db is not None:
-            m.bias.copy_((m.bias.float() - db).to(m.bias.dtype))
-        m.merged.discard(name)
+            m.bias.copy_((m.bias.float() + sign * db).to(m.bias.dtype))
+        m.merged ^= {name}  # merged now if it was not, and the reverse
 
 
 def set_lora_scale(model: nn.Module, name: str, multiplier: float):
-    """scale = multiplier · alpha / r for every layer of this adapter (re-merging it if it was merged)."""
-    merged = any(name in m.merged for m in adapters(model, name).values())
-    unmerge_lora(model, name)
-    for m in adapters(model, name).values():
-        m.scale[name] = multiplier * m.alpha[name] / m.lora_A[name].out_features
+    """scaling = multiplier · alpha / r for every layer of this adapter (re-merging it if it was merged)."""
+    layers = lora_layers(model, name)
+    merged = any(name in m.merged for m in layers.values())
+    merge_lora(model, name, sign=-1)
+    for m in layers.values():
+        m.scaling[name] = multiplier * m.alpha[name] / m.lora_A[name].out_features
     if merged:
         merge_lora(model, name)
 
 
 def remove_lora(model: nn.Module, name: str = "default"):
     """Drops the adapter (unmerging it first); a layer left with none becomes a plain nn.Linear again."""
-    unmerge_lora(model, name)
-    for module_name, m in adapters(model, name).items():
-        for d in (m.lora_A, m.lora_B, m.dropout, m.alpha, m.scale):
+    merge_lora(model, name, sign=-1)
+    for module_name, m in lora_layers(model, name).items():
+        for d in (m.lora_A, m.lora_B, m.dropout, m.alpha, m.scaling):
             del d[name]
         if not m.lora_A:
             plain = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
@@ -183,15 +166,23 @@ def remove_lora(model: nn.Module, name: str = "default"):
 
 def lora_parameters(model: nn.Module, name: str = "default") -> list[nn.Parameter]:
     """The adapter's A and B parameters, for the optimizer."""
-    return [p for m in adapters(model, name).values() for p in (*m.lora_A[name].parameters(),
-                                                                 *m.lora_B[name].parameters())]
+    return [p for m in lora_layers(model, name).values() for p in (*m.lora_A[name].parameters(),
+                                                                    *m.lora_B[name].parameters())]
 
 
-def lora_state(model: nn.Module, name: str = "default") -> dict[str, tuple[Tensor, Tensor, Tensor | None, float]]:
-    """BFL module name -> (A (r, I), B (O, r), B's bias (O,) or None, alpha), detached."""
+class LoRAWeights(NamedTuple):
+    """One layer's adapter: A (r, I), B (O, r), B's bias (O,) or None, and alpha (scaling = alpha / r)."""
+    A: Tensor
+    B: Tensor
+    bias: Tensor | None
+    alpha: float
+
+
+def lora_state(model: nn.Module, name: str = "default") -> dict[str, LoRAWeights]:
+    """BFL module name -> the adapter's weights there, detached."""
     out = {}
-    for module_name, m in adapters(model, name).items():
+    for module_name, m in lora_layers(model, name).items():
         A, B = m.lora_A[name], m.lora_B[name]
-        out[module_name] = (A.weight.detach(), B.weight.detach(),
-                            None if B.bias is None else B.bias.detach(), m.alpha[name])
+        out[module_name] = LoRAWeights(A.weight.detach(), B.weight.detach(),
+                                       None if B.bias is None else B.bias.detach(), m.alpha[name])
     return out

@@ -1,38 +1,12 @@
-"""LoRA files for the FLUX transformer: saved in the PEFT/diffusers layout, loaded from the four layouts seen for FLUX.
+"""LoRA files for the FLUX transformer: saved in the PEFT/diffusers layout, loaded from any known layout.
 
-The layouts are those seen for FLUX LoRAs (diffusers/PEFT, kohya sd-scripts, BFL, XLabs x-flux).
-Every diffusers <-> BFL name mapping comes from the one table in
-`minflux/convert.py` (each diffusers linear fills a set of rows of one BFL linear).
+We save what the IC-LoRA release uses, `transformer.<diffusers module>.lora_A.weight` / `.lora_B.weight` (+ `.alpha`
+when alpha != rank), mapping diffusers modules to BFL linears with `minflux/convert.py`'s table. Loading detects
+the layout from the key names (the others are in `iclora/lora_layouts.py`); several file modules that land in one
+fused BFL linear become one adapter with exactly the sum of their deltas. Layouts and diffusers' quirks are in
+`docs/lora-formats.md`.
 
-Saving writes only LoRA tensors, `transformer.<diffusers module>.lora_A.weight` / `.lora_B.weight`, plus a scalar
-`.alpha` per module when alpha != rank (diffusers' FLUX loader reads these as network alphas; no `.alpha` means
-scale 1). A fused BFL linear is split exactly: A is shared, B is cut by rows (the final adaLN rows are un-swapped).
-In diffusers, load such a file with `FluxPipeline.load_lora_weights` (it reads `.alpha`);
-`FluxTransformer2DModel.load_lora_adapter` on its own ignores `.alpha` keys and would use scale 1.
-The adapter config is NOT written as diffusers' `lora_adapter_metadata`: diffusers refuses a file that has both it
-and `.alpha` keys. Caller metadata goes in as plain safetensors string metadata.
-
-Loading detects the layout from the key names:
-    PEFT/diffusers  [base_model.model.][transformer.]<diffusers module>.lora_A.weight / .lora_B.weight (or lora_down
-                    / lora_up), .alpha
-                    (the ali-vilab In-Context-LoRA release: no alpha, rank 16, fp16, 494 modules)
-    kohya           lora_unet_<BFL module, dots as underscores>.lora_down.weight / .lora_up.weight / .alpha,
-                    and ComfyUI's diffusion_model.<BFL module>.lora_down.weight / ..., and kohya's diffusers
-                    naming lora_transformer_<diffusers module, dots as underscores>.lora_down.weight / ...
-    BFL-native      [diffusion_model.]<BFL module>.lora_A.weight / .lora_B.weight / .lora_B.bias, plus full tensors
-                    (unprefixed) such as
-                    `...query_norm.scale` that are copied into the model (remove_lora does NOT undo that copy)
-    XLabs           double_blocks.{i}.processor.{qkv,proj}_lora{1,2}.{down,up}.weight (1 = img, 2 = txt),
-                    single_blocks.{i}.processor.{qkv,proj}_lora.{down,up}.weight (qkv: first 3C rows of linear1)
-Several diffusers modules that land in one BFL linear (to_q/to_k/to_v[/proj_mlp]) become ONE adapter of rank
-R = Σ r_i with A = [A_1; ...; A_n] and a block-diagonal B (each part's scale folded into its block, absent parts are
-zero), which is exactly Σ_i s_i · B_i A_i. Adapters are float32 whatever the file's dtype. A module without
-an alpha key has scale 1 (alpha = r), even when other modules of the file have one (diffusers would give it
-the file's most common alpha instead).
-Text-encoder LoRA keys (`text_encoder*`, `text_encoders.`, `lora_te*`) are skipped with a warning, so the
-transformer part of a file that also trains CLIP/T5 still loads; a file with only those keys is an error.
-
-Shape letters: r rank, R fused rank, I in features, O out features, C hidden size.
+Shape letters: r rank, R fused rank, I in features, O out features.
 """
 
 import json
@@ -42,28 +16,24 @@ import re
 import warnings
 from collections import defaultdict
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from minflux.convert import transformer_table
+from minflux.convert import Rows, transformer_table
 
-from .lora import LoRALinear, linears, lora_state, set_lora_scale, wrap
+from .lora import LoRALinear, LoRAWeights, linears, lora_linear_at, lora_state, set_lora_scale
+from .lora_layouts import Layout, foreign_layouts
 
-# key suffix -> role, per layout
-FORMATS = {
-    "PEFT/diffusers": {".lora_A.weight": "A", ".lora_B.weight": "B", ".lora_B.bias": "bias", ".lora_down.weight": "A",
-                       ".lora_up.weight": "B", ".lora_A": "A", ".lora_B": "B", ".alpha": "alpha"},
-    "kohya": {".lora_down.weight": "A", ".lora_up.weight": "B", ".alpha": "alpha"},
-    "BFL-native": {".lora_A.weight": "A", ".lora_B.weight": "B", ".lora_B.bias": "bias"},
-    "XLabs": {".down.weight": "A", ".up.weight": "B"},
-}
-TEXT_ENCODER = re.compile(r"text_encoder|lora_te")
+PEFT_ROLES = {".lora_A.weight": "A", ".lora_B.weight": "B", ".lora_B.bias": "bias", ".lora_down.weight": "A",
+              ".lora_up.weight": "B", ".lora_A": "A", ".lora_B": "B", ".alpha": "alpha"}
+TEXT_ENCODER_KEY = re.compile(r"text_encoder|lora_te")
 
 
-def module_table(model: nn.Module, keys=()) -> dict[str, tuple[str, slice | Tensor | None]]:
+def module_table(model: nn.Module, keys=()) -> dict[str, tuple[str, Rows]]:
     """diffusers module -> (BFL module, rows it fills), for the model's sizes and every block index `keys` name.
 
     Covering the indices in the keys lets a key for a block the model lacks map to a BFL name that is then
@@ -84,18 +54,18 @@ def save_lora(model: nn.Module, path, name: str = "default", metadata: dict[str,
     for diffusers_name, (bfl, rows) in module_table(model).items():
         by_bfl[bfl].append((diffusers_name, slice(None) if rows is None else rows))
     tensors = {}
-    for bfl, (A, B, bias, alpha) in lora_state(model, name).items():
+    for bfl, w in lora_state(model, name).items():
         if bfl not in by_bfl:
             raise ValueError(f"{bfl} has no diffusers name: cannot save its LoRA in the PEFT layout")
-        cast = dtype or A.dtype
+        cast = dtype or w.A.dtype
         for diffusers_name, rows in by_bfl[bfl]:
             key = f"transformer.{diffusers_name}"
-            tensors[f"{key}.lora_A.weight"] = A.to(cast).clone()        # (r, I), shared by the parts
-            tensors[f"{key}.lora_B.weight"] = B[rows].to(cast).clone()  # (rows, r)
-            if bias is not None:
-                tensors[f"{key}.lora_B.bias"] = bias[rows].to(cast).clone()
-            if alpha != A.shape[0]:
-                tensors[f"{key}.alpha"] = torch.tensor(float(alpha))
+            tensors[f"{key}.lora_A.weight"] = w.A.to(cast).clone()        # (r, I), shared by the parts
+            tensors[f"{key}.lora_B.weight"] = w.B[rows].to(cast).clone()  # (rows, r)
+            if w.bias is not None:
+                tensors[f"{key}.lora_B.bias"] = w.bias[rows].to(cast).clone()
+            if w.alpha != w.A.shape[0]:
+                tensors[f"{key}.alpha"] = torch.tensor(float(w.alpha))
     atomic_write(Path(path), lambda tmp: save_file({k: v.cpu() for k, v in tensors.items()}, tmp,
                                                    metadata={"format": "pt", **(metadata or {})}))
 
@@ -135,87 +105,83 @@ def read_lora_file(path) -> dict[str, Tensor]:
     return sd
 
 
-def resolvers(model: nn.Module, keys) -> dict:
-    """Per layout: the module part of a key -> (BFL module, rows) or None if the layout does not know it."""
+def layouts(model: nn.Module, keys) -> list[Layout]:
+    """PEFT/diffusers (with or without `transformer.` and peft's `base_model.model.`), then the foreign ones."""
     table = module_table(model, keys)
-    bfl_names = {n for n, _ in linears(model)} | {bfl for bfl, _ in table.values()}
-    kohya = {"lora_unet_" + n.replace(".", "_"): (n, None) for n in bfl_names}
-    kohya |= {"lora_transformer_" + d.replace(".", "_"): target for d, target in table.items()}
-    C = model.params.hidden_size
-
-    def comfy_or_kohya(m: str):
-        if m in kohya:
-            return kohya[m]
-        bfl = m.removeprefix("diffusion_model.")
-        return (bfl, None) if m.startswith("diffusion_model.") and bfl in bfl_names else None
-
-    def xlabs(m: str):
-        match = re.fullmatch(r"(?:diffusion_model\.)?(double|single)_blocks\.(\d+)\.processor\.(qkv|proj)_lora(\d?)", m)
-        if not match:
-            return None
-        kind, i, layer, stream = match.groups()
-        if kind == "double" and stream in ("1", "2"):
-            return f"double_blocks.{i}.{'img' if stream == '1' else 'txt'}_attn.{layer}", None
-        if kind == "single" and not stream:
-            if layer == "qkv":
-                return f"single_blocks.{i}.linear1", slice(0, 3 * C)
-            return f"single_blocks.{i}.linear2", None
-        return None
-
-    def bfl_native(m: str):
-        bfl = m.removeprefix("diffusion_model.")
-        return (bfl, None) if bfl in bfl_names else None
-
-    return {"PEFT/diffusers": lambda m: table.get(m.removeprefix("base_model.model.").removeprefix("transformer.")),
-            "kohya": comfy_or_kohya, "BFL-native": bfl_native, "XLabs": xlabs}
+    prefixes = ("", "transformer.", "base_model.model.", "base_model.model.transformer.")
+    peft = Layout("PEFT/diffusers", PEFT_ROLES, {p + d: target for d, target in table.items() for p in prefixes})
+    return [peft, *foreign_layouts(model, table)]
 
 
-def parse(sd: dict[str, Tensor], suffixes: dict[str, str], resolve, full: set[str]):
-    """Groups keys by source module: {module: {"target": (bfl, rows), role: (key, tensor)}}, full tensors, unknown."""
-    parts, extra, unknown = defaultdict(dict), {}, []
+def tensors_by_module(sd: dict[str, Tensor], layout: Layout):
+    """What `layout` reads in sd: {module: {role: (key, tensor)}}, the full tensors, and the keys it does not know."""
+    modules, full, unknown = defaultdict(dict), {}, []
     for key, tensor in sd.items():
-        for suffix, role in suffixes.items():
-            if key.endswith(suffix) and (target := resolve(module := key[: -len(suffix)])):
-                parts[module] |= {"target": target, role: (key, tensor)}
+        for suffix, role in layout.roles.items():
+            if key.endswith(suffix) and (module := key[: -len(suffix)]) in layout.targets:
+                modules[module][role] = (key, tensor)
                 break
         else:
-            if key in full:
-                extra[key] = tensor
+            if key in layout.full_tensors:
+                full[key] = tensor
             else:
                 unknown.append(key)
-    return parts, extra, unknown
+    return modules, full, unknown
 
 
-def detect(model: nn.Module, sd: dict[str, Tensor], source: str):
-    """(layout, parts, full tensors) of the one layout that knows every key, else a ValueError."""
-    model_tensors = {k for k in model.state_dict() if ".lora_" not in k}  # never our own adapters' tensors
+def find_layout(model: nn.Module, sd: dict[str, Tensor], source: str):
+    """(layout, tensors by module, full tensors) of the first layout that knows every key, else a ValueError."""
     tried = {}
-    for fmt, resolve in resolvers(model, sd).items():
-        parts, extra, unknown = parse(sd, FORMATS[fmt], resolve, model_tensors if fmt == "BFL-native" else set())
-        if not unknown and parts:
-            return fmt, parts, extra
-        tried[fmt] = unknown
-    best = min(tried, key=lambda f: len(tried[f]))
+    for layout in layouts(model, sd):
+        modules, full, unknown = tensors_by_module(sd, layout)
+        if modules and not unknown:
+            return layout, modules, full
+        tried[layout.name] = unknown
+    best = min(tried, key=lambda name: len(tried[name]))
     raise ValueError(f"{source}: not a FLUX transformer LoRA in any known layout (tried {', '.join(tried)}); "
                      f"closest is {best}, which does not know {len(tried[best])} key(s), e.g. "
                      f"{', '.join(tried[best][:3])}")
 
 
-def rows_count(rows, out_features: int) -> int:
-    if rows is None:
-        return out_features
-    return len(range(out_features)[rows]) if isinstance(rows, slice) else len(rows)
+class Piece(NamedTuple):
+    """One file module's LoRA, filling `rows` of a BFL linear: A (r, I), B (rows, r), bias (rows,) or None."""
+    rows: Rows
+    A: Tensor
+    B: Tensor
+    bias: Tensor | None
+    alpha: float
+
+
+def fused_adapter(pieces: list[Piece], out_features: int) -> LoRAWeights:
+    """The one adapter of a BFL linear whose rows these pieces fill. Pieces sharing one A and alpha (a fused adapter
+    split on save, as ours) become that adapter again; others stack their A's over a block-diagonal B, each piece's
+    scaling s_i folded into its block (absent rows stay zero): exactly Σ_i s_i · B_i A_i."""
+    first = pieces[0]
+    shared = len(pieces) == 1 or (not first.A.is_meta and all(torch.equal(p.A, first.A) and p.alpha == first.alpha
+                                                                for p in pieces))
+    A = first.A if shared else torch.cat([p.A for p in pieces])                 # (R, I)
+    B = A.new_zeros(out_features, A.shape[0])                                   # (O, R)
+    bias = A.new_zeros(out_features) if any(p.bias is not None for p in pieces) else None
+    offset = 0
+    for p in pieces:
+        r, rows = p.A.shape[0], slice(None) if p.rows is None else p.rows
+        cols, scaling = (slice(None), 1.0) if shared else (slice(offset, offset + r), p.alpha / r)
+        B[rows, cols] += scaling * p.B
+        if p.bias is not None:
+            bias[rows] += scaling * p.bias
+        offset += r
+    return LoRAWeights(A, B, bias, first.alpha if shared else float(A.shape[0]))  # folded: alpha = R, scaling 1
 
 
 def load_lora(model: nn.Module, path_or_state_dict, name: str = "default", multiplier: float = 1.0,
               source: str | None = None) -> list[str]:
-    """Adds adapter `name` from a LoRA file (any layout above) to the model; returns the BFL modules it covers.
+    """Adds adapter `name` from a LoRA file or state dict in any known layout; returns the BFL modules it covers.
     `source` names a state dict in error messages (a path names itself)."""
     if isinstance(path_or_state_dict, dict):
         sd, source = dict(path_or_state_dict), source or "LoRA state dict"
     else:
         sd, source = read_lora_file(path_or_state_dict), str(path_or_state_dict)
-    if skipped := [k for k in sd if TEXT_ENCODER.match(k)]:
+    if skipped := [k for k in sd if TEXT_ENCODER_KEY.match(k)]:
         warnings.warn(f"{source}: skipping {len(skipped)} text-encoder LoRA tensors (e.g. {skipped[0]}); "
                       f"only the transformer part is loaded")
         sd = {k: v for k, v in sd.items() if k not in skipped}
@@ -223,75 +189,52 @@ def load_lora(model: nn.Module, path_or_state_dict, name: str = "default", multi
             raise ValueError(f"{source}: only text-encoder LoRA tensors, which are not supported")
     if not sd:
         raise ValueError(f"{source}: no tensors")
-    fmt, parts, extra = detect(model, sd, source)
+    layout, modules, full = find_layout(model, sd, source)
     if any(isinstance(m, LoRALinear) and name in m.lora_A for _, m in linears(model)):
         raise ValueError(f"the model already has a LoRA adapter named {name!r}; load this one under another name")
 
     # 1. Check every tensor against the module it targets, before touching the model.
     model_linears = dict(linears(model))
-    pieces = defaultdict(list)  # BFL module -> [(rows, A (r, I), B (rows, r), bias (rows,) | None, alpha, r)]
-    for module, p in parts.items():
-        if "A" not in p or "B" not in p:
-            raise ValueError(f"{source} ({fmt}): {module} needs both a down (A) and an up (B) weight, has only "
-                             f"{', '.join(key for role, (key, _) in p.items() if role != 'target')}")
-        bfl, rows = p["target"]
+    pieces = defaultdict(list)  # BFL module -> [Piece]
+    for module, tensors in modules.items():
+        if "A" not in tensors or "B" not in tensors:
+            raise ValueError(f"{source} ({layout.name}): {module} needs both a down (A) and an up (B) weight, has "
+                             f"only {', '.join(key for key, _ in tensors.values())}")
+        bfl, rows = layout.targets[module]
         if bfl not in model_linears:
-            raise ValueError(f"{source}: key {p['A'][0]} targets module {bfl}, which this model does not have")
+            raise ValueError(f"{source}: key {tensors['A'][0]} targets module {bfl}, which this model does not have")
         linear = model_linears[bfl]
-        (key_a, A), (key_b, B) = p["A"], p["B"]
-        r, n = A.shape[0], rows_count(rows, linear.out_features)
+        (key_a, A), (key_b, B) = tensors["A"], tensors["B"]
+        r = A.shape[0]
+        n = linear.out_features if rows is None else len(torch.arange(linear.out_features)[rows])  # rows filled
         checks = [(key_a, A, (r, linear.in_features)), (key_b, B, (n, r))]
-        if "bias" in p:
-            checks.append((*p["bias"], (n,)))
+        if "bias" in tensors:
+            checks.append((*tensors["bias"], (n,)))
         for key, tensor, want in checks:
             if tuple(tensor.shape) != want:
                 raise ValueError(f"{source}: {key} has shape {tuple(tensor.shape)}, but {bfl} "
                                  f"({linear.out_features}×{linear.in_features}) needs {want}")
-        bias = p["bias"][1].float() if "bias" in p else None
-        alpha = float(p["alpha"][1]) if "alpha" in p else float(r)
-        pieces[bfl].append((rows, A.float(), B.float(), bias, alpha, r))
+        bias = tensors["bias"][1].float() if "bias" in tensors else None
+        alpha = float(tensors["alpha"][1]) if "alpha" in tensors else float(r)
+        pieces[bfl].append(Piece(rows, A.float(), B.float(), bias, alpha))
     params = dict(model.named_parameters()) | dict(model.named_buffers())
-    for key, tensor in extra.items():
+    for key, tensor in full.items():
         if tensor.shape != params[key].shape:
             raise ValueError(f"{source}: {key} has shape {tuple(tensor.shape)}, "
                              f"the model's is {tuple(params[key].shape)}")
 
-    # 2. One adapter per BFL linear; parts of a fused linear go into row blocks of B. Parts that share one A and
-    #    alpha (a fused adapter split on save, as ours) become that adapter again; others stack their A's.
+    # 2. One adapter per BFL linear.
     for bfl, group in pieces.items():
-        out = model_linears[bfl].out_features
-        if len(group) == 1 and group[0][0] is None:
-            _, A, B, bias, alpha, _ = group[0]
-        elif not group[0][1].is_meta and all(torch.equal(g[1], group[0][1]) and g[4] == group[0][4] for g in group):
-            _, A, _, _, alpha, _ = group[0]                                      # (r, I)
-            B = A.new_zeros(out, A.shape[0])                                     # (O, r)
-            bias = A.new_zeros(out) if any(g[3] is not None for g in group) else None
-            for rows, _, B_i, bias_i, _, _ in group:
-                B[slice(None) if rows is None else rows] += B_i
-                if bias_i is not None:
-                    bias[slice(None) if rows is None else rows] += bias_i
-        else:
-            A = torch.cat([g[1] for g in group])                                 # (R, I)
-            B = A.new_zeros(out, A.shape[0])                                     # (O, R) block-diagonal
-            bias = A.new_zeros(out) if any(g[3] is not None for g in group) else None
-            offset = 0
-            for rows, _, B_i, bias_i, alpha_i, r in group:
-                rows = slice(None) if rows is None else rows
-                B[rows, offset : offset + r] = B_i * (alpha_i / r)
-                if bias_i is not None:
-                    bias[rows] += bias_i * (alpha_i / r)
-                offset += r
-            alpha = float(A.shape[0])                                            # scale 1: folded into B
-        layer = wrap(model, bfl)
-        layer.add_adapter(name, A.shape[0], alpha, bias=bias is not None)
+        w = fused_adapter(group, model_linears[bfl].out_features)
+        layer = lora_linear_at(model, bfl)
+        layer.add_adapter(name, w.A.shape[0], w.alpha, bias=w.bias is not None)
         with torch.no_grad():
-            layer.lora_A[name].weight.copy_(A)
-            layer.lora_B[name].weight.copy_(B)
-            if bias is not None:
-                layer.lora_B[name].bias.copy_(bias)
-    if pieces:
-        set_lora_scale(model, name, multiplier)
+            layer.lora_A[name].weight.copy_(w.A)
+            layer.lora_B[name].weight.copy_(w.B)
+            if w.bias is not None:
+                layer.lora_B[name].bias.copy_(w.bias)
+    set_lora_scale(model, name, multiplier)
     with torch.no_grad():
-        for key, tensor in extra.items():
+        for key, tensor in full.items():
             params[key].copy_(tensor)
     return list(pieces)

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from iclora.lora import (LoRALinear, inject_lora, lora_parameters, lora_state, merge_lora, remove_lora,
-                         set_lora_scale, unmerge_lora)
+                         set_lora_scale)
 from minflux.convert import transformer_table
 from minflux.model import Flux, preset
 from tests.test_transformer import inputs
@@ -35,8 +35,8 @@ def merged_by_hand(model, multipliers: dict[str, float]) -> Flux:
     plain.load_state_dict({k: v for k, v in model.state_dict().items() if ".lora_" not in k})
     with torch.no_grad():
         for name, multiplier in multipliers.items():
-            for module, (A, B, _, alpha) in lora_state(model, name).items():
-                plain.get_submodule(module).weight += multiplier * alpha / A.shape[0] * B @ A
+            for module, w in lora_state(model, name).items():
+                plain.get_submodule(module).weight += multiplier * w.alpha / w.A.shape[0] * w.B @ w.A
     return plain
 
 
@@ -56,18 +56,25 @@ def test_adapter_init_is_reproducible_from_the_seed():
     assert A[0].abs().max() <= 1 / 32**0.5  # nn.Linear's kaiming-uniform bound 1/√in
 
 
-def test_merge_then_unmerge_restores_the_base_weights():
+def test_unmerging_with_sign_minus_one_restores_the_base_weights():
     flux = tiny_flux()
     inject_lora(flux, rank=4, alpha=8.0)
     randomize(flux)
     base = {k: v.clone() for k, v in flux.state_dict().items() if ".lora_" not in k}
     merge_lora(flux)
     changed = max((flux.state_dict()[k] - v).abs().max().item() for k, v in base.items())
-    unmerge_lora(flux)
+    merge_lora(flux, sign=-1)
     diff = max((flux.state_dict()[k] - v).abs().max().item() for k, v in base.items())
     print(f"merge changed weights by up to {changed:.2e}; merge+unmerge max abs diff {diff:.2e}")
     assert changed > 0.1
     assert diff < 1e-6
+
+
+def test_a_merge_sign_other_than_plus_or_minus_one_is_an_error():
+    flux = tiny_flux()
+    inject_lora(flux, rank=4)
+    with pytest.raises(ValueError, match="sign must be 1"):
+        merge_lora(flux, sign=0)
 
 
 def test_merged_and_unmerged_adapters_give_the_same_output():
@@ -95,6 +102,14 @@ def test_only_the_adapters_get_gradients():
         else:
             assert not p.requires_grad and p.grad is None, name
     assert len(adapter) == 2 * 26  # A and B on the 2·10 + 2·3 block linears of the tiny model
+
+
+def test_injecting_a_second_adapter_freezes_the_first():
+    flux = tiny_flux()
+    inject_lora(flux, rank=4, name="first")
+    inject_lora(flux, rank=2, targets=[r"single_blocks\.\d+\.linear1"], name="second")
+    trainable = {n for n, p in flux.named_parameters() if p.requires_grad}
+    assert trainable == {n for n, _ in flux.named_parameters() if ".second." in n}
 
 
 def test_two_adapters_with_their_own_scales_add_up():

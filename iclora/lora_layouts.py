@@ -1,0 +1,52 @@
+"""How other trainers name the tensors of a FLUX LoRA: kohya sd-scripts (and ComfyUI), BFL, XLabs x-flux.
+
+A `Layout` is two tables: which key suffix holds which tensor, and which BFL linear (and rows of it) the rest of
+the key names. The PEFT/diffusers layout, the one we save, is in `iclora/lora_files.py`; every layout is
+described, with examples, in `docs/lora-formats.md`.
+"""
+
+import re
+from typing import NamedTuple
+
+from torch import nn
+
+from minflux.convert import Rows
+
+from .lora import linears
+
+
+class Layout(NamedTuple):
+    """How one trainer names the tensors of a LoRA file."""
+
+    name: str
+    roles: dict[str, str]                      # key suffix -> "A", "B", "bias" or "alpha"
+    targets: dict[str, tuple[str, Rows]]       # the rest of the key -> (BFL linear, rows of it that it fills)
+    full_tensors: frozenset[str] = frozenset() # keys copied whole into the model (BFL's norm scales)
+
+
+# BFL linear -> XLabs module (lora1 = img stream, lora2 = txt stream); a single block's qkv is linear1's first rows
+XLABS_NAMES = {r"double_blocks\.(\d+)\.img_attn\.(qkv|proj)": r"double_blocks.\1.processor.\2_lora1",
+               r"double_blocks\.(\d+)\.txt_attn\.(qkv|proj)": r"double_blocks.\1.processor.\2_lora2",
+               r"single_blocks\.(\d+)\.linear1": r"single_blocks.\1.processor.qkv_lora",
+               r"single_blocks\.(\d+)\.linear2": r"single_blocks.\1.processor.proj_lora"}
+
+
+def foreign_layouts(model: nn.Module, diffusers_modules: dict[str, tuple[str, Rows]]) -> list[Layout]:
+    """kohya, BFL-native and XLabs, for this model and the blocks that `diffusers_modules` covers."""
+    bfl = {n: (n, None) for n, _ in linears(model)} | {b: (b, None) for b, _ in diffusers_modules.values()}
+    C = model.params.hidden_size
+    xlabs = {re.sub(pattern, name, n): (n, slice(0, 3 * C) if n.endswith("linear1") else None)
+             for n in bfl for pattern, name in XLABS_NAMES.items() if re.fullmatch(pattern, n)}
+    kohya = {f"lora_unet_{n.replace('.', '_')}": target for n, target in bfl.items()}
+    kohya |= {f"lora_transformer_{d.replace('.', '_')}": target for d, target in diffusers_modules.items()}
+    model_tensors = frozenset(k for k in model.state_dict() if ".lora_" not in k)  # never our own adapters
+    return [Layout("kohya", {".lora_down.weight": "A", ".lora_up.weight": "B", ".alpha": "alpha"},
+                   kohya | comfyui(bfl)),
+            Layout("BFL-native", {".lora_A.weight": "A", ".lora_B.weight": "B", ".lora_B.bias": "bias"},
+                   bfl | comfyui(bfl), model_tensors),
+            Layout("XLabs", {".down.weight": "A", ".up.weight": "B"}, xlabs | comfyui(xlabs))]
+
+
+def comfyui(targets: dict) -> dict:
+    """The same targets under ComfyUI's `diffusion_model.` prefix."""
+    return {f"diffusion_model.{k}": v for k, v in targets.items()}
