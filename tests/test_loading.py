@@ -164,7 +164,7 @@ def test_sample_py_help_explains_every_flag():
     (["--model", "org/x"], "org/x: not in the HF cache and the hub cannot be reached (offline?). To try everything "
                            "without the real weights, use --model toy"),
     (["--model", "org/x", "--device", "cdua"], "unknown device 'cdua'"),
-    (["--model", "org/x", "--steps", "0"], "--steps must be at least 1, got 0"),
+    (["--model", "org/x", "--steps", "0"], "--steps: must be at least 1, got 0"),
     (["--model", "/no/such/model", "--lora", "{bad}"], "not a readable safetensors LoRA file"),
 ], ids=["offline-not-cached", "bad-device", "zero-steps", "corrupt-lora-before-model"])
 def test_sample_py_reports_bad_input_in_one_line_without_a_traceback(tmp_path, args, message):
