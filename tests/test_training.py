@@ -1,7 +1,9 @@
 """train.py on a tiny random FLUX: it learns, resumes bit-for-bit, and stops cleanly on bad input or NaN."""
 
+import gc
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -100,6 +102,22 @@ def test_resume_continues_bit_for_bit(repo, data, tmp_path):
     a, b = load_file(straight), load_file(resumed)
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_keeps_the_loss_log_rows_up_to_the_saved_step_and_closes_the_file(repo, data, tmp_path):
+    """Rows after the last save were lost with the run that wrote them: the resumed log has each step once."""
+    out = tmp_path / "lora.safetensors"
+    run_train(repo, data, out, "--steps", "5", "--save-every", "3")  # saved at 3 and 5; pretend 4 and 5 were lost
+    state = torch.load(out.with_name("lora.state.pt"), weights_only=True)
+    state["step"] = 3
+    torch.save(state, out.with_name("lora.state.pt"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ResourceWarning)
+        run_train(repo, data, out, "--steps", "6", "--save-every", "3", "--resume")
+        gc.collect()
+    assert not [w for w in caught if issubclass(w.category, ResourceWarning) and "loss.csv" in str(w.message)]
+    rows = out.with_name("lora.loss.csv").read_text().splitlines()
+    assert rows[0] == "step,loss,lr,seconds" and [int(r.split(",")[0]) for r in rows[1:]] == [1, 2, 3, 4, 5, 6]
 
 
 def test_a_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(repo, data, tmp_path):
