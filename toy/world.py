@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw
 
+from iclora.panels import split_panels
+
 PALETTE = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255), "yellow": (255, 255, 0),
            "white": (255, 255, 255), "black": (0, 0, 0)}
 COLOURS = tuple(PALETTE)
@@ -214,15 +216,9 @@ def rule_score(left_image: Image.Image, right_image: Image.Image) -> float:
     return matched / (1 + len(want.keys() | got.keys()))
 
 
-def split_panels(joined: Image.Image) -> tuple[Image.Image, Image.Image]:
-    """The left and right halves of a joined two-panel image (the left one is narrower when the width is odd)."""
-    width, height = joined.size
-    return joined.crop((0, 0, width // 2, height)), joined.crop((width // 2, 0, width, height))
-
-
 def panel_consistency(joined: Image.Image, left_scene: Scene) -> dict[str, float]:
     """The three scores of a (generated) recolour set whose left panel was meant to show left_scene."""
-    left, right = split_panels(joined)
+    left, right = split_panels(joined, 2, "row")
     return {"caption_left": caption_match(left, left_scene),
             "caption_right": caption_match(right, recolour(left_scene)),
             "rule": rule_score(left, right)}
