@@ -30,7 +30,7 @@ def parse_args(argv=None):
     p.add_argument("--checkpointing", action="store_true", help="gradient checkpointing in both (--what train)")
     p.add_argument("--image-tokens", type=int, default=512, help="packed image tokens (default: 512)")
     p.add_argument("--text-tokens", type=int, default=64, help="T5 tokens (default: 64)")
-    p.add_argument("--batch", type=int, default=1, help="batch size (default: 1)")
+    p.add_argument("--batch-size", type=int, default=1, help="batch size (default: 1)")
     p.add_argument("--steps", type=int, default=4, help="Euler steps for --what sample (default: 4)")
     p.add_argument("--repeats", type=int, default=10, help="timed runs per implementation (default: 10)")
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
@@ -109,16 +109,16 @@ def main(argv=None):
     device, dtype = torch.device(args.device), {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     torch.manual_seed(0)
     ours, ref = build(args, device, dtype)
-    p, B, N, L = ours.params, args.batch, args.image_tokens, args.text_tokens
-    rows = max(r for r in range(1, int(N ** 0.5) + 1) if N % r == 0)  # the most square grid of exactly N tokens
-    width, height = 16 * (N // rows), 16 * rows
-    img = torch.randn(B, N, p.in_channels, device=device, dtype=dtype)
-    txt = torch.randn(B, L, p.context_in_dim, device=device, dtype=dtype)
+    p, B, Li, Lt = ours.params, args.batch_size, args.image_tokens, args.text_tokens
+    rows = max(r for r in range(1, int(Li ** 0.5) + 1) if Li % r == 0)  # the most square grid of exactly Li tokens
+    width, height = 16 * (Li // rows), 16 * rows
+    img = torch.randn(B, Li, p.in_channels, device=device, dtype=dtype)
+    txt = torch.randn(B, Lt, p.context_in_dim, device=device, dtype=dtype)
     y = torch.randn(B, p.vec_in_dim, device=device, dtype=dtype)
-    target = torch.randn(B, N, p.out_channels, device=device, dtype=dtype)
-    img_ids, txt_ids = image_ids(B, height, width).to(device), text_ids(B, L).to(device)
+    target = torch.randn(B, Li, p.out_channels, device=device, dtype=dtype)
+    img_ids, txt_ids = image_ids(B, height, width).to(device), text_ids(B, Lt).to(device)
     t, g = torch.full((B,), 0.7, device=device, dtype=dtype), torch.full((B,), 3.5, device=device, dtype=dtype)
-    timesteps = get_schedule(args.steps, N)
+    timesteps = get_schedule(args.steps, Li)
     if args.what == "train":
         opt_ours, opt_ref = add_lora(args, ours, ref)
 
@@ -151,8 +151,8 @@ def main(argv=None):
             x = (x.float() + (t1 - t0) * v.float()).to(dtype)
         return x
 
-    result = {"what": args.what, "config": args.config, "device": str(device), "dtype": args.dtype, "batch": B,
-              "image_tokens": N, "text_tokens": L, "threads": torch.get_num_threads(),
+    result = {"what": args.what, "config": args.config, "device": str(device), "dtype": args.dtype, "batch_size": B,
+              "image_tokens": Li, "text_tokens": Lt, "threads": torch.get_num_threads(),
               "params": sum(q.numel() for q in ours.parameters())}
     if args.what == "train":
         result |= {"rank": args.rank, "checkpointing": args.checkpointing}

@@ -19,25 +19,13 @@ import torch
 from iclora.data import load_rgb
 from iclora.lora import merge_lora
 from iclora.lora_files import load_lora, read_lora_file
-from iclora.panels import canvas_size, joint_caption, panel_boxes, panel_size, split_panels
+from iclora.panels import LAYOUTS, canvas_size, joint_caption, panel_boxes, panel_size, split_panels
 from iclora.references import pin_references, reference_latents, reference_panels
-from minflux.hub import USER_ERRORS, check_device, hub_call
+from minflux.hub import USER_ERRORS, check_device, hub_call, ranged
 from minflux.pipeline import from_pil, load_pipeline, to_pil
 from minflux.sampling import add_noise, check_size, denoise, get_noise, image_ids, img2img_start, pack, text_ids, unpack
 
 TOY_SIZE = 64  # the toy model draws 64×64 scenes (per panel)
-
-
-def at_least_1(text: str) -> int:
-    if int(text) < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
-    return int(text)
-
-
-def fraction(text: str) -> float:
-    if not 0.0 <= float(text) <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
-    return float(text)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -52,13 +40,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--prompt-file", type=Path, help="a text file with one prompt per line (blank lines skipped)")
     p.add_argument("--width", type=int, help="image width in pixels, a multiple of 16 (default: 1024; toy: 64)")
     p.add_argument("--height", type=int, help="image height in pixels, a multiple of 16 (default: 1024; toy: 64)")
-    p.add_argument("--steps", type=at_least_1, help="sampling steps (default: 28 for dev, 4 for schnell)")
+    p.add_argument("--steps", type=ranged(int, 1), help="sampling steps (default: 28 for dev, 4 for schnell)")
     p.add_argument("--guidance", type=float, default=3.5,
                    help="distilled guidance strength fed to FLUX.1-dev; ignored by schnell (default: 3.5)")
     p.add_argument("--seed", type=int, nargs="+", default=[0],
                    help="noise seed(s), one run per seed (--seed 1 2 3); image i of a run uses the same draw as "
                         "diffusers with generator.manual_seed(seed) (default: 0)")
-    p.add_argument("--num-images", type=at_least_1, default=1, help="images per prompt and seed (default: 1)")
+    p.add_argument("--num-images", type=ranged(int, 1), default=1, help="images per prompt and seed (default: 1)")
     p.add_argument("--out", type=Path, default=Path("out.png"),
                    help="output file; with several images an index is appended: out-0.png, out-1.png, ...; "
                         "panels get -panel1, -panel2, ...: out-panel1.png or out-0-panel1.png (default: out.png)")
@@ -83,8 +71,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "(slower per step; merging is the default)")
 
     g = p.add_argument_group("panel sets (In-Context LoRA)")
-    g.add_argument("--panels", type=at_least_1, default=1, help="number of panels on the canvas (default: 1)")
-    g.add_argument("--layout", default="row", choices=["row", "column", "grid"],
+    g.add_argument("--panels", type=ranged(int, 1), default=1, help="number of panels on the canvas (default: 1)")
+    g.add_argument("--layout", default="row", choices=LAYOUTS,
                    help="panels side by side, stacked, or in a grid of ceil(sqrt(N)) columns (default: row)")
     g.add_argument("--panel-width", type=int,
                    help="width of each panel, a multiple of 16; with --panel-height it sets the canvas size, "
@@ -99,17 +87,17 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "cover-resized and center-cropped to the panel size")
     g.add_argument("--ref-panel", type=int, action="append", default=[],
                    help="1-based panel fixed by each --ref, one per --ref in the same order")
-    g.add_argument("--ref-strength", type=fraction, default=1.0,
+    g.add_argument("--ref-strength", type=ranged(float, 0, 1), default=1.0,
                    help="s in [0, 1]: after each step the reference panel's latents become (1 - s)·x + s·x_ref(t); "
                         "1 pins them to the reference, 0 ignores it (default: 1.0)")
-    g.add_argument("--ref-stop", type=fraction, default=0.0,
+    g.add_argument("--ref-stop", type=ranged(float, 0, 1), default=0.0,
                    help="F in [0, 1]: leave the reference panels to the model for the last round(F·steps) steps, "
                         "to smooth the seams (default: 0, pinned through the last step)")
 
     g = p.add_argument_group("image-to-image")
     g.add_argument("--init", type=Path,
                    help="start from this image (cover-resized and center-cropped to the canvas) instead of noise")
-    g.add_argument("--strength", type=fraction,
+    g.add_argument("--strength", type=ranged(float, 0, 1),
                    help="how much of the schedule to run from --init: 0 returns the image, 1 ignores it "
                         "(diffusers' rule; default: 0.6)")
     args = p.parse_args(argv)
@@ -216,7 +204,7 @@ def main(argv=None) -> list[Path]:
 
     # --init (image-to-image, SDEdit): start part-way down the schedule from the image noised to that time.
     if init is not None:
-        init_latents = pipe.encode_image(from_pil(init, height, width))             # (1, c, h, w)
+        init_latents = pipe.encode_image(from_pil(init, height, width)).cpu()       # (1, c, h, w)
         timesteps = timesteps[img2img_start(len(timesteps) - 1, args.strength):]
 
     # --ref (reference panels, paper §4.2): their latents, pinned after every step by `after_step`.

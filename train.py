@@ -22,10 +22,11 @@ import torch
 from tqdm.auto import tqdm
 
 from iclora.data import PanelSetDataset, batches_by_bucket
-from iclora.lora import inject_lora, lora_parameters
+from iclora.panels import LAYOUTS
+from iclora.lora import inject_lora
 from iclora.lora_files import atomic_write, save_lora
 from iclora.training import EncodedSet, collate, encode_sets, flow_matching_loss, step_generator
-from minflux.hub import USER_ERRORS, check_device
+from minflux.hub import USER_ERRORS, check_device, ranged
 from minflux.pipeline import load_pipeline, to_pil
 
 # The defaults that depend on the model: the paper's for FLUX.1-dev; for --model toy, a run of a few CPU minutes
@@ -37,15 +38,6 @@ RESUME_MUST_MATCH = ("data", "layout", "model", "batch_size", "grad_accum", "ran
                      "grad_clip", "resolution", "caption_dropout", "guidance", "timestep_sampling", "seed", "dtype")
 
 
-def number(kind, low: float, high: float = math.inf):
-    """An argparse type: `kind` (int or float) in [low, high]."""
-    def parse(text: str):
-        if not low <= kind(text) <= high:
-            raise argparse.ArgumentTypeError(f"must be in [{low}, {high}], got {text}")
-        return kind(text)
-    return parse
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     flux, toy = MODEL_DEFAULTS["flux"], MODEL_DEFAULTS["toy"]
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -53,29 +45,29 @@ def parse_args(argv=None) -> argparse.Namespace:
                                                "flags given on the command line override it")
     p.add_argument("--data", type=Path, help="dataset folder: joined images with same-named .txt captions, or one "
                                              "sub-folder of panels + caption.txt per set (see README)")
-    p.add_argument("--layout", default="row", choices=["row", "column", "grid"],
+    p.add_argument("--layout", default="row", choices=LAYOUTS,
                    help="how panels in sub-folders are joined (default: row)")
     p.add_argument("--model", default="black-forest-labs/FLUX.1-dev",
                    help="HF repo id or local folder in the HF repo layout, or `toy` for the 12 MB toy FLUX in "
                         "toy/model, which also changes the defaults marked 'toy' (default: %(default)s)")
     p.add_argument("--out", type=Path, default=Path("out.safetensors"), help="LoRA file (default: out.safetensors)")
-    p.add_argument("--steps", type=number(int, 1), help=f"optimizer steps (default: {flux['steps']}, the paper's; "
+    p.add_argument("--steps", type=ranged(int, 1), help=f"optimizer steps (default: {flux['steps']}, the paper's; "
                                                           f"toy: {toy['steps']})")
-    p.add_argument("--batch-size", type=number(int, 1), default=4, help="examples per step (default: 4, the paper's)")
-    p.add_argument("--grad-accum", type=number(int, 1), default=1,
+    p.add_argument("--batch-size", type=ranged(int, 1), default=4, help="examples per step (default: 4, the paper's)")
+    p.add_argument("--grad-accum", type=ranged(int, 1), default=1,
                    help="micro-batches of --batch-size per optimizer step (default: 1)")
-    p.add_argument("--rank", type=number(int, 1), default=16, help="LoRA rank (default: 16, the paper's)")
+    p.add_argument("--rank", type=ranged(int, 1), default=16, help="LoRA rank (default: 16, the paper's)")
     p.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha; the update is scaled by alpha/rank "
                                                              "(default: 16)")
-    p.add_argument("--lr", type=number(float, 1e-12), help=f"AdamW learning rate (default: {flux['lr']}; toy: "
+    p.add_argument("--lr", type=ranged(float, 1e-12), help=f"AdamW learning rate (default: {flux['lr']}; toy: "
                                                            f"{toy['lr']})")
-    p.add_argument("--warmup", type=number(int, 0), default=100, help="linear warm-up steps (default: 100)")
+    p.add_argument("--warmup", type=ranged(int, 0), default=100, help="linear warm-up steps (default: 100)")
     p.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (default: 1.0)")
-    p.add_argument("--resolution", type=number(int, 16),
+    p.add_argument("--resolution", type=ranged(int, 16),
                    help="target area as the side of a square: images go to aspect buckets of about this many "
                         f"pixels squared, sides multiples of 16 (default: {flux['resolution']}; toy: "
                         f"{toy['resolution']})")
-    p.add_argument("--caption-dropout", type=number(float, 0, 1), default=0.05,
+    p.add_argument("--caption-dropout", type=ranged(float, 0, 1), default=0.05,
                    help="probability a caption is replaced by the empty one (default: 0.05)")
     p.add_argument("--guidance", type=float, default=1.0, help="distilled-guidance input during training "
                                                                "(default: 1.0)")
@@ -83,13 +75,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="how t is drawn before FLUX's resolution shift (default: logit_normal)")
     p.add_argument("--checkpointing", action=argparse.BooleanOptionalAction,
                    help="gradient checkpointing per block: much less memory, ~30%% slower (default: on; toy: off)")
-    p.add_argument("--save-every", type=number(int, 1), default=250,
+    p.add_argument("--save-every", type=ranged(int, 1), default=250,
                    help="write LoRA + training state every N steps (default: 250)")
-    p.add_argument("--sample-every", type=number(int, 0), default=250,
+    p.add_argument("--sample-every", type=ranged(int, 0), default=250,
                    help="validation images every N steps; 0 = never (default: 250)")
     p.add_argument("--val-prompt", action="append", default=[], help="validation prompt (repeatable; default: the "
                                                                      "first training caption)")
-    p.add_argument("--sample-steps", type=number(int, 1), default=20,
+    p.add_argument("--sample-steps", type=ranged(int, 1), default=20,
                    help="steps for validation images (default: 20)")
     p.add_argument("--seed", type=int, default=42, help="seed for data order, noise, t and dropout (default: 42)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
@@ -97,13 +89,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", default=None, choices=["bf16", "fp32"],
                    help="base-model dtype (default: bf16 on GPU, the stored dtype on CPU); LoRA and optimizer "
                         "are fp32")
-    p.add_argument("--resume", action="store_true", help="continue from <out stem>.state.pt, bit for bit")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from <out stem>.state.pt (bit for bit on CPU; on a GPU, nondeterministic kernels "
+                        "such as attention's backward can add tiny differences)")
     args = p.parse_args(argv)
     if args.config:
         config = json.loads(args.config.read_text())
         if unknown := set(config) - set(vars(args)):
             p.error(f"{args.config}: unknown options {', '.join(sorted(unknown))}")
-        p.set_defaults(**{k: Path(v) if k in ("data", "out") else v for k, v in config.items()})
+        # as strings, so that argparse converts and checks them like the flags (lists and booleans as they are)
+        p.set_defaults(**{k: v if v is None or isinstance(v, (bool, list)) else str(v) for k, v in config.items()})
         args = p.parse_args(argv)
     for k, v in MODEL_DEFAULTS["toy" if args.model == "toy" else "flux"].items():
         if getattr(args, k) is None:
@@ -138,8 +133,8 @@ def main(argv=None) -> Path:
 
     # 4. A LoRA on the frozen base: only the adapters train, in float32.
     inject_lora(flow, rank=args.rank, alpha=args.alpha, seed=args.seed)
-    params = lora_parameters(flow)
-    named = {n: p for n, p in flow.named_parameters() if p.requires_grad}
+    named = {n: p for n, p in flow.named_parameters() if p.requires_grad}  # the adapters
+    params = list(named.values())
     flow.gradient_checkpointing = args.checkpointing
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
     metadata = {"rank": str(args.rank), "alpha": str(args.alpha), "base_model": str(args.model),
@@ -180,7 +175,8 @@ def main(argv=None) -> Path:
         flow.train()
         begin = time.perf_counter()
         try:
-            for step in tqdm(range(start, args.steps), initial=start, total=args.steps, desc="training"):
+            bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="training")
+            for step in bar:
                 g = step_generator(args.seed, step)
                 lr = args.lr * min(1.0, (step + 1) / max(1, args.warmup))  # linear warm-up, then constant
                 for group in optimizer.param_groups:
@@ -197,10 +193,11 @@ def main(argv=None) -> Path:
                     loss_sum += loss.item()
                 torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
                 optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
                 done = step + 1
+                optimizer.zero_grad(set_to_none=True)
                 writer.writerow([done, f"{loss_sum / args.grad_accum:.6f}", f"{lr:.3g}",
                                  f"{time.perf_counter() - begin:.2f}"])
+                bar.set_postfix(loss=f"{loss_sum / args.grad_accum:.4f}")
                 if done % args.save_every == 0 or done == args.steps:
                     save(done)
                     log.flush()

@@ -2,10 +2,13 @@
 
 `Repo` lists the files of a local folder in the HF repo layout, or of a HF hub repo (downloaded on first use into
 the HF cache); `minflux.loading` builds the models from them. `hub_call` turns the hub's errors into one sentence,
-`USER_ERRORS` are the errors the scripts print as `error: <message>`, and `check_device` checks --device up front.
+`USER_ERRORS` are the errors the scripts print as `error: <message>`; `check_device` and `ranged` check flags
+up front.
 """
 
+import argparse
 import json
+import math
 import re
 from pathlib import Path
 
@@ -119,3 +122,13 @@ def check_device(name: str) -> torch.device:
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise ValueError(f"device {name!r}: MPS is not available here; use --device cpu")
     return device
+
+
+def ranged(kind, low: float, high: float = math.inf):
+    """An argparse type: a `kind` (int or float) in [low, high], refused with what was expected."""
+    def parse(text: str):
+        if not low <= kind(text) <= high:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {text}" if high == math.inf
+                                             else f"must be in [{low}, {high}], got {text}")
+        return kind(text)
+    return parse

@@ -22,9 +22,10 @@ from torch import Tensor, nn
 
 def rope(pos: Tensor, dim: int, theta: float) -> Tensor:
     """Rotations for one axis as unit complex numbers e^(i·pos·θ_j), θ_j = theta^(-2j/dim): (B, L) -> (B, L, dim/2).
-    The angles are computed in float64 on the CPU (MPS has no float64), then moved to pos's device."""
-    freqs = theta ** -(torch.arange(0, dim, 2, dtype=torch.float64) / dim)                     # (dim/2,)
-    angles = pos.cpu().to(torch.float64)[..., None] * freqs                                   # (B, L, dim/2)
+    The angles are computed in float64, on the CPU for MPS (which has no float64), then moved to pos's device."""
+    device = torch.device("cpu") if pos.device.type == "mps" else pos.device
+    freqs = theta ** -(torch.arange(0, dim, 2, dtype=torch.float64, device=device) / dim)     # (dim/2,)
+    angles = pos.to(device, torch.float64)[..., None] * freqs                                 # (B, L, dim/2)
     return torch.polar(torch.ones_like(angles), angles).to(pos.device, torch.complex64)
 
 

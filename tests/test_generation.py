@@ -237,8 +237,8 @@ def reference_image(seed, size=(64, 48)) -> Image.Image:
 def sample_latents(pipe, prompt, H, W, timesteps, x, after_step=None) -> torch.Tensor:
     """sample.py's recipe from the latents x (1, c, h, w) at timesteps[0] to clean latents (1, c, h, w)."""
     txt, vec = pipe.encode_prompts([prompt])
-    x = denoise(pipe.flow, pack(x).to(pipe.dtype), image_ids(1, H, W), txt, text_ids(1, txt.shape[1]), vec, timesteps, 3.5,
-                after_step, progress=False)
+    x = denoise(pipe.on_device(pipe.flow), pack(x).to(pipe.device, pipe.dtype), image_ids(1, H, W), txt,
+                text_ids(1, txt.shape[1]), vec, timesteps, 3.5, after_step, progress=False)
     return unpack(x, H, W)
 
 

@@ -173,6 +173,13 @@ def test_resume_with_different_settings_is_refused_naming_them(repo, data, tmp_p
         run_train(repo, data, out, "--steps", "4", "--rank", "8", "--resume")
 
 
+@pytest.mark.parametrize("config", ['{"steps": 0}', '{"caption_dropout": 3}', '{"lr": -1}'])
+def test_nonsense_numbers_in_the_config_file_are_refused_like_flags(tmp_path, config):
+    (tmp_path / "run.json").write_text(config)
+    with pytest.raises(SystemExit):
+        train.parse_args(["--data", str(tmp_path), "--config", str(tmp_path / "run.json")])
+
+
 def test_nonsense_numbers_are_refused_before_anything_loads(tmp_path):
     for flag in ("--save-every", "--steps", "--batch-size", "--grad-accum", "--rank"):
         with pytest.raises(SystemExit):

@@ -126,8 +126,8 @@ class DtypeDeviceLog(TorchDispatchMode):
         return out
 
 
-def test_rope_table_makes_no_float64_tensor_off_the_cpu():
-    """MPS has no float64: for positions on another device the angles are computed on the CPU, then moved."""
+def test_rope_table_makes_no_float64_tensor_on_mps():
+    """MPS has no float64: for positions there the angles are computed on the CPU, then moved."""
     with FakeTensorMode():  # an MPS tensor without a Mac: ops only propagate dtypes and devices
         positions = torch.zeros(1, 10, device="mps")                                    # (B, L)
         with DtypeDeviceLog() as log:

@@ -48,8 +48,8 @@ def generate_sets(pipe: Pipeline, scenes: list[Scene], size: int, steps: int, se
         mask = known[0][1]                                                                  # (Li,)
         hook = pin_references(torch.cat([k for k, _ in known]), mask, noise, timesteps)
     B, Lt = txt.shape[:2]
-    x = denoise(pipe.flow, pack(noise).to(pipe.dtype), image_ids(B, height, width), txt, text_ids(B, Lt), vec,
-                timesteps, 3.5, hook, progress=False)                                       # (B, Li, 4c)
+    x = denoise(pipe.on_device(pipe.flow), pack(noise).to(pipe.device, pipe.dtype), image_ids(B, height, width),
+                txt, text_ids(B, Lt), vec, timesteps, 3.5, hook, progress=False)            # (B, Li, 4c)
     return to_pil(pipe.decode(unpack(x, height, width)))
 
 
