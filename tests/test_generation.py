@@ -152,6 +152,14 @@ def test_unknown_lora_path_is_a_clear_error(repo, tmp_path):
         ours(repo, tmp_path / "out.png", "--lora", str(repo / "ae.safetensors"))
 
 
+def test_a_lora_holding_nan_is_refused_before_loading_the_model(tmp_path):
+    bad = tmp_path / "nan.safetensors"
+    save_file({"lora_unet_img_in.lora_down.weight": torch.full((4, 64), float("nan")),
+               "lora_unet_img_in.lora_up.weight": torch.zeros(32, 4)}, bad)
+    with pytest.raises(ValueError, match=r"nan\.safetensors: lora_unet_img_in\.lora_down\.weight holds NaN"):
+        sample.main(["--model", str(tmp_path / "no-model-needed"), "--prompt", "x", "--lora", str(bad)])
+
+
 # ------------------------------------------------------------------------------------------------------------
 # Panel sets
 
