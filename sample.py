@@ -12,6 +12,7 @@ panels and image-to-image. `main` is BFL's cli.py recipe in order, then one bloc
 
 import argparse
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -24,6 +25,7 @@ from iclora.references import pin_references, reference_latents, reference_panel
 from minflux.hub import USER_ERRORS, check_device, hub_call, ranged
 from minflux.pipeline import from_pil, load_pipeline, to_pil
 from minflux.sampling import add_noise, check_size, denoise, get_noise, image_ids, img2img_start, pack, text_ids, unpack
+from minflux.tokenizers import overlong
 
 TOY_SIZE = 64  # the toy model draws 64×64 scenes (per panel)
 
@@ -198,6 +200,8 @@ def main(argv=None) -> list[Path]:
               file=sys.stderr)
 
     # 2. Tokenize and encode the prompts; 3. the schedule of times from 1 (noise) to 0 for this size.
+    for message in overlong(pipe.t5_tokenizer, [(f"prompt {p[:40]!r}", p) for p in dict.fromkeys(prompts)]):
+        warnings.warn(message)
     txt, vec = pipe.encode_prompts(prompts)                                         # (B, Lt, 4096), (B, 768)
     B, Lt = txt.shape[:2]
     timesteps = pipe.schedule(height, width, args.steps)

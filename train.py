@@ -22,12 +22,12 @@ import torch
 from tqdm.auto import tqdm
 
 from iclora.data import PanelSetDataset, batches_by_bucket
-from iclora.panels import LAYOUTS
 from iclora.lora import inject_lora
 from iclora.lora_files import atomic_write, save_lora
-from iclora.training import EncodedSet, collate, encode_sets, flow_matching_loss, step_generator
+from iclora.panels import LAYOUTS
+from iclora.training import EncodedSet, check_captions, collate, encode_sets, flow_matching_loss, step_generator
 from minflux.hub import USER_ERRORS, check_device, ranged
-from minflux.pipeline import load_pipeline, to_pil
+from minflux.pipeline import load_pipeline, load_t5_tokenizer, to_pil
 
 # The defaults that depend on the model: the paper's for FLUX.1-dev; for --model toy, a run of a few CPU minutes
 # (no gradient checkpointing: the toy is tiny; resolution 96 keeps the 128x64 toy sets at their size).
@@ -81,6 +81,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="validation images every N steps; 0 = never (default: 250)")
     p.add_argument("--val-prompt", action="append", default=[], help="validation prompt (repeatable; default: the "
                                                                      "first training caption)")
+    p.add_argument("--strict-captions", action="store_true", help="refuse captions and --val-prompt's longer "
+                   "than T5 reads (512 tokens for dev, 256 for schnell) instead of warning that their end is cut")
     p.add_argument("--sample-steps", type=ranged(int, 1), default=20,
                    help="steps for validation images (default: 20)")
     p.add_argument("--seed", type=int, default=42, help="seed for data order, noise, t and dropout (default: 42)")
@@ -119,6 +121,9 @@ def main(argv=None) -> Path:
     # 1. Data: every image and caption is checked now, not at step 3,000.
     dataset = PanelSetDataset(args.data, resolution=args.resolution, layout=args.layout)
     print(f"{len(dataset)} training sets from {args.data}", file=sys.stderr)
+
+    # Captions T5 would cut are reported now, from the tokenizer alone, before any weight loads.
+    check_captions(load_t5_tokenizer(str(args.model)), dataset, args.val_prompt, args.strict_captions)
 
     # 2. Model; 3. encode every set and caption once, then the text encoders leave the device.
     dtype = args.dtype or ("bf16" if torch.device(args.device).type == "cuda" else None)

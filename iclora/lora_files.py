@@ -55,6 +55,8 @@ def save_lora(model: nn.Module, path, name: str = "default", metadata: dict[str,
         by_bfl[bfl].append((diffusers_name, slice(None) if rows is None else rows))
     tensors = {}
     for bfl, w in lora_state(model, name).items():
+        check_finite({f"{bfl} {part}": t for part, t in zip(("A", "B", "bias"), w[:3]) if t is not None},
+                     f"{path}: not written: adapter {name!r}")
         if bfl not in by_bfl:
             raise ValueError(f"{bfl} has no diffusers name: cannot save its LoRA in the PEFT layout")
         cast = dtype or w.A.dtype
@@ -80,6 +82,15 @@ def atomic_write(path: Path, write):
         tmp.unlink(missing_ok=True)
 
 
+def check_finite(sd: dict[str, Tensor], source: str):
+    """A ValueError naming the first tensor that holds NaN or inf: such a LoRA turns every image to noise."""
+    for key, tensor in sd.items():
+        if tensor.is_floating_point() and not tensor.is_meta and not torch.isfinite(tensor).all():
+            kind = "NaN" if torch.isnan(tensor).any() else "inf"
+            raise ValueError(f"{source}: {key} holds {kind} values, as after a diverged training run; such a "
+                             f"LoRA only makes noise")
+
+
 def read_lora_file(path) -> dict[str, Tensor]:
     """The tensors of a LoRA file, with a clear error for a file that is not safetensors. Newer diffusers saves
     keep alpha in the `lora_adapter_metadata` JSON instead of `.alpha` keys; those alphas become `.alpha` keys."""
@@ -88,6 +99,7 @@ def read_lora_file(path) -> dict[str, Tensor]:
             sd, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
     except (SafetensorError, OSError) as e:
         raise ValueError(f"{path}: not a readable safetensors LoRA file: {e}") from None
+    check_finite(sd, str(path))
     config = json.loads(meta.get("lora_adapter_metadata") or "{}")
     alpha = next((v for k, v in config.items() if k.split(".")[-1] == "lora_alpha"), None)
     patterns = next((v for k, v in config.items() if k.split(".")[-1] == "alpha_pattern"), None) or {}
@@ -179,6 +191,7 @@ def load_lora(model: nn.Module, path_or_state_dict, name: str = "default", multi
     `source` names a state dict in error messages (a path names itself)."""
     if isinstance(path_or_state_dict, dict):
         sd, source = dict(path_or_state_dict), source or "LoRA state dict"
+        check_finite(sd, source)
     else:
         sd, source = read_lora_file(path_or_state_dict), str(path_or_state_dict)
     if skipped := [k for k in sd if TEXT_ENCODER_KEY.match(k)]:

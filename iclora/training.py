@@ -9,6 +9,7 @@ without stored RNG state.
 Shape letters: B batch, Li image tokens, Lt text tokens, c latent channels, h/w latent height/width.
 """
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -17,6 +18,17 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from minflux.sampling import add_noise, image_ids, pack, shift_mu, text_ids, time_shift
+from minflux.tokenizers import overlong
+
+
+def check_captions(t5_tokenizer, dataset, val_prompts: list[str], strict: bool = False):
+    """Warns of each training caption and validation prompt that T5 reads only in part; `strict` refuses them."""
+    named = [(f"the caption of {s.path}", s.caption) for s in dataset.samples]
+    messages = overlong(t5_tokenizer, named + [(f"--val-prompt {p[:40]!r}", p) for p in val_prompts])
+    if messages and strict:
+        raise ValueError("--strict-captions: " + "\n".join(messages))
+    for message in messages:
+        warnings.warn(message)
 
 
 def step_generator(seed: int, step: int) -> torch.Generator:

@@ -106,6 +106,19 @@ def load_clip(repo, dtype: torch.dtype | None = None) -> CLIPTextModel:
     return assign(model, sd, f"{repo.model}/text_encoder")
 
 
+def t5_max_length(repo) -> int:
+    """T5's token limit: 512 for FLUX.1-dev, 256 for schnell (no guidance embedding), known before any weight is
+    read: from diffusers' `transformer/config.json`, else from the names in the single file's header."""
+    config = repo.json("transformer/config.json")
+    if "guidance_embeds" in config or not (path := repo.transformer_file()):
+        return 512 if config.get("guidance_embeds") else 256
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return 512 if any(k.endswith("guidance_in.in_layer.weight") for k in f.keys()) else 256
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{path}: cannot read this safetensors file (truncated or corrupt download?): {e}") from None
+
+
 def load_tokenizers(repo, t5_max_length: int) -> tuple[CLIPTokenizer, T5Tokenizer]:
     clip = CLIPTokenizer(repo.path("tokenizer/vocab.json"), repo.path("tokenizer/merges.txt"))
     t5_file = "tokenizer_2/tokenizer.json" if "tokenizer_2/tokenizer.json" in repo.files else "tokenizer_2/spiece.model"

@@ -108,6 +108,13 @@ def to_pil(x: Tensor) -> list[Image.Image]:
     return [Image.fromarray(rearrange(img, "c h w -> h w c").numpy()) for img in x]
 
 
+def load_t5_tokenizer(model: str) -> T5Tokenizer:
+    """The repo's T5 tokenizer with the model's token limit, loaded before (and without) any weight."""
+    repo = Repo(model)
+    loading.check_repo(repo)
+    return loading.load_tokenizers(repo, loading.t5_max_length(repo))[1]
+
+
 def load_pipeline(model: str = "black-forest-labs/FLUX.1-dev", device: str = "cpu", dtype: str | None = None,
                   offload: bool = False) -> Pipeline:
     """Loads all six pieces of a FLUX repo (see `minflux.loading`). `dtype` None keeps the stored dtypes."""
@@ -115,7 +122,7 @@ def load_pipeline(model: str = "black-forest-labs/FLUX.1-dev", device: str = "cp
     loading.check_repo(repo)
     torch_dtype = loading.parse_dtype(dtype)
     flow = loading.load_flow(repo, torch_dtype)
-    clip_tok, t5_tok = loading.load_tokenizers(repo, t5_max_length=512 if flow.params.guidance_embed else 256)
+    clip_tok, t5_tok = loading.load_tokenizers(repo, loading.t5_max_length(repo))
     device = torch.device(device)
     pipe = Pipeline(flow, loading.load_ae(repo, torch_dtype), loading.load_t5(repo, torch_dtype),
                     loading.load_clip(repo, torch_dtype), t5_tok, clip_tok, device, offload)

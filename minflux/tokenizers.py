@@ -137,6 +137,28 @@ class T5Tokenizer:
         framed = _framed(tok, [], "</s>", "<pad>", max_length, path)
         framed.add_special_tokens(["<pad>", "</s>", "<unk>", *(p for p in ids if p.startswith("<extra_id_"))])
         self.max_length, self.tokenizer = max_length, framed
+        self.uncut = Tokenizer.from_str(framed.to_str())
+        self.uncut.no_truncation(), self.uncut.no_padding()
 
     def __call__(self, prompts: list[str]) -> torch.Tensor:
         return _encode(self.tokenizer, prompts)                                                  # (B, L)
+
+    def cut(self, text: str) -> tuple[int, str]:
+        """(tokens of the text with `</s>`, before any cut; the end of the text that is cut off, "" if none)."""
+        encoding = self.uncut.encode(text)
+        n = len(encoding.ids)
+        if n <= self.max_length:
+            return n, ""
+        start = encoding.offsets[self.max_length - 1][0]  # the first token with no room before `</s>`
+        return n, ("…" if start and not text[start - 1].isspace() else "") + text[start:]
+
+
+def overlong(tokenizer: T5Tokenizer, named_texts: list[tuple[str, str]]) -> list[str]:
+    """A message for each (name, text) that T5 reads only in part: its token count and the words cut off."""
+    messages = []
+    for name, text in named_texts:
+        n, cut = tokenizer.cut(text)
+        if cut:
+            messages.append(f"{name} is {n} T5 tokens, over the model's limit of {tokenizer.max_length}; "
+                            f"these words are cut off: {cut!r}")
+    return messages

@@ -152,6 +152,24 @@ def test_unknown_lora_path_is_a_clear_error(repo, tmp_path):
         ours(repo, tmp_path / "out.png", "--lora", str(repo / "ae.safetensors"))
 
 
+def test_a_lora_holding_nan_is_refused_before_loading_the_model(tmp_path):
+    bad = tmp_path / "nan.safetensors"
+    save_file({"lora_unet_img_in.lora_down.weight": torch.full((4, 64), float("nan")),
+               "lora_unet_img_in.lora_up.weight": torch.zeros(32, 4)}, bad)
+    with pytest.raises(ValueError, match=r"nan\.safetensors: lora_unet_img_in\.lora_down\.weight holds NaN"):
+        sample.main(["--model", str(tmp_path / "no-model-needed"), "--prompt", "x", "--lora", str(bad)])
+
+
+def test_a_prompt_over_the_t5_limit_is_warned_of_once_with_its_count_and_cut_words(repo, tmp_path):
+    long = "a red fox " * 120  # 600 tokens and </s>, over FLUX.1-dev's 512
+    with pytest.warns(UserWarning) as caught:
+        sample.main(["--model", str(repo), "--prompt", long, "--prompt", PROMPT, "--num-images", "2", "--steps", "1",
+                     "--width", "16", "--height", "16", "--out", str(tmp_path / "out.png"), "--device", "cpu"])
+    messages = [str(w.message) for w in caught if "T5 tokens" in str(w.message)]
+    assert messages == ["prompt 'a red fox a red fox a red fox a red fox ' is 601 T5 tokens, over the model's limit "
+                        "of 512; these words are cut off: " + repr("red fox " + long[len("a red fox ") * 103:])]
+
+
 # ------------------------------------------------------------------------------------------------------------
 # Panel sets
 

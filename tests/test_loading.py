@@ -176,3 +176,12 @@ def test_sample_py_reports_bad_input_in_one_line_without_a_traceback(tmp_path, a
                          cwd=ROOT, env=env, capture_output=True, text=True)
     assert run.returncode != 0
     assert message in run.stderr and "Traceback" not in run.stderr
+
+
+@pytest.mark.parametrize("schnell,limit", [(False, 512), (True, 256)], ids=["dev", "schnell"])
+def test_the_t5_limit_is_known_from_the_config_or_the_single_files_header(tmp_path, schnell, limit):
+    repo = write_tiny_repo(tmp_path / "repo", layout="bfl", schnell=schnell)
+    assert loading.t5_max_length(hub.Repo(str(repo))) == limit
+    assert load_pipeline(str(repo)).t5_tokenizer.max_length == limit
+    (repo / "transformer" / "config.json").unlink()  # a BFL file alone: its key names tell
+    assert loading.t5_max_length(hub.Repo(str(repo))) == limit

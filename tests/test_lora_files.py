@@ -379,6 +379,34 @@ def test_loading_twice_under_one_name_is_an_error():
     load_lora(ours, sd, name="b")
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_a_lora_holding_nan_or_inf_is_refused_naming_the_file_and_key(tmp_path, bad):
+    _, ours = reference_and_ours(guidance_embed=True)
+    up = torch.zeros(32, 4)
+    up[3, 1] = bad
+    save_file({"lora_unet_img_in.lora_down.weight": torch.zeros(4, 64), "lora_unet_img_in.lora_up.weight": up},
+              tmp_path / "bad.safetensors")
+    with pytest.raises(ValueError, match=r"bad\.safetensors: lora_unet_img_in\.lora_up\.weight holds (NaN|inf)"):
+        load_lora(ours, tmp_path / "bad.safetensors")
+    with pytest.raises(ValueError, match=r"LoRA state dict: lora_unet_img_in\.lora_up\.weight holds"):
+        load_lora(ours, load_file(tmp_path / "bad.safetensors"))
+    assert not any(isinstance(m, LoRALinear) for m in ours.modules())  # nothing was changed
+
+
+def test_saving_an_adapter_holding_nan_is_refused_and_keeps_the_existing_file(tmp_path):
+    _, ours = reference_and_ours(guidance_embed=True)
+    path = tmp_path / "lora.safetensors"
+    save_lora(trained(ours), path)
+    before = path.read_bytes()
+    with torch.no_grad():
+        ours.double_blocks[0].img_attn.qkv.lora_B["default"].weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"lora\.safetensors: not written: .*double_blocks\.0\.img_attn\.qkv B "
+                                         r"holds NaN"):
+        save_lora(ours, path)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["lora.safetensors"]
+
+
 @pytest.mark.parametrize("rslora", [False, True], ids=["lora", "rslora"])
 def test_a_diffusers_save_with_alpha_only_in_its_adapter_metadata_loads_at_the_right_scale(tmp_path, rslora):
     """Newer diffusers writes no .alpha keys: lora_alpha lives in the `lora_adapter_metadata` JSON."""

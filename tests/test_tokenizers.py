@@ -10,7 +10,7 @@ import pytest
 import torch
 import transformers
 
-from minflux.tokenizers import CLIPTokenizer, T5Tokenizer
+from minflux.tokenizers import CLIPTokenizer, T5Tokenizer, overlong
 from tests.tokenizer_files import write_clip_tokenizer, write_t5_tokenizer
 
 LONG = ", ".join(f"a photograph of cat number {i} wearing a tiny hat" for i in range(20))
@@ -156,3 +156,23 @@ def test_t5_rejects_a_file_that_is_not_a_sentencepiece_model(tmp_path, content):
 def test_single_string_is_rejected(clip_folder):
     with pytest.raises(TypeError, match="list of prompts"):
         CLIPTokenizer(clip_folder / "vocab.json", clip_folder / "merges.txt")("a cat")
+
+
+def test_t5_reports_the_token_count_before_its_cut_and_the_words_it_cuts_off(t5_folder):
+    t5 = T5Tokenizer(t5_folder / "spiece.model", max_length=16)
+    text = "a red fox running through  the streets of Zürich, 35mm photo"
+    count = len(transformers.T5Tokenizer.from_pretrained(t5_folder)(text).input_ids)  # uncut, with </s>
+    assert t5.cut(text) == (count, "of Zürich, 35mm photo")
+    assert torch.equal(t5([text]), t5(["a red fox running through  the streets"]))  # exactly those words are lost
+    assert t5.cut("a red fox") == (6, "")
+
+
+def test_t5_marks_a_cut_inside_a_word(t5_folder):
+    t5 = T5Tokenizer(t5_folder / "tokenizer.json", max_length=15)
+    assert t5.cut("a red fox running through the streets")[1] == "…ts"  # ... ▁st ree | ts
+
+
+def test_overlong_names_each_text_that_is_cut_with_its_count_and_lost_words(t5_folder):
+    t5 = T5Tokenizer(t5_folder / "tokenizer.json", max_length=16)
+    messages = overlong(t5, [("a.txt", "a red fox"), ("b.txt", "a red fox running through  the streets of Zürich")])
+    assert messages == ["b.txt is 23 T5 tokens, over the model's limit of 16; these words are cut off: 'of Zürich'"]

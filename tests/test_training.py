@@ -1,6 +1,7 @@
 """train.py on a tiny random FLUX: it learns, resumes bit-for-bit, and stops cleanly on bad input or NaN."""
 
 import gc
+import shutil
 import subprocess
 import sys
 import warnings
@@ -184,3 +185,53 @@ def test_nonsense_numbers_are_refused_before_anything_loads(tmp_path):
     for flag in ("--save-every", "--steps", "--batch-size", "--grad-accum", "--rank"):
         with pytest.raises(SystemExit):
             train.parse_args(["--data", str(tmp_path), flag, "0"])
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Captions longer than T5 reads (512 tokens for FLUX.1-dev), reported before the transformer's weights load
+
+LONG_CAPTION = "a red fox " * 120  # 5 tokens each (▁a ▁re d ▁fo x): 600 tokens, and </s>
+
+
+@pytest.fixture
+def broken_weights_repo(repo, tmp_path):
+    """The tiny repo with an unreadable transformer file: whatever happens before the error, happens before the
+    weights load."""
+    copy = shutil.copytree(repo, tmp_path / "FLUX.1-dev")
+    (copy / "flux1-dev.safetensors").write_bytes(b"broken")
+    return copy
+
+
+def with_first_caption(data, folder: Path, caption: str) -> Path:
+    shutil.copytree(data, folder)
+    (folder / "set0.txt").write_text(caption)
+    return folder
+
+
+def test_a_caption_over_the_t5_limit_is_reported_with_its_count_and_cut_words_before_the_weights_load(
+        broken_weights_repo, data, tmp_path):
+    sets = with_first_caption(data, tmp_path / "sets", LONG_CAPTION)
+    with pytest.warns(UserWarning, match=r"the caption of .*set0\.png is 601 T5 tokens, over the model's limit of "
+                                         r"512; these words are cut off: 'red fox a red fox") as caught:
+        with pytest.raises(ValueError, match=r"flux1-dev\.safetensors: cannot read"):
+            run_train(broken_weights_repo, sets, tmp_path / "lora.safetensors")
+    assert len([w for w in caught if "T5 tokens" in str(w.message)]) == 1  # only the long one
+
+
+def test_strict_captions_refuses_a_caption_over_the_t5_limit(broken_weights_repo, data, tmp_path):
+    sets = with_first_caption(data, tmp_path / "sets", LONG_CAPTION)
+    with pytest.raises(ValueError, match=r"--strict-captions: the caption of .*set0\.png is 601 T5 tokens"):
+        run_train(broken_weights_repo, sets, tmp_path / "lora.safetensors", "--strict-captions")
+
+
+def test_a_long_validation_prompt_is_reported_too(broken_weights_repo, data, tmp_path):
+    with pytest.raises(ValueError, match=r"--val-prompt 'a red fox a red fox.*' is 601 T5 tokens"):
+        run_train(broken_weights_repo, data, tmp_path / "lora.safetensors", "--val-prompt", LONG_CAPTION,
+                  "--strict-captions")
+
+
+def test_short_captions_give_no_t5_warning(broken_weights_repo, data, tmp_path):
+    with warnings.catch_warnings(record=True) as caught, pytest.raises(ValueError, match="cannot read"):
+        warnings.simplefilter("always")
+        run_train(broken_weights_repo, data, tmp_path / "lora.safetensors", "--strict-captions")
+    assert not [w for w in caught if "T5 tokens" in str(w.message)]
