@@ -6,7 +6,8 @@
 
 Reads top to bottom: options -> data -> model -> encode the sets once -> LoRA -> training loop -> save.
 Writes next to --out: the LoRA (PEFT/diffusers layout, loads in diffusers and ComfyUI), `<stem>.state.pt`
-(LoRA + optimizer + step, for --resume), `<stem>.loss.csv` and `<stem>_samples/` (validation images).
+(LoRA + optimizer + step, for --resume), `<stem>.loss.csv` and `<stem>_samples/` (validation images), and holds
+`<stem>.lock` while it runs. Ctrl-C, SIGTERM and SIGHUP save the steps done so far; --resume continues from there.
 """
 
 import argparse
@@ -14,6 +15,9 @@ import csv
 import itertools
 import json
 import math
+import os
+import signal
+import socket
 import sys
 import time
 from pathlib import Path
@@ -23,7 +27,7 @@ from tqdm.auto import tqdm
 
 from iclora.data import PanelSetDataset, batches_by_bucket
 from iclora.lora import inject_lora
-from iclora.lora_files import atomic_write, save_lora
+from iclora.lora_files import atomic_writes, save_lora
 from iclora.panels import LAYOUTS
 from iclora.training import EncodedSet, check_captions, collate, encode_sets, flow_matching_loss, step_generator
 from minflux.hub import USER_ERRORS, check_device, ranged
@@ -36,6 +40,8 @@ MODEL_DEFAULTS = {"flux": dict(steps=5000, lr=1e-4, resolution=1024, checkpointi
 # options that change what a step computes: --resume must see the same values to continue bit for bit
 RESUME_MUST_MATCH = ("data", "layout", "model", "batch_size", "grad_accum", "rank", "alpha", "lr", "warmup",
                      "grad_clip", "resolution", "caption_dropout", "guidance", "timestep_sampling", "seed", "dtype")
+STATE_KEYS = ("step", "lora", "optimizer", "args", "dataset")
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # Ctrl-C; preemption, `timeout`; a closed terminal
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -110,17 +116,104 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def take_lock(lock: Path, out: Path):
+    """Creates `lock` holding this host and PID, or refuses: another run is writing `out`. A lock whose process
+    is gone (same host) is taken over. Creating it also checks that --out's folder is writable."""
+    here = socket.gethostname()
+    while True:
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            host, _, pid = lock.read_text().strip().rpartition(" ")
+            if host != here or not pid.isdigit():
+                raise SystemExit(f"error: {lock} says a run on {host or '?'} (pid {pid or '?'}) is writing {out}. "
+                                 f"If it is not running, delete {lock}; or choose another --out.") from None
+            try:
+                os.kill(int(pid), 0)  # signal 0: only asks whether the process exists
+                raise SystemExit(f"error: another run (pid {pid}) is writing {out} (lock {lock}); wait for it, "
+                                 f"stop it, or choose another --out")
+            except ProcessLookupError:
+                print(f"note: taking over {lock}, left by pid {pid}, which is no longer running", file=sys.stderr)
+                lock.unlink(missing_ok=True)
+            except PermissionError:  # it exists, owned by another user
+                raise SystemExit(f"error: another user's run (pid {pid}) is writing {out} (lock {lock})") from None
+        except OSError as error:
+            raise SystemExit(f"error: cannot write in {lock.parent} (the folder of --out {out}): "
+                             f"{error.strerror}") from None
+        else:
+            with os.fdopen(fd, "w") as f:
+                f.write(f"{here} {os.getpid()}\n")
+            return
+
+
+def dataset_fingerprint(dataset: PanelSetDataset) -> dict:
+    """Each image file (relative to --data) -> its size in bytes, each caption file -> its text: --resume checks it."""
+    found = {}
+    for s in dataset.samples:
+        for panel in s.panels:
+            found[panel.relative_to(dataset.root).as_posix()] = panel.stat().st_size
+        caption_file = s.path.with_suffix(".txt") if s.path.is_file() else s.path / "caption.txt"
+        found[caption_file.relative_to(dataset.root).as_posix()] = s.caption
+    return found
+
+
+def load_state(path: Path, args: argparse.Namespace, fingerprint: dict) -> dict:
+    """The training state to resume from, checked: readable, same settings, same dataset; else one clear error."""
+    if not path.exists():
+        raise SystemExit(f"error: --resume: no training state at {path}")
+    expected = f"expected the training state train.py writes next to --out (a dict of {', '.join(STATE_KEYS)})"
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises many types for a truncated or foreign file
+        raise SystemExit(f"error: --resume: {path} cannot be read ({type(error).__name__}; truncated by a crash "
+                         f"or a full disk?): {expected}. Delete it to start over.") from None
+    if not isinstance(state, dict) or not all(k in state for k in STATE_KEYS):
+        raise SystemExit(f"error: --resume: {path} is not a training state: {expected}. Delete it to start over.")
+    if changed := [k for k in RESUME_MUST_MATCH if state["args"].get(k) != str(getattr(args, k))]:
+        raise SystemExit("error: --resume with different settings than the saved run: " + ", ".join(
+            f"--{k.replace('_', '-')} {state['args'].get(k)} -> {getattr(args, k)}" for k in changed))
+    saved = state["dataset"]
+    changes = {"added": fingerprint.keys() - saved.keys(), "removed": saved.keys() - fingerprint.keys(),
+               "edited": {k for k in saved.keys() & fingerprint.keys() if saved[k] != fingerprint[k]}}
+    if any(changes.values()):
+        raise SystemExit(f"error: --resume: the dataset {args.data} changed since {path} was saved (" + "; ".join(
+            f"{what}: {', '.join(sorted(names))}" for what, names in changes.items() if names) + "). Restore it, "
+            "or train from the start without --resume (delete the state or choose another --out).")
+    return state
+
+
+def interrupt(signum, frame):
+    """SIGTERM or SIGHUP before the training loop: stop like Ctrl-C (the loop itself stops between steps)."""
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
 def main(argv=None) -> Path:
+    """Runs `train` holding `<out stem>.lock`, which is removed however the run ends."""
     args = parse_args(argv)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    lock = args.out.with_name(f"{args.out.stem}.lock")
+    take_lock(lock, args.out)
+    handlers = {s: signal.getsignal(s) for s in STOP_SIGNALS}
+    signal.signal(signal.SIGTERM, interrupt), signal.signal(signal.SIGHUP, interrupt)
+    try:
+        return train(args)
+    finally:
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
+        lock.unlink(missing_ok=True)
+
+
+def train(args: argparse.Namespace) -> Path:
     out = args.out
     state_path, log_path = out.with_name(f"{out.stem}.state.pt"), out.with_name(f"{out.stem}.loss.csv")
     samples_dir = out.with_name(f"{out.stem}_samples")
-    out.parent.mkdir(parents=True, exist_ok=True)
     check_device(args.device)
 
-    # 1. Data: every image and caption is checked now, not at step 3,000.
+    # 1. Data: every image and caption is checked now, not at step 3,000; and a --resume's state against them.
     dataset = PanelSetDataset(args.data, resolution=args.resolution, layout=args.layout)
     print(f"{len(dataset)} training sets from {args.data}", file=sys.stderr)
+    fingerprint = dataset_fingerprint(dataset)
+    state = load_state(state_path, args, fingerprint) if args.resume else None
 
     # Captions T5 would cut are reported now, from the tokenizer alone, before any weight loads.
     check_captions(load_t5_tokenizer(str(args.model)), dataset, args.val_prompt, args.strict_captions)
@@ -145,13 +238,7 @@ def main(argv=None) -> Path:
     metadata = {"rank": str(args.rank), "alpha": str(args.alpha), "base_model": str(args.model),
                 "caption_template": val_prompts[0], "steps": str(args.steps)}
     start, log_rows = 0, []
-    if args.resume:
-        if not state_path.exists():
-            raise SystemExit(f"error: --resume: no training state at {state_path}")
-        state = torch.load(state_path, map_location="cpu", weights_only=True)
-        if changed := [k for k in RESUME_MUST_MATCH if state["args"].get(k) != str(getattr(args, k))]:
-            raise SystemExit("error: --resume with different settings than the saved run: " + ", ".join(
-                f"--{k.replace('_', '-')} {state['args'].get(k)} -> {getattr(args, k)}" for k in changed))
+    if state:
         with torch.no_grad():
             for n, p in named.items():
                 p.copy_(state["lora"][n])
@@ -163,17 +250,25 @@ def main(argv=None) -> Path:
         print(f"resumed from {state_path} at step {start}", file=sys.stderr)
 
     def save(step: int):
-        """The training state first, then the LoRA; each written atomically."""
+        """The training state and the LoRA: both written to temporary files, then both renamed."""
         state = {"step": step, "lora": {n: p.detach().cpu() for n, p in named.items()},
-                 "optimizer": optimizer.state_dict(), "args": {k: str(v) for k, v in vars(args).items()}}
-        atomic_write(state_path, lambda tmp: torch.save(state, tmp))
-        save_lora(flow, out, metadata=metadata | {"step": str(step)})
+                 "optimizer": optimizer.state_dict(), "args": {k: str(v) for k, v in vars(args).items()},
+                 "dataset": fingerprint}
+        try:
+            atomic_writes({state_path: lambda tmp: torch.save(state, tmp),
+                           out: lambda tmp: save_lora(flow, tmp, metadata=metadata | {"step": str(step)})})
+        except Exception as error:  # disk full, permission lost: torch and safetensors raise their own types
+            raise SystemExit(f"error: could not save step {step} to {out}, {state_path} ({error}): training "
+                             f"stopped. Both files still hold the previous save; free space and --resume.") from None
 
     # 5. The loop. The data order is a pure function of the seed: epoch e is batches_by_bucket(seed + e).
     order = itertools.chain.from_iterable(batches_by_bucket(dataset, args.batch_size, args.seed + epoch)
                                           for epoch in itertools.count())
     batches = itertools.islice(order, start * args.grad_accum, None)  # on resume, skip the batches already seen
     done = start  # optimizer steps applied
+    stop = []  # signals received during the loop: the step under way finishes, then the run saves and stops
+    for s in STOP_SIGNALS:
+        signal.signal(s, lambda signum, frame: stop.append(signum))
     with open(log_path, "w", newline="") as log:
         writer = csv.writer(log)
         writer.writerows([["step", "loss", "lr", "seconds"], *log_rows])
@@ -182,6 +277,8 @@ def main(argv=None) -> Path:
         try:
             bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="training")
             for step in bar:
+                if stop:
+                    raise KeyboardInterrupt
                 g = step_generator(args.seed, step)
                 lr = args.lr * min(1.0, (step + 1) / max(1, args.warmup))  # linear warm-up, then constant
                 for group in optimizer.param_groups:
@@ -203,9 +300,9 @@ def main(argv=None) -> Path:
                 writer.writerow([done, f"{loss_sum / args.grad_accum:.6f}", f"{lr:.3g}",
                                  f"{time.perf_counter() - begin:.2f}"])
                 bar.set_postfix(loss=f"{loss_sum / args.grad_accum:.4f}")
+                log.flush()  # every row on disk at once: `tail -f` shows the run
                 if done % args.save_every == 0 or done == args.steps:
                     save(done)
-                    log.flush()
                 if args.sample_every and done % args.sample_every == 0:
                     flow.eval()
                     samples_dir.mkdir(exist_ok=True)
@@ -216,7 +313,8 @@ def main(argv=None) -> Path:
                     flow.train()
         except KeyboardInterrupt:
             save(done)
-            raise SystemExit(f"interrupted: saved the LoRA and training state at step {done} to {out}, {state_path}")
+            raise SystemExit(f"interrupted ({signal.Signals(stop[0]).name if stop else 'SIGINT'}): saved the LoRA "
+                             f"and training state at step {done} to {out}, {state_path}; --resume continues")
     if start >= args.steps:
         save(start)
     print(out)
@@ -228,3 +326,5 @@ if __name__ == "__main__":
         main()
     except USER_ERRORS as e:
         raise SystemExit(f"error: {e}")
+    except KeyboardInterrupt:
+        raise SystemExit("interrupted before training started: nothing was saved")

@@ -74,12 +74,21 @@ def save_lora(model: nn.Module, path, name: str = "default", metadata: dict[str,
 
 def atomic_write(path: Path, write):
     """`write(tmp)` to a temporary file beside `path`, then rename: a crash never leaves a half-written file."""
-    tmp = path.with_name(f".{path.name}.tmp")
+    atomic_writes({path: write})
+
+
+def atomic_writes(writes: dict):
+    """Each `write(tmp)` of {path: write} to a temporary file beside its path; only when all succeeded are they
+    renamed, so a failed write (disk full) leaves every file as it was."""
+    tmps = {path: path.with_name(f".{path.name}.tmp") for path in writes}
     try:
-        write(tmp)
-        os.replace(tmp, path)
+        for path, write in writes.items():
+            write(tmps[path])
+        for path, tmp in tmps.items():
+            os.replace(tmp, path)
     finally:
-        tmp.unlink(missing_ok=True)
+        for tmp in tmps.values():
+            tmp.unlink(missing_ok=True)
 
 
 def check_finite(sd: dict[str, Tensor], source: str):
