@@ -12,7 +12,7 @@ import math
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange
+from einops import rearrange, repeat
 from torch import Tensor, nn
 
 
@@ -21,16 +21,18 @@ from torch import Tensor, nn
 
 
 def rope(pos: Tensor, dim: int, theta: float) -> Tensor:
-    """Rotations for one axis as unit complex numbers e^(i·pos·θ_j), θ_j = theta^(-2j/dim): (B, L) -> (B, L, dim/2).
-    The angles are computed in float64, on the CPU for MPS (which has no float64), then moved to pos's device."""
+    """cos and sin of the angles pos·θ_j, θ_j = theta^(-2j/dim), each repeated for both dims of pair j:
+    (B, L) -> (2, B, L, dim), float32. The angles are computed in float64, on the CPU for MPS (which has no
+    float64), then moved to pos's device."""
     device = torch.device("cpu") if pos.device.type == "mps" else pos.device
     freqs = theta ** -(torch.arange(0, dim, 2, dtype=torch.float64, device=device) / dim)     # (dim/2,)
     angles = pos.to(device, torch.float64)[..., None] * freqs                                 # (B, L, dim/2)
-    return torch.polar(torch.ones_like(angles), angles).to(pos.device, torch.complex64)
+    cos_sin = repeat(torch.stack([angles.cos(), angles.sin()]), "k b l p -> k b l (p two)", two=2)
+    return cos_sin.to(pos.device, torch.float32)                                              # (2, B, L, dim)
 
 
 class EmbedND(nn.Module):
-    """Concatenates the per-axis rotations: axis a owns axes_dim[a] / 2 of the P pairs of each head."""
+    """Concatenates the per-axis rotations: axis a owns axes_dim[a] of the D dims of each head."""
 
     def __init__(self, theta: float, axes_dim: list[int]):
         super().__init__()
@@ -38,14 +40,18 @@ class EmbedND(nn.Module):
 
     def forward(self, ids: Tensor) -> Tensor:
         # ids: (B, L, A) positions (0, row, col) for image tokens, zeros for text tokens
-        pe = [rope(pos, d, self.theta) for pos, d in zip(ids.unbind(-1), self.axes_dim)]  # A × (B, L, d/2)
-        return torch.cat(pe, dim=-1)[:, :, None]                                  # (B, L, 1, P) complex
+        pe = [rope(pos, d, self.theta) for pos, d in zip(ids.unbind(-1), self.axes_dim)]  # A × (2, B, L, d)
+        return torch.cat(pe, dim=-1)[:, :, :, None]                               # (2, B, L, 1, D): cos, sin
 
 
 def apply_rope(x: Tensor, pe: Tensor) -> Tensor:
-    """Rotates each adjacent pair (2j, 2j+1) of head dims, read as a complex number, by pair j's angle (float32)."""
-    pairs = torch.view_as_complex(rearrange(x.float(), "b l h (p two) -> b l h p two", two=2))  # (B, L, H, P)
-    return rearrange(torch.view_as_real(pairs * pe), "b l h p two -> b l h (p two)").type_as(x)   # (B, L, H, D)
+    """Rotates each adjacent pair (x_2j, x_2j+1) of head dims by pair j's angle, in float32:
+    (x_2j, x_2j+1) -> (x_2j·cos − x_2j+1·sin, x_2j·sin + x_2j+1·cos). Real arithmetic, which torch.compile fuses."""
+    cos, sin = pe                                                                 # (B, L, 1, D) each
+    xf = x.float()
+    x0, x1 = rearrange(xf, "b l h (p two) -> two b l h p", two=2)                 # (B, L, H, P) each
+    swapped = rearrange(torch.stack([-x1, x0], dim=-1), "b l h p two -> b l h (p two)")  # (−x_2j+1, x_2j)
+    return (xf * cos + swapped * sin).type_as(x)                                  # (B, L, H, D)
 
 
 # Extra attention logits for the first keys (the text tokens), or None. FLUX never sets it: it is the toy model's
@@ -182,7 +188,7 @@ class DoubleStreamBlock(nn.Module):
         self.txt_mlp = mlp(hidden_size, mlp_hidden)
 
     def forward(self, img: Tensor, txt: Tensor, vec: Tensor, pe: Tensor) -> tuple[Tensor, Tensor]:
-        # img: (B, Li, C)   txt: (B, Lt, C)   vec: (B, C)   pe: (B, Lt + Li, 1, P)
+        # img: (B, Li, C)   txt: (B, Lt, C)   vec: (B, C)   pe: (2, B, L, 1, D)
         i_shift1, i_scale1, i_gate1, i_shift2, i_scale2, i_gate2 = self.img_mod(vec)
         t_shift1, t_scale1, t_gate1, t_shift2, t_scale2, t_gate2 = self.txt_mod(vec)
 
@@ -214,7 +220,7 @@ class SingleStreamBlock(nn.Module):
         self.modulation = Modulation(hidden_size, double=False)
 
     def forward(self, x: Tensor, vec: Tensor, pe: Tensor) -> Tensor:
-        # x: (B, L, C)   vec: (B, C)   pe: (B, L, 1, P)
+        # x: (B, L, C)   vec: (B, C)   pe: (2, B, L, 1, D)
         shift, scale, gate = self.modulation(vec)
         h = self.linear1(modulate(self.pre_norm(x), shift, scale))                # (B, L, 3C + F)
         qkv, mlp_in = h.split([3 * x.shape[-1], self.mlp_hidden], dim=-1)

@@ -97,7 +97,7 @@ class Flux(nn.Module):
             vec = vec + self.guidance_in(timestep_embedding(guidance))
         vec = vec + self.vector_in(y)
         txt = self.txt_in(txt)                                                    # (B, Lt, C)
-        pe = self.pe_embedder(torch.cat([txt_ids, img_ids], dim=1))               # (B, L, 1, D/2) complex
+        pe = self.pe_embedder(torch.cat([txt_ids, img_ids], dim=1))               # (2, B, L, 1, D): cos, sin
 
         for block in self.double_blocks:
             img, txt = self.run_block(block, img, txt, vec, pe)

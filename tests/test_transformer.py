@@ -132,6 +132,21 @@ def test_rope_table_makes_no_float64_tensor_on_mps():
         positions = torch.zeros(1, 10, device="mps")                                    # (B, L)
         with DtypeDeviceLog() as log:
             table = rope(positions, 56, 10_000)
-    assert table.device.type == "mps" and table.dtype == torch.complex64 and table.shape == (1, 10, 28)
+    assert table.device.type == "mps" and table.dtype == torch.float32 and table.shape == (2, 1, 10, 56)
     assert (torch.float64, "cpu") in log.outputs
     assert not [o for o in log.outputs if o[0] == torch.float64 and o[1] != "cpu"]
+
+
+def test_each_block_traces_into_one_graph_without_complex_tensors():
+    """torch.compile sees a block whole (no graph break), and RoPE in real arithmetic (Inductor cannot generate
+    code for complex operators)."""
+    flux = Flux(preset("tiny")).eval()
+    x = inputs(flux.params)
+    img, txt, vec = flux.img_in(x["img"]), flux.txt_in(x["txt"]), flux.vector_in(x["y"])
+    pe = flux.pe_embedder(torch.cat([x["txt_ids"], x["img_ids"]], dim=1).expand(2, -1, -1))
+    for block, args in ((flux.double_blocks[0], (img, txt, vec, pe)),
+                        (flux.single_blocks[0], (torch.cat([txt, img], dim=1), vec, pe))):
+        explanation = torch._dynamo.explain(block)(*args)
+        assert explanation.graph_break_count == 0 and explanation.graph_count == 1
+        values = [node.meta.get("example_value") for graph in explanation.graphs for node in graph.graph.nodes]
+        assert not [v for v in values if isinstance(v, torch.Tensor) and v.is_complex()]
