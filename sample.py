@@ -203,6 +203,7 @@ def main(argv=None) -> list[Path]:
     for message in overlong(pipe.t5_tokenizer, [(f"prompt {p[:40]!r}", p) for p in dict.fromkeys(prompts)]):
         warnings.warn(message)
     txt, vec = pipe.encode_prompts(prompts)                                         # (B, Lt, 4096), (B, 768)
+    pipe.t5.to("cpu"), pipe.clip.to("cpu")  # the text encoders leave the device before the transformer comes
     B, Lt = txt.shape[:2]
     timesteps = pipe.schedule(height, width, args.steps)
 

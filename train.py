@@ -227,7 +227,7 @@ def train(args: argparse.Namespace) -> Path:
     val_txt, val_vec = pipe.encode_prompts(val_prompts)
     val_height, val_width = dataset.samples[0].bucket
     pipe.t5.to("cpu"), pipe.clip.to("cpu")
-    flow = pipe.flow
+    flow = pipe.on_device(pipe.flow)
 
     # 4. A LoRA on the frozen base: only the adapters train, in float32.
     inject_lora(flow, rank=args.rank, alpha=args.alpha, seed=args.seed)

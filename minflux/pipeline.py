@@ -1,5 +1,6 @@
 """The six pieces of a FLUX.1 repo held together: text encoders with their tokenizers, the flow transformer and the
-autoencoder, on one device (or each moved there only while it runs, with `offload`).
+autoencoder. They load to the CPU and each moves to the device when first used (with `offload`, only while it runs),
+so a caller can still change a model on the CPU first (merge a LoRA, quantize) without it ever being on the GPU whole.
 
 `generate` is the text-to-image recipe of BFL's `cli.py` in a few lines; `sample.py` spells the same recipe out
 with every option. Defaults and pixel conversion match diffusers' FluxPipeline, so the same prompt, seed, size, steps
@@ -47,7 +48,8 @@ class Pipeline:
         return next(self.flow.parameters()).dtype
 
     def on_device(self, model: nn.Module) -> nn.Module:
-        """Moves `model` to the device; with offload, first sends every other model back to the CPU."""
+        """Moves `model` to the device (a no-op once there); with offload, first sends every other model back to
+        the CPU."""
         if self.offload:
             for other in (self.flow, self.ae, self.t5, self.clip):
                 if other is not model:
@@ -117,16 +119,13 @@ def load_t5_tokenizer(model: str) -> T5Tokenizer:
 
 def load_pipeline(model: str = "black-forest-labs/FLUX.1-dev", device: str = "cpu", dtype: str | None = None,
                   offload: bool = False) -> Pipeline:
-    """Loads all six pieces of a FLUX repo (see `minflux.loading`). `dtype` None keeps the stored dtypes."""
+    """Loads all six pieces of a FLUX repo (see `minflux.loading`) to the CPU; each goes to `device` on first use.
+    `dtype` None keeps the stored dtypes."""
     repo = Repo(model)
     loading.check_repo(repo)
     torch_dtype = loading.parse_dtype(dtype)
     flow = loading.load_flow(repo, torch_dtype)
     clip_tok, t5_tok = loading.load_tokenizers(repo, loading.t5_max_length(repo))
     device = torch.device(device)
-    pipe = Pipeline(flow, loading.load_ae(repo, torch_dtype), loading.load_t5(repo, torch_dtype),
+    return Pipeline(flow, loading.load_ae(repo, torch_dtype), loading.load_t5(repo, torch_dtype),
                     loading.load_clip(repo, torch_dtype), t5_tok, clip_tok, device, offload)
-    if not offload:
-        for m in (pipe.flow, pipe.ae, pipe.t5, pipe.clip):
-            m.to(device)
-    return pipe
