@@ -4,8 +4,14 @@ runs (on the CPU: by the storage each slot holds at each step; on a GPU: by `tor
 
 import copy
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+import sample
+import train
 from iclora.lora import inject_lora, lora_parameters
 from minflux.block_swap import BlockSwap
 from minflux.model import Flux, preset
@@ -157,6 +163,48 @@ def test_moving_the_swapped_model_to_the_cpu_keeps_the_homes_and_the_output():
 def test_a_block_count_outside_the_model_is_refused(count):
     with pytest.raises(ValueError, match=r"between 0 and 4 \(the model's 2 double \+ 2 single blocks\), not "):
         BlockSwap(tiny_flow(), count, "cpu")
+
+
+def count_loads(monkeypatch, script) -> list[int]:
+    """The swapped blocks `script` loads, in order (a BlockSwap that also logs each load)."""
+    loads = []
+
+    class Logged(BlockSwap):
+        def load(self, i):
+            loads.append(i)
+            super().load(i)
+    monkeypatch.setattr(script, "BlockSwap", Logged)
+    return loads
+
+
+def test_sample_py_draws_the_same_image_with_swapped_blocks(tmp_path, monkeypatch):
+    loads = count_loads(monkeypatch, sample)
+    common = ["--model", "toy", "--prompt", "a red circle", "--steps", "2", "--device", "cpu"]
+    [plain] = sample.main([*common, "--out", str(tmp_path / "plain.png")])
+    [swap] = sample.main([*common, "--out", str(tmp_path / "swap.png"), "--blocks-to-swap", "3"])
+    assert np.asarray(Image.open(plain)).std() > 5  # not a flat image, which any bug could also give
+    assert np.array_equal(np.asarray(Image.open(swap)), np.asarray(Image.open(plain)))
+    assert loads == [0, 1, 2] * 2  # 2 steps through 3 swapped blocks
+
+
+def test_train_py_learns_the_same_lora_with_swapped_blocks(tmp_path, monkeypatch):
+    loads = count_loads(monkeypatch, train)
+    (tmp_path / "sets").mkdir()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 64, 3), np.uint8)).save(tmp_path / "sets/a.png")
+    (tmp_path / "sets/a.txt").write_text("a red circle and a blue square")
+    common = ["--model", "toy", "--data", str(tmp_path / "sets"), "--steps", "2", "--batch-size", "1",
+              "--resolution", "32", "--checkpointing", "--sample-every", "0", "--device", "cpu"]
+    plain = load_file(train.main([*common, "--out", str(tmp_path / "plain.safetensors")]))
+    swap = load_file(train.main([*common, "--out", str(tmp_path / "swap.safetensors"), "--blocks-to-swap", "4"]))
+    assert plain.keys() == swap.keys() and all(torch.equal(swap[k], plain[k]) for k in plain)
+    assert any(v.abs().sum() > 0 for k, v in plain.items() if "lora_B" in k)  # two steps moved the LoRA
+    assert loads == [0, 1, 2, 3, 3, 2, 1, 0] * 2  # per step: forward, then backward's recomputation in reverse
+
+
+def test_train_py_refuses_block_swap_without_checkpointing(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args(["--model", "toy", "--data", str(tmp_path), "--blocks-to-swap", "2"])
+    assert "--blocks-to-swap needs --checkpointing" in capsys.readouterr().err
 
 
 def rounded_bytes(tensors) -> int:
