@@ -55,7 +55,7 @@ class BlockSwap:
             block.register_forward_hook(lambda module, args, out, i=i: self.release(i))
         self.loaded: set[int] = set()  # blocks whose slots hold their copies
         self.prefetched: tuple[int, list[Tensor], torch.cuda.Event | None] | None = None
-        self.last = -1  # the block run last: says which way the run goes
+        self.last, self.direction = -1, 1  # the block run last, and which way the run goes
 
     def copy(self, i: int) -> tuple[list[Tensor], torch.cuda.Event | None]:
         """Fresh copies of block i's weights where its placeholders are; on CUDA, made on the side stream, with the
@@ -69,7 +69,8 @@ class BlockSwap:
 
     def load(self, i: int):
         """Before block i runs: its copies go into its slots, any other loaded block is let go (a checkpointed
-        recomputation may stop before the forward hook), and the next block in the run's direction is fetched."""
+        recomputation may stop before the forward hook, which leaves the block loaded until the next load), and the
+        next block in the run's direction is fetched."""
         if self.prefetched and self.prefetched[0] == i:
             _, copies, ready = self.prefetched
             self.prefetched = None
@@ -85,8 +86,11 @@ class BlockSwap:
         for j in self.loaded - {i}:
             self.release(j)
         self.loaded.add(i)
-        following = i - 1 if self.last in (i, i + 1) else i + 1  # backward's recomputation runs blocks in reverse
-        self.last = i
+        if self.last == i:  # the same block twice: the run turned (forward -> backward's recomputation, or back)
+            self.direction = -self.direction
+        else:  # backward's recomputation runs the blocks in reverse; anything else starts a new pass
+            self.direction = -1 if self.last == i + 1 else 1
+        self.last, following = i, i + self.direction
         if self.prefetched and self.prefetched[0] != following:
             self.prefetched = None
         if 0 <= following < len(self.blocks) and not self.prefetched:
