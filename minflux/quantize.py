@@ -103,8 +103,8 @@ def fp8_layers(model: nn.Module, sd: dict[str, Tensor], source: str) -> dict[str
             replace(model, layer, FP8Linear(torch.empty_like(value, device="meta"), torch.empty(O, device="meta"),
                                             None if bias is None else torch.empty_like(bias, device="meta")))
         else:  # tiny: norm scales and the like
-            out[key] = (value.float() * scale.reshape(-1, *[1] * (value.dim() - 1)) if scale.numel() > 1
-                        else value.float() * scale).to(dtype)
+            out[key] = (value.float() * scale.reshape(-1, *[1] * (value.dim() - 1) if scale.numel() > 1 else ())
+                        ).to(dtype)
     return out
 
 
