@@ -190,6 +190,16 @@ def output_paths(out: Path, n: int, panels: int) -> list[list[Path]]:
             for stem in stems]
 
 
+def add_loras(flow, loras: list, scales: list[float], merge: bool):
+    """Each LoRA as adapter `lora<i>`, merged into the weights for good (`fold_lora`) if `merge`."""
+    for i, ((path, tensors), scale) in enumerate(zip(loras, scales)):
+        layers = load_lora(flow, tensors, name=f"lora{i}", multiplier=scale, source=str(path))
+        if merge:
+            fold_lora(flow, f"lora{i}")
+        print(f"LoRA {path.name}: {len(layers)} layers, scale {scale}, {'merged' if merge else 'adapter'}",
+              file=sys.stderr)
+
+
 def main(argv=None) -> list[Path]:
     args = parse_args(argv)
     # Everything that needs no model is read (and so checked) first.
@@ -205,21 +215,17 @@ def main(argv=None) -> list[Path]:
     # 1. Load the models (T5, CLIP, the flow transformer, the autoencoder) to the CPU, then the LoRAs: merged into
     # the full-precision weights, then --quantize; adapters (--no-merge, or an fp8 file) go on the final layers.
     pipe = load_pipeline(args.model, args.device, args.dtype, args.offload, args.transformer)
-    merge = not args.no_merge
-    if merge and loras and any(isinstance(m, FP8Linear) for m in pipe.flow.modules()):
+    fp8_file = any(isinstance(m, FP8Linear) for m in pipe.flow.modules())
+    if fp8_file and loras and not args.no_merge:
         print("note: the transformer file holds fp8 weights, which a LoRA is never merged into: the LoRAs are applied "
               "as adapters on the dequantized weights", file=sys.stderr)
-        merge = False
-    added = [(i, path, scale) for i, ((path, _), scale) in enumerate(zip(loras, args.lora_scale))]
-    for i, path, scale in added if merge else []:
-        layers = load_lora(pipe.flow, loras[i][1], name=f"lora{i}", multiplier=scale, source=str(path))
-        fold_lora(pipe.flow, f"lora{i}")
-        print(f"LoRA {path.name}: {len(layers)} layers, scale {scale}, merged", file=sys.stderr)
+    merge = not args.no_merge and not fp8_file
+    if merge:
+        add_loras(pipe.flow, loras, args.lora_scale, merge)
     if args.quantize == "fp8":
         quantize_fp8(pipe.flow), quantize_fp8(pipe.t5)
-    for i, path, scale in [] if merge else added:
-        layers = load_lora(pipe.flow, loras[i][1], name=f"lora{i}", multiplier=scale, source=str(path))
-        print(f"LoRA {path.name}: {len(layers)} layers, scale {scale}, adapter", file=sys.stderr)
+    if not merge:
+        add_loras(pipe.flow, loras, args.lora_scale, merge)
 
     # 2. Tokenize and encode the prompts; 3. the schedule of times from 1 (noise) to 0 for this size.
     for message in overlong(pipe.t5_tokenizer, [(f"prompt {p[:40]!r}", p) for p in dict.fromkeys(prompts)]):
