@@ -65,7 +65,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "encoders and tokenizers still come from --model (default: the --model's own)")
     p.add_argument("--quantize", choices=["fp8"],
                    help="fp8: store the weight of every Linear of the transformer and of T5 in float8 e4m3fn with "
-                        "one float32 scale per row (1 byte a weight instead of bf16's 2: about half the memory, computed); norms, embeddings, biases, CLIP "
+                        "one float32 scale per row (1 byte a weight instead of bf16's 2: about half the memory, "
+                        "computed); norms, embeddings, biases, CLIP "
                         "and the VAE stay as loaded, and compute stays in the run's dtype (bf16 on GPU; weights are "
                         "dequantized per layer). --lora files are merged into the full-precision weights before "
                         "quantizing (with --no-merge they are kept as adapters on the fp8 layers) (default: none)")

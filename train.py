@@ -65,7 +65,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "--model (default: the --model's own)")
     p.add_argument("--quantize", choices=["fp8"],
                    help="fp8: store the weight of every Linear of the transformer and of T5 in float8 e4m3fn with "
-                        "one float32 scale per row (1 byte a weight instead of bf16's 2: about half the memory, computed); norms, embeddings, biases, CLIP "
+                        "one float32 scale per row (1 byte a weight instead of bf16's 2: about half the memory, "
+                        "computed); norms, embeddings, biases, CLIP "
                         "and the VAE stay as loaded; compute stays in the base dtype (weights dequantized per "
                         "layer), and the LoRA adapters and optimizer stay fp32 (default: none)")
     p.add_argument("--out", type=Path, default=Path("out.safetensors"), help="LoRA file (default: out.safetensors)")
