@@ -18,13 +18,14 @@ from pathlib import Path
 import torch
 
 from iclora.data import load_rgb
-from iclora.lora import merge_lora
+from iclora.lora import fold_lora
 from iclora.lora_files import load_lora, read_lora_file
 from iclora.panels import LAYOUTS, canvas_size, joint_caption, panel_boxes, panel_size, split_panels
 from iclora.references import pin_references, reference_latents, reference_panels
 from minflux.block_swap import BlockSwap
 from minflux.hub import USER_ERRORS, check_device, hub_call, ranged
 from minflux.pipeline import from_pil, load_pipeline, to_pil
+from minflux.quantize import FP8Linear, quantize_fp8
 from minflux.sampling import add_noise, check_size, denoise, get_noise, image_ids, img2img_start, pack, text_ids, unpack
 from minflux.tokenizers import overlong
 
@@ -58,6 +59,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", default=None, choices=["bf16", "fp32"],
                    help="cast all weights to this dtype (default: keep each file's stored dtype; no fp16: T5 "
                         "and the FLUX blocks overflow in it)")
+    p.add_argument("--transformer", type=Path,
+                   help="a local transformer .safetensors (BFL single-file layout, also with ComfyUI's "
+                        "model.diffusion_model. prefix) used instead of the one in --model: bf16, fp32, an fp8 "
+                        "plain cast (flux1-dev-fp8) or ComfyUI scaled fp8, detected from its tensors; the VAE, text "
+                        "encoders and tokenizers still come from --model (default: the --model's own)")
+    p.add_argument("--quantize", choices=["fp8"],
+                   help="fp8: store the weight of every Linear of the transformer and of T5 in float8 e4m3fn with "
+                        "one float32 scale per row (1 byte a weight instead of bf16's 2: about half the memory, "
+                        "computed); norms, embeddings, biases, CLIP "
+                        "and the VAE stay as loaded, and compute stays in the run's dtype (bf16 on GPU; weights are "
+                        "dequantized per layer). --lora files are merged into the full-precision weights before "
+                        "quantizing (with --no-merge they are kept as adapters on the fp8 layers) (default: none)")
     p.add_argument("--offload", action="store_true",
                    help="keep models in CPU RAM and move each to the GPU only while it runs (T5 -> CLIP -> "
                         "transformer -> VAE); FLUX.1-dev then fits a 40 GB card in bf16")
@@ -184,6 +197,16 @@ def output_paths(out: Path, n: int, panels: int) -> list[list[Path]]:
             for stem in stems]
 
 
+def add_loras(flow, loras: list, scales: list[float], merge: bool):
+    """Each LoRA as adapter `lora<i>`, merged into the weights for good (`fold_lora`) if `merge`."""
+    for i, ((path, tensors), scale) in enumerate(zip(loras, scales)):
+        layers = load_lora(flow, tensors, name=f"lora{i}", multiplier=scale, source=str(path))
+        if merge:
+            fold_lora(flow, f"lora{i}")
+        print(f"LoRA {path.name}: {len(layers)} layers, scale {scale}, {'merged' if merge else 'adapter'}",
+              file=sys.stderr)
+
+
 def main(argv=None) -> list[Path]:
     args = parse_args(argv)
     # Everything that needs no model is read (and so checked) first.
@@ -196,15 +219,21 @@ def main(argv=None) -> list[Path]:
     init = read_image(args.init, "--init") if args.init else None
     loras = [(path, read_lora_file(path)) for path in map(resolve_lora, args.lora)]
 
-    # 1. Load the models (T5, CLIP, the flow transformer, the autoencoder) and the LoRAs.
-    pipe = load_pipeline(args.model, args.device, args.dtype, args.offload)
-    for i, ((path, tensors), scale) in enumerate(zip(loras, args.lora_scale)):
-        layers = load_lora(pipe.flow, tensors, name=f"lora{i}", multiplier=scale, source=str(path))
-        if not args.no_merge:
-            merge_lora(pipe.flow, f"lora{i}")
-        print(f"LoRA {path.name}: {len(layers)} layers, scale {scale}, {'adapter' if args.no_merge else 'merged'}",
-              file=sys.stderr)
-    BlockSwap(pipe.flow, args.blocks_to_swap, args.device)  # before the flow first goes to the device
+    # 1. Load the models (T5, CLIP, the flow transformer, the autoencoder) to the CPU, then the LoRAs: merged into
+    # the full-precision weights, then --quantize; adapters (--no-merge, or an fp8 file) go on the final layers.
+    pipe = load_pipeline(args.model, args.device, args.dtype, args.offload, args.transformer)
+    fp8_file = any(isinstance(m, FP8Linear) for m in pipe.flow.modules())
+    if fp8_file and loras and not args.no_merge:
+        print("note: the transformer file holds fp8 weights, which a LoRA is never merged into: the LoRAs are applied "
+              "as adapters on the dequantized weights", file=sys.stderr)
+    merge = not args.no_merge and not fp8_file
+    if merge:
+        add_loras(pipe.flow, loras, args.lora_scale, merge)
+    if args.quantize == "fp8":
+        quantize_fp8(pipe.flow), quantize_fp8(pipe.t5)
+    if not merge:
+        add_loras(pipe.flow, loras, args.lora_scale, merge)
+    BlockSwap(pipe.flow, args.blocks_to_swap, args.device)  # last: before the flow first goes to the device
 
     # 2. Tokenize and encode the prompts; 3. the schedule of times from 1 (noise) to 0 for this size.
     for message in overlong(pipe.t5_tokenizer, [(f"prompt {p[:40]!r}", p) for p in dict.fromkeys(prompts)]):

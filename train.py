@@ -33,6 +33,7 @@ from iclora.training import EncodedSet, check_captions, collate, encode_sets, fl
 from minflux.block_swap import BlockSwap
 from minflux.hub import USER_ERRORS, check_device, ranged
 from minflux.pipeline import load_pipeline, load_t5_tokenizer, to_pil
+from minflux.quantize import quantize_fp8
 
 # The defaults that depend on the model: the paper's for FLUX.1-dev; for --model toy, a run of a few CPU minutes
 # (no gradient checkpointing: the toy is tiny; resolution 96 keeps the 128x64 toy sets at their size).
@@ -40,7 +41,8 @@ MODEL_DEFAULTS = {"flux": dict(steps=5000, lr=1e-4, resolution=1024, checkpointi
                   "toy": dict(steps=1000, lr=1e-3, resolution=96, checkpointing=False)}
 # options that change what a step computes: --resume must see the same values to continue bit for bit
 RESUME_MUST_MATCH = ("data", "layout", "model", "batch_size", "grad_accum", "rank", "alpha", "lr", "warmup",
-                     "grad_clip", "resolution", "caption_dropout", "guidance", "timestep_sampling", "seed", "dtype")
+                     "grad_clip", "resolution", "caption_dropout", "guidance", "timestep_sampling", "seed", "dtype",
+                     "transformer", "quantize")
 STATE_KEYS = ("step", "lora", "optimizer", "args", "dataset")
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # Ctrl-C; preemption, `timeout`; a closed terminal
 
@@ -57,6 +59,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model", default="black-forest-labs/FLUX.1-dev",
                    help="HF repo id or local folder in the HF repo layout, or `toy` for the 12 MB toy FLUX in "
                         "toy/model, which also changes the defaults marked 'toy' (default: %(default)s)")
+    p.add_argument("--transformer", type=Path,
+                   help="a local transformer .safetensors (BFL single-file layout) used instead of --model's: "
+                        "bf16, fp32, an fp8 plain cast or ComfyUI scaled fp8, detected from its tensors; the LoRA "
+                        "then trains on its (dequantized) weights; VAE, text encoders and tokenizers come from "
+                        "--model (default: the --model's own)")
+    p.add_argument("--quantize", choices=["fp8"],
+                   help="fp8: store the weight of every Linear of the transformer and of T5 in float8 e4m3fn with "
+                        "one float32 scale per row (1 byte a weight instead of bf16's 2: about half the memory, "
+                        "computed); norms, embeddings, biases, CLIP "
+                        "and the VAE stay as loaded; compute stays in the base dtype (weights dequantized per "
+                        "layer), and the LoRA adapters and optimizer stay fp32 (default: none)")
     p.add_argument("--out", type=Path, default=Path("out.safetensors"), help="LoRA file (default: out.safetensors)")
     p.add_argument("--steps", type=ranged(int, 1), help=f"optimizer steps (default: {flux['steps']}, the paper's; "
                                                           f"toy: {toy['steps']})")
@@ -178,9 +191,10 @@ def load_state(path: Path, args: argparse.Namespace, fingerprint: dict) -> dict:
                          f"or a full disk?): {expected}. Delete it to start over.") from None
     if not isinstance(state, dict) or not all(k in state for k in STATE_KEYS):
         raise SystemExit(f"error: --resume: {path} is not a training state: {expected}. Delete it to start over.")
-    if changed := [k for k in RESUME_MUST_MATCH if state["args"].get(k) != str(getattr(args, k))]:
+    saved_args = {"transformer": "None", "quantize": "None"} | state["args"]  # states saved before these flags
+    if changed := [k for k in RESUME_MUST_MATCH if saved_args.get(k) != str(getattr(args, k))]:
         raise SystemExit("error: --resume with different settings than the saved run: " + ", ".join(
-            f"--{k.replace('_', '-')} {state['args'].get(k)} -> {getattr(args, k)}" for k in changed))
+            f"--{k.replace('_', '-')} {saved_args.get(k)} -> {getattr(args, k)}" for k in changed))
     saved = state["dataset"]
     changes = {"added": fingerprint.keys() - saved.keys(), "removed": saved.keys() - fingerprint.keys(),
                "edited": {k for k in saved.keys() & fingerprint.keys() if saved[k] != fingerprint[k]}}
@@ -225,11 +239,13 @@ def train(args: argparse.Namespace) -> Path:
     state = load_state(state_path, args, fingerprint) if args.resume else None
 
     # Captions T5 would cut are reported now, from the tokenizer alone, before any weight loads.
-    check_captions(load_t5_tokenizer(str(args.model)), dataset, args.val_prompt, args.strict_captions)
+    check_captions(load_t5_tokenizer(str(args.model), args.transformer), dataset, args.val_prompt, args.strict_captions)
 
     # 2. Model; 3. encode every set and caption once, then the text encoders leave the device.
     dtype = args.dtype or ("bf16" if torch.device(args.device).type == "cuda" else None)
-    pipe = load_pipeline(str(args.model), args.device, dtype)
+    pipe = load_pipeline(str(args.model), args.device, dtype, transformer=args.transformer)
+    if args.quantize == "fp8":  # on the CPU, before T5 encodes and before the LoRA wraps the flow's Linears
+        quantize_fp8(pipe.t5), quantize_fp8(pipe.flow)
     sets = encode_sets(pipe, dataset)
     empty = EncodedSet(None, *(x[0].cpu() for x in pipe.encode_prompts([""])))     # for caption dropout
     val_prompts = args.val_prompt or [dataset[0]["caption"]]

@@ -1,10 +1,11 @@
 """A hand-written LoRA injector for minflux's FLUX transformer (LoRA: Hu et al., arXiv 2106.09685).
 
-A targeted `nn.Linear` is replaced in place by a `LoRALinear` that keeps the base `weight` and `bias` Parameters
-under their official names and adds named adapters beside them:
+A targeted `nn.Linear` (or fp8 `FP8Linear`, whose `scale` comes along) is replaced in place by a `LoRALinear` that
+keeps the base `weight` and `bias` Parameters under their official names and adds named adapters beside them:
     y = W x + b + Σ_adapters scaling · B(A(dropout(x))),   scaling = multiplier · alpha / r.
 A starts kaiming-uniform (as nn.Linear) and B at zero, so a fresh adapter leaves the model unchanged. Adapters
-are float32 even on a bf16 base; LoRA files are read and written by `iclora/lora_files.py`.
+are float32 even on a bf16 or fp8 base (never merged into fp8: `fold_lora` merges before `quantize_fp8` instead);
+LoRA files are read and written by `iclora/lora_files.py`.
 
 Shape letters: N any leading dims, I in features, O out features, r rank.
 """
@@ -17,19 +18,23 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from minflux.quantize import FP8Linear, dequantize, replace
+
 # every Linear of the 19 double (img/txt: mod.lin, attn.qkv, attn.proj, mlp.0, mlp.2) and 38 single blocks
 # (linear1, linear2, modulation.lin): 304 BFL linears = the 494 diffusers modules of the IC-LoRA release
 DEFAULT_TARGETS = (r"double_blocks\.\d+\..+", r"single_blocks\.\d+\..+")
 
 
 class LoRALinear(nn.Module):
-    """An nn.Linear's own `weight` / `bias` Parameters (frozen) plus named adapters, each with its own scaling."""
+    """An nn.Linear's (or FP8Linear's) own `weight` / `bias` Parameters (frozen; an FP8Linear's `scale` too) plus
+    named adapters, each with its own scaling."""
 
-    def __init__(self, base: nn.Linear):
+    def __init__(self, base: nn.Linear | FP8Linear):
         super().__init__()
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight = base.weight.requires_grad_(False)
         self.register_parameter("bias", base.bias.requires_grad_(False) if base.bias is not None else None)
+        self.register_buffer("scale", base.scale if isinstance(base, FP8Linear) else None)  # None: not fp8
         self.lora_A, self.lora_B, self.dropout = nn.ModuleDict(), nn.ModuleDict(), nn.ModuleDict()
         self.alpha: dict[str, float] = {}
         self.scaling: dict[str, float] = {}
@@ -64,7 +69,8 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         # x: (..., I)
-        out = F.linear(x, self.weight, self.bias)                                 # (..., O)
+        weight = self.weight if self.scale is None else dequantize(self.weight, self.scale, x.dtype)  # (O, I)
+        out = F.linear(x, weight, self.bias)                                      # (..., O)
         for name, A in self.lora_A.items():
             if name not in self.merged:
                 B, s = self.lora_B[name], self.scaling[name]
@@ -77,24 +83,23 @@ class LoRALinear(nn.Module):
 
 
 def linears(model: nn.Module, prefix: str = ""):
-    """(name, module) of every nn.Linear / LoRALinear, not descending into a LoRALinear's own adapters."""
+    """(name, module) of every nn.Linear / FP8Linear / LoRALinear, not descending into a LoRALinear's adapters."""
     for child_name, child in model.named_children():
         name = prefix + child_name
-        if isinstance(child, (nn.Linear, LoRALinear)):
+        if isinstance(child, (nn.Linear, FP8Linear, LoRALinear)):
             yield name, child
         else:
             yield from linears(child, name + ".")
 
 
 def lora_linear_at(model: nn.Module, module_name: str) -> LoRALinear:
-    """The LoRALinear at module_name, replacing a plain nn.Linear there in place if needed."""
+    """The LoRALinear at module_name, replacing a plain nn.Linear or FP8Linear there in place if needed."""
     module = model.get_submodule(module_name)
     if isinstance(module, LoRALinear):
         return module
-    if not isinstance(module, nn.Linear):
+    if not isinstance(module, (nn.Linear, FP8Linear)):
         raise ValueError(f"{module_name} is a {type(module).__name__}, not an nn.Linear: cannot carry a LoRA")
-    parent, _, child = module_name.rpartition(".")
-    setattr(model.get_submodule(parent), child, wrapped := LoRALinear(module))
+    replace(model, module_name, wrapped := LoRALinear(module))
     return wrapped
 
 
@@ -128,6 +133,9 @@ def merge_lora(model: nn.Module, name: str = "default", sign: int = 1):
     if sign not in (1, -1):
         raise ValueError(f"sign must be 1 (merge) or -1 (unmerge), not {sign}")
     layers = lora_layers(model, name)
+    if sign == 1 and (fp8 := [n for n, m in layers.items() if m.scale is not None and name not in m.merged]):
+        raise ValueError(f"cannot merge LoRA {name!r} into fp8 weights ({fp8[0]}, ...): the sum would be rounded to "
+                         f"fp8; keep it as an adapter, or merge it (fold_lora) before quantize_fp8")
     if sign == 1 and (bad := [n for n, m in layers.items() if m.lora_B[name].bias is not None and m.bias is None]):
         raise ValueError(f"cannot merge a LoRA bias into a Linear without bias: {', '.join(bad)}")
     for m in layers.values():
@@ -152,16 +160,32 @@ def set_lora_scale(model: nn.Module, name: str, multiplier: float):
 
 
 def remove_lora(model: nn.Module, name: str = "default"):
-    """Drops the adapter (unmerging it first); a layer left with none becomes a plain nn.Linear again."""
+    """Drops the adapter (unmerging it first); a layer left with none becomes its base again (nn.Linear or
+    FP8Linear)."""
     merge_lora(model, name, sign=-1)
+    drop_adapter(model, name)
+
+
+def fold_lora(model: nn.Module, name: str = "default"):
+    """Merges the adapter into the base weights for good and drops it: a layer left with no adapter becomes a plain
+    nn.Linear again, which `quantize_fp8` can then quantize (LoRA merged before quantizing)."""
+    merge_lora(model, name)
+    drop_adapter(model, name)
+
+
+def drop_adapter(model: nn.Module, name: str):
     for module_name, m in lora_layers(model, name).items():
         for d in (m.lora_A, m.lora_B, m.dropout, m.alpha, m.scaling):
             del d[name]
-        if not m.lora_A:
-            plain = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
-            plain.weight, plain.bias = m.weight, m.bias
-            parent, _, child = module_name.rpartition(".")
-            setattr(model.get_submodule(parent), child, plain)
+        m.merged.discard(name)
+        if m.lora_A:
+            continue
+        if m.scale is not None:
+            base = FP8Linear(m.weight, m.scale, m.bias)
+        else:
+            base = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
+            base.weight, base.bias = m.weight, m.bias
+        replace(model, module_name, base)
 
 
 def lora_parameters(model: nn.Module, name: str = "default") -> list[nn.Parameter]:

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from minflux.quantize import compute_dtype
 from minflux.sampling import add_noise, image_ids, pack, shift_mu, text_ids, time_shift
 from minflux.tokenizers import overlong
 
@@ -54,7 +55,7 @@ def flow_matching_loss(flow, x0: Tensor, txt: Tensor, vec: Tensor, g: torch.Gene
     noise = torch.randn(x0.shape, generator=g).to(x0)
     t = sample_timesteps(B, x0.shape[1], g, timestep_mode).to(x0)                 # (B,)
     x_t = add_noise(x0, noise, t[:, None, None])                                  # (B, Li, 4c)
-    dtype, device = next(flow.parameters()).dtype, x0.device
+    dtype, device = compute_dtype(flow), x0.device
     v = flow(x_t.to(dtype), image_ids(B, 8 * h, 8 * w).to(device), txt.to(dtype), text_ids(B, txt.shape[1]).to(device),
              timesteps=t.to(dtype), y=vec.to(dtype), guidance=torch.full((B,), guidance, dtype=dtype, device=device))
     return F.mse_loss(v.float(), (noise - x0).float())

@@ -7,9 +7,11 @@ up front.
 """
 
 import argparse
+import functools
 import json
 import math
 import re
+import sys
 from pathlib import Path
 
 import torch
@@ -77,13 +79,17 @@ class Repo:
         found = [n for n in names if n in self.files]
         return self.path(found[0]) if found else None
 
+    @functools.cache  # once per Repo: its note is printed once
     def transformer_file(self) -> Path | None:
         """The BFL single file at the root: flux1-<variant>.safetensors (older releases used .sft)."""
         names = sorted(f for f in self.files if "/" not in f and f.startswith("flux1") and f.endswith((".safetensors", ".sft")))
         official = [n for n in names if re.fullmatch(r"flux1-[a-z]+\.(safetensors|sft)", n)]
         if len(official or names) > 1:
             raise ValueError(f"{self.model}: several transformer files ({', '.join(official or names)}); "
-                             f"point --model at a folder that holds one")
+                             f"choose one with --transformer FILE")
+        if others := sorted(set(names) - set(official)) if official else []:
+            print(f"note: {self.model}: using {official[0]}, not {', '.join(others)}; to use another, give "
+                  f"--transformer FILE", file=sys.stderr)
         return self.root_file(official or names)
 
 

@@ -5,7 +5,11 @@ The transformer and the autoencoder come as BFL single files at the repo's root 
 `minflux.convert`); CLIP-L from `text_encoder/`, T5-XXL from `text_encoder_2/` (sharded), the tokenizers from
 `tokenizer/` and `tokenizer_2/`. Models are built on the meta device and their parameters *assigned* from
 memory-mapped safetensors, so a 12B model never exists twice in RAM; tensors keep their stored dtype unless asked.
+A transformer single file may hold fp8 Linear weights (plain casts, ComfyUI scaled fp8): those layers are built as
+`minflux.quantize.FP8Linear` and keep the file's fp8 values; other 1-byte formats (NF4, int8) are refused.
 """
+
+from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -15,6 +19,7 @@ from .autoencoder import AutoEncoder, AutoEncoderParams
 from .clip import CLIPConfig, CLIPTextModel
 from .convert import transformer_from_diffusers, vae_from_diffusers
 from .model import Flux, FluxParams
+from .quantize import fp8_layers, is_fp8
 from .t5 import T5Config, T5Encoder
 from .tokenizers import CLIPTokenizer, T5Tokenizer
 
@@ -22,17 +27,26 @@ LAYOUT_HELP = ("a FLUX repo has flux1-*.safetensors + ae.safetensors at its root
                "folders, plus text_encoder/, text_encoder_2/, tokenizer/ and tokenizer_2/")
 
 
-def read_safetensors(paths: list, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+SUPPORTED = "bf16/fp32 official files, and for the transformer fp8 plain casts or ComfyUI scaled fp8"
+
+
+def read_safetensors(paths: list, dtype: torch.dtype | None = None, fp8: bool = False) -> dict[str, torch.Tensor]:
+    """Every tensor of the files, floats cast to `dtype`; fp8 tensors are kept as stored where `fp8` allows them."""
     sd = {}
     for path in paths:
         try:
             with safe_open(str(path), framework="pt") as f:
                 for key in f.keys():
                     t = f.get_tensor(key)
-                    if t.dtype.itemsize == 1 and t.is_floating_point():
-                        raise ValueError(f"{path}: {key} is stored in {t.dtype}; quantized checkpoints are not "
-                                         f"supported, use the official bf16 files")
-                    sd[key] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
+                    if is_fp8(t) and not fp8:
+                        raise ValueError(f"{path}: {key} is stored in {t.dtype}; fp8 is read for the transformer's "
+                                         f"single file only; supported: {SUPPORTED}")
+                    if t.dtype.itemsize == 1 and not is_fp8(t) and t.dtype != torch.bool:
+                        looks = ("bitsandbytes NF4/FP4 (4-bit values packed in bytes)" if t.dtype == torch.uint8
+                                 else "int8 quantization (bitsandbytes LLM.int8, quanto, ...)")
+                        raise ValueError(f"{path}: {key} is stored in {t.dtype}, which looks like {looks}: "
+                                         f"that format is not supported; supported: {SUPPORTED}")
+                    sd[key] = t.to(dtype) if dtype is not None and t.is_floating_point() and not is_fp8(t) else t
         except (SafetensorError, OSError) as e:
             raise ValueError(f"{path}: cannot read this safetensors file (truncated or corrupt download?): {e}") from None
     return sd
@@ -54,10 +68,11 @@ def assign(model: nn.Module, sd: dict[str, torch.Tensor], source: str) -> nn.Mod
     return model.eval().requires_grad_(False)
 
 
-def load_flow(repo, dtype: torch.dtype | None = None) -> Flux:
+def load_flow(repo, dtype: torch.dtype | None = None, transformer: Path | None = None) -> Flux:
+    """`transformer`: a BFL single file to use instead of the repo's. Linears stored in fp8 become FP8Linear."""
     config = repo.json("transformer/config.json")  # diffusers' config: the only place the RoPE split is stored
-    if path := repo.transformer_file():
-        sd, source = read_safetensors([path], dtype), str(path)
+    if path := transformer or repo.transformer_file():
+        sd, source = read_safetensors([path], dtype, fp8=True), str(path)
     elif "transformer/config.json" in repo.files:
         paths = repo.safetensors("transformer", "diffusion_pytorch_model")
         sd, source = transformer_from_diffusers(read_safetensors(paths, dtype), config), str(paths[0].parent)
@@ -70,7 +85,7 @@ def load_flow(repo, dtype: torch.dtype | None = None) -> Flux:
                          f"only the text-to-image models (64 channels) are supported")
     with torch.device("meta"):
         model = Flux(params)
-    return assign(model, sd, source)
+    return assign(model, fp8_layers(model, sd, source), source)
 
 
 def load_ae(repo, dtype: torch.dtype | None = None) -> AutoEncoder:
@@ -106,11 +121,12 @@ def load_clip(repo, dtype: torch.dtype | None = None) -> CLIPTextModel:
     return assign(model, sd, f"{repo.model}/text_encoder")
 
 
-def t5_max_length(repo) -> int:
+def t5_max_length(repo, transformer: Path | None = None) -> int:
     """T5's token limit: 512 for FLUX.1-dev, 256 for schnell (no guidance embedding), known before any weight is
-    read: from diffusers' `transformer/config.json`, else from the names in the single file's header."""
+    read: from the names in the single file's header (`transformer`, else the repo's), else from diffusers'
+    `transformer/config.json`."""
     config = repo.json("transformer/config.json")
-    if "guidance_embeds" in config or not (path := repo.transformer_file()):
+    if not (path := transformer) and ("guidance_embeds" in config or not (path := repo.transformer_file())):
         return 512 if config.get("guidance_embeds") else 256
     try:
         with safe_open(str(path), framework="pt") as f:
@@ -125,8 +141,12 @@ def load_tokenizers(repo, t5_max_length: int) -> tuple[CLIPTokenizer, T5Tokenize
     return clip, T5Tokenizer(repo.path(t5_file), max_length=t5_max_length)
 
 
-def check_repo(repo):
-    has_flow = repo.transformer_file() is not None or "transformer/config.json" in repo.files
+def check_repo(repo, transformer: Path | None = None):
+    """Every file the pipeline needs is there; `transformer` (a file) replaces the repo's transformer."""
+    if transformer is not None and not Path(transformer).is_file():
+        raise FileNotFoundError(f"--transformer {transformer}: no such file; give a local FLUX transformer "
+                                f".safetensors (BFL single-file layout: {SUPPORTED})")
+    has_flow = transformer is not None or repo.transformer_file() is not None or "transformer/config.json" in repo.files
     has_ae = repo.root_file(["ae.safetensors", "ae.sft"]) is not None or "vae/config.json" in repo.files
     needed = ["text_encoder/config.json", "text_encoder_2/config.json", "tokenizer/vocab.json", "tokenizer/merges.txt"]
     missing = [n for n in needed if n not in repo.files]

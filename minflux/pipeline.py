@@ -10,6 +10,7 @@ Shape letters: B images, Lt text tokens, Li image tokens, c latent channels, h/w
 """
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -22,6 +23,7 @@ from .autoencoder import AutoEncoder
 from .clip import CLIPTextModel
 from .hub import Repo
 from .model import Flux
+from .quantize import compute_dtype
 from .sampling import denoise, get_noise, get_schedule, image_ids, pack, text_ids, unpack
 from .t5 import T5Encoder
 from .tokenizers import CLIPTokenizer, T5Tokenizer
@@ -45,7 +47,7 @@ class Pipeline:
     @property
     def dtype(self) -> torch.dtype:
         """The flow transformer's dtype, in which sampling runs."""
-        return next(self.flow.parameters()).dtype
+        return compute_dtype(self.flow)
 
     def on_device(self, model: nn.Module) -> nn.Module:
         """Moves `model` to the device (a no-op once there); with offload, first sends every other model back to
@@ -110,22 +112,23 @@ def to_pil(x: Tensor) -> list[Image.Image]:
     return [Image.fromarray(rearrange(img, "c h w -> h w c").numpy()) for img in x]
 
 
-def load_t5_tokenizer(model: str) -> T5Tokenizer:
+def load_t5_tokenizer(model: str, transformer: Path | None = None) -> T5Tokenizer:
     """The repo's T5 tokenizer with the model's token limit, loaded before (and without) any weight."""
     repo = Repo(model)
-    loading.check_repo(repo)
-    return loading.load_tokenizers(repo, loading.t5_max_length(repo))[1]
+    loading.check_repo(repo, transformer)
+    return loading.load_tokenizers(repo, loading.t5_max_length(repo, transformer))[1]
 
 
 def load_pipeline(model: str = "black-forest-labs/FLUX.1-dev", device: str = "cpu", dtype: str | None = None,
-                  offload: bool = False) -> Pipeline:
+                  offload: bool = False, transformer: Path | None = None) -> Pipeline:
     """Loads all six pieces of a FLUX repo (see `minflux.loading`) to the CPU; each goes to `device` on first use.
-    `dtype` None keeps the stored dtypes."""
+    `dtype` None keeps the stored dtypes (fp8 weights stay fp8 in any case). `transformer`: a local single file
+    (bf16, fp32 or fp8) used instead of the repo's transformer."""
     repo = Repo(model)
-    loading.check_repo(repo)
+    loading.check_repo(repo, transformer)
     torch_dtype = loading.parse_dtype(dtype)
-    flow = loading.load_flow(repo, torch_dtype)
-    clip_tok, t5_tok = loading.load_tokenizers(repo, loading.t5_max_length(repo))
+    flow = loading.load_flow(repo, torch_dtype, transformer)
+    clip_tok, t5_tok = loading.load_tokenizers(repo, loading.t5_max_length(repo, transformer))
     device = torch.device(device)
     return Pipeline(flow, loading.load_ae(repo, torch_dtype), loading.load_t5(repo, torch_dtype),
                     loading.load_clip(repo, torch_dtype), t5_tok, clip_tok, device, offload)

@@ -24,6 +24,7 @@ from iclora.lora_files import load_lora  # noqa: E402
 from iclora.references import pin_references, reference_latents  # noqa: E402
 from minflux.hub import USER_ERRORS  # noqa: E402
 from minflux.pipeline import Pipeline, load_pipeline, to_pil  # noqa: E402
+from minflux.quantize import quantize_fp8  # noqa: E402
 from minflux.sampling import denoise, get_noise, image_ids, pack, text_ids, unpack  # noqa: E402
 from toy.world import Scene, panel_consistency, random_scene, recolour, render, set_caption  # noqa: E402
 
@@ -90,6 +91,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--lora", type=Path, help="the recolour IC-LoRA to score (without: the base model alone)")
     p.add_argument("--model", default="toy", help="the base model (default: toy)")
+    p.add_argument("--quantize", choices=["fp8"],
+                   help="fp8: the transformer's and T5's Linear weights in float8 e4m3fn (per-row scales), as "
+                        "sample.py --quantize; the LoRA is then an adapter on the fp8 layers (default: none)")
     p.add_argument("--count", type=int, default=20, help="held-out sets (default: 20)")
     p.add_argument("--scenes-seed", type=int, default=1000, help="seed of the held-out scenes (default: 1000)")
     p.add_argument("--seed", type=int, default=0, help="noise seed (default: 0)")
@@ -109,6 +113,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     pipe = load_pipeline(args.model)
+    if args.quantize == "fp8":
+        quantize_fp8(pipe.flow), quantize_fp8(pipe.t5)
     scenes = held_out_scenes(args.count, args.scenes_seed)
     results, rows = {}, []
     for name in ["base"] + (["lora"] if args.lora else []):

@@ -1,0 +1,113 @@
+"""fp8 weights: every Linear's weight stored in 8 bits with one float32 scale per output row, computed in the input's
+dtype (a memory saving, not a speed-up: each forward dequantizes, then runs an ordinary F.linear).
+
+`quantize_fp8` turns a model's nn.Linear layers into `FP8Linear` (per-row absmax / 448, e4m3fn), one layer at a
+time; `fp8_layers` does the same on the meta device for an fp8 checkpoint (plain casts: scale 1; ComfyUI "scaled
+fp8": a `scale_weight` per layer), so `minflux.loading` can assign the file's tensors as they are stored.
+Norms, embeddings and biases keep their dtype. The model files know nothing of this.
+
+Shape letters: O out features, I in features.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+E4M3_MAX = torch.finfo(torch.float8_e4m3fn).max  # 448
+
+
+def is_fp8(t: Tensor) -> bool:
+    return t.dtype in FP8_DTYPES
+
+
+def dequantize(weight: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
+    """fp8 (O, I) times its row scales (O,), in float32, then cast to `dtype`."""
+    return (weight.float() * scale[:, None]).to(dtype)                            # (O, I)
+
+
+class FP8Linear(nn.Module):
+    """A Linear whose `weight` (O, I) is fp8 (frozen) with a float32 `scale` (O,) per row; `bias` (O,) stays as is."""
+
+    def __init__(self, weight: Tensor, scale: Tensor, bias: Tensor | None):
+        super().__init__()
+        if not is_fp8(weight) or scale.shape != weight.shape[:1]:
+            raise ValueError(f"FP8Linear needs an fp8 weight (O, I) and a scale (O,), got {weight.dtype} "
+                             f"{tuple(weight.shape)} and {tuple(scale.shape)}")
+        self.out_features, self.in_features = weight.shape
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.register_buffer("scale", scale.float())
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> "FP8Linear":
+        """Per-row absmax / 448 in e4m3fn; an all-zero row gets scale 1 (and stays zero)."""
+        w = linear.weight.detach().float()                                        # (O, I)
+        scale = w.abs().amax(dim=1) / E4M3_MAX                                    # (O,)
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        weight = (w / scale[:, None]).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+        return cls(weight, scale, None if linear.bias is None else linear.bias.detach())
+
+    def dequantize(self, dtype: torch.dtype) -> Tensor:
+        return dequantize(self.weight, self.scale, dtype)                          # (O, I)
+
+    def forward(self, x: Tensor) -> Tensor:
+        # x: (..., I) -> (..., O), computed in x's dtype
+        return F.linear(x, self.dequantize(x.dtype), self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, {self.weight.dtype}"
+
+
+def replace(model: nn.Module, name: str, module: nn.Module):
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent), child, module)
+
+
+@torch.no_grad()
+def quantize_fp8(model: nn.Module) -> nn.Module:
+    """Replaces every nn.Linear of `model` by an FP8Linear, in place, one at a time (the extra memory is one layer).
+    Call it before adding LoRA adapters: their own nn.Linear's would be quantized too."""
+    for name in [n for n, m in model.named_modules() if type(m) is nn.Linear]:
+        replace(model, name, FP8Linear.from_linear(model.get_submodule(name)))
+    return model
+
+
+def fp8_layers(model: nn.Module, sd: dict[str, Tensor], source: str) -> dict[str, Tensor]:
+    """For a model built on meta and a checkpoint's state dict: each nn.Linear whose weight is fp8 in `sd` becomes
+    an FP8Linear on meta, and the state dict returned has its `scale` (ComfyUI's `scale_weight`, scalar or per row,
+    else 1). Any other fp8 tensor (a norm scale, ...) is upcast to the dtype of the rest of the file."""
+    sd = {k: v for k, v in sd.items() if k != "scaled_fp8" and not k.endswith(".scale_input")}  # ComfyUI's marker;
+    # scale_input serves fp8 matmuls of the activations, which we do not do: activations stay in the run's dtype
+    dtype = next((v.dtype for k, v in sd.items() if v.is_floating_point() and not is_fp8(v)
+                  and not k.endswith(".scale_weight")), torch.bfloat16)
+    linears = {n for n, m in model.named_modules() if type(m) is nn.Linear}
+    out = {}
+    for key, value in sd.items():
+        layer = key.removesuffix(".weight")
+        if key.endswith(".scale_weight"):
+            if f"{key.removesuffix('.scale_weight')}.weight" not in sd:
+                raise ValueError(f"{source}: {key} scales a weight the file does not have")
+            continue
+        if not is_fp8(value):
+            out[key] = value
+            continue
+        scale = sd.get(f"{layer}.scale_weight", torch.ones(())).float().flatten()
+        if key.endswith(".weight") and layer in linears:
+            O = value.shape[0]
+            if scale.numel() not in (1, O):
+                raise ValueError(f"{source}: {layer}.scale_weight has {scale.numel()} values; expected 1 or {O} "
+                                 f"(one per row of {key}, {tuple(value.shape)})")
+            out[key], out[f"{layer}.scale"] = value, scale.expand(O).clone()
+            bias = model.get_submodule(layer).bias
+            replace(model, layer, FP8Linear(torch.empty_like(value, device="meta"), torch.empty(O, device="meta"),
+                                            None if bias is None else torch.empty_like(bias, device="meta")))
+        else:  # tiny: norm scales and the like
+            out[key] = (value.float() * scale.reshape(-1, *[1] * (value.dim() - 1) if scale.numel() > 1 else ())
+                        ).to(dtype)
+    return out
+
+
+def compute_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype a model computes in: its first parameter that is not fp8."""
+    return next(p.dtype for p in model.parameters() if not is_fp8(p))
