@@ -11,6 +11,8 @@ import torch
 import bench
 from iclora.lora import inject_lora, lora_parameters
 from minflux.model import Flux, preset
+from minflux.quantize import quantize_fp8
+from minflux.t5 import T5Config, T5Encoder
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -31,22 +33,71 @@ def test_bench_times_ours_against_diffusers(what):
         assert result["max_abs_diff"] < 1e-5
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads peak memory from /proc/self/status")
-def test_train_memory_adds_the_full_models_exact_sizes_to_the_measured_step():
+def load_train_memory():
     spec = importlib.util.spec_from_file_location("train_memory", ROOT / "bench" / "train_memory.py")
     train_memory = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(train_memory)
-    out = train_memory.main(["--batch-size", "2", "--width", "64", "--height", "32", "--text-tokens", "8",
-                             "--double", "1", "--single", "1"])
+    return train_memory
+
+
+linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads peak memory from /proc/self/status")
+
+
+@linux_only
+def test_train_memory_adds_the_full_models_exact_sizes_to_the_measured_step():
+    out = load_train_memory().main(["--batch-size", "2", "--grad-accum", "2", "--width", "64", "--height", "32",
+                                    "--text-tokens", "8", "--double", "1", "--single", "1"])
     full, run = lora_count(19, 38), lora_count(1, 1)
     assert full == 76_578_816  # rank 16 on the 304 block linears
     assert out["tokens"] == 8 + 4 * 2
     assert out["measured_step_peak_gib"] > 0  # activations and the LoRA gradients of the 2 blocks that ran
     assert (out["full_lora_params"], out["lora_params_run"]) == (full, run)
-    assert out["full_base_bf16_gib"] == 11_901_408_320 * 2 / 2**30  # the official flux-dev count, in bf16
+    assert out["base_weights_gib"] == out["flow_on_gpu_gib"] == 11_901_408_320 * 2 / 2**30  # flux-dev's count, bf16
     assert out["adapters_and_adamw_gib"] == full * 3 * 4 / 2**30  # fp32 weights + 2 moments, resident before the step
     assert out["other_blocks_lora_gradients_gib"] == (full - run) * 4 / 2**30  # fp32, only the blocks that did not run
-    assert out["other_blocks_checkpoints_gib"] == 55 * 2 * 16 * 3072 * 2 / 2**30  # (B, L + N, C) bf16 per block
-    parts = ("measured_step_peak_gib", "full_base_bf16_gib", "adapters_and_adamw_gib",
+    assert out["other_blocks_checkpoints_gib"] == 55 * 2 * 16 * 3072 * 2 / 2**30  # (micro-batch, L + N, C) bf16
+    parts = ("measured_step_peak_gib", "flow_on_gpu_gib", "adapters_and_adamw_gib",
              "other_blocks_lora_gradients_gib", "other_blocks_checkpoints_gib")
     assert out["estimated_full_peak_gib"] == sum(out[k] for k in parts)
+
+
+def test_train_memory_counts_fp8_weights_as_the_quantized_model_stores_them():
+    train_memory = load_train_memory()
+    model = Flux(preset("tiny")).to(torch.bfloat16)
+    expected = train_memory.stored_bytes(model, "fp8")
+    quantize_fp8(model)
+    assert expected == sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+
+
+def test_train_memory_keeps_two_swapped_blocks_on_the_gpu_and_the_rest_in_host_ram():
+    train_memory = load_train_memory()
+    with torch.device("meta"):
+        full = Flux(preset("flux-dev"))
+    single = sum(p.numel() for p in full.single_blocks[0].parameters()) * 2  # bf16 bytes
+    base, swap = train_memory.stored_bytes(full, None), train_memory.flow_on_gpu(full, None, 3)
+    assert swap["host_swap_gib"] == 3 * single / 2**30
+    assert swap["swap_buffers_gib"] == 2 * single / 2**30
+    assert swap["flow_on_gpu_gib"] == (base - single) / 2**30
+    fp8 = train_memory.flow_on_gpu(full, "fp8", 1)  # the block's fp8 weights leave; its float32 row scales stay
+    assert fp8["host_swap_gib"] == fp8["swap_buffers_gib"] == sum(
+        m.weight.numel() + (0 if m.bias is None else 2 * m.bias.numel()) for m in full.single_blocks[-1].modules()
+        if isinstance(m, torch.nn.Linear)) / 2**30 + 2 * 2 * 128 / 2**30  # + the two RMSNorm scales, bf16
+
+
+@linux_only
+def test_sample_memory_is_the_largest_of_its_three_phases():
+    out = load_train_memory().main(["--what", "sample", "--width", "32", "--height", "32", "--text-tokens", "8",
+                                    "--single", "0"])
+    phases = ("encode_phase_gib", "denoise_phase_gib", "decode_phase_gib")
+    assert out["estimated_full_peak_gib"] == max(out[k] for k in phases)
+    assert out["denoise_phase_gib"] == out["flow_on_gpu_gib"] + out["measured_forward_peak_gib"]
+
+
+def test_sample_memory_counts_t5_linears_in_fp8_and_the_rest_in_bf16():
+    with torch.device("meta"):
+        t5 = T5Encoder(T5Config())
+    linears = 24 * (4 * 4096 * 4096 + 3 * 4096 * 10240)  # q, k, v, o and wi_0, wi_1, wo per layer
+    rows = 24 * (4 * 4096 + 2 * 10240 + 4096)  # one float32 scale per output row
+    other = 32128 * 4096 + 32 * 64 + 24 * 2 * 4096 + 4096  # embedding, relative position bias, layer norms
+    assert load_train_memory().stored_bytes(t5, "fp8") == linears + 4 * rows + 2 * other
+    assert load_train_memory().stored_bytes(t5, None) == 2 * (linears + other)
