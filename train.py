@@ -31,10 +31,12 @@ from iclora.data import PanelSetDataset, batches_by_bucket
 from iclora.lora import inject_lora
 from iclora.lora_files import atomic_writes, conditional_metadata, save_lora
 from iclora.panels import LAYOUTS, grid_shape
+from iclora.references import pin_references
 from iclora.training import (EncodedSet, check_captions, check_reference_panels, collate, encode_sets,
                              flow_matching_loss, step_generator)
 from minflux.hub import USER_ERRORS, check_device, ranged
 from minflux.pipeline import load_pipeline, load_t5_tokenizer, to_pil
+from minflux.sampling import get_noise
 
 # The defaults that depend on the model: the paper's for FLUX.1-dev; for --model toy, a run of a few CPU minutes
 # (no gradient checkpointing: the toy is tiny; resolution 96 keeps the 128x64 toy sets at their size).
@@ -241,6 +243,10 @@ def train(args: argparse.Namespace) -> Path:
     val_prompts = args.val_prompt or [dataset[0]["caption"]]
     val_txt, val_vec = pipe.encode_prompts(val_prompts)
     val_height, val_width = dataset.samples[0].bucket
+    val_hook = None  # with --ref-panel, validation images are conditioned on the first set's reference panels
+    if args.ref_panel:
+        val_hook = pin_references(sets[0].known[None], ~sets[0].target, get_noise(1, val_height, val_width, 42),
+                                  pipe.schedule(val_height, val_width, args.sample_steps), mode=REF_MODE)
     pipe.t5.to("cpu"), pipe.clip.to("cpu")
     flow = pipe.on_device(pipe.flow)
 
@@ -328,7 +334,7 @@ def train(args: argparse.Namespace) -> Path:
                     samples_dir.mkdir(exist_ok=True)
                     for i in range(len(val_prompts)):
                         latents = pipe.sample(val_txt[i : i + 1], val_vec[i : i + 1], val_height, val_width,
-                                              args.sample_steps, seed=42, progress=False)
+                                              args.sample_steps, seed=42, progress=False, after_step=val_hook)
                         to_pil(pipe.decode(latents))[0].save(samples_dir / f"step{done:06d}-{i}.png")
                     flow.train()
         except KeyboardInterrupt:
