@@ -57,8 +57,10 @@ def generate_sets(pipe: Pipeline, scenes: list[Scene], size: int, steps: int, se
     return to_pil(pipe.decode(unpack(x, height, width)))
 
 
-def mean_scores(images: list[Image.Image], scenes: list[Scene]) -> dict[str, float]:
-    per_set = [panel_consistency(image, scene) for image, scene in zip(images, scenes)]
+def mean_scores(images: list[Image.Image], scenes: list[Scene], given_size: int | None = None) -> dict[str, float]:
+    """Mean panel_consistency; with `given_size`, the left panels were given: renders of that size."""
+    per_set = [panel_consistency(image, scene, render(scene, given_size) if given_size else None)
+               for image, scene in zip(images, scenes)]
     return {k: round(sum(s[k] for s in per_set) / len(per_set), 4) for k in SCORES}
 
 
@@ -68,10 +70,11 @@ def evaluate(pipe: Pipeline, scenes: list[Scene], size: int = 64, steps: int = 2
     """Scores and images of both modes, {"text": {...}, "ref": {...}}. text: from the joint caption alone; scores:
     caption match of the left and right panels, and the rule (the right panel is the left one, as it was generated,
     recoloured). ref: the left panel is the scene's render, pinned SDEdit-style as `sample.py --ref` does, so only the
-    right panel is generated; scores: caption match of the right panel and the rule against the given left panel."""
+    right panel is generated; scores: caption match of the right panel and the rule against the given left panel
+    (the render, not its copy decoded with the generated canvas)."""
     images = {mode: generate_sets(pipe, scenes, size, steps, seed, mode == "ref", task, ref_mode)
               for mode in ("text", "ref")}
-    scores = {mode: mean_scores(images[mode], scenes) for mode in images}
+    scores = {mode: mean_scores(images[mode], scenes, size if mode == "ref" else None) for mode in images}
     del scores["ref"]["caption_left"]  # the given panel, not generated
     return scores, images
 
