@@ -4,10 +4,11 @@ A dataset folder holds one of two layouts (mixing them is an error): (a) joined 
 captions (`set01.jpg set01.txt ...`, the usual LoRA layout, what the authors' trainer reads), or (b) one sub-folder
 per set, `set01/a.png b.png caption.txt`, whose panels (one size per set) are joined in file-name order in a
 `layout` (iclora/panels.py). A joined image's panels are located only when `panels` says how many it holds (in
-`layout`); its panels are then resized one by one, as set folders' are. Each set goes to the aspect bucket nearest its own: buckets span 1:4 to 4:1, have an
-area of at most resolution² and sides that are multiples of 16 per panel, so panels are cover-resized (never
-stretched) to one size and their edges fall on the 16-px token grid. Every image and caption is checked when the
-dataset is built; one ValueError lists every problem. A bucket is (H, W), like the image tensor (3, H, W).
+`layout`); its panels are then resized one by one, as set folders' are. Each set goes to the aspect bucket nearest
+its own: buckets span 1:4 to 4:1, have an area of at most resolution² and sides that are multiples of 16 per
+panel, so panels are cover-resized (never stretched) to one size and their edges fall on the 16-px token grid.
+Every image and caption is checked when the dataset is built; one ValueError lists every problem. A bucket is
+(H, W), like the image tensor (3, H, W).
 """
 
 import math

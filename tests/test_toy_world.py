@@ -11,8 +11,8 @@ import pytest
 from PIL import Image, ImageFilter
 
 from iclora.data import PanelSetDataset
-from toy.world import (BLIND_CAPTION, COLOURS, PALETTE, RECOLOUR, SET_SUMMARY, Scene, Shape, analyse, caption, caption_match,
-                       make_set, panel_consistency, random_scene, recolour, render, rule_score)
+from toy.world import (BLIND_CAPTION, COLOURS, PALETTE, RECOLOUR, SET_SUMMARY, Scene, Shape, analyse, caption,
+                       caption_match, make_set, panel_consistency, random_scene, recolour, render, rule_score)
 
 ROOT = Path(__file__).resolve().parents[1]
 

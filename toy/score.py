@@ -1,5 +1,5 @@
-"""Score the toy In-Context LoRA tasks "recolour" and "blind_recolour": generate held-out two-panel sets with the toy FLUX, with and without
-a LoRA, read every panel back with toy.world.analyse, and report the panel-consistency scores.
+"""Score the toy In-Context LoRA tasks "recolour" and "blind_recolour": generate held-out two-panel sets with the toy
+FLUX, with and without a LoRA, read every panel back with toy.world.analyse, and report the panel-consistency scores.
 
     python toy/score.py --lora out.safetensors                   # base vs LoRA on 20 held-out sets
     python toy/score.py --lora out.safetensors --sheet sets.png  # ... and a picture: targets, base, LoRA

@@ -228,7 +228,8 @@ def rule_score(left_image: Image.Image, right_image: Image.Image) -> float:
     return matched / (1 + len(want.keys() | got.keys()))
 
 
-def panel_consistency(joined: Image.Image, left_scene: Scene, given_left: Image.Image | None = None) -> dict[str, float]:
+def panel_consistency(joined: Image.Image, left_scene: Scene,
+                      given_left: Image.Image | None = None) -> dict[str, float]:
     """The three scores of a (generated) recolour set whose left panel was meant to show left_scene. When the left
     panel was given (`given_left`), the rule is checked against it: the copy in `joined` is decoded with the whole
     canvas (the VAE's decoder mixes panels), so it can differ from what the model was given."""
