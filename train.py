@@ -185,9 +185,10 @@ def load_state(path: Path, args: argparse.Namespace, fingerprint: dict) -> dict:
                          f"or a full disk?): {expected}. Delete it to start over.") from None
     if not isinstance(state, dict) or not all(k in state for k in STATE_KEYS):
         raise SystemExit(f"error: --resume: {path} is not a training state: {expected}. Delete it to start over.")
-    if changed := [k for k in RESUME_MUST_MATCH if state["args"].get(k) != str(getattr(args, k))]:
+    saved_args = {"panels": "None", "ref_panel": "[]"} | state["args"]  # states from before these flags: no value
+    if changed := [k for k in RESUME_MUST_MATCH if saved_args.get(k) != str(getattr(args, k))]:
         raise SystemExit("error: --resume with different settings than the saved run: " + ", ".join(
-            f"--{k.replace('_', '-')} {state['args'].get(k)} -> {getattr(args, k)}" for k in changed))
+            f"--{k.replace('_', '-')} {saved_args.get(k)} -> {getattr(args, k)}" for k in changed))
     saved = state["dataset"]
     changes = {"added": fingerprint.keys() - saved.keys(), "removed": saved.keys() - fingerprint.keys(),
                "edited": {k for k in saved.keys() & fingerprint.keys() if saved[k] != fingerprint[k]}}
