@@ -7,7 +7,10 @@ panels and image-to-image. `main` is BFL's cli.py recipe in order, then one bloc
         --panel-width 1024 --panel-height 512 --prompt "[MOVIE-SHOTS] ... [SCENE-1] ... [SCENE-2] ... [SCENE-3] ..."
     python sample.py --lora out.safetensors --panels 2 --panel-width 512 --panel-height 512 --ref photo.png \\
         --prompt "a product shot and its poster" --panel-prompt "the photo" --panel-prompt "the poster" --seed 1 2 3
+    python sample.py --lora sketch2render.safetensors --ref sketch.png --prompt "..."   # a conditional IC-LoRA
     python sample.py --init photo.png --strength 0.6 --prompt "the same street in winter"
+A conditional IC-LoRA (`train.py --ref-panel`) records its panels, layout, reference panels and trained panel size;
+with --ref they are taken from it.
 """
 
 import argparse
@@ -19,7 +22,7 @@ import torch
 
 from iclora.data import load_rgb
 from iclora.lora import fold_lora
-from iclora.lora_files import load_lora, read_lora_file
+from iclora.lora_files import load_lora, read_conditional_metadata, read_lora_file
 from iclora.panels import LAYOUTS, canvas_size, joint_caption, panel_boxes, panel_size, split_panels
 from iclora.references import pin_references, reference_latents, reference_panels
 from minflux.block_swap import BlockSwap
@@ -92,9 +95,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "(slower per step; merging is the default)")
 
     g = p.add_argument_group("panel sets (In-Context LoRA)")
-    g.add_argument("--panels", type=ranged(int, 1), default=1, help="number of panels on the canvas (default: 1)")
-    g.add_argument("--layout", default="row", choices=LAYOUTS,
-                   help="panels side by side, stacked, or in a grid of ceil(sqrt(N)) columns (default: row)")
+    g.add_argument("--panels", type=ranged(int, 1),
+                   help="number of panels on the canvas (default: 1; with --ref, a conditional LoRA's)")
+    g.add_argument("--layout", choices=LAYOUTS, help="panels side by side, stacked, or in a grid of ceil(sqrt(N)) "
+                                                     "columns (default: row; with --ref, a conditional LoRA's)")
     g.add_argument("--panel-width", type=int,
                    help="width of each panel, a multiple of 16; with --panel-height it sets the canvas size, "
                         "overriding --width/--height (default: --width split evenly among the columns)")
@@ -107,7 +111,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="reference image that fixes a panel (the i-th --ref fixes panel i, or see --ref-panel); "
                         "cover-resized and center-cropped to the panel size")
     g.add_argument("--ref-panel", type=int, action="append", default=[],
-                   help="1-based panel fixed by each --ref, one per --ref in the same order")
+                   help="1-based panel fixed by each --ref, one per --ref in the same order (default: panel i for "
+                        "the i-th --ref; with a conditional LoRA, its reference panels)")
     g.add_argument("--ref-strength", type=ranged(float, 0, 1), default=1.0,
                    help="s in [0, 1]: after each step the reference panel's latents become (1 - s)·x + s·x_ref(t); "
                         "1 pins them to the reference, 0 ignores it (default: 1.0)")
@@ -127,13 +132,29 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.lora_scale and len(args.lora_scale) != len(args.lora):
         p.error(f"{len(args.lora_scale)} --lora-scale value(s) for {len(args.lora)} --lora file(s); "
                 f"give one per --lora, or none for 1.0")
-    if args.model == "toy" and all(v is None for v in (args.width, args.height, args.panel_width, args.panel_height)):
+    args.sized = any(v is not None for v in (args.width, args.height, args.panel_width, args.panel_height))
+    args.ref_mode = "noised"  # how references are pinned (iclora/references.py); a conditional LoRA may say "clean"
+    if args.model == "toy" and not args.sized:
         args.panel_width = args.panel_height = TOY_SIZE
     side = TOY_SIZE if args.model == "toy" else 1024
     args.width, args.height = args.width or side, args.height or side
     args.strength = 0.6 if args.strength is None else args.strength
     args.lora_scale = args.lora_scale or [1.0] * len(args.lora)
     return args
+
+
+def take_geometry(args, meta: dict, source: Path):
+    """--ref with a conditional IC-LoRA: --panels, --layout and --ref-panel from its metadata (a different value
+    given is an error), the panel size from the flags or else the trained size, and its reference treatment."""
+    for flag, key, value in (("--panels", "panels", args.panels), ("--layout", "layout", args.layout),
+                             ("--ref-panel", "ref_panels", args.ref_panel or None)):
+        if value is not None and value != meta[key]:
+            raise ValueError(f"{flag} {value} does not match the conditional LoRA {source.name}, trained with "
+                             f"{flag} {meta[key]}; leave {flag} out to use the LoRA's")
+    args.panels, args.layout, args.ref_panel, args.ref_mode = (meta["panels"], meta["layout"], meta["ref_panels"],
+                                                               meta["ref_mode"])
+    if not args.sized:
+        args.panel_height, args.panel_width = meta["panel_height"], meta["panel_width"]
 
 
 def read_prompts(args) -> list[str]:
@@ -211,13 +232,17 @@ def main(argv=None) -> list[Path]:
     args = parse_args(argv)
     # Everything that needs no model is read (and so checked) first.
     check_device(args.device)
+    loras = [(path, read_lora_file(path)) for path in map(resolve_lora, args.lora)]
+    for path in [path for path, _ in loras] if args.ref else []:
+        if meta := read_conditional_metadata(path):
+            take_geometry(args, meta, path)
+    args.panels, args.layout = args.panels or 1, args.layout or "row"
     prompts = [p for p in read_prompts(args) for _ in range(args.num_images)]
     height, width = canvas(args)
     boxes = panel_boxes(height, width, args.panels, args.layout)
     refs = [(read_image(path, "--ref"), boxes[k])
             for path, k in zip(args.ref, reference_panels(len(args.ref), args.ref_panel, args.panels))]
     init = read_image(args.init, "--init") if args.init else None
-    loras = [(path, read_lora_file(path)) for path in map(resolve_lora, args.lora)]
 
     # 1. Load the models (T5, CLIP, the flow transformer, the autoencoder) to the CPU, then the LoRAs: merged into
     # the full-precision weights, then --quantize; adapters (--no-merge, or an fp8 file) go on the final layers.
@@ -259,8 +284,11 @@ def main(argv=None) -> list[Path]:
         x = noise if init is None else add_noise(init_latents, noise, timesteps[0])
         after_step = None
         if refs:
-            after_step = pin_references(known, mask, noise, timesteps, args.ref_strength, args.ref_stop)
+            after_step = pin_references(known, mask, noise, timesteps, args.ref_strength, args.ref_stop,
+                                        args.ref_mode)
         x = pack(x).to(pipe.device, pipe.dtype)                                     # (B, Li, 4c)
+        if after_step:  # the references at the first time too ("noised" from pure noise: already so)
+            x = after_step(x, timesteps[0])
         x = denoise(pipe.on_device(pipe.flow), x, image_ids(B, height, width), txt, text_ids(B, Lt), vec,
                     timesteps, args.guidance, after_step)                           # (B, Li, 4c) at t = 0
         images += to_pil(pipe.decode(unpack(x, height, width)))

@@ -8,6 +8,8 @@ Reads top to bottom: options -> data -> model -> encode the sets once -> LoRA ->
 Writes next to --out: the LoRA (PEFT/diffusers layout, loads in diffusers and ComfyUI), `<stem>.state.pt`
 (LoRA + optimizer + step, for --resume), `<stem>.loss.csv` and `<stem>_samples/` (validation images), and holds
 `<stem>.lock` while it runs. Ctrl-C, SIGTERM and SIGHUP save the steps done so far; --resume continues from there.
+With --ref-panel K the LoRA is conditional: panel K is given (as `sample.py --ref` gives it) and the loss is on the
+other panels only; the LoRA file's metadata records the geometry, which sample.py then reads.
 """
 
 import argparse
@@ -27,13 +29,16 @@ from tqdm.auto import tqdm
 
 from iclora.data import PanelSetDataset, batches_by_bucket
 from iclora.lora import inject_lora
-from iclora.lora_files import atomic_writes, save_lora
-from iclora.panels import LAYOUTS
-from iclora.training import EncodedSet, check_captions, collate, encode_sets, flow_matching_loss, step_generator
+from iclora.lora_files import atomic_writes, conditional_metadata, save_lora
+from iclora.panels import LAYOUTS, grid_shape
+from iclora.references import pin_references
+from iclora.training import (EncodedSet, check_captions, check_reference_panels, collate, encode_sets,
+                             flow_matching_loss, step_generator)
 from minflux.block_swap import BlockSwap
 from minflux.hub import USER_ERRORS, check_device, ranged
 from minflux.pipeline import load_pipeline, load_t5_tokenizer, to_pil
 from minflux.quantize import quantize_fp8
+from minflux.sampling import get_noise
 
 # The defaults that depend on the model: the paper's for FLUX.1-dev; for --model toy, a run of a few CPU minutes
 # (no gradient checkpointing: the toy is tiny; resolution 96 keeps the 128x64 toy sets at their size).
@@ -42,7 +47,9 @@ MODEL_DEFAULTS = {"flux": dict(steps=5000, lr=1e-4, resolution=1024, checkpointi
 # options that change what a step computes: --resume must see the same values to continue bit for bit
 RESUME_MUST_MATCH = ("data", "layout", "model", "batch_size", "grad_accum", "rank", "alpha", "lr", "warmup",
                      "grad_clip", "resolution", "caption_dropout", "guidance", "timestep_sampling", "seed", "dtype",
-                     "transformer", "quantize")
+                     "transformer", "quantize", "panels", "ref_panel")
+# how a --ref-panel LoRA sees its reference tokens (iclora/references.py); measured on the toy tasks, see README
+REF_MODE = "clean"
 STATE_KEYS = ("step", "lora", "optimizer", "args", "dataset")
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # Ctrl-C; preemption, `timeout`; a closed terminal
 
@@ -55,7 +62,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--data", type=Path, help="dataset folder: joined images with same-named .txt captions, or one "
                                              "sub-folder of panels + caption.txt per set (see README)")
     p.add_argument("--layout", default="row", choices=LAYOUTS,
-                   help="how panels in sub-folders are joined (default: row)")
+                   help="how panels in sub-folders are joined, and how the --panels of joined images sit "
+                        "(default: row)")
+    p.add_argument("--panels", type=ranged(int, 1),
+                   help="panels in each joined image, so that their edges stay on the token grid and --ref-panel "
+                        "can find them (default: unknown; set folders know their panels)")
+    p.add_argument("--ref-panel", type=ranged(int, 1), action="append", default=[],
+                   help="1-based panel given as input (repeatable), as `sample.py --ref` gives it: the loss is on "
+                        "the other panels only, and the LoRA's metadata records the geometry (default: none, a "
+                        "plain text-to-set IC-LoRA)")
     p.add_argument("--model", default="black-forest-labs/FLUX.1-dev",
                    help="HF repo id or local folder in the HF repo layout, or `toy` for the 12 MB toy FLUX in "
                         "toy/model, which also changes the defaults marked 'toy' (default: %(default)s)")
@@ -191,7 +206,8 @@ def load_state(path: Path, args: argparse.Namespace, fingerprint: dict) -> dict:
                          f"or a full disk?): {expected}. Delete it to start over.") from None
     if not isinstance(state, dict) or not all(k in state for k in STATE_KEYS):
         raise SystemExit(f"error: --resume: {path} is not a training state: {expected}. Delete it to start over.")
-    saved_args = {"transformer": "None", "quantize": "None"} | state["args"]  # states saved before these flags
+    # states saved before these flags existed: no value
+    saved_args = {"transformer": "None", "quantize": "None", "panels": "None", "ref_panel": "[]"} | state["args"]
     if changed := [k for k in RESUME_MUST_MATCH if saved_args.get(k) != str(getattr(args, k))]:
         raise SystemExit("error: --resume with different settings than the saved run: " + ", ".join(
             f"--{k.replace('_', '-')} {saved_args.get(k)} -> {getattr(args, k)}" for k in changed))
@@ -233,7 +249,8 @@ def train(args: argparse.Namespace) -> Path:
     check_device(args.device)
 
     # 1. Data: every image and caption is checked now, not at step 3,000; and a --resume's state against them.
-    dataset = PanelSetDataset(args.data, resolution=args.resolution, layout=args.layout)
+    dataset = PanelSetDataset(args.data, resolution=args.resolution, layout=args.layout, panels=args.panels)
+    panels = check_reference_panels(dataset, args.ref_panel) if args.ref_panel else None
     print(f"{len(dataset)} training sets from {args.data}", file=sys.stderr)
     fingerprint = dataset_fingerprint(dataset)
     state = load_state(state_path, args, fingerprint) if args.resume else None
@@ -246,11 +263,15 @@ def train(args: argparse.Namespace) -> Path:
     pipe = load_pipeline(str(args.model), args.device, dtype, transformer=args.transformer)
     if args.quantize == "fp8":  # on the CPU, before T5 encodes and before the LoRA wraps the flow's Linears
         quantize_fp8(pipe.t5), quantize_fp8(pipe.flow)
-    sets = encode_sets(pipe, dataset)
+    sets = encode_sets(pipe, dataset, args.ref_panel)
     empty = EncodedSet(None, *(x[0].cpu() for x in pipe.encode_prompts([""])))     # for caption dropout
     val_prompts = args.val_prompt or [dataset[0]["caption"]]
     val_txt, val_vec = pipe.encode_prompts(val_prompts)
     val_height, val_width = dataset.samples[0].bucket
+    val_hook = None  # with --ref-panel, validation images are conditioned on the first set's reference panels
+    if args.ref_panel:
+        val_hook = pin_references(sets[0].known[None], ~sets[0].target, get_noise(1, val_height, val_width, 42),
+                                  pipe.schedule(val_height, val_width, args.sample_steps), mode=REF_MODE)
     pipe.t5.to("cpu"), pipe.clip.to("cpu")
 
     # 4. A LoRA on the frozen base: only the adapters train, in float32. Swapped blocks (--blocks-to-swap) are
@@ -264,6 +285,10 @@ def train(args: argparse.Namespace) -> Path:
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
     metadata = {"rank": str(args.rank), "alpha": str(args.alpha), "base_model": str(args.model),
                 "caption_template": val_prompts[0], "steps": str(args.steps)}
+    if args.ref_panel:
+        rows, cols = grid_shape(panels, args.layout)
+        metadata |= conditional_metadata(args.ref_panel, panels, args.layout, REF_MODE, val_height // rows,
+                                         val_width // cols)
     start, log_rows = 0, []
     if state:
         with torch.no_grad():
@@ -312,9 +337,10 @@ def train(args: argparse.Namespace) -> Path:
                     group["lr"] = lr
                 loss_sum = 0.0
                 for _ in range(args.grad_accum):
-                    x0, txt, vec = collate([sets[i] for i in next(batches)], empty, args.caption_dropout, g,
-                                           args.device)
-                    loss = flow_matching_loss(flow, x0, txt, vec, g, args.guidance, args.timestep_sampling)
+                    x0, txt, vec, known, target = collate([sets[i] for i in next(batches)], empty,
+                                                          args.caption_dropout, g, args.device)
+                    loss = flow_matching_loss(flow, x0, txt, vec, g, args.guidance, args.timestep_sampling, target,
+                                              known, REF_MODE)
                     if not math.isfinite(loss.item()):
                         raise SystemExit(f"error: loss is {loss.item()} at step {step}: training stopped. The last "
                                          f"good checkpoint ({state_path}, {out}) is intact; try a lower --lr.")
@@ -335,7 +361,7 @@ def train(args: argparse.Namespace) -> Path:
                     samples_dir.mkdir(exist_ok=True)
                     for i in range(len(val_prompts)):
                         latents = pipe.sample(val_txt[i : i + 1], val_vec[i : i + 1], val_height, val_width,
-                                              args.sample_steps, seed=42, progress=False)
+                                              args.sample_steps, seed=42, progress=False, after_step=val_hook)
                         to_pil(pipe.decode(latents))[0].save(samples_dir / f"step{done:06d}-{i}.png")
                     flow.train()
         except KeyboardInterrupt:

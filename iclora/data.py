@@ -3,10 +3,12 @@
 A dataset folder holds one of two layouts (mixing them is an error): (a) joined images with same-named .txt
 captions (`set01.jpg set01.txt ...`, the usual LoRA layout, what the authors' trainer reads), or (b) one sub-folder
 per set, `set01/a.png b.png caption.txt`, whose panels (one size per set) are joined in file-name order in a
-`layout` (iclora/panels.py). Each set goes to the aspect bucket nearest its own: buckets span 1:4 to 4:1, have an
-area of at most resolution² and sides that are multiples of 16 per panel, so panels are cover-resized (never
-stretched) to one size and their edges fall on the 16-px token grid. Every image and caption is checked when the
-dataset is built; one ValueError lists every problem. A bucket is (H, W), like the image tensor (3, H, W).
+`layout` (iclora/panels.py). A joined image's panels are located only when `panels` says how many it holds (in
+`layout`); its panels are then resized one by one, as set folders' are. Each set goes to the aspect bucket nearest
+its own: buckets span 1:4 to 4:1, have an area of at most resolution² and sides that are multiples of 16 per
+panel, so panels are cover-resized (never stretched) to one size and their edges fall on the 16-px token grid.
+Every image and caption is checked when the dataset is built; one ValueError lists every problem. A bucket is
+(H, W), like the image tensor (3, H, W).
 """
 
 import math
@@ -18,7 +20,7 @@ import torch
 from einops import rearrange
 from PIL import Image, ImageOps
 
-from .panels import grid_shape, join_panels
+from .panels import grid_shape, join_panels, split_panels
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 
@@ -50,15 +52,18 @@ class Sample:
     panels: list[Path]  # [path] in layout (a); the panel files in order in layout (b)
     caption: str
     bucket: tuple[int, int]  # (H, W)
+    count: int | None  # panels in the set; None for a joined image without `panels` (where they are is unknown)
 
 
 class PanelSetDataset(torch.utils.data.Dataset):
     """Panel sets as dicts of image (3, H, W) in [-1, 1], caption, bucket (H, W) and path.
     (Caption dropout is the trainer's: it caches each caption's embedding once, see iclora/training.py.)"""
 
-    def __init__(self, root, resolution=1024, layout="row"):
+    def __init__(self, root, resolution=1024, layout="row", panels: int | None = None):
         grid_shape(1, layout)  # rejects an unknown layout
-        self.root, self.resolution, self.layout = Path(root), resolution, layout
+        if panels is not None and panels < 1:
+            raise ValueError(f"panels must be at least 1, got {panels}")
+        self.root, self.resolution, self.layout, self.panels = Path(root), resolution, layout, panels
         if not self.root.is_dir():
             raise ValueError(f"dataset folder {self.root} does not exist")
         entries = sorted(p for p in self.root.iterdir() if not p.name.startswith("."))
@@ -100,21 +105,27 @@ class PanelSetDataset(torch.utils.data.Dataset):
             problems.append(f"{path}: panels of one set must share one size, got {listing}")
         if len(problems) > found:
             return
-        (w, h), (rows, cols) = sizes[panels[0]], grid_shape(len(panels), self.layout)
+        count = len(panels) if path.is_dir() else self.panels
+        (w, h), (rows, cols) = sizes[panels[0]], grid_shape(count or 1, self.layout)
         buckets = make_buckets(self.resolution, 16 * rows, 16 * cols)
         if not buckets:
-            problems.append(f"{path}: {len(panels)} panels in a {cols}x{rows} {self.layout} do not fit "
+            problems.append(f"{path}: {count} panels in a {cols}x{rows} {self.layout} do not fit "
                             f"resolution {self.resolution} with 16-pixel panel sides")
             return
-        self.samples.append(Sample(path, panels, caption, nearest_bucket(rows * h, cols * w, buckets)))
+        if path.is_dir():
+            h, w = rows * h, cols * w
+        self.samples.append(Sample(path, panels, caption, nearest_bucket(h, w, buckets), count))
 
     def __len__(self):
         return len(self.samples)
 
     def __getitem__(self, i):
         sample = self.samples[i]
-        (h, w), (rows, cols) = sample.bucket, grid_shape(len(sample.panels), self.layout)
-        panels = [ImageOps.fit(load_rgb(p), (w // cols, h // rows), Image.Resampling.LANCZOS) for p in sample.panels]
+        (h, w), (rows, cols) = sample.bucket, grid_shape(sample.count or 1, self.layout)
+        images = [load_rgb(p) for p in sample.panels]
+        if sample.path.is_file() and sample.count:  # a joined image: its panels are resized one by one
+            images = split_panels(images[0], sample.count, self.layout)
+        panels = [ImageOps.fit(image, (w // cols, h // rows), Image.Resampling.LANCZOS) for image in images]
         pixels = torch.from_numpy(np.array(join_panels(panels, self.layout)))  # (H, W, 3) uint8
         image = rearrange(pixels, "h w c -> c h w").float() / 127.5 - 1.0  # (3, H, W) in [-1, 1]
         return dict(image=image, caption=sample.caption, bucket=sample.bucket, path=str(sample.path))

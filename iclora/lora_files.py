@@ -126,6 +126,35 @@ def read_lora_file(path) -> dict[str, Tensor]:
     return sd
 
 
+CONDITIONAL_KEYS = ("ref_panels", "panels", "layout", "ref_mode", "panel_height", "panel_width")
+
+
+def conditional_metadata(ref_panels: list[int], panels: int, layout: str, ref_mode: str, panel_height: int,
+                         panel_width: int) -> dict[str, str]:
+    """What a conditional IC-LoRA (`train.py --ref-panel`) records: its 1-based reference panels ("1" or "1,3"), the
+    panel count and layout, how reference tokens were given (iclora/references.py) and the trained panel size."""
+    return {"ref_panels": ",".join(map(str, ref_panels)), "panels": str(panels), "layout": layout,
+            "ref_mode": ref_mode, "panel_height": str(panel_height), "panel_width": str(panel_width)}
+
+
+def read_conditional_metadata(path) -> dict | None:
+    """`conditional_metadata`'s values read back from a LoRA file (ints as ints); None for a plain LoRA."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{path}: not a readable safetensors LoRA file: {e}") from None
+    if "ref_panels" not in meta:
+        return None
+    try:
+        found = {k: meta[k] for k in CONDITIONAL_KEYS}
+        found["ref_panels"] = [int(k) for k in found["ref_panels"].split(",")]
+        return found | {k: int(found[k]) for k in ("panels", "panel_height", "panel_width")}
+    except (KeyError, ValueError) as e:
+        raise ValueError(f"{path}: broken conditional IC-LoRA metadata ({type(e).__name__}: {e}); expected the "
+                         f"keys {', '.join(CONDITIONAL_KEYS)} as train.py --ref-panel writes them") from None
+
+
 def layouts(model: nn.Module, keys) -> list[Layout]:
     """PEFT/diffusers (with or without `transformer.` and peft's `base_model.model.`), then the foreign ones."""
     table = module_table(model, keys)

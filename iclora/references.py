@@ -1,10 +1,13 @@
 """Reference panels (In-Context LoRA, arXiv 2410.23775 §4.2): known panels condition the generated ones.
 
-SDEdit/RePaint-style masking in latent space. After every Euler step, which ends at some t_next, the known panels'
-tokens are pulled toward their clean latents x_ref noised to t_next with ε, the run's initial noise of those tokens
-(so at t = 1 both agree):    x[known] ← (1 − s)·x[known] + s·((1 − t_next)·x_ref + t_next·ε)
+SDEdit/RePaint-style masking in latent space. Before the first step, and after every Euler step, which ends at some
+t_next, the known panels' tokens are pulled toward the reference tokens r(t_next):
+    x[known] ← (1 − s)·x[known] + s·r(t_next)
 s = 1 replaces the region (RePaint), s = 0 ignores the reference. With `stop` F the last round(F·steps) steps leave
-the region to the model, which can then smooth the seams.
+the region to the model, which can then smooth the seams. Two treatments of the reference (`reference_tokens`, used
+by sampling here and by the training loss in iclora/training.py, so training sees what sampling sees):
+"noised" r(t) = (1 − t)·x_ref + t·ε with ε the run's initial noise of those tokens (so at t = 1 both agree), the
+paper's; "clean" r(t) = x_ref, for LoRAs trained with it (`train.py --ref-panel`, the mode is in their metadata).
 
 Shape letters: B images, Li image tokens, c latent channels (16), h/w latent height/width.
 """
@@ -50,13 +53,27 @@ def reference_latents(pipe: Pipeline, refs: list[tuple[Image.Image, tuple[int, i
     return pack(known), rearrange(mask, "h w -> (h w)")                             # (1, Li, 4c), (Li,)
 
 
+REF_MODES = ("noised", "clean")
+
+
+def reference_tokens(known: Tensor, eps: Tensor, t: float | Tensor, mode: str = "noised") -> Tensor:
+    """r(t) of the module docstring for packed reference latents and noise (B, Li, 4c); t a float or (B, 1, 1)."""
+    if mode == "noised":
+        return add_noise(known, eps, t)                                             # (B, Li, 4c)
+    if mode == "clean":
+        return known.expand_as(eps)                                                 # (B, Li, 4c)
+    raise ValueError(f"unknown reference mode {mode!r}; expected one of {REF_MODES}")
+
+
 def pin_references(known: Tensor, mask: Tensor, noise: Tensor, timesteps: list[float], strength: float = 1.0,
-                   stop: float = 0.0):
+                   stop: float = 0.0, mode: str = "noised"):
     """The `after_step(x, t_next)` hook of the module docstring, for the initial noise (B, c, h, w) of this run
-    and the times it visits; `strength` s and `stop` F are both in [0, 1]."""
+    and the times it visits; `strength` s and `stop` F are both in [0, 1]. Callers also apply it to the start,
+    `x = after_step(x, timesteps[0])` (a no-op for "noised" from pure noise)."""
     for name, value in (("reference strength", strength), ("reference stop", stop)):
         if not 0.0 <= value <= 1.0:
             raise ValueError(f"{name} must be in [0, 1], got {value}")
+    reference_tokens(known, known, 0.0, mode)  # rejects an unknown mode now
     steps = len(timesteps) - 1
     t_stop = timesteps[steps - round(stop * steps)]  # after step k (t_next = timesteps[k + 1]) pin iff t_next >= t_stop
     eps, keep = pack(noise.float().cpu()), rearrange(mask, "n -> n 1")             # (B, Li, 4c), (Li, 1)
@@ -64,7 +81,7 @@ def pin_references(known: Tensor, mask: Tensor, noise: Tensor, timesteps: list[f
     def after_step(x: Tensor, t_next: float) -> Tensor:
         if t_next < t_stop:
             return x
-        target = add_noise(known, eps, t_next).to(x.device)                         # (B, Li, 4c)
+        target = reference_tokens(known, eps, t_next, mode).to(x.device)             # (B, Li, 4c)
         pulled = torch.lerp(x.float(), target, strength)  # lerp is exact at 0 and 1
         return torch.where(keep.to(x.device), pulled, x.float()).to(x.dtype)       # (B, Li, 4c)
 

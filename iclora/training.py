@@ -4,7 +4,9 @@ The ordinary rectified-flow objective on joined panel images, with the project's
     x_t = (1 − t)·x0 + t·ε,   the model is trained to predict v = ε − x0   (mean squared error).
 t is drawn logit-normal (SD3 §3.1), then shifted toward noise as the sampler's schedule is for that image size.
 Every random draw of step s comes from a generator seeded with (seed, s), so a resumed run continues bit for bit
-without stored RNG state.
+without stored RNG state. A conditional IC-LoRA (`train.py --ref-panel K`) gives the model its reference panels'
+tokens as sampling with `--ref` gives them (iclora/references.py, same function) and takes the loss on the other
+panels' tokens only.
 
 Shape letters: B batch, Li image tokens, Lt text tokens, c latent channels, h/w latent height/width.
 """
@@ -17,6 +19,9 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from iclora.panels import panel_boxes, split_panels
+from iclora.references import reference_latents, reference_panels, reference_tokens
+from minflux.pipeline import to_pil
 from minflux.quantize import compute_dtype
 from minflux.sampling import add_noise, image_ids, pack, shift_mu, text_ids, time_shift
 from minflux.tokenizers import overlong
@@ -48,17 +53,25 @@ def sample_timesteps(batch: int, image_tokens: int, g: torch.Generator, mode: st
 
 
 def flow_matching_loss(flow, x0: Tensor, txt: Tensor, vec: Tensor, g: torch.Generator, guidance: float = 1.0,
-                       timestep_mode: str = "logit_normal") -> Tensor:
-    """MSE between the predicted and the true velocity ε − x0 at a random point of the noise-data line."""
+                       timestep_mode: str = "logit_normal", target_mask: Tensor | None = None,
+                       known: Tensor | None = None, ref_mode: str = "noised") -> Tensor:
+    """MSE between the predicted and the true velocity ε − x0 at a random point of the noise-data line. With
+    `target_mask` (B, Li) or (Li,), True on the tokens to generate: the others become the reference tokens
+    reference_tokens(known (B, Li, 4c), ε, t, ref_mode) before the forward, and the MSE is over the target tokens."""
     B, _, h, w = x0.shape
     x0 = pack(x0)                                                                 # (B, Li, 4c)
     noise = torch.randn(x0.shape, generator=g).to(x0)
     t = sample_timesteps(B, x0.shape[1], g, timestep_mode).to(x0)                 # (B,)
     x_t = add_noise(x0, noise, t[:, None, None])                                  # (B, Li, 4c)
+    if target_mask is not None:
+        target_mask = target_mask.to(x0.device).expand(B, x0.shape[1])[..., None]  # (B, Li, 1)
+        x_t = torch.where(target_mask, x_t, reference_tokens(known.to(x0), noise, t[:, None, None], ref_mode))
     dtype, device = compute_dtype(flow), x0.device
     v = flow(x_t.to(dtype), image_ids(B, 8 * h, 8 * w).to(device), txt.to(dtype), text_ids(B, txt.shape[1]).to(device),
              timesteps=t.to(dtype), y=vec.to(dtype), guidance=torch.full((B,), guidance, dtype=dtype, device=device))
-    return F.mse_loss(v.float(), (noise - x0).float())
+    if target_mask is None:
+        return F.mse_loss(v.float(), (noise - x0).float())
+    return (v.float() - (noise - x0).float())[target_mask.expand_as(x0)].square().mean()
 
 
 @dataclass
@@ -67,22 +80,50 @@ class EncodedSet:
     latents: Tensor  # (c, h, w) the joined image
     txt: Tensor      # (Lt, 4096) T5 states of its caption
     vec: Tensor      # (768,) CLIP pooled
+    known: Tensor | None = None   # (Li, 4c) packed latents of the reference panels (`train.py --ref-panel`)
+    target: Tensor | None = None  # (Li,) True on the tokens to generate
+
+
+def check_reference_panels(dataset, ref_panels: list[int]) -> int:
+    """The panel count of every set, checked before any weight loads: each set's panels are located (set folders,
+    or joined images with `panels`), all sets have one count, and it holds every 1-based reference panel."""
+    if unknown := [s.path.name for s in dataset.samples if s.count is None]:
+        raise ValueError(f"--ref-panel needs to know where the panels are, but {dataset.root} holds joined images "
+                         f"({', '.join(unknown[:3])}, ...): give --panels N (and --layout) for the panels in each")
+    counts = {s.count for s in dataset.samples}
+    if len(counts) > 1:
+        raise ValueError(f"--ref-panel: the sets of {dataset.root} hold different numbers of panels "
+                         f"({sorted(counts)}); a conditional LoRA is trained on one panel count")
+    reference_panels(len(ref_panels), ref_panels, counts.pop())  # a panel that does not exist, or nothing to generate
+    return dataset.samples[0].count
 
 
 @torch.no_grad()
-def encode_sets(pipe, dataset) -> list[EncodedSet]:
+def encode_sets(pipe, dataset, ref_panels: list[int] = ()) -> list[EncodedSet]:
+    """Each set's latents and caption states; with 1-based `ref_panels`, its reference panels, cut from the resized
+    set, encoded by reference_latents (as `sample.py --ref` encodes a reference image) and the target mask."""
     encoded = []
     for i in tqdm(range(len(dataset)), desc="encoding images and captions"):
         item = dataset[i]
         latents = pipe.encode_image(item["image"][None])[0].cpu()
         txt, vec = pipe.encode_prompts([item["caption"]])
-        encoded.append(EncodedSet(latents, txt[0].cpu(), vec[0].cpu()))
+        known = target = None
+        if ref_panels:
+            (H, W), n = item["bucket"], dataset.samples[i].count
+            panels, boxes = split_panels(to_pil(item["image"][None])[0], n, dataset.layout), panel_boxes(H, W, n,
+                                                                                                    dataset.layout)
+            known, mask = reference_latents(pipe, [(panels[k - 1], boxes[k - 1]) for k in ref_panels], H, W)
+            known, target = known[0], ~mask                                       # (Li, 4c), (Li,)
+        encoded.append(EncodedSet(latents, txt[0].cpu(), vec[0].cpu(), known, target))
     return encoded
 
 
 def collate(sets: list[EncodedSet], empty: EncodedSet, dropout: float, g: torch.Generator, device) -> tuple:
-    """Stacks a batch; each caption is replaced by the empty caption with probability `dropout`."""
+    """Stacks a batch: latents, caption states, pooled vectors, and (None without reference panels) the reference
+    latents and target masks. Each caption is replaced by the empty caption with probability `dropout`."""
     drop = (torch.rand(len(sets), generator=g) < dropout).tolist()
     texts = [empty if d else s for d, s in zip(drop, sets)]
+    refs = [torch.stack([s.known for s in sets]).to(device), torch.stack([s.target for s in sets]).to(device)] \
+        if sets[0].known is not None else [None, None]
     return (torch.stack([s.latents for s in sets]).to(device), torch.stack([s.txt for s in texts]).to(device),
-            torch.stack([s.vec for s in texts]).to(device))
+            torch.stack([s.vec for s in texts]).to(device), *refs)

@@ -84,12 +84,15 @@ class Pipeline:
 
     @torch.no_grad()
     def sample(self, txt: Tensor, vec: Tensor, height: int, width: int, steps: int | None = None,
-               guidance: float = 3.5, seed: int = 0, progress: bool = True) -> Tensor:
-        """Encoded prompts -> clean latents (B, c, h, w), all from one noise draw of `seed` (as diffusers does)."""
+               guidance: float = 3.5, seed: int = 0, progress: bool = True, after_step=None) -> Tensor:
+        """Encoded prompts -> clean latents (B, c, h, w), all from one noise draw of `seed` (as diffusers does);
+        `after_step(x, t)` (see `denoise`) also edits the start, at the first time."""
         B, Lt = txt.shape[:2]
         x = pack(get_noise(B, height, width, seed)).to(self.device, self.dtype)  # (B, Li, 4c) at t = 1
+        timesteps = self.schedule(height, width, steps)
+        x = after_step(x, timesteps[0]) if after_step else x
         x = denoise(self.on_device(self.flow), x, image_ids(B, height, width), txt, text_ids(B, Lt), vec,
-                    self.schedule(height, width, steps), guidance, progress=progress)
+                    timesteps, guidance, after_step, progress=progress)
         return unpack(x, height, width)
 
     def generate(self, prompts: list[str], height: int = 1024, width: int = 1024, steps: int | None = None,

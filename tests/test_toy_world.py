@@ -11,8 +11,8 @@ import pytest
 from PIL import Image, ImageFilter
 
 from iclora.data import PanelSetDataset
-from toy.world import (COLOURS, PALETTE, RECOLOUR, SET_SUMMARY, Scene, Shape, analyse, caption, caption_match,
-                       make_set, panel_consistency, random_scene, recolour, render, rule_score)
+from toy.world import (BLIND_CAPTION, COLOURS, PALETTE, RECOLOUR, SET_SUMMARY, Scene, Shape, analyse, caption,
+                       caption_match, make_set, panel_consistency, random_scene, recolour, render, rule_score)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -151,6 +151,22 @@ def test_panel_consistency_of_a_true_set_is_perfect():
     swapped.paste(joined.crop((64, 0, 128, 64)), (0, 0))
     swapped.paste(joined.crop((0, 0, 64, 64)), (64, 0))
     assert panel_consistency(swapped, left)["rule"] < 0.5
+
+
+def test_with_a_given_left_panel_the_rule_is_checked_against_it_not_against_the_canvas_copy():
+    joined, _ = make_set(random.Random(9))
+    left = random_scene(random.Random(9))
+    smudged = joined.copy()
+    smudged.paste((255, 255, 255) if left.background != "white" else (0, 0, 0), (0, 0, 64, 64))  # copy lost
+    assert panel_consistency(smudged, left)["rule"] < 0.5
+    assert panel_consistency(smudged, left, given_left=render(left))["rule"] == 1.0
+
+
+def test_blind_recolour_sets_are_the_recolour_sets_with_one_caption_for_all():
+    image, text = make_set(random.Random(4), task="blind_recolour")
+    assert image == make_set(random.Random(4))[0]
+    assert text == BLIND_CAPTION == ("[TWO-PANEL] the same scene in two colour schemes; [LEFT] the scene; "
+                                     "[RIGHT] the same scene")
 
 
 def test_make_sets_writes_readable_pairs(tmp_path):

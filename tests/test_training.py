@@ -159,7 +159,7 @@ def test_caption_dropout_swaps_in_the_empty_caption_reproducibly_at_rate_p():
     def drops(seed):
         out = []
         for step in range(100):
-            _, txt, _ = collate(sets, empty, 0.25, torch.Generator().manual_seed(seed * 1000 + step), "cpu")
+            _, txt, *_ = collate(sets, empty, 0.25, torch.Generator().manual_seed(seed * 1000 + step), "cpu")
             out += (txt.flatten(1).abs().sum(1) == 0).tolist()
         return out
 

@@ -2,6 +2,7 @@
 
     python toy/make_sets.py --out sets/toy_recolour                # 60 sets, panels 64 px, 1-2 shapes, seed 0
         sets/toy_recolour/set_000.png (two panels side by side, 2*size x size) + set_000.txt (joint caption), ...
+    python toy/make_sets.py --out sets/toy_blind_recolour --task blind_recolour   # the same sets, blind captions
     python toy/make_sets.py --out sets/toy_scenes --single 2000 --size 64 --seed 1
         sets/toy_scenes/scene_0000.png (size x size) + scene_0000.txt (caption), ...
 Both are the "joined images" layout that iclora.data.PanelSetDataset reads (see toy/world.py for the scenes).
@@ -14,7 +15,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere: import toy.world
-from toy.world import caption, make_set, random_scene, render  # noqa: E402
+from toy.world import TASKS, caption, make_set, random_scene, render  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -24,6 +25,9 @@ def parse_args(argv=None):
     mode.add_argument("--count", type=int, default=60, help="number of two-panel recolour sets to write (default 60)")
     mode.add_argument("--single", type=int, metavar="N",
                       help="write N single scenes with their captions instead of recolour sets")
+    parser.add_argument("--task", default="recolour", choices=TASKS,
+                        help="the sets' captions: recolour describes both panels, blind_recolour neither, so only a "
+                             "given left panel tells the right one (default: recolour)")
     parser.add_argument("--size", type=int, default=64, help="side of one panel in pixels (default 64)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random scenes (default 0)")
     parser.add_argument("--max-shapes", type=int, default=2,
@@ -40,7 +44,7 @@ def main(argv=None):
     rng, digits = random.Random(args.seed), max(3, len(str(count - 1)))
     for i in range(count):
         if args.single is None:
-            name, (image, text) = f"set_{i:0{digits}d}", make_set(rng, args.size, args.max_shapes)
+            name, (image, text) = f"set_{i:0{digits}d}", make_set(rng, args.size, args.max_shapes, args.task)
         else:
             scene = random_scene(rng, args.max_shapes)
             name, image, text = f"scene_{i:0{digits}d}", render(scene, args.size), caption(scene)

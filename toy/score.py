@@ -1,12 +1,14 @@
-"""Score the toy In-Context LoRA task "recolour": generate held-out two-panel sets with the toy FLUX, with and without
-a LoRA, read every panel back with toy.world.analyse, and report the panel-consistency scores.
+"""Score the toy In-Context LoRA tasks "recolour" and "blind_recolour": generate held-out two-panel sets with the toy
+FLUX, with and without a LoRA, read every panel back with toy.world.analyse, and report the panel-consistency scores.
 
     python toy/score.py --lora out.safetensors                   # base vs LoRA on 20 held-out sets
     python toy/score.py --lora out.safetensors --sheet sets.png  # ... and a picture: targets, base, LoRA
+    python toy/score.py --lora blind.safetensors --task blind_recolour   # captions that do not describe the scene
 
 Each set is generated in two modes (In-Context LoRA, arXiv 2410.23775, §4): "text" from the joint caption alone,
 "ref" with the left panel given (see `evaluate`). The scenes have their own seed (--scenes-seed), so they are held
-out from make_sets.py's training sets; every set uses the same noise (--seed) with and without the LoRA.
+out from make_sets.py's training sets; every set uses the same noise (--seed) with and without the LoRA. A LoRA
+trained with `train.py --ref-panel` is sampled in ref mode with the reference treatment its metadata records.
 Shape letters: B sets, Li image tokens, c latent channels.
 """
 
@@ -20,13 +22,13 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
-from iclora.lora_files import load_lora  # noqa: E402
+from iclora.lora_files import load_lora, read_conditional_metadata  # noqa: E402
 from iclora.references import pin_references, reference_latents  # noqa: E402
 from minflux.hub import USER_ERRORS  # noqa: E402
 from minflux.pipeline import Pipeline, load_pipeline, to_pil  # noqa: E402
 from minflux.quantize import quantize_fp8  # noqa: E402
 from minflux.sampling import denoise, get_noise, image_ids, pack, text_ids, unpack  # noqa: E402
-from toy.world import Scene, panel_consistency, random_scene, recolour, render, set_caption  # noqa: E402
+from toy.world import TASKS, Scene, panel_consistency, random_scene, recolour, render  # noqa: E402
 
 SCORES = ("caption_left", "caption_right", "rule")
 
@@ -36,37 +38,44 @@ def held_out_scenes(count: int, seed: int, max_shapes: int = 2) -> list[Scene]:
     return [random_scene(rng, max_shapes) for _ in range(count)]
 
 
-def generate_sets(pipe: Pipeline, scenes: list[Scene], size: int, steps: int, seed: int,
-                  reference: bool) -> list[Image.Image]:
-    """One joined (2·size)×size set per scene, all from one noise draw of `seed`; with `reference`, the left panel is
-    the scene's render, pinned at every step."""
+def generate_sets(pipe: Pipeline, scenes: list[Scene], size: int, steps: int, seed: int, reference: bool,
+                  task: str = "recolour", ref_mode: str = "noised") -> list[Image.Image]:
+    """One joined (2·size)×size set per scene, captioned as `task` does, all from one noise draw of `seed`; with
+    `reference`, the left panel is the scene's render, pinned at every step in `ref_mode` (iclora/references.py)."""
     width, height = 2 * size, size
-    txt, vec = pipe.encode_prompts([set_caption(scene) for scene in scenes])
+    txt, vec = pipe.encode_prompts([TASKS[task](scene) for scene in scenes])
     noise = get_noise(len(scenes), height, width, seed)                                     # (B, c, h, w)
     timesteps, hook = pipe.schedule(height, width, steps), None
     if reference:
         known = [reference_latents(pipe, [(render(s, size), (0, 0, size, size))], height, width) for s in scenes]
         mask = known[0][1]                                                                  # (Li,)
-        hook = pin_references(torch.cat([k for k, _ in known]), mask, noise, timesteps)
+        hook = pin_references(torch.cat([k for k, _ in known]), mask, noise, timesteps, mode=ref_mode)
     B, Lt = txt.shape[:2]
-    x = denoise(pipe.on_device(pipe.flow), pack(noise).to(pipe.device, pipe.dtype), image_ids(B, height, width),
+    x = pack(noise).to(pipe.device, pipe.dtype)                                             # (B, Li, 4c)
+    x = hook(x, timesteps[0]) if hook else x  # the start as sample.py --ref makes it
+    x = denoise(pipe.on_device(pipe.flow), x, image_ids(B, height, width),
                 txt, text_ids(B, Lt), vec, timesteps, 3.5, hook, progress=False)            # (B, Li, 4c)
     return to_pil(pipe.decode(unpack(x, height, width)))
 
 
-def mean_scores(images: list[Image.Image], scenes: list[Scene]) -> dict[str, float]:
-    per_set = [panel_consistency(image, scene) for image, scene in zip(images, scenes)]
+def mean_scores(images: list[Image.Image], scenes: list[Scene], given_size: int | None = None) -> dict[str, float]:
+    """Mean panel_consistency; with `given_size`, the left panels were given: renders of that size."""
+    per_set = [panel_consistency(image, scene, render(scene, given_size) if given_size else None)
+               for image, scene in zip(images, scenes)]
     return {k: round(sum(s[k] for s in per_set) / len(per_set), 4) for k in SCORES}
 
 
-def evaluate(pipe: Pipeline, scenes: list[Scene], size: int = 64, steps: int = 20,
-             seed: int = 0) -> tuple[dict[str, dict[str, float]], dict[str, list[Image.Image]]]:
+def evaluate(pipe: Pipeline, scenes: list[Scene], size: int = 64, steps: int = 20, seed: int = 0,
+             task: str = "recolour", ref_mode: str = "noised") -> tuple[dict[str, dict[str, float]],
+                                                                       dict[str, list[Image.Image]]]:
     """Scores and images of both modes, {"text": {...}, "ref": {...}}. text: from the joint caption alone; scores:
     caption match of the left and right panels, and the rule (the right panel is the left one, as it was generated,
     recoloured). ref: the left panel is the scene's render, pinned SDEdit-style as `sample.py --ref` does, so only the
-    right panel is generated; scores: caption match of the right panel and the rule against the given left panel."""
-    images = {mode: generate_sets(pipe, scenes, size, steps, seed, mode == "ref") for mode in ("text", "ref")}
-    scores = {mode: mean_scores(images[mode], scenes) for mode in images}
+    right panel is generated; scores: caption match of the right panel and the rule against the given left panel
+    (the render, not its copy decoded with the generated canvas)."""
+    images = {mode: generate_sets(pipe, scenes, size, steps, seed, mode == "ref", task, ref_mode)
+              for mode in ("text", "ref")}
+    scores = {mode: mean_scores(images[mode], scenes, size if mode == "ref" else None) for mode in images}
     del scores["ref"]["caption_left"]  # the given panel, not generated
     return scores, images
 
@@ -89,7 +98,10 @@ def contact_sheet(scenes: list[Scene], rows: list[list[Image.Image]], size: int,
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--lora", type=Path, help="the recolour IC-LoRA to score (without: the base model alone)")
+    p.add_argument("--lora", type=Path, help="the IC-LoRA to score (without: the base model alone)")
+    p.add_argument("--task", default="recolour", choices=TASKS,
+                   help="the captions of the held-out sets: recolour describes both panels, blind_recolour neither "
+                        "(default: recolour)")
     p.add_argument("--model", default="toy", help="the base model (default: toy)")
     p.add_argument("--quantize", choices=["fp8"],
                    help="fp8: the transformer's and T5's Linear weights in float8 e4m3fn (per-row scales), as "
@@ -118,9 +130,11 @@ def main(argv=None) -> dict:
     scenes = held_out_scenes(args.count, args.scenes_seed)
     results, rows = {}, []
     for name in ["base"] + (["lora"] if args.lora else []):
+        ref_mode = "noised"
         if name == "lora":
             load_lora(pipe.flow, str(args.lora), name="recolour")
-        results[name], images = evaluate(pipe, scenes, args.size, args.steps, args.seed)
+            ref_mode = (read_conditional_metadata(args.lora) or {}).get("ref_mode", "noised")
+        results[name], images = evaluate(pipe, scenes, args.size, args.steps, args.seed, args.task, ref_mode)
         rows += [(name, mode, images[mode]) for mode in images]
     print(json.dumps(results, indent=1))
     if args.sheet:

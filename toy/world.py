@@ -5,7 +5,9 @@ A scene is a background colour plus 1-3 shapes, each in its own cell of a 3x3 gr
 the RGB cube, at least 255 apart, so a blurry, noisy generator still lands nearest the colour it meant. The task
 follows In-Context LoRA (arXiv 2410.23775; caption style of the authors' release): a two-panel set whose right
 panel is the left scene (same shapes, cells and sizes) with every colour, background included, sent through
-RECOLOUR, a fixed 6-cycle that no base model knows. `analyse` reads blurry, noisy generated images back too.
+RECOLOUR, a fixed 6-cycle that no base model knows. "blind_recolour" is the same sets with a caption that says what
+to do but not what the scene is: only the given left panel (a conditional IC-LoRA) tells the right one.
+`analyse` reads blurry, noisy generated images back too.
 Images are PIL RGB; PIL sizes are (W, H); arrays are (H, W) for an image, (h, w) for one cell; P palette colours.
 """
 
@@ -40,6 +42,7 @@ ROUND_CORNERS = 0.04  # the mask's best IoU with an ideal circle, square or tria
 #                       it never squares a circle)
 FILL = {"circle": np.pi / 4, "square": 1.0, "triangle": 0.5}  # area / (width * height)
 SET_SUMMARY = "[TWO-PANEL] the same scene in two colour schemes"
+BLIND_CAPTION = f"{SET_SUMMARY}; [LEFT] the scene; [RIGHT] the same scene"
 
 
 @dataclass(frozen=True)
@@ -132,13 +135,22 @@ def set_caption(left: Scene) -> str:
     return f"{SET_SUMMARY}; [LEFT] {caption(left)}; [RIGHT] {caption(recolour(left))}"
 
 
-def make_set(rng: random.Random, panel_size: int = 64, max_shapes: int = 3) -> tuple[Image.Image, str]:
-    """A random recolour set: the two panels side by side (2*panel_size x panel_size) and its joint caption."""
+def blind_caption(left: Scene) -> str:
+    """The joint caption of a blind_recolour set: the same for every scene."""
+    return BLIND_CAPTION
+
+
+TASKS = {"recolour": set_caption, "blind_recolour": blind_caption}  # task -> joint caption of a left scene
+
+
+def make_set(rng: random.Random, panel_size: int = 64, max_shapes: int = 3,
+             task: str = "recolour") -> tuple[Image.Image, str]:
+    """A random set of a task in TASKS: the two panels side by side (2*panel_size x panel_size) and its caption."""
     left = random_scene(rng, max_shapes)
     joined = Image.new("RGB", (2 * panel_size, panel_size))
     joined.paste(render(left, panel_size), (0, 0))
     joined.paste(render(recolour(left), panel_size), (panel_size, 0))
-    return joined, set_caption(left)
+    return joined, TASKS[task](left)
 
 
 # ------------------------------------------------------------------------------------------------------- analysis
@@ -216,9 +228,12 @@ def rule_score(left_image: Image.Image, right_image: Image.Image) -> float:
     return matched / (1 + len(want.keys() | got.keys()))
 
 
-def panel_consistency(joined: Image.Image, left_scene: Scene) -> dict[str, float]:
-    """The three scores of a (generated) recolour set whose left panel was meant to show left_scene."""
+def panel_consistency(joined: Image.Image, left_scene: Scene,
+                      given_left: Image.Image | None = None) -> dict[str, float]:
+    """The three scores of a (generated) recolour set whose left panel was meant to show left_scene. When the left
+    panel was given (`given_left`), the rule is checked against it: the copy in `joined` is decoded with the whole
+    canvas (the VAE's decoder mixes panels), so it can differ from what the model was given."""
     left, right = split_panels(joined, 2, "row")
     return {"caption_left": caption_match(left, left_scene),
             "caption_right": caption_match(right, recolour(left_scene)),
-            "rule": rule_score(left, right)}
+            "rule": rule_score(left if given_left is None else given_left, right)}

@@ -1,0 +1,200 @@
+"""Conditional IC-LoRAs (`train.py --ref-panel K`): the loss is on the panels to generate, the reference panels are
+given as `sample.py --ref` gives them (one function for both), the LoRA file records the geometry, and sample.py
+takes it from there. The toy model stands in for FLUX (its VAE and flow are small and trained)."""
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+import sample
+import train
+from iclora.data import PanelSetDataset, load_rgb
+from iclora.lora import inject_lora
+from iclora.lora_files import conditional_metadata, read_conditional_metadata, save_lora
+from iclora.panels import panel_boxes, split_panels
+from iclora.references import pin_references, reference_latents, reference_tokens
+from iclora.training import encode_sets, flow_matching_loss, sample_timesteps
+from minflux.pipeline import load_pipeline
+from minflux.sampling import image_ids, pack, text_ids, unpack
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return load_pipeline("toy")
+
+
+@pytest.fixture(scope="module")
+def sets(tmp_path_factory):
+    """Three recolour sets: joined two-panel images (128x64) with captions, as toy/make_sets.py writes them."""
+    folder = tmp_path_factory.mktemp("toy_sets")
+    for i in range(3):
+        for suffix in (".png", ".txt"):
+            shutil.copy(ROOT / "sets" / "toy_recolour" / f"set_{i:03d}{suffix}", folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def encoded(pipe, sets):
+    dataset = PanelSetDataset(sets, resolution=96, panels=2)
+    return dataset, encode_sets(pipe, dataset, [1])
+
+
+def batch(encoded):
+    x0 = torch.stack([e.latents for e in encoded])
+    txt, vec = torch.stack([e.txt for e in encoded]), torch.stack([e.vec for e in encoded])
+    return x0, txt, vec, torch.stack([e.known for e in encoded]), torch.stack([e.target for e in encoded])
+
+
+@pytest.mark.parametrize("mode", ["noised", "clean"])
+def test_masked_loss_is_the_plain_loss_on_the_target_tokens_with_reference_tokens_given(pipe, encoded, mode):
+    x0, txt, vec, known, target = batch(encoded[1])
+    with torch.no_grad():
+        got = flow_matching_loss(pipe.flow, x0, txt, vec, torch.Generator().manual_seed(3), 1.0, "logit_normal",
+                                 target, known, mode)
+        # by hand, with the same draws in the same order
+        g, B, (h, w) = torch.Generator().manual_seed(3), x0.shape[0], x0.shape[2:]
+        clean = pack(x0)
+        noise = torch.randn(clean.shape, generator=g)
+        t = sample_timesteps(B, clean.shape[1], g)[:, None, None]
+        x_t = (1 - t) * clean + t * noise
+        ref = (1 - t) * known + t * noise if mode == "noised" else known
+        x_t[~target] = ref[~target]
+        v = pipe.flow(x_t, image_ids(B, 8 * h, 8 * w), txt, text_ids(B, txt.shape[1]), timesteps=t[:, 0, 0], y=vec,
+                      guidance=torch.ones(B))
+        want = ((v - (noise - clean))[target] ** 2).mean()
+    print(f"{mode}: masked loss {got.item():.6f}, by hand {want.item():.6f}")
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_an_all_true_target_mask_is_the_plain_loss(pipe, encoded):
+    x0, txt, vec, known, target = batch(encoded[1])
+    with torch.no_grad():
+        plain = flow_matching_loss(pipe.flow, x0, txt, vec, torch.Generator().manual_seed(5))
+        masked = flow_matching_loss(pipe.flow, x0, txt, vec, torch.Generator().manual_seed(5), target_mask=
+                                    torch.ones_like(target), known=known)
+    assert torch.equal(plain, masked)
+
+
+def test_what_the_reference_panel_holds_in_the_training_image_does_not_change_the_loss_or_its_gradient(encoded):
+    """The reference tokens' loss is masked and their input comes from the reference latents: the joined image's
+    own latents there (a different encoding of the same pixels; here replaced by noise) do not matter."""
+    torch.manual_seed(0)
+    flow = load_pipeline("toy").flow  # its own copy: the LoRA stays out of the module's pipe
+    inject_lora(flow, rank=4, alpha=4, seed=0)
+    for p in (p for p in flow.parameters() if p.requires_grad):  # nonzero B so that A gets a gradient
+        torch.nn.init.normal_(p, std=0.01)
+    x0, txt, vec, known, target = batch(encoded[1])
+    other = pack(x0).clone()
+    other[~target] = torch.randn_like(other[~target]) * 3
+
+    def loss_and_grads(x):
+        flow.zero_grad()
+        loss = flow_matching_loss(flow, x, txt, vec, torch.Generator().manual_seed(1), target_mask=target,
+                                  known=known, ref_mode="clean")
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in flow.parameters() if p.requires_grad]
+
+    loss_a, grads_a = loss_and_grads(x0)
+    loss_b, grads_b = loss_and_grads(unpack(other, 8 * x0.shape[2], 8 * x0.shape[3]))
+    assert torch.equal(loss_a, loss_b)
+    assert all(torch.equal(a, b) for a, b in zip(grads_a, grads_b)) and any(a.abs().sum() > 0 for a in grads_a)
+
+
+def test_training_reference_latents_are_what_sample_py_ref_encodes_from_the_panel_image(pipe, sets, encoded):
+    dataset, sets_encoded = encoded
+    panel = split_panels(load_rgb(sets / "set_000.png"), 2, "row")[0]  # the file's left panel, 64x64
+    known, mask = reference_latents(pipe, [(panel, panel_boxes(64, 128, 2, "row")[0])], 64, 128)
+    assert torch.equal(sets_encoded[0].known, known[0]) and torch.equal(sets_encoded[0].target, ~mask)
+    assert mask.sum() == mask.numel() // 2 and mask.reshape(4, 8)[:, :4].all()  # the left half of the tokens
+
+
+@pytest.mark.parametrize("mode", ["noised", "clean"])
+def test_sampling_pins_the_reference_tokens_that_training_gives_the_model(mode):
+    known, noise = torch.randn(1, 8, 64), torch.randn(1, 16, 4, 8)
+    mask = torch.arange(8) < 4
+    x = torch.randn(1, 8, 64)
+    for t in (1.0, 0.7, 0.2, 0.0):
+        pinned = pin_references(known, mask, noise, [1.0, 0.7, 0.2, 0.0], mode=mode)(x, t)
+        assert torch.equal(pinned[:, mask], reference_tokens(known, pack(noise), t, mode)[:, mask])
+        assert torch.equal(pinned[:, ~mask], x[:, ~mask])
+
+
+def test_before_the_first_step_the_noised_reference_is_the_noise_and_the_clean_one_the_latents():
+    known, noise = torch.randn(1, 8, 64), torch.randn(1, 16, 4, 8)
+    mask, x = torch.arange(8) < 4, pack(noise)
+    assert torch.equal(pin_references(known, mask, noise, [1.0, 0.0], mode="noised")(x, 1.0), x)
+    assert torch.equal(pin_references(known, mask, noise, [1.0, 0.0], mode="clean")(x, 1.0)[:, mask], known[:, mask])
+
+
+def test_conditional_metadata_round_trips_through_a_lora_file(tmp_path):
+    meta = conditional_metadata([1, 3], 4, "grid", "clean", 48, 80)
+    save_file({"x": torch.zeros(1)}, tmp_path / "a.safetensors", metadata=meta)
+    assert read_conditional_metadata(tmp_path / "a.safetensors") == dict(
+        ref_panels=[1, 3], panels=4, layout="grid", ref_mode="clean", panel_height=48, panel_width=80)
+    save_file({"x": torch.zeros(1)}, tmp_path / "plain.safetensors", metadata={"rank": "16"})
+    assert read_conditional_metadata(tmp_path / "plain.safetensors") is None
+
+
+def test_broken_conditional_metadata_names_the_file_and_the_keys(tmp_path):
+    save_file({"x": torch.zeros(1)}, tmp_path / "a.safetensors", metadata={"ref_panels": "1", "panels": "two"})
+    with pytest.raises(ValueError, match=r"a\.safetensors: broken conditional IC-LoRA metadata.*ref_panels, panels"):
+        read_conditional_metadata(tmp_path / "a.safetensors")
+
+
+def test_joined_images_without_panels_fail_before_any_weight_loads(sets, tmp_path):
+    with pytest.raises(ValueError, match=r"--ref-panel needs to know where the panels are.*set_000\.png.*--panels N"):
+        train.main(["--model", str(tmp_path / "no-model-needed"), "--data", str(sets), "--ref-panel", "1",
+                    "--out", str(tmp_path / "x.safetensors")])
+
+
+def test_a_reference_panel_the_sets_do_not_have_fails_before_any_weight_loads(sets, tmp_path):
+    with pytest.raises(ValueError, match=r"--ref-panel 3 is not a panel of this 2-panel set"):
+        train.main(["--model", str(tmp_path / "no-model-needed"), "--data", str(sets), "--panels", "2",
+                    "--ref-panel", "3", "--out", str(tmp_path / "x.safetensors")])
+
+
+def test_joined_images_with_panels_keep_every_panel_edge_on_the_token_grid(tmp_path):
+    """A 3-panel row (3x 50x40) goes to a bucket whose panels are 16-px multiples, each panel resized on its own."""
+    colours = [(250, 0, 0), (0, 250, 0), (0, 0, 250)]
+    Image.fromarray(np.concatenate([np.full((40, 50, 3), c, np.uint8) for c in colours], 1)).save(tmp_path / "a.png")
+    (tmp_path / "a.txt").write_text("three")
+    dataset = PanelSetDataset(tmp_path, resolution=96, panels=3)
+    (H, W), image = dataset.samples[0].bucket, dataset[0]["image"]
+    assert W % 48 == 0 and H % 16 == 0
+    for k, box in enumerate(panel_boxes(H, W, 3, "row")):
+        region = image[:, :, box[0]:box[2]]
+        want = torch.tensor(colours[k]).float()[:, None, None] / 127.5 - 1
+        assert torch.allclose(region, want.expand_as(region), atol=1e-6), f"panel {k + 1} bleeds into its neighbour"
+
+
+@pytest.fixture(scope="module")
+def conditional_lora(tmp_path_factory):
+    """A toy LoRA file with the metadata of `train.py --ref-panel 1` on two-panel rows of 48x32 (H x W) panels."""
+    flow = load_pipeline("toy").flow
+    inject_lora(flow, rank=2, alpha=2, seed=0)
+    path = tmp_path_factory.mktemp("lora") / "cond.safetensors"
+    save_lora(flow, path, metadata=conditional_metadata([1], 2, "row", "clean", 48, 32))
+    return path
+
+
+def test_sample_py_takes_panels_layout_reference_panel_and_size_from_a_conditional_lora(conditional_lora, tmp_path):
+    Image.new("RGB", (64, 64), (255, 0, 0)).save(tmp_path / "ref.png")
+    files = sample.main(["--model", "toy", "--lora", str(conditional_lora), "--ref", str(tmp_path / "ref.png"),
+                         "--prompt", "[TWO-PANEL] the same scene in two colour schemes", "--steps", "2",
+                         "--out", str(tmp_path / "out.png")])
+    assert [Image.open(f).size for f in files] == [(64, 48), (32, 48), (32, 48)]  # joined, panel 1, panel 2
+
+
+def test_a_reference_panel_other_than_the_loras_is_refused_before_the_model_loads(conditional_lora, tmp_path):
+    Image.new("RGB", (64, 64)).save(tmp_path / "ref.png")
+    with pytest.raises(ValueError, match=r"--ref-panel \[2\] does not match the conditional LoRA cond\.safetensors, "
+                                         r"trained with --ref-panel \[1\]"):
+        sample.main(["--model", str(tmp_path / "no-model-needed"), "--lora", str(conditional_lora), "--ref",
+                     str(tmp_path / "ref.png"), "--ref-panel", "2", "--prompt", "x"])
