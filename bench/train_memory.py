@@ -26,7 +26,8 @@ from iclora.training import flow_matching_loss, step_generator
 from minflux.autoencoder import AutoEncoder, AutoEncoderParams
 from minflux.clip import CLIPConfig, CLIPTextModel
 from minflux.model import Flux, preset
-from minflux.quantize import quantize_fp8
+from minflux.layers import DoubleStreamBlock, SingleStreamBlock
+from minflux.quantize import block_linears, quantize_fp8
 from minflux.sampling import image_ids, text_ids
 from minflux.t5 import T5Config, T5Encoder
 
@@ -44,12 +45,16 @@ def reset_peak() -> float:
 
 
 def stored_bytes(module: nn.Module, quantize: str | None, scales: bool = True) -> int:
-    """Exact bytes of a module's weights as a run stores them: bf16, or with fp8 every Linear's weight in one byte
-    plus (`scales`) one float32 scale per output row, which stays on the GPU when its block is swapped out."""
+    """Exact bytes of a module's weights as a run stores them: bf16, or with fp8 the weight of each Linear that
+    `quantize_fp8` quantizes in one byte plus (`scales`) one float32 scale per output row, which stays on the GPU
+    when its block is swapped out. `module` is a whole model, or one of its blocks (all of whose Linears count)."""
+    fp8 = {id(module.get_submodule(n)) for n in block_linears(module)} if quantize else set()
+    if quantize and isinstance(module, (DoubleStreamBlock, SingleStreamBlock)):
+        fp8 = {id(m) for m in module.modules() if isinstance(m, nn.Linear)}
     total = 0
     for m in module.modules():
         for name, p in m.named_parameters(recurse=False):
-            if quantize and isinstance(m, nn.Linear) and name == "weight":
+            if id(m) in fp8 and name == "weight":
                 total += p.numel() + (4 * p.shape[0] if scales else 0)
             else:
                 total += 2 * p.numel()

@@ -1,7 +1,7 @@
 """fp8 weights: every Linear's weight stored in 8 bits with one float32 scale per output row, computed in the input's
 dtype (a memory saving, not a speed-up: each forward dequantizes, then runs an ordinary F.linear).
 
-`quantize_fp8` turns a model's nn.Linear layers into `FP8Linear` (per-row absmax / 448, e4m3fn), one layer at a
+`quantize_fp8` turns the nn.Linear layers of a model's blocks into `FP8Linear` (per-row absmax / 448, e4m3fn), one layer at a
 time; `fp8_layers` does the same on the meta device for an fp8 checkpoint (plain casts: scale 1; ComfyUI "scaled
 fp8": a `scale_weight` per layer), so `minflux.loading` can assign the file's tensors as they are stored.
 Norms, embeddings and biases keep their dtype. The model files know nothing of this.
@@ -64,11 +64,19 @@ def replace(model: nn.Module, name: str, module: nn.Module):
     setattr(model.get_submodule(parent), child, module)
 
 
+def block_linears(model: nn.Module) -> list[str]:
+    """The nn.Linear layers inside the model's repeated blocks (its nn.ModuleLists): nearly all of the weights. The
+    layers around them (FLUX's input and time/text embedders and its output layer, 0.5% of its weights) are left:
+    quantizing them too cost the toy model's recolour LoRA 0.05 of its text-mode rule score, the blocks alone 0.02."""
+    lists = [n for n, m in model.named_modules() if isinstance(m, nn.ModuleList)]
+    return [n for n, m in model.named_modules() if type(m) is nn.Linear and any(n.startswith(f"{b}.") for b in lists)]
+
+
 @torch.no_grad()
 def quantize_fp8(model: nn.Module) -> nn.Module:
-    """Replaces every nn.Linear of `model` by an FP8Linear, in place, one at a time (the extra memory is one layer).
-    Call it before adding LoRA adapters: their own nn.Linear's would be quantized too."""
-    for name in [n for n, m in model.named_modules() if type(m) is nn.Linear]:
+    """Replaces every nn.Linear of the model's blocks (`block_linears`) by an FP8Linear, in place, one at a time
+    (the extra memory is one layer). Call it before adding LoRA adapters: their own nn.Linear's would be quantized."""
+    for name in block_linears(model):
         replace(model, name, FP8Linear.from_linear(model.get_submodule(name)))
     return model
 
