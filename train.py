@@ -80,10 +80,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "then trains on its (dequantized) weights; VAE, text encoders and tokenizers come from "
                         "--model (default: the --model's own)")
     p.add_argument("--quantize", choices=["fp8"],
-                   help="fp8: store the weight of every Linear of the transformer and of T5 in float8 e4m3fn with "
-                        "one float32 scale per row (1 byte a weight instead of bf16's 2: about half the memory, "
-                        "computed); norms, embeddings, biases, CLIP "
-                        "and the VAE stay as loaded; compute stays in the base dtype (weights dequantized per "
+                   help="fp8: store the weight of every Linear in the transformer's and T5's blocks in float8 "
+                        "e4m3fn with one float32 scale per row (1 byte a weight instead of bf16's 2: the paper's "
+                        "recipe then needs about 17 GiB instead of 28, computed; see README); the embedders, norms, "
+                        "biases, CLIP and the VAE stay in the base dtype, compute too (weights dequantized per "
                         "layer), and the LoRA adapters and optimizer stay fp32 (default: none)")
     p.add_argument("--out", type=Path, default=Path("out.safetensors"), help="LoRA file (default: out.safetensors)")
     p.add_argument("--steps", type=ranged(int, 1), help=f"optimizer steps (default: {flux['steps']}, the paper's; "
