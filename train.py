@@ -32,8 +32,8 @@ from iclora.lora import inject_lora
 from iclora.lora_files import atomic_writes, conditional_metadata, save_lora
 from iclora.panels import LAYOUTS, grid_shape
 from iclora.references import pin_references
-from iclora.training import (EncodedSet, check_captions, check_reference_panels, collate, encode_sets,
-                             flow_matching_loss, step_generator)
+from iclora.training import (TIMESTEP_MODES, EncodedSet, check_captions, check_reference_panels, collate,
+                             encode_sets, flow_matching_loss, step_generator)
 from minflux.block_swap import BlockSwap
 from minflux.hub import USER_ERRORS, check_device, ranged
 from minflux.pipeline import load_pipeline, load_t5_tokenizer, to_pil
@@ -42,8 +42,8 @@ from minflux.sampling import get_noise
 
 # The defaults that depend on the model: the paper's for FLUX.1-dev; for --model toy, a run of a few CPU minutes
 # (no gradient checkpointing: the toy is tiny; resolution 96 keeps the 128x64 toy sets at their size).
-MODEL_DEFAULTS = {"flux": dict(steps=5000, lr=1e-4, resolution=1024, checkpointing=True),
-                  "toy": dict(steps=1000, lr=1e-3, resolution=96, checkpointing=False)}
+MODEL_DEFAULTS = {"flux": dict(steps=5000, lr=1e-4, resolution=1024, checkpointing=True, timestep_sampling="sigmoid"),
+                  "toy": dict(steps=1000, lr=1e-3, resolution=96, checkpointing=False, timestep_sampling="shift")}
 # options that change what a step computes: --resume must see the same values to continue bit for bit
 RESUME_MUST_MATCH = ("data", "layout", "model", "batch_size", "grad_accum", "rank", "alpha", "lr", "warmup",
                      "grad_clip", "resolution", "caption_dropout", "guidance", "timestep_sampling", "seed", "dtype",
@@ -106,8 +106,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="probability a caption is replaced by the empty one (default: 0.05)")
     p.add_argument("--guidance", type=float, default=1.0, help="distilled-guidance input during training "
                                                                "(default: 1.0)")
-    p.add_argument("--timestep-sampling", default="logit_normal", choices=["logit_normal", "uniform"],
-                   help="how t is drawn before FLUX's resolution shift (default: logit_normal)")
+    p.add_argument("--timestep-sampling", type=lambda s: "shift" if s == "logit_normal" else s,
+                   choices=TIMESTEP_MODES,
+                   help="how the training t is drawn: sigmoid = sigmoid(randn), the authors' recipe (median t 0.5); "
+                        "shift = the same, then moved toward noise by FLUX's resolution shift as the sampler's "
+                        "schedule is (kohya's flux_shift; median t 0.76 at 1024²; `logit_normal` is its old name); "
+                        f"uniform (default: {flux['timestep_sampling']}; toy: {toy['timestep_sampling']})")
     p.add_argument("--checkpointing", action=argparse.BooleanOptionalAction,
                    help="gradient checkpointing per block: much less memory, ~30%% slower (default: on; toy: off)")
     p.add_argument("--blocks-to-swap", type=ranged(int, 0, 57), default=0, metavar="K",
@@ -208,6 +212,8 @@ def load_state(path: Path, args: argparse.Namespace, fingerprint: dict) -> dict:
         raise SystemExit(f"error: --resume: {path} is not a training state: {expected}. Delete it to start over.")
     # states saved before these flags existed: no value
     saved_args = {"transformer": "None", "quantize": "None", "panels": "None", "ref_panel": "[]"} | state["args"]
+    if saved_args.get("timestep_sampling") == "logit_normal":  # the old name of shift
+        saved_args["timestep_sampling"] = "shift"
     if changed := [k for k in RESUME_MUST_MATCH if saved_args.get(k) != str(getattr(args, k))]:
         raise SystemExit("error: --resume with different settings than the saved run: " + ", ".join(
             f"--{k.replace('_', '-')} {saved_args.get(k)} -> {getattr(args, k)}" for k in changed))

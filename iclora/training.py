@@ -2,7 +2,8 @@
 
 The ordinary rectified-flow objective on joined panel images, with the project's one convention (t = 1 is noise):
     x_t = (1 − t)·x0 + t·ε,   the model is trained to predict v = ε − x0   (mean squared error).
-t is drawn logit-normal (SD3 §3.1), then shifted toward noise as the sampler's schedule is for that image size.
+t is drawn logit-normal (SD3 §3.1; `sigmoid`, the authors' recipe), optionally shifted toward noise as the sampler's
+schedule is for that image size (`shift`), or uniform.
 Every random draw of step s comes from a generator seeded with (seed, s), so a resumed run continues bit for bit
 without stored RNG state. A conditional IC-LoRA (`train.py --ref-panel K`) gives the model its reference panels'
 tokens as sampling with `--ref` gives them (iclora/references.py, same function) and takes the loss on the other
@@ -41,19 +42,25 @@ def step_generator(seed: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + step)
 
 
-def sample_timesteps(batch: int, image_tokens: int, g: torch.Generator, mode: str = "logit_normal") -> Tensor:
-    """t in (0, 1) for each example: logit-normal or uniform, then FLUX's shift for this many tokens."""
-    if mode == "logit_normal":
-        t = torch.sigmoid(torch.randn(batch, generator=g))
-    elif mode == "uniform":
-        t = torch.rand(batch, generator=g).clamp(1e-5, 1 - 1e-5)
-    else:
-        raise ValueError(f"unknown timestep sampling {mode!r}; use logit_normal or uniform")
-    return time_shift(shift_mu(image_tokens), t)                                  # (B,)
+# sigmoid: the authors' (ai-toolkit's) logit-normal, median 0.5; shift: the same moved toward noise by FLUX's
+# resolution shift for this many tokens, as the sampler's schedule (kohya's flux_shift; `logit_normal`, its old name,
+# is still read); uniform: unshifted
+TIMESTEP_MODES = ("sigmoid", "shift", "uniform")
+
+
+def sample_timesteps(batch: int, image_tokens: int, g: torch.Generator, mode: str = "shift") -> Tensor:
+    """t in (0, 1) for each example, drawn as `mode` (TIMESTEP_MODES) says."""
+    mode = "shift" if mode == "logit_normal" else mode
+    if mode not in TIMESTEP_MODES:
+        raise ValueError(f"unknown timestep sampling {mode!r}; use one of {', '.join(TIMESTEP_MODES)}")
+    if mode == "uniform":
+        return torch.rand(batch, generator=g).clamp(1e-5, 1 - 1e-5)              # (B,)
+    t = torch.sigmoid(torch.randn(batch, generator=g))                            # (B,)
+    return time_shift(shift_mu(image_tokens), t) if mode == "shift" else t
 
 
 def flow_matching_loss(flow, x0: Tensor, txt: Tensor, vec: Tensor, g: torch.Generator, guidance: float = 1.0,
-                       timestep_mode: str = "logit_normal", target_mask: Tensor | None = None,
+                       timestep_mode: str = "shift", target_mask: Tensor | None = None,
                        known: Tensor | None = None, ref_mode: str = "noised") -> Tensor:
     """MSE between the predicted and the true velocity ε − x0 at a random point of the noise-data line. With
     `target_mask` (B, Li) or (Li,), True on the tokens to generate: the others become the reference tokens

@@ -16,8 +16,9 @@ from safetensors.torch import load_file
 import train
 from iclora.data import PanelSetDataset
 from iclora.lora_files import load_lora
-from iclora.training import EncodedSet, collate, encode_sets, flow_matching_loss
+from iclora.training import TIMESTEP_MODES, EncodedSet, collate, encode_sets, flow_matching_loss, sample_timesteps
 from minflux.pipeline import load_pipeline
+from minflux.sampling import shift_mu, time_shift
 from tests.tiny_repo import write_tiny_repo
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -235,3 +236,27 @@ def test_short_captions_give_no_t5_warning(broken_weights_repo, data, tmp_path):
         warnings.simplefilter("always")
         run_train(broken_weights_repo, data, tmp_path / "lora.safetensors", "--strict-captions")
     assert not [w for w in caught if "T5 tokens" in str(w.message)]
+
+
+@pytest.mark.parametrize("mode", TIMESTEP_MODES)
+def test_each_timestep_mode_draws_the_distribution_it_names(mode):
+    tokens, q = 4096, torch.tensor([0.1, 0.25, 0.5, 0.75, 0.9])
+    t = sample_timesteps(400_000, tokens, torch.Generator().manual_seed(0), mode)
+    logit_normal = torch.sigmoid(torch.distributions.Normal(0.0, 1.0).icdf(q))  # sigmoid(z) at the normal's quantiles
+    want = {"sigmoid": logit_normal, "shift": time_shift(shift_mu(tokens), logit_normal), "uniform": q}[mode]
+    torch.testing.assert_close(torch.quantile(t, q), want, atol=3e-3, rtol=0)
+    if mode == "shift":
+        assert abs(torch.median(t).item() - 0.76) < 0.005  # FLUX's shift at 1024² (4096 tokens): mu = 1.15
+
+
+def test_logit_normal_is_read_as_shift_in_flags_and_in_old_states(repo, data, tmp_path):
+    g = lambda: torch.Generator().manual_seed(1)  # noqa: E731
+    assert torch.equal(sample_timesteps(64, 256, g(), "logit_normal"), sample_timesteps(64, 256, g(), "shift"))
+    out = run_train(repo, data, tmp_path / "lora.safetensors", "--steps", "2", "--timestep-sampling", "logit_normal")
+    state_path = out.with_name("lora.state.pt")
+    state = torch.load(state_path, weights_only=True)
+    assert state["args"]["timestep_sampling"] == "shift"
+    state["args"]["timestep_sampling"] = "logit_normal"  # as a run saved it before `shift` had its name
+    torch.save(state, state_path)
+    run_train(repo, data, out, "--steps", "3", "--timestep-sampling", "shift", "--resume")
+    assert torch.load(state_path, weights_only=True)["step"] == 3

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere
-from iclora.training import flow_matching_loss, step_generator  # noqa: E402
+from iclora.training import TIMESTEP_MODES, flow_matching_loss, step_generator  # noqa: E402
 from minflux import layers  # noqa: E402
 from minflux.autoencoder import AutoEncoder, AutoEncoderParams  # noqa: E402
 from minflux.clip import CLIPConfig, CLIPTextModel  # noqa: E402
@@ -86,8 +86,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--ema", type=float, default=0.999, help="EMA decay of the shipped weights (default: 0.999)")
     g.add_argument("--guidance-range", type=float, nargs=2, default=(1.0, 5.0), metavar=("LOW", "HIGH"),
                    help="the guidance input is drawn uniformly from this range each step (default: 1 5)")
-    g.add_argument("--timesteps", default="logit_normal", choices=["logit_normal", "uniform"],
-                   help="how t is drawn before FLUX's resolution shift (default: logit_normal)")
+    g.add_argument("--timesteps", default="shift", choices=TIMESTEP_MODES,
+                   help="how t is drawn, as train.py --timestep-sampling (default: shift)")
     g = p.add_argument_group("evaluation")
     g.add_argument("--eval-prompts", type=int, default=20,
                    help="held-out scenes generated from the written repo and scored with caption_match; 0 = none "
