@@ -13,6 +13,7 @@ other panels only; the LoRA file's metadata records the geometry, which sample.p
 """
 
 import argparse
+import contextlib
 import csv
 import itertools
 import json
@@ -47,7 +48,7 @@ MODEL_DEFAULTS = {"flux": dict(steps=5000, lr=1e-4, resolution=1024, checkpointi
 # options that change what a step computes: --resume must see the same values to continue bit for bit
 RESUME_MUST_MATCH = ("data", "layout", "model", "batch_size", "grad_accum", "rank", "alpha", "lr", "warmup",
                      "grad_clip", "resolution", "caption_dropout", "guidance", "timestep_sampling", "seed", "dtype",
-                     "transformer", "quantize", "panels", "ref_panel")
+                     "transformer", "quantize", "panels", "ref_panel", "ema_decay")
 # how a --ref-panel LoRA sees its reference tokens (iclora/references.py); measured on the toy tasks, see README
 REF_MODE = "clean"
 STATE_KEYS = ("step", "lora", "optimizer", "args", "dataset")
@@ -97,6 +98,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lr", type=ranged(float, 1e-12), help=f"AdamW learning rate (default: {flux['lr']}; toy: "
                                                            f"{toy['lr']})")
     p.add_argument("--warmup", type=ranged(int, 0), default=100, help="linear warm-up steps (default: 100)")
+    p.add_argument("--ema-decay", type=ranged(float, 0, 1), default=0.99,
+                   help="exponential moving average of the LoRA weights, updated after every step: the saved LoRA "
+                        "and the validation images use it, as the authors' trainer does; 0 = off, the raw weights "
+                        "(default: 0.99, the authors')")
     p.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (default: 1.0)")
     p.add_argument("--resolution", type=ranged(int, 16),
                    help="target area as the side of a square: images go to aspect buckets of about this many "
@@ -151,6 +156,8 @@ def parse_args(argv=None) -> argparse.Namespace:
             setattr(args, k, v)
     if args.data is None:
         p.error("--data is required (or set \"data\" in the --config file)")
+    if args.ema_decay >= 1:
+        p.error(f"--ema-decay {args.ema_decay}: must be below 1 (1 would never move from the initial LoRA)")
     if args.blocks_to_swap and not args.checkpointing:
         p.error("--blocks-to-swap needs --checkpointing: without it autograd keeps every block's weights until the "
                 "backward pass, so nothing would be saved")
@@ -211,7 +218,8 @@ def load_state(path: Path, args: argparse.Namespace, fingerprint: dict) -> dict:
     if not isinstance(state, dict) or not all(k in state for k in STATE_KEYS):
         raise SystemExit(f"error: --resume: {path} is not a training state: {expected}. Delete it to start over.")
     # states saved before these flags existed: no value
-    saved_args = {"transformer": "None", "quantize": "None", "panels": "None", "ref_panel": "[]"} | state["args"]
+    saved_args = {"transformer": "None", "quantize": "None", "panels": "None", "ref_panel": "[]",
+                  "ema_decay": "0.0"} | state["args"]
     if saved_args.get("timestep_sampling") == "logit_normal":  # the old name of shift
         saved_args["timestep_sampling"] = "shift"
     if changed := [k for k in RESUME_MUST_MATCH if saved_args.get(k) != str(getattr(args, k))]:
@@ -225,6 +233,21 @@ def load_state(path: Path, args: argparse.Namespace, fingerprint: dict) -> dict:
             f"{what}: {', '.join(sorted(names))}" for what, names in changes.items() if names) + "). Restore it, "
             "or train from the start without --resume (delete the state or choose another --out).")
     return state
+
+
+@contextlib.contextmanager
+def holding(params: dict[str, torch.Tensor], values: dict[str, torch.Tensor] | None):
+    """Inside the block the parameters hold `values` (the EMA weights; None: their own), their own again after."""
+    own = {n: p.detach().clone() for n, p in params.items()} if values is not None else {}
+    with torch.no_grad():
+        for n, v in values.items() if values is not None else ():
+            params[n].copy_(v)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for n, v in own.items():
+                params[n].copy_(v)
 
 
 def interrupt(signum, frame):
@@ -307,14 +330,23 @@ def train(args: argparse.Namespace) -> Path:
                 log_rows = [r for r in csv.reader(f) if r and r[0].isdigit() and int(r[0]) <= start]
         print(f"resumed from {state_path} at step {start}", file=sys.stderr)
 
+    # --ema-decay: the moving average of the adapters, what is saved and sampled; the state keeps it and the raw ones
+    ema = None
+    if args.ema_decay:
+        ema = {n: (state["ema"][n] if state else p.detach()).to(p.device, copy=True) for n, p in named.items()}
+
     def save(step: int):
         """The training state and the LoRA: both written to temporary files, then both renamed."""
         state = {"step": step, "lora": {n: p.detach().cpu() for n, p in named.items()},
                  "optimizer": optimizer.state_dict(), "args": {k: str(v) for k, v in vars(args).items()},
-                 "dataset": fingerprint}
+                 "dataset": fingerprint} | ({"ema": {n: v.cpu() for n, v in ema.items()}} if ema else {})
+
+        def write_lora(tmp):
+            with holding(named, ema):
+                save_lora(flow, tmp, metadata=metadata | {"step": str(step)})
+
         try:
-            atomic_writes({state_path: lambda tmp: torch.save(state, tmp),
-                           out: lambda tmp: save_lora(flow, tmp, metadata=metadata | {"step": str(step)})})
+            atomic_writes({state_path: lambda tmp: torch.save(state, tmp), out: write_lora})
         except Exception as error:  # disk full, permission lost: torch and safetensors raise their own types
             raise SystemExit(f"error: could not save step {step} to {out}, {state_path} ({error}): training "
                              f"stopped. Both files still hold the previous save; free space and --resume.") from None
@@ -354,6 +386,10 @@ def train(args: argparse.Namespace) -> Path:
                     loss_sum += loss.item()
                 torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
                 optimizer.step()
+                if ema:  # ema ← decay·ema + (1 − decay)·weights
+                    with torch.no_grad():
+                        for n, p in named.items():
+                            ema[n].lerp_(p, 1 - args.ema_decay)
                 done = step + 1
                 optimizer.zero_grad(set_to_none=True)
                 writer.writerow([done, f"{loss_sum / args.grad_accum:.6f}", f"{lr:.3g}",
@@ -365,10 +401,11 @@ def train(args: argparse.Namespace) -> Path:
                 if args.sample_every and done % args.sample_every == 0:
                     flow.eval()
                     samples_dir.mkdir(exist_ok=True)
-                    for i in range(len(val_prompts)):
-                        latents = pipe.sample(val_txt[i : i + 1], val_vec[i : i + 1], val_height, val_width,
-                                              args.sample_steps, seed=42, progress=False, after_step=val_hook)
-                        to_pil(pipe.decode(latents))[0].save(samples_dir / f"step{done:06d}-{i}.png")
+                    with holding(named, ema):
+                        for i in range(len(val_prompts)):
+                            latents = pipe.sample(val_txt[i : i + 1], val_vec[i : i + 1], val_height, val_width,
+                                                  args.sample_steps, seed=42, progress=False, after_step=val_hook)
+                            to_pil(pipe.decode(latents))[0].save(samples_dir / f"step{done:06d}-{i}.png")
                     flow.train()
         except KeyboardInterrupt:
             save(done)

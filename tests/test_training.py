@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 import train
 from iclora.data import PanelSetDataset
+from iclora.lora import lora_state
 from iclora.lora_files import load_lora
 from iclora.training import TIMESTEP_MODES, EncodedSet, collate, encode_sets, flow_matching_loss, sample_timesteps
 from minflux.pipeline import load_pipeline
@@ -260,3 +261,30 @@ def test_logit_normal_is_read_as_shift_in_flags_and_in_old_states(repo, data, tm
     torch.save(state, state_path)
     run_train(repo, data, out, "--steps", "3", "--timestep-sampling", "shift", "--resume")
     assert torch.load(state_path, weights_only=True)["step"] == 3
+
+
+def test_the_ema_follows_its_closed_form_and_is_what_the_lora_file_holds(repo, data, tmp_path):
+    decay, raw = 0.5, []
+    for steps in (1, 2, 3):  # the same run, stopped after 1, 2 and 3 steps: its raw adapters at each step
+        out = run_train(repo, data, tmp_path / f"s{steps}" / "lora.safetensors", "--steps", str(steps),
+                        "--ema-decay", str(decay))
+        raw.append(torch.load(out.with_name("lora.state.pt"), weights_only=True))
+    ema = raw[-1]["ema"]
+    for name in (n for n in ema if ".lora_B." in n):  # B starts at zero: ema_3 = (1 − d)·(d²·B1 + d·B2 + B3)
+        b1, b2, b3 = (r["lora"][name] for r in raw)
+        torch.testing.assert_close(ema[name], (1 - decay) * (decay**2 * b1 + decay * b2 + b3), rtol=1e-6,
+                                   atol=1e-9)  # float32 rounding: lerp and the closed form add in another order
+    flow = load_pipeline(str(repo)).flow
+    load_lora(flow, str(out))
+    for module, w in lora_state(flow).items():
+        assert torch.equal(w.A, ema[f"{module}.lora_A.default.weight"])
+        assert torch.equal(w.B, ema[f"{module}.lora_B.default.weight"])
+
+
+def test_without_ema_the_lora_file_holds_the_raw_weights(repo, data, tmp_path):
+    out = run_train(repo, data, tmp_path / "lora.safetensors", "--steps", "2", "--ema-decay", "0")
+    state = torch.load(out.with_name("lora.state.pt"), weights_only=True)
+    assert "ema" not in state
+    flow = load_pipeline(str(repo)).flow
+    load_lora(flow, str(out))
+    assert all(torch.equal(w.B, state["lora"][f"{m}.lora_B.default.weight"]) for m, w in lora_state(flow).items())
