@@ -46,7 +46,8 @@ def read_safetensors(paths: list, dtype: torch.dtype | None = None, fp8: bool = 
                                  else "int8 quantization (bitsandbytes LLM.int8, quanto, ...)")
                         raise ValueError(f"{path}: {key} is stored in {t.dtype}, which looks like {looks}: "
                                          f"that format is not supported; supported: {SUPPORTED}")
-                    sd[key] = t.to(dtype) if dtype is not None and t.is_floating_point() and not is_fp8(t) else t
+                    keep = is_fp8(t) or key.endswith(".scale_weight")  # fp8 values and their float32 scales
+                    sd[key] = t.to(dtype) if dtype is not None and t.is_floating_point() and not keep else t
         except (SafetensorError, OSError) as e:
             raise ValueError(f"{path}: cannot read this safetensors file (truncated or corrupt download?): {e}") from None
     return sd

@@ -187,6 +187,17 @@ def test_fp8_checkpoints_load_to_fp8_layers_holding_the_files_values(repo, tmp_p
             assert value.dtype == torch.float32 and torch.equal(value, want[key]), key
 
 
+def test_a_scaled_fp8_checkpoint_keeps_its_float32_scales_when_the_rest_is_cast_to_bf16(repo, tmp_path):
+    path = write_fp8(tmp_path / "fp8.safetensors", load_file(repo / "flux1-dev.safetensors"), torch.float8_e4m3fn,
+                     "rows")
+    flow = load_flow(Repo(str(repo)), torch.bfloat16, transformer=path)
+    want = file_values(path)
+    for key in linear_keys(want):
+        layer = flow.get_submodule(key.removesuffix(".weight"))
+        assert layer.scale.dtype == torch.float32 and torch.equal(layer.dequantize(torch.float32), want[key]), key
+    assert flow.img_in.bias.dtype == torch.bfloat16
+
+
 def test_a_uint8_checkpoint_gets_an_error_naming_the_file_the_key_and_what_is_supported(tmp_path):
     path = tmp_path / "flux1-dev-nf4.safetensors"
     save_file({"img_in.weight": torch.zeros(8, 4, dtype=torch.uint8)}, path)
