@@ -290,8 +290,6 @@ def main(argv=None) -> list[Path]:
             after_step = pin_references(known, mask, noise, timesteps, args.ref_strength, args.ref_stop,
                                         args.ref_mode)
         x = pack(x).to(pipe.device, pipe.dtype)                                     # (B, Li, 4c)
-        if after_step:  # the references at the first time too ("noised" from pure noise: already so)
-            x = after_step(x, timesteps[0])
         x = denoise(pipe.on_device(pipe.flow), x, image_ids(B, height, width), txt, text_ids(B, Lt), vec,
                     timesteps, args.guidance, after_step)                           # (B, Li, 4c) at t = 0
         images += to_pil(pipe.decode(unpack(x, height, width)))

@@ -51,6 +51,7 @@ RESUME_MUST_MATCH = ("data", "layout", "model", "batch_size", "grad_accum", "ran
                      "transformer", "quantize", "panels", "ref_panel", "ema_decay")
 # how a --ref-panel LoRA sees its reference tokens (iclora/references.py); measured on the toy tasks, see README
 REF_MODE = "clean"
+VAL_SEED = 42  # the noise of every validation image, so that they differ only by the training they show
 STATE_KEYS = ("step", "lora", "optimizer", "args", "dataset")
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # Ctrl-C; preemption, `timeout`; a closed terminal
 
@@ -299,7 +300,7 @@ def train(args: argparse.Namespace) -> Path:
     val_height, val_width = dataset.samples[0].bucket
     val_hook = None  # with --ref-panel, validation images are conditioned on the first set's reference panels
     if args.ref_panel:
-        val_hook = pin_references(sets[0].known[None], ~sets[0].target, get_noise(1, val_height, val_width, 42),
+        val_hook = pin_references(sets[0].known[None], ~sets[0].target, get_noise(1, val_height, val_width, VAL_SEED),
                                   pipe.schedule(val_height, val_width, args.sample_steps), mode=REF_MODE)
     pipe.t5.to("cpu"), pipe.clip.to("cpu")
 
@@ -404,7 +405,7 @@ def train(args: argparse.Namespace) -> Path:
                     with holding(named, ema):
                         for i in range(len(val_prompts)):
                             latents = pipe.sample(val_txt[i : i + 1], val_vec[i : i + 1], val_height, val_width,
-                                                  args.sample_steps, seed=42, progress=False, after_step=val_hook)
+                                                  args.sample_steps, seed=VAL_SEED, progress=False, after_step=val_hook)
                             to_pil(pipe.decode(latents))[0].save(samples_dir / f"step{done:06d}-{i}.png")
                     flow.train()
         except KeyboardInterrupt:

@@ -86,13 +86,11 @@ class Pipeline:
     def sample(self, txt: Tensor, vec: Tensor, height: int, width: int, steps: int | None = None,
                guidance: float = 3.5, seed: int = 0, progress: bool = True, after_step=None) -> Tensor:
         """Encoded prompts -> clean latents (B, c, h, w), all from one noise draw of `seed` (as diffusers does);
-        `after_step(x, t)` (see `denoise`) also edits the start, at the first time."""
+        `after_step(x, t)` edits the start and every step (see `denoise`)."""
         B, Lt = txt.shape[:2]
         x = pack(get_noise(B, height, width, seed)).to(self.device, self.dtype)  # (B, Li, 4c) at t = 1
-        timesteps = self.schedule(height, width, steps)
-        x = after_step(x, timesteps[0]) if after_step else x
         x = denoise(self.on_device(self.flow), x, image_ids(B, height, width), txt, text_ids(B, Lt), vec,
-                    timesteps, guidance, after_step, progress=progress)
+                    self.schedule(height, width, steps), guidance, after_step, progress=progress)
         return unpack(x, height, width)
 
     def generate(self, prompts: list[str], height: int = 1024, width: int = 1024, steps: int | None = None,

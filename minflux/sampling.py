@@ -91,11 +91,13 @@ def img2img_start(num_steps: int, strength: float) -> int:
 def denoise(model, img: Tensor, img_ids: Tensor, txt: Tensor, txt_ids: Tensor, vec: Tensor,
             timesteps: list[float], guidance: float = 3.5, after_step=None, progress: bool = True) -> Tensor:
     """Euler integration of dx/dt = v along `timesteps` (1 -> 0 for text-to-image) in img's device and dtype.
-    `after_step(x, t_next)` may edit x after each step (e.g. to pin reference panels) and returns the new x."""
+    `after_step(x, t)` may edit x at the start (t = timesteps[0]) and after each step (t = t_next), e.g. to pin
+    reference panels, and returns the new x."""
     txt, vec = txt.to(img), vec.to(img)                                           # (B, Lt, C), (B, C)
     img_ids, txt_ids = img_ids.to(img.device), txt_ids.to(img.device)             # (B, Li, 3), (B, Lt, 3)
     B = img.shape[0]
     g = torch.full((B,), guidance, dtype=img.dtype, device=img.device)
+    img = img if after_step is None else after_step(img, timesteps[0])
     for t, t_next in tqdm(list(zip(timesteps[:-1], timesteps[1:])), desc="sampling", disable=not progress):
         v = model(img, img_ids, txt, txt_ids, timesteps=torch.full((B,), t, dtype=img.dtype, device=img.device),
                   y=vec, guidance=g)                                              # (B, Li, 4c)

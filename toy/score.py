@@ -27,7 +27,7 @@ from iclora.references import pin_references, reference_latents  # noqa: E402
 from minflux.hub import USER_ERRORS  # noqa: E402
 from minflux.pipeline import Pipeline, load_pipeline, to_pil  # noqa: E402
 from minflux.quantize import quantize_fp8  # noqa: E402
-from minflux.sampling import denoise, get_noise, image_ids, pack, text_ids, unpack  # noqa: E402
+from minflux.sampling import get_noise  # noqa: E402
 from toy.world import TASKS, Scene, panel_consistency, random_scene, recolour, render  # noqa: E402
 
 SCORES = ("caption_left", "caption_right", "rule")
@@ -50,12 +50,8 @@ def generate_sets(pipe: Pipeline, scenes: list[Scene], size: int, steps: int, se
         known = [reference_latents(pipe, [(render(s, size), (0, 0, size, size))], height, width) for s in scenes]
         mask = known[0][1]                                                                  # (Li,)
         hook = pin_references(torch.cat([k for k, _ in known]), mask, noise, timesteps, mode=ref_mode)
-    B, Lt = txt.shape[:2]
-    x = pack(noise).to(pipe.device, pipe.dtype)                                             # (B, Li, 4c)
-    x = hook(x, timesteps[0]) if hook else x  # the start as sample.py --ref makes it
-    x = denoise(pipe.on_device(pipe.flow), x, image_ids(B, height, width),
-                txt, text_ids(B, Lt), vec, timesteps, 3.5, hook, progress=False)            # (B, Li, 4c)
-    return to_pil(pipe.decode(unpack(x, height, width)))
+    latents = pipe.sample(txt, vec, height, width, steps, 3.5, seed, progress=False, after_step=hook)  # that noise
+    return to_pil(pipe.decode(latents))
 
 
 def mean_scores(images: list[Image.Image], scenes: list[Scene], given_size: int | None = None) -> dict[str, float]:
