@@ -26,9 +26,11 @@ class Slot:
 
 
 class BlockSwap:
-    """Installs itself on `flow` (best while the flow is still on the CPU): the last `count` of its 19 + 38 blocks,
-    single-stream blocks first, are swapped; copies go to `device` (or wherever `flow.to` later sends the
-    placeholders). At most two swapped blocks are on the device at once: the running one and the prefetched one."""
+    """Installs itself on `flow` (best while the flow is still on the CPU, and after every LoRA merge or removal:
+    it holds on to the modules as they are): the last `count` of its 19 + 38 blocks, single-stream blocks first, are
+    swapped; copies go to `device` (or wherever `flow.to` later sends the placeholders). Two swapped blocks are on
+    the device at a time, the running one and the prefetched one (three for a moment when a checkpointed
+    recomputation stopped early and the next load copies without a prefetch)."""
 
     def __init__(self, flow: nn.Module, count: int, device: str | torch.device):
         blocks = [*flow.double_blocks, *flow.single_blocks]
@@ -86,11 +88,15 @@ class BlockSwap:
         for j in self.loaded - {i}:
             self.release(j)
         self.loaded.add(i)
-        if self.last == i:  # the same block twice: the run turned (forward -> backward's recomputation, or back)
+        if not torch.is_grad_enabled():  # sampling: always forward, and the next pass starts again at block 0
+            self.direction = 1
+        elif self.last == i:  # the same block twice: the run turned (forward -> backward's recomputation, or back)
             self.direction = -self.direction
         else:  # backward's recomputation runs the blocks in reverse; anything else starts a new pass
             self.direction = -1 if self.last == i + 1 else 1
         self.last, following = i, i + self.direction
+        if not torch.is_grad_enabled() and following == len(self.blocks) and i:
+            following = 0
         if self.prefetched and self.prefetched[0] != following:
             self.prefetched = None
         if 0 <= following < len(self.blocks) and not self.prefetched:

@@ -148,6 +148,18 @@ def test_with_checkpointing_only_the_running_block_is_loaded_and_at_most_one_is_
     assert [p for *_, p in seen] == [True, True, True, False, True, True, True, False] * 2
 
 
+@pytest.mark.parametrize("count", [2, 4])
+def test_when_sampling_every_block_after_the_first_is_prefetched_across_passes(count):
+    flow, swap = swapped(tiny_flow(), count)
+    prefetched = []
+    for block in swap.blocks:
+        block.register_forward_hook(lambda m, a, o: prefetched.append(swap.prefetched is not None))
+    with torch.no_grad():
+        for _ in range(3):  # denoising steps: each pass's last block fetches the next pass's first
+            run(flow)
+    assert prefetched == [True] * (3 * count)
+
+
 def test_moving_the_swapped_model_to_the_cpu_keeps_the_homes_and_the_output():
     flow = tiny_flow()
     moved, swap = swapped(flow, 2)
