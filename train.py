@@ -44,15 +44,16 @@ from minflux.sampling import get_noise
 # The defaults that depend on the model: the paper's for FLUX.1-dev; for --model toy, a run of a few CPU minutes
 # (no gradient checkpointing: the toy is tiny; resolution 96 keeps the 128x64 toy sets at their size).
 MODEL_DEFAULTS = {"flux": dict(steps=5000, lr=1e-4, resolution=1024, checkpointing=True, timestep_sampling="sigmoid",
-                               ema_decay=0.99),
+                               ema_decay=0.99, save_dtype="fp16"),
                   "toy": dict(steps=1000, lr=1e-3, resolution=96, checkpointing=False, timestep_sampling="shift",
-                              ema_decay=0.0)}
+                              ema_decay=0.0, save_dtype="fp32")}
 # options that change what a step computes: --resume must see the same values to continue bit for bit
 RESUME_MUST_MATCH = ("data", "layout", "model", "batch_size", "grad_accum", "rank", "alpha", "lr", "warmup",
                      "grad_clip", "resolution", "caption_dropout", "guidance", "timestep_sampling", "seed", "dtype",
                      "transformer", "quantize", "panels", "ref_panel", "ema_decay")
 # how a --ref-panel LoRA sees its reference tokens (iclora/references.py); measured on the toy tasks, see README
 REF_MODE = "clean"
+SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 VAL_SEED = 42  # the noise of every validation image, so that they differ only by the training they show
 STATE_KEYS = ("step", "lora", "optimizer", "args", "dataset")
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # Ctrl-C; preemption, `timeout`; a closed terminal
@@ -130,6 +131,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "single one) for a slower step (PCIe copies). Needs --checkpointing (default: 0)")
     p.add_argument("--save-every", type=ranged(int, 1), default=250,
                    help="write LoRA + training state every N steps (default: 250)")
+    p.add_argument("--save-dtype", choices=["fp16", "bf16", "fp32"],
+                   help=f"dtype of the LoRA files; a value beyond fp16's range is written in bf16 with a warning, "
+                        f"never as inf (default: {flux['save_dtype']}, as the released IC-LoRAs; toy: "
+                        f"{toy['save_dtype']}); the training state keeps fp32")
+    p.add_argument("--keep-last", type=ranged(int, 0), default=4,
+                   help="also write each save as <stem>-step000250.safetensors and keep the last N of them; the "
+                        "unnumbered --out file is always the latest; 0 = no numbered copies (default: 4)")
     p.add_argument("--sample-every", type=ranged(int, 0), default=250,
                    help="validation images every N steps; 0 = never (default: 250)")
     p.add_argument("--val-prompt", action="append", default=[], help="validation prompt (repeatable; default: the "
@@ -347,13 +355,18 @@ def train(args: argparse.Namespace) -> Path:
 
         def write_lora(tmp):
             with holding(named, ema):
-                save_lora(flow, tmp, metadata=metadata | {"step": str(step)})
+                save_lora(flow, tmp, metadata=metadata | {"step": str(step)}, dtype=SAVE_DTYPES[args.save_dtype])
 
+        numbered = out.with_name(f"{out.stem}-step{step:06d}{out.suffix}")
         try:
-            atomic_writes({state_path: lambda tmp: torch.save(state, tmp), out: write_lora})
+            atomic_writes({state_path: lambda tmp: torch.save(state, tmp), out: write_lora}
+                          | ({numbered: write_lora} if args.keep_last else {}))
         except Exception as error:  # disk full, permission lost: torch and safetensors raise their own types
             raise SystemExit(f"error: could not save step {step} to {out}, {state_path} ({error}): training "
                              f"stopped. Both files still hold the previous save; free space and --resume.") from None
+        if args.keep_last:  # the numbered copies before the last --keep-last go
+            for old in sorted(out.parent.glob(f"{out.stem}-step[0-9]*{out.suffix}"))[:-args.keep_last]:
+                old.unlink()
 
     # 5. The loop. The data order is a pure function of the seed: epoch e is batches_by_bucket(seed + e).
     order = itertools.chain.from_iterable(batches_by_bucket(dataset, args.batch_size, args.seed + epoch)

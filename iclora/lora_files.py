@@ -53,8 +53,13 @@ def save_lora(model: nn.Module, path, name: str = "default", metadata: dict[str,
     by_bfl = defaultdict(list)
     for diffusers_name, (bfl, rows) in module_table(model).items():
         by_bfl[bfl].append((diffusers_name, slice(None) if rows is None else rows))
-    tensors = {}
-    for bfl, w in lora_state(model, name).items():
+    tensors, weights = {}, lora_state(model, name)
+    if dtype == torch.float16 and (big := next((f"{bfl} {part}" for bfl, w in weights.items() for part, t in
+                                                zip(("A", "B", "bias"), w[:3]) if t is not None
+                                                and t.abs().max() > torch.finfo(torch.float16).max), None)):
+        warnings.warn(f"{path}: {big} exceeds fp16's range (65504); written in bf16 instead, never as inf")
+        dtype = torch.bfloat16
+    for bfl, w in weights.items():
         check_finite({f"{bfl} {part}": t for part, t in zip(("A", "B", "bias"), w[:3]) if t is not None},
                      f"{path}: not written: adapter {name!r}")
         if bfl not in by_bfl:

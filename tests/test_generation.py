@@ -11,6 +11,8 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 import sample
+import train
+from tests.test_training import data  # noqa: F401 (a fixture)
 from iclora.panels import canvas_size, joint_caption, panel_boxes, panel_size
 from iclora.references import pin_references, reference_latents
 from minflux.pipeline import from_pil, load_pipeline, to_pil
@@ -429,3 +431,17 @@ def test_img2img_matches_diffusers_with_its_sampled_init_latents(repo, pipe, ini
     assert pixel_diff(f"img2img strength {strength} vs diffusers FluxImg2ImgPipeline", got, want).max() <= 1
     t2i = sample_latents(pipe, PROMPT, 48, 64, pipe.schedule(48, 64, steps), noise)
     assert np.abs(got - np.asarray(to_pil(pipe.decode(t2i))[0], np.int16)).mean() > 2, "the init image must matter"
+
+
+def test_a_trained_lora_saved_in_fp16_gives_diffusers_the_image_sample_py_draws(repo, data, tmp_path):
+    out = train.main(["--model", str(repo), "--data", str(data), "--out", str(tmp_path / "lora.safetensors"),
+                      "--resolution", "48", "--batch-size", "2", "--rank", "4", "--alpha", "4", "--lr", "3e-2",
+                      "--warmup", "1", "--steps", "20", "--ema-decay", "0", "--sample-every", "0", "--device", "cpu"])
+    assert {v.dtype for v in load_file(out).values()} == {torch.float16}  # train.py's default for FLUX.1-dev
+    base = ours(repo, tmp_path / "base.png")[0]
+    got = ours(repo, tmp_path / "out.png", "--lora", str(out))[0]
+    want = diffusers_with_loras(repo, [out], [1.0])
+    assert pixel_diff("trained fp16 LoRA vs diffusers", got, want).max() <= 1
+    effect = np.abs(want - base).mean()
+    print(f"LoRA effect on the image: mean pixel change {effect:.1f}")
+    assert effect > 1

@@ -116,6 +116,17 @@ def test_save_can_cast_the_tensors_to_fp16(tmp_path):
     assert not any(k.endswith(".alpha") for k in sd)  # alpha == rank: no alpha keys, as the official files
 
 
+def test_a_lora_beyond_fp16s_range_is_written_in_bf16_with_a_warning_never_as_inf(tmp_path):
+    _, ours = reference_and_ours(guidance_embed=True)
+    model = trained(ours)
+    with torch.no_grad():
+        lora_parameters(model)[1][0, 0] = 1e5  # one B value beyond 65504
+    with pytest.warns(UserWarning, match=r"exceeds fp16's range \(65504\); written in bf16"):
+        save_lora(model, tmp_path / "lora.safetensors", dtype=torch.float16)
+    sd = load_file(tmp_path / "lora.safetensors")
+    assert {v.dtype for v in sd.values()} == {torch.bfloat16} and all(torch.isfinite(v).all() for v in sd.values())
+
+
 @pytest.mark.parametrize("alpha", [4.0, 12.0], ids=["alpha=rank", "alpha!=rank"])
 @pytest.mark.parametrize("multiplier", [1.0, 0.5])
 def test_our_file_loads_in_diffusers_with_the_same_output(tmp_path, alpha, multiplier):

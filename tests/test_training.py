@@ -267,7 +267,7 @@ def test_the_ema_follows_its_closed_form_and_is_what_the_lora_file_holds(repo, d
     decay, raw = 0.5, []
     for steps in (1, 2, 3):  # the same run, stopped after 1, 2 and 3 steps: its raw adapters at each step
         out = run_train(repo, data, tmp_path / f"s{steps}" / "lora.safetensors", "--steps", str(steps),
-                        "--ema-decay", str(decay))
+                        "--ema-decay", str(decay), "--save-dtype", "fp32")
         raw.append(torch.load(out.with_name("lora.state.pt"), weights_only=True))
     ema = raw[-1]["ema"]
     for name in (n for n in ema if ".lora_B." in n):  # B starts at zero: ema_3 = (1 − d)·(d²·B1 + d·B2 + B3)
@@ -282,9 +282,22 @@ def test_the_ema_follows_its_closed_form_and_is_what_the_lora_file_holds(repo, d
 
 
 def test_without_ema_the_lora_file_holds_the_raw_weights(repo, data, tmp_path):
-    out = run_train(repo, data, tmp_path / "lora.safetensors", "--steps", "2", "--ema-decay", "0")
+    out = run_train(repo, data, tmp_path / "lora.safetensors", "--steps", "2", "--ema-decay", "0", "--save-dtype", "fp32")
     state = torch.load(out.with_name("lora.state.pt"), weights_only=True)
     assert "ema" not in state
     flow = load_pipeline(str(repo)).flow
     load_lora(flow, str(out))
     assert all(torch.equal(w.B, state["lora"][f"{m}.lora_B.default.weight"]) for m, w in lora_state(flow).items())
+
+
+def test_each_save_leaves_a_numbered_copy_and_only_the_last_n_are_kept(repo, data, tmp_path):
+    out = run_train(repo, data, tmp_path / "lora.safetensors", "--steps", "5", "--save-every", "1", "--keep-last", "2")
+    copies = sorted(tmp_path.glob("lora-step*.safetensors"))
+    assert [p.name for p in copies] == ["lora-step000004.safetensors", "lora-step000005.safetensors"]
+    latest, last = load_file(out), load_file(copies[-1])
+    assert latest.keys() == last.keys() and all(torch.equal(latest[k], last[k]) for k in latest)
+
+
+def test_keep_last_0_writes_no_numbered_copies(repo, data, tmp_path):
+    run_train(repo, data, tmp_path / "lora.safetensors", "--steps", "2", "--save-every", "1", "--keep-last", "0")
+    assert not list(tmp_path.glob("lora-step*"))
