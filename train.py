@@ -29,8 +29,8 @@ import torch
 from tqdm.auto import tqdm
 
 from iclora.data import PanelSetDataset, batches_by_bucket
-from iclora.lora import inject_lora
-from iclora.lora_files import atomic_writes, conditional_metadata, save_lora
+from iclora.lora import inject_lora, lora_layers, remove_lora
+from iclora.lora_files import atomic_writes, conditional_metadata, load_lora, read_lora_file, save_lora
 from iclora.panels import LAYOUTS, grid_shape
 from iclora.references import pin_references
 from iclora.training import (TIMESTEP_MODES, EncodedSet, check_captions, check_reference_panels, collate,
@@ -97,6 +97,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--grad-accum", type=ranged(int, 1), default=1,
                    help="micro-batches of --batch-size per optimizer step (default: 1)")
     p.add_argument("--rank", type=ranged(int, 1), default=16, help="LoRA rank (default: 16, the paper's)")
+    p.add_argument("--init-lora", type=Path, help="start the adapters from this LoRA file (any layout sample.py "
+                                                  "loads) instead of from zero: it must cover the same layers at "
+                                                  "the same --rank; its scale is kept whatever --alpha is")
     p.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha; the update is scaled by alpha/rank "
                                                              "(default: 16)")
     p.add_argument("--lr", type=ranged(float, 1e-12), help=f"AdamW learning rate (default: {flux['lr']}; toy: "
@@ -262,6 +265,26 @@ def holding(params: dict[str, torch.Tensor], values: dict[str, torch.Tensor] | N
                 params[n].copy_(v)
 
 
+def start_from_lora(flow, tensors: dict, path: Path, rank: int):
+    """--init-lora: the file becomes adapter "init", which must cover exactly the trained layers at the same rank;
+    the fresh adapter takes its A and its B (rescaled so that scaling·B·A is the file's), and "init" goes."""
+    load_lora(flow, tensors, name="init", source=str(path))
+    fresh, loaded = lora_layers(flow, "default"), lora_layers(flow, "init")
+    if fresh.keys() != loaded.keys():
+        differ = sorted(fresh.keys() ^ loaded.keys())
+        raise ValueError(f"--init-lora {path}: covers other layers than this run trains ({len(loaded)} vs "
+                         f"{len(fresh)}; e.g. {differ[0]})")
+    for name, m in fresh.items():
+        if (r := m.lora_A["init"].out_features) != rank:
+            raise ValueError(f"--init-lora {path}: {name} has rank {r}; this run trains rank {rank} (give --rank {r})")
+        if m.lora_B["init"].bias is not None:
+            raise ValueError(f"--init-lora {path}: {name} has a LoRA bias, which this trainer does not train")
+        with torch.no_grad():
+            m.lora_A["default"].weight.copy_(m.lora_A["init"].weight)
+            m.lora_B["default"].weight.copy_(m.lora_B["init"].weight * (m.scaling["init"] / m.scaling["default"]))
+    remove_lora(flow, "init")
+
+
 def interrupt(signum, frame):
     """SIGTERM or SIGHUP before the training loop: stop like Ctrl-C (the loop itself stops between steps)."""
     raise KeyboardInterrupt(signal.Signals(signum).name)
@@ -295,6 +318,7 @@ def train(args: argparse.Namespace) -> Path:
     print(f"{len(dataset)} training sets from {args.data}", file=sys.stderr)
     fingerprint = dataset_fingerprint(dataset)
     state = load_state(state_path, args, fingerprint) if args.resume else None
+    init_lora = read_lora_file(args.init_lora) if args.init_lora else None  # read (and so checked) now
 
     # Captions T5 would cut are reported now, from the tokenizer alone, before any weight loads.
     check_captions(load_t5_tokenizer(str(args.model), args.transformer), dataset, args.val_prompt, args.strict_captions)
@@ -318,6 +342,8 @@ def train(args: argparse.Namespace) -> Path:
     # 4. A LoRA on the frozen base: only the adapters train, in float32. Swapped blocks (--blocks-to-swap) are
     # set up while the flow is still on the CPU, so that their weights never land on the device whole.
     inject_lora(pipe.flow, rank=args.rank, alpha=args.alpha, seed=args.seed)
+    if init_lora:
+        start_from_lora(pipe.flow, init_lora, args.init_lora, args.rank)
     pipe.flow.gradient_checkpointing = args.checkpointing
     BlockSwap(pipe.flow, args.blocks_to_swap, args.device)
     flow = pipe.on_device(pipe.flow)

@@ -301,3 +301,22 @@ def test_each_save_leaves_a_numbered_copy_and_only_the_last_n_are_kept(repo, dat
 def test_keep_last_0_writes_no_numbered_copies(repo, data, tmp_path):
     run_train(repo, data, tmp_path / "lora.safetensors", "--steps", "2", "--save-every", "1", "--keep-last", "0")
     assert not list(tmp_path.glob("lora-step*"))
+
+
+def test_init_lora_starts_the_adapters_from_the_file(repo, data, tmp_path):
+    first = run_train(repo, data, tmp_path / "a" / "lora.safetensors", "--steps", "3", "--save-dtype", "fp32",
+                      "--ema-decay", "0")
+    # one step at the smallest learning rate: what is saved is what the run started from
+    again = run_train(repo, data, tmp_path / "b" / "lora.safetensors", "--steps", "1", "--lr", "1e-12",
+                      "--save-dtype", "fp32", "--ema-decay", "0", "--init-lora", str(first))
+    a, b = load_file(first), load_file(again)
+    assert a.keys() == b.keys() and any(v.abs().max() > 1e-3 for k, v in a.items() if "lora_B" in k)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-9)
+
+
+def test_init_lora_of_another_rank_is_refused_naming_the_rank_to_give(repo, data, tmp_path):
+    first = run_train(repo, data, tmp_path / "a" / "lora.safetensors", "--steps", "1")
+    with pytest.raises(ValueError, match=r"has rank 4; this run trains rank 8 \(give --rank 4\)"):
+        run_train(repo, data, tmp_path / "b" / "lora.safetensors", "--steps", "1", "--rank", "8",
+                  "--init-lora", str(first))
