@@ -41,7 +41,8 @@ from minflux.pipeline import load_pipeline, load_t5_tokenizer, to_pil
 from minflux.quantize import quantize_fp8
 from minflux.sampling import get_noise
 
-# The defaults that depend on the model: the paper's for FLUX.1-dev; for --model toy, a run of a few CPU minutes
+# The defaults that depend on the model: the paper's and its authors' trainer's for FLUX.1-dev; for --model toy, a
+# run of a few CPU minutes
 # (no gradient checkpointing: the toy is tiny; resolution 96 keeps the 128x64 toy sets at their size).
 MODEL_DEFAULTS = {"flux": dict(steps=5000, lr=1e-4, resolution=1024, checkpointing=True, timestep_sampling="sigmoid",
                                ema_decay=0.99, save_dtype="fp16"),
@@ -104,7 +105,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                                                              "(default: 16)")
     p.add_argument("--lr", type=ranged(float, 1e-12), help=f"AdamW learning rate (default: {flux['lr']}; toy: "
                                                            f"{toy['lr']})")
-    p.add_argument("--warmup", type=ranged(int, 0), default=100, help="linear warm-up steps (default: 100)")
+    p.add_argument("--warmup", type=ranged(int, 0), default=100,
+                   help="linear warm-up steps (default: 100, ours; the authors' trainer has none)")
     p.add_argument("--ema-decay", type=ranged(float, 0, 1),
                    help="exponential moving average of the LoRA weights, updated after every step: the saved LoRA "
                         "and the validation images use it, as the authors' trainer does; 0 = off, the raw weights "
