@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 import torch
+from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
 from iclora.data import PanelSetDataset, batches_by_bucket
@@ -267,6 +268,29 @@ def holding(params: dict[str, torch.Tensor], values: dict[str, torch.Tensor] | N
                 params[n].copy_(v)
 
 
+def draw_loss(losses: list[float], path, width: int = 640, height: int = 320):
+    """The loss of every step (grey) and its moving average (blue) as a PNG, drawn with pillow."""
+    losses = losses * 2 if len(losses) == 1 else losses  # a line needs two points
+    decay = min(0.98, max(0.0, 1 - 10 / len(losses)))  # a window of about a tenth of the run, at most ~50 steps
+    smooth, average = [], 0.0
+    for i, v in enumerate(losses, 1):
+        average = decay * average + (1 - decay) * v
+        smooth.append(average / (1 - decay**i))  # bias-corrected, as Adam's moments: no pull toward the zero start
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    left, top, right, bottom = 60, 24, width - 12, height - 28
+    low, high = min(losses), max(losses)
+    to_xy = lambda i, v: (left + (right - left) * i / max(1, len(losses) - 1),  # noqa: E731
+                          bottom - (bottom - top) * (v - low) / ((high - low) or 1))
+    draw.rectangle((left, top, right, bottom), outline="black")
+    draw.line([to_xy(i, v) for i, v in enumerate(losses)], fill=(190, 190, 190))
+    draw.line([to_xy(i, v) for i, v in enumerate(smooth)], fill=(30, 90, 200), width=2)
+    for text, xy in ((f"{high:.3g}", (4, top - 6)), (f"{low:.3g}", (4, bottom - 6)), ("step 1", (left, bottom + 6)),
+                     (f"step {len(losses)}", (right - 60, bottom + 6)), ("loss (blue: moving average)", (left, 4))):
+        draw.text(xy, text, fill="black")
+    image.save(path, format="PNG")
+
+
 def start_from_lora(flow, tensors: dict, path: Path, rank: int):
     """--init-lora: the file becomes adapter "init", which must cover exactly the trained layers at the same rank;
     the fresh adapter takes its A and its B (rescaled so that scaling·B·A is the file's), and "init" goes."""
@@ -311,6 +335,7 @@ def main(argv=None) -> Path:
 def train(args: argparse.Namespace) -> Path:
     out = args.out
     state_path, log_path = out.with_name(f"{out.stem}.state.pt"), out.with_name(f"{out.stem}.loss.csv")
+    curve_path = out.with_name(f"{out.stem}.loss.png")
     samples_dir = out.with_name(f"{out.stem}_samples")
     check_device(args.device)
 
@@ -388,7 +413,8 @@ def train(args: argparse.Namespace) -> Path:
         numbered = out.with_name(f"{out.stem}-step{step:06d}{out.suffix}")
         try:
             atomic_writes({state_path: lambda tmp: torch.save(state, tmp), out: write_lora}
-                          | ({numbered: write_lora} if args.keep_last else {}))
+                          | ({numbered: write_lora} if args.keep_last else {})
+                          | ({curve_path: lambda tmp: draw_loss(losses, tmp)} if losses else {}))
         except Exception as error:  # disk full, permission lost: torch and safetensors raise their own types
             raise SystemExit(f"error: could not save step {step} to {out}, {state_path} ({error}): training "
                              f"stopped. Both files still hold the previous save; free space and --resume.") from None
@@ -407,6 +433,7 @@ def train(args: argparse.Namespace) -> Path:
     with open(log_path, "w", newline="") as log:
         writer = csv.writer(log)
         writer.writerows([["step", "loss", "lr", "seconds"], *log_rows])
+        losses = [float(r[1]) for r in log_rows]  # for the loss curve drawn at each save
         flow.train()
         begin = time.perf_counter()
         try:
@@ -437,6 +464,7 @@ def train(args: argparse.Namespace) -> Path:
                             ema[n].lerp_(p, 1 - args.ema_decay)
                 done = step + 1
                 optimizer.zero_grad(set_to_none=True)
+                losses.append(loss_sum / args.grad_accum)
                 writer.writerow([done, f"{loss_sum / args.grad_accum:.6f}", f"{lr:.3g}",
                                  f"{time.perf_counter() - begin:.2f}"])
                 bar.set_postfix(loss=f"{loss_sum / args.grad_accum:.4f}")

@@ -147,4 +147,5 @@ def test_a_failed_save_stops_clearly_and_leaves_the_previous_lora_and_state_byte
         run_train(repo, data, out, "--steps", "4", "--save-every", "2", "--resume")
     assert (out.read_bytes(), state.read_bytes()) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["lora-step000002.safetensors", "lora.loss.csv",
-                                                          "lora.safetensors", "lora.state.pt"]  # no step 4, no tmp
+                                                          "lora.loss.png", "lora.safetensors",
+                                                          "lora.state.pt"]  # no step 4, no temporary file
