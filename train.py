@@ -19,6 +19,7 @@ import itertools
 import json
 import math
 import os
+import re
 import signal
 import socket
 import sys
@@ -40,7 +41,7 @@ from minflux.block_swap import BlockSwap
 from minflux.hub import USER_ERRORS, check_device, ranged
 from minflux.pipeline import load_pipeline, load_t5_tokenizer, to_pil
 from minflux.quantize import quantize_fp8
-from minflux.sampling import get_noise
+from minflux.sampling import check_size, get_noise
 
 # The defaults that depend on the model: the paper's and its authors' trainer's for FLUX.1-dev; for --model toy, a
 # run of a few CPU minutes
@@ -146,8 +147,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "unnumbered --out file is always the latest; 0 = no numbered copies (default: 4)")
     p.add_argument("--sample-every", type=ranged(int, 0), default=250,
                    help="validation images every N steps; 0 = never (default: 250)")
-    p.add_argument("--val-prompt", action="append", default=[], help="validation prompt (repeatable; default: the "
-                                                                     "first training caption)")
+    p.add_argument("--val-prompt", action="append", default=[],
+                   help="validation prompt, repeatable, with optional inline settings as in ai-toolkit and kohya: "
+                        "\"a caption --w 1024 --h 1536 --seed 3 --g 3.5 --s 20\" (--d and --l also mean seed and "
+                        "guidance); unset ones: the first set's size, seed 42, guidance 3.5, --sample-steps. Each "
+                        "--sample-every, and before the first step, the images go side by side into "
+                        "<stem>_samples/step000250.png (default: the first training caption)")
     p.add_argument("--strict-captions", action="store_true", help="refuse captions and --val-prompt's longer "
                    "than T5 reads (512 tokens for dev, 256 for schnell) instead of warning that their end is cut")
     p.add_argument("--sample-steps", type=ranged(int, 1), default=20,
@@ -268,6 +273,38 @@ def holding(params: dict[str, torch.Tensor], values: dict[str, torch.Tensor] | N
                 params[n].copy_(v)
 
 
+# the inline settings of a --val-prompt, as ai-toolkit and kohya users write them (kohya's --d seed and --l guidance)
+VAL_OPTIONS = {"w": "width", "h": "height", "seed": "seed", "d": "seed", "g": "guidance", "l": "guidance", "s": "steps"}
+
+
+def parse_val_prompt(text: str, height: int, width: int, steps: int) -> dict:
+    """`a caption --w 1024 --h 1536 --seed 3 --g 3.5 --s 20` -> the caption and its settings; the ones it does not
+    give are the first set's size, VAL_SEED, guidance 3.5 and --sample-steps."""
+    caption, *options = re.split(r"\s+--(?=[a-z]+\s)", " " + text.strip())
+    found = dict(caption=caption.strip(), height=height, width=width, seed=VAL_SEED, guidance=3.5, steps=steps)
+    for option in options:
+        name, _, value = option.partition(" ")
+        if name not in VAL_OPTIONS:
+            raise ValueError(f"--val-prompt {text[:40]!r}: unknown option --{name}; use --w, --h, --seed (--d), "
+                             f"--g (--l) or --s")
+        kind = float if VAL_OPTIONS[name] == "guidance" else int
+        try:
+            found[VAL_OPTIONS[name]] = kind(value.strip())
+        except ValueError:
+            raise ValueError(f"--val-prompt {text[:40]!r}: --{name} {value.strip()!r} is not a number") from None
+    check_size(found["height"], found["width"])
+    return found
+
+
+def side_by_side(images: list[Image.Image], gap: int = 4) -> Image.Image:
+    """The images in one row on grey, top-aligned."""
+    row = Image.new("RGB", (sum(i.width for i in images) + gap * (len(images) - 1), max(i.height for i in images)),
+                    "grey")
+    for i, image in enumerate(images):
+        row.paste(image, (sum(j.width + gap for j in images[:i]), 0))
+    return row
+
+
 def draw_loss(losses: list[float], path, width: int = 640, height: int = 320):
     """The loss of every step (grey) and its moving average (blue) as a PNG, drawn with pillow."""
     losses = losses * 2 if len(losses) == 1 else losses  # a line needs two points
@@ -346,9 +383,15 @@ def train(args: argparse.Namespace) -> Path:
     fingerprint = dataset_fingerprint(dataset)
     state = load_state(state_path, args, fingerprint) if args.resume else None
     init_lora = read_lora_file(args.init_lora) if args.init_lora else None  # read (and so checked) now
+    first = dataset.samples[0].bucket  # (H, W) of the first set: the validation images' default size
+    val = [parse_val_prompt(p, *first, args.sample_steps) for p in args.val_prompt or [dataset.samples[0].caption]]
+    if args.ref_panel and (odd := [v["caption"] for v in val if (v["height"], v["width"]) != first]):
+        raise ValueError(f"--val-prompt {odd[0][:40]!r}: with --ref-panel, validation images take the first set's "
+                         f"size, {first[1]}x{first[0]}; drop its --w/--h")
 
     # Captions T5 would cut are reported now, from the tokenizer alone, before any weight loads.
-    check_captions(load_t5_tokenizer(str(args.model), args.transformer), dataset, args.val_prompt, args.strict_captions)
+    check_captions(load_t5_tokenizer(str(args.model), args.transformer), dataset,
+                   [v["caption"] for v in val] if args.val_prompt else [], args.strict_captions)
 
     # 2. Model; 3. encode every set and caption once, then the text encoders leave the device.
     dtype = args.dtype or ("bf16" if torch.device(args.device).type == "cuda" else None)
@@ -357,13 +400,11 @@ def train(args: argparse.Namespace) -> Path:
         quantize_fp8(pipe.t5), quantize_fp8(pipe.flow)
     sets = encode_sets(pipe, dataset, args.ref_panel)
     empty = EncodedSet(None, *(x[0].cpu() for x in pipe.encode_prompts([""])))     # for caption dropout
-    val_prompts = args.val_prompt or [dataset[0]["caption"]]
-    val_txt, val_vec = pipe.encode_prompts(val_prompts)
-    val_height, val_width = dataset.samples[0].bucket
-    val_hook = None  # with --ref-panel, validation images are conditioned on the first set's reference panels
-    if args.ref_panel:
-        val_hook = pin_references(sets[0].known[None], ~sets[0].target, get_noise(1, val_height, val_width, VAL_SEED),
-                                  pipe.schedule(val_height, val_width, args.sample_steps), mode=REF_MODE)
+    val_txt, val_vec = pipe.encode_prompts([v["caption"] for v in val])
+    for v in val:  # with --ref-panel, validation images are conditioned on the first set's reference panels
+        noise, times = get_noise(1, *first, v["seed"]), pipe.schedule(*first, v["steps"])
+        v["hook"] = pin_references(sets[0].known[None], ~sets[0].target, noise, times, mode=REF_MODE) \
+            if args.ref_panel else None
     pipe.t5.to("cpu"), pipe.clip.to("cpu")
 
     # 4. A LoRA on the frozen base: only the adapters train, in float32. Swapped blocks (--blocks-to-swap) are
@@ -378,11 +419,11 @@ def train(args: argparse.Namespace) -> Path:
     params = list(named.values())
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
     metadata = {"rank": str(args.rank), "alpha": str(args.alpha), "base_model": str(args.model),
-                "caption_template": val_prompts[0], "steps": str(args.steps)}
+                "caption_template": val[0]["caption"], "steps": str(args.steps)}
     if args.ref_panel:
         rows, cols = grid_shape(panels, args.layout)
-        metadata |= conditional_metadata(args.ref_panel, panels, args.layout, REF_MODE, val_height // rows,
-                                         val_width // cols)
+        metadata |= conditional_metadata(args.ref_panel, panels, args.layout, REF_MODE, first[0] // rows,
+                                         first[1] // cols)
     start, log_rows = 0, []
     if state:
         with torch.no_grad():
@@ -422,6 +463,17 @@ def train(args: argparse.Namespace) -> Path:
             for old in sorted(out.parent.glob(f"{out.stem}-step[0-9]*{out.suffix}"))[:-args.keep_last]:
                 old.unlink()
 
+    def validate(step: int):
+        """The validation images of this step (with the EMA weights), side by side: <stem>_samples/step000250.png."""
+        flow.eval()
+        with holding(named, ema):
+            images = [to_pil(pipe.decode(pipe.sample(val_txt[i : i + 1], val_vec[i : i + 1], v["height"], v["width"],
+                                                     v["steps"], v["guidance"], v["seed"], False, v["hook"])))[0]
+                      for i, v in enumerate(val)]
+        flow.train()
+        samples_dir.mkdir(exist_ok=True)
+        side_by_side(images).save(samples_dir / f"step{step:06d}.png")
+
     # 5. The loop. The data order is a pure function of the seed: epoch e is batches_by_bucket(seed + e).
     order = itertools.chain.from_iterable(batches_by_bucket(dataset, args.batch_size, args.seed + epoch)
                                           for epoch in itertools.count())
@@ -434,6 +486,8 @@ def train(args: argparse.Namespace) -> Path:
         writer = csv.writer(log)
         writer.writerows([["step", "loss", "lr", "seconds"], *log_rows])
         losses = [float(r[1]) for r in log_rows]  # for the loss curve drawn at each save
+        if args.sample_every and start == 0:
+            validate(0)  # the base model before any step: the baseline the others are seen against
         flow.train()
         begin = time.perf_counter()
         try:
@@ -472,14 +526,7 @@ def train(args: argparse.Namespace) -> Path:
                 if done % args.save_every == 0 or done == args.steps:
                     save(done)
                 if args.sample_every and done % args.sample_every == 0:
-                    flow.eval()
-                    samples_dir.mkdir(exist_ok=True)
-                    with holding(named, ema):
-                        for i in range(len(val_prompts)):
-                            latents = pipe.sample(val_txt[i : i + 1], val_vec[i : i + 1], val_height, val_width,
-                                                  args.sample_steps, seed=VAL_SEED, progress=False, after_step=val_hook)
-                            to_pil(pipe.decode(latents))[0].save(samples_dir / f"step{done:06d}-{i}.png")
-                    flow.train()
+                    validate(done)
         except KeyboardInterrupt:
             save(done)
             raise SystemExit(f"interrupted ({signal.Signals(stop[0]).name if stop else 'SIGINT'}): saved the LoRA "

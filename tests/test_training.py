@@ -328,3 +328,26 @@ def test_each_save_draws_the_loss_curve_next_to_the_csv(repo, data, tmp_path):
     assert curve.shape == (320, 640, 3)
     assert ((curve == (30, 90, 200)).all(-1).sum() > 100)  # the moving average's line
     assert ((curve == (190, 190, 190)).all(-1).sum() > 50)  # the loss of every step
+
+
+def test_inline_val_prompt_settings_are_read_and_others_take_the_defaults():
+    v = train.parse_val_prompt("a red fox --w 64 --h 32 --seed 3 --g 2.5 --s 7", 48, 48, 20)
+    assert v == dict(caption="a red fox", height=32, width=64, seed=3, guidance=2.5, steps=7)
+    assert train.parse_val_prompt("a fox --d 5 --l 4", 48, 32, 20) == dict(caption="a fox", height=48, width=32,
+                                                                         seed=5, guidance=4.0, steps=20)
+    assert train.parse_val_prompt("a fox--like dog", 16, 16, 9)["caption"] == "a fox--like dog"
+
+
+@pytest.mark.parametrize("text, error", [("a fox --x 3", "unknown option --x"), ("a fox --w wide", "--w 'wide' is not"),
+                                         ("a fox --w 50", "multiples of 16")])
+def test_a_bad_val_prompt_option_is_refused_before_the_weights_load(broken_weights_repo, data, tmp_path, text, error):
+    with pytest.raises(ValueError, match=error):
+        run_train(broken_weights_repo, data, tmp_path / "lora.safetensors", "--val-prompt", text, "--steps", "1")
+
+
+def test_validation_images_go_side_by_side_into_one_picture_per_step_with_a_step_0_baseline(repo, data, tmp_path):
+    run_train(repo, data, tmp_path / "lora.safetensors", "--steps", "2", "--sample-every", "2", "--sample-steps", "2",
+              "--val-prompt", "a red square --w 32 --h 32", "--val-prompt", "a green square --w 48 --h 16 --seed 1")
+    pictures = sorted((tmp_path / "lora_samples").iterdir())
+    assert [p.name for p in pictures] == ["step000000.png", "step000002.png"]
+    assert Image.open(pictures[0]).size == (32 + 4 + 48, 32)
