@@ -384,9 +384,8 @@ def train(args: argparse.Namespace) -> Path:
     state = load_state(state_path, args, fingerprint) if args.resume else None
     init_lora = read_lora_file(args.init_lora) if args.init_lora else None  # read (and so checked) now
     first = dataset.samples[0].bucket  # (H, W) of the first set: the validation images' default size
-    val = [parse_val_prompt(p, *first, args.sample_steps) for p in args.val_prompt] or [  # a caption is not parsed
-        dict(caption=dataset.samples[0].caption, height=first[0], width=first[1], seed=VAL_SEED, guidance=3.5,
-             steps=args.sample_steps)]
+    val = [parse_val_prompt(p, *first, args.sample_steps) for p in args.val_prompt] or [  # the caption as written
+        parse_val_prompt("", *first, args.sample_steps) | {"caption": dataset.samples[0].caption}]
     if args.ref_panel and (odd := [v["caption"] for v in val if (v["height"], v["width"]) != first]):
         raise ValueError(f"--val-prompt {odd[0][:40]!r}: with --ref-panel, validation images take the first set's "
                          f"size, {first[1]}x{first[0]}; drop its --w/--h")
