@@ -26,7 +26,6 @@ from iclora.training import flow_matching_loss, step_generator
 from minflux.autoencoder import AutoEncoder, AutoEncoderParams
 from minflux.clip import CLIPConfig, CLIPTextModel
 from minflux.model import Flux, preset
-from minflux.layers import DoubleStreamBlock, SingleStreamBlock
 from minflux.quantize import block_linears, quantize_fp8
 from minflux.sampling import image_ids, text_ids
 from minflux.t5 import T5Config, T5Encoder
@@ -44,28 +43,21 @@ def reset_peak() -> float:
     return memory_gib("VmRSS")
 
 
-def stored_bytes(module: nn.Module, quantize: str | None, scales: bool = True) -> int:
-    """Exact bytes of a module's weights as a run stores them: bf16, or with fp8 the weight of each Linear that
-    `quantize_fp8` quantizes in one byte plus (`scales`) one float32 scale per output row, which stays on the GPU
-    when its block is swapped out. `module` is a whole model, or one of its blocks (all of whose Linears count)."""
-    fp8 = {id(module.get_submodule(n)) for n in block_linears(module)} if quantize else set()
-    if quantize and isinstance(module, (DoubleStreamBlock, SingleStreamBlock)):
-        fp8 = {id(m) for m in module.modules() if isinstance(m, nn.Linear)}
-    total = 0
-    for m in module.modules():
-        for name, p in m.named_parameters(recurse=False):
-            if id(m) in fp8 and name == "weight":
-                total += p.numel() + (4 * p.shape[0] if scales else 0)
-            else:
-                total += 2 * p.numel()
-    return total
+def stored_bytes(model: nn.Module, quantize: str | None, scales: bool = True, prefix: str = "") -> int:
+    """Exact bytes of the model's weights whose names start with `prefix` (all by default) as a run stores them:
+    bf16, or with fp8 the weight of each Linear that `quantize_fp8` quantizes in one byte plus (`scales`) one float32
+    scale per output row, which stays on the GPU when its block is swapped out."""
+    fp8 = {f"{n}.weight" for n in block_linears(model)} if quantize else set()
+    return sum(p.numel() + (4 * p.shape[0] if scales else 0) if n in fp8 else 2 * p.numel()
+               for n, p in model.named_parameters() if n.startswith(prefix))
 
 
 def flow_on_gpu(full: Flux, quantize: str | None, swap: int) -> dict:
     """The full transformer's weights on the GPU and in pinned host RAM when the last `swap` blocks are swapped: at
     most two of those (the one running and the next, copied meanwhile) are on the GPU at a time."""
-    blocks = [*full.double_blocks, *full.single_blocks]
-    swapped = [stored_bytes(b, quantize, scales=False) for b in blocks[len(blocks) - swap:]] if swap else []
+    blocks = [f"double_blocks.{i}." for i in range(len(full.double_blocks))]
+    blocks += [f"single_blocks.{i}." for i in range(len(full.single_blocks))]
+    swapped = [stored_bytes(full, quantize, False, b) for b in blocks[len(blocks) - swap:]] if swap else []
     resident = max((a + b for a, b in zip(swapped, swapped[1:])), default=sum(swapped))
     base = stored_bytes(full, quantize)
     return dict(base_weights_gib=base / GIB, swapped_out_gib=sum(swapped) / GIB, swap_buffers_gib=resident / GIB,
