@@ -117,8 +117,8 @@ def encode_sets(pipe, dataset, ref_panels: list[int] = ()) -> list[EncodedSet]:
         known = target = None
         if ref_panels:
             (H, W), n = item["bucket"], dataset.samples[i].count
-            panels, boxes = split_panels(to_pil(item["image"][None])[0], n, dataset.layout), panel_boxes(H, W, n,
-                                                                                                    dataset.layout)
+            panels = split_panels(to_pil(item["image"][None])[0], n, dataset.layout)
+            boxes = panel_boxes(H, W, n, dataset.layout)
             known, mask = reference_latents(pipe, [(panels[k - 1], boxes[k - 1]) for k in ref_panels], H, W)
             known, target = known[0], ~mask                                       # (Li, 4c), (Li,)
         encoded.append(EncodedSet(latents, txt[0].cpu(), vec[0].cpu(), known, target))
