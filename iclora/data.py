@@ -4,11 +4,12 @@ A dataset folder holds one of two layouts (mixing them is an error): (a) joined 
 captions (`set01.jpg set01.txt ...`, the usual LoRA layout, what the authors' trainer reads), or (b) one sub-folder
 per set, `set01/a.png b.png caption.txt`, whose panels (one size per set) are joined in file-name order in a
 `layout` (iclora/panels.py). A joined image's panels are located only when `panels` says how many it holds (in
-`layout`); its panels are then resized one by one, as set folders' are. Each set goes to the aspect bucket nearest
-its own: buckets span 1:4 to 4:1, have an area of at most resolution² and sides that are multiples of 16 per
-panel, so panels are cover-resized (never stretched) to one size and their edges fall on the 16-px token grid.
-Every image and caption is checked when the dataset is built; one ValueError lists every problem. A bucket is
-(H, W), like the image tensor (3, H, W).
+`layout`); its panels are then resized one by one, as set folders' are. A set is one sample per resolution, in the
+aspect bucket nearest its own: 1:4 to 4:1, area at most resolution², sides multiples of 16 per panel, so panels are
+cover-resized (never stretched) to one size with edges on the 16-px token grid. Never upscaled: where that bucket
+is larger than the set, the set's own size, panel sides rounded down to 16 (ai-toolkit caps each resolution at the
+image's own area). Every image and caption is checked when the dataset is built; one ValueError lists every
+problem. A bucket is (H, W), like the image tensor (3, H, W).
 """
 
 import math
@@ -56,14 +57,16 @@ class Sample:
 
 
 class PanelSetDataset(torch.utils.data.Dataset):
-    """Panel sets as dicts of image (3, H, W) in [-1, 1], caption, bucket (H, W) and path.
+    """Samples, (set, bucket) pairs, as dicts of image (3, H, W) in [-1, 1], caption, bucket (H, W) and path; a
+    set's samples are consecutive, one per resolution from the smallest (`resolution`: one side or a list).
     (Caption dropout is the trainer's: it caches each caption's embedding once, see iclora/training.py.)"""
 
-    def __init__(self, root, resolution=1024, layout="row", panels: int | None = None):
+    def __init__(self, root, resolution: int | list[int] = 1024, layout="row", panels: int | None = None):
         grid_shape(1, layout)  # rejects an unknown layout
         if panels is not None and panels < 1:
             raise ValueError(f"panels must be at least 1, got {panels}")
-        self.root, self.resolution, self.layout, self.panels = Path(root), resolution, layout, panels
+        self.resolutions = sorted({int(r) for r in ([resolution] if isinstance(resolution, int) else resolution)})
+        self.root, self.layout, self.panels = Path(root), layout, panels
         if not self.root.is_dir():
             raise ValueError(f"dataset folder {self.root} does not exist")
         entries = sorted(p for p in self.root.iterdir() if not p.name.startswith("."))
@@ -107,14 +110,20 @@ class PanelSetDataset(torch.utils.data.Dataset):
             return
         count = len(panels) if path.is_dir() else self.panels
         (w, h), (rows, cols) = sizes[panels[0]], grid_shape(count or 1, self.layout)
-        buckets = make_buckets(self.resolution, 16 * rows, 16 * cols)
-        if not buckets:
-            problems.append(f"{path}: {count} panels in a {cols}x{rows} {self.layout} do not fit "
-                            f"resolution {self.resolution} with 16-pixel panel sides")
-            return
         if path.is_dir():
             h, w = rows * h, cols * w
-        self.samples.append(Sample(path, panels, caption, nearest_bucket(h, w, buckets), count))
+        own = (h // rows // 16 * 16 * rows, w // cols // 16 * 16 * cols)  # its size, panel sides rounded down to 16
+        if not all(own):
+            problems.append(f"{path}: panels of {w // cols}x{h // rows} px; at least 16x16 are needed")
+            return
+        for resolution in self.resolutions:
+            if not (buckets := make_buckets(resolution, 16 * rows, 16 * cols)):
+                problems.append(f"{path}: {count} panels in a {cols}x{rows} {self.layout} do not fit "
+                                f"resolution {resolution} with 16-pixel panel sides")
+                return
+            bucket = nearest_bucket(h, w, buckets)
+            fits = bucket[0] <= own[0] and bucket[1] <= own[1]
+            self.samples.append(Sample(path, panels, caption, bucket if fits else own, count))
 
     def __len__(self):
         return len(self.samples)

@@ -30,7 +30,7 @@ from minflux.tokenizers import overlong
 
 def check_captions(t5_tokenizer, dataset, val_prompts: list[str], strict: bool = False):
     """Warns of each training caption and validation prompt that T5 reads only in part; `strict` refuses them."""
-    named = [(f"the caption of {s.path}", s.caption) for s in dataset.samples]
+    named = [(f"the caption of {s.path}", s.caption) for s in dataset.samples[::len(dataset.resolutions)]]
     messages = overlong(t5_tokenizer, named + [(f"--val-prompt {p[:40]!r}", p) for p in val_prompts])
     if messages and strict:
         raise ValueError("--strict-captions: " + "\n".join(messages))
@@ -94,7 +94,7 @@ class EncodedSet:
 def check_reference_panels(dataset, ref_panels: list[int]) -> int:
     """The panel count of every set, checked before any weight loads: each set's panels are located (set folders,
     or joined images with `panels`), all sets have one count, and it holds every 1-based reference panel."""
-    if unknown := [s.path.name for s in dataset.samples if s.count is None]:
+    if unknown := [s.path.name for s in dataset.samples[::len(dataset.resolutions)] if s.count is None]:
         raise ValueError(f"--ref-panel needs to know where the panels are, but {dataset.root} holds joined images "
                          f"({', '.join(unknown[:3])}, ...): give --panels N (and --layout) for the panels in each")
     counts = {s.count for s in dataset.samples}
@@ -107,10 +107,14 @@ def check_reference_panels(dataset, ref_panels: list[int]) -> int:
 
 @torch.no_grad()
 def encode_sets(pipe, dataset, ref_panels: list[int] = ()) -> list[EncodedSet]:
-    """Each set's latents and caption states; with 1-based `ref_panels`, its reference panels, cut from the resized
-    set, encoded by reference_latents (as `sample.py --ref` encodes a reference image) and the target mask."""
-    encoded = []
+    """Each sample's latents and caption states, each (set, bucket) encoded once; with 1-based `ref_panels`, its
+    reference panels, cut from the resized set, encoded by reference_latents (as `sample.py --ref` encodes a
+    reference image) and the target mask."""
+    encoded, done = [], {}
     for i in tqdm(range(len(dataset)), desc="encoding images and captions"):
+        if (key := (dataset.samples[i].path, dataset.samples[i].bucket)) in done:
+            encoded.append(done[key])
+            continue
         item = dataset[i]
         latents = pipe.encode_image(item["image"][None])[0].cpu()
         txt, vec = pipe.encode_prompts([item["caption"]])
@@ -121,7 +125,7 @@ def encode_sets(pipe, dataset, ref_panels: list[int] = ()) -> list[EncodedSet]:
             boxes = panel_boxes(H, W, n, dataset.layout)
             known, mask = reference_latents(pipe, [(panels[k - 1], boxes[k - 1]) for k in ref_panels], H, W)
             known, target = known[0], ~mask                                       # (Li, 4c), (Li,)
-        encoded.append(EncodedSet(latents, txt[0].cpu(), vec[0].cpu(), known, target))
+        encoded.append(done.setdefault(key, EncodedSet(latents, txt[0].cpu(), vec[0].cpu(), known, target)))
     return encoded
 
 

@@ -1,4 +1,5 @@
-"""The IC-LoRA dataset: panel joining, panel boxes, aspect buckets, up-front validation, batching.
+"""The IC-LoRA dataset: panel joining, panel boxes, aspect buckets at one or more resolutions, up-front validation,
+batching.
 
 Tiny images are drawn with PIL in tmp_path; no model, no GPU.
 """
@@ -8,8 +9,9 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from iclora.data import PanelSetDataset, batches_by_bucket, make_buckets
-from iclora.panels import join_panels, panel_boxes
+import train
+from iclora.data import PanelSetDataset, batches_by_bucket, make_buckets, nearest_bucket
+from iclora.panels import grid_shape, join_panels, panel_boxes
 
 RED, GREEN, BLUE, YELLOW = (255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0)
 
@@ -130,7 +132,7 @@ def test_bucket_is_the_closest_aspect_ratio(tmp_path):
     write_joined(tmp_path, "storyboard", Image.new("RGB", (108, 162)))  # the authors' 1080x1620 sample, scaled
     # buckets near 3:1 at resolution 96: W x H 144x64 (2.25) and 160x48 (3.33); near 1:2: 64x144 (0.44); near 2:3: 80x112 (0.71)
     assert [s.bucket for s in PanelSetDataset(tmp_path, resolution=96).samples] == [(112, 80), (144, 64), (48, 160)]
-    assert PanelSetDataset(tmp_path, resolution=1024).samples[0].bucket == (1248, 832)  # exactly 2:3
+    assert nearest_bucket(162, 108, make_buckets(1024)) == (1248, 832)  # exactly 2:3
 
 
 def test_resizing_never_stretches_joined_images(tmp_path):
@@ -230,3 +232,77 @@ def test_batches_by_bucket_never_mix_buckets_and_cover_every_index_once(tmp_path
         assert all(len({dataset.samples[i].bucket for i in batch}) == 1 and 1 <= len(batch) <= 3 for batch in batches)
     assert list(batches_by_bucket(dataset, 3, seed=0)) == list(batches_by_bucket(dataset, 3, seed=0))
     assert list(batches_by_bucket(dataset, 3, seed=0)) != list(batches_by_bucket(dataset, 3, seed=1))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Several resolutions (`train.py --resolution 512 768 1024`): one sample per set and resolution, never upscaled
+
+
+def test_a_set_smaller_than_every_resolution_trains_at_its_own_size_rounded_down_per_panel(tmp_path):
+    write_set(tmp_path / "s1", [Image.new("RGB", (100, 70), c) for c in (RED, GREEN)])  # W x H panels
+    dataset = PanelSetDataset(tmp_path, resolution=[512, 768, 1024])
+    assert [s.bucket for s in dataset.samples] == [(64, 192)] * 3  # panels 96x64: 100 and 70 rounded down to 16
+    item = dataset[0]
+    assert item["image"].shape == (3, 64, 192)
+    assert colour_at(item["image"], 48, 32) == RED and colour_at(item["image"], 144, 32) == GREEN
+
+
+@pytest.mark.parametrize("layout", ["row", "column", "grid"])
+def test_bucketing_never_upscales_and_keeps_panels_equal(tmp_path, layout):
+    """Sets of 1 to 4 panels of many sizes at several resolutions: every bucket's panels are equal, multiples of 16,
+    no larger than the set's panels on either side, and the bucket's area is within resolution² unless it is the
+    set's own size (each panel side rounded down to 16)."""
+    sizes = [(w, h, n) for w in (16, 47, 100, 161, 300) for h in (20, 33, 90, 250) for n in (1, 2, 3, 4)]
+    for k, (w, h, n) in enumerate(sizes):
+        write_set(tmp_path / f"s{k:03d}", [Image.new("RGB", (w, h), RED)] * n)
+    resolutions = [64, 96, 128, 256]
+    dataset = PanelSetDataset(tmp_path, resolution=resolutions, layout=layout)
+    assert len(dataset) == len(sizes) * len(resolutions)
+    for i, sample in enumerate(dataset.samples):
+        (w, h, n), resolution = sizes[i // len(resolutions)], resolutions[i % len(resolutions)]
+        (H, W), (rows, cols) = sample.bucket, grid_shape(n, layout)
+        assert H % (16 * rows) == 0 and W % (16 * cols) == 0, (sample.path, sample.bucket)
+        assert H // rows <= h and W // cols <= w, f"{sample.path} upscaled: {w}x{h} panels to {sample.bucket}"
+        own = (h // 16 * 16 * rows, w // 16 * 16 * cols)
+        assert H * W <= resolution**2 or (H, W) == own, (sample.path, resolution, sample.bucket)
+    for i in (0, 37, len(dataset) - 1):  # the joined tensor has the bucket's shape
+        assert dataset[i]["image"].shape == (3, *dataset.samples[i].bucket)
+
+
+def test_a_large_set_appears_at_every_listed_resolution_up_to_its_own_size(tmp_path):
+    write_joined(tmp_path, "storyboard", Image.new("RGB", (1536, 1024)))  # 1254 px squared: below 1280
+    dataset = PanelSetDataset(tmp_path, resolution=[1280, 256, 1024, 768, 512])
+    assert dataset.resolutions == [256, 512, 768, 1024, 1280]
+    assert [s.bucket for s in dataset.samples] == [(208, 304), (416, 624), (624, 944), (832, 1248), (1024, 1536)]
+
+
+def test_a_set_between_two_resolutions_takes_the_smaller_ones_and_its_own_size_for_each_above_as_ai_toolkit(tmp_path):
+    """ai-toolkit makes one copy of the dataset per listed resolution and caps each at the image's own area, so every
+    set has one sample per resolution; here the bucket at 512 (416x624) is taller than the image's 400 px."""
+    write_joined(tmp_path, "a", Image.new("RGB", (600, 400)))
+    buckets = [s.bucket for s in PanelSetDataset(tmp_path, resolution=[256, 512, 768]).samples]
+    assert buckets == [(208, 304), (400, 592), (400, 592)]
+
+
+def test_batches_hold_samples_of_one_bucket_across_resolutions(tmp_path):
+    for k in range(3):
+        write_joined(tmp_path, f"s{k}", Image.new("RGB", (128, 64)))
+    dataset = PanelSetDataset(tmp_path, resolution=[32, 64, 96])
+    assert [s.bucket for s in dataset.samples[:3]] == [(16, 48), (48, 80), (64, 128)]
+    batches = list(batches_by_bucket(dataset, batch_size=2, seed=0))
+    assert sorted(i for batch in batches for i in batch) == list(range(9))
+    assert all(len({dataset.samples[i].bucket for i in batch}) == 1 for batch in batches)
+
+
+def test_panels_under_16_pixels_are_refused_rather_than_upscaled(tmp_path):
+    write_joined(tmp_path, "tiny", Image.new("RGB", (40, 12)))
+    with pytest.raises(ValueError, match=r"tiny\.png: panels of 40x12 px; at least 16x16 are needed"):
+        PanelSetDataset(tmp_path, resolution=[512])
+
+
+def test_flux_dev_trains_at_the_authors_resolutions_and_the_toy_at_96(tmp_path):
+    assert train.parse_args(["--data", "x"]).resolution == [512, 768, 1024, 1280, 1536]
+    assert train.parse_args(["--data", "x", "--model", "toy"]).resolution == [96]
+    assert train.parse_args(["--data", "x", "--resolution", "1024", "512", "1024"]).resolution == [512, 1024]
+    (tmp_path / "run.json").write_text('{"data": "x", "resolution": 768}')  # a config may give one number
+    assert train.parse_args(["--config", str(tmp_path / "run.json")]).resolution == [768]
