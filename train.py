@@ -46,9 +46,9 @@ from minflux.sampling import check_size, get_noise
 # The defaults that depend on the model: the paper's and its authors' trainer's for FLUX.1-dev; for --model toy, a
 # run of a few CPU minutes
 # (no gradient checkpointing: the toy is tiny; resolution 96 keeps the 128x64 toy sets at their size).
-MODEL_DEFAULTS = {"flux": dict(steps=5000, lr=1e-4, resolution=1024, checkpointing=True, timestep_sampling="sigmoid",
-                               ema_decay=0.99, save_dtype="fp16"),
-                  "toy": dict(steps=1000, lr=1e-3, resolution=96, checkpointing=False, timestep_sampling="shift",
+MODEL_DEFAULTS = {"flux": dict(steps=5000, lr=1e-4, resolution=[512, 768, 1024, 1280, 1536], checkpointing=True,
+                               timestep_sampling="sigmoid", ema_decay=0.99, save_dtype="fp16"),
+                  "toy": dict(steps=1000, lr=1e-3, resolution=[96], checkpointing=False, timestep_sampling="shift",
                               ema_decay=0.0, save_dtype="fp32")}
 # options that change what a step computes: --resume must see the same values to continue bit for bit
 RESUME_MUST_MATCH = ("data", "layout", "model", "batch_size", "grad_accum", "rank", "alpha", "lr", "warmup",
@@ -115,10 +115,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                         f"(default: {flux['ema_decay']}, the authors'; toy: {toy['ema_decay']}, not yet measured on "
                         "the toy task)")
     p.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (default: 1.0)")
-    p.add_argument("--resolution", type=ranged(int, 16),
-                   help="target area as the side of a square: images go to aspect buckets of about this many "
-                        f"pixels squared, sides multiples of 16 (default: {flux['resolution']}; toy: "
-                        f"{toy['resolution']})")
+    p.add_argument("--resolution", type=ranged(int, 16), nargs="+",
+                   help="one or more target areas, each as the side of a square: every set is trained at each, in "
+                        "the aspect bucket of about that many pixels squared (sides multiples of 16 per panel), "
+                        "never upscaled: where a bucket is larger than the set, the set's own size, panel sides "
+                        "rounded down to 16 (default: " + " ".join(map(str, flux["resolution"])) + ", the authors'; "
+                        f"toy: {toy['resolution'][0]})"),
     p.add_argument("--caption-dropout", type=ranged(float, 0, 1), default=0.05,
                    help="probability a caption is replaced by the empty one (default: 0.05)")
     p.add_argument("--guidance", type=float, default=1.0, help="distilled-guidance input during training "
@@ -177,6 +179,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     for k, v in MODEL_DEFAULTS["toy" if args.model == "toy" else "flux"].items():
         if getattr(args, k) is None:
             setattr(args, k, v)
+    resolutions = args.resolution if isinstance(args.resolution, list) else [args.resolution]  # --config: one number
+    args.resolution = sorted({int(r) for r in resolutions})  # ascending, each once
     if args.data is None:
         p.error("--data is required (or set \"data\" in the --config file)")
     if args.ema_decay >= 1:
@@ -245,6 +249,8 @@ def load_state(path: Path, args: argparse.Namespace, fingerprint: dict) -> dict:
                   "ema_decay": "0.0"} | state["args"]
     if saved_args.get("timestep_sampling") == "logit_normal":  # the old name of shift
         saved_args["timestep_sampling"] = "shift"
+    if saved_args.get("resolution", "").isdigit():  # states saved before --resolution took a list
+        saved_args["resolution"] = f"[{saved_args['resolution']}]"
     if changed := [k for k in RESUME_MUST_MATCH if saved_args.get(k) != str(getattr(args, k))]:
         raise SystemExit("error: --resume with different settings than the saved run: " + ", ".join(
             f"--{k.replace('_', '-')} {saved_args.get(k)} -> {getattr(args, k)}" for k in changed))
@@ -379,11 +385,13 @@ def train(args: argparse.Namespace) -> Path:
     # 1. Data: every image and caption is checked now, not at step 3,000; and a --resume's state against them.
     dataset = PanelSetDataset(args.data, resolution=args.resolution, layout=args.layout, panels=args.panels)
     panels = check_reference_panels(dataset, args.ref_panel) if args.ref_panel else None
-    print(f"{len(dataset)} training sets from {args.data}", file=sys.stderr)
+    per_set = len(dataset.resolutions)
+    print(f"{len(dataset) // per_set} training sets from {args.data}, {len(dataset)} samples: each at resolution "
+          f"{', '.join(map(str, dataset.resolutions))} (at its own size where that is smaller)", file=sys.stderr)
     fingerprint = dataset_fingerprint(dataset)
     state = load_state(state_path, args, fingerprint) if args.resume else None
     init_lora = read_lora_file(args.init_lora) if args.init_lora else None  # read (and so checked) now
-    first = dataset.samples[0].bucket  # (H, W) of the first set: the validation images' default size
+    first = dataset.samples[per_set - 1].bucket  # the first set's largest (H, W): the validation images' default
     val = [parse_val_prompt(p, *first, args.sample_steps) for p in args.val_prompt] or [  # the caption as written
         parse_val_prompt("", *first, args.sample_steps) | {"caption": dataset.samples[0].caption}]
     if args.ref_panel and (odd := [v["caption"] for v in val if (v["height"], v["width"]) != first]):
@@ -404,7 +412,8 @@ def train(args: argparse.Namespace) -> Path:
     val_txt, val_vec = pipe.encode_prompts([v["caption"] for v in val])
     for v in val:  # with --ref-panel, validation images are conditioned on the first set's reference panels
         noise, times = get_noise(1, *first, v["seed"]), pipe.schedule(*first, v["steps"])
-        v["hook"] = pin_references(sets[0].known[None], ~sets[0].target, noise, times, mode=REF_MODE) \
+        v["hook"] = pin_references(sets[per_set - 1].known[None], ~sets[per_set - 1].target, noise, times,
+                                   mode=REF_MODE) \
             if args.ref_panel else None
     pipe.t5.to("cpu"), pipe.clip.to("cpu")
 

@@ -107,6 +107,37 @@ def test_resume_continues_bit_for_bit(repo, data, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_resume_with_several_resolutions_continues_bit_for_bit(repo, data, tmp_path):
+    two = ("--resolution", "32", "48")  # each set at 48x16 and at 64x32 (its own size)
+    straight = run_train(repo, data, tmp_path / "a" / "lora.safetensors", "--steps", "4", *two)
+    run_train(repo, data, tmp_path / "b" / "lora.safetensors", "--steps", "2", *two)
+    resumed = run_train(repo, data, tmp_path / "b" / "lora.safetensors", "--steps", "4", *two, "--resume")
+    a, b = load_file(straight), load_file(resumed)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_state_saved_with_one_resolution_number_resumes_as_that_list_and_refuses_another(repo, data, tmp_path):
+    out = run_train(repo, data, tmp_path / "lora.safetensors", "--steps", "2")
+    state_path = out.with_name("lora.state.pt")
+    state = torch.load(state_path, weights_only=True)
+    assert state["args"]["resolution"] == "[48]"
+    state["args"]["resolution"] = "48"  # as train.py saved it before --resolution took a list
+    torch.save(state, state_path)
+    run_train(repo, data, out, "--steps", "3", "--resume")
+    assert torch.load(state_path, weights_only=True)["step"] == 3
+    with pytest.raises(SystemExit, match=r"--resolution \[48\] -> \[32, 48\]"):
+        run_train(repo, data, out, "--steps", "4", "--resolution", "32", "48", "--resume")
+
+
+def test_encode_sets_encodes_each_set_once_per_bucket(repo, data):
+    pipe = load_pipeline(str(repo))
+    dataset = PanelSetDataset(data, resolution=[32, 48, 64])
+    assert [s.bucket for s in dataset.samples[:3]] == [(16, 48), (32, 64), (32, 64)]  # at 64: its own size
+    encoded, alone = encode_sets(pipe, dataset), encode_sets(pipe, PanelSetDataset(data, resolution=48))
+    assert encoded[2] is encoded[1] and encoded[5] is encoded[4] and encoded[0].latents.shape[-2:] == (2, 6)
+    assert torch.equal(encoded[1].latents, alone[0].latents) and torch.equal(encoded[4].txt, alone[1].txt)
+
+
 def test_resume_keeps_the_loss_log_rows_up_to_the_saved_step_and_closes_the_file(repo, data, tmp_path):
     """Rows after the last save were lost with the run that wrote them: the resumed log has each step once."""
     out = tmp_path / "lora.safetensors"
