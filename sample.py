@@ -9,6 +9,7 @@ panels and image-to-image. `main` is BFL's cli.py recipe in order, then one bloc
         --prompt "a product shot and its poster" --panel-prompt "the photo" --panel-prompt "the poster" --seed 1 2 3
     python sample.py --lora sketch2render.safetensors --ref sketch.png --prompt "..."   # a conditional IC-LoRA
     python sample.py --init photo.png --strength 0.6 --prompt "the same street in winter"
+    python sample.py --prompt "a portrait" --negative-prompt "blurry, text" --true-cfg 4   # true CFG, 2 passes a step
 A conditional IC-LoRA (`train.py --ref-panel`) records its panels, layout, reference panels and trained panel size;
 with --ref they are taken from it.
 """
@@ -50,6 +51,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=ranged(int, 1), help="sampling steps (default: 28 for dev, 4 for schnell)")
     p.add_argument("--guidance", type=float, default=3.5,
                    help="distilled guidance strength fed to FLUX.1-dev; ignored by schnell (default: 3.5)")
+    p.add_argument("--negative-prompt", metavar="TEXT",
+                   help="what the image should not show, for true classifier-free guidance (--true-cfg): each step "
+                        "runs the model on the prompt and on this text, both with the distilled --guidance, as "
+                        "diffusers' FluxPipeline negative_prompt; twice the time per step (default: none)")
+    p.add_argument("--true-cfg", type=ranged(float, 1), default=1.0, metavar="S",
+                   help="scale S of true classifier-free guidance, v = v_neg + S·(v_pos − v_neg), as diffusers' "
+                        "true_cfg_scale; applies when S > 1, and then needs a --negative-prompt (1 = off, one "
+                        "model pass per step) (default: 1.0)")
     p.add_argument("--seed", type=int, nargs="+", default=[0],
                    help="noise seed(s), one run per seed (--seed 1 2 3); image i of a run uses the same draw as "
                         "diffusers with generator.manual_seed(seed) (default: 0)")
@@ -133,6 +142,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.lora_scale and len(args.lora_scale) != len(args.lora):
         p.error(f"{len(args.lora_scale)} --lora-scale value(s) for {len(args.lora)} --lora file(s); "
                 f"give one per --lora, or none for 1.0")
+    if args.true_cfg > 1 and args.negative_prompt is None:
+        p.error(f"--true-cfg {args.true_cfg} needs a --negative-prompt (diffusers would ignore it silently; "
+                f"--negative-prompt \"\" is an empty one)")
+    if args.negative_prompt is not None and args.true_cfg == 1:
+        warnings.warn("--negative-prompt has no effect at --true-cfg 1 (off); give --true-cfg > 1, e.g. 4")
     if args.quantize and args.dtype is None and torch.device(args.device).type == "cuda":
         args.dtype = "bf16"  # the rest of the model with the fp8 weights, not the VAE file's fp32
     args.sized = any(v is not None for v in (args.width, args.height, args.panel_width, args.panel_height))
@@ -144,6 +158,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.strength = 0.6 if args.strength is None else args.strength
     args.lora_scale = args.lora_scale or [1.0] * len(args.lora)
     return args
+
+
+def true_cfg(flow, negative: tuple[torch.Tensor, torch.Tensor] | None, scale: float):
+    """The flow with true classifier-free guidance, as diffusers' FluxPipeline `true_cfg_scale`: every call runs it
+    on the prompt and on the negative prompt (T5 states and CLIP vector), both with the distilled guidance input, and
+    returns v_neg + scale·(v_pos − v_neg). The flow itself without a negative prompt."""
+    if negative is None:
+        return flow
+    neg_txt, neg_vec = negative                                                   # (B, Lt, 4096), (B, 768)
+
+    def guided(img, img_ids, txt, txt_ids, timesteps, y, guidance):
+        v_pos = flow(img, img_ids, txt, txt_ids, timesteps, y, guidance)          # (B, Li, 4c)
+        v_neg = flow(img, img_ids, neg_txt.to(txt), txt_ids, timesteps, neg_vec.to(y), guidance)
+        return v_neg + scale * (v_pos - v_neg)
+    return guided
 
 
 def take_geometry(args, meta: dict, source: Path):
@@ -264,11 +293,14 @@ def main(argv=None) -> list[Path]:
     BlockSwap(pipe.flow, args.blocks_to_swap, args.device)  # last: before the flow first goes to the device
 
     # 2. Tokenize and encode the prompts; 3. the schedule of times from 1 (noise) to 0 for this size.
-    for message in overlong(pipe.t5_tokenizer, [(f"prompt {p[:40]!r}", p) for p in dict.fromkeys(prompts)]):
+    # With --true-cfg, the negative prompt too, once per image (`true_cfg` runs the flow on both at every step).
+    texts = [(f"prompt {p[:40]!r}", p) for p in dict.fromkeys(prompts)]
+    for message in overlong(pipe.t5_tokenizer, texts + [("--negative-prompt", args.negative_prompt or "")]):
         warnings.warn(message)
     txt, vec = pipe.encode_prompts(prompts)                                         # (B, Lt, 4096), (B, 768)
-    pipe.t5.to("cpu"), pipe.clip.to("cpu")  # the text encoders leave the device before the transformer comes
     B, Lt = txt.shape[:2]
+    negative = pipe.encode_prompts([args.negative_prompt] * B) if args.true_cfg > 1 else None
+    pipe.t5.to("cpu"), pipe.clip.to("cpu")  # the text encoders leave the device before the transformer comes
     timesteps = pipe.schedule(height, width, args.steps)
 
     # --init (image-to-image, SDEdit): start part-way down the schedule from the image noised to that time.
@@ -290,8 +322,9 @@ def main(argv=None) -> list[Path]:
             after_step = pin_references(known, mask, noise, timesteps, args.ref_strength, args.ref_stop,
                                         args.ref_mode)
         x = pack(x).to(pipe.device, pipe.dtype)                                     # (B, Li, 4c)
-        x = denoise(pipe.on_device(pipe.flow), x, image_ids(B, height, width), txt, text_ids(B, Lt), vec,
-                    timesteps, args.guidance, after_step)                           # (B, Li, 4c) at t = 0
+        flow = true_cfg(pipe.on_device(pipe.flow), negative, args.true_cfg)
+        x = denoise(flow, x, image_ids(B, height, width), txt, text_ids(B, Lt), vec, timesteps, args.guidance,
+                    after_step)                                                     # (B, Li, 4c) at t = 0
         images += to_pil(pipe.decode(unpack(x, height, width)))
 
     # 7. Save each image, and each of its panels.
