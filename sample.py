@@ -9,16 +9,22 @@ panels and image-to-image. `main` is BFL's cli.py recipe in order, then one bloc
         --prompt "a product shot and its poster" --panel-prompt "the photo" --panel-prompt "the poster" --seed 1 2 3
     python sample.py --lora sketch2render.safetensors --ref sketch.png --prompt "..."   # a conditional IC-LoRA
     python sample.py --init photo.png --strength 0.6 --prompt "the same street in winter"
+    python sample.py --prompt "a portrait" --negative-prompt "blurry, text" --true-cfg 4   # true CFG, 2 passes a step
+    python sample.py --from-image out.png --seed 5 --out again.png   # out.png's settings, another seed
+Every PNG written carries the run's settings as JSON (text chunk "minflux"), read back by --from-image.
 A conditional IC-LoRA (`train.py --ref-panel`) records its panels, layout, reference panels and trained panel size;
 with --ref they are taken from it.
 """
 
 import argparse
+import json
 import sys
 import warnings
 from pathlib import Path
 
 import torch
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
 
 from iclora.data import load_rgb
 from iclora.lora import fold_lora
@@ -33,10 +39,20 @@ from minflux.sampling import add_noise, check_size, denoise, get_noise, image_id
 from minflux.tokenizers import overlong
 
 TOY_SIZE = 64  # the toy model draws 64×64 scenes (per panel)
+SETTINGS_KEY = "minflux"  # the PNG text chunk holding a run's settings, as JSON
+RUN_ONLY = {"from_image", "prompt_file", "out", "device", "offload", "blocks_to_swap"}  # where and how, not what
+RESOLVED = ("steps", "height", "width", "lora_scale", "strength")  # stored as used, not as given (None: a default)
+# With --from-image, the first flag of a pair given drops the stored second (a new --lora, the old --lora-scale).
+PAIRED = (("lora", "lora_scale"), ("ref", "ref_panel"), ("prompt_file", "prompt"))
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--from-image", type=Path, metavar="PNG",
+                   help="run again with the settings stored in a PNG that sample.py wrote (its \"minflux\" text "
+                        "chunk: the whole run, every prompt and seed); flags given as well replace the stored ones, "
+                        "a --lora also the stored --lora-scale, a --ref the --ref-panel, a --prompt-file the prompts. "
+                        "--out, --device, --offload and --blocks-to-swap are not stored (default: none)")
     p.add_argument("--model", default="black-forest-labs/FLUX.1-dev",
                    help="HF repo id (downloads only the files needed; honours HF_TOKEN and the HF cache), a local "
                         "folder in the HF repo layout, or `toy`: the 12 MB toy FLUX in toy/model, which draws "
@@ -50,6 +66,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=ranged(int, 1), help="sampling steps (default: 28 for dev, 4 for schnell)")
     p.add_argument("--guidance", type=float, default=3.5,
                    help="distilled guidance strength fed to FLUX.1-dev; ignored by schnell (default: 3.5)")
+    p.add_argument("--negative-prompt", metavar="TEXT",
+                   help="what the image should not show, for true classifier-free guidance (--true-cfg): each step "
+                        "runs the model on the prompt and on this text, both with the distilled --guidance, as "
+                        "diffusers' FluxPipeline negative_prompt; twice the time per step (default: none)")
+    p.add_argument("--true-cfg", type=ranged(float, 1), default=1.0, metavar="S",
+                   help="scale S of true classifier-free guidance, v = v_neg + S·(v_pos − v_neg), as diffusers' "
+                        "true_cfg_scale; applies when S > 1, and then needs a --negative-prompt (1 = off, one "
+                        "model pass per step) (default: 1.0)")
     p.add_argument("--seed", type=int, nargs="+", default=[0],
                    help="noise seed(s), one run per seed (--seed 1 2 3); image i of a run uses the same draw as "
                         "diffusers with generator.manual_seed(seed) (default: 0)")
@@ -127,23 +151,103 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--strength", type=ranged(float, 0, 1),
                    help="how much of the schedule to run from --init: 0 returns the image, 1 ignores it "
                         "(diffusers' rule; default: 0.6)")
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = build_parser()
     args = p.parse_args(argv)
+    if args.from_image:  # the stored settings become the defaults; the flags given (seen with no defaults) win
+        quiet = build_parser()
+        for action in quiet._actions:
+            action.default = argparse.SUPPRESS
+        given = set(vars(quiet.parse_args(argv)))
+        given |= {partner for flag, partner in PAIRED if flag in given}
+        stored = read_settings(args.from_image)
+        if unknown := set(stored) - set(vars(args)) - RUN_ONLY:
+            raise ValueError(f"--from-image {args.from_image}: unknown settings {', '.join(sorted(unknown))}")
+        types = {action.dest: action.type for action in p._actions}
+        p.set_defaults(**{k: as_flag(v, types[k]) for k, v in stored.items() if k not in given})
+        args = p.parse_args(argv)
     if args.strength is not None and args.init is None:
         p.error("--strength needs an --init image")
     if args.lora_scale and len(args.lora_scale) != len(args.lora):
         p.error(f"{len(args.lora_scale)} --lora-scale value(s) for {len(args.lora)} --lora file(s); "
                 f"give one per --lora, or none for 1.0")
+    if args.true_cfg > 1 and args.negative_prompt is None:
+        p.error(f"--true-cfg {args.true_cfg} needs a --negative-prompt (diffusers would ignore it silently; "
+                f"--negative-prompt \"\" is an empty one)")
+    if args.negative_prompt is not None and args.true_cfg == 1:
+        warnings.warn("--negative-prompt has no effect at --true-cfg 1 (off); give --true-cfg > 1, e.g. 4")
+    if args.out.suffix.lower() != ".png":
+        warnings.warn(f"--out {args.out}: the settings (for --from-image) are stored only in .png files")
+    if args.prompt_file:  # its lines join the prompts, so that the stored settings hold every prompt
+        args.prompt = [*args.prompt, *(line.strip() for line in args.prompt_file.read_text().splitlines()
+                                       if line.strip())]
     if args.quantize and args.dtype is None and torch.device(args.device).type == "cuda":
         args.dtype = "bf16"  # the rest of the model with the fp8 weights, not the VAE file's fp32
+    args.settings = {k: v for k, v in vars(args).items() if k not in RUN_ONLY}  # as given; main adds RESOLVED
     args.sized = any(v is not None for v in (args.width, args.height, args.panel_width, args.panel_height))
     args.ref_mode = "noised"  # how references are pinned (iclora/references.py); a conditional LoRA may say "clean"
     if args.model == "toy" and not args.sized:
         args.panel_width = args.panel_height = TOY_SIZE
     side = TOY_SIZE if args.model == "toy" else 1024
     args.width, args.height = args.width or side, args.height or side
-    args.strength = 0.6 if args.strength is None else args.strength
+    if args.init and args.strength is None:
+        args.strength = 0.6
     args.lora_scale = args.lora_scale or [1.0] * len(args.lora)
     return args
+
+
+def read_settings(path: Path) -> dict:
+    """The settings sample.py stored in a PNG it wrote, or an error naming the file."""
+    if not path.is_file():
+        raise FileNotFoundError(f"--from-image {path}: no such file")
+    try:
+        with Image.open(path) as image:
+            text = image.info.get(SETTINGS_KEY)
+    except (OSError, SyntaxError) as e:  # not an image, or a broken PNG chunk
+        raise ValueError(f"--from-image {path}: cannot be read as an image ({e})") from None
+    if text is None:
+        raise ValueError(f"--from-image {path}: holds no sample.py settings (no {SETTINGS_KEY!r} PNG text chunk; "
+                         f"sample.py writes one into every PNG it saves)")
+    try:
+        settings = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--from-image {path}: its {SETTINGS_KEY!r} text chunk is not valid JSON ({e})") from None
+    if not isinstance(settings, dict):
+        raise ValueError(f"--from-image {path}: its {SETTINGS_KEY!r} text chunk is not a JSON object")
+    return settings
+
+
+def as_flag(value, kind):
+    """A stored (JSON) value as argparse gives the flag: a string for argparse to convert and check, as it does a
+    flag's (the elements of a list converted here); None, booleans and untyped values as they are."""
+    if isinstance(value, list):
+        return [kind(str(v)) if kind else v for v in value]
+    return str(value) if kind and value is not None and not isinstance(value, bool) else value
+
+
+def settings_chunk(args) -> PngInfo:
+    """The run's settings, as given and as RESOLVED, as JSON in a PNG text chunk (read back by --from-image)."""
+    info = PngInfo()
+    info.add_text(SETTINGS_KEY, json.dumps(args.settings | {k: getattr(args, k) for k in RESOLVED}, default=str))
+    return info
+
+
+def true_cfg(flow, negative: tuple[torch.Tensor, torch.Tensor] | None, scale: float):
+    """The flow with true classifier-free guidance, as diffusers' FluxPipeline `true_cfg_scale`: every call runs it
+    on the prompt and on the negative prompt (T5 states and CLIP vector), both with the distilled guidance input, and
+    returns v_neg + scale·(v_pos − v_neg). The flow itself without a negative prompt."""
+    if negative is None:
+        return flow
+    neg_txt, neg_vec = negative                                                   # (B, Lt, 4096), (B, 768)
+
+    def guided(img, img_ids, txt, txt_ids, timesteps, y, guidance):
+        v_pos = flow(img, img_ids, txt, txt_ids, timesteps, y, guidance)          # (B, Li, 4c)
+        v_neg = flow(img, img_ids, neg_txt.to(txt), txt_ids, timesteps, neg_vec.to(y), guidance)
+        return v_neg + scale * (v_pos - v_neg)
+    return guided
 
 
 def take_geometry(args, meta: dict, source: Path):
@@ -161,13 +265,10 @@ def take_geometry(args, meta: dict, source: Path):
 
 
 def read_prompts(args) -> list[str]:
-    """The prompts, each made into a joint caption when there are --panel-prompt's."""
-    prompts = list(args.prompt)
-    if args.prompt_file:
-        prompts += [line.strip() for line in args.prompt_file.read_text().splitlines() if line.strip()]
+    """The prompts (--prompt-file's included), each made into a joint caption when there are --panel-prompt's."""
     if args.panel_prompt and len(args.panel_prompt) != args.panels:
         raise ValueError(f"{len(args.panel_prompt)} --panel-prompt(s) for --panels {args.panels}; give one per panel")
-    return [joint_caption(p, args.panel_prompt) for p in prompts or [None]]
+    return [joint_caption(p, args.panel_prompt) for p in args.prompt or [None]]
 
 
 def canvas(args) -> tuple[int, int]:
@@ -213,12 +314,16 @@ def read_image(path: Path, flag: str):
     return load_rgb(path)
 
 
-def output_paths(out: Path, n: int, panels: int) -> list[list[Path]]:
-    """Per image: [joined image, panel 1, ..., panel N] (panel files only for N >= 2)."""
+def output_paths(out: Path, n: int, panels: int, source: Path | None = None) -> list[list[Path]]:
+    """Per image: [joined image, panel 1, ..., panel N] (panel files only for N >= 2); none may be `source`, the
+    --from-image file."""
     stems = [out.stem] if n == 1 else [f"{out.stem}-{i}" for i in range(n)]
-    return [[out.with_name(f"{stem}{out.suffix}")]
-            + [out.with_name(f"{stem}-panel{k}{out.suffix}") for k in range(1, panels + 1) if panels > 1]
-            for stem in stems]
+    files = [[out.with_name(f"{stem}{out.suffix}")]
+             + [out.with_name(f"{stem}-panel{k}{out.suffix}") for k in range(1, panels + 1) if panels > 1]
+             for stem in stems]
+    if source and source.resolve() in {path.resolve() for paths in files for path in paths}:
+        raise ValueError(f"--out {out} would overwrite the --from-image file {source}; give another --out")
+    return files
 
 
 def add_loras(flow, loras: list, scales: list[float], merge: bool):
@@ -241,7 +346,8 @@ def main(argv=None) -> list[Path]:
             take_geometry(args, meta, path)
     args.panels, args.layout = args.panels or 1, args.layout or "row"
     prompts = [p for p in read_prompts(args) for _ in range(args.num_images)]
-    height, width = canvas(args)
+    height, width = args.height, args.width = canvas(args)  # stored as used
+    files = output_paths(args.out, len(prompts) * len(args.seed), args.panels, args.from_image)
     boxes = panel_boxes(height, width, args.panels, args.layout)
     refs = [(read_image(path, "--ref"), boxes[k])
             for path, k in zip(args.ref, reference_panels(len(args.ref), args.ref_panel, args.panels))]
@@ -264,12 +370,16 @@ def main(argv=None) -> list[Path]:
     BlockSwap(pipe.flow, args.blocks_to_swap, args.device)  # last: before the flow first goes to the device
 
     # 2. Tokenize and encode the prompts; 3. the schedule of times from 1 (noise) to 0 for this size.
-    for message in overlong(pipe.t5_tokenizer, [(f"prompt {p[:40]!r}", p) for p in dict.fromkeys(prompts)]):
+    # With --true-cfg, the negative prompt too, once per image (`true_cfg` runs the flow on both at every step).
+    texts = [(f"prompt {p[:40]!r}", p) for p in dict.fromkeys(prompts)]
+    for message in overlong(pipe.t5_tokenizer, texts + [("--negative-prompt", args.negative_prompt or "")]):
         warnings.warn(message)
     txt, vec = pipe.encode_prompts(prompts)                                         # (B, Lt, 4096), (B, 768)
-    pipe.t5.to("cpu"), pipe.clip.to("cpu")  # the text encoders leave the device before the transformer comes
     B, Lt = txt.shape[:2]
+    negative = pipe.encode_prompts([args.negative_prompt] * B) if args.true_cfg > 1 else None
+    pipe.t5.to("cpu"), pipe.clip.to("cpu")  # the text encoders leave the device before the transformer comes
     timesteps = pipe.schedule(height, width, args.steps)
+    args.steps = len(timesteps) - 1  # stored as used
 
     # --init (image-to-image, SDEdit): start part-way down the schedule from the image noised to that time.
     if init is not None:
@@ -290,20 +400,20 @@ def main(argv=None) -> list[Path]:
             after_step = pin_references(known, mask, noise, timesteps, args.ref_strength, args.ref_stop,
                                         args.ref_mode)
         x = pack(x).to(pipe.device, pipe.dtype)                                     # (B, Li, 4c)
-        x = denoise(pipe.on_device(pipe.flow), x, image_ids(B, height, width), txt, text_ids(B, Lt), vec,
-                    timesteps, args.guidance, after_step)                           # (B, Li, 4c) at t = 0
+        flow = true_cfg(pipe.on_device(pipe.flow), negative, args.true_cfg)
+        x = denoise(flow, x, image_ids(B, height, width), txt, text_ids(B, Lt), vec, timesteps, args.guidance,
+                    after_step)                                                     # (B, Li, 4c) at t = 0
         images += to_pil(pipe.decode(unpack(x, height, width)))
 
-    # 7. Save each image, and each of its panels.
-    written = []
-    for image, paths in zip(images, output_paths(args.out, len(images), args.panels)):
+    # 7. Save each image, and each of its panels, all with the run's settings.
+    chunk = settings_chunk(args)
+    for image, paths in zip(images, files):
         paths[0].parent.mkdir(parents=True, exist_ok=True)
         panels = split_panels(image, args.panels, args.layout) if args.panels > 1 else []
         for picture, path in zip([image, *panels], paths):
-            picture.save(path)
+            picture.save(path, pnginfo=chunk)
             print(path)
-        written += paths
-    return written
+    return [path for paths in files for path in paths]
 
 if __name__ == "__main__":
     try:
