@@ -4,15 +4,19 @@ training step with gradient checkpointing; each block class compiles into whole 
 
 import copy
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from torch._dynamo.utils import counters
 
-from iclora.lora import inject_lora, lora_parameters
+import sample
+import train
+from iclora.lora import LoRALinear, inject_lora, lora_parameters
 from minflux.block_swap import BlockSwap
 from minflux.compile import compile_blocks
 from minflux.model import Flux, preset
-from minflux.quantize import quantize_fp8
+from minflux.quantize import FP8Linear, quantize_fp8
 from tests.test_transformer import inputs
 
 
@@ -80,3 +84,37 @@ def test_a_compiled_lora_training_step_with_checkpointing_gives_the_eager_loss_a
     assert len(got) == len(want) == 2 * (2 * 10 + 2 * 3)  # A and B of 10 linears a double block, 3 a single one
     assert all(p.grad.abs().sum() > 0 for p in want)
     report("LoRA gradients", torch.cat([p.grad.flatten() for p in got]), torch.cat([p.grad.flatten() for p in want]))
+
+
+def record_compiles(monkeypatch, script) -> list[dict]:
+    """What each script's compile_blocks call finds in the flow (the blocks are then left uncompiled: compiling the
+    toy on two cores would take most of a minute; the tests above check what compiling does)."""
+    seen = []
+
+    def record(flow):
+        blocks = [*flow.double_blocks, *flow.single_blocks]
+        seen.append(dict(fp8=any(isinstance(m, FP8Linear) for m in flow.modules()),
+                         lora=any(isinstance(m, LoRALinear) for m in flow.modules()),
+                         swap_hooks=sum(bool(b._forward_pre_hooks) for b in blocks),
+                         checkpointing=flow.gradient_checkpointing))
+        return flow
+    monkeypatch.setattr(script, "compile_blocks", record)
+    return seen
+
+
+def test_sample_py_compiles_the_blocks_last_after_quantizing_and_block_swap(tmp_path, monkeypatch):
+    seen = record_compiles(monkeypatch, sample)
+    sample.main(["--model", "toy", "--prompt", "a red circle", "--steps", "1", "--device", "cpu", "--quantize", "fp8",
+                 "--blocks-to-swap", "2", "--compile", "--out", str(tmp_path / "a.png")])
+    assert seen == [dict(fp8=True, lora=False, swap_hooks=2, checkpointing=False)]
+
+
+def test_train_py_compiles_the_blocks_with_their_lora_checkpointing_and_block_swap(tmp_path, monkeypatch):
+    seen = record_compiles(monkeypatch, train)
+    (tmp_path / "sets").mkdir()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 64, 3), np.uint8)).save(tmp_path / "sets/a.png")
+    (tmp_path / "sets/a.txt").write_text("a red circle and a blue square")
+    train.main(["--model", "toy", "--data", str(tmp_path / "sets"), "--steps", "1", "--batch-size", "1",
+                "--resolution", "32", "--checkpointing", "--blocks-to-swap", "3", "--sample-every", "0",
+                "--device", "cpu", "--compile", "--out", str(tmp_path / "a.safetensors")])
+    assert seen == [dict(fp8=False, lora=True, swap_hooks=3, checkpointing=True)]
