@@ -36,7 +36,7 @@ START = time.perf_counter()
 # dense bf16 tensor-core peak, TFLOP/s (vendor data sheets, without sparsity); other GPUs: null
 PEAK_BF16 = {"H200": 989, "H100 SXM": 989, "A100": 312}
 ROW_FIELDS = ("section", "variant", "size", "batch", "s_per_step", "peak_gib", "tflops", "fraction_of_peak", "mfu",
-              "compile_s", "skipped")
+              "warmup_s", "skipped")
 
 
 def say(message: str):
@@ -116,15 +116,16 @@ def diffusers_compiled(ref) -> Compiled:
 
 
 def measure(variants: dict, args, device, other_weights: dict | None = None) -> dict:
-    """variants: name -> (set_up(), call()) run alternately; name -> dict(s_per_step, peak_gib, compile_s)."""
+    """variants: name -> (set_up(), call()) run alternately; name -> dict(s_per_step, peak_gib, warmup_s). The
+    warm-up of a compiled variant is mostly its compile time."""
     out = {}
     for name, (set_up, call) in variants.items():  # warm-up (the first compiled call compiles)
         set_up()
         start = time.perf_counter()
         for _ in range(args.warmup):
             bench.timed_ms(call, device)
-        out[name] = dict(times=[], peak=0, compile_s=round(time.perf_counter() - start, 1))
-        say(f"  {name}: warm-up {out[name]['compile_s']} s")
+        out[name] = dict(times=[], peak=0, warmup_s=time.perf_counter() - start)
+        say(f"  {name}: warm-up {out[name]['warmup_s']:.1f} s")
     for _ in range(args.repeats):
         for name, (set_up, call) in variants.items():
             set_up()
@@ -136,8 +137,7 @@ def measure(variants: dict, args, device, other_weights: dict | None = None) -> 
     result = {}
     for name, r in out.items():
         peak = (r["peak"] - (other_weights or {}).get(name, 0)) / GIB if device.type == "cuda" else None
-        result[name] = dict(s_per_step=statistics.median(r["times"]), peak_gib=peak,
-                            compile_s=r["compile_s"] if "compiled" in name else None)
+        result[name] = dict(s_per_step=statistics.median(r["times"]), peak_gib=peak, warmup_s=r["warmup_s"])
         say(f"  {name}: {result[name]['s_per_step']:.4f} s/step" + (f", peak {peak:.2f} GiB" if peak else ""))
     return result
 
@@ -147,7 +147,7 @@ def row(section, variant, size, batch, flops=None, peak=None, training=False, sk
     tflops = flops / s / 1e12 if s and flops else None
     r = dict(section=section, variant=variant, size=f"{size[1]}x{size[0]}", batch=batch, s_per_step=s,
              peak_gib=timing.get("peak_gib"), tflops=tflops, fraction_of_peak=None, mfu=None,
-             compile_s=timing.get("compile_s"), skipped=skipped)
+             warmup_s=timing.get("warmup_s"), skipped=skipped)
     if tflops and peak:
         r["mfu" if training else "fraction_of_peak"] = tflops / peak
     return r
@@ -270,7 +270,7 @@ def table(result: dict) -> str:
     m = result["meta"]
     head = (f"{m['device_name']}, torch {m['torch']}, diffusers {m['diffusers'] or 'absent'}, config {m['config']}, "
             f"{m['dtype']}; dense bf16 peak {m['peak_bf16_tflops'] or 'unknown'} TFLOP/s. `{m['command']}`\n\n")
-    lines = ["| section | variant | size | batch | s/step | peak GiB | TFLOP/s | of peak / MFU | compile s |",
+    lines = ["| section | variant | size | batch | s/step | peak GiB | TFLOP/s | of peak / MFU | warm-up s |",
              "|---|---|---|---|---|---|---|---|---|"]
     fmt = lambda v, f: "–" if v is None else format(v, f)  # noqa: E731
     for r in result["rows"]:
@@ -278,7 +278,7 @@ def table(result: dict) -> str:
         lines.append(f"| {r['section']} | {r['variant']} | {r['size']} | {r['batch']} | "
                      + (f"skipped: {r['skipped']} | | | | |" if r["skipped"] else
                         f"{fmt(r['s_per_step'], '.4g')} | {fmt(r['peak_gib'], '.2f')} | {fmt(r['tflops'], '.4g')} | "
-                        f"{fmt(use, '.1%')} | {fmt(r['compile_s'], '.1f')} |"))
+                        f"{fmt(use, '.1%')} | {fmt(r['warmup_s'], '.1f')} |"))
     return head + "\n".join(lines) + "\n"
 
 
@@ -295,7 +295,8 @@ def main(argv=None) -> dict:
     sections = [args.only] if args.only else ["sample", "train", "fp8"]
     meta = dict(device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                 torch=torch.__version__, diffusers=diffusers_version, config=args.config,
-                dtype=str(dtype).removeprefix("torch."), peak_bf16_tflops=peak, command=" ".join(sys.argv),
+                dtype=str(dtype).removeprefix("torch."), peak_bf16_tflops=peak,
+                command=" ".join(["python bench/gpu.py", *(sys.argv[1:] if argv is None else argv)]),
                 sections=sections, text_tokens=args.text_tokens, rank=args.rank, warmup=args.warmup,
                 repeats=args.repeats,
                 flops_counted="matrix products of the forward (block linears, attention, input/output projections), "

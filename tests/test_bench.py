@@ -152,3 +152,11 @@ def test_gpu_bench_runs_every_section_on_the_cpu_and_writes_every_field(tmp_path
             assert r["skipped"] is None and r["s_per_step"] > 0 and r["tflops"] > 0 and r["peak_gib"] is None
     table = out.with_suffix(".md").read_text().splitlines()
     assert len([line for line in table if line.startswith("| ")]) == 1 + len(rows)  # the header, then a row each
+
+
+@pytest.mark.parametrize("name, tflops", [("NVIDIA H100 80GB HBM3", 989), ("NVIDIA H200", 989),
+                                          ("NVIDIA A100-SXM4-80GB", 312), ("NVIDIA H100 PCIe", None),
+                                          ("NVIDIA GeForce RTX 4090", None)])
+def test_gpu_bench_knows_the_dense_bf16_peak_of_the_h100_sxm_h200_and_a100_only(monkeypatch, name, tflops):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    assert load_gpu_bench().peak_tflops(torch.device("cuda")) == tflops
