@@ -115,9 +115,11 @@ def diffusers_compiled(ref) -> Compiled:
     return Compiled(blocks, [torch.compile(b.forward) for b in blocks])
 
 
-def measure(variants: dict, args, device, other_weights: dict | None = None) -> dict:
+def measure(variants: dict, args, device, weights: dict | None = None) -> dict:
     """variants: name -> (set_up(), call()) run alternately; name -> dict(s_per_step, peak_gib, warmup_s). The
-    warm-up of a compiled variant is mostly its compile time."""
+    warm-up of a compiled variant is mostly its compile time. Peak: torch.cuda.max_memory_allocated during the calls;
+    with `weights` (name -> bytes: two models resident, which share tensors), that model's weights plus the most a
+    call allocated over what was resident before it."""
     out = {}
     for name, (set_up, call) in variants.items():  # warm-up (the first compiled call compiles)
         set_up()
@@ -131,12 +133,14 @@ def measure(variants: dict, args, device, other_weights: dict | None = None) -> 
             set_up()
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
+                before = torch.cuda.memory_allocated(device) if weights else 0
             out[name]["times"].append(bench.timed_ms(call, device) / 1000)
             if device.type == "cuda":
-                out[name]["peak"] = max(out[name]["peak"], torch.cuda.max_memory_allocated(device))
+                peak = torch.cuda.max_memory_allocated(device) - before + (weights or {}).get(name, 0)
+                out[name]["peak"] = max(out[name]["peak"], peak)
     result = {}
     for name, r in out.items():
-        peak = (r["peak"] - (other_weights or {}).get(name, 0)) / GIB if device.type == "cuda" else None
+        peak = r["peak"] / GIB if device.type == "cuda" else None
         result[name] = dict(s_per_step=statistics.median(r["times"]), peak_gib=peak, warmup_s=r["warmup_s"])
         say(f"  {name}: {result[name]['s_per_step']:.4f} s/step" + (f", peak {peak:.2f} GiB" if peak else ""))
     return result
@@ -180,7 +184,7 @@ def sample_rows(args, device, dtype, peak, ours, ref, sizes, section="sample") -
             fast["diffusers"] = diffusers_compiled(ref) if gpu else None
             models["diffusers"] = lambda: step(ref(hidden_states=img, encoder_hidden_states=txt, pooled_projections=y,
                                                    timestep=t, img_ids=iid[0], txt_ids=tid[0], guidance=g).sample)
-        variants, other = {}, {}
+        variants, own = {}, {}
         for name, call in models.items():
             for compiled in (False, True):
                 if compiled and not gpu:
@@ -188,9 +192,9 @@ def sample_rows(args, device, dtype, peak, ours, ref, sizes, section="sample") -
                 key = f"{name} {'compiled' if compiled else 'eager'}"
                 variants[key] = ((lambda m=name, c=compiled: [f.use(c and k == m) for k, f in fast.items() if f]),
                                  call)
-                other[key] = weights_bytes(ref if name == "ours" else ours) if ref is not None else 0
+                own[key] = weights_bytes(ours if name == "ours" else ref)
         with torch.no_grad():  # as sample.py's denoise
-            timings = measure(variants, args, device, other)
+            timings = measure(variants, args, device, own)
         flops = forward_flops(p, B, Li, Lt)
         for name in models if ref is not None or section != "sample" else [*models, "diffusers"]:
             for kind in ("eager", "compiled"):
