@@ -86,8 +86,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "copies); combines with --offload (default: 0)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile each transformer block's forward (regional: the 19 double blocks share one "
-                        "compiled graph, the 38 single blocks another, so it takes seconds, not minutes; the first "
-                        "step pays it): a faster step on a GPU, the same image within float rounding (default: off)")
+                        "compiled graph, the 38 single blocks another, so two blocks are compiled, by the first "
+                        "step), for speed on a GPU (bench/gpu.py measures it); the same image within float rounding "
+                        "(default: off)")
 
     g = p.add_argument_group("LoRA")
     g.add_argument("--lora", action="append", default=[],

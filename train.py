@@ -139,9 +139,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "single one) for a slower step (PCIe copies). Needs --checkpointing (default: 0)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile each transformer block's forward (regional: one compiled graph per block "
-                        "class, seconds rather than minutes, paid at the first step and again at each new image "
-                        "size and for validation sampling): a faster step on a GPU, the same training within float "
-                        "rounding; composes with the LoRA, --checkpointing, --quantize and --blocks-to-swap "
+                        "class, compiled at the first step and again at a new image size and for validation "
+                        "sampling), for speed on a GPU (bench/gpu.py measures it); the same training within "
+                        "float rounding; composes with the LoRA, --checkpointing, --quantize and --blocks-to-swap "
                         "(default: off)")
     p.add_argument("--save-every", type=ranged(int, 1), default=250,
                    help="write LoRA + training state every N steps (default: 250)")
