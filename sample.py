@@ -32,6 +32,7 @@ from iclora.lora_files import load_lora, read_conditional_metadata, read_lora_fi
 from iclora.panels import LAYOUTS, canvas_size, joint_caption, panel_boxes, panel_size, split_panels
 from iclora.references import pin_references, reference_latents, reference_panels
 from minflux.block_swap import BlockSwap
+from minflux.compile import compile_blocks
 from minflux.hub import USER_ERRORS, check_device, hub_call, ranged
 from minflux.pipeline import from_pil, load_pipeline, to_pil
 from minflux.quantize import FP8Linear, quantize_fp8
@@ -107,6 +108,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "blocks first) in CPU RAM and copy each to the GPU just before it runs: saves K blocks' "
                         "weights (bf16: 0.68 GB a double block, 0.28 GB a single one) for a slower step (PCIe "
                         "copies); combines with --offload (default: 0)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile each transformer block's forward (regional: the 19 double blocks share one "
+                        "compiled graph, the 38 single blocks another, so two blocks are compiled, by the first "
+                        "step), for speed on a GPU (bench/gpu.py measures it); the same image within float rounding "
+                        "(default: off)")
 
     g = p.add_argument_group("LoRA")
     g.add_argument("--lora", action="append", default=[],
@@ -368,6 +374,8 @@ def main(argv=None) -> list[Path]:
     if not merge:
         add_loras(pipe.flow, loras, args.lora_scale, merge)
     BlockSwap(pipe.flow, args.blocks_to_swap, args.device)  # last: before the flow first goes to the device
+    if args.compile:  # after every change to the blocks' layers
+        compile_blocks(pipe.flow)
 
     # 2. Tokenize and encode the prompts; 3. the schedule of times from 1 (noise) to 0 for this size.
     # With --true-cfg, the negative prompt too, once per image (`true_cfg` runs the flow on both at every step).

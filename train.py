@@ -38,6 +38,7 @@ from iclora.references import pin_references
 from iclora.training import (TIMESTEP_MODES, EncodedSet, check_captions, check_reference_panels, collate,
                              encode_sets, flow_matching_loss, step_generator)
 from minflux.block_swap import BlockSwap
+from minflux.compile import compile_blocks
 from minflux.hub import USER_ERRORS, check_device, ranged
 from minflux.pipeline import load_pipeline, load_t5_tokenizer, to_pil
 from minflux.quantize import quantize_fp8
@@ -138,6 +139,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "first) in CPU RAM and copy each to the GPU just before it runs, forward and in the backward "
                         "pass's recomputation: saves K blocks' weights (bf16: 0.68 GB a double block, 0.28 GB a "
                         "single one) for a slower step (PCIe copies). Needs --checkpointing (default: 0)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile each transformer block's forward (regional: one compiled graph per block "
+                        "class, compiled at the first step and again at a new image size and for validation "
+                        "sampling), for speed on a GPU (bench/gpu.py measures it); the same training within "
+                        "float rounding; composes with the LoRA, --checkpointing, --quantize and --blocks-to-swap "
+                        "(default: off)")
     p.add_argument("--save-every", type=ranged(int, 1), default=250,
                    help="write LoRA + training state every N steps (default: 250)")
     p.add_argument("--save-dtype", choices=["fp16", "bf16", "fp32"],
@@ -424,6 +431,8 @@ def train(args: argparse.Namespace) -> Path:
         start_from_lora(pipe.flow, init_lora, args.init_lora, args.rank)
     pipe.flow.gradient_checkpointing = args.checkpointing
     BlockSwap(pipe.flow, args.blocks_to_swap, args.device)
+    if args.compile:
+        compile_blocks(pipe.flow)
     flow = pipe.on_device(pipe.flow)
     named = {n: p for n, p in flow.named_parameters() if p.requires_grad}  # the adapters
     params = list(named.values())

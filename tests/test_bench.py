@@ -1,17 +1,20 @@
 """The benchmark scripts run and report what bench/RESULTS.md quotes (timings themselves are never asserted)."""
 
 import importlib.util
+import json
 import sys
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 import bench
 from iclora.lora import inject_lora, lora_parameters
 from minflux.model import Flux, preset
 from minflux.quantize import quantize_fp8
+from minflux.sampling import image_ids, text_ids
 from minflux.t5 import T5Config, T5Encoder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -101,3 +104,59 @@ def test_sample_memory_counts_t5_linears_in_fp8_and_the_rest_in_bf16():
     other = 32128 * 4096 + 32 * 64 + 24 * 2 * 4096 + 4096  # embedding, relative position bias, layer norms
     assert load_train_memory().stored_bytes(t5, "fp8") == linears + 4 * rows + 2 * other
     assert load_train_memory().stored_bytes(t5, None) == 2 * (linears + other)
+
+
+def load_gpu_bench():
+    spec = importlib.util.spec_from_file_location("gpu_bench", ROOT / "bench" / "gpu.py")
+    gpu = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu)
+    return gpu
+
+
+def test_gpu_bench_counts_the_forward_flops_that_torch_counts():
+    """bench/gpu.py's formula against torch's FLOP counter on a flux-dev-width model (meta tensors: shapes only);
+    it leaves out the modulations and embedders, under 0.1% at 1024²."""
+    p = replace(preset("flux-dev"), depth=1, depth_single_blocks=2)
+    B, (H, W), Lt = 2, (1024, 1024), 512
+    with torch.device("meta"):
+        flux = Flux(p)
+        x = (torch.randn(B, 4096, 64), image_ids(B, H, W).to("meta"), torch.randn(B, Lt, 4096),
+             text_ids(B, Lt).to("meta"), torch.rand(B), torch.randn(B, 768), torch.full((B,), 3.5))
+    with FlopCounterMode(display=False) as counter:
+        flux(*x)
+    counted, ours = counter.get_total_flops(), load_gpu_bench().forward_flops(p, B, 4096, Lt)
+    assert counted * (1 - 1e-3) < ours <= counted
+    assert load_gpu_bench().forward_flops(preset("flux-dev"), 1, 4096, 512) / 1e12 == pytest.approx(74.4, abs=0.05)
+
+
+def test_gpu_bench_runs_every_section_on_the_cpu_and_writes_every_field(tmp_path):
+    gpu, out = load_gpu_bench(), tmp_path / "gpu.json"
+    result = gpu.main(["--config", "tiny", "--device", "cpu", "--sizes", "32x32", "64x32", "--train-size", "32x64",
+                       "--text-tokens", "8", "--repeats", "1", "--out", str(out)])
+    assert json.loads(out.read_text()) == result
+    assert {"device_name", "torch", "diffusers", "peak_bf16_tflops", "command", "flops_counted", "seconds"} <= set(
+        result["meta"])
+    assert result["meta"]["diffusers"] is not None and result["meta"]["peak_bf16_tflops"] is None  # a CPU
+    rows = result["rows"]
+    assert all(tuple(r) == gpu.ROW_FIELDS for r in rows)
+    assert [(r["section"], r["variant"], r["size"]) for r in rows] == [
+        *[("sample", f"{impl} {kind}", size) for size in ("32x32", "64x32") for impl in ("ours", "diffusers")
+          for kind in ("eager", "compiled")],
+        ("train", "eager", "32x64"), ("train", "eager, blocks-to-swap 4", "32x64"), ("train", "compiled", "32x64"),
+        ("fp8 sample", "ours eager", "32x32"), ("fp8 sample", "ours compiled", "32x32"),
+        ("fp8 train", "eager", "32x64"), ("fp8 train", "compiled", "32x64")]
+    for r in rows:
+        if "compiled" in r["variant"]:  # GPU only
+            assert r["skipped"] and r["s_per_step"] is None and r["tflops"] is None
+        else:
+            assert r["skipped"] is None and r["s_per_step"] > 0 and r["tflops"] > 0 and r["peak_gib"] is None
+    table = out.with_suffix(".md").read_text().splitlines()
+    assert len([line for line in table if line.startswith("| ")]) == 1 + len(rows)  # the header, then a row each
+
+
+@pytest.mark.parametrize("name, tflops", [("NVIDIA H100 80GB HBM3", 989), ("NVIDIA H200", 989),
+                                          ("NVIDIA A100-SXM4-80GB", 312), ("NVIDIA H100 PCIe", None),
+                                          ("NVIDIA GeForce RTX 4090", None)])
+def test_gpu_bench_knows_the_dense_bf16_peak_of_the_h100_sxm_h200_and_a100_only(monkeypatch, name, tflops):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    assert load_gpu_bench().peak_tflops(torch.device("cuda")) == tflops

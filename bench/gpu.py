@@ -1,0 +1,338 @@
+"""GPU speed at full FLUX.1-dev size in one short run (meant to take under 4 minutes on an H100/H200): random weights.
+
+    python bench/gpu.py                  # all sections; `--only sample|train|fp8` for one
+    python bench/gpu.py --config tiny --device cpu --sizes 32x32 --train-size 32x64 --text-tokens 8  # smoke test
+
+sample: a denoising step (batch 1, 512 text tokens) at each --sizes, ours eager and `--compile`d against diffusers'
+FluxTransformer2DModel eager and compiled the same way (each block's forward; diffusers is optional, e.g.
+`pip install --no-deps diffusers==0.42.1`); train: a LoRA step at the paper's settings (rank 16, batch 4, 1024x1536,
+checkpointing), eager, compiled, and with --blocks-to-swap; fp8: both with `quantize_fp8`. Variants alternate call by
+call (median of --repeats after --warmup); compiled ones run on a GPU only. Peak memory is measured, FLOPs computed
+(`forward_flops`). Writes --out (JSON) and a markdown table beside it (.md) for bench/RESULTS.md.
+"""
+
+import argparse
+import gc
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's minflux, and bench.py
+import bench  # noqa: E402
+from iclora.lora import inject_lora, lora_parameters  # noqa: E402
+from iclora.training import flow_matching_loss, step_generator  # noqa: E402
+from minflux.block_swap import BlockSwap  # noqa: E402
+from minflux.compile import compile_blocks  # noqa: E402
+from minflux.model import CONFIGS, FluxParams  # noqa: E402
+from minflux.quantize import quantize_fp8  # noqa: E402
+from minflux.sampling import image_ids, text_ids  # noqa: E402
+
+GIB = 2**30
+START = time.perf_counter()
+# dense bf16 tensor-core peak, TFLOP/s (vendor data sheets, without sparsity); other GPUs: null
+PEAK_BF16 = {"H200": 989, "H100 SXM": 989, "A100": 312}
+ROW_FIELDS = ("section", "variant", "size", "batch", "s_per_step", "peak_gib", "tflops", "fraction_of_peak", "mfu",
+              "warmup_s", "skipped")
+
+
+def say(message: str):
+    print(f"[{time.perf_counter() - START:6.1f} s] {message}", flush=True)
+
+
+def free(device: torch.device):
+    """Drops compiled code and unreferenced models before the next section builds its own."""
+    torch.compiler.reset()
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def compiles(device: torch.device) -> bool:
+    """Whether the compiled variants run: on a GPU only (compiling diffusers on a CPU takes minutes)."""
+    return device.type == "cuda"
+
+
+def peak_tflops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    if "H100" in name and ("HBM3" in name or "SXM" in name):  # "NVIDIA H100 80GB HBM3" is the SXM part
+        name = "H100 SXM"
+    return next((tflops for key, tflops in PEAK_BF16.items() if key in name), None)
+
+
+def forward_flops(p: FluxParams, batch: int, image_tokens: int, text_tokens: int) -> float:
+    """Matrix-product FLOPs of one transformer forward (2 per multiply-add). Per token, a double block's two streams
+    and a single block both do 2·C·(4C + 2F) (qkv 3C², out C², MLP 2·C·F); attention adds 4·L²·C per block (q·kᵀ and
+    p·v over all heads); plus the input and output projections. The modulations and embedders act once per image and
+    are left out (< 0.1%), and so are LoRA adapters (~1%). A training step counts 3 forwards (forward and backward:
+    the usual convention, though a frozen base needs no weight gradients) + 1 (checkpointing's recomputation);
+    MFU = that / s / the GPU's dense bf16 peak."""
+    C, L, Li = p.hidden_size, image_tokens + text_tokens, image_tokens
+    F = int(p.hidden_size * p.mlp_ratio)
+    per_block = 2 * L * C * (4 * C + 2 * F) + 4 * L * L * C
+    io = 2 * Li * p.in_channels * C + 2 * text_tokens * p.context_in_dim * C + 2 * Li * C * p.out_channels
+    return batch * ((p.depth + p.depth_single_blocks) * per_block + io)
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """"WxH" -> (height, width), multiples of 16."""
+    width, height = (int(v) for v in text.lower().split("x"))
+    if width % 16 or height % 16:
+        raise argparse.ArgumentTypeError(f"{text}: width and height must be multiples of 16")
+    return height, width
+
+
+class Compiled:
+    """Compiled forwards of a model's blocks, switched on and off so that eager and compiled calls can alternate."""
+
+    def __init__(self, blocks: list, forwards: list):
+        self.blocks, self.forwards = blocks, forwards
+        self.use(False)
+
+    def use(self, on: bool):
+        for block, forward in zip(self.blocks, self.forwards):
+            if on:
+                block.forward = forward
+            else:
+                block.__dict__.pop("forward", None)  # back to the class's forward: eager
+
+
+def ours_compiled(flow) -> Compiled:
+    """What --compile does (`compile_blocks`), its compiled forwards taken over to be switched."""
+    compile_blocks(flow)
+    blocks = [*flow.double_blocks, *flow.single_blocks]
+    return Compiled(blocks, [b.__dict__["forward"] for b in blocks])
+
+
+def diffusers_compiled(ref) -> Compiled:
+    """diffusers' blocks compiled the same way: each block's forward."""
+    blocks = [*ref.transformer_blocks, *ref.single_transformer_blocks]
+    return Compiled(blocks, [torch.compile(b.forward) for b in blocks])
+
+
+def measure(variants: dict, args, device, weights: dict | None = None) -> dict:
+    """variants: name -> (set_up(), call()) run alternately; name -> dict(s_per_step, peak_gib, warmup_s). The
+    warm-up of a compiled variant is mostly its compile time. Peak: torch.cuda.max_memory_allocated during the calls;
+    with `weights` (name -> bytes: two models resident, which share tensors), that model's weights plus the most a
+    call allocated over what was resident before it."""
+    out = {}
+    for name, (set_up, call) in variants.items():  # warm-up (the first compiled call compiles)
+        set_up()
+        start = time.perf_counter()
+        for _ in range(args.warmup):
+            bench.timed_ms(call, device)
+        out[name] = dict(times=[], peak=0, warmup_s=time.perf_counter() - start)
+        say(f"  {name}: warm-up {out[name]['warmup_s']:.1f} s")
+    for _ in range(args.repeats):
+        for name, (set_up, call) in variants.items():
+            set_up()
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+                before = torch.cuda.memory_allocated(device) if weights else 0
+            out[name]["times"].append(bench.timed_ms(call, device) / 1000)
+            if device.type == "cuda":
+                peak = torch.cuda.max_memory_allocated(device) - before + (weights or {}).get(name, 0)
+                out[name]["peak"] = max(out[name]["peak"], peak)
+    result = {}
+    for name, r in out.items():
+        peak = r["peak"] / GIB if device.type == "cuda" else None
+        result[name] = dict(s_per_step=statistics.median(r["times"]), peak_gib=peak, warmup_s=r["warmup_s"])
+        say(f"  {name}: {result[name]['s_per_step']:.4f} s/step" + (f", peak {peak:.2f} GiB" if peak else ""))
+    return result
+
+
+def row(section, variant, size, batch, flops=None, peak=None, training=False, skipped=None, **timing) -> dict:
+    s = timing.get("s_per_step")
+    tflops = flops / s / 1e12 if s and flops else None
+    r = dict(section=section, variant=variant, size=f"{size[1]}x{size[0]}", batch=batch, s_per_step=s,
+             peak_gib=timing.get("peak_gib"), tflops=tflops, fraction_of_peak=None, mfu=None,
+             warmup_s=timing.get("warmup_s"), skipped=skipped)
+    if tflops and peak:
+        r["mfu" if training else "fraction_of_peak"] = tflops / peak
+    return r
+
+
+def weights_bytes(model) -> int:
+    return sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+
+
+def sample_rows(args, device, dtype, peak, ours, ref, sizes, section="sample") -> list[dict]:
+    """One denoising step at each size: ours (and diffusers' when given) eager and, on a GPU, compiled."""
+    p, B, Lt, rows = ours.params, 1, args.text_tokens, []
+    gpu = compiles(device)
+    for H, W in sizes:
+        torch.compiler.reset()  # static shapes for this size, as a run of sample.py has
+        Li = (H // 16) * (W // 16)
+        say(f"{section} {W}x{H}: {Li} image tokens")
+        img = torch.randn(B, Li, p.in_channels, device=device, dtype=dtype)
+        txt = torch.randn(B, Lt, p.context_in_dim, device=device, dtype=dtype)
+        y = torch.randn(B, p.vec_in_dim, device=device, dtype=dtype)
+        iid, tid = image_ids(B, H, W).to(device), text_ids(B, Lt).to(device)
+        t, g = torch.full((B,), 0.7, device=device, dtype=dtype), torch.full((B,), 3.5, device=device, dtype=dtype)
+
+        def step(v):  # the Euler update of sampling.denoise
+            return (img.float() - 0.04 * v.float()).to(dtype)
+
+        fast = {"ours": ours_compiled(ours) if gpu else None}
+        models = {"ours": lambda: step(ours(img, iid, txt, tid, t, y, g))}
+        if ref is not None:
+            fast["diffusers"] = diffusers_compiled(ref) if gpu else None
+            models["diffusers"] = lambda: step(ref(hidden_states=img, encoder_hidden_states=txt, pooled_projections=y,
+                                                   timestep=t, img_ids=iid[0], txt_ids=tid[0], guidance=g).sample)
+        variants, own = {}, {}
+        for name, call in models.items():
+            for compiled in (False, True):
+                if compiled and not gpu:
+                    continue
+                key = f"{name} {'compiled' if compiled else 'eager'}"
+                variants[key] = ((lambda m=name, c=compiled: [f.use(c and k == m) for k, f in fast.items() if f]),
+                                 call)
+                own[key] = weights_bytes(ours if name == "ours" else ref)
+        with torch.no_grad():  # as sample.py's denoise
+            timings = measure(variants, args, device, own)
+        flops = forward_flops(p, B, Li, Lt)
+        for name in models if ref is not None or section != "sample" else [*models, "diffusers"]:
+            for kind in ("eager", "compiled"):
+                key = f"{name} {kind}"
+                why = "compiled variants run on a GPU only" if name in models else "diffusers is not installed, " \
+                    "or --no-reference"
+                rows.append(row(section, key, (H, W), B, flops, peak, **timings[key]) if key in timings else
+                            row(section, key, (H, W), B, skipped=why))
+        for f in fast.values():
+            if f:
+                f.use(False)
+    return rows
+
+
+def train_rows(args, device, dtype, peak, flow, swap: bool, section="train") -> list[dict]:
+    """A LoRA training step as train.py runs it, eager and (on a GPU) compiled; with `swap`, then the faster of the
+    two with the last --blocks-to-swap blocks swapped (installed last: it is not taken out again)."""
+    torch.compiler.reset()
+    H, W = args.train_size
+    B, Lt, p, gpu = args.batch_size, args.text_tokens, flow.params, compiles(device)
+    say(f"{section} {W}x{H}, batch {B}, rank {args.rank}, checkpointing")
+    inject_lora(flow, rank=args.rank, alpha=float(args.rank))
+    flow.gradient_checkpointing = True
+    params = lora_parameters(flow)
+    optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0)
+    x0 = torch.randn(B, 16, H // 8, W // 8, device=device)
+    txt, vec = torch.randn(B, Lt, p.context_in_dim, device=device), torch.randn(B, p.vec_in_dim, device=device)
+    flow.train()
+
+    def step():
+        loss = flow_matching_loss(flow, x0, txt, vec, step_generator(0, 0), timestep_mode="sigmoid")
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    fast = ours_compiled(flow) if gpu else None
+    modes = ["eager", "compiled"] if gpu else ["eager"]
+    timings = measure({m: ((lambda c=m == "compiled": fast and fast.use(c)), step) for m in modes}, args, device)
+    if swap:
+        K = min(args.blocks_to_swap, len(flow.double_blocks) + len(flow.single_blocks))
+        BlockSwap(flow, K, device)
+        timings |= measure({f"{modes[-1]}, blocks-to-swap {K}": ((lambda: fast and fast.use(gpu)), step)}, args,
+                           device)
+    flops = (3 + 1) * forward_flops(p, B, (H // 16) * (W // 16), Lt)  # forward + backward, + recomputation
+    rows = [row(section, name, (H, W), B, flops, peak, training=True, **t) for name, t in timings.items()]
+    if not gpu:
+        rows.append(row(section, "compiled", (H, W), B, skipped="compiled variants run on a GPU only"))
+    return rows
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", choices=["sample", "train", "fp8"], help="run one section (default: all three)")
+    ap.add_argument("--config", default="flux-dev", choices=list(CONFIGS),
+                    help="transformer size, random weights (default: flux-dev; tiny for the CPU smoke test)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                    help="torch device (default: cuda if available, else cpu)")
+    ap.add_argument("--sizes", type=parse_size, nargs="+", default=[(1024, 1024), (1024, 2048)], metavar="WxH",
+                    help="sampling canvases (default: 1024x1024 2048x1024, one image and a two-panel set)")
+    ap.add_argument("--train-size", type=parse_size, default=(1536, 1024), metavar="WxH",
+                    help="training canvas (default: 1024x1536, the paper's three-panel film storyboard)")
+    ap.add_argument("--batch-size", type=int, default=4, help="training batch (default: 4, the paper's)")
+    ap.add_argument("--rank", type=int, default=16, help="LoRA rank (default: 16, the paper's)")
+    ap.add_argument("--text-tokens", type=int, default=512, help="T5 tokens (default: 512, FLUX.1-dev's)")
+    ap.add_argument("--blocks-to-swap", type=int, default=10, metavar="K",
+                    help="K for the training variant with block swap (default: 10)")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed calls per variant first (default: 1)")
+    ap.add_argument("--repeats", type=int, default=3, help="timed calls per variant (default: 3)")
+    ap.add_argument("--no-reference", action="store_true", help="sample section without diffusers")
+    ap.add_argument("--out", type=Path, default=Path("bench/gpu.json"),
+                    help="JSON file; the markdown table goes next to it with .md (default: bench/gpu.json)")
+    return ap.parse_args(argv)
+
+
+def table(result: dict) -> str:
+    m = result["meta"]
+    head = (f"{m['device_name']}, torch {m['torch']}, diffusers {m['diffusers'] or 'absent'}, config {m['config']}, "
+            f"{m['dtype']}; dense bf16 peak {m['peak_bf16_tflops'] or 'unknown'} TFLOP/s. `{m['command']}`\n\n")
+    lines = ["| section | variant | size | batch | s/step | peak GiB | TFLOP/s | of peak / MFU | warm-up s |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    fmt = lambda v, f: "–" if v is None else format(v, f)  # noqa: E731
+    for r in result["rows"]:
+        use = r["mfu"] if r["mfu"] is not None else r["fraction_of_peak"]
+        lines.append(f"| {r['section']} | {r['variant']} | {r['size']} | {r['batch']} | "
+                     + (f"skipped: {r['skipped']} | | | | |" if r["skipped"] else
+                        f"{fmt(r['s_per_step'], '.4g')} | {fmt(r['peak_gib'], '.2f')} | {fmt(r['tflops'], '.4g')} | "
+                        f"{fmt(use, '.1%')} | {fmt(r['warmup_s'], '.1f')} |"))
+    return head + "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    begin, device = time.perf_counter(), torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    peak = peak_tflops(device)
+    try:
+        import diffusers
+        diffusers_version = diffusers.__version__
+    except ImportError:
+        diffusers_version = None
+    sections = [args.only] if args.only else ["sample", "train", "fp8"]
+    meta = dict(device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                torch=torch.__version__, diffusers=diffusers_version, config=args.config,
+                dtype=str(dtype).removeprefix("torch."), peak_bf16_tflops=peak,
+                command=" ".join(["python bench/gpu.py", *(sys.argv[1:] if argv is None else argv)]),
+                sections=sections, text_tokens=args.text_tokens, rank=args.rank, warmup=args.warmup,
+                repeats=args.repeats,
+                flops_counted="matrix products of the forward (block linears, attention, input/output projections), "
+                              "2 FLOPs a multiply-add; training x(3 + 1): forward, backward, checkpointing's "
+                              "recomputation")
+    say(json.dumps(meta))
+    torch.manual_seed(0)
+    build = lambda reference: bench.build(argparse.Namespace(config=args.config, no_reference=not reference),  # noqa
+                                          device, dtype)
+    rows = []
+    if "sample" in sections:
+        ours, ref = build(diffusers_version is not None and not args.no_reference)
+        rows += sample_rows(args, device, dtype, peak, ours, ref, args.sizes)
+        ref = None
+        free(device)
+    if "train" in sections:
+        ours = ours if "sample" in sections else build(False)[0]
+        rows += train_rows(args, device, dtype, peak, ours, swap=True)
+    if "fp8" in sections:
+        ours = None
+        free(device)  # the bf16 model (its block swap hooks hold it in a cycle)
+        ours = quantize_fp8(build(False)[0])
+        rows += sample_rows(args, device, dtype, peak, ours, None, args.sizes[:1], section="fp8 sample")
+        rows += train_rows(args, device, dtype, peak, ours, swap=False, section="fp8 train")
+    result = dict(meta=meta | {"seconds": round(time.perf_counter() - begin, 1)}, rows=rows)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1))
+    args.out.with_suffix(".md").write_text(table(result))
+    print(table(result))
+    say(f"wrote {args.out} and {args.out.with_suffix('.md')}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
