@@ -9,8 +9,10 @@ every rank must follow one process's.
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -153,6 +155,27 @@ def test_fsdp_shards_give_the_losses_and_the_lora_of_one_process(repo, data, two
     diff, loss_diff = max_difference(one, two[name]), max(abs(a - b) for a, b in zip(losses(one), losses(two[name])))
     print(f"{name} 2 processes vs 1: adapters max abs diff {diff:.2e}, logged losses {loss_diff:.2e}")
     assert diff <= TOL and loss_diff <= TOL
+
+
+def test_sigterm_to_torchrun_stops_every_rank_at_one_step_and_rank_0_saves_it(repo, data, tmp_path):
+    out = tmp_path / "lora.safetensors"
+    run = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                            "train.py", "--model", str(repo), "--data", str(data), "--out", str(out), *SETTINGS,
+                            "--steps", "100000", "--save-every", "100000"],
+                           cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           env=os.environ | {"OMP_NUM_THREADS": "1"})
+    log, deadline = out.with_name("lora.loss.csv"), time.monotonic() + 60
+    while not (log.exists() and len(log.read_text().splitlines()) > 2):  # header + steps 1 and 2
+        if run.poll() is not None or time.monotonic() > deadline:
+            run.kill()
+            pytest.fail(f"no loss-log row for step 2 within 60 s: {run.communicate()[1][-2000:]}")
+        time.sleep(0.05)
+    run.send_signal(signal.SIGTERM)
+    _, stderr = run.communicate(timeout=60)  # torchrun passes the signal on to both ranks
+    assert run.returncode != 0 and stderr.count("interrupted (SIGTERM)") == 2 and "[rank" not in stderr  # no traceback
+    saved = torch.load(out.with_name("lora.state.pt"), weights_only=True)["step"]
+    assert saved >= 2 and len(losses(out)) == saved and load_file(out).keys()
+    assert not out.with_name("lora.lock").exists()
 
 
 def test_fsdp_gives_each_rank_half_of_the_frozen_weights(two):
