@@ -3,6 +3,7 @@
     python train.py --data sets/home_decor                       # the paper's settings, writes out.safetensors
     python train.py --data sets/home_decor --config my_run.json  # values from a JSON file, flags override them
     python train.py --model toy --data sets/toy_recolour         # the 12 MB toy FLUX, a few CPU minutes
+    torchrun --nproc_per_node 4 train.py --data sets/home_decor  # 4 GPUs, data parallel (+ --fsdp: the base sharded)
 
 Reads top to bottom: options -> data -> model -> encode the sets once -> LoRA -> training loop -> save.
 Writes next to --out: the LoRA (PEFT/diffusers layout, loads in diffusers and ComfyUI), `<stem>.state.pt`
