@@ -3,6 +3,7 @@
     python train.py --data sets/home_decor                       # the paper's settings, writes out.safetensors
     python train.py --data sets/home_decor --config my_run.json  # values from a JSON file, flags override them
     python train.py --model toy --data sets/toy_recolour         # the 12 MB toy FLUX, a few CPU minutes
+    torchrun --nproc_per_node 4 train.py --data sets/home_decor  # 4 GPUs, data parallel (+ --fsdp: the base sharded)
 
 Reads top to bottom: options -> data -> model -> encode the sets once -> LoRA -> training loop -> save.
 Writes next to --out: the LoRA (PEFT/diffusers layout, loads in diffusers and ComfyUI), `<stem>.state.pt`
@@ -31,6 +32,7 @@ from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
 from iclora.data import PanelSetDataset, batches_by_bucket
+from iclora.distributed import gathered, join, part, rank, shard, sum_gradients
 from iclora.lora import inject_lora, lora_layers, remove_lora
 from iclora.lora_files import atomic_writes, conditional_metadata, load_lora, read_lora_file, save_lora
 from iclora.panels import LAYOUTS, grid_shape
@@ -145,6 +147,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "sampling), for speed on a GPU (bench/gpu.py measures it); the same training within "
                         "float rounding; composes with the LoRA, --checkpointing, --quantize and --blocks-to-swap "
                         "(default: off)")
+    p.add_argument("--fsdp", action="store_true",
+                   help="under torchrun: shard the frozen base over the ranks with FSDP2, block by block, so that "
+                        "each GPU holds 1/N of its weights (gathering a block's just before it runs); the adapters "
+                        "stay whole and are all-reduced as in plain data parallel (default: off, every rank holds "
+                        "the whole base)")
     p.add_argument("--save-every", type=ranged(int, 1), default=250,
                    help="write LoRA + training state every N steps (default: 250)")
     p.add_argument("--save-dtype", choices=["fp16", "bf16", "fp32"],
@@ -195,6 +202,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.blocks_to_swap and not args.checkpointing:
         p.error("--blocks-to-swap needs --checkpointing: without it autograd keeps every block's weights until the "
                 "backward pass, so nothing would be saved")
+    if args.fsdp and "WORLD_SIZE" not in os.environ:
+        p.error("--fsdp shards the base over torchrun's processes: start the run with torchrun --nproc_per_node N "
+                "train.py ... (see README)")
+    if args.fsdp and args.blocks_to_swap:
+        p.error("--fsdp and --blocks-to-swap do not compose (both would own the blocks' weights); choose one: "
+                "--fsdp divides the base over N GPUs, --blocks-to-swap keeps part of it in CPU RAM")
     return args
 
 
@@ -361,6 +374,12 @@ def start_from_lora(flow, tensors: dict, path: Path, rank: int):
     remove_lora(flow, "init")
 
 
+def wait_for_rank0():
+    """Under torchrun, the other ranks wait here until rank 0 has written its files."""
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
 def interrupt(signum, frame):
     """SIGTERM or SIGHUP before the training loop: stop like Ctrl-C (the loop itself stops between steps)."""
     raise KeyboardInterrupt(signal.Signals(signum).name)
@@ -369,9 +388,11 @@ def interrupt(signum, frame):
 def main(argv=None) -> Path:
     """Runs `train` holding `<out stem>.lock`, which is removed however the run ends."""
     args = parse_args(argv)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.device = join(args.device)  # under torchrun: this rank joins the others; its GPU is cuda:LOCAL_RANK
     lock = args.out.with_name(f"{args.out.stem}.lock")
-    take_lock(lock, args.out)
+    if rank() == 0:  # rank 0 alone writes the files of --out
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        take_lock(lock, args.out)
     handlers = {s: signal.getsignal(s) for s in STOP_SIGNALS}
     signal.signal(signal.SIGTERM, interrupt), signal.signal(signal.SIGHUP, interrupt)
     try:
@@ -379,7 +400,8 @@ def main(argv=None) -> Path:
     finally:
         for s, handler in handlers.items():
             signal.signal(s, handler)
-        lock.unlink(missing_ok=True)
+        if rank() == 0:
+            lock.unlink(missing_ok=True)
 
 
 def train(args: argparse.Namespace) -> Path:
@@ -396,7 +418,8 @@ def train(args: argparse.Namespace) -> Path:
     print(f"{len(dataset) // per_set} training sets from {args.data}, {len(dataset)} samples: each at resolution "
           f"{', '.join(map(str, dataset.resolutions))} (at its own size where that is smaller)", file=sys.stderr)
     fingerprint = dataset_fingerprint(dataset)
-    state = load_state(state_path, args, fingerprint) if args.resume else None
+    # --resume: rank 0 reads the state (only its machine holds --out's folder) and every rank gets a copy
+    state = gathered([load_state(state_path, args, fingerprint)] if rank() == 0 else [])[0] if args.resume else None
     init_lora = read_lora_file(args.init_lora) if args.init_lora else None  # read (and so checked) now
     first = dataset.samples[per_set - 1].bucket  # the first set's largest (H, W): the validation images' default
     val = [parse_val_prompt(p, *first, args.sample_steps) for p in args.val_prompt] or [  # the caption as written
@@ -414,7 +437,7 @@ def train(args: argparse.Namespace) -> Path:
     pipe = load_pipeline(str(args.model), args.device, dtype, transformer=args.transformer)
     if args.quantize == "fp8":  # on the CPU, before T5 encodes and before the LoRA wraps the flow's Linears
         quantize_fp8(pipe.t5), quantize_fp8(pipe.flow)
-    sets = encode_sets(pipe, dataset, args.ref_panel)
+    sets = gathered(encode_sets(pipe, dataset, args.ref_panel, part(len(dataset))))  # each rank encodes its part
     empty = EncodedSet(None, *(x[0].cpu() for x in pipe.encode_prompts([""])))     # for caption dropout
     val_txt, val_vec = pipe.encode_prompts([v["caption"] for v in val])
     for v in val:  # with --ref-panel, validation images are conditioned on the first set's reference panels
@@ -431,6 +454,11 @@ def train(args: argparse.Namespace) -> Path:
         start_from_lora(pipe.flow, init_lora, args.init_lora, args.rank)
     pipe.flow.gradient_checkpointing = args.checkpointing
     BlockSwap(pipe.flow, args.blocks_to_swap, args.device)
+    if args.fsdp:  # on the CPU still: each rank's 1/N of the frozen weights goes to its device
+        base = sum(p.numel() for p in pipe.flow.parameters() if not p.requires_grad)
+        shard(pipe.flow)
+        held = sum(p.to_local().numel() for p in pipe.flow.parameters() if not p.requires_grad)
+        print(f"--fsdp: rank {rank()} holds {held:,} of the base's {base:,} weights", file=sys.stderr)
     if args.compile:
         compile_blocks(pipe.flow)
     flow = pipe.on_device(pipe.flow)
@@ -461,7 +489,9 @@ def train(args: argparse.Namespace) -> Path:
         ema = {n: (state["ema"][n] if state else p.detach()).to(p.device, copy=True) for n, p in named.items()}
 
     def save(step: int):
-        """The training state and the LoRA: both written to temporary files, then both renamed."""
+        """The training state and the LoRA: both written to temporary files, then both renamed (by rank 0)."""
+        if rank() != 0:
+            return
         state = {"step": step, "lora": {n: p.detach().cpu() for n, p in named.items()},
                  "optimizer": optimizer.state_dict(), "args": {k: str(v) for k, v in vars(args).items()},
                  "dataset": fingerprint} | ({"ema": {n: v.cpu() for n, v in ema.items()}} if ema else {})
@@ -483,15 +513,17 @@ def train(args: argparse.Namespace) -> Path:
                 old.unlink()
 
     def validate(step: int):
-        """The validation images of this step (with the EMA weights), side by side: <stem>_samples/step000250.png."""
+        """The validation images of this step (with the EMA weights), side by side: <stem>_samples/step000250.png.
+        Every rank samples (under --fsdp each holds a part of every block); rank 0 writes."""
         flow.eval()
         with holding(named, ema):
             images = [to_pil(pipe.decode(pipe.sample(val_txt[i : i + 1], val_vec[i : i + 1], v["height"], v["width"],
                                                      v["steps"], v["guidance"], v["seed"], False, v["hook"])))[0]
                       for i, v in enumerate(val)]
         flow.train()
-        samples_dir.mkdir(exist_ok=True)
-        side_by_side(images).save(samples_dir / f"step{step:06d}.png")
+        if rank() == 0:
+            samples_dir.mkdir(exist_ok=True)
+            side_by_side(images).save(samples_dir / f"step{step:06d}.png")
 
     # 5. The loop. The data order is a pure function of the seed: epoch e is batches_by_bucket(seed + e).
     order = itertools.chain.from_iterable(batches_by_bucket(dataset, args.batch_size, args.seed + epoch)
@@ -501,7 +533,7 @@ def train(args: argparse.Namespace) -> Path:
     stop = []  # signals received during the loop: the step under way finishes, then the run saves and stops
     for s in STOP_SIGNALS:
         signal.signal(s, lambda signum, frame: stop.append(signum))
-    with open(log_path, "w", newline="") as log:
+    with open(log_path if rank() == 0 else os.devnull, "w", newline="") as log:
         writer = csv.writer(log)
         writer.writerows([["step", "loss", "lr", "seconds"], *log_rows])
         losses = [float(r[1]) for r in log_rows]  # for the loss curve drawn at each save
@@ -510,9 +542,9 @@ def train(args: argparse.Namespace) -> Path:
         flow.train()
         begin = time.perf_counter()
         try:
-            bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="training")
+            bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="training", disable=rank() > 0)
             for step in bar:
-                if stop:
+                if any(gathered([bool(stop)])):  # torchrun signals every rank: all stop at the same step
                     raise KeyboardInterrupt
                 g = step_generator(args.seed, step)
                 lr = args.lr * min(1.0, (step + 1) / max(1, args.warmup))  # linear warm-up, then constant
@@ -520,15 +552,18 @@ def train(args: argparse.Namespace) -> Path:
                     group["lr"] = lr
                 loss_sum = 0.0
                 for _ in range(args.grad_accum):
-                    x0, txt, vec, known, target = collate([sets[i] for i in next(batches)], empty,
-                                                          args.caption_dropout, g, args.device)
+                    # every rank collates the whole micro-batch (its draws), and computes the loss of its part
+                    batch = next(batches)
+                    x0, txt, vec, known, target = collate([sets[i] for i in batch], empty, args.caption_dropout, g,
+                                                          args.device)
                     loss = flow_matching_loss(flow, x0, txt, vec, g, args.guidance, args.timestep_sampling, target,
-                                              known, REF_MODE)
-                    if not math.isfinite(loss.item()):
-                        raise SystemExit(f"error: loss is {loss.item()} at step {step}: training stopped. The last "
-                                         f"good checkpoint ({state_path}, {out}) is intact; try a lower --lr.")
+                                              known, REF_MODE, part(len(batch)))
                     (loss / args.grad_accum).backward()
                     loss_sum += loss.item()
+                loss_sum = sum_gradients(params, loss_sum)  # under torchrun: the ranks' parts added up
+                if not math.isfinite(loss_sum):
+                    raise SystemExit(f"error: loss is {loss_sum} at step {step}: training stopped. The last good "
+                                     f"checkpoint ({state_path}, {out}) is intact; try a lower --lr.")
                 torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
                 optimizer.step()
                 if ema:  # ema ← decay·ema + (1 − decay)·weights
@@ -548,11 +583,14 @@ def train(args: argparse.Namespace) -> Path:
                     validate(done)
         except KeyboardInterrupt:
             save(done)
+            wait_for_rank0()
             raise SystemExit(f"interrupted ({signal.Signals(stop[0]).name if stop else 'SIGINT'}): saved the LoRA "
                              f"and training state at step {done} to {out}, {state_path}; --resume continues")
     if start >= args.steps:
         save(start)
-    print(out)
+    wait_for_rank0()
+    if rank() == 0:
+        print(out)
     return out
 
 
@@ -563,3 +601,6 @@ if __name__ == "__main__":
         raise SystemExit(f"error: {e}")
     except KeyboardInterrupt:
         raise SystemExit("interrupted before training started: nothing was saved")
+    finally:
+        if torch.distributed.is_initialized():  # under torchrun
+            torch.distributed.destroy_process_group()

@@ -16,7 +16,6 @@ import warnings
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -61,24 +60,27 @@ def sample_timesteps(batch: int, image_tokens: int, g: torch.Generator, mode: st
 
 def flow_matching_loss(flow, x0: Tensor, txt: Tensor, vec: Tensor, g: torch.Generator, guidance: float = 1.0,
                        timestep_mode: str = "shift", target_mask: Tensor | None = None,
-                       known: Tensor | None = None, ref_mode: str = "noised") -> Tensor:
+                       known: Tensor | None = None, ref_mode: str = "noised", rows: slice = slice(None)) -> Tensor:
     """MSE between the predicted and the true velocity ε − x0 at a random point of the noise-data line. With
     `target_mask` (B, Li) or (Li,), True on the tokens to generate: the others become the reference tokens
-    reference_tokens(known (B, Li, 4c), ε, t, ref_mode) before the forward, and the MSE is over the target tokens."""
+    reference_tokens(known (B, Li, 4c), ε, t, ref_mode) before the forward, and the MSE is over the target tokens.
+    `rows` (iclora/distributed.py): all draws for the whole batch, the loss of these examples as their share of it."""
     B, _, h, w = x0.shape
     x0 = pack(x0)                                                                 # (B, Li, 4c)
     noise = torch.randn(x0.shape, generator=g).to(x0)
     t = sample_timesteps(B, x0.shape[1], g, timestep_mode).to(x0)                 # (B,)
+    mask = torch.ones_like(x0, dtype=torch.bool) if target_mask is None else \
+        target_mask.to(x0.device).expand(B, x0.shape[1])[..., None].expand_as(x0)  # (B, Li, 4c) True: in the loss
+    count = mask.sum()  # the whole batch's, whatever `rows` is
+    x0, noise, t, txt, vec, mask = x0[rows], noise[rows], t[rows], txt[rows], vec[rows], mask[rows]
+    B = x0.shape[0]  # from here on, the examples of `rows`
     x_t = add_noise(x0, noise, t[:, None, None])                                  # (B, Li, 4c)
     if target_mask is not None:
-        target_mask = target_mask.to(x0.device).expand(B, x0.shape[1])[..., None]  # (B, Li, 1)
-        x_t = torch.where(target_mask, x_t, reference_tokens(known.to(x0), noise, t[:, None, None], ref_mode))
+        x_t = torch.where(mask, x_t, reference_tokens(known[rows].to(x0), noise, t[:, None, None], ref_mode))
     dtype, device = compute_dtype(flow), x0.device
     v = flow(x_t.to(dtype), image_ids(B, 8 * h, 8 * w).to(device), txt.to(dtype), text_ids(B, txt.shape[1]).to(device),
              timesteps=t.to(dtype), y=vec.to(dtype), guidance=torch.full((B,), guidance, dtype=dtype, device=device))
-    if target_mask is None:
-        return F.mse_loss(v.float(), (noise - x0).float())
-    return (v.float() - (noise - x0).float())[target_mask.expand_as(x0)].square().mean()
+    return (v.float() - (noise - x0).float())[mask].square().sum() / count
 
 
 @dataclass
@@ -106,12 +108,12 @@ def check_reference_panels(dataset, ref_panels: list[int]) -> int:
 
 
 @torch.no_grad()
-def encode_sets(pipe, dataset, ref_panels: list[int] = ()) -> list[EncodedSet]:
-    """Each sample's latents and caption states, each (set, bucket) encoded once; with 1-based `ref_panels`, its
-    reference panels, cut from the resized set, encoded by reference_latents (as `sample.py --ref` encodes a
-    reference image) and the target mask."""
+def encode_sets(pipe, dataset, ref_panels: list[int] = (), part: slice = slice(None)) -> list[EncodedSet]:
+    """Each sample's latents and caption states (of the samples `part` of the list only), each (set, bucket) encoded
+    once; with 1-based `ref_panels`, its reference panels, cut from the resized set, encoded by reference_latents (as
+    `sample.py --ref` encodes a reference image) and the target mask."""
     encoded, done = [], {}
-    for i in tqdm(range(len(dataset)), desc="encoding images and captions"):
+    for i in tqdm(range(len(dataset))[part], desc="encoding images and captions"):
         if (key := (dataset.samples[i].path, dataset.samples[i].bucket)) in done:
             encoded.append(done[key])
             continue

@@ -1,0 +1,58 @@
+"""train.py on the processes `torchrun` starts: data parallel, and with `--fsdp` the frozen base sharded block by
+block over the ranks (FSDP2). Each rank draws the values of the whole micro-batch and computes its `part`'s share of
+the loss (iclora/training.py), so the gradients summed over the ranks are one process's. Only the adapters
+communicate; they stay whole on every rank. Without torchrun there is one rank and nothing here communicates."""
+
+import os
+
+import torch
+import torch.distributed as dist
+from torch.distributed.fsdp import fully_shard
+
+
+def join(device: str) -> str:
+    """Under torchrun: joins the ranks once (gloo for CPU tensors and objects, NCCL for CUDA's); this rank's device."""
+    if "WORLD_SIZE" in os.environ and not dist.is_initialized():
+        dist.init_process_group()
+    if "LOCAL_RANK" in os.environ and torch.device(device).type == "cuda":
+        torch.cuda.set_device(device := f"cuda:{os.environ['LOCAL_RANK']}")
+    return device
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def part(n: int) -> slice:
+    """This rank's contiguous share of n items (shares differ by at most one; a rank may get none)."""
+    return slice(rank() * n // world(), (rank() + 1) * n // world())
+
+
+def gathered(items: list) -> list:
+    """Every rank's `items` joined in rank order, on every rank (pickled, through gloo on the CPU)."""
+    parts = [items] * world()
+    if world() > 1:
+        dist.all_gather_object(parts, items)
+    return [x for p in parts for x in p]
+
+
+def sum_gradients(params: list[torch.Tensor], loss: float) -> float:
+    """Adds up the ranks' gradients of `params` (the adapters) and their `loss`, in one flat all-reduce."""
+    if world() == 1:
+        return loss
+    flat = torch.cat([p.grad.flatten() for p in params] + [torch.tensor([loss], device=params[0].device)])
+    dist.all_reduce(flat)
+    for p, g in zip(params, flat.split([p.numel() for p in params] + [1])):  # the last: the loss
+        p.grad = g.view_as(p)
+    return flat[-1].item()
+
+
+def shard(flow: torch.nn.Module):
+    """--fsdp: the frozen weights of each block, then the rest, split over the ranks; the adapters stay whole."""
+    adapters = {p for p in flow.parameters() if p.requires_grad}
+    for module in [*flow.double_blocks, *flow.single_blocks, flow]:
+        fully_shard(module, ignored_params=adapters)
