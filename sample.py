@@ -30,13 +30,13 @@ from iclora.data import load_rgb
 from iclora.lora import fold_lora
 from iclora.lora_files import load_lora, read_conditional_metadata, read_lora_file
 from iclora.panels import LAYOUTS, canvas_size, joint_caption, panel_boxes, panel_size, split_panels
-from iclora.references import pin_references, reference_latents, reference_panels
+from iclora.references import image_positions, pin_references, reference_latents, reference_panels
 from minflux.block_swap import BlockSwap
 from minflux.compile import compile_blocks
 from minflux.hub import USER_ERRORS, check_device, hub_call, ranged
 from minflux.pipeline import from_pil, load_pipeline, to_pil
 from minflux.quantize import FP8Linear, quantize_fp8
-from minflux.sampling import add_noise, check_size, denoise, get_noise, image_ids, img2img_start, pack, text_ids, unpack
+from minflux.sampling import add_noise, check_size, denoise, get_noise, img2img_start, pack, text_ids, unpack
 from minflux.tokenizers import overlong
 
 TOY_SIZE = 64  # the toy model draws 64×64 scenes (per panel)
@@ -355,8 +355,8 @@ def main(argv=None) -> list[Path]:
     height, width = args.height, args.width = canvas(args)  # stored as used
     files = output_paths(args.out, len(prompts) * len(args.seed), args.panels, args.from_image)
     boxes = panel_boxes(height, width, args.panels, args.layout)
-    refs = [(read_image(path, "--ref"), boxes[k])
-            for path, k in zip(args.ref, reference_panels(len(args.ref), args.ref_panel, args.panels))]
+    given = reference_panels(len(args.ref), args.ref_panel, args.panels)  # 0-based panel of each --ref
+    refs = [(read_image(path, "--ref"), boxes[k]) for path, k in zip(args.ref, given)]
     init = read_image(args.init, "--init") if args.init else None
 
     # 1. Load the models (T5, CLIP, the flow transformer, the autoencoder) to the CPU, then the LoRAs: merged into
@@ -409,7 +409,8 @@ def main(argv=None) -> list[Path]:
                                         args.ref_mode)
         x = pack(x).to(pipe.device, pipe.dtype)                                     # (B, Li, 4c)
         flow = true_cfg(pipe.on_device(pipe.flow), negative, args.true_cfg)
-        x = denoise(flow, x, image_ids(B, height, width), txt, text_ids(B, Lt), vec, timesteps, args.guidance,
+        img_ids = image_positions(height, width, args.panels, args.layout, given, args.ref_mode)    # (1, Li, 3)
+        x = denoise(flow, x, img_ids.expand(B, -1, -1), txt, text_ids(B, Lt), vec, timesteps, args.guidance,
                     after_step)                                                     # (B, Li, 4c) at t = 0
         images += to_pil(pipe.decode(unpack(x, height, width)))
 

@@ -58,7 +58,7 @@ RESUME_MUST_MATCH = ("data", "layout", "model", "batch_size", "grad_accum", "ran
                      "grad_clip", "resolution", "caption_dropout", "guidance", "timestep_sampling", "seed", "dtype",
                      "transformer", "quantize", "panels", "ref_panel", "ema_decay")
 # how a --ref-panel LoRA sees its reference tokens (iclora/references.py); measured on the toy tasks, see README
-REF_MODE = "clean"
+REF_MODE = "moved"
 SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 VAL_SEED = 42  # the noise of every validation image, so that they differ only by the training they show
 STATE_KEYS = ("step", "lora", "optimizer", "args", "dataset")
@@ -437,7 +437,7 @@ def train(args: argparse.Namespace) -> Path:
     pipe = load_pipeline(str(args.model), args.device, dtype, transformer=args.transformer)
     if args.quantize == "fp8":  # on the CPU, before T5 encodes and before the LoRA wraps the flow's Linears
         quantize_fp8(pipe.t5), quantize_fp8(pipe.flow)
-    sets = gathered(encode_sets(pipe, dataset, args.ref_panel, part(len(dataset))))  # each rank encodes its part
+    sets = gathered(encode_sets(pipe, dataset, args.ref_panel, REF_MODE, part(len(dataset))))  # each rank: its part
     empty = EncodedSet(None, *(x[0].cpu() for x in pipe.encode_prompts([""])))     # for caption dropout
     val_txt, val_vec = pipe.encode_prompts([v["caption"] for v in val])
     for v in val:  # with --ref-panel, validation images are conditioned on the first set's reference panels
@@ -518,7 +518,8 @@ def train(args: argparse.Namespace) -> Path:
         flow.eval()
         with holding(named, ema):
             images = [to_pil(pipe.decode(pipe.sample(val_txt[i : i + 1], val_vec[i : i + 1], v["height"], v["width"],
-                                                     v["steps"], v["guidance"], v["seed"], False, v["hook"])))[0]
+                                                     v["steps"], v["guidance"], v["seed"], False, v["hook"],
+                                                     sets[0].ids[None] if args.ref_panel else None)))[0]
                       for i, v in enumerate(val)]
         flow.train()
         if rank() == 0:
@@ -554,10 +555,10 @@ def train(args: argparse.Namespace) -> Path:
                 for _ in range(args.grad_accum):
                     # every rank collates the whole micro-batch (its draws), and computes the loss of its part
                     batch = next(batches)
-                    x0, txt, vec, known, target = collate([sets[i] for i in batch], empty, args.caption_dropout, g,
-                                                          args.device)
+                    x0, txt, vec, known, target, ids = collate([sets[i] for i in batch], empty, args.caption_dropout,
+                                                               g, args.device)
                     loss = flow_matching_loss(flow, x0, txt, vec, g, args.guidance, args.timestep_sampling, target,
-                                              known, REF_MODE, part(len(batch)))
+                                              known, REF_MODE, part(len(batch)), ids)
                     (loss / args.grad_accum).backward()
                     loss_sum += loss.item()
                 loss_sum = sum_gradients(params, loss_sum)  # under torchrun: the ranks' parts added up

@@ -4,10 +4,13 @@ SDEdit/RePaint-style masking in latent space. Before the first step, and after e
 t_next, the known panels' tokens are pulled toward the reference tokens r(t_next):
     x[known] ← (1 − s)·x[known] + s·r(t_next)
 s = 1 replaces the region (RePaint), s = 0 ignores the reference. With `stop` F the last round(F·steps) steps leave
-the region to the model, which can then smooth the seams. Two treatments of the reference (`reference_tokens`, used
-by sampling here and by the training loss in iclora/training.py, so training sees what sampling sees):
-"noised" r(t) = (1 − t)·x_ref + t·ε with ε the run's initial noise of those tokens (so at t = 1 both agree), the
-paper's; "clean" r(t) = x_ref, for LoRAs trained with it (`train.py --ref-panel`, the mode is in their metadata).
+the region to the model, which can then smooth the seams. Three treatments of the reference (`reference_tokens`
+and `image_positions`, used by sampling here and by the training loss in iclora/training.py, so training sees what
+sampling sees): "noised" r(t) = (1 − t)·x_ref + t·ε with ε the run's initial noise of those tokens (so at t = 1 both
+agree), the paper's; "clean" r(t) = x_ref; "moved" r(t) = x_ref, and the reference tokens' RoPE positions moved onto
+the first panel to generate, first axis r for the r-th reference (as FLUX.1 Kontext marks its context image), so a
+generated token finds its reference token at the same (row, col). The last two are for LoRAs trained with them
+(`train.py --ref-panel`, the mode is in their metadata).
 
 Shape letters: B images, Li image tokens, c latent channels (16), h/w latent height/width.
 """
@@ -17,8 +20,9 @@ from einops import rearrange
 from PIL import Image
 from torch import Tensor
 
+from iclora.panels import panel_boxes
 from minflux.pipeline import Pipeline, from_pil
-from minflux.sampling import add_noise, pack
+from minflux.sampling import add_noise, image_ids, pack
 
 
 def reference_panels(num_refs: int, ref_panels: list[int], n: int) -> list[int]:
@@ -53,16 +57,29 @@ def reference_latents(pipe: Pipeline, refs: list[tuple[Image.Image, tuple[int, i
     return pack(known), rearrange(mask, "h w -> (h w)")                             # (1, Li, 4c), (Li,)
 
 
-REF_MODES = ("noised", "clean")
+REF_MODES = ("noised", "clean", "moved")
 
 
 def reference_tokens(known: Tensor, eps: Tensor, t: float | Tensor, mode: str = "noised") -> Tensor:
     """r(t) of the module docstring for packed reference latents and noise (B, Li, 4c); t a float or (B, 1, 1)."""
     if mode == "noised":
         return add_noise(known, eps, t)                                             # (B, Li, 4c)
-    if mode == "clean":
+    if mode in ("clean", "moved"):
         return known.expand_as(eps)                                                 # (B, Li, 4c)
     raise ValueError(f"unknown reference mode {mode!r}; expected one of {REF_MODES}")
+
+
+def image_positions(height: int, width: int, n: int, layout: str, refs: list[int], mode: str) -> Tensor:
+    """RoPE positions (1, Li, 3) of a height×width canvas of n panels whose 0-based `refs` are references given in
+    `mode`: the canvas's own (image_ids), but for "moved" (module docstring)."""
+    ids = rearrange(image_ids(1, height, width), "1 (h w) a -> h w a", h=height // 16).clone()  # (h, w, 3)
+    if mode == "moved":
+        boxes = [[side // 16 for side in box] for box in panel_boxes(height, width, n, layout)]
+        left, top = boxes[min(set(range(n)) - set(refs))][:2]  # of the first panel to generate
+        for r, (l, t, right, bottom) in enumerate([boxes[k] for k in refs], 1):
+            ids[t:bottom, l:right] = ids[top : top + bottom - t, left : left + right - l]
+            ids[t:bottom, l:right, 0] = r
+    return rearrange(ids, "h w a -> 1 (h w) a")                                                  # (1, Li, 3)
 
 
 def pin_references(known: Tensor, mask: Tensor, noise: Tensor, timesteps: list[float], strength: float = 1.0,

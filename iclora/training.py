@@ -20,7 +20,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from iclora.panels import panel_boxes, split_panels
-from iclora.references import reference_latents, reference_panels, reference_tokens
+from iclora.references import image_positions, reference_latents, reference_panels, reference_tokens
 from minflux.pipeline import to_pil
 from minflux.quantize import compute_dtype
 from minflux.sampling import add_noise, image_ids, pack, shift_mu, text_ids, time_shift
@@ -60,11 +60,13 @@ def sample_timesteps(batch: int, image_tokens: int, g: torch.Generator, mode: st
 
 def flow_matching_loss(flow, x0: Tensor, txt: Tensor, vec: Tensor, g: torch.Generator, guidance: float = 1.0,
                        timestep_mode: str = "shift", target_mask: Tensor | None = None,
-                       known: Tensor | None = None, ref_mode: str = "noised", rows: slice = slice(None)) -> Tensor:
+                       known: Tensor | None = None, ref_mode: str = "noised", rows: slice = slice(None),
+                       img_ids: Tensor | None = None) -> Tensor:
     """MSE between the predicted and the true velocity ε − x0 at a random point of the noise-data line. With
     `target_mask` (B, Li) or (Li,), True on the tokens to generate: the others become the reference tokens
     reference_tokens(known (B, Li, 4c), ε, t, ref_mode) before the forward, and the MSE is over the target tokens.
-    `rows` (iclora/distributed.py): all draws for the whole batch, the loss of these examples as their share of it."""
+    `rows` (iclora/distributed.py): all draws for the whole batch, the loss of these examples as their share of it.
+    `img_ids` (B, Li, 3): the tokens' positions, if not the canvas's (image_positions)."""
     B, _, h, w = x0.shape
     x0 = pack(x0)                                                                 # (B, Li, 4c)
     noise = torch.randn(x0.shape, generator=g).to(x0)
@@ -78,7 +80,8 @@ def flow_matching_loss(flow, x0: Tensor, txt: Tensor, vec: Tensor, g: torch.Gene
     if target_mask is not None:
         x_t = torch.where(mask, x_t, reference_tokens(known[rows].to(x0), noise, t[:, None, None], ref_mode))
     dtype, device = compute_dtype(flow), x0.device
-    v = flow(x_t.to(dtype), image_ids(B, 8 * h, 8 * w).to(device), txt.to(dtype), text_ids(B, txt.shape[1]).to(device),
+    img_ids = image_ids(B, 8 * h, 8 * w) if img_ids is None else img_ids          # (B, Li, 3)
+    v = flow(x_t.to(dtype), img_ids.to(device), txt.to(dtype), text_ids(B, txt.shape[1]).to(device),
              timesteps=t.to(dtype), y=vec.to(dtype), guidance=torch.full((B,), guidance, dtype=dtype, device=device))
     return (v.float() - (noise - x0).float())[mask].square().sum() / count
 
@@ -91,6 +94,7 @@ class EncodedSet:
     vec: Tensor      # (768,) CLIP pooled
     known: Tensor | None = None   # (Li, 4c) packed latents of the reference panels (`train.py --ref-panel`)
     target: Tensor | None = None  # (Li,) True on the tokens to generate
+    ids: Tensor | None = None     # (Li, 3) the tokens' positions for this reference mode (image_positions)
 
 
 def check_reference_panels(dataset, ref_panels: list[int]) -> int:
@@ -108,10 +112,11 @@ def check_reference_panels(dataset, ref_panels: list[int]) -> int:
 
 
 @torch.no_grad()
-def encode_sets(pipe, dataset, ref_panels: list[int] = (), part: slice = slice(None)) -> list[EncodedSet]:
+def encode_sets(pipe, dataset, ref_panels: list[int] = (), ref_mode: str = "noised",
+                part: slice = slice(None)) -> list[EncodedSet]:
     """Each sample's latents and caption states (of the samples `part` of the list only), each (set, bucket) encoded
     once; with 1-based `ref_panels`, its reference panels, cut from the resized set, encoded by reference_latents (as
-    `sample.py --ref` encodes a reference image) and the target mask."""
+    `sample.py --ref` encodes a reference image), the target mask and the tokens' positions in `ref_mode`."""
     encoded, done = [], {}
     for i in tqdm(range(len(dataset))[part], desc="encoding images and captions"):
         if (key := (dataset.samples[i].path, dataset.samples[i].bucket)) in done:
@@ -120,23 +125,24 @@ def encode_sets(pipe, dataset, ref_panels: list[int] = (), part: slice = slice(N
         item = dataset[i]
         latents = pipe.encode_image(item["image"][None])[0].cpu()
         txt, vec = pipe.encode_prompts([item["caption"]])
-        known = target = None
+        known = target = ids = None
         if ref_panels:
             (H, W), n = item["bucket"], dataset.samples[i].count
             panels = split_panels(to_pil(item["image"][None])[0], n, dataset.layout)
             boxes = panel_boxes(H, W, n, dataset.layout)
             known, mask = reference_latents(pipe, [(panels[k - 1], boxes[k - 1]) for k in ref_panels], H, W)
             known, target = known[0], ~mask                                       # (Li, 4c), (Li,)
-        encoded.append(done.setdefault(key, EncodedSet(latents, txt[0].cpu(), vec[0].cpu(), known, target)))
+            ids = image_positions(H, W, n, dataset.layout, [k - 1 for k in ref_panels], ref_mode)[0]  # (Li, 3)
+        encoded.append(done.setdefault(key, EncodedSet(latents, txt[0].cpu(), vec[0].cpu(), known, target, ids)))
     return encoded
 
 
 def collate(sets: list[EncodedSet], empty: EncodedSet, dropout: float, g: torch.Generator, device) -> tuple:
     """Stacks a batch: latents, caption states, pooled vectors, and (None without reference panels) the reference
-    latents and target masks. Each caption is replaced by the empty caption with probability `dropout`."""
+    latents, target masks and positions. Each caption is replaced by the empty caption with probability `dropout`."""
     drop = (torch.rand(len(sets), generator=g) < dropout).tolist()
     texts = [empty if d else s for d, s in zip(drop, sets)]
-    refs = [torch.stack([s.known for s in sets]).to(device), torch.stack([s.target for s in sets]).to(device)] \
-        if sets[0].known is not None else [None, None]
+    refs = [torch.stack([getattr(s, k) for s in sets]).to(device) for k in ("known", "target", "ids")] \
+        if sets[0].known is not None else [None, None, None]
     return (torch.stack([s.latents for s in sets]).to(device), torch.stack([s.txt for s in texts]).to(device),
             torch.stack([s.vec for s in texts]).to(device), *refs)

@@ -84,12 +84,15 @@ class Pipeline:
 
     @torch.no_grad()
     def sample(self, txt: Tensor, vec: Tensor, height: int, width: int, steps: int | None = None,
-               guidance: float = 3.5, seed: int = 0, progress: bool = True, after_step=None) -> Tensor:
+               guidance: float = 3.5, seed: int = 0, progress: bool = True, after_step=None,
+               img_ids: Tensor | None = None) -> Tensor:
         """Encoded prompts -> clean latents (B, c, h, w), all from one noise draw of `seed` (as diffusers does);
-        `after_step(x, t)` edits the start and every step (see `denoise`)."""
+        `after_step(x, t)` edits the start and every step (see `denoise`); `img_ids` (1, Li, 3) replaces the
+        canvas's positions."""
         B, Lt = txt.shape[:2]
         x = pack(get_noise(B, height, width, seed)).to(self.device, self.dtype)  # (B, Li, 4c) at t = 1
-        x = denoise(self.on_device(self.flow), x, image_ids(B, height, width), txt, text_ids(B, Lt), vec,
+        img_ids = image_ids(B, height, width) if img_ids is None else img_ids.expand(B, -1, -1)   # (B, Li, 3)
+        x = denoise(self.on_device(self.flow), x, img_ids, txt, text_ids(B, Lt), vec,
                     self.schedule(height, width, steps), guidance, after_step, progress=progress)
         return unpack(x, height, width)
 

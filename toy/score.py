@@ -23,7 +23,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 from iclora.lora_files import load_lora, read_conditional_metadata  # noqa: E402
-from iclora.references import pin_references, reference_latents  # noqa: E402
+from iclora.references import image_positions, pin_references, reference_latents  # noqa: E402
 from minflux.hub import USER_ERRORS  # noqa: E402
 from minflux.pipeline import Pipeline, load_pipeline, to_pil  # noqa: E402
 from minflux.quantize import quantize_fp8  # noqa: E402
@@ -50,7 +50,8 @@ def generate_sets(pipe: Pipeline, scenes: list[Scene], size: int, steps: int, se
         known = [reference_latents(pipe, [(render(s, size), (0, 0, size, size))], height, width) for s in scenes]
         mask = known[0][1]                                                                  # (Li,)
         hook = pin_references(torch.cat([k for k, _ in known]), mask, noise, timesteps, mode=ref_mode)
-    latents = pipe.sample(txt, vec, height, width, steps, 3.5, seed, progress=False, after_step=hook)  # that noise
+    ids = image_positions(height, width, 2, "row", [0] if reference else [], ref_mode)                    # (1, Li, 3)
+    latents = pipe.sample(txt, vec, height, width, steps, 3.5, seed, progress=False, after_step=hook, img_ids=ids)
     return to_pil(pipe.decode(latents))
 
 
