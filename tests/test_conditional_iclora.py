@@ -15,12 +15,12 @@ import sample
 import train
 from iclora.data import PanelSetDataset, load_rgb
 from iclora.lora import inject_lora
-from iclora.lora_files import conditional_metadata, read_conditional_metadata, save_lora
+from iclora.lora_files import conditional_metadata, load_lora, read_conditional_metadata, save_lora
 from iclora.panels import panel_boxes, split_panels
-from iclora.references import pin_references, reference_latents, reference_tokens
+from iclora.references import image_positions, pin_references, reference_latents, reference_tokens
 from iclora.training import encode_sets, flow_matching_loss, sample_timesteps
-from minflux.pipeline import load_pipeline
-from minflux.sampling import image_ids, pack, text_ids, unpack
+from minflux.pipeline import load_pipeline, to_pil
+from minflux.sampling import get_noise, image_ids, pack, text_ids, unpack
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -52,21 +52,31 @@ def batch(encoded):
     return x0, txt, vec, torch.stack([e.known for e in encoded]), torch.stack([e.target for e in encoded])
 
 
-@pytest.mark.parametrize("mode", ["noised", "clean"])
+def moved_by_hand(B: int) -> torch.Tensor:
+    """The positions of a 64x128 two-panel row whose left panel is moved onto the right one: (1, row, col + 4)."""
+    ids = image_ids(B, 64, 128).reshape(B, 4, 8, 3).clone()
+    ids[:, :, :4] = ids[:, :, 4:]
+    ids[:, :, :4, 0] = 1
+    return ids.reshape(B, 32, 3)
+
+
+@pytest.mark.parametrize("mode", ["noised", "clean", "moved"])
 def test_masked_loss_is_the_plain_loss_on_the_target_tokens_with_reference_tokens_given(pipe, encoded, mode):
     x0, txt, vec, known, target = batch(encoded[1])
+    B = x0.shape[0]
     with torch.no_grad():
         got = flow_matching_loss(pipe.flow, x0, txt, vec, torch.Generator().manual_seed(3), 1.0, "logit_normal",
-                                 target, known, mode)
+                                 target, known, mode, image_positions(64, 128, 2, "row", [0], mode).expand(B, -1, -1))
         # by hand, with the same draws in the same order
-        g, B, (h, w) = torch.Generator().manual_seed(3), x0.shape[0], x0.shape[2:]
+        g, (h, w) = torch.Generator().manual_seed(3), x0.shape[2:]
         clean = pack(x0)
         noise = torch.randn(clean.shape, generator=g)
         t = sample_timesteps(B, clean.shape[1], g)[:, None, None]
         x_t = (1 - t) * clean + t * noise
         ref = (1 - t) * known + t * noise if mode == "noised" else known
         x_t[~target] = ref[~target]
-        v = pipe.flow(x_t, image_ids(B, 8 * h, 8 * w), txt, text_ids(B, txt.shape[1]), timesteps=t[:, 0, 0], y=vec,
+        ids = moved_by_hand(B) if mode == "moved" else image_ids(B, 8 * h, 8 * w)
+        v = pipe.flow(x_t, ids, txt, text_ids(B, txt.shape[1]), timesteps=t[:, 0, 0], y=vec,
                       guidance=torch.ones(B))
         want = ((v - (noise - clean))[target] ** 2).mean()
     print(f"{mode}: masked loss {got.item():.6f}, by hand {want.item():.6f}")
@@ -115,7 +125,31 @@ def test_training_reference_latents_are_what_sample_py_ref_encodes_from_the_pane
     assert mask.sum() == mask.numel() // 2 and mask.reshape(4, 8)[:, :4].all()  # the left half of the tokens
 
 
+def test_moved_positions_put_the_reference_panel_on_the_panel_to_generate_with_first_axis_one():
+    assert torch.equal(image_positions(64, 128, 2, "row", [0], "moved"), moved_by_hand(1))
+
+
+def test_moved_positions_of_two_references_take_the_first_panel_to_generate_with_first_axis_one_and_two():
+    """A 2x2 grid of 32x32 panels (2x2 tokens each) with panels 1 and 3 given: both land on panel 2."""
+    ids = image_positions(64, 64, 4, "grid", [0, 2], "moved").reshape(4, 4, 3)
+    canvas = image_ids(1, 64, 64).reshape(4, 4, 3)
+    panel_2, panel_4 = canvas[:2, 2:], canvas[2:, 2:]
+    assert torch.equal(ids[:2, :2, 1:], panel_2[..., 1:]) and (ids[:2, :2, 0] == 1).all()   # panel 1
+    assert torch.equal(ids[2:, :2, 1:], panel_2[..., 1:]) and (ids[2:, :2, 0] == 2).all()   # panel 3
+    assert torch.equal(ids[:2, 2:], panel_2) and torch.equal(ids[2:, 2:], panel_4)          # generated: unmoved
+
+
 @pytest.mark.parametrize("mode", ["noised", "clean"])
+def test_the_other_modes_keep_the_canvas_positions(mode):
+    assert torch.equal(image_positions(64, 64, 4, "grid", [0, 2], mode), image_ids(1, 64, 64))
+
+
+def test_training_sets_carry_the_positions_of_their_reference_mode(pipe, sets):
+    dataset = PanelSetDataset(sets, resolution=96, panels=2)
+    assert torch.equal(encode_sets(pipe, dataset, [1], "moved")[0].ids, moved_by_hand(1)[0])
+
+
+@pytest.mark.parametrize("mode", ["noised", "clean", "moved"])
 def test_sampling_pins_the_reference_tokens_that_training_gives_the_model(mode):
     known, noise = torch.randn(1, 8, 64), torch.randn(1, 16, 4, 8)
     mask = torch.arange(8) < 4
@@ -124,6 +158,30 @@ def test_sampling_pins_the_reference_tokens_that_training_gives_the_model(mode):
         pinned = pin_references(known, mask, noise, [1.0, 0.7, 0.2, 0.0], mode=mode)(x, t)
         assert torch.equal(pinned[:, mask], reference_tokens(known, pack(noise), t, mode)[:, mask])
         assert torch.equal(pinned[:, ~mask], x[:, ~mask])
+
+
+def test_sample_py_gives_a_moved_conditional_lora_the_moved_positions(tmp_path):
+    """sample.py --ref with a LoRA trained in "moved" mode draws what the toy pipeline draws by hand with the
+    reference pinned clean and the moved positions."""
+    flow = load_pipeline("toy").flow
+    inject_lora(flow, rank=2, alpha=2, seed=0)
+    for p in (p for p in flow.parameters() if p.requires_grad):
+        torch.nn.init.normal_(p, std=0.05)
+    lora = tmp_path / "moved.safetensors"
+    save_lora(flow, lora, metadata=conditional_metadata([1], 2, "row", "moved", 64, 64))
+    reference, prompt = Image.new("RGB", (64, 64), (255, 0, 0)), "[TWO-PANEL] the same scene in two colour schemes"
+    reference.save(tmp_path / "ref.png")
+    [joined, *_] = sample.main(["--model", "toy", "--lora", str(lora), "--ref", str(tmp_path / "ref.png"),
+                                "--prompt", prompt, "--steps", "3", "--seed", "7", "--out", str(tmp_path / "o.png")])
+    pipe = load_pipeline("toy")
+    load_lora(pipe.flow, str(lora))
+    txt, vec = pipe.encode_prompts([prompt])
+    known, mask = reference_latents(pipe, [(reference, (0, 0, 64, 64))], 64, 128)
+    timesteps = pipe.schedule(64, 128, 3)
+    hook = pin_references(known, mask, get_noise(1, 64, 128, 7), timesteps, mode="clean")
+    want = to_pil(pipe.decode(pipe.sample(txt, vec, 64, 128, 3, 3.5, 7, False, hook, moved_by_hand(1))))[0]
+    diff = np.abs(np.asarray(Image.open(joined), np.int16) - np.asarray(want, np.int16))
+    assert diff.max() <= 1, f"max pixel difference {diff.max()}"
 
 
 def test_before_the_first_step_the_noised_reference_is_the_noise_and_the_clean_one_the_latents():
