@@ -74,13 +74,13 @@ def flow_matching_loss(flow, x0: Tensor, txt: Tensor, vec: Tensor, g: torch.Gene
     mask = torch.ones_like(x0, dtype=torch.bool) if target_mask is None else \
         target_mask.to(x0.device).expand(B, x0.shape[1])[..., None].expand_as(x0)  # (B, Li, 4c) True: in the loss
     count = mask.sum()  # the whole batch's, whatever `rows` is
-    x0, noise, t, txt, vec, mask = x0[rows], noise[rows], t[rows], txt[rows], vec[rows], mask[rows]
+    img_ids = image_ids(B, 8 * h, 8 * w) if img_ids is None else img_ids          # (B, Li, 3)
+    x0, noise, t, txt, vec, mask, img_ids = (x[rows] for x in (x0, noise, t, txt, vec, mask, img_ids))
     B = x0.shape[0]  # from here on, the examples of `rows`
     x_t = add_noise(x0, noise, t[:, None, None])                                  # (B, Li, 4c)
     if target_mask is not None:
         x_t = torch.where(mask, x_t, reference_tokens(known[rows].to(x0), noise, t[:, None, None], ref_mode))
     dtype, device = compute_dtype(flow), x0.device
-    img_ids = image_ids(B, 8 * h, 8 * w) if img_ids is None else img_ids          # (B, Li, 3)
     v = flow(x_t.to(dtype), img_ids.to(device), txt.to(dtype), text_ids(B, txt.shape[1]).to(device),
              timesteps=t.to(dtype), y=vec.to(dtype), guidance=torch.full((B,), guidance, dtype=dtype, device=device))
     return (v.float() - (noise - x0).float())[mask].square().sum() / count

@@ -66,7 +66,8 @@ def test_masked_loss_is_the_plain_loss_on_the_target_tokens_with_reference_token
     B = x0.shape[0]
     with torch.no_grad():
         got = flow_matching_loss(pipe.flow, x0, txt, vec, torch.Generator().manual_seed(3), 1.0, "logit_normal",
-                                 target, known, mode, image_positions(64, 128, 2, "row", [0], mode).expand(B, -1, -1))
+                                 target, known, mode,
+                                 img_ids=image_positions(64, 128, 2, "row", [0], mode).expand(B, -1, -1))
         # by hand, with the same draws in the same order
         g, (h, w) = torch.Generator().manual_seed(3), x0.shape[2:]
         clean = pack(x0)
