@@ -6,7 +6,8 @@ FLUX, with and without a LoRA, read every panel back with toy.world.analyse, and
     python toy/score.py --lora blind.safetensors --task blind_recolour   # captions that do not describe the scene
 
 Each set is generated in two modes (In-Context LoRA, arXiv 2410.23775, §4): "text" from the joint caption alone,
-"ref" with the left panel given (see `evaluate`). The scenes have their own seed (--scenes-seed), so they are held
+"ref" with the left panel given (see `evaluate`). "ceiling" is the ref-mode rule of the exact targets through the
+autoencoder (`ceiling`): what a LoRA that hit the target latents exactly would score. The scenes have their own seed (--scenes-seed), so they are held
 out from make_sets.py's training sets; every set uses the same noise (--seed) with and without the LoRA. A LoRA
 trained with `train.py --ref-panel` is sampled in ref mode with the reference treatment its metadata records.
 Shape letters: B sets, Li image tokens, c latent channels.
@@ -25,7 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 from iclora.lora_files import load_lora, read_conditional_metadata  # noqa: E402
 from iclora.references import image_positions, pin_references, reference_latents  # noqa: E402
 from minflux.hub import USER_ERRORS  # noqa: E402
-from minflux.pipeline import Pipeline, load_pipeline, to_pil  # noqa: E402
+from iclora.panels import join_panels  # noqa: E402
+from minflux.pipeline import Pipeline, from_pil, load_pipeline, to_pil  # noqa: E402
 from minflux.quantize import quantize_fp8  # noqa: E402
 from minflux.sampling import get_noise  # noqa: E402
 from toy.world import TASKS, Scene, panel_consistency, random_scene, recolour, render  # noqa: E402
@@ -75,6 +77,16 @@ def evaluate(pipe: Pipeline, scenes: list[Scene], size: int = 64, steps: int = 2
     scores = {mode: mean_scores(images[mode], scenes, size if mode == "ref" else None) for mode in images}
     del scores["ref"]["caption_left"]  # the given panel, not generated
     return scores, images
+
+
+@torch.no_grad()
+def ceiling(pipe: Pipeline, scenes: list[Scene], size: int = 64) -> float:
+    """The ref-mode rule of the exact targets: each set drawn perfectly, through the autoencoder (encoded, then
+    decoded as generated sets are) and scored as `evaluate` scores ref mode."""
+    joined = torch.cat([from_pil(join_panels([render(s, size), render(recolour(s), size)], "row"), size, 2 * size)
+                        for s in scenes])                                                    # (B, 3, H, W)
+    images = to_pil(pipe.decode(pipe.encode_image(joined)))
+    return mean_scores(images, scenes, size)["rule"]
 
 
 def contact_sheet(scenes: list[Scene], rows: list[list[Image.Image]], size: int, columns: int = 8) -> Image.Image:
@@ -133,6 +145,7 @@ def main(argv=None) -> dict:
             ref_mode = (read_conditional_metadata(args.lora) or {}).get("ref_mode", "noised")
         results[name], images = evaluate(pipe, scenes, args.size, args.steps, args.seed, args.task, ref_mode)
         rows += [(name, mode, images[mode]) for mode in images]
+    results["ceiling"] = {"ref": {"rule": ceiling(pipe, scenes, args.size)}}
     print(json.dumps(results, indent=1))
     if args.sheet:
         order = sorted(rows, key=lambda r: r[1] != "text")  # text rows first, then ref rows
