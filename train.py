@@ -189,7 +189,9 @@ def parse_args(argv=None) -> argparse.Namespace:
             p.error(f"{args.config}: unknown options {', '.join(sorted(unknown))}")
         # as strings, so that argparse converts and checks them like the flags (lists and booleans as they are)
         p.set_defaults(**{k: v if v is None or isinstance(v, (bool, list)) else str(v) for k, v in config.items()})
-        args = p.parse_args(argv)
+        given, args = args, p.parse_args(argv)
+        for k in [k for k, v in vars(given).items() if isinstance(v, list) and v]:  # a repeated flag given replaces
+            setattr(args, k, getattr(given, k))                                     # the file's list, not extends it
     for k, v in MODEL_DEFAULTS["toy" if args.model == "toy" else "flux"].items():
         if getattr(args, k) is None:
             setattr(args, k, v)

@@ -207,6 +207,12 @@ def test_resume_with_different_settings_is_refused_naming_them(repo, data, tmp_p
         run_train(repo, data, out, "--steps", "4", "--rank", "8", "--resume")
 
 
+def test_a_repeatable_flag_given_replaces_the_config_files_list(tmp_path):
+    (tmp_path / "run.json").write_text('{"data": "d", "val_prompt": ["from the file"], "ref_panel": [1]}')
+    args = train.parse_args(["--config", str(tmp_path / "run.json"), "--val-prompt", "from the flag"])
+    assert args.val_prompt == ["from the flag"] and args.ref_panel == [1]
+
+
 @pytest.mark.parametrize("config", ['{"steps": 0}', '{"caption_dropout": 3}', '{"lr": -1}'])
 def test_nonsense_numbers_in_the_config_file_are_refused_like_flags(tmp_path, config):
     (tmp_path / "run.json").write_text(config)
