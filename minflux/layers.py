@@ -45,13 +45,12 @@ class EmbedND(nn.Module):
 
 
 def apply_rope(x: Tensor, pe: Tensor) -> Tensor:
-    """Rotates each adjacent pair (x_2j, x_2j+1) of head dims by pair j's angle, in float32:
-    (x_2j, x_2j+1) -> (x_2j·cos − x_2j+1·sin, x_2j·sin + x_2j+1·cos). Real arithmetic, which torch.compile fuses."""
+    """Rotates each adjacent pair of head dims by its angle in float32, as BFL (a bf16 x times the float32 table
+    promotes: no float32 copy of x): (x_2j, x_2j+1) -> (x_2j·cos − x_2j+1·sin, x_2j·sin + x_2j+1·cos)."""
     cos, sin = pe                                                                 # (B, L, 1, D) each
-    xf = x.float()
-    x0, x1 = rearrange(xf, "b l h (p two) -> two b l h p", two=2)                 # (B, L, H, P) each
+    x0, x1 = rearrange(x, "b l h (p two) -> two b l h p", two=2)                  # (B, L, H, P) each
     swapped = rearrange(torch.stack([-x1, x0], dim=-1), "b l h p two -> b l h (p two)")  # (−x_2j+1, x_2j)
-    return (xf * cos + swapped * sin).type_as(x)                                  # (B, L, H, D)
+    return (x * cos).add_(swapped * sin).type_as(x)                               # (B, L, H, D)
 
 
 # Extra attention logits for the first keys (the text tokens), or None. FLUX never sets it: it is the toy model's
@@ -119,7 +118,8 @@ def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
 
 
 class RMSNorm(nn.Module):
-    """Per-head RMS norm for q and k, computed in float32 (parameter name `scale`, as in the checkpoint)."""
+    """Per-head RMS norm for q and k, computed in float32 and cast back before `scale` (BFL's order; parameter name
+    `scale`, as in the checkpoint). F.rms_norm is that math; recent PyTorch fuses it into one kernel on CUDA."""
 
     def __init__(self, dim: int):
         super().__init__()
@@ -127,8 +127,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         # x: (B, L, H, D), normalised over D
-        rrms = torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-6)      # (B, L, H, 1)
-        return (x.float() * rrms).to(x.dtype) * self.scale                        # (B, L, H, D)
+        return F.rms_norm(x, x.shape[-1:], eps=1e-6) * self.scale                 # (B, L, H, D)
 
 
 class QKNorm(nn.Module):

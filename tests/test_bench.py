@@ -160,3 +160,32 @@ def test_gpu_bench_runs_every_section_on_the_cpu_and_writes_every_field(tmp_path
 def test_gpu_bench_knows_the_dense_bf16_peak_of_the_h100_sxm_h200_and_a100_only(monkeypatch, name, tflops):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
     assert load_gpu_bench().peak_tflops(torch.device("cuda")) == tflops
+
+
+def load_blocks_bench():
+    spec = importlib.util.spec_from_file_location("blocks_bench", ROOT / "bench" / "blocks.py")
+    blocks = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(blocks)
+    return blocks
+
+
+def test_blocks_bench_finds_only_bfls_float32_upcasts_in_a_bf16_forward_and_sdpa_gets_bf16_without_copies():
+    out = load_blocks_bench().main(["--config", "tiny", "--image-tokens", "16", "--text-tokens", "8", "--repeats", "1"])
+    for block, qk_norms in (("double", 4), ("single", 2)):
+        found = out["allocations"][f"{block} bfloat16"]
+        assert {part: c["float32_count"] for part, c in found["parts"].items()} == {
+            "adaLN modulation": 0, "RMSNorm (QK norm)": 3 * qk_norms,  # x.float(), its square, x · rrms: BFL's math
+            "RoPE": 2 * 2, "attention": 0, "MLP": 0, "rest": 0}  # x · cos and swapped · sin, for q and k
+        [sdpa] = found["sdpa"]
+        assert all(t["dtype"] == "bfloat16" and t["last_dim_contiguous"] for t in sdpa["inputs"])
+        assert found["copies_in_attention"] == []
+    assert {"double float32", "single float32", "double bfloat16", "single bfloat16"} <= out["adapters"].keys()
+
+
+def test_blocks_bench_counts_each_linears_adapter_flops_from_its_shapes():
+    """Forward: 2·r·(in + out) FLOPs per token and linear; double: per stream qkv 4C, proj 2C, MLP 5C + 5C, single:
+    linear1 8C, linear2 6C; the modulations run once per sample (7C double, 4C single)."""
+    r, C, L = 16, 3072, 6144 + 512
+    flops = load_blocks_bench().adapter_flops("flux-dev", r, 6144, 512)
+    assert flops["double lora fwd"] - flops["double base fwd"] == 2 * r * 16 * C * L + 2 * 2 * r * 7 * C
+    assert flops["single lora fwd"] - flops["single base fwd"] == 2 * r * 14 * C * L + 2 * r * 4 * C
