@@ -73,9 +73,10 @@ class LoRALinear(nn.Module):
         out = F.linear(x, weight, self.bias)                                      # (..., O)
         for name, A in self.lora_A.items():
             if name not in self.merged:
-                B, s = self.lora_B[name], self.scaling[name]
-                h = s * A(self.dropout[name](x.to(A.weight.dtype)))               # (..., r) float32
-                out = out + F.linear(h, B.weight, None if B.bias is None else s * B.bias).to(out.dtype)  # (..., O)
+                B, s = self.lora_B[name], self.scaling[name]  # computed in x's dtype: no float32 copy of x
+                h = s * F.linear(self.dropout[name](x), A.weight.to(x.dtype))     # (..., r)
+                bias = None if B.bias is None else (s * B.bias).to(x.dtype)
+                out = out + F.linear(h, B.weight.to(x.dtype), bias)               # (..., O)
         return out
 
     def extra_repr(self) -> str:
