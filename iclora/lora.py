@@ -4,7 +4,8 @@ A targeted `nn.Linear` (or fp8 `FP8Linear`, whose `scale` comes along) is replac
 keeps the base `weight` and `bias` Parameters under their official names and adds named adapters beside them:
     y = W x + b + Σ_adapters scaling · B(A(dropout(x))),   scaling = multiplier · alpha / r.
 A starts kaiming-uniform (as nn.Linear) and B at zero, so a fresh adapter leaves the model unchanged. Adapters
-are float32 even on a bf16 or fp8 base (never merged into fp8: `fold_lora` merges before `quantize_fp8` instead);
+are float32 parameters even on a bf16 or fp8 base, computed in the input's dtype (as under autocast), and never
+merged into fp8 (`fold_lora` merges before `quantize_fp8` instead);
 LoRA files are read and written by `iclora/lora_files.py`.
 
 Shape letters: N any leading dims, I in features, O out features, r rank.
