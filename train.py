@@ -442,11 +442,11 @@ def train(args: argparse.Namespace) -> Path:
     sets = gathered(encode_sets(pipe, dataset, args.ref_panel, REF_MODE, part(len(dataset))))  # each rank: its part
     empty = EncodedSet(None, *(x[0].cpu() for x in pipe.encode_prompts([""])))     # for caption dropout
     val_txt, val_vec = pipe.encode_prompts([v["caption"] for v in val])
-    for v in val:  # with --ref-panel, validation images are conditioned on the first set's reference panels
+    shown = sets[per_set - 1]  # with --ref-panel, validation is conditioned on the first set's, at its largest size
+    for v in val:
         noise, times = get_noise(1, *first, v["seed"]), pipe.schedule(*first, v["steps"])
-        v["hook"] = pin_references(sets[per_set - 1].known[None], ~sets[per_set - 1].target, noise, times,
-                                   mode=REF_MODE) \
-            if args.ref_panel else None
+        v["hook"], v["ids"] = (pin_references(shown.known[None], ~shown.target, noise, times, mode=REF_MODE),
+                               shown.ids[None]) if args.ref_panel else (None, None)
     pipe.t5.to("cpu"), pipe.clip.to("cpu")
 
     # 4. A LoRA on the frozen base: only the adapters train, in float32. Swapped blocks (--blocks-to-swap) are
@@ -521,7 +521,7 @@ def train(args: argparse.Namespace) -> Path:
         with holding(named, ema):
             images = [to_pil(pipe.decode(pipe.sample(val_txt[i : i + 1], val_vec[i : i + 1], v["height"], v["width"],
                                                      v["steps"], v["guidance"], v["seed"], False, v["hook"],
-                                                     sets[0].ids[None] if args.ref_panel else None)))[0]
+                                                     v["ids"])))[0]
                       for i, v in enumerate(val)]
         flow.train()
         if rank() == 0:

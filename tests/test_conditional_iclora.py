@@ -257,3 +257,10 @@ def test_a_reference_panel_other_than_the_loras_is_refused_before_the_model_load
                                          r"trained with --ref-panel \[1\]"):
         sample.main(["--model", str(tmp_path / "no-model-needed"), "--lora", str(conditional_lora), "--ref",
                      str(tmp_path / "ref.png"), "--ref-panel", "2", "--prompt", "x"])
+
+
+def test_validation_with_several_resolutions_uses_the_first_sets_largest_size_and_its_positions(sets, tmp_path):
+    out = train.main(["--model", "toy", "--data", str(sets), "--panels", "2", "--ref-panel", "1", "--resolution", "48",
+                      "96", "--steps", "1", "--sample-every", "1", "--sample-steps", "2", "--device", "cpu",
+                      "--out", str(tmp_path / "c.safetensors")])
+    assert Image.open(out.with_name("c_samples") / "step000001.png").size == (128, 64)  # the sets' own size
