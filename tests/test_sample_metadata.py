@@ -105,6 +105,15 @@ def test_a_run_at_the_model_default_size_stores_that_size_and_a_new_width_replac
     assert Image.open(wider).size == (96, 64)
 
 
+def test_a_new_width_and_height_replace_a_stored_panel_size(tmp_path):
+    [first, *_] = sample.main(["--model", "toy", "--panels", "2", "--panel-width", "64", "--panel-height", "64",
+                               "--prompt", "two scenes", "--steps", "2", "--out", str(tmp_path / "two.png"),
+                               "--device", "cpu"])
+    [wider, *_] = sample.main(["--from-image", str(first), "--width", "256", "--height", "128", "--out",
+                               str(tmp_path / "wider.png")])
+    assert Image.open(wider).size == (256, 128)
+
+
 @pytest.mark.parametrize("flags,want", [
     (["--lora", "other.safetensors"], {"lora": ["other.safetensors"], "lora_scale": [1.0]}),
     (["--lora-scale", "0.2"], {"lora_scale": [0.2]}),
