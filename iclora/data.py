@@ -8,7 +8,7 @@ per set, `set01/a.png b.png caption.txt`, whose panels (one size per set) are jo
 aspect bucket nearest its own: 1:4 to 4:1, area at most resolution², sides multiples of 16 per panel, so panels are
 cover-resized (never stretched) to one size with edges on the 16-px token grid. Never upscaled: where that bucket
 is larger than the set, the set's own size, panel sides rounded down to 16 (ai-toolkit caps each resolution at the
-image's own area). Every image and caption is checked when the dataset is built; one ValueError lists every
+image's own area), scaled down to resolution² if an aspect beyond 1:4-4:1 makes it larger. Every image and caption is checked when the dataset is built; one ValueError lists every
 problem. A bucket is (H, W), like the image tensor (3, H, W).
 """
 
@@ -122,8 +122,10 @@ class PanelSetDataset(torch.utils.data.Dataset):
                                 f"resolution {resolution} with 16-pixel panel sides")
                 return
             bucket = nearest_bucket(h, w, buckets)
-            fits = bucket[0] <= own[0] and bucket[1] <= own[1]
-            self.samples.append(Sample(path, panels, caption, bucket if fits else own, count))
+            if bucket[0] > own[0] or bucket[1] > own[1]:  # never upscaled: its own size, at most resolution² in area
+                k = min(1.0, resolution / math.sqrt(own[0] * own[1]))  # (below 1 only beyond the buckets' aspects)
+                bucket = tuple(n * max(16, int(side // n * k) // 16 * 16) for side, n in zip(own, (rows, cols)))
+            self.samples.append(Sample(path, panels, caption, bucket, count))
 
     def __len__(self):
         return len(self.samples)
