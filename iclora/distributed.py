@@ -13,7 +13,7 @@ from torch.distributed.fsdp import fully_shard
 def join(device: str) -> str:
     """Under torchrun: joins the ranks once (gloo for CPU tensors and objects, NCCL for CUDA's); this rank's device."""
     if "WORLD_SIZE" in os.environ and not dist.is_initialized():
-        dist.init_process_group()
+        dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
     if "LOCAL_RANK" in os.environ and torch.device(device).type == "cuda":
         torch.cuda.set_device(device := f"cuda:{os.environ['LOCAL_RANK']}")
     return device
