@@ -276,6 +276,9 @@ def load_state(path: Path, args: argparse.Namespace, fingerprint: dict) -> dict:
     if changed := [k for k in RESUME_MUST_MATCH if saved_args.get(k) != str(getattr(args, k))]:
         raise SystemExit("error: --resume with different settings than the saved run: " + ", ".join(
             f"--{k.replace('_', '-')} {saved_args.get(k)} -> {getattr(args, k)}" for k in changed))
+    if args.ref_panel and (mode := state.get("ref_mode", "clean")) != REF_MODE:  # "clean" before "ref_mode" was kept
+        raise SystemExit(f"error: --resume: {path} was trained with reference treatment {mode!r} and this train.py "
+                         f"trains {REF_MODE!r}; train from the start without --resume (or choose another --out)")
     saved = state["dataset"]
     changes = {"added": fingerprint.keys() - saved.keys(), "removed": saved.keys() - fingerprint.keys(),
                "edited": {k for k in saved.keys() & fingerprint.keys() if saved[k] != fingerprint[k]}}
@@ -496,7 +499,7 @@ def train(args: argparse.Namespace) -> Path:
             return
         state = {"step": step, "lora": {n: p.detach().cpu() for n, p in named.items()},
                  "optimizer": optimizer.state_dict(), "args": {k: str(v) for k, v in vars(args).items()},
-                 "dataset": fingerprint} | ({"ema": {n: v.cpu() for n, v in ema.items()}} if ema else {})
+                 "dataset": fingerprint, "ref_mode": REF_MODE} | ({"ema": {n: v.cpu() for n, v in ema.items()}} if ema else {})
 
         def write_lora(tmp):
             with holding(named, ema):

@@ -264,3 +264,14 @@ def test_validation_with_several_resolutions_uses_the_first_sets_largest_size_an
                       "96", "--steps", "1", "--sample-every", "1", "--sample-steps", "2", "--device", "cpu",
                       "--out", str(tmp_path / "c.safetensors")])
     assert Image.open(out.with_name("c_samples") / "step000001.png").size == (128, 64)  # the sets' own size
+
+
+def test_resuming_a_run_trained_with_another_reference_treatment_is_refused(sets, tmp_path):
+    flags = ["--model", "toy", "--data", str(sets), "--panels", "2", "--ref-panel", "1", "--sample-every", "0",
+             "--device", "cpu", "--out", str(tmp_path / "c.safetensors")]
+    train.main([*flags, "--steps", "1"])
+    state = torch.load(tmp_path / "c.state.pt", weights_only=True)
+    del state["ref_mode"]  # as saved before train.py kept it: those runs were "clean"
+    torch.save(state, tmp_path / "c.state.pt")
+    with pytest.raises(SystemExit, match=r"trained with reference treatment 'clean' and this train.py trains 'moved'"):
+        train.main([*flags, "--steps", "2", "--resume"])
