@@ -177,8 +177,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--dtype", default=None, choices=["bf16", "fp32"],
-                   help="base-model dtype (default: bf16 on GPU, the stored dtype on CPU); LoRA and optimizer "
-                        "are fp32")
+                   help="base-model dtype (default: bf16 on GPU, the stored dtype on CPU); the LoRA's parameters "
+                        "and optimizer state are fp32, its arithmetic in this dtype")
     p.add_argument("--resume", action="store_true",
                    help="continue from <out stem>.state.pt (bit for bit on CPU; on a GPU, nondeterministic kernels "
                         "such as attention's backward can add tiny differences)")

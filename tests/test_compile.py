@@ -68,9 +68,12 @@ def test_compiled_blocks_give_the_eager_output(variant, recwarn):
     assert not [w for w in recwarn if "complex operators" in str(w.message)]  # Inductor generated every kernel
 
 
-@pytest.mark.parametrize("swap", [0, 3])
-def test_a_compiled_lora_training_step_with_checkpointing_gives_the_eager_loss_and_gradients(swap):
-    flow = with_lora(tiny_flow())
+@pytest.mark.parametrize("swap,fp8", [(0, False), (3, True)])
+def test_a_compiled_lora_training_step_with_checkpointing_gives_the_eager_loss_and_gradients(swap, fp8):
+    flow = tiny_flow()
+    if fp8:  # as train.py --quantize fp8: the base quantized before the adapters wrap it
+        quantize_fp8(flow)
+    flow = with_lora(flow)
     flow.img_in.requires_grad_(), flow.txt_in.requires_grad_()  # every block's inputs require grad: fewer graphs
     flow.gradient_checkpointing = True
     fast = compiled(flow, swap)
