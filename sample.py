@@ -41,7 +41,7 @@ from minflux.tokenizers import overlong
 
 TOY_SIZE = 64  # the toy model draws 64×64 scenes (per panel)
 SETTINGS_KEY = "minflux"  # the PNG text chunk holding a run's settings, as JSON
-RUN_ONLY = {"from_image", "prompt_file", "out", "device", "offload", "blocks_to_swap", "compile"}  # where, how: not what
+RUN_ONLY = {"from_image", "prompt_file", "out", "device", "offload", "blocks_to_swap", "compile"}  # how, not what
 RESOLVED = ("steps", "height", "width", "lora_scale", "strength")  # stored as used, not as given (None: a default)
 # With --from-image, the first flag of a pair given drops the stored second (a new --lora, the old --lora-scale; a new
 # --width or --height, the stored panel size, which would otherwise decide the canvas).

@@ -499,7 +499,8 @@ def train(args: argparse.Namespace) -> Path:
             return
         state = {"step": step, "lora": {n: p.detach().cpu() for n, p in named.items()},
                  "optimizer": optimizer.state_dict(), "args": {k: str(v) for k, v in vars(args).items()},
-                 "dataset": fingerprint, "ref_mode": REF_MODE} | ({"ema": {n: v.cpu() for n, v in ema.items()}} if ema else {})
+                 "dataset": fingerprint, "ref_mode": REF_MODE} \
+            | ({"ema": {n: v.cpu() for n, v in ema.items()}} if ema else {})
 
         def write_lora(tmp):
             with holding(named, ema):

@@ -8,8 +8,9 @@ per set, `set01/a.png b.png caption.txt`, whose panels (one size per set) are jo
 aspect bucket nearest its own: 1:4 to 4:1, area at most resolution², sides multiples of 16 per panel, so panels are
 cover-resized (never stretched) to one size with edges on the 16-px token grid. Never upscaled: where that bucket
 is larger than the set, the set's own size, panel sides rounded down to 16 (ai-toolkit caps each resolution at the
-image's own area), scaled down to resolution² if an aspect beyond 1:4-4:1 makes it larger. Every image and caption is checked when the dataset is built; one ValueError lists every
-problem. A bucket is (H, W), like the image tensor (3, H, W).
+image's own area), scaled down to resolution² if an aspect beyond 1:4-4:1 makes it larger. Every image and
+caption is checked when the dataset is built; one ValueError lists every problem. A bucket is (H, W), like the
+image tensor (3, H, W).
 """
 
 import math

@@ -319,7 +319,8 @@ def test_the_ema_follows_its_closed_form_and_is_what_the_lora_file_holds(repo, d
 
 
 def test_without_ema_the_lora_file_holds_the_raw_weights(repo, data, tmp_path):
-    out = run_train(repo, data, tmp_path / "lora.safetensors", "--steps", "2", "--ema-decay", "0", "--save-dtype", "fp32")
+    out = run_train(repo, data, tmp_path / "lora.safetensors", "--steps", "2", "--ema-decay", "0",
+                    "--save-dtype", "fp32")
     state = torch.load(out.with_name("lora.state.pt"), weights_only=True)
     assert "ema" not in state
     flow = load_pipeline(str(repo)).flow

@@ -7,9 +7,10 @@ FLUX, with and without a LoRA, read every panel back with toy.world.analyse, and
 
 Each set is generated in two modes (In-Context LoRA, arXiv 2410.23775, §4): "text" from the joint caption alone,
 "ref" with the left panel given (see `evaluate`). "ceiling" is the ref-mode rule of the exact targets through the
-autoencoder (`ceiling`): what a LoRA that hit the target latents exactly would score. The scenes have their own seed (--scenes-seed), so they are held
-out from make_sets.py's training sets; every set uses the same noise (--seed) with and without the LoRA. A LoRA
-trained with `train.py --ref-panel` is sampled in ref mode with the reference treatment its metadata records.
+autoencoder (`ceiling`): what a LoRA that hit the target latents exactly would score. The scenes have their own
+seed (--scenes-seed), so they are held out from make_sets.py's training sets; every set uses the same noise (--seed)
+with and without the LoRA. A LoRA trained with `train.py --ref-panel` is sampled in ref mode with the reference
+treatment its metadata records.
 Shape letters: B sets, Li image tokens, c latent channels.
 """
 
