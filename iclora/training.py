@@ -114,9 +114,10 @@ def check_reference_panels(dataset, ref_panels: list[int]) -> int:
 @torch.no_grad()
 def encode_sets(pipe, dataset, ref_panels: list[int] = (), ref_mode: str = "noised",
                 part: slice = slice(None)) -> list[EncodedSet]:
-    """Each sample's latents and caption states (of the samples `part` of the list only), each (set, bucket) encoded
-    once; with 1-based `ref_panels`, its reference panels, cut from the resized set, encoded by reference_latents (as
-    `sample.py --ref` encodes a reference image), the target mask and the tokens' positions in `ref_mode`."""
+    """Each sample's latents and caption states (of the samples `part` of the list only), each (set, bucket) and each
+    caption encoded once; with 1-based `ref_panels`, its reference panels, cut from the resized set, encoded by
+    reference_latents (as `sample.py --ref` encodes a reference image), the target mask and the tokens' positions in
+    `ref_mode`."""
     encoded, done = [], {}
     for i in tqdm(range(len(dataset))[part], desc="encoding images and captions"):
         if (key := (dataset.samples[i].path, dataset.samples[i].bucket)) in done:
@@ -124,7 +125,9 @@ def encode_sets(pipe, dataset, ref_panels: list[int] = (), ref_mode: str = "nois
             continue
         item = dataset[i]
         latents = pipe.encode_image(item["image"][None])[0].cpu()
-        txt, vec = pipe.encode_prompts([item["caption"]])
+        if (caption := item["caption"]) not in done:  # a caption is encoded once, whatever its number of buckets
+            done[caption] = [x[0].cpu() for x in pipe.encode_prompts([caption])]   # (Lt, 4096), (768,)
+        txt, vec = done[caption]
         known = target = ids = None
         if ref_panels:
             (H, W), n = item["bucket"], dataset.samples[i].count
@@ -133,7 +136,7 @@ def encode_sets(pipe, dataset, ref_panels: list[int] = (), ref_mode: str = "nois
             known, mask = reference_latents(pipe, [(panels[k - 1], boxes[k - 1]) for k in ref_panels], H, W)
             known, target = known[0], ~mask                                       # (Li, 4c), (Li,)
             ids = image_positions(H, W, n, dataset.layout, [k - 1 for k in ref_panels], ref_mode)[0]  # (Li, 3)
-        encoded.append(done.setdefault(key, EncodedSet(latents, txt[0].cpu(), vec[0].cpu(), known, target, ids)))
+        encoded.append(done.setdefault(key, EncodedSet(latents, txt, vec, known, target, ids)))
     return encoded
 
 

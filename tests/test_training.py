@@ -136,6 +136,7 @@ def test_encode_sets_encodes_each_set_once_per_bucket(repo, data):
     encoded, alone = encode_sets(pipe, dataset), encode_sets(pipe, PanelSetDataset(data, resolution=48))
     assert encoded[2] is encoded[1] and encoded[5] is encoded[4] and encoded[0].latents.shape[-2:] == (2, 6)
     assert torch.equal(encoded[1].latents, alone[0].latents) and torch.equal(encoded[4].txt, alone[1].txt)
+    assert encoded[0].txt is encoded[1].txt  # the caption is encoded once for all its buckets
 
 
 def test_resume_keeps_the_loss_log_rows_up_to_the_saved_step_and_closes_the_file(repo, data, tmp_path):
