@@ -36,11 +36,12 @@ def test_bench_times_ours_against_diffusers(what):
         assert result["max_abs_diff"] < 1e-5
 
 
-def load_train_memory():
-    spec = importlib.util.spec_from_file_location("train_memory", ROOT / "bench" / "train_memory.py")
-    train_memory = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(train_memory)
-    return train_memory
+def load_bench(name: str):
+    """bench/<name>.py as a module (the bench scripts are not a package)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads peak memory from /proc/self/status")
@@ -48,8 +49,8 @@ linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="re
 
 @linux_only
 def test_train_memory_adds_the_full_models_exact_sizes_to_the_measured_step():
-    out = load_train_memory().main(["--batch-size", "2", "--grad-accum", "2", "--width", "64", "--height", "32",
-                                    "--text-tokens", "8", "--double", "1", "--single", "1"])
+    out = load_bench("train_memory").main(["--batch-size", "2", "--grad-accum", "2", "--width", "64", "--height",
+                                           "32", "--text-tokens", "8", "--double", "1", "--single", "1"])
     full, run = lora_count(19, 38), lora_count(1, 1)
     assert full == 76_578_816  # rank 16 on the 304 block linears
     assert out["tokens"] == 8 + 4 * 2
@@ -65,7 +66,7 @@ def test_train_memory_adds_the_full_models_exact_sizes_to_the_measured_step():
 
 
 def test_train_memory_counts_fp8_weights_as_the_quantized_model_stores_them():
-    train_memory = load_train_memory()
+    train_memory = load_bench("train_memory")
     model = Flux(preset("tiny")).to(torch.bfloat16)
     expected = train_memory.stored_bytes(model, "fp8")
     quantize_fp8(model)
@@ -73,7 +74,7 @@ def test_train_memory_counts_fp8_weights_as_the_quantized_model_stores_them():
 
 
 def test_train_memory_keeps_two_swapped_blocks_on_the_gpu_and_the_rest_in_host_ram():
-    train_memory = load_train_memory()
+    train_memory = load_bench("train_memory")
     with torch.device("meta"):
         full = Flux(preset("flux-dev"))
     single = sum(p.numel() for p in full.single_blocks[0].parameters()) * 2  # bf16 bytes
@@ -89,8 +90,8 @@ def test_train_memory_keeps_two_swapped_blocks_on_the_gpu_and_the_rest_in_host_r
 
 @linux_only
 def test_sample_memory_is_the_largest_of_its_three_phases():
-    out = load_train_memory().main(["--what", "sample", "--width", "32", "--height", "32", "--text-tokens", "8",
-                                    "--single", "0"])
+    out = load_bench("train_memory").main(["--what", "sample", "--width", "32", "--height", "32", "--text-tokens",
+                                           "8", "--single", "0"])
     phases = ("encode_phase_gib", "denoise_phase_gib", "decode_phase_gib")
     assert out["estimated_full_peak_gib"] == max(out[k] for k in phases)
     assert out["denoise_phase_gib"] == out["flow_on_gpu_gib"] + out["measured_forward_peak_gib"]
@@ -102,15 +103,8 @@ def test_sample_memory_counts_t5_linears_in_fp8_and_the_rest_in_bf16():
     linears = 24 * (4 * 4096 * 4096 + 3 * 4096 * 10240)  # q, k, v, o and wi_0, wi_1, wo per layer
     rows = 24 * (4 * 4096 + 2 * 10240 + 4096)  # one float32 scale per output row
     other = 32128 * 4096 + 32 * 64 + 24 * 2 * 4096 + 4096  # embedding, relative position bias, layer norms
-    assert load_train_memory().stored_bytes(t5, "fp8") == linears + 4 * rows + 2 * other
-    assert load_train_memory().stored_bytes(t5, None) == 2 * (linears + other)
-
-
-def load_gpu_bench():
-    spec = importlib.util.spec_from_file_location("gpu_bench", ROOT / "bench" / "gpu.py")
-    gpu = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gpu)
-    return gpu
+    assert load_bench("train_memory").stored_bytes(t5, "fp8") == linears + 4 * rows + 2 * other
+    assert load_bench("train_memory").stored_bytes(t5, None) == 2 * (linears + other)
 
 
 def test_gpu_bench_counts_the_forward_flops_that_torch_counts():
@@ -124,13 +118,13 @@ def test_gpu_bench_counts_the_forward_flops_that_torch_counts():
              text_ids(B, Lt).to("meta"), torch.rand(B), torch.randn(B, 768), torch.full((B,), 3.5))
     with FlopCounterMode(display=False) as counter:
         flux(*x)
-    counted, ours = counter.get_total_flops(), load_gpu_bench().forward_flops(p, B, 4096, Lt)
+    counted, ours = counter.get_total_flops(), load_bench("gpu").forward_flops(p, B, 4096, Lt)
     assert counted * (1 - 1e-3) < ours <= counted
-    assert load_gpu_bench().forward_flops(preset("flux-dev"), 1, 4096, 512) / 1e12 == pytest.approx(74.4, abs=0.05)
+    assert load_bench("gpu").forward_flops(preset("flux-dev"), 1, 4096, 512) / 1e12 == pytest.approx(74.4, abs=0.05)
 
 
 def test_gpu_bench_runs_every_section_on_the_cpu_and_writes_every_field(tmp_path):
-    gpu, out = load_gpu_bench(), tmp_path / "gpu.json"
+    gpu, out = load_bench("gpu"), tmp_path / "gpu.json"
     result = gpu.main(["--config", "tiny", "--device", "cpu", "--sizes", "32x32", "64x32", "--train-size", "32x64",
                        "--text-tokens", "8", "--repeats", "1", "--out", str(out)])
     assert json.loads(out.read_text()) == result
@@ -159,18 +153,12 @@ def test_gpu_bench_runs_every_section_on_the_cpu_and_writes_every_field(tmp_path
                                           ("NVIDIA GeForce RTX 4090", None)])
 def test_gpu_bench_knows_the_dense_bf16_peak_of_the_h100_sxm_h200_and_a100_only(monkeypatch, name, tflops):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
-    assert load_gpu_bench().peak_tflops(torch.device("cuda")) == tflops
-
-
-def load_blocks_bench():
-    spec = importlib.util.spec_from_file_location("blocks_bench", ROOT / "bench" / "blocks.py")
-    blocks = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(blocks)
-    return blocks
+    assert load_bench("gpu").peak_tflops(torch.device("cuda")) == tflops
 
 
 def test_blocks_bench_finds_only_bfls_float32_upcasts_in_a_bf16_forward_and_sdpa_gets_bf16_without_copies():
-    out = load_blocks_bench().main(["--config", "tiny", "--image-tokens", "16", "--text-tokens", "8", "--repeats", "1"])
+    out = load_bench("blocks").main(["--config", "tiny", "--image-tokens", "16", "--text-tokens", "8",
+                                     "--repeats", "1"])
     for block, qk_norms in (("double", 4), ("single", 2)):
         found = out["allocations"][f"{block} bfloat16"]
         assert {part: c["float32_count"] for part, c in found["parts"].items()} == {
@@ -186,6 +174,6 @@ def test_blocks_bench_counts_each_linears_adapter_flops_from_its_shapes():
     """Forward: 2·r·(in + out) FLOPs per token and linear; double: per stream qkv 4C, proj 2C, MLP 5C + 5C, single:
     linear1 8C, linear2 6C; the modulations run once per sample (7C double, 4C single)."""
     r, C, L = 16, 3072, 6144 + 512
-    flops = load_blocks_bench().adapter_flops("flux-dev", r, 6144, 512)
+    flops = load_bench("blocks").adapter_flops("flux-dev", r, 6144, 512)
     assert flops["double lora fwd"] - flops["double base fwd"] == 2 * r * 16 * C * L + 2 * 2 * r * 7 * C
     assert flops["single lora fwd"] - flops["single base fwd"] == 2 * r * 14 * C * L + 2 * r * 4 * C
