@@ -12,11 +12,12 @@ from torch._dynamo.utils import counters
 
 import sample
 import train
-from iclora.lora import LoRALinear, inject_lora, lora_parameters
+from iclora.lora import LoRALinear, lora_parameters
 from minflux.block_swap import BlockSwap
 from minflux.compile import compile_blocks
 from minflux.model import Flux, preset
 from minflux.quantize import FP8Linear, quantize_fp8
+from tests.test_block_swap import with_lora
 from tests.test_transformer import inputs
 
 
@@ -24,16 +25,6 @@ def tiny_flow() -> Flux:
     """The tiny preset with its default (nn.Linear) init, frozen as loading leaves it."""
     torch.manual_seed(0)
     return Flux(preset("tiny")).eval().requires_grad_(False)
-
-
-def with_lora(flow: Flux) -> Flux:
-    """A rank-2 LoRA on every block linear, B random too, so that every A and B has a nonzero gradient."""
-    inject_lora(flow, rank=2, alpha=2.0, seed=3)
-    g = torch.Generator().manual_seed(4)
-    with torch.no_grad():
-        for p in lora_parameters(flow):
-            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-    return flow
 
 
 def run(flow: Flux) -> torch.Tensor:

@@ -11,16 +11,9 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 import sample
-from tests.test_generation import reference_image, write_iclora_file
-from tests.tiny_repo import write_tiny_repo
+from tests.test_generation import PROMPT, reference_image, repo, write_iclora_file  # noqa: F401 (repo: fixture)
 
-PROMPT = "a small red circle above a blue square, on a yellow background"
 NEGATIVE = "a green triangle, blurry"
-
-
-@pytest.fixture(scope="module")
-def repo(tmp_path_factory):
-    return write_tiny_repo(tmp_path_factory.mktemp("repo"), seed=3)
 
 
 @pytest.fixture(scope="module")
