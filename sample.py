@@ -380,13 +380,14 @@ def main(argv=None) -> list[Path]:
         compile_blocks(pipe.flow)
 
     # 2. Tokenize and encode the prompts; 3. the schedule of times from 1 (noise) to 0 for this size.
-    # With --true-cfg, the negative prompt too, once per image (`true_cfg` runs the flow on both at every step).
+    # With --true-cfg, the negative prompt too, once (`true_cfg` runs the flow on both at every step).
     texts = [(f"prompt {p[:40]!r}", p) for p in dict.fromkeys(prompts)]
     for message in overlong(pipe.t5_tokenizer, texts + [("--negative-prompt", args.negative_prompt or "")]):
         warnings.warn(message)
     txt, vec = pipe.encode_prompts(prompts)                                         # (B, Lt, 4096), (B, 768)
     B, Lt = txt.shape[:2]
-    negative = pipe.encode_prompts([args.negative_prompt] * B) if args.true_cfg > 1 else None
+    negative = [x.expand(B, *x.shape[1:]) for x in pipe.encode_prompts([args.negative_prompt])] \
+        if args.true_cfg > 1 else None                                             # encoded once, for every image
     pipe.t5.to("cpu"), pipe.clip.to("cpu")  # the text encoders leave the device before the transformer comes
     timesteps = pipe.schedule(height, width, args.steps)
     args.steps = len(timesteps) - 1  # stored as used
