@@ -25,6 +25,7 @@ import signal
 import socket
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -144,9 +145,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--compile", action="store_true",
                    help="torch.compile each transformer block's forward (regional: one compiled graph per block "
                         "class, compiled at the first step and again at a new image size and for validation "
-                        "sampling), for speed on a GPU (bench/gpu.py measures it); the same training within "
-                        "float rounding; composes with the LoRA, --checkpointing, --quantize and --blocks-to-swap "
-                        "(default: off)")
+                        "sampling); the same training within float rounding; composes with the LoRA, "
+                        "--checkpointing, --quantize and --blocks-to-swap. Full-size FLUX.1-dev training crashed in its "
+                        "first compiled backward on an H200 with torch 2.11 (bench/RESULTS.md) (default: off)")
     p.add_argument("--fsdp", action="store_true",
                    help="under torchrun: shard the frozen base over the ranks with FSDP2, block by block, so that "
                         "each GPU holds 1/N of its weights (gathering a block's just before it runs); the adapters "
@@ -465,6 +466,9 @@ def train(args: argparse.Namespace) -> Path:
         held = sum(p.to_local().numel() for p in pipe.flow.parameters() if not p.requires_grad)
         print(f"--fsdp: rank {rank()} holds {held:,} of the base's {base:,} weights", file=sys.stderr)
     if args.compile:
+        if torch.device(args.device).type == "cuda":
+            warnings.warn("--compile: compiled training crashed on an H200 with torch 2.11 (an illegal memory access "
+                          "in an inductor kernel, bench/RESULTS.md); if it fails, train without --compile")
         compile_blocks(pipe.flow)
     flow = pipe.on_device(pipe.flow)
     named = {n: p for n, p in flow.named_parameters() if p.requires_grad}  # the adapters

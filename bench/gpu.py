@@ -1,4 +1,4 @@
-"""GPU speed at full FLUX.1-dev size in one short run (meant to take under 4 minutes on an H100/H200): random weights.
+"""GPU speed at full FLUX.1-dev size in one short run (each section under 2 minutes on an H200): random weights.
 
     python bench/gpu.py                  # all sections; `--only sample|train|fp8` for one
     python bench/gpu.py --config tiny --device cpu --sizes 32x32 --train-size 32x64 --text-tokens 8  # smoke test
@@ -7,7 +7,8 @@ sample: a denoising step (batch 1, 512 text tokens) at each --sizes, ours eager 
 FluxTransformer2DModel eager and compiled the same way (each block's forward; diffusers is optional, e.g.
 `pip install --no-deps diffusers==0.42.1`); train: a LoRA step at the paper's settings (rank 16, batch 4, 1024x1536,
 checkpointing), eager, compiled, and with --blocks-to-swap; fp8: both with `quantize_fp8`. Variants alternate call by
-call (median of --repeats after --warmup); compiled ones run on a GPU only. Peak memory is measured, FLOPs computed
+call (median of --repeats after --warmup); compiled ones run on a GPU only (--eager skips them: compiled training
+crashed on an H200 with torch 2.11, bench/RESULTS.md). Peak memory is measured, FLOPs computed
 (`forward_flops`). Writes --out (JSON) and a markdown table beside it (.md) for bench/RESULTS.md.
 """
 
@@ -51,9 +52,10 @@ def free(device: torch.device):
         torch.cuda.empty_cache()
 
 
-def compiles(device: torch.device) -> bool:
-    """Whether the compiled variants run: on a GPU only (compiling diffusers on a CPU takes minutes)."""
-    return device.type == "cuda"
+def compiles(device: torch.device, args) -> bool:
+    """Whether the compiled variants run: on a GPU only (compiling diffusers on a CPU takes minutes), not with
+    --eager."""
+    return device.type == "cuda" and not args.eager
 
 
 def peak_tflops(device: torch.device) -> float | None:
@@ -164,7 +166,7 @@ def weights_bytes(model) -> int:
 def sample_rows(args, device, dtype, peak, ours, ref, sizes, section="sample") -> list[dict]:
     """One denoising step at each size: ours (and diffusers' when given) eager and, on a GPU, compiled."""
     p, B, Lt, rows = ours.params, 1, args.text_tokens, []
-    gpu = compiles(device)
+    gpu = compiles(device, args)
     for H, W in sizes:
         torch.compiler.reset()  # static shapes for this size, as a run of sample.py has
         Li = (H // 16) * (W // 16)
@@ -199,7 +201,7 @@ def sample_rows(args, device, dtype, peak, ours, ref, sizes, section="sample") -
         for name in models if ref is not None or section != "sample" else [*models, "diffusers"]:
             for kind in ("eager", "compiled"):
                 key = f"{name} {kind}"
-                why = "compiled variants run on a GPU only" if name in models else "diffusers is not installed, " \
+                why = "compiled variants run on a GPU, without --eager" if name in models else "diffusers is not installed, " \
                     "or --no-reference"
                 rows.append(row(section, key, (H, W), B, flops, peak, **timings[key]) if key in timings else
                             row(section, key, (H, W), B, skipped=why))
@@ -214,7 +216,7 @@ def train_rows(args, device, dtype, peak, flow, swap: bool, section="train") -> 
     two with the last --blocks-to-swap blocks swapped (installed last: it is not taken out again)."""
     torch.compiler.reset()
     H, W = args.train_size
-    B, Lt, p, gpu = args.batch_size, args.text_tokens, flow.params, compiles(device)
+    B, Lt, p, gpu = args.batch_size, args.text_tokens, flow.params, compiles(device, args)
     say(f"{section} {W}x{H}, batch {B}, rank {args.rank}, checkpointing")
     inject_lora(flow, rank=args.rank, alpha=float(args.rank))
     flow.gradient_checkpointing = True
@@ -242,7 +244,7 @@ def train_rows(args, device, dtype, peak, flow, swap: bool, section="train") -> 
     flops = (3 + 1) * forward_flops(p, B, (H // 16) * (W // 16), Lt)  # forward + backward, + recomputation
     rows = [row(section, name, (H, W), B, flops, peak, training=True, **t) for name, t in timings.items()]
     if not gpu:
-        rows.append(row(section, "compiled", (H, W), B, skipped="compiled variants run on a GPU only"))
+        rows.append(row(section, "compiled", (H, W), B, skipped="compiled variants run on a GPU, without --eager"))
     return rows
 
 
@@ -264,6 +266,7 @@ def parse_args(argv=None):
                     help="K for the training variant with block swap (default: 10)")
     ap.add_argument("--warmup", type=int, default=1, help="untimed calls per variant first (default: 1)")
     ap.add_argument("--repeats", type=int, default=3, help="timed calls per variant (default: 3)")
+    ap.add_argument("--eager", action="store_true", help="skip the compiled variants")
     ap.add_argument("--no-reference", action="store_true", help="sample section without diffusers")
     ap.add_argument("--out", type=Path, default=Path("bench/gpu.json"),
                     help="JSON file; the markdown table goes next to it with .md (default: bench/gpu.json)")
@@ -324,7 +327,7 @@ def main(argv=None) -> dict:
         free(device)  # the bf16 model (its block swap hooks hold it in a cycle)
         ours = quantize_fp8(build(False)[0])
         rows += sample_rows(args, device, dtype, peak, ours, None, args.sizes[:1], section="fp8 sample")
-        rows += train_rows(args, device, dtype, peak, ours, swap=False, section="fp8 train")
+        rows += train_rows(args, device, dtype, peak, ours, swap=True, section="fp8 train")
     result = dict(meta=meta | {"seconds": round(time.perf_counter() - begin, 1)}, rows=rows)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
