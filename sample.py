@@ -43,6 +43,7 @@ TOY_SIZE = 64  # the toy model draws 64×64 scenes (per panel)
 SETTINGS_KEY = "minflux"  # the PNG text chunk holding a run's settings, as JSON
 RUN_ONLY = {"from_image", "prompt_file", "out", "device", "offload", "blocks_to_swap", "compile"}  # how, not what
 RESOLVED = ("steps", "height", "width", "lora_scale", "strength")  # stored as used, not as given (None: a default)
+LOCATED = ("model", "transformer", "lora", "ref", "init")  # may name local files: stored as absolute paths
 # With --from-image, the first flag of a pair given drops the stored second (a new --lora, the old --lora-scale; a new
 # --width or --height, the stored panel size, which would otherwise decide the canvas).
 PAIRED = (("lora", "lora_scale"), ("ref", "ref_panel"), ("prompt_file", "prompt"), *(
@@ -236,10 +237,21 @@ def as_flag(value, kind):
     return str(value) if kind and value is not None and not isinstance(value, bool) else value
 
 
+def located(value):
+    """A local file or folder as an absolute path, so that --from-image finds it from any directory; anything else
+    (a hub id, `toy`, None) as given; a list item by item."""
+    if isinstance(value, list):
+        return [located(v) for v in value]
+    path = Path(str(value)).expanduser()
+    return str(path.resolve()) if value not in (None, "toy") and path.exists() else value
+
+
 def settings_chunk(args) -> PngInfo:
-    """The run's settings, as given and as RESOLVED, as JSON in a PNG text chunk (read back by --from-image)."""
+    """The run's settings, as given and as RESOLVED, as JSON in a PNG text chunk (read back by --from-image); the
+    local files it read (LOCATED) with absolute paths."""
+    settings = args.settings | {k: getattr(args, k) for k in RESOLVED}
     info = PngInfo()
-    info.add_text(SETTINGS_KEY, json.dumps(args.settings | {k: getattr(args, k) for k in RESOLVED}, default=str))
+    info.add_text(SETTINGS_KEY, json.dumps(settings | {k: located(settings[k]) for k in LOCATED}, default=str))
     return info
 
 

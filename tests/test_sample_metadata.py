@@ -76,6 +76,25 @@ def test_from_image_draws_every_file_of_the_run_again_bit_for_bit(first_run, tmp
     assert [stored(p) for p in again] == [stored(p) for p in first_run]
 
 
+def test_local_files_given_relative_are_stored_absolute_so_from_image_runs_from_any_directory(repo, inputs, tmp_path,
+                                                                                            monkeypatch):
+    monkeypatch.chdir(inputs["lora"].parent)
+    first = sample.main(["--model", str(repo), "--prompt", PROMPT, "--width", "32", "--height", "32", "--steps", "2",
+                         "--lora", "lora.safetensors", "--device", "cpu", "--out", str(tmp_path / "first.png")])
+    assert stored(first[0])["lora"] == [str(inputs["lora"].resolve())]
+    monkeypatch.chdir(tmp_path)
+    again = sample.main(["--from-image", "first.png", "--out", "again.png"])
+    assert np.array_equal(*pixels([first[0], again[0]]))
+
+
+def test_a_hub_id_and_the_toy_model_are_stored_as_given(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "toy").mkdir()  # a folder of that name does not make `toy` a path
+    assert sample.located("toy") == "toy"
+    assert sample.located(["ali-vilab/In-Context-LoRA/film-storyboard.safetensors", None]) == [
+        "ali-vilab/In-Context-LoRA/film-storyboard.safetensors", None]
+
+
 def test_a_flag_given_with_from_image_replaces_the_stored_one(repo, tmp_path):
     common = ["--model", str(repo), "--prompt", PROMPT, "--width", "48", "--height", "32", "--steps", "3",
               "--device", "cpu"]
