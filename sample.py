@@ -84,7 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-images", type=ranged(int, 1), default=1, help="images per prompt and seed (default: 1)")
     p.add_argument("--out", type=Path, default=Path("out.png"),
                    help="output file; with several images an index is appended: out-0.png, out-1.png, ...; "
-                        "panels get -panel1, -panel2, ...: out-panel1.png or out-0-panel1.png (default: out.png)")
+                        "panels get -panel1, -panel2, ...: out-panel1.png or out-0-panel1.png; its extension is the "
+                        "format, and only .png keeps the settings for --from-image (default: out.png)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--dtype", default=None, choices=["bf16", "fp32"],
@@ -188,6 +189,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                 f"--negative-prompt \"\" is an empty one)")
     if args.negative_prompt is not None and args.true_cfg == 1:
         warnings.warn("--negative-prompt has no effect at --true-cfg 1 (off); give --true-cfg > 1, e.g. 4")
+    if args.out.suffix.lower() not in Image.registered_extensions():
+        p.error(f"--out {args.out}: give a file name with an image extension (.png keeps the settings; "
+                f".jpg, .webp, ... do not)")
     if args.out.suffix.lower() != ".png":
         warnings.warn(f"--out {args.out}: the settings (for --from-image) are stored only in .png files")
     if args.prompt_file:  # its lines join the prompts, so that the stored settings hold every prompt

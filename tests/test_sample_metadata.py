@@ -184,3 +184,15 @@ def test_from_image_refuses_to_overwrite_the_image_it_reads(first_run):
     with pytest.raises(ValueError, match=r"--out .*out\.png would overwrite the --from-image file .*out-1\.png"):
         sample.main(["--from-image", str(first_run[3]), "--out", str(first_run[0].with_name("out.png")),
                      "--model", "no-model-needed"])
+
+
+@pytest.mark.parametrize("out", ["out", "out.foo"])
+def test_an_out_file_without_an_image_extension_is_refused_before_any_weight_loads(out, capsys):
+    with pytest.raises(SystemExit):
+        sample.parse_args(["--model", "no-model-needed", "--prompt", "p", "--out", out])
+    assert f"--out {out}: give a file name with an image extension" in capsys.readouterr().err
+
+
+def test_a_jpg_out_is_allowed_with_a_warning_that_it_keeps_no_settings(recwarn):
+    sample.parse_args(["--model", "no-model-needed", "--prompt", "p", "--out", "out.jpg"])
+    assert any("stored only in .png files" in str(w.message) for w in recwarn)
