@@ -336,6 +336,24 @@ def test_bfl_native_keys_may_carry_comfyui_diffusion_model_prefix():
     assert not torch.allclose(outputs[0], run(ours, x)) and torch.equal(*outputs)
 
 
+def test_fal_kontext_keys_load_as_the_same_bfl_native_keys():
+    """fal's Kontext trainer writes `base_model.model.<BFL module>.lora_A/B.weight`. diffusers' converter for these
+    files hard-codes FLUX.1's sizes (3072 wide, 19 + 38 blocks), so the reference here is our BFL-native loading,
+    which test_bfl_native_file_equals_merging_its_deltas_by_hand checks against the deltas merged by hand."""
+    _, ours = reference_and_ours(guidance_embed=True)
+    g, plain = torch.Generator().manual_seed(9), {}
+    for module in ("double_blocks.0.img_attn.qkv", "double_blocks.1.txt_mlp.2", "single_blocks.1.linear1"):
+        A, B = lora_pair(ours.get_submodule(module), 4, g)
+        plain |= {f"{module}.lora_A.weight": A, f"{module}.lora_B.weight": B}
+    x, outputs = inputs(ours.params), []
+    for sd in (plain, {"base_model.model." + k: v for k, v in plain.items()}):
+        model = copy.deepcopy(ours)
+        assert sorted(load_lora(model, sd)) == ["double_blocks.0.img_attn.qkv", "double_blocks.1.txt_mlp.2",
+                                                "single_blocks.1.linear1"]
+        outputs.append(run(model, x))
+    assert not torch.allclose(outputs[0], run(ours, x)) and torch.equal(*outputs)
+
+
 def test_xlabs_file_equals_merging_its_deltas_by_hand():
     _, ours = reference_and_ours(guidance_embed=True)
     g = torch.Generator().manual_seed(7)
