@@ -187,6 +187,8 @@ def tensors_by_module(sd: dict[str, Tensor], layout: Layout):
 
 def find_layout(model: nn.Module, sd: dict[str, Tensor], source: str):
     """(layout, tensors by module, full tensors) of the first layout that knows every key, else a ValueError."""
+    if bad := [k for k in sd if k.endswith((".dora_scale", ".diff", ".diff_b"))]:
+        raise ValueError(f"{source}: DoRA (dora_scale) / full-weight .diff tensors are not supported (e.g. {bad[0]})")
     tried = {}
     for layout in layouts(model, sd):
         modules, full, unknown = tensors_by_module(sd, layout)

@@ -2,6 +2,7 @@
 onto our fused BFL linears with exactly the effect of their weight deltas; bad files fail with a clear error."""
 
 import copy
+import re
 
 import pytest
 import torch
@@ -387,6 +388,16 @@ def test_a_file_in_no_known_layout_is_rejected_naming_its_keys():
         load_lora(ours, {"unet.conv_in.weight": torch.zeros(4, 4), "unet.mid.lora.up": torch.zeros(4, 4)})
     with pytest.raises(ValueError, match="any known layout"):  # a full checkpoint is not a LoRA
         load_lora(ours, dict(ours.state_dict()))
+
+
+@pytest.mark.parametrize("key", ["lora_unet_img_in.dora_scale", "lora_unet_img_in.diff"])
+def test_dora_and_full_weight_diff_tensors_are_refused_as_such_naming_the_file_and_key(tmp_path, key):
+    _, ours = reference_and_ours(guidance_embed=True)
+    save_file({"lora_unet_img_in.lora_down.weight": torch.zeros(4, 64), "lora_unet_img_in.lora_up.weight":
+               torch.zeros(32, 4), key: torch.zeros(32, 1 if "dora" in key else 64)}, tmp_path / "dora.safetensors")
+    with pytest.raises(ValueError, match=rf"dora\.safetensors: DoRA \(dora_scale\) / full-weight \.diff tensors are "
+                                         rf"not supported \(e\.g\. {re.escape(key)}\)"):
+        load_lora(ours, tmp_path / "dora.safetensors")
 
 
 def test_a_lora_for_a_module_the_model_lacks_is_rejected_naming_it():
