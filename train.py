@@ -106,7 +106,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rank", type=ranged(int, 1), default=16, help="LoRA rank (default: 16, the paper's)")
     p.add_argument("--init-lora", type=Path, help="start the adapters from this LoRA file (any layout sample.py "
                                                   "loads) instead of from zero: it must cover the same layers at "
-                                                  "the same --rank; its scale is kept whatever --alpha is")
+                                                  "the same --rank; its delta is kept whatever --alpha is (A as in "
+                                                  "the file, B divided by --alpha/--rank)")
     p.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha; the update is scaled by alpha/rank "
                                                              "(default: 16)")
     p.add_argument("--lr", type=ranged(float, 1e-12), help=f"AdamW learning rate (default: {flux['lr']}; toy: "

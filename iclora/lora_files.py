@@ -1,10 +1,10 @@
 """LoRA files for the FLUX transformer: saved in the PEFT/diffusers layout, loaded from any known layout.
 
-We save what the IC-LoRA release uses, `transformer.<diffusers module>.lora_A.weight` / `.lora_B.weight` (+ `.alpha`
-when alpha != rank), mapping diffusers modules to BFL linears with `minflux/convert.py`'s table. Loading detects
-the layout from the key names (the others are in `iclora/lora_layouts.py`); several file modules that land in one
-fused BFL linear become one adapter with exactly the sum of their deltas. Layouts and diffusers' quirks are in
-`docs/lora-formats.md`.
+We save what the IC-LoRA release uses, `transformer.<diffusers module>.lora_A.weight` / `.lora_B.weight`, with
+alpha / r folded into B (no `.alpha` keys: every client reads scale 1), diffusers modules mapped to BFL linears by
+`minflux/convert.py`'s table. Loading detects the layout from the key names (the others are in
+`iclora/lora_layouts.py`); several file modules that land in one fused BFL linear become one adapter with exactly
+the sum of their deltas. Layouts and diffusers' quirks are in `docs/lora-formats.md`.
 
 Shape letters: r rank, R fused rank, I in features, O out features.
 """
@@ -53,7 +53,10 @@ def save_lora(model: nn.Module, path, name: str = "default", metadata: dict[str,
     by_bfl = defaultdict(list)
     for diffusers_name, (bfl, rows) in module_table(model).items():
         by_bfl[bfl].append((diffusers_name, slice(None) if rows is None else rows))
-    tensors, weights = {}, lora_state(model, name)
+    tensors, weights = {}, {}
+    for bfl, w in lora_state(model, name).items():  # alpha / r folded into B and its bias: every client reads scale 1
+        s = w.alpha / w.A.shape[0]
+        weights[bfl] = w._replace(B=w.B * s, bias=None if w.bias is None else w.bias * s)
     if dtype == torch.float16 and (big := next((f"{bfl} {part}" for bfl, w in weights.items() for part, t in
                                                 zip(("A", "B", "bias"), w[:3]) if t is not None
                                                 and t.abs().max() > torch.finfo(torch.float16).max), None)):
@@ -71,8 +74,6 @@ def save_lora(model: nn.Module, path, name: str = "default", metadata: dict[str,
             tensors[f"{key}.lora_B.weight"] = w.B[rows].to(cast).clone()  # (rows, r)
             if w.bias is not None:
                 tensors[f"{key}.lora_B.bias"] = w.bias[rows].to(cast).clone()
-            if w.alpha != w.A.shape[0]:
-                tensors[f"{key}.alpha"] = torch.tensor(float(w.alpha))
     atomic_write(Path(path), lambda tmp: save_file({k: v.cpu() for k, v in tensors.items()}, tmp,
                                                    metadata={"format": "pt", **(metadata or {})}))
 
@@ -186,6 +187,8 @@ def tensors_by_module(sd: dict[str, Tensor], layout: Layout):
 
 def find_layout(model: nn.Module, sd: dict[str, Tensor], source: str):
     """(layout, tensors by module, full tensors) of the first layout that knows every key, else a ValueError."""
+    if bad := [k for k in sd if k.endswith((".dora_scale", ".diff", ".diff_b"))]:
+        raise ValueError(f"{source}: DoRA (dora_scale) / full-weight .diff tensors are not supported (e.g. {bad[0]})")
     tried = {}
     for layout in layouts(model, sd):
         modules, full, unknown = tensors_by_module(sd, layout)

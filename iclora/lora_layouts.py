@@ -1,4 +1,4 @@
-"""How other trainers name the tensors of a FLUX LoRA: kohya sd-scripts (and ComfyUI), BFL, XLabs x-flux.
+"""How other trainers name the tensors of a FLUX LoRA: kohya sd-scripts (and ComfyUI), BFL (and fal), XLabs x-flux.
 
 A `Layout` is two tables: which key suffix holds which tensor, and which BFL linear (and rows of it) the rest of
 the key names. The PEFT/diffusers layout, the one we save, is in `iclora/lora_files.py`; every layout is
@@ -41,12 +41,12 @@ def foreign_layouts(model: nn.Module, diffusers_modules: dict[str, tuple[str, Ro
     kohya |= {f"lora_transformer_{d.replace('.', '_')}": target for d, target in diffusers_modules.items()}
     model_tensors = frozenset(k for k in model.state_dict() if ".lora_" not in k)  # never our own adapters
     return [Layout("kohya", {".lora_down.weight": "A", ".lora_up.weight": "B", ".alpha": "alpha"},
-                   kohya | comfyui(bfl)),
+                   kohya | prefixed(bfl, "diffusion_model.")),
             Layout("BFL-native", {".lora_A.weight": "A", ".lora_B.weight": "B", ".lora_B.bias": "bias"},
-                   bfl | comfyui(bfl), model_tensors),
-            Layout("XLabs", {".down.weight": "A", ".up.weight": "B"}, xlabs | comfyui(xlabs))]
+                   bfl | prefixed(bfl, "diffusion_model.", "base_model.model."), model_tensors),
+            Layout("XLabs", {".down.weight": "A", ".up.weight": "B"}, xlabs | prefixed(xlabs, "diffusion_model."))]
 
 
-def comfyui(targets: dict) -> dict:
-    """The same targets under ComfyUI's `diffusion_model.` prefix."""
-    return {f"diffusion_model.{k}": v for k, v in targets.items()}
+def prefixed(targets: dict, *prefixes: str) -> dict:
+    """The same targets under each prefix: ComfyUI's `diffusion_model.`, fal's Kontext trainer's `base_model.model.`."""
+    return {p + k: v for p in prefixes for k, v in targets.items()}

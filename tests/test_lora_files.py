@@ -2,6 +2,7 @@
 onto our fused BFL linears with exactly the effect of their weight deltas; bad files fail with a clear error."""
 
 import copy
+import re
 
 import pytest
 import torch
@@ -10,7 +11,8 @@ from diffusers.loaders import FluxLoraLoaderMixin
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from iclora.lora import (DEFAULT_TARGETS, LoRALinear, inject_lora, lora_parameters, remove_lora, set_lora_scale)
+from iclora.lora import (DEFAULT_TARGETS, LoRALinear, inject_lora, lora_linear_at, lora_parameters, remove_lora,
+                         set_lora_scale)
 from iclora.lora_files import load_lora, save_lora
 from minflux.model import Flux, preset
 from tests.test_transformer import inputs, reference_and_ours, run_both
@@ -35,8 +37,8 @@ def lora_pair(module, rank, g, dtype=torch.float32):
 def in_float64(*models):
     """Models and inputs in float64, for comparing computations that differ only in fp32 summation order (a LoRA
     merged by hand, (W + BA)·x, against W·x + B(A·x); separate q/k/v adapters against one fused block-diagonal
-    adapter): they differ by ~2e-5 in fp32 at these reference weights' output scale (~13); in float64 the test
-    sees the mapping itself."""
+    adapter; a saved B holding (alpha / r)·B, rounded, against B and scale alpha / r): they differ by ~2e-5 in fp32
+    at these reference weights' output scale (~13); in float64 the test sees the mapping itself."""
     x = {k: v.double() if v.is_floating_point() else v for k, v in inputs(models[-1].params).items()}
     return *(m.double() for m in models), x
 
@@ -87,16 +89,16 @@ def test_save_then_load_gives_identical_outputs(tmp_path):
         assert f.metadata()["base_model"] == "tiny"
         keys = list(f.keys())
     assert all(k.startswith("transformer.") and k.rsplit(".", 2)[-2:] in (["lora_A", "weight"], ["lora_B", "weight"])
-               or k.endswith(".alpha") for k in keys)
-    assert len(keys) == 3 * (2 * 14 + 2 * 6)  # A, B and alpha for every diffusers module of the tiny blocks
+               for k in keys)
+    assert len(keys) == 2 * (2 * 14 + 2 * 6)  # A and B for every diffusers module of the tiny blocks, no .alpha
     x = inputs(ours.params)
     before = run(base, x)
     load_lora(base, path)
     report("save -> load round trip", run(base, x), run(ours, x), before)
-    assert torch.equal(run(base, x), run(ours, x))  # the same adapters come back, not an equivalent of them
+    assert torch.equal(run(base, x), run(ours, x))  # the same delta: alpha / r = 2 folds into B exactly
 
 
-def test_a_fused_adapter_split_on_save_loads_back_at_its_own_rank(tmp_path):
+def test_a_fused_adapter_split_on_save_loads_back_at_its_own_rank_with_its_scale_in_b(tmp_path):
     _, ours = reference_and_ours(guidance_embed=True)
     base = copy.deepcopy(ours)
     save_lora(trained(ours, rank=4, alpha=8.0), tmp_path / "lora.safetensors")
@@ -104,8 +106,25 @@ def test_a_fused_adapter_split_on_save_loads_back_at_its_own_rank(tmp_path):
     for (name, saved), (_, loaded) in zip(ours.named_modules(), base.named_modules()):
         if isinstance(saved, LoRALinear):
             assert torch.equal(loaded.lora_A["default"].weight, saved.lora_A["default"].weight), name
-            assert torch.equal(loaded.lora_B["default"].weight, saved.lora_B["default"].weight), name
-            assert loaded.alpha["default"] == 8.0
+            assert torch.equal(loaded.lora_B["default"].weight, 2 * saved.lora_B["default"].weight), name
+            assert loaded.alpha["default"] == 4.0  # alpha / r = 8 / 4 is in B: scale 1
+
+
+def test_no_alpha_key_is_ever_written_b_and_its_bias_carry_alpha_over_r(tmp_path):
+    """Every client then reads the same delta at scale 1: diffusers' load_lora_adapter ignores .alpha keys."""
+    _, ours = reference_and_ours(guidance_embed=True)
+    layer = lora_linear_at(ours, "single_blocks.0.linear2")
+    layer.add_adapter("default", 4, alpha=3.0, bias=True)  # a LoRA bias, as BFL's files have
+    with torch.no_grad():
+        for p in (*layer.lora_A["default"].parameters(), *layer.lora_B["default"].parameters()):
+            p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(8)))
+    save_lora(ours, tmp_path / "lora.safetensors")
+    sd = load_file(tmp_path / "lora.safetensors")
+    key = "transformer.single_transformer_blocks.0.proj_out"
+    assert sorted(sd) == [f"{key}.lora_A.weight", f"{key}.lora_B.bias", f"{key}.lora_B.weight"]
+    assert torch.equal(sd[f"{key}.lora_A.weight"], layer.lora_A["default"].weight)
+    assert torch.equal(sd[f"{key}.lora_B.weight"], layer.lora_B["default"].weight * 0.75)
+    assert torch.equal(sd[f"{key}.lora_B.bias"], layer.lora_B["default"].bias * 0.75)
 
 
 def test_save_can_cast_the_tensors_to_fp16(tmp_path):
@@ -113,14 +132,14 @@ def test_save_can_cast_the_tensors_to_fp16(tmp_path):
     save_lora(trained(ours), tmp_path / "lora.safetensors", dtype=torch.float16)
     sd = load_file(tmp_path / "lora.safetensors")
     assert {v.dtype for v in sd.values()} == {torch.float16}
-    assert not any(k.endswith(".alpha") for k in sd)  # alpha == rank: no alpha keys, as the official files
+    assert not any(k.endswith(".alpha") for k in sd)  # as the official files
 
 
 def test_a_lora_beyond_fp16s_range_is_written_in_bf16_with_a_warning_never_as_inf(tmp_path):
     _, ours = reference_and_ours(guidance_embed=True)
-    model = trained(ours)
+    model = trained(ours, rank=4, alpha=8.0)
     with torch.no_grad():
-        lora_parameters(model)[1][0, 0] = 1e5  # one B value beyond 65504
+        lora_parameters(model)[1][0, 0] = 4e4  # one B value within 65504, beyond it once scaled by alpha / r = 2
     with pytest.warns(UserWarning, match=r"exceeds fp16's range \(65504\); written in bf16"):
         save_lora(model, tmp_path / "lora.safetensors", dtype=torch.float16)
     sd = load_file(tmp_path / "lora.safetensors")
@@ -138,9 +157,22 @@ def test_our_file_loads_in_diffusers_with_the_same_output(tmp_path, alpha, multi
     ref.set_adapters(["lora"], weights=[multiplier])
     set_lora_scale(ours, "default", multiplier)
     load_lora(loaded, tmp_path / "lora.safetensors", multiplier=multiplier)
-    assert torch.allclose(run(loaded, x), run(ours, x), atol=1e-5)
+    loaded, ours, x64 = in_float64(loaded, ours)  # the file's B is (alpha / r)·B rounded to fp32: see in_float64
+    assert torch.allclose(run(loaded, x64), run(ours, x64), atol=1e-5)
     got, want = run_both(*in_float64(ref, ours))  # peft's separate q/k/v adapters vs our fused one: see in_float64
     report(f"our file in diffusers (alpha {alpha}, multiplier {multiplier})", got, want, before)
+
+
+@pytest.mark.parametrize("rank, alpha", [(4, 8.0), (8, 2.0)])
+def test_our_file_loads_at_the_same_strength_with_diffusers_load_lora_adapter(tmp_path, rank, alpha):
+    """FluxTransformer2DModel.load_lora_adapter reads no .alpha keys (scale 1): our files carry alpha / r in B."""
+    ref, ours = reference_and_ours(guidance_embed=True)
+    x = inputs(ours.params)
+    before = run(ours, x)
+    save_lora(trained(ours, rank=rank, alpha=alpha), tmp_path / "lora.safetensors")
+    ref.load_lora_adapter(str(tmp_path / "lora.safetensors"), prefix="transformer", adapter_name="lora")
+    got, want = run_both(*in_float64(ref, ours))  # peft's separate q/k/v adapters vs our fused one: see in_float64
+    report(f"our file in diffusers' load_lora_adapter (rank {rank}, alpha {alpha})", got, want, before)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -305,6 +337,24 @@ def test_bfl_native_keys_may_carry_comfyui_diffusion_model_prefix():
     assert not torch.allclose(outputs[0], run(ours, x)) and torch.equal(*outputs)
 
 
+def test_fal_kontext_keys_load_as_the_same_bfl_native_keys():
+    """fal's Kontext trainer writes `base_model.model.<BFL module>.lora_A/B.weight`. diffusers' converter for these
+    files hard-codes FLUX.1's sizes (3072 wide, 19 + 38 blocks), so the reference here is our BFL-native loading,
+    which test_bfl_native_file_equals_merging_its_deltas_by_hand checks against the deltas merged by hand."""
+    _, ours = reference_and_ours(guidance_embed=True)
+    g, plain = torch.Generator().manual_seed(9), {}
+    for module in ("double_blocks.0.img_attn.qkv", "double_blocks.1.txt_mlp.2", "single_blocks.1.linear1"):
+        A, B = lora_pair(ours.get_submodule(module), 4, g)
+        plain |= {f"{module}.lora_A.weight": A, f"{module}.lora_B.weight": B}
+    x, outputs = inputs(ours.params), []
+    for sd in (plain, {"base_model.model." + k: v for k, v in plain.items()}):
+        model = copy.deepcopy(ours)
+        assert sorted(load_lora(model, sd)) == ["double_blocks.0.img_attn.qkv", "double_blocks.1.txt_mlp.2",
+                                                "single_blocks.1.linear1"]
+        outputs.append(run(model, x))
+    assert not torch.allclose(outputs[0], run(ours, x)) and torch.equal(*outputs)
+
+
 def test_xlabs_file_equals_merging_its_deltas_by_hand():
     _, ours = reference_and_ours(guidance_embed=True)
     g = torch.Generator().manual_seed(7)
@@ -338,6 +388,16 @@ def test_a_file_in_no_known_layout_is_rejected_naming_its_keys():
         load_lora(ours, {"unet.conv_in.weight": torch.zeros(4, 4), "unet.mid.lora.up": torch.zeros(4, 4)})
     with pytest.raises(ValueError, match="any known layout"):  # a full checkpoint is not a LoRA
         load_lora(ours, dict(ours.state_dict()))
+
+
+@pytest.mark.parametrize("key", ["lora_unet_img_in.dora_scale", "lora_unet_img_in.diff"])
+def test_dora_and_full_weight_diff_tensors_are_refused_as_such_naming_the_file_and_key(tmp_path, key):
+    _, ours = reference_and_ours(guidance_embed=True)
+    save_file({"lora_unet_img_in.lora_down.weight": torch.zeros(4, 64), "lora_unet_img_in.lora_up.weight":
+               torch.zeros(32, 4), key: torch.zeros(32, 1 if "dora" in key else 64)}, tmp_path / "dora.safetensors")
+    with pytest.raises(ValueError, match=rf"dora\.safetensors: DoRA \(dora_scale\) / full-weight \.diff tensors are "
+                                         rf"not supported \(e\.g\. {re.escape(key)}\)"):
+        load_lora(ours, tmp_path / "dora.safetensors")
 
 
 def test_a_lora_for_a_module_the_model_lacks_is_rejected_naming_it():
@@ -416,6 +476,15 @@ def test_saving_an_adapter_holding_nan_is_refused_and_keeps_the_existing_file(tm
         save_lora(ours, path)
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["lora.safetensors"]
+
+
+def test_saving_a_b_that_overflows_once_scaled_by_alpha_over_r_is_refused(tmp_path):
+    _, ours = reference_and_ours(guidance_embed=True)
+    trained(ours, rank=4, alpha=8.0)
+    with torch.no_grad():
+        ours.double_blocks[0].img_attn.qkv.lora_B["default"].weight[0, 0] = 3e38  # finite; 6e38 once scaled
+    with pytest.raises(ValueError, match=r"not written: .*double_blocks\.0\.img_attn\.qkv B holds inf"):
+        save_lora(ours, tmp_path / "lora.safetensors")
 
 
 @pytest.mark.parametrize("rslora", [False, True], ids=["lora", "rslora"])

@@ -1,5 +1,6 @@
 """train.py on a tiny random FLUX: it learns, resumes bit-for-bit, and stops cleanly on bad input or NaN."""
 
+import copy
 import gc
 import shutil
 import subprocess
@@ -15,11 +16,13 @@ from safetensors.torch import load_file
 
 import train
 from iclora.data import PanelSetDataset
-from iclora.lora import lora_state
-from iclora.lora_files import load_lora
+from iclora.lora import inject_lora, lora_state
+from iclora.lora_files import load_lora, read_lora_file, save_lora
 from iclora.training import TIMESTEP_MODES, EncodedSet, collate, encode_sets, flow_matching_loss, sample_timesteps
 from minflux.pipeline import load_pipeline
 from minflux.sampling import shift_mu, time_shift
+from tests.test_lora_files import trained as with_random_lora
+from tests.test_transformer import reference_and_ours
 from tests.tiny_repo import write_tiny_repo
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -352,6 +355,21 @@ def test_init_lora_starts_the_adapters_from_the_file(repo, data, tmp_path):
     assert a.keys() == b.keys() and any(v.abs().max() > 1e-3 for k, v in a.items() if "lora_B" in k)
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize("alpha", [2.0, 4.0, 12.0])
+def test_init_lora_starts_from_the_files_delta_whatever_the_alpha(tmp_path, alpha):
+    """A file saved at rank 4, alpha 8 (its B holds 2·B) gives a fresh rank-4 adapter of any --alpha its delta."""
+    _, source = reference_and_ours(guidance_embed=True)
+    flow = copy.deepcopy(source)
+    save_lora(with_random_lora(source, rank=4, alpha=8.0), tmp_path / "init.safetensors")
+    inject_lora(flow, rank=4, alpha=alpha)
+    train.start_from_lora(flow, read_lora_file(tmp_path / "init.safetensors"), tmp_path / "init.safetensors", 4)
+    want, got = lora_state(source), lora_state(flow)
+    assert got.keys() == want.keys()
+    for name, w in got.items():
+        assert w.alpha == alpha
+        torch.testing.assert_close(alpha / 4 * w.B @ w.A, 8.0 / 4 * want[name].B @ want[name].A, rtol=0, atol=1e-6)
 
 
 def test_init_lora_of_another_rank_is_refused_naming_the_rank_to_give(repo, data, tmp_path):
