@@ -147,8 +147,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="torch.compile each transformer block's forward (regional: one compiled graph per block "
                         "class, compiled at the first step and again at a new image size and for validation "
                         "sampling); the same training within float rounding; composes with the LoRA, "
-                        "--checkpointing, --quantize and --blocks-to-swap. Full-size FLUX.1-dev training crashed in its "
-                        "first compiled backward on an H200 with torch 2.11 (bench/RESULTS.md) (default: off)")
+                        "--checkpointing, --quantize and --blocks-to-swap. Full-size FLUX.1-dev training crashed in "
+                        "its first compiled backward on an H200 with torch 2.11 (bench/RESULTS.md) (default: off)")
     p.add_argument("--fsdp", action="store_true",
                    help="under torchrun: shard the frozen base over the ranks with FSDP2, block by block, so that "
                         "each GPU holds 1/N of its weights (gathering a block's just before it runs); the adapters "

@@ -201,8 +201,8 @@ def sample_rows(args, device, dtype, peak, ours, ref, sizes, section="sample") -
         for name in models if ref is not None or section != "sample" else [*models, "diffusers"]:
             for kind in ("eager", "compiled"):
                 key = f"{name} {kind}"
-                why = "compiled variants run on a GPU, without --eager" if name in models else "diffusers is not installed, " \
-                    "or --no-reference"
+                why = ("compiled variants run on a GPU, without --eager" if name in models else
+                       "diffusers is not installed, or --no-reference")
                 rows.append(row(section, key, (H, W), B, flops, peak, **timings[key]) if key in timings else
                             row(section, key, (H, W), B, skipped=why))
         for f in fast.values():
