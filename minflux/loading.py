@@ -4,9 +4,10 @@ The transformer and the autoencoder come as BFL single files at the repo's root 
 `ae.safetensors`: our native names, preferred) or as diffusers folders (`transformer/`, `vae/`, converted by
 `minflux.convert`); CLIP-L from `text_encoder/`, T5-XXL from `text_encoder_2/` (sharded), the tokenizers from
 `tokenizer/` and `tokenizer_2/`. Models are built on the meta device and their parameters *assigned* from
-memory-mapped safetensors, so a 12B model never exists twice in RAM; tensors keep their stored dtype unless asked.
-A transformer single file may hold fp8 Linear weights (plain casts, ComfyUI scaled fp8): those layers are built as
-`minflux.quantize.FP8Linear` and keep the file's fp8 values; other 1-byte formats (NF4, int8) are refused.
+memory-mapped safetensors, so a 12B model never exists twice in RAM; tensors keep their stored dtype unless asked,
+but fp16 becomes bf16 (T5's and FLUX's activations overflow fp16). A transformer single file may hold fp8 Linear
+weights (plain casts, ComfyUI scaled fp8): those layers are built as `minflux.quantize.FP8Linear` and keep the file's
+fp8 values; other 1-byte formats (NF4, int8) are refused.
 """
 
 from pathlib import Path
@@ -31,7 +32,8 @@ SUPPORTED = "bf16/fp32 official files, and for the transformer fp8 plain casts o
 
 
 def read_safetensors(paths: list, dtype: torch.dtype | None = None, fp8: bool = False) -> dict[str, torch.Tensor]:
-    """Every tensor of the files, floats cast to `dtype`; fp8 tensors are kept as stored where `fp8` allows them."""
+    """Every tensor of the files, floats cast to `dtype` (None: fp16 to bf16, others kept); fp8 tensors are kept as
+    stored where `fp8` allows them."""
     sd = {}
     for path in paths:
         try:
@@ -46,8 +48,9 @@ def read_safetensors(paths: list, dtype: torch.dtype | None = None, fp8: bool = 
                                  else "int8 quantization (bitsandbytes LLM.int8, quanto, ...)")
                         raise ValueError(f"{path}: {key} is stored in {t.dtype}, which looks like {looks}: "
                                          f"that format is not supported; supported: {SUPPORTED}")
-                    keep = is_fp8(t) or key.endswith(".scale_weight")  # fp8 values and their float32 scales
-                    sd[key] = t.to(dtype) if dtype is not None and t.is_floating_point() and not keep else t
+                    keep = is_fp8(t) or key.endswith(".scale_weight") or not t.is_floating_point()  # fp8 and scales
+                    cast = dtype or {torch.float16: torch.bfloat16}.get(t.dtype, t.dtype)
+                    sd[key] = t if keep else t.to(cast)
         except (SafetensorError, OSError) as e:
             raise ValueError(f"{path}: cannot read this safetensors file (truncated or corrupt download?): {e}") from None
     return sd

@@ -8,9 +8,12 @@ import threading
 import time
 from pathlib import Path
 
+import shutil
+
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from transformers import T5EncoderModel
 
 from minflux import hub, loading
 from minflux.pipeline import load_pipeline
@@ -185,3 +188,21 @@ def test_the_t5_limit_is_known_from_the_config_or_the_single_files_header(tmp_pa
     assert load_pipeline(str(repo)).t5_tokenizer.max_length == limit
     (repo / "transformer" / "config.json").unlink()  # a BFL file alone: its key names tell
     assert loading.t5_max_length(hub.Repo(str(repo))) == limit
+
+
+def test_an_fp16_t5_loads_as_bf16_and_stays_finite_where_fp16_overflows(tiny, tmp_path):
+    repo = copy_repo(tiny, tmp_path / "fp16")
+    t5 = T5EncoderModel.from_pretrained(tiny / "text_encoder_2").eval()
+    with torch.no_grad():  # T5-XXL's feed-forward outputs exceed fp16's 65504; make the tiny one's do too
+        t5.encoder.block[0].layer[1].DenseReluDense.wo.weight.mul_(40000.0)
+        tokens = torch.randint(0, 200, (1, 12), generator=torch.Generator().manual_seed(0))
+        assert t5.encoder.block[0](t5.shared(tokens))[0].abs().max() > 65504
+    shutil.rmtree(repo / "text_encoder_2")
+    t5.half().save_pretrained(repo / "text_encoder_2", max_shard_size="100KB")
+    ours = loading.load_t5(hub.Repo(str(repo)))
+    assert {p.dtype for p in ours.parameters()} == {torch.bfloat16}
+    with torch.no_grad():
+        got, want = ours(tokens).float(), loading.load_t5(hub.Repo(str(repo)), torch.float32)(tokens)
+    assert got.isfinite().all()
+    print(f"bf16 vs fp32: max abs diff {(got - want).abs().max():.2e}, scale {want.abs().max():.2e}")
+    assert (got - want).abs().max() < 0.02 * want.abs().max()  # bf16 keeps 8 bits of mantissa
