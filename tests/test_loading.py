@@ -275,3 +275,17 @@ def test_a_single_file_without_a_flux_key_names_the_file(tiny, tmp_path):
     with pytest.raises(ValueError, match=r"flux1-dev\.safetensors: not a FLUX transformer checkpoint: missing "
                                          r"final_layer\.linear\.weight$"):
         load_pipeline(str(repo))
+
+
+def test_a_shard_missing_from_its_index_is_named_before_anything_is_read(tiny, tmp_path):
+    repo = copy_repo(tiny, tmp_path / "shard")
+    shard = sorted((repo / "text_encoder_2").glob("model-*.safetensors"))[1]
+    shard.unlink()
+    (repo / "flux1-dev.safetensors").write_bytes(b"")  # nothing may be read before the check
+    with pytest.raises(FileNotFoundError, match=rf"missing text_encoder_2/{shard.name};"):
+        load_pipeline(str(repo))
+
+
+def test_a_folder_given_as_transformer_is_called_a_folder(tiny):
+    with pytest.raises(FileNotFoundError, match=r"transformer: a folder; give a FLUX transformer \.safetensors"):
+        loading.check_repo(hub.Repo(str(tiny)), tiny / "transformer")
