@@ -91,7 +91,7 @@ def load_flow(repo, dtype: torch.dtype | None = None, transformer: Path | None =
                          f"only the text-to-image models (64 channels) are supported")
     with torch.device("meta"):
         model = Flux(params)
-    return assign(model, fp8_layers(model, sd, source), source)
+    return assign(model, fp8_layers(model, sd, source, dtype), source)
 
 
 def load_ae(repo, dtype: torch.dtype | None = None) -> AutoEncoder:

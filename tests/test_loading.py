@@ -19,6 +19,7 @@ from transformers import T5EncoderModel
 
 from minflux import hub, loading
 from minflux.pipeline import load_pipeline
+from minflux.quantize import compute_dtype
 from tests.test_transformer import inputs, run_both
 from tests.tiny_repo import copy_repo, write_tiny_repo
 
@@ -284,6 +285,19 @@ def test_a_shard_missing_from_its_index_is_named_before_anything_is_read(tiny, t
     (repo / "flux1-dev.safetensors").write_bytes(b"")  # nothing may be read before the check
     with pytest.raises(FileNotFoundError, match=rf"missing text_encoder_2/{shard.name};"):
         load_pipeline(str(repo))
+
+
+def test_an_all_fp8_file_loads_in_the_requested_dtype(tiny, tmp_path):
+    sd = {k: v.to(torch.float8_e4m3fn) for k, v in load_file(tiny / "flux1-dev.safetensors").items()}
+    save_file(sd, tmp_path / "fp8.safetensors")
+    save_file({k: v.float() for k, v in sd.items()}, tmp_path / "fp32.safetensors")
+    repo = hub.Repo(str(tiny))
+    flow = loading.load_flow(repo, torch.float32, tmp_path / "fp8.safetensors")
+    assert compute_dtype(flow) == torch.float32
+    want = loading.load_flow(repo, transformer=tmp_path / "fp32.safetensors")
+    x = {**inputs(flow.params, batch=1), "timesteps": torch.tensor([0.9]), "guidance": torch.tensor([3.5])}
+    with torch.no_grad():
+        assert (flow(**x) - want(**x)).abs().max() < 1e-5
 
 
 def test_a_folder_given_as_transformer_is_called_a_folder(tiny):
