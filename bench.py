@@ -73,7 +73,7 @@ def build(args, device, dtype):
     with torch.device("meta"):
         ours = Flux(p)
     if ref is not None:
-        ours.load_state_dict(transformer_from_diffusers(ref.state_dict(), ref.config), assign=True)
+        ours.load_state_dict(transformer_from_diffusers(ref.state_dict()), assign=True)
     else:
         ours = ours.to_empty(device=device).to(dtype)
         for t in ours.parameters():

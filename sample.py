@@ -89,11 +89,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--dtype", default=None, choices=["bf16", "fp32"],
-                   help="cast all weights to this dtype (default: keep each file's stored dtype; no fp16: T5 "
-                        "and the FLUX blocks overflow in it)")
+                   help="cast all weights to this dtype (default: keep each file's stored dtype, but fp16 "
+                        "becomes bf16; no fp16: T5 and the FLUX blocks overflow in it)")
     p.add_argument("--transformer", type=Path,
-                   help="a local transformer .safetensors (BFL single-file layout, also with ComfyUI's "
-                        "model.diffusion_model. prefix) used instead of the one in --model: bf16, fp32, an fp8 "
+                   help="a local transformer .safetensors (BFL or diffusers key names, or a ComfyUI checkpoint "
+                        "whose model.diffusion_model.* is read) used instead of the one in --model: bf16, fp32, an fp8 "
                         "plain cast (flux1-dev-fp8) or ComfyUI scaled fp8, detected from its tensors; the VAE, text "
                         "encoders and tokenizers still come from --model (default: the --model's own)")
     p.add_argument("--quantize", choices=["fp8"],

@@ -87,7 +87,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="HF repo id or local folder in the HF repo layout, or `toy` for the 12 MB toy FLUX in "
                         "toy/model, which also changes the defaults marked 'toy' (default: %(default)s)")
     p.add_argument("--transformer", type=Path,
-                   help="a local transformer .safetensors (BFL single-file layout) used instead of --model's: "
+                   help="a local transformer .safetensors (BFL or diffusers key names, or a ComfyUI checkpoint whose "
+                        "model.diffusion_model.* is read) used instead of --model's: "
                         "bf16, fp32, an fp8 plain cast or ComfyUI scaled fp8, detected from its tensors; the LoRA "
                         "then trains on its (dequantized) weights; VAE, text encoders and tokenizers come from "
                         "--model (default: the --model's own)")

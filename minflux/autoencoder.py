@@ -36,12 +36,12 @@ class AutoEncoderParams:
         return cls(ch=32, ch_mult=(1, 1, 1, 1), num_res_blocks=1)
 
     @classmethod
-    def from_state_dict(cls, sd: dict, scale_factor: float = 0.3611, shift_factor: float = 0.1159):
+    def from_state_dict(cls, sd: dict, scale_factor: float = 0.3611, shift_factor: float = 0.1159, source="checkpoint"):
         """Reads every size off the tensor shapes of an `ae.safetensors`-style dict (scale/shift are not stored)."""
         required = ["encoder.conv_in.weight", "encoder.down.0.block.0.conv1.weight", "decoder.conv_in.weight",
                     "decoder.conv_out.weight"]
         if missing := [k for k in required if k not in sd]:
-            raise ValueError(f"not a FLUX autoencoder checkpoint: missing {', '.join(missing)}")
+            raise ValueError(f"{source}: not a FLUX autoencoder checkpoint: missing {', '.join(missing)}")
         ch, in_channels = sd["encoder.conv_in.weight"].shape[:2]
         count = lambda prefix: 1 + max(int(m[1]) for k in sd if (m := re.match(rf"{re.escape(prefix)}\.(\d+)\.", k)))
         levels = count("encoder.down")

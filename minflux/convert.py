@@ -66,30 +66,31 @@ def transformer_table(depth: int, depth_single: int, hidden: int, mlp_hidden: in
     return table
 
 
-def transformer_from_diffusers(sd: dict[str, Tensor], config: dict) -> dict[str, Tensor]:
-    """A `transformer/` state dict (diffusers names) -> BFL names, fusing q/k/v(/mlp) and un-swapping norm_out."""
-    hidden = config["num_attention_heads"] * config["attention_head_dim"]
-    mlp_hidden = sd["single_transformer_blocks.0.proj_mlp.weight"].shape[0] if config["num_single_layers"] else 0
-    table = transformer_table(config["num_layers"], config["num_single_layers"], hidden, mlp_hidden)
+def transformer_from_diffusers(sd: dict[str, Tensor], source: str = "a diffusers transformer") -> dict[str, Tensor]:
+    """A diffusers-named transformer state dict -> BFL names, fusing q/k/v(/mlp) and un-swapping norm_out; the sizes
+    are read off the tensors. Missing or unexpected keys are refused, naming `source` (the file or folder)."""
+    count = lambda blocks: 1 + max((int(m[1]) for k in sd if (m := re.match(rf"{blocks}\.(\d+)\.", k))), default=-1)
+    hidden = sd["x_embedder.weight"].shape[0] if "x_embedder.weight" in sd else 0
+    mlp_hidden = next((v.shape[0] for k, v in sd.items() if k.endswith(".proj_mlp.weight")), 0)
+    table = transformer_table(count("transformer_blocks"), count("single_transformer_blocks"), hidden, mlp_hidden)
+    guided = any(k.startswith("time_text_embed.guidance_embedder.") for k in sd)  # schnell has no guidance embedder
+    want = {m if m.endswith(".weight") else f"{m}.{leaf}" for m in table for leaf in ("weight", "bias")
+            if guided or "guidance_embedder" not in m}
+    if (missing := sorted(want - set(sd))) or (unexpected := sorted(set(sd) - want)):
+        raise ValueError(f"{source}: not a diffusers FLUX transformer; " + (f"missing keys: {', '.join(missing[:5])}"
+                         if missing else f"unexpected keys: {', '.join(unexpected[:5])}"))
     parts = defaultdict(list)  # BFL key -> [(rows, tensor)]
     for key, tensor in sd.items():
         module, leaf = key.rsplit(".", 1)
-        if key in table:
-            name, rows = table[key]
-        elif module in table:
-            name, rows = table[module]
-            name = f"{name}.{leaf}"
-        else:
-            raise ValueError(f"unexpected key {key!r} in a diffusers FLUX transformer checkpoint")
+        name, rows = table[key] if key in table else (f"{table[module][0]}.{leaf}", table[module][1])
         parts[name].append((rows, tensor))
     out = {}
     for name, pieces in parts.items():
         if len(pieces) == 1 and pieces[0][0] is None:
             out[name] = pieces[0][1]
             continue
-        first = pieces[0][1]
         n = sum(r.stop - r.start if isinstance(r, slice) else len(r) for r, _ in pieces)
-        fused = torch.empty((n, *first.shape[1:]), dtype=first.dtype, device=first.device)
+        fused = pieces[0][1].new_empty((n, *pieces[0][1].shape[1:]))
         for rows, tensor in pieces:
             fused[rows] = tensor
         out[name] = fused

@@ -4,9 +4,10 @@ The transformer and the autoencoder come as BFL single files at the repo's root 
 `ae.safetensors`: our native names, preferred) or as diffusers folders (`transformer/`, `vae/`, converted by
 `minflux.convert`); CLIP-L from `text_encoder/`, T5-XXL from `text_encoder_2/` (sharded), the tokenizers from
 `tokenizer/` and `tokenizer_2/`. Models are built on the meta device and their parameters *assigned* from
-memory-mapped safetensors, so a 12B model never exists twice in RAM; tensors keep their stored dtype unless asked.
-A transformer single file may hold fp8 Linear weights (plain casts, ComfyUI scaled fp8): those layers are built as
-`minflux.quantize.FP8Linear` and keep the file's fp8 values; other 1-byte formats (NF4, int8) are refused.
+memory-mapped safetensors, so a 12B model never exists twice in RAM; tensors keep their stored dtype unless asked,
+but fp16 becomes bf16 (T5's and FLUX's activations overflow fp16). A transformer single file (BFL or diffusers names,
+or a ComfyUI checkpoint's `model.diffusion_model.*`) may hold fp8 Linear weights (plain casts, ComfyUI scaled fp8):
+those layers are built as `minflux.quantize.FP8Linear` and keep the file's fp8 values; NF4 and int8 are refused.
 """
 
 from pathlib import Path
@@ -31,12 +32,14 @@ SUPPORTED = "bf16/fp32 official files, and for the transformer fp8 plain casts o
 
 
 def read_safetensors(paths: list, dtype: torch.dtype | None = None, fp8: bool = False) -> dict[str, torch.Tensor]:
-    """Every tensor of the files, floats cast to `dtype`; fp8 tensors are kept as stored where `fp8` allows them."""
+    """Every tensor of the files, floats cast to `dtype` (None: fp16 to bf16, others kept); fp8 tensors are kept as
+    stored where `fp8` allows them. Of a ComfyUI checkpoint only `model.diffusion_model.*` is read, without prefix."""
     sd = {}
     for path in paths:
         try:
             with safe_open(str(path), framework="pt") as f:
-                for key in f.keys():
+                keys = [k for k in f.keys() if k.startswith("model.diffusion_model.")] or f.keys()
+                for key in keys:
                     t = f.get_tensor(key)
                     if is_fp8(t) and not fp8:
                         raise ValueError(f"{path}: {key} is stored in {t.dtype}; fp8 is read for the transformer's "
@@ -46,8 +49,9 @@ def read_safetensors(paths: list, dtype: torch.dtype | None = None, fp8: bool = 
                                  else "int8 quantization (bitsandbytes LLM.int8, quanto, ...)")
                         raise ValueError(f"{path}: {key} is stored in {t.dtype}, which looks like {looks}: "
                                          f"that format is not supported; supported: {SUPPORTED}")
-                    keep = is_fp8(t) or key.endswith(".scale_weight")  # fp8 values and their float32 scales
-                    sd[key] = t.to(dtype) if dtype is not None and t.is_floating_point() and not keep else t
+                    keep = is_fp8(t) or key.endswith(".scale_weight") or not t.is_floating_point()  # fp8 and scales
+                    cast = dtype or {torch.float16: torch.bfloat16}.get(t.dtype, t.dtype)
+                    sd[key.removeprefix("model.diffusion_model.")] = t if keep else t.to(cast)
         except (SafetensorError, OSError) as e:
             raise ValueError(f"{path}: cannot read this safetensors file (truncated or corrupt download?): {e}") from None
     return sd
@@ -70,23 +74,24 @@ def assign(model: nn.Module, sd: dict[str, torch.Tensor], source: str) -> nn.Mod
 
 
 def load_flow(repo, dtype: torch.dtype | None = None, transformer: Path | None = None) -> Flux:
-    """`transformer`: a BFL single file to use instead of the repo's. Linears stored in fp8 become FP8Linear."""
+    """`transformer`: a single file to use instead of the repo's. Linears stored in fp8 become FP8Linear."""
     config = repo.json("transformer/config.json")  # diffusers' config: the only place the RoPE split is stored
     if path := transformer or repo.transformer_file():
         sd, source = read_safetensors([path], dtype, fp8=True), str(path)
     elif "transformer/config.json" in repo.files:
         paths = repo.safetensors("transformer", "diffusion_pytorch_model")
-        sd, source = transformer_from_diffusers(read_safetensors(paths, dtype), config), str(paths[0].parent)
+        sd, source = read_safetensors(paths, dtype), str(paths[0].parent)
     else:
         raise FileNotFoundError(f"{repo.model}: no FLUX transformer found; {LAYOUT_HELP}")
-    sd = {k.removeprefix("model.diffusion_model."): v for k, v in sd.items()}  # ComfyUI-style repacks
-    params = FluxParams.from_state_dict(sd, axes_dim=tuple(config.get("axes_dims_rope", (16, 56, 56))))
+    if any(k.startswith(("x_embedder.", "transformer_blocks.")) for k in sd):  # diffusers names
+        sd = transformer_from_diffusers(sd, source)
+    params = FluxParams.from_state_dict(sd, tuple(config.get("axes_dims_rope", (16, 56, 56))), source=source)
     if params.in_channels != 64:
         raise ValueError(f"{source}: a FLUX variant with {params.in_channels} input channels (Fill, Canny or Depth); "
                          f"only the text-to-image models (64 channels) are supported")
     with torch.device("meta"):
         model = Flux(params)
-    return assign(model, fp8_layers(model, sd, source), source)
+    return assign(model, fp8_layers(model, sd, source, dtype), source)
 
 
 def load_ae(repo, dtype: torch.dtype | None = None) -> AutoEncoder:
@@ -100,7 +105,7 @@ def load_ae(repo, dtype: torch.dtype | None = None) -> AutoEncoder:
     else:
         raise FileNotFoundError(f"{repo.model}: no autoencoder found; {LAYOUT_HELP}")
     with torch.device("meta"):
-        model = AutoEncoder(AutoEncoderParams.from_state_dict(sd, **factors))
+        model = AutoEncoder(AutoEncoderParams.from_state_dict(sd, **factors, source=source))
     return assign(model, sd, source)
 
 
@@ -131,7 +136,7 @@ def t5_max_length(repo, transformer: Path | None = None) -> int:
         return 512 if config.get("guidance_embeds") else 256
     try:
         with safe_open(str(path), framework="pt") as f:
-            return 512 if any(k.endswith("guidance_in.in_layer.weight") for k in f.keys()) else 256
+            return 512 if any("guidance_" in k for k in f.keys()) else 256  # BFL's or diffusers' names
     except (SafetensorError, OSError) as e:
         raise ValueError(f"{path}: cannot read this safetensors file (truncated or corrupt download?): {e}") from None
 
@@ -145,8 +150,8 @@ def load_tokenizers(repo, t5_max_length: int) -> tuple[CLIPTokenizer, T5Tokenize
 def check_repo(repo, transformer: Path | None = None):
     """Every file the pipeline needs is there; `transformer` (a file) replaces the repo's transformer."""
     if transformer is not None and not Path(transformer).is_file():
-        raise FileNotFoundError(f"--transformer {transformer}: no such file; give a local FLUX transformer "
-                                f".safetensors (BFL single-file layout: {SUPPORTED})")
+        raise FileNotFoundError(f"--transformer {transformer}: " + ("a folder; give a" if Path(transformer).is_dir()
+                                else "no such file; give a local") + f" FLUX transformer .safetensors ({SUPPORTED})")
     has_flow = transformer is not None or repo.transformer_file() is not None or "transformer/config.json" in repo.files
     has_ae = repo.root_file(["ae.safetensors", "ae.sft"]) is not None or "vae/config.json" in repo.files
     needed = ["text_encoder/config.json", "text_encoder_2/config.json", "tokenizer/vocab.json", "tokenizer/merges.txt"]
@@ -154,6 +159,9 @@ def check_repo(repo, transformer: Path | None = None):
     for folder, stem in (("text_encoder", "model"), ("text_encoder_2", "model")):
         if not {f"{folder}/{stem}.safetensors", f"{folder}/{stem}.safetensors.index.json"} & repo.files:
             missing.append(f"{folder}/{stem}.safetensors")
+    for index in sorted(n for n in repo.files if n.endswith(".safetensors.index.json")):  # its shards, all there?
+        folder = index[:index.rfind("/") + 1]
+        missing += sorted({folder + shard for shard in repo.json(index)["weight_map"].values()} - repo.files)
     if not {"tokenizer_2/tokenizer.json", "tokenizer_2/spiece.model"} & repo.files:
         missing.append("tokenizer_2/spiece.model or tokenizer.json")
     missing += [] if has_flow else ["flux1-*.safetensors or transformer/"]

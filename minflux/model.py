@@ -35,12 +35,12 @@ class FluxParams:
     guidance_embed: bool = True      # FLUX.1-dev is guidance-distilled; schnell is not
 
     @staticmethod
-    def from_state_dict(sd: dict, axes_dim=(16, 56, 56), theta: int = 10_000) -> "FluxParams":
+    def from_state_dict(sd: dict, axes_dim=(16, 56, 56), theta: int = 10_000, source="checkpoint") -> "FluxParams":
         """Reads every size off a checkpoint's tensor shapes (the RoPE split and theta are not stored)."""
         required = ["img_in.weight", "txt_in.weight", "vector_in.in_layer.weight", "single_blocks.0.linear1.weight",
                     "double_blocks.0.img_attn.norm.query_norm.scale", "final_layer.linear.weight"]
         if missing := [k for k in required if k not in sd]:
-            raise ValueError(f"not a FLUX transformer checkpoint: missing {', '.join(missing)}")
+            raise ValueError(f"{source}: not a FLUX transformer checkpoint: missing {', '.join(missing)}")
         hidden, in_channels = sd["img_in.weight"].shape
         head_dim = sd["double_blocks.0.img_attn.norm.query_norm.scale"].shape[0]
         count = lambda prefix: 1 + max(int(m[1]) for k in sd if (m := re.match(rf"{prefix}\.(\d+)\.", k)))

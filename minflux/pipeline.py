@@ -126,8 +126,8 @@ def load_t5_tokenizer(model: str, transformer: Path | None = None) -> T5Tokenize
 def load_pipeline(model: str = "black-forest-labs/FLUX.1-dev", device: str = "cpu", dtype: str | None = None,
                   offload: bool = False, transformer: Path | None = None) -> Pipeline:
     """Loads all six pieces of a FLUX repo (see `minflux.loading`) to the CPU; each goes to `device` on first use.
-    `dtype` None keeps the stored dtypes (fp8 weights stay fp8 in any case). `transformer`: a local single file
-    (bf16, fp32 or fp8) used instead of the repo's transformer."""
+    `dtype` None keeps the stored dtypes but fp16's, which become bf16 (fp8 weights stay fp8 in any case).
+    `transformer`: a local single file (bf16, fp32 or fp8) used instead of the repo's transformer."""
     repo = Repo(model)
     loading.check_repo(repo, transformer)
     torch_dtype = loading.parse_dtype(dtype)

@@ -82,13 +82,13 @@ def quantize_fp8(model: nn.Module) -> nn.Module:
     return model
 
 
-def fp8_layers(model: nn.Module, sd: dict[str, Tensor], source: str) -> dict[str, Tensor]:
+def fp8_layers(model: nn.Module, sd: dict[str, Tensor], source: str, dtype=None) -> dict[str, Tensor]:
     """For a model built on meta and a checkpoint's state dict: each nn.Linear whose weight is fp8 in `sd` becomes
     an FP8Linear on meta, and the state dict returned has its `scale` (ComfyUI's `scale_weight`, scalar or per row,
-    else 1). Any other fp8 tensor (a norm scale, ...) is upcast to the dtype of the rest of the file."""
+    else 1). Any other fp8 tensor (a norm scale, ...) is upcast to `dtype`, else to that of the rest of the file."""
     sd = {k: v for k, v in sd.items() if k != "scaled_fp8" and not k.endswith(".scale_input")}  # ComfyUI's marker;
     # scale_input serves fp8 matmuls of the activations, which we do not do: activations stay in the run's dtype
-    dtype = next((v.dtype for k, v in sd.items() if v.is_floating_point() and not is_fp8(v)
+    dtype = dtype or next((v.dtype for k, v in sd.items() if v.is_floating_point() and not is_fp8(v)
                   and not k.endswith(".scale_weight")), torch.bfloat16)
     linears = {n for n, m in model.named_modules() if type(m) is nn.Linear}
     out = {}

@@ -8,12 +8,19 @@ import threading
 import time
 from pathlib import Path
 
+import json
+import shutil
+
 import pytest
 import torch
+from diffusers import FluxTransformer2DModel
 from safetensors.torch import load_file, save_file
+from transformers import T5EncoderModel
 
 from minflux import hub, loading
 from minflux.pipeline import load_pipeline
+from minflux.quantize import compute_dtype
+from tests.test_transformer import inputs, run_both
 from tests.tiny_repo import copy_repo, write_tiny_repo
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -185,3 +192,114 @@ def test_the_t5_limit_is_known_from_the_config_or_the_single_files_header(tmp_pa
     assert load_pipeline(str(repo)).t5_tokenizer.max_length == limit
     (repo / "transformer" / "config.json").unlink()  # a BFL file alone: its key names tell
     assert loading.t5_max_length(hub.Repo(str(repo))) == limit
+
+
+def test_an_fp16_t5_loads_as_bf16_and_stays_finite_where_fp16_overflows(tiny, tmp_path):
+    repo = copy_repo(tiny, tmp_path / "fp16")
+    t5 = T5EncoderModel.from_pretrained(tiny / "text_encoder_2").eval()
+    with torch.no_grad():  # T5-XXL's feed-forward outputs exceed fp16's 65504; make the tiny one's do too
+        t5.encoder.block[0].layer[1].DenseReluDense.wo.weight.mul_(40000.0)
+        tokens = torch.randint(0, 200, (1, 12), generator=torch.Generator().manual_seed(0))
+        assert t5.encoder.block[0](t5.shared(tokens))[0].abs().max() > 65504
+    shutil.rmtree(repo / "text_encoder_2")
+    t5.half().save_pretrained(repo / "text_encoder_2", max_shard_size="100KB")
+    ours = loading.load_t5(hub.Repo(str(repo)))
+    assert {p.dtype for p in ours.parameters()} == {torch.bfloat16}
+    with torch.no_grad():
+        got, want = ours(tokens).float(), loading.load_t5(hub.Repo(str(repo)), torch.float32)(tokens)
+    assert got.isfinite().all()
+    print(f"bf16 vs fp32: max abs diff {(got - want).abs().max():.2e}, scale {want.abs().max():.2e}")
+    assert (got - want).abs().max() < 0.02 * want.abs().max()  # bf16 keeps 8 bits of mantissa
+
+
+def test_a_comfyui_all_in_one_checkpoint_gives_its_transformer(tiny, tmp_path):
+    path = tmp_path / "flux1-dev-fp8.safetensors"  # Comfy-Org's layout: transformer, CLIP-L, T5 (fp8) and VAE
+    sd = {f"model.diffusion_model.{k}": v for k, v in load_file(tiny / "flux1-dev.safetensors").items()}
+    sd |= {f"text_encoders.clip_l.transformer.{k}": v.half() for k, v in
+           load_file(tiny / "text_encoder" / "model.safetensors").items()}
+    for shard in (tiny / "text_encoder_2").glob("*.safetensors"):
+        sd |= {f"text_encoders.t5xxl.transformer.{k}": v.to(torch.float8_e4m3fn) for k, v in load_file(shard).items()}
+    sd |= {f"vae.{k}": v.bfloat16() for k, v in load_file(tiny / "ae.safetensors").items()}
+    save_file(sd, path)
+    want = loading.load_flow(hub.Repo(str(tiny))).state_dict()
+    got = loading.load_flow(hub.Repo(str(tiny)), transformer=path).state_dict()
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_a_transformer_file_with_diffusers_names_computes_what_diffusers_computes(tiny, tmp_path):
+    ref = FluxTransformer2DModel.from_pretrained(tiny / "transformer").eval()
+    save_file(ref.state_dict(), tmp_path / "diffusers-names.safetensors")
+    ours = loading.load_flow(hub.Repo(str(tiny)), transformer=tmp_path / "diffusers-names.safetensors")
+    got, want = run_both(ref, ours, inputs(ours.params))
+    assert (got - want).abs().max() < 1e-5
+    assert loading.t5_max_length(hub.Repo(str(tiny)), tmp_path / "diffusers-names.safetensors") == 512  # dev
+
+
+def edit_diffusers_shard(key: str, edit):
+    """An edit of the transformer/ shard holding `key`."""
+    def apply(repo: Path):
+        index = json.loads((repo / "transformer" / "diffusion_pytorch_model.safetensors.index.json").read_text())
+        edit_file(repo / "transformer" / index["weight_map"][key], lambda sd: edit(sd, key))
+    return apply
+
+
+drop = lambda sd, key: sd.pop(key)
+
+
+@pytest.mark.parametrize("edit,message", [
+    (edit_diffusers_shard("transformer_blocks.0.attn.to_q.weight", drop),
+     r"transformer: not a diffusers FLUX transformer; missing keys: transformer_blocks\.0\.attn\.to_q\.weight$"),
+    (edit_diffusers_shard("transformer_blocks.1.attn.to_v.bias", drop),
+     r"missing keys: transformer_blocks\.1\.attn\.to_v\.bias$"),
+    (edit_diffusers_shard("single_transformer_blocks.0.proj_mlp.weight", drop),
+     r"transformer: .*missing keys: single_transformer_blocks\.0\.proj_mlp\.weight$"),
+    (edit_diffusers_shard("x_embedder.weight", drop), r"transformer: .*missing keys: x_embedder\.weight$"),
+    (edit_diffusers_shard("proj_out.weight", lambda sd, key: sd.update({"pos_embed.weight": torch.zeros(2)})),
+     r"transformer: .*unexpected keys: pos_embed\.weight$"),
+    (lambda repo: edit_file(repo / "vae" / "diffusion_pytorch_model.safetensors",
+                            lambda sd: drop(sd, "decoder.conv_in.weight")),
+     r"vae: not a FLUX autoencoder checkpoint: missing decoder\.conv_in\.weight$"),
+], ids=["to_q", "to_v-bias", "proj_mlp", "x_embedder", "unexpected", "vae"])
+def test_a_diffusers_folder_with_a_missing_or_unexpected_key_names_the_folder_and_the_key(tiny, tmp_path, edit,
+                                                                                          message):
+    repo = copy_repo(tiny, tmp_path / "diffusers")
+    (repo / "flux1-dev.safetensors").unlink()
+    (repo / "ae.safetensors").unlink()
+    edit(repo)
+    with pytest.raises(ValueError, match=message):
+        load_pipeline(str(repo))
+
+
+def test_a_single_file_without_a_flux_key_names_the_file(tiny, tmp_path):
+    repo = copy_repo(tiny, tmp_path / "final")
+    edit_file(repo / "flux1-dev.safetensors", lambda sd: sd.pop("final_layer.linear.weight"))
+    with pytest.raises(ValueError, match=r"flux1-dev\.safetensors: not a FLUX transformer checkpoint: missing "
+                                         r"final_layer\.linear\.weight$"):
+        load_pipeline(str(repo))
+
+
+def test_a_shard_missing_from_its_index_is_named_before_anything_is_read(tiny, tmp_path):
+    repo = copy_repo(tiny, tmp_path / "shard")
+    shard = sorted((repo / "text_encoder_2").glob("model-*.safetensors"))[1]
+    shard.unlink()
+    (repo / "flux1-dev.safetensors").write_bytes(b"")  # nothing may be read before the check
+    with pytest.raises(FileNotFoundError, match=rf"missing text_encoder_2/{shard.name};"):
+        load_pipeline(str(repo))
+
+
+def test_an_all_fp8_file_loads_in_the_requested_dtype(tiny, tmp_path):
+    sd = {k: v.to(torch.float8_e4m3fn) for k, v in load_file(tiny / "flux1-dev.safetensors").items()}
+    save_file(sd, tmp_path / "fp8.safetensors")
+    save_file({k: v.float() for k, v in sd.items()}, tmp_path / "fp32.safetensors")
+    repo = hub.Repo(str(tiny))
+    flow = loading.load_flow(repo, torch.float32, tmp_path / "fp8.safetensors")
+    assert compute_dtype(flow) == torch.float32
+    want = loading.load_flow(repo, transformer=tmp_path / "fp32.safetensors")
+    x = {**inputs(flow.params, batch=1), "timesteps": torch.tensor([0.9]), "guidance": torch.tensor([3.5])}
+    with torch.no_grad():
+        assert (flow(**x) - want(**x)).abs().max() < 1e-5
+
+
+def test_a_folder_given_as_transformer_is_called_a_folder(tiny):
+    with pytest.raises(FileNotFoundError, match=r"transformer: a folder; give a FLUX transformer \.safetensors"):
+        loading.check_repo(hub.Repo(str(tiny)), tiny / "transformer")

@@ -24,7 +24,7 @@ def reference_and_ours(guidance_embed: bool, seed: int = 0):
         for t in ref.parameters():
             t.copy_(torch.randn_like(t) * 0.3)
     ours = Flux(p).eval()
-    ours.load_state_dict(transformer_from_diffusers(ref.state_dict(), ref.config), strict=True)
+    ours.load_state_dict(transformer_from_diffusers(ref.state_dict()), strict=True)
     return ref, ours
 
 
@@ -96,7 +96,7 @@ def test_full_size_transformer_has_official_names_and_shapes(name, tensors, para
     assert shapes["single_blocks.37.linear2.weight"] == (3072, 15360)
     assert shapes["final_layer.adaLN_modulation.1.weight"] == (6144, 3072)
     # the diffusers layout of the same model converts onto exactly our names and shapes
-    converted = transformer_from_diffusers(ref.state_dict(), ref.config)
+    converted = transformer_from_diffusers(ref.state_dict())
     assert {k: tuple(v.shape) for k, v in converted.items()} == shapes
 
 

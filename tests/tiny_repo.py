@@ -69,7 +69,7 @@ def write_tiny_repo(folder: Path, layout: str = "both", schnell: bool = False, s
 
     if layout in ("both", "bfl"):
         name = "flux1-schnell.safetensors" if schnell else "flux1-dev.safetensors"
-        save_file(transformer_from_diffusers(transformer.state_dict(), transformer.config), folder / name)
+        save_file(transformer_from_diffusers(transformer.state_dict()), folder / name)
         save_file(vae_from_diffusers(vae.state_dict()), folder / "ae.safetensors")
     if layout == "bfl":  # keep the configs (they carry the RoPE split and the latent scale/shift), drop weights
         for sub in ("transformer", "vae"):
