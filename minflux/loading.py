@@ -152,16 +152,17 @@ def check_repo(repo, transformer: Path | None = None):
     if transformer is not None and not Path(transformer).is_file():
         raise FileNotFoundError(f"--transformer {transformer}: " + ("a folder; give a" if Path(transformer).is_dir()
                                 else "no such file; give a local") + f" FLUX transformer .safetensors ({SUPPORTED})")
-    has_flow = transformer is not None or repo.transformer_file() is not None or "transformer/config.json" in repo.files
-    has_ae = repo.root_file(["ae.safetensors", "ae.sft"]) is not None or "vae/config.json" in repo.files
+    single = {"transformer/": transformer or repo.transformer_file(), "vae/": repo.root_file(["ae.safetensors", "ae.sft"])}
+    has_flow = single["transformer/"] is not None or "transformer/config.json" in repo.files
+    has_ae = single["vae/"] is not None or "vae/config.json" in repo.files
     needed = ["text_encoder/config.json", "text_encoder_2/config.json", "tokenizer/vocab.json", "tokenizer/merges.txt"]
     missing = [n for n in needed if n not in repo.files]
     for folder, stem in (("text_encoder", "model"), ("text_encoder_2", "model")):
         if not {f"{folder}/{stem}.safetensors", f"{folder}/{stem}.safetensors.index.json"} & repo.files:
             missing.append(f"{folder}/{stem}.safetensors")
-    for index in sorted(n for n in repo.files if n.endswith(".safetensors.index.json")):  # its shards, all there?
-        folder = index[:index.rfind("/") + 1]
-        missing += sorted({folder + shard for shard in repo.json(index)["weight_map"].values()} - repo.files)
+    for index in sorted(n for n in repo.files if n.endswith(".safetensors.index.json")):  # the shards to be read
+        if single.get(folder := index[:index.rfind("/") + 1]) is None:  # not a folder a single file replaces
+            missing += sorted({folder + shard for shard in repo.json(index)["weight_map"].values()} - repo.files)
     if not {"tokenizer_2/tokenizer.json", "tokenizer_2/spiece.model"} & repo.files:
         missing.append("tokenizer_2/spiece.model or tokenizer.json")
     missing += [] if has_flow else ["flux1-*.safetensors or transformer/"]

@@ -287,6 +287,15 @@ def test_a_shard_missing_from_its_index_is_named_before_anything_is_read(tiny, t
         load_pipeline(str(repo))
 
 
+def test_shards_of_a_folder_that_a_root_single_file_replaces_need_not_be_there(tiny, tmp_path):
+    repo = copy_repo(tiny, tmp_path / "root_only")
+    shards = list((repo / "transformer").glob("diffusion_pytorch_model-*.safetensors"))
+    assert shards and (repo / "transformer" / "diffusion_pytorch_model.safetensors.index.json").exists()
+    for shard in shards:
+        shard.unlink()  # a partial download: flux1-dev.safetensors and the folder's json files
+    loading.check_repo(hub.Repo(str(repo)))  # the root file is what load_flow reads
+
+
 def test_an_all_fp8_file_loads_in_the_requested_dtype(tiny, tmp_path):
     sd = {k: v.to(torch.float8_e4m3fn) for k, v in load_file(tiny / "flux1-dev.safetensors").items()}
     save_file(sd, tmp_path / "fp8.safetensors")
