@@ -1,6 +1,6 @@
 """The CLIP ViT-L/14 text tower in FLUX.1: its pooled output is the transformer's vector conditioning `y`.
 
-Follows the text tower of OpenAI's CLIP ViT-L/14 (HF `CLIPTextModel` computes the same). Parameter names are the HF checkpoint
+As OpenAI's CLIP ViT-L/14 text tower (HF `CLIPTextModel` computes the same). Parameter names are the HF checkpoint
 keys without their `text_model.` prefix (`encoder.layers.3.mlp.fc1.weight`, ...): the loader strips it, as
 transformers v5 does, so FLUX's `text_encoder/` loads with a strict `load_state_dict`. FLUX uses only the pooled
 vector (the final-norm state of the first <|endoftext|> token), so that is what `forward` returns.

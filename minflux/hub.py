@@ -82,7 +82,7 @@ class Repo:
     @functools.cache  # once per Repo: its note is printed once
     def transformer_file(self) -> Path | None:
         """The BFL single file at the root: flux1-<variant>.safetensors (older releases used .sft)."""
-        names = sorted(f for f in self.files if "/" not in f and f.startswith("flux1") and f.endswith((".safetensors", ".sft")))
+        names = sorted(f for f in self.files if re.fullmatch(r"flux1[^/]*\.(safetensors|sft)", f))
         official = [n for n in names if re.fullmatch(r"flux1-[a-z]+\.(safetensors|sft)", n)]
         if len(official or names) > 1:
             raise ValueError(f"{self.model}: several transformer files ({', '.join(official or names)}); "

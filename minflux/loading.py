@@ -53,7 +53,7 @@ def read_safetensors(paths: list, dtype: torch.dtype | None = None, fp8: bool = 
                     cast = dtype or {torch.float16: torch.bfloat16}.get(t.dtype, t.dtype)
                     sd[key.removeprefix("model.diffusion_model.")] = t if keep else t.to(cast)
         except (SafetensorError, OSError) as e:
-            raise ValueError(f"{path}: cannot read this safetensors file (truncated or corrupt download?): {e}") from None
+            raise ValueError(f"{path}: unreadable safetensors file (truncated or corrupt download?): {e}") from None
     return sd
 
 
@@ -138,7 +138,7 @@ def t5_max_length(repo, transformer: Path | None = None) -> int:
         with safe_open(str(path), framework="pt") as f:
             return 512 if any("guidance_" in k for k in f.keys()) else 256  # BFL's or diffusers' names
     except (SafetensorError, OSError) as e:
-        raise ValueError(f"{path}: cannot read this safetensors file (truncated or corrupt download?): {e}") from None
+        raise ValueError(f"{path}: unreadable safetensors file (truncated or corrupt download?): {e}") from None
 
 
 def load_tokenizers(repo, t5_max_length: int) -> tuple[CLIPTokenizer, T5Tokenizer]:
@@ -152,7 +152,8 @@ def check_repo(repo, transformer: Path | None = None):
     if transformer is not None and not Path(transformer).is_file():
         raise FileNotFoundError(f"--transformer {transformer}: " + ("a folder; give a" if Path(transformer).is_dir()
                                 else "no such file; give a local") + f" FLUX transformer .safetensors ({SUPPORTED})")
-    single = {"transformer/": transformer or repo.transformer_file(), "vae/": repo.root_file(["ae.safetensors", "ae.sft"])}
+    single = {"transformer/": transformer or repo.transformer_file(),  # single files, and the folders they replace
+              "vae/": repo.root_file(["ae.safetensors", "ae.sft"])}
     has_flow = single["transformer/"] is not None or "transformer/config.json" in repo.files
     has_ae = single["vae/"] is not None or "vae/config.json" in repo.files
     needed = ["text_encoder/config.json", "text_encoder_2/config.json", "tokenizer/vocab.json", "tokenizer/merges.txt"]

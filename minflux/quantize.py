@@ -2,9 +2,9 @@
 row, computed in the input's dtype (a memory saving, not a speed-up: each forward dequantizes, then runs an ordinary
 F.linear).
 
-`quantize_fp8` turns the nn.Linear layers of a model's blocks into `FP8Linear` (per-row absmax / 448, e4m3fn), one
-layer at a time; `fp8_layers` does the same on the meta device for an fp8 checkpoint (plain casts: scale 1; ComfyUI "scaled
-fp8": a `scale_weight` per layer), so `minflux.loading` can assign the file's tensors as they are stored.
+`quantize_fp8` turns the nn.Linear layers of a model's blocks into `FP8Linear` (per-row absmax / 448, e4m3fn), a
+layer at a time; `fp8_layers` does the same on the meta device for an fp8 checkpoint (plain casts: scale 1; ComfyUI
+"scaled fp8": a `scale_weight` per layer), so `minflux.loading` can assign the file's tensors as they are stored.
 Norms, embeddings and biases keep their dtype. The model files know nothing of this.
 
 Shape letters: O out features, I in features.
