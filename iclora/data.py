@@ -43,9 +43,12 @@ def nearest_bucket(height: int, width: int, buckets: list[tuple[int, int]]) -> t
 
 
 def load_rgb(path: Path) -> Image.Image:
-    """The image as displayed (EXIF rotation applied), in RGB."""
+    """The image as displayed (EXIF rotation applied), in 8-bit RGB."""
     with Image.open(path) as image:
-        return ImageOps.exif_transpose(image).convert("RGB")
+        image = ImageOps.exif_transpose(image)
+        if image.mode.startswith("I"):  # 16-bit greyscale ("I;16", "I"): 0..65535 to 0..255; convert would clip
+            image = Image.fromarray(np.clip(np.asarray(image) / 257, 0, 255).round().astype(np.uint8))
+        return image.convert("RGB")
 
 
 @dataclass

@@ -4,13 +4,16 @@ batching.
 Tiny images are drawn with PIL in tmp_path; no model, no GPU.
 """
 
+import struct
+import zlib
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageDraw
 
 import train
-from iclora.data import PanelSetDataset, batches_by_bucket, make_buckets, nearest_bucket
+from iclora.data import PanelSetDataset, batches_by_bucket, load_rgb, make_buckets, nearest_bucket
 from iclora.panels import grid_shape, join_panels, panel_boxes
 
 RED, GREEN, BLUE, YELLOW = (255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0)
@@ -109,6 +112,29 @@ def test_joined_image_becomes_a_tensor_in_minus_one_to_one(tmp_path):
     assert item["bucket"] == (64, 64) and item["path"] == str(tmp_path / "a.png")
     assert item["caption"] == "[LEFT] black [RIGHT] white"
     assert item["image"][:, :, 4].eq(-1).all() and item["image"][:, :, -4].eq(1).all()
+
+
+def write_png48(path, rgb16):
+    """An (H, W, 3) uint16 array as a 48-bit RGB PNG (PIL cannot write one): signature, IHDR, IDAT, IEND."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    h, w, _ = rgb16.shape
+    rows = b"".join(b"\0" + row.astype(">u2").tobytes() for row in rgb16)  # filter byte 0 (none) per row
+    header = struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0)  # 16 bits per channel, colour type 2 (RGB)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+
+
+@pytest.mark.parametrize("name,mode", [("grey16.png", "I;16"), ("grey32.tif", "I"), ("rgb48.png", "RGB")])
+def test_16_bit_images_load_at_their_8_bit_brightness(tmp_path, name, mode):
+    ramp = np.tile(np.arange(256, dtype=np.uint16) * 257, (4, 1))  # 0..65535: each 8-bit level k as k * 257
+    path = tmp_path / name
+    if mode == "RGB":
+        write_png48(path, np.stack([ramp, ramp, ramp], axis=-1))
+    else:
+        Image.fromarray(ramp if mode == "I;16" else ramp.astype(np.int32)).save(path)
+    assert Image.open(path).mode == mode
+    expected = np.stack([np.tile(np.arange(256, dtype=np.uint8), (4, 1))] * 3, axis=-1)
+    np.testing.assert_array_equal(np.array(load_rgb(path)), expected)  # a ramp of mean 127.5, not near-white
 
 
 @pytest.mark.parametrize("layout", ["row", "column", "grid"])
