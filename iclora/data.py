@@ -2,18 +2,18 @@
 
 A dataset folder holds one of two layouts (mixing them is an error): (a) joined images with same-named .txt
 captions (`set01.jpg set01.txt ...`, the usual LoRA layout, what the authors' trainer reads), or (b) one sub-folder
-per set, `set01/a.png b.png caption.txt`, whose panels (one size per set) are joined in file-name order in a
-`layout` (iclora/panels.py). A joined image's panels are located only when `panels` says how many it holds (in
-`layout`); its panels are then resized one by one, as set folders' are. A set is one sample per resolution, in the
-aspect bucket nearest its own: 1:4 to 4:1, area at most resolution², sides multiples of 16 per panel, so panels are
-cover-resized (never stretched) to one size with edges on the 16-px token grid. Never upscaled: where that bucket
-is larger than the set, the set's own size, panel sides rounded down to 16 (ai-toolkit caps each resolution at the
-image's own area), scaled down to resolution² if an aspect beyond 1:4-4:1 makes it larger. Every image and
-caption is checked when the dataset is built; one ValueError lists every problem. A bucket is (H, W), like the
-image tensor (3, H, W).
+per set, `set01/1.png 2.png caption.txt`, its panels (one size) joined in natural file-name order (2.png before
+10.png) in a `layout` (iclora/panels.py). Images may be in any format PIL opens. A joined image's panels are located
+only when `panels` says how many it holds; they are then resized one by one, as set folders' are. A set is one
+sample per resolution, in the aspect bucket nearest its own: 1:4 to 4:1, area at most resolution², sides multiples
+of 16 per panel, so panels are cover-resized (never stretched) to one size on the 16-px token grid. Never upscaled:
+where that bucket is larger than the set, the set's own size, panel sides rounded down to 16 (ai-toolkit caps each
+resolution at the image's own area), scaled down to resolution² if an aspect beyond 1:4-4:1 makes it larger. Every
+file is checked when the dataset is built; one ValueError lists every problem. A bucket is (H, W), like (3, H, W).
 """
 
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +24,7 @@ from PIL import Image, ImageOps
 
 from .panels import grid_shape, join_panels, split_panels
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
+IMAGE_SUFFIXES = {suffix for suffix, name in Image.registered_extensions().items() if name in Image.OPEN}
 
 
 def make_buckets(resolution: int, multiple_h: int = 16, multiple_w: int = 16) -> list[tuple[int, int]]:
@@ -73,22 +73,25 @@ class PanelSetDataset(torch.utils.data.Dataset):
         self.root, self.layout, self.panels = Path(root), layout, panels
         if not self.root.is_dir():
             raise ValueError(f"dataset folder {self.root} does not exist")
-        entries = sorted(p for p in self.root.iterdir() if not p.name.startswith("."))
-        images = [p for p in entries if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
-        folders = [p for p in entries if p.is_dir()]
+        problems, self.samples = [], []
+        folders, images, texts = list_folder(self.root, problems)
         if images and folders:
             raise ValueError(f"{self.root} mixes joined images ({images[0].name}, ...) and set folders "
                              f"({folders[0].name}/, ...); use one layout per dataset folder")
-        problems, self.samples = [], []
-        for path in images:
-            self._add_sample(path, [path], path.with_suffix(".txt"), problems)
+        stems = [image.with_suffix("") for image in images]  # an image's caption is its stem + .txt
+        problems += [f"{text}: caption of no image" for text in texts if text.with_suffix("") not in stems]
+        problems += [f"{image}: another image shares its caption {image.stem}.txt"
+                     for image, stem in zip(images, stems) if stems.count(stem) > 1]
+        for image in images:
+            self._add_sample(image, [image], image.with_suffix(".txt"), problems)
         for folder in folders:
-            panels = sorted(p for p in folder.iterdir()
-                            if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+            inner, panels, texts = list_folder(folder, problems)
+            problems += [f"{p}: a set folder holds panel images and caption.txt only"
+                         for p in inner + texts if p.name != "caption.txt"]
             if panels:
                 self._add_sample(folder, panels, folder / "caption.txt", problems)
             else:
-                problems.append(f"{folder}: set folder has no panel images ({', '.join(IMAGE_SUFFIXES)})")
+                problems.append(f"{folder}: set folder has no panel images (any format PIL opens: png, jpg, ...)")
         if problems:
             raise ValueError(f"{len(problems)} problem(s) in dataset {self.root}:\n  " + "\n  ".join(problems))
         if not self.samples:
@@ -144,6 +147,18 @@ class PanelSetDataset(torch.utils.data.Dataset):
         pixels = torch.from_numpy(np.array(join_panels(panels, self.layout)))  # (H, W, 3) uint8
         image = rearrange(pixels, "h w c -> c h w").float() / 127.5 - 1.0  # (3, H, W) in [-1, 1]
         return dict(image=image, caption=sample.caption, bucket=sample.bucket, path=str(sample.path))
+
+
+def list_folder(folder: Path, problems: list[str]) -> tuple[list[Path], list[Path], list[Path]]:
+    """A folder's sub-folders, images (any format PIL opens) and .txt files in natural order (2.png before 10.png);
+    hidden files are skipped, any other file is added to `problems`."""
+    natural = lambda p: ([int(s) if s.isdigit() else s.lower() for s in re.split(r"(\d+)", p.name)], p.name)
+    entries = sorted((p for p in folder.iterdir() if not p.name.startswith(".")), key=natural)
+    folders = [p for p in entries if p.is_dir()]
+    images = [p for p in entries if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+    texts = [p for p in entries if p.is_file() and p.suffix.lower() == ".txt"]
+    problems += [f"{p}: neither an image nor a .txt caption" for p in entries if p not in folders + images + texts]
+    return folders, images, texts
 
 
 def read_caption(path: Path, problems: list[str]) -> str:

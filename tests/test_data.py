@@ -121,7 +121,8 @@ def write_png48(path, rgb16):
     h, w, _ = rgb16.shape
     rows = b"".join(b"\0" + row.astype(">u2").tobytes() for row in rgb16)  # filter byte 0 (none) per row
     header = struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0)  # 16 bits per channel, colour type 2 (RGB)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+    png = chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + png)
 
 
 @pytest.mark.parametrize("name,mode", [("grey16.png", "I;16"), ("grey32.tif", "I"), ("rgb48.png", "RGB")])
@@ -227,9 +228,60 @@ def test_validation_of_joined_images_lists_every_offending_file(tmp_path):
 
 
 def test_empty_folder_is_an_error(tmp_path):
-    (tmp_path / "notes.md").write_text("no images here")
+    (tmp_path / ".DS_Store").write_bytes(b"hidden files are skipped")
     with pytest.raises(ValueError, match="no samples in"):
         PanelSetDataset(tmp_path)
+
+
+def test_images_in_every_format_pil_opens_are_samples(tmp_path):
+    for name, colour in [("a.png", RED), ("b.bmp", GREEN), ("c.gif", BLUE), ("d.tiff", YELLOW), ("e.tga", RED)]:
+        Image.new("RGB", (32, 32), colour).save(tmp_path / name)
+        (tmp_path / name).with_suffix(".txt").write_text(f"[SCENE] {name}")
+    dataset = PanelSetDataset(tmp_path, resolution=32)
+    assert [s.panels[0].name for s in dataset.samples] == ["a.png", "b.bmp", "c.gif", "d.tiff", "e.tga"]
+    assert [colour_at(dataset[i]["image"], 16, 16) for i in range(5)] == [RED, GREEN, BLUE, YELLOW, RED]
+
+
+def test_captions_without_an_image_images_sharing_a_caption_and_other_files_are_listed_problems(tmp_path):
+    write_joined(tmp_path, "fine", Image.new("RGB", (32, 32)))
+    write_joined(tmp_path, "twice", Image.new("RGB", (32, 32)))
+    Image.new("RGB", (32, 32)).save(tmp_path / "twice.jpg")
+    (tmp_path / "orphan.txt").write_text("a caption whose image is missing")
+    (tmp_path / "notes.md").write_text("neither an image nor a caption")
+    with pytest.raises(ValueError) as error:
+        PanelSetDataset(tmp_path, resolution=32)
+    message = str(error.value)
+    print(message)
+    assert message.startswith("4 problem(s)") and "fine" not in message
+    assert f"{tmp_path / 'orphan.txt'}: caption of no image" in message
+    assert f"{tmp_path / 'notes.md'}: neither an image nor a .txt caption" in message
+    for twin in ("twice.jpg", "twice.png"):
+        assert f"{tmp_path / twin}: another image shares its caption twice.txt" in message
+
+
+def test_set_folders_holding_anything_but_panels_and_caption_txt_are_listed_problems(tmp_path):
+    write_set(tmp_path / "s1", [Image.new("RGB", (32, 32))] * 2)
+    (tmp_path / "s1" / "s1.txt").write_text("a second caption")
+    (tmp_path / "s1" / "sub").mkdir()
+    (tmp_path / "s1" / "Thumbs.db").write_bytes(b"not an image")
+    with pytest.raises(ValueError) as error:
+        PanelSetDataset(tmp_path, resolution=32)
+    message = str(error.value)
+    print(message)
+    assert message.startswith("3 problem(s)")
+    assert f"{tmp_path / 's1' / 's1.txt'}: a set folder holds panel images and caption.txt only" in message
+    assert f"{tmp_path / 's1' / 'sub'}: a set folder holds panel images and caption.txt only" in message
+    assert f"{tmp_path / 's1' / 'Thumbs.db'}: neither an image nor a .txt caption" in message
+
+
+def test_set_folder_panels_are_joined_in_natural_order_numbers_compared_as_numbers(tmp_path):
+    (tmp_path / "s1").mkdir()
+    for name, colour in [("10.png", BLUE), ("2.png", GREEN), ("1.png", RED)]:
+        Image.new("RGB", (32, 32), colour).save(tmp_path / "s1" / name)
+    (tmp_path / "s1" / "caption.txt").write_text("[SET] three colours")
+    dataset = PanelSetDataset(tmp_path, resolution=64)
+    assert [p.name for p in dataset.samples[0].panels] == ["1.png", "2.png", "10.png"]
+    assert [colour_at(dataset[0]["image"], x, 16) for x in (16, 48, 80)] == [RED, GREEN, BLUE]
 
 
 def test_missing_folder_is_an_error(tmp_path):
