@@ -6,10 +6,11 @@ per set, `set01/1.png 2.png caption.txt`, its panels (one size) joined in natura
 10.png) in a `layout` (iclora/panels.py). Images may be in any format PIL opens. A joined image's panels are located
 only when `panels` says how many it holds; they are then resized one by one, as set folders' are. A set is one
 sample per resolution, in the aspect bucket nearest its own: 1:4 to 4:1, area at most resolution², sides multiples
-of 16 per panel, so panels are cover-resized (never stretched) to one size on the 16-px token grid. Never upscaled:
-where that bucket is larger than the set, the set's own size, panel sides rounded down to 16 (ai-toolkit caps each
-resolution at the image's own area), scaled down to resolution² if an aspect beyond 1:4-4:1 makes it larger. Every
-file is checked when the dataset is built; one ValueError lists every problem. A bucket is (H, W), like (3, H, W).
+of 16 per panel, so panels are cover-resized (never stretched) to one size on the 16-px token grid. Where that bucket
+is larger than the set (never upscaled; ai-toolkit caps each resolution at the image's own area), or the set's
+aspect is beyond 1:4-4:1 (never cropped to a bucket), the set's own size, panel sides rounded down to 16, scaled
+down to at most resolution² in area. Every file is checked when the dataset is built; one ValueError lists every
+problem. A bucket is (H, W), like the image tensor (3, H, W).
 """
 
 import math
@@ -129,8 +130,8 @@ class PanelSetDataset(torch.utils.data.Dataset):
                                 f"resolution {resolution} with 16-pixel panel sides")
                 return
             bucket = nearest_bucket(h, w, buckets)
-            if bucket[0] > own[0] or bucket[1] > own[1]:  # never upscaled: its own size, at most resolution² in area
-                k = min(1.0, resolution / math.sqrt(own[0] * own[1]))  # (below 1 only beyond the buckets' aspects)
+            if bucket[0] > own[0] or bucket[1] > own[1] or not 1 / 4 <= w / h <= 4:  # never upscaled nor cropped
+                k = min(1.0, resolution / math.sqrt(own[0] * own[1]))  # to a bucket: own size, area <= resolution²
                 bucket = tuple(n * max(16, int(side // n * k) // 16 * 16) for side, n in zip(own, (rows, cols)))
             self.samples.append(Sample(path, panels, caption, bucket, count))
 

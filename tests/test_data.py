@@ -328,11 +328,12 @@ def test_a_set_smaller_than_every_resolution_trains_at_its_own_size_rounded_down
 
 
 @pytest.mark.parametrize("layout", ["row", "column", "grid"])
-def test_bucketing_never_upscales_and_keeps_panels_equal(tmp_path, layout):
-    """Sets of 1 to 4 panels of many sizes at several resolutions: every bucket's panels are equal, multiples of 16,
+def test_bucketing_never_upscales_keeps_panels_equal_and_crops_sets_beyond_4_to_1_only_by_rounding(tmp_path, layout):
+    """Sets of 1 to 6 panels of many sizes at several resolutions: every bucket's panels are equal, multiples of 16,
     no larger than the set's panels on either side, and the bucket's area is within resolution² (unless a panel side
-    is already at the 16-pixel minimum)."""
-    sizes = [(w, h, n) for w in (16, 47, 100, 161, 300) for h in (20, 33, 90, 250) for n in (1, 2, 3, 4)]
+    is already at the 16-pixel minimum). A set of an aspect beyond 1:4-4:1 loses at most the rounding of each panel
+    side to 16 px, in its own pixels and in the bucket's, when cover-resized: nothing else is cropped away."""
+    sizes = [(w, h, n) for w in (16, 47, 100, 161, 300) for h in (20, 33, 90, 250) for n in (1, 2, 3, 4, 5, 6)]
     for k, (w, h, n) in enumerate(sizes):
         write_set(tmp_path / f"s{k:03d}", [Image.new("RGB", (w, h), RED)] * n)
     resolutions = [64, 96, 128, 256]
@@ -344,8 +345,23 @@ def test_bucketing_never_upscales_and_keeps_panels_equal(tmp_path, layout):
         assert H % (16 * rows) == 0 and W % (16 * cols) == 0, (sample.path, sample.bucket)
         assert H // rows <= h and W // cols <= w, f"{sample.path} upscaled: {w}x{h} panels to {sample.bucket}"
         assert H * W <= resolution**2 or 16 in (H // rows, W // cols), (sample.path, resolution, sample.bucket)
+        ph, pw = H // rows, W // cols
+        if not 1 / 4 <= cols * w / (rows * h) <= 4 and 16 not in (ph, pw):
+            scale = max(pw / w, ph / h)  # cover-resize, then centre-crop to pw x ph
+            kept_w, kept_h = pw / (w * scale), ph / (h * scale)
+            assert kept_w >= 1 - 16 / w - 16 / pw and kept_h >= 1 - 16 / h - 16 / ph, (sample.path, sample.bucket)
     for i in (0, 37, len(dataset) - 1):  # the joined tensor has the bucket's shape
         assert dataset[i]["image"].shape == (3, *dataset.samples[i].bucket)
+
+
+def test_a_row_of_six_square_panels_is_scaled_whole_at_every_resolution_not_centre_cropped(tmp_path):
+    write_set(tmp_path / "s1", [disc((512, 512), 480)] * 6)  # 6:1, beyond the buckets' 4:1
+    dataset = PanelSetDataset(tmp_path, resolution=[512, 1024, 1536])
+    assert [s.bucket for s in dataset.samples] == [(208, 1248), (416, 2496), (512, 3072)]  # square panels
+    image = dataset[0]["image"]
+    for left, top, right, bottom in panel_boxes(208, 1248, 6, "row"):  # each panel's disc whole: as wide as tall
+        disc_w, disc_h = dark_extent(image[:, top:bottom, left:right].permute(1, 2, 0).numpy())
+        assert abs(disc_w - disc_h) <= 1 and abs(disc_h - 480 * 208 / 512) <= 2
 
 
 def test_a_large_set_appears_at_every_listed_resolution_up_to_its_own_size(tmp_path):
