@@ -89,6 +89,8 @@ class PanelSetDataset(torch.utils.data.Dataset):
             inner, panels, texts = list_folder(folder, problems)
             problems += [f"{p}: a set folder holds panel images and caption.txt only"
                          for p in inner + texts if p.name != "caption.txt"]
+            if panels and self.panels not in (None, len(panels)):  # --panels locates the panels of joined images
+                problems.append(f"{folder}: a set folder of {len(panels)} panel files, but panels={self.panels}")
             if panels:
                 self._add_sample(folder, panels, folder / "caption.txt", problems)
             else:

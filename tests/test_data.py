@@ -4,6 +4,7 @@ batching.
 Tiny images are drawn with PIL in tmp_path; no model, no GPU.
 """
 
+import shutil
 import struct
 import zlib
 
@@ -272,6 +273,18 @@ def test_set_folders_holding_anything_but_panels_and_caption_txt_are_listed_prob
     assert f"{tmp_path / 's1' / 's1.txt'}: a set folder holds panel images and caption.txt only" in message
     assert f"{tmp_path / 's1' / 'sub'}: a set folder holds panel images and caption.txt only" in message
     assert f"{tmp_path / 's1' / 'Thumbs.db'}: neither an image nor a .txt caption" in message
+
+
+def test_panels_given_with_set_folders_of_another_panel_count_is_a_listed_problem(tmp_path):
+    write_set(tmp_path / "s1", [Image.new("RGB", (32, 32))] * 2)
+    write_set(tmp_path / "s2", [Image.new("RGB", (32, 32))] * 3)
+    with pytest.raises(ValueError) as error:
+        PanelSetDataset(tmp_path, resolution=64, panels=3)
+    message = str(error.value)
+    assert message.startswith("1 problem(s)")
+    assert f"{tmp_path / 's1'}: a set folder of 2 panel files, but panels=3" in message
+    shutil.rmtree(tmp_path / "s1")
+    assert [s.count for s in PanelSetDataset(tmp_path, resolution=64, panels=3).samples] == [3]  # the same count
 
 
 def test_set_folder_panels_are_joined_in_natural_order_numbers_compared_as_numbers(tmp_path):
