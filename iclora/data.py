@@ -3,14 +3,13 @@
 A dataset folder holds one of two layouts (mixing them is an error): (a) joined images with same-named .txt
 captions (`set01.jpg set01.txt ...`, the usual LoRA layout, what the authors' trainer reads), or (b) one sub-folder
 per set, `set01/1.png 2.png caption.txt`, its panels (one size) joined in natural file-name order (2.png before
-10.png) in a `layout` (iclora/panels.py). Images may be in any format PIL opens. A joined image's panels are located
-only when `panels` says how many it holds; they are then resized one by one, as set folders' are. A set is one
-sample per resolution, in the aspect bucket nearest its own: 1:4 to 4:1, area at most resolution², sides multiples
-of 16 per panel, so panels are cover-resized (never stretched) to one size on the 16-px token grid. Where that bucket
-is larger than the set (never upscaled; ai-toolkit caps each resolution at the image's own area), or the set's
-aspect is beyond 1:4-4:1 (never cropped to a bucket), the set's own size, panel sides rounded down to 16, scaled
-down to at most resolution² in area. Every file is checked when the dataset is built; one ValueError lists every
-problem. A bucket is (H, W), like the image tensor (3, H, W).
+10.png) in a `layout` (iclora/panels.py); images in any format PIL opens. A joined image's panels are located only
+when `panels` says how many it holds; they are then resized one by one, as set folders' are. A set is one sample
+per resolution, in the aspect bucket nearest its own (1:4 to 4:1, area at most resolution², sides multiples of 16
+per panel): panels are cover-resized (never stretched) to one size on the 16-px token grid. Where that bucket is
+larger than the set (never upscaled, as ai-toolkit caps each resolution at the image's own area), or the set is
+beyond 1:4-4:1 (never cropped to a bucket): its own size, panel sides rounded down to 16, scaled down to at most
+resolution². Every file is checked when the dataset is built; one ValueError lists every problem.
 """
 
 import math
@@ -30,12 +29,9 @@ IMAGE_SUFFIXES = {suffix for suffix, name in Image.registered_extensions().items
 
 def make_buckets(resolution: int, multiple_h: int = 16, multiple_w: int = 16) -> list[tuple[int, int]]:
     """(H, W) buckets, aspect 1:4 to 4:1, area <= resolution**2: for each width, the tallest height that fits."""
-    area, buckets = resolution * resolution, []
-    for w in range(multiple_w, 2 * resolution + 1, multiple_w):  # W/H <= 4 and W*H <= area give W <= 2*resolution
-        h = area // w // multiple_h * multiple_h
-        if h > 0 and 1 / 4 <= w / h <= 4:
-            buckets.append((h, w))
-    return buckets
+    widths = range(multiple_w, 2 * resolution + 1, multiple_w)  # W <= 4H and W·H <= resolution² give W <= 2·resolution
+    buckets = [(resolution * resolution // w // multiple_h * multiple_h, w) for w in widths]
+    return [(h, w) for h, w in buckets if h > 0 and 1 / 4 <= w / h <= 4]
 
 
 def nearest_bucket(height: int, width: int, buckets: list[tuple[int, int]]) -> tuple[int, int]:
@@ -81,14 +77,12 @@ class PanelSetDataset(torch.utils.data.Dataset):
                              f"({folders[0].name}/, ...); use one layout per dataset folder")
         stems = [image.with_suffix("") for image in images]  # an image's caption is its stem + .txt
         problems += [f"{text}: caption of no image" for text in texts if text.with_suffix("") not in stems]
-        problems += [f"{image}: another image shares its caption {image.stem}.txt"
-                     for image, stem in zip(images, stems) if stems.count(stem) > 1]
+        problems += [f"{p}: shares its caption with another image" for p, s in zip(images, stems) if stems.count(s) > 1]
         for image in images:
             self._add_sample(image, [image], image.with_suffix(".txt"), problems)
         for folder in folders:
             inner, panels, texts = list_folder(folder, problems)
-            problems += [f"{p}: a set folder holds panel images and caption.txt only"
-                         for p in inner + texts if p.name != "caption.txt"]
+            problems += [f"{p}: not a panel image or caption.txt" for p in inner + texts if p.name != "caption.txt"]
             if panels and self.panels not in (None, len(panels)):  # --panels locates the panels of joined images
                 problems.append(f"{folder}: a set folder of {len(panels)} panel files, but panels={self.panels}")
             if panels:
@@ -98,8 +92,7 @@ class PanelSetDataset(torch.utils.data.Dataset):
         if problems:
             raise ValueError(f"{len(problems)} problem(s) in dataset {self.root}:\n  " + "\n  ".join(problems))
         if not self.samples:
-            raise ValueError(f"no samples in {self.root}: expected images with same-named .txt captions, "
-                             "or one sub-folder per set holding panel images and caption.txt")
+            raise ValueError(f"no samples in {self.root}: expected images and their .txt captions, or set folders")
 
     def _add_sample(self, path, panels, caption_path, problems):
         """Check one sample; append it to self.samples, or one line per problem to `problems`."""
@@ -120,16 +113,14 @@ class PanelSetDataset(torch.utils.data.Dataset):
             return
         count = len(panels) if path.is_dir() else self.panels
         (w, h), (rows, cols) = sizes[panels[0]], grid_shape(count or 1, self.layout)
-        if path.is_dir():
-            h, w = rows * h, cols * w
+        h, w = (rows * h, cols * w) if path.is_dir() else (h, w)  # a set folder's size: its panels joined
         own = (h // rows // 16 * 16 * rows, w // cols // 16 * 16 * cols)  # its size, panel sides rounded down to 16
         if not all(own):
             problems.append(f"{path}: panels of {w // cols}x{h // rows} px; at least 16x16 are needed")
             return
         for resolution in self.resolutions:
             if not (buckets := make_buckets(resolution, 16 * rows, 16 * cols)):
-                problems.append(f"{path}: {count} panels in a {cols}x{rows} {self.layout} do not fit "
-                                f"resolution {resolution} with 16-pixel panel sides")
+                problems.append(f"{path}: a {cols}x{rows} {self.layout} of panels does not fit resolution {resolution}")
                 return
             bucket = nearest_bucket(h, w, buckets)
             if bucket[0] > own[0] or bucket[1] > own[1] or not 1 / 4 <= w / h <= 4:  # never upscaled nor cropped
@@ -153,8 +144,7 @@ class PanelSetDataset(torch.utils.data.Dataset):
 
 
 def list_folder(folder: Path, problems: list[str]) -> tuple[list[Path], list[Path], list[Path]]:
-    """A folder's sub-folders, images (any format PIL opens) and .txt files in natural order (2.png before 10.png);
-    hidden files are skipped, any other file is added to `problems`."""
+    """Sub-folders, images and .txt files, in natural order (2 before 10); any other unhidden file is a problem."""
     natural = lambda p: ([int(s) if s.isdigit() else s.lower() for s in re.split(r"(\d+)", p.name)], p.name)
     entries = sorted((p for p in folder.iterdir() if not p.name.startswith(".")), key=natural)
     folders = [p for p in entries if p.is_dir()]
@@ -180,18 +170,14 @@ def read_caption(path: Path, problems: list[str]) -> str:
 
 
 def batches_by_bucket(dataset: PanelSetDataset, batch_size: int, seed: int):
-    """One epoch of index lists, each from a single bucket (a batch tensor has one shape).
-
-    Indices are shuffled within each bucket and cut into batches (a bucket's last batch may be smaller), then
-    the batches are shuffled; every index appears exactly once. Pass seed + epoch for a new order each epoch.
-    """
+    """One epoch of index lists, each from a single bucket (a batch tensor has one shape): indices are shuffled within
+    each bucket and cut into batches (a bucket's last may be smaller), then the batches are shuffled; every index
+    appears exactly once. Pass seed + epoch for a new order each epoch."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     rng, by_bucket = np.random.default_rng(seed), {}
     for i, sample in enumerate(dataset.samples):
         by_bucket.setdefault(sample.bucket, []).append(i)
-    batches = []
-    for indices in by_bucket.values():
-        indices = rng.permutation(indices).tolist()
-        batches += [indices[k:k + batch_size] for k in range(0, len(indices), batch_size)]
+    shuffled = [rng.permutation(indices).tolist() for indices in by_bucket.values()]
+    batches = [indices[k:k + batch_size] for indices in shuffled for k in range(0, len(indices), batch_size)]
     return iter([batches[k] for k in rng.permutation(len(batches))])

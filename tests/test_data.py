@@ -257,7 +257,7 @@ def test_captions_without_an_image_images_sharing_a_caption_and_other_files_are_
     assert f"{tmp_path / 'orphan.txt'}: caption of no image" in message
     assert f"{tmp_path / 'notes.md'}: neither an image nor a .txt caption" in message
     for twin in ("twice.jpg", "twice.png"):
-        assert f"{tmp_path / twin}: another image shares its caption twice.txt" in message
+        assert f"{tmp_path / twin}: shares its caption with another image" in message
 
 
 def test_set_folders_holding_anything_but_panels_and_caption_txt_are_listed_problems(tmp_path):
@@ -270,8 +270,8 @@ def test_set_folders_holding_anything_but_panels_and_caption_txt_are_listed_prob
     message = str(error.value)
     print(message)
     assert message.startswith("3 problem(s)")
-    assert f"{tmp_path / 's1' / 's1.txt'}: a set folder holds panel images and caption.txt only" in message
-    assert f"{tmp_path / 's1' / 'sub'}: a set folder holds panel images and caption.txt only" in message
+    assert f"{tmp_path / 's1' / 's1.txt'}: not a panel image or caption.txt" in message
+    assert f"{tmp_path / 's1' / 'sub'}: not a panel image or caption.txt" in message
     assert f"{tmp_path / 's1' / 'Thumbs.db'}: neither an image nor a .txt caption" in message
 
 
