@@ -2,18 +2,18 @@
 
 A dataset folder holds one of two layouts (mixing them is an error): (a) joined images with same-named .txt
 captions (`set01.jpg set01.txt ...`, the usual LoRA layout, what the authors' trainer reads), or (b) one sub-folder
-per set, `set01/a.png b.png caption.txt`, whose panels (one size per set) are joined in file-name order in a
-`layout` (iclora/panels.py). A joined image's panels are located only when `panels` says how many it holds (in
-`layout`); its panels are then resized one by one, as set folders' are. A set is one sample per resolution, in the
-aspect bucket nearest its own: 1:4 to 4:1, area at most resolution², sides multiples of 16 per panel, so panels are
-cover-resized (never stretched) to one size with edges on the 16-px token grid. Never upscaled: where that bucket
-is larger than the set, the set's own size, panel sides rounded down to 16 (ai-toolkit caps each resolution at the
-image's own area), scaled down to resolution² if an aspect beyond 1:4-4:1 makes it larger. Every image and
-caption is checked when the dataset is built; one ValueError lists every problem. A bucket is (H, W), like the
-image tensor (3, H, W).
+per set, `set01/1.png 2.png caption.txt`, its panels (one size) joined in natural file-name order (2.png before
+10.png) in a `layout` (iclora/panels.py); images in any format PIL opens. A joined image's panels are located only
+when `panels` says how many it holds; they are then resized one by one, as set folders' are. A set is one sample
+per resolution, in the aspect bucket nearest its own (1:4 to 4:1, area at most resolution², sides multiples of 16
+per panel): panels are cover-resized (never stretched) to one size on the 16-px token grid. Where that bucket is
+larger than the set (never upscaled, as ai-toolkit caps each resolution at the image's own area), or the set is
+beyond 1:4-4:1 (never cropped to a bucket): its own size, panel sides rounded down to 16, scaled down to at most
+resolution². Every file is checked when the dataset is built; one ValueError lists every problem.
 """
 
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,17 +24,14 @@ from PIL import Image, ImageOps
 
 from .panels import grid_shape, join_panels, split_panels
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
+IMAGE_SUFFIXES = {suffix for suffix, name in Image.registered_extensions().items() if name in Image.OPEN}
 
 
 def make_buckets(resolution: int, multiple_h: int = 16, multiple_w: int = 16) -> list[tuple[int, int]]:
     """(H, W) buckets, aspect 1:4 to 4:1, area <= resolution**2: for each width, the tallest height that fits."""
-    area, buckets = resolution * resolution, []
-    for w in range(multiple_w, 2 * resolution + 1, multiple_w):  # W/H <= 4 and W*H <= area give W <= 2*resolution
-        h = area // w // multiple_h * multiple_h
-        if h > 0 and 1 / 4 <= w / h <= 4:
-            buckets.append((h, w))
-    return buckets
+    widths = range(multiple_w, 2 * resolution + 1, multiple_w)  # W <= 4H and W·H <= resolution² give W <= 2·resolution
+    buckets = [(resolution * resolution // w // multiple_h * multiple_h, w) for w in widths]
+    return [(h, w) for h, w in buckets if h > 0 and 1 / 4 <= w / h <= 4]
 
 
 def nearest_bucket(height: int, width: int, buckets: list[tuple[int, int]]) -> tuple[int, int]:
@@ -43,9 +40,12 @@ def nearest_bucket(height: int, width: int, buckets: list[tuple[int, int]]) -> t
 
 
 def load_rgb(path: Path) -> Image.Image:
-    """The image as displayed (EXIF rotation applied), in RGB."""
+    """The image as displayed (EXIF rotation applied), in 8-bit RGB."""
     with Image.open(path) as image:
-        return ImageOps.exif_transpose(image).convert("RGB")
+        image = ImageOps.exif_transpose(image)
+        if image.mode.startswith("I"):  # 16-bit greyscale ("I;16", "I"): 0..65535 to 0..255; convert would clip
+            image = Image.fromarray(np.clip(np.asarray(image) / 257, 0, 255).round().astype(np.uint8))
+        return image.convert("RGB")
 
 
 @dataclass
@@ -70,27 +70,29 @@ class PanelSetDataset(torch.utils.data.Dataset):
         self.root, self.layout, self.panels = Path(root), layout, panels
         if not self.root.is_dir():
             raise ValueError(f"dataset folder {self.root} does not exist")
-        entries = sorted(p for p in self.root.iterdir() if not p.name.startswith("."))
-        images = [p for p in entries if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
-        folders = [p for p in entries if p.is_dir()]
+        problems, self.samples = [], []
+        folders, images, texts = list_folder(self.root, problems)
         if images and folders:
             raise ValueError(f"{self.root} mixes joined images ({images[0].name}, ...) and set folders "
                              f"({folders[0].name}/, ...); use one layout per dataset folder")
-        problems, self.samples = [], []
-        for path in images:
-            self._add_sample(path, [path], path.with_suffix(".txt"), problems)
+        stems = [image.with_suffix("") for image in images]  # an image's caption is its stem + .txt
+        problems += [f"{text}: caption of no image" for text in texts if text.with_suffix("") not in stems]
+        problems += [f"{p}: shares its caption with another image" for p, s in zip(images, stems) if stems.count(s) > 1]
+        for image in images:
+            self._add_sample(image, [image], image.with_suffix(".txt"), problems)
         for folder in folders:
-            panels = sorted(p for p in folder.iterdir()
-                            if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+            inner, panels, texts = list_folder(folder, problems)
+            problems += [f"{p}: not a panel image or caption.txt" for p in inner + texts if p.name != "caption.txt"]
+            if panels and self.panels not in (None, len(panels)):  # --panels locates the panels of joined images
+                problems.append(f"{folder}: a set folder of {len(panels)} panel files, but panels={self.panels}")
             if panels:
                 self._add_sample(folder, panels, folder / "caption.txt", problems)
             else:
-                problems.append(f"{folder}: set folder has no panel images ({', '.join(IMAGE_SUFFIXES)})")
+                problems.append(f"{folder}: set folder has no panel images (any format PIL opens: png, jpg, ...)")
         if problems:
             raise ValueError(f"{len(problems)} problem(s) in dataset {self.root}:\n  " + "\n  ".join(problems))
         if not self.samples:
-            raise ValueError(f"no samples in {self.root}: expected images with same-named .txt captions, "
-                             "or one sub-folder per set holding panel images and caption.txt")
+            raise ValueError(f"no samples in {self.root}: expected images and their .txt captions, or set folders")
 
     def _add_sample(self, path, panels, caption_path, problems):
         """Check one sample; append it to self.samples, or one line per problem to `problems`."""
@@ -111,20 +113,18 @@ class PanelSetDataset(torch.utils.data.Dataset):
             return
         count = len(panels) if path.is_dir() else self.panels
         (w, h), (rows, cols) = sizes[panels[0]], grid_shape(count or 1, self.layout)
-        if path.is_dir():
-            h, w = rows * h, cols * w
+        h, w = (rows * h, cols * w) if path.is_dir() else (h, w)  # a set folder's size: its panels joined
         own = (h // rows // 16 * 16 * rows, w // cols // 16 * 16 * cols)  # its size, panel sides rounded down to 16
         if not all(own):
             problems.append(f"{path}: panels of {w // cols}x{h // rows} px; at least 16x16 are needed")
             return
         for resolution in self.resolutions:
             if not (buckets := make_buckets(resolution, 16 * rows, 16 * cols)):
-                problems.append(f"{path}: {count} panels in a {cols}x{rows} {self.layout} do not fit "
-                                f"resolution {resolution} with 16-pixel panel sides")
+                problems.append(f"{path}: a {cols}x{rows} {self.layout} of panels does not fit resolution {resolution}")
                 return
             bucket = nearest_bucket(h, w, buckets)
-            if bucket[0] > own[0] or bucket[1] > own[1]:  # never upscaled: its own size, at most resolution² in area
-                k = min(1.0, resolution / math.sqrt(own[0] * own[1]))  # (below 1 only beyond the buckets' aspects)
+            if bucket[0] > own[0] or bucket[1] > own[1] or not 1 / 4 <= w / h <= 4:  # never upscaled nor cropped
+                k = min(1.0, resolution / math.sqrt(own[0] * own[1]))  # to a bucket: own size, area <= resolution²
                 bucket = tuple(n * max(16, int(side // n * k) // 16 * 16) for side, n in zip(own, (rows, cols)))
             self.samples.append(Sample(path, panels, caption, bucket, count))
 
@@ -143,6 +143,17 @@ class PanelSetDataset(torch.utils.data.Dataset):
         return dict(image=image, caption=sample.caption, bucket=sample.bucket, path=str(sample.path))
 
 
+def list_folder(folder: Path, problems: list[str]) -> tuple[list[Path], list[Path], list[Path]]:
+    """Sub-folders, images and .txt files, in natural order (2 before 10); any other unhidden file is a problem."""
+    natural = lambda p: ([int(s) if s.isdigit() else s.lower() for s in re.split(r"(\d+)", p.name)], p.name)
+    entries = sorted((p for p in folder.iterdir() if not p.name.startswith(".")), key=natural)
+    folders = [p for p in entries if p.is_dir()]
+    images = [p for p in entries if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+    texts = [p for p in entries if p.is_file() and p.suffix.lower() == ".txt"]
+    problems += [f"{p}: neither an image nor a .txt caption" for p in entries if p not in folders + images + texts]
+    return folders, images, texts
+
+
 def read_caption(path: Path, problems: list[str]) -> str:
     """The stripped caption text, or "" with a line added to `problems` if it is missing, unreadable or empty."""
     if not path.is_file():
@@ -159,18 +170,14 @@ def read_caption(path: Path, problems: list[str]) -> str:
 
 
 def batches_by_bucket(dataset: PanelSetDataset, batch_size: int, seed: int):
-    """One epoch of index lists, each from a single bucket (a batch tensor has one shape).
-
-    Indices are shuffled within each bucket and cut into batches (a bucket's last batch may be smaller), then
-    the batches are shuffled; every index appears exactly once. Pass seed + epoch for a new order each epoch.
-    """
+    """One epoch of index lists, each from a single bucket (a batch tensor has one shape): indices are shuffled within
+    each bucket and cut into batches (a bucket's last may be smaller), then the batches are shuffled; every index
+    appears exactly once. Pass seed + epoch for a new order each epoch."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     rng, by_bucket = np.random.default_rng(seed), {}
     for i, sample in enumerate(dataset.samples):
         by_bucket.setdefault(sample.bucket, []).append(i)
-    batches = []
-    for indices in by_bucket.values():
-        indices = rng.permutation(indices).tolist()
-        batches += [indices[k:k + batch_size] for k in range(0, len(indices), batch_size)]
+    shuffled = [rng.permutation(indices).tolist() for indices in by_bucket.values()]
+    batches = [indices[k:k + batch_size] for indices in shuffled for k in range(0, len(indices), batch_size)]
     return iter([batches[k] for k in rng.permutation(len(batches))])

@@ -17,19 +17,15 @@ def grid_shape(n: int, layout: str) -> tuple[int, int]:
     """(rows, cols) of the cells that hold n panels in a layout."""
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}, expected one of {LAYOUTS}")
-    if layout == "row":
-        return 1, n
-    if layout == "column":
-        return n, 1
+    if layout != "grid":
+        return (1, n) if layout == "row" else (n, 1)
     cols = math.ceil(math.sqrt(n))
     return math.ceil(n / cols), cols
 
 
 def panel_boxes(height: int, width: int, n: int, layout: str) -> list[tuple[int, int, int, int]]:
-    """(left, top, right, bottom) of each of n panels on a height×width canvas, in panel order.
-
-    Cell edges sit at floor(i·width / cols) and floor(j·height / rows): the cells tile the canvas exactly, and on a
-    canvas the grid does not divide they differ by at most one pixel."""
+    """(left, top, right, bottom) of each of n panels on a height×width canvas, in panel order. Cell edges at
+    floor(i·width / cols) and floor(j·height / rows) tile the canvas exactly; cells differ by at most one pixel."""
     rows, cols = grid_shape(n, layout)
     xs = [i * width // cols for i in range(cols + 1)]
     ys = [j * height // rows for j in range(rows + 1)]
@@ -42,9 +38,8 @@ def panel_size(n: int, layout: str, height: int, width: int) -> tuple[int, int]:
     for side, name, cells in ((width, "width", cols), (height, "height", rows)):
         if side <= 0 or side % (16 * cells):
             nearest = 16 * cells * max(1, round(side / (16 * cells)))
-            raise ValueError(f"a canvas {name} of {side} px does not split into {cells} panels whose sides are "
-                             f"multiples of 16 px; use a canvas {name} of {nearest} (panels {nearest // cells} px) "
-                             f"or give the panel {name}")
+            raise ValueError(f"a canvas {name} of {side} px does not split into {cells} panels of 16-px multiples; use "
+                             f"a canvas {name} of {nearest} (panels {nearest // cells} px) or give the panel {name}")
     return height // rows, width // cols
 
 

@@ -4,13 +4,17 @@ batching.
 Tiny images are drawn with PIL in tmp_path; no model, no GPU.
 """
 
+import shutil
+import struct
+import zlib
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageDraw
 
 import train
-from iclora.data import PanelSetDataset, batches_by_bucket, make_buckets, nearest_bucket
+from iclora.data import PanelSetDataset, batches_by_bucket, load_rgb, make_buckets, nearest_bucket
 from iclora.panels import grid_shape, join_panels, panel_boxes
 
 RED, GREEN, BLUE, YELLOW = (255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0)
@@ -111,6 +115,30 @@ def test_joined_image_becomes_a_tensor_in_minus_one_to_one(tmp_path):
     assert item["image"][:, :, 4].eq(-1).all() and item["image"][:, :, -4].eq(1).all()
 
 
+def write_png48(path, rgb16):
+    """An (H, W, 3) uint16 array as a 48-bit RGB PNG (PIL cannot write one): signature, IHDR, IDAT, IEND."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    h, w, _ = rgb16.shape
+    rows = b"".join(b"\0" + row.astype(">u2").tobytes() for row in rgb16)  # filter byte 0 (none) per row
+    header = struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0)  # 16 bits per channel, colour type 2 (RGB)
+    png = chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + png)
+
+
+@pytest.mark.parametrize("name,mode", [("grey16.png", "I;16"), ("grey32.tif", "I"), ("rgb48.png", "RGB")])
+def test_16_bit_images_load_at_their_8_bit_brightness(tmp_path, name, mode):
+    ramp = np.tile(np.arange(256, dtype=np.uint16) * 257, (4, 1))  # 0..65535: each 8-bit level k as k * 257
+    path = tmp_path / name
+    if mode == "RGB":
+        write_png48(path, np.stack([ramp, ramp, ramp], axis=-1))
+    else:
+        Image.fromarray(ramp if mode == "I;16" else ramp.astype(np.int32)).save(path)
+    assert Image.open(path).mode == mode
+    expected = np.stack([np.tile(np.arange(256, dtype=np.uint8), (4, 1))] * 3, axis=-1)
+    np.testing.assert_array_equal(np.array(load_rgb(path)), expected)  # a ramp of mean 127.5, not near-white
+
+
 @pytest.mark.parametrize("layout", ["row", "column", "grid"])
 def test_set_folders_are_joined_into_equal_panels_on_16_pixel_edges(tmp_path, layout):
     colours = [RED, GREEN, BLUE, YELLOW, RED]
@@ -201,9 +229,72 @@ def test_validation_of_joined_images_lists_every_offending_file(tmp_path):
 
 
 def test_empty_folder_is_an_error(tmp_path):
-    (tmp_path / "notes.md").write_text("no images here")
+    (tmp_path / ".DS_Store").write_bytes(b"hidden files are skipped")
     with pytest.raises(ValueError, match="no samples in"):
         PanelSetDataset(tmp_path)
+
+
+def test_images_in_every_format_pil_opens_are_samples(tmp_path):
+    for name, colour in [("a.png", RED), ("b.bmp", GREEN), ("c.gif", BLUE), ("d.tiff", YELLOW), ("e.tga", RED)]:
+        Image.new("RGB", (32, 32), colour).save(tmp_path / name)
+        (tmp_path / name).with_suffix(".txt").write_text(f"[SCENE] {name}")
+    dataset = PanelSetDataset(tmp_path, resolution=32)
+    assert [s.panels[0].name for s in dataset.samples] == ["a.png", "b.bmp", "c.gif", "d.tiff", "e.tga"]
+    assert [colour_at(dataset[i]["image"], 16, 16) for i in range(5)] == [RED, GREEN, BLUE, YELLOW, RED]
+
+
+def test_captions_without_an_image_images_sharing_a_caption_and_other_files_are_listed_problems(tmp_path):
+    write_joined(tmp_path, "fine", Image.new("RGB", (32, 32)))
+    write_joined(tmp_path, "twice", Image.new("RGB", (32, 32)))
+    Image.new("RGB", (32, 32)).save(tmp_path / "twice.jpg")
+    (tmp_path / "orphan.txt").write_text("a caption whose image is missing")
+    (tmp_path / "notes.md").write_text("neither an image nor a caption")
+    with pytest.raises(ValueError) as error:
+        PanelSetDataset(tmp_path, resolution=32)
+    message = str(error.value)
+    print(message)
+    assert message.startswith("4 problem(s)") and "fine" not in message
+    assert f"{tmp_path / 'orphan.txt'}: caption of no image" in message
+    assert f"{tmp_path / 'notes.md'}: neither an image nor a .txt caption" in message
+    for twin in ("twice.jpg", "twice.png"):
+        assert f"{tmp_path / twin}: shares its caption with another image" in message
+
+
+def test_set_folders_holding_anything_but_panels_and_caption_txt_are_listed_problems(tmp_path):
+    write_set(tmp_path / "s1", [Image.new("RGB", (32, 32))] * 2)
+    (tmp_path / "s1" / "s1.txt").write_text("a second caption")
+    (tmp_path / "s1" / "sub").mkdir()
+    (tmp_path / "s1" / "Thumbs.db").write_bytes(b"not an image")
+    with pytest.raises(ValueError) as error:
+        PanelSetDataset(tmp_path, resolution=32)
+    message = str(error.value)
+    print(message)
+    assert message.startswith("3 problem(s)")
+    assert f"{tmp_path / 's1' / 's1.txt'}: not a panel image or caption.txt" in message
+    assert f"{tmp_path / 's1' / 'sub'}: not a panel image or caption.txt" in message
+    assert f"{tmp_path / 's1' / 'Thumbs.db'}: neither an image nor a .txt caption" in message
+
+
+def test_panels_given_with_set_folders_of_another_panel_count_is_a_listed_problem(tmp_path):
+    write_set(tmp_path / "s1", [Image.new("RGB", (32, 32))] * 2)
+    write_set(tmp_path / "s2", [Image.new("RGB", (32, 32))] * 3)
+    with pytest.raises(ValueError) as error:
+        PanelSetDataset(tmp_path, resolution=64, panels=3)
+    message = str(error.value)
+    assert message.startswith("1 problem(s)")
+    assert f"{tmp_path / 's1'}: a set folder of 2 panel files, but panels=3" in message
+    shutil.rmtree(tmp_path / "s1")
+    assert [s.count for s in PanelSetDataset(tmp_path, resolution=64, panels=3).samples] == [3]  # the same count
+
+
+def test_set_folder_panels_are_joined_in_natural_order_numbers_compared_as_numbers(tmp_path):
+    (tmp_path / "s1").mkdir()
+    for name, colour in [("10.png", BLUE), ("2.png", GREEN), ("1.png", RED)]:
+        Image.new("RGB", (32, 32), colour).save(tmp_path / "s1" / name)
+    (tmp_path / "s1" / "caption.txt").write_text("[SET] three colours")
+    dataset = PanelSetDataset(tmp_path, resolution=64)
+    assert [p.name for p in dataset.samples[0].panels] == ["1.png", "2.png", "10.png"]
+    assert [colour_at(dataset[0]["image"], x, 16) for x in (16, 48, 80)] == [RED, GREEN, BLUE]
 
 
 def test_missing_folder_is_an_error(tmp_path):
@@ -250,11 +341,12 @@ def test_a_set_smaller_than_every_resolution_trains_at_its_own_size_rounded_down
 
 
 @pytest.mark.parametrize("layout", ["row", "column", "grid"])
-def test_bucketing_never_upscales_and_keeps_panels_equal(tmp_path, layout):
-    """Sets of 1 to 4 panels of many sizes at several resolutions: every bucket's panels are equal, multiples of 16,
+def test_bucketing_never_upscales_keeps_panels_equal_and_crops_sets_beyond_4_to_1_only_by_rounding(tmp_path, layout):
+    """Sets of 1 to 6 panels of many sizes at several resolutions: every bucket's panels are equal, multiples of 16,
     no larger than the set's panels on either side, and the bucket's area is within resolution² (unless a panel side
-    is already at the 16-pixel minimum)."""
-    sizes = [(w, h, n) for w in (16, 47, 100, 161, 300) for h in (20, 33, 90, 250) for n in (1, 2, 3, 4)]
+    is already at the 16-pixel minimum). A set of an aspect beyond 1:4-4:1 loses at most the rounding of each panel
+    side to 16 px, in its own pixels and in the bucket's, when cover-resized: nothing else is cropped away."""
+    sizes = [(w, h, n) for w in (16, 47, 100, 161, 300) for h in (20, 33, 90, 250) for n in (1, 2, 3, 4, 5, 6)]
     for k, (w, h, n) in enumerate(sizes):
         write_set(tmp_path / f"s{k:03d}", [Image.new("RGB", (w, h), RED)] * n)
     resolutions = [64, 96, 128, 256]
@@ -266,8 +358,23 @@ def test_bucketing_never_upscales_and_keeps_panels_equal(tmp_path, layout):
         assert H % (16 * rows) == 0 and W % (16 * cols) == 0, (sample.path, sample.bucket)
         assert H // rows <= h and W // cols <= w, f"{sample.path} upscaled: {w}x{h} panels to {sample.bucket}"
         assert H * W <= resolution**2 or 16 in (H // rows, W // cols), (sample.path, resolution, sample.bucket)
+        ph, pw = H // rows, W // cols
+        if not 1 / 4 <= cols * w / (rows * h) <= 4 and 16 not in (ph, pw):
+            scale = max(pw / w, ph / h)  # cover-resize, then centre-crop to pw x ph
+            kept_w, kept_h = pw / (w * scale), ph / (h * scale)
+            assert kept_w >= 1 - 16 / w - 16 / pw and kept_h >= 1 - 16 / h - 16 / ph, (sample.path, sample.bucket)
     for i in (0, 37, len(dataset) - 1):  # the joined tensor has the bucket's shape
         assert dataset[i]["image"].shape == (3, *dataset.samples[i].bucket)
+
+
+def test_a_row_of_six_square_panels_is_scaled_whole_at_every_resolution_not_centre_cropped(tmp_path):
+    write_set(tmp_path / "s1", [disc((512, 512), 480)] * 6)  # 6:1, beyond the buckets' 4:1
+    dataset = PanelSetDataset(tmp_path, resolution=[512, 1024, 1536])
+    assert [s.bucket for s in dataset.samples] == [(208, 1248), (416, 2496), (512, 3072)]  # square panels
+    image = dataset[0]["image"]
+    for left, top, right, bottom in panel_boxes(208, 1248, 6, "row"):  # each panel's disc whole: as wide as tall
+        disc_w, disc_h = dark_extent(image[:, top:bottom, left:right].permute(1, 2, 0).numpy())
+        assert abs(disc_w - disc_h) <= 1 and abs(disc_h - 480 * 208 / 512) <= 2
 
 
 def test_a_large_set_appears_at_every_listed_resolution_up_to_its_own_size(tmp_path):
