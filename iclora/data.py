@@ -144,13 +144,12 @@ class PanelSetDataset(torch.utils.data.Dataset):
 
 
 def list_folder(folder: Path, problems: list[str]) -> tuple[list[Path], list[Path], list[Path]]:
-    """Sub-folders, images and .txt files, in natural order (2 before 10); any other unhidden file is a problem."""
+    """Sub-folders, images and .txt files, in natural order (2 before 10); other files (caches ...) are left alone."""
     natural = lambda p: ([int(s) if s.isdigit() else s.lower() for s in re.split(r"(\d+)", p.name)], p.name)
     entries = sorted((p for p in folder.iterdir() if not p.name.startswith(".")), key=natural)
     folders = [p for p in entries if p.is_dir()]
     images = [p for p in entries if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
     texts = [p for p in entries if p.is_file() and p.suffix.lower() == ".txt"]
-    problems += [f"{p}: neither an image nor a .txt caption" for p in entries if p not in folders + images + texts]
     return folders, images, texts
 
 
