@@ -71,7 +71,7 @@ class PanelSetDataset(torch.utils.data.Dataset):
         if not self.root.is_dir():
             raise ValueError(f"dataset folder {self.root} does not exist")
         problems, self.samples = [], []
-        folders, images, texts = list_folder(self.root, problems)
+        folders, images, texts = list_folder(self.root)
         if images and folders:
             raise ValueError(f"{self.root} mixes joined images ({images[0].name}, ...) and set folders "
                              f"({folders[0].name}/, ...); use one layout per dataset folder")
@@ -81,7 +81,7 @@ class PanelSetDataset(torch.utils.data.Dataset):
         for image in images:
             self._add_sample(image, [image], image.with_suffix(".txt"), problems)
         for folder in folders:
-            inner, panels, texts = list_folder(folder, problems)
+            inner, panels, texts = list_folder(folder)
             problems += [f"{p}: not a panel image or caption.txt" for p in inner + texts if p.name != "caption.txt"]
             if panels and self.panels not in (None, len(panels)):  # --panels locates the panels of joined images
                 problems.append(f"{folder}: a set folder of {len(panels)} panel files, but panels={self.panels}")
@@ -143,7 +143,7 @@ class PanelSetDataset(torch.utils.data.Dataset):
         return dict(image=image, caption=sample.caption, bucket=sample.bucket, path=str(sample.path))
 
 
-def list_folder(folder: Path, problems: list[str]) -> tuple[list[Path], list[Path], list[Path]]:
+def list_folder(folder: Path) -> tuple[list[Path], list[Path], list[Path]]:
     """Sub-folders, images and .txt files, in natural order (2 before 10); other files (caches ...) are left alone."""
     natural = lambda p: ([int(s) if s.isdigit() else s.lower() for s in re.split(r"(\d+)", p.name)], p.name)
     entries = sorted((p for p in folder.iterdir() if not p.name.startswith(".")), key=natural)
