@@ -417,6 +417,8 @@ def train(args: argparse.Namespace) -> Path:
     state_path, log_path = out.with_name(f"{out.stem}.state.pt"), out.with_name(f"{out.stem}.loss.csv")
     curve_path = out.with_name(f"{out.stem}.loss.png")
     samples_dir = out.with_name(f"{out.stem}_samples")
+    if state_path.exists() and not args.resume:  # a finished or stopped run: its LoRA, state and log would be lost
+        raise SystemExit(f"error: {state_path} exists: --resume to continue it, another --out, or delete it")
     check_device(args.device)
 
     # 1. Data: every image and caption is checked now, not at step 3,000; and a --resume's state against them.
@@ -520,8 +522,10 @@ def train(args: argparse.Namespace) -> Path:
         except Exception as error:  # disk full, permission lost: torch and safetensors raise their own types
             raise SystemExit(f"error: could not save step {step} to {out}, {state_path} ({error}): training "
                              f"stopped. Both files still hold the previous save; free space and --resume.") from None
-        if args.keep_last:  # the numbered copies before the last --keep-last go
-            for old in sorted(out.parent.glob(f"{out.stem}-step[0-9]*{out.suffix}"))[:-args.keep_last]:
+        if args.keep_last:  # this run's numbered copies before the last --keep-last go, by step number
+            pattern = re.compile(re.escape(out.stem) + r"-step(\d+)" + re.escape(out.suffix))
+            copies = sorted((int(m[1]), p) for p in out.parent.iterdir() if (m := pattern.fullmatch(p.name)))
+            for _, old in [c for c in copies if c[0] <= step][:-args.keep_last]:
                 old.unlink()
 
     def validate(step: int):

@@ -149,3 +149,20 @@ def test_a_failed_save_stops_clearly_and_leaves_the_previous_lora_and_state_byte
     assert sorted(p.name for p in tmp_path.iterdir()) == ["lora-step000002.safetensors", "lora.loss.csv",
                                                           "lora.loss.png", "lora.safetensors",
                                                           "lora.state.pt"]  # no step 4, no temporary file
+
+
+def test_a_rerun_without_resume_is_refused_before_anything_loads_and_leaves_the_run_untouched(repo, data, tmp_path):
+    out = run_train(repo, data, tmp_path / "lora.safetensors", "--steps", "2", "--save-every", "1", "--keep-last", "2")
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    state = tmp_path / "lora.state.pt"
+    with pytest.raises(SystemExit, match=rf"{state} exists: --resume to continue it, another --out, or delete it"):
+        run_train(tmp_path / "no-model-needed", data, out, "--steps", "1", "--save-every", "1", "--keep-last", "2")
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+def test_pruning_keeps_this_runs_newest_steps_and_leaves_numbered_files_of_later_steps_alone(repo, data, tmp_path):
+    out = run_train(repo, data, tmp_path / "lora.safetensors", "--steps", "3", "--save-every", "3")
+    out.with_name("lora.state.pt").unlink()  # a new run on the same --out, as the refusal above suggests
+    run_train(repo, data, out, "--steps", "2", "--save-every", "1", "--keep-last", "2")
+    assert sorted(p.name for p in tmp_path.glob("lora-step*")) == [
+        "lora-step000001.safetensors", "lora-step000002.safetensors", "lora-step000003.safetensors"]
