@@ -66,6 +66,13 @@ STATE_KEYS = ("step", "lora", "optimizer", "args", "dataset")
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # Ctrl-C; preemption, `timeout`; a closed terminal
 
 
+def above_zero(text: str) -> float:
+    """An argparse type: a finite float above 0."""
+    if not 0 < float(text) < math.inf:
+        raise argparse.ArgumentTypeError(f"must be above 0, got {text}")
+    return float(text)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     flux, toy = MODEL_DEFAULTS["flux"], MODEL_DEFAULTS["toy"]
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -109,8 +116,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                                                   "loads) instead of from zero: it must cover the same layers at "
                                                   "the same --rank; its delta is kept whatever --alpha is (A as in "
                                                   "the file, B divided by --alpha/--rank)")
-    p.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha; the update is scaled by alpha/rank "
-                                                             "(default: 16)")
+    p.add_argument("--alpha", type=above_zero, default=16.0, help="LoRA alpha, above 0; the update is scaled by "
+                                                                  "alpha/rank (0 would train nothing) (default: 16)")
     p.add_argument("--lr", type=ranged(float, 1e-12), help=f"AdamW learning rate (default: {flux['lr']}; toy: "
                                                            f"{toy['lr']})")
     p.add_argument("--warmup", type=ranged(int, 0), default=100,
@@ -120,7 +127,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "and the validation images use it, as the authors' trainer does; 0 = off, the raw weights "
                         f"(default: {flux['ema_decay']}, the authors'; toy: {toy['ema_decay']}, not yet measured on "
                         "the toy task)")
-    p.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (default: 1.0)")
+    p.add_argument("--grad-clip", type=ranged(float, 0), default=1.0,
+                   help="max gradient norm, the gradients scaled down to it when over; 0 = no clipping "
+                        "(default: 1.0)")
     p.add_argument("--resolution", type=ranged(int, 16), nargs="+",
                    help="one or more target areas, each as the side of a square: every set is trained at each, in "
                         "the aspect bucket of about that many pixels squared (sides multiples of 16 per panel), "
@@ -581,7 +590,8 @@ def train(args: argparse.Namespace) -> Path:
                 if not math.isfinite(loss_sum):
                     raise SystemExit(f"error: loss is {loss_sum} at step {step}: training stopped. The last good "
                                      f"checkpoint ({state_path}, {out}) is intact; try a lower --lr.")
-                torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
+                if args.grad_clip:
+                    torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
                 optimizer.step()
                 if ema:  # ema ← decay·ema + (1 − decay)·weights
                     with torch.no_grad():

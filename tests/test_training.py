@@ -408,3 +408,19 @@ def test_validation_images_go_side_by_side_into_one_picture_per_step_with_a_step
     pictures = sorted((tmp_path / "lora_samples").iterdir())
     assert [p.name for p in pictures] == ["step000000.png", "step000002.png"]
     assert Image.open(pictures[0]).size == (32 + 4 + 48, 32)
+
+
+def test_grad_clip_0_means_no_clipping_the_same_training_as_an_unreachable_clip(repo, data, tmp_path):
+    fp32 = ("--steps", "2", "--ema-decay", "0", "--save-dtype", "fp32")
+    unclipped = load_file(run_train(repo, data, tmp_path / "a" / "lora.safetensors", *fp32, "--grad-clip", "0"))
+    huge = load_file(run_train(repo, data, tmp_path / "b" / "lora.safetensors", *fp32, "--grad-clip", "1e30"))
+    assert unclipped.keys() == huge.keys() and all(torch.equal(unclipped[k], huge[k]) for k in huge)
+    assert all(v.abs().max() > 0 for k, v in unclipped.items() if "lora_B" in k)  # it trained
+
+
+@pytest.mark.parametrize("flag, value", [("--grad-clip", "-1"), ("--grad-clip", "nan"), ("--alpha", "0"),
+                                         ("--alpha", "-4"), ("--alpha", "inf")])
+def test_a_negative_grad_clip_and_an_alpha_not_above_0_are_refused(tmp_path, flag, value, capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args(["--data", str(tmp_path), flag, value])
+    assert f"argument {flag}: must be" in capsys.readouterr().err
