@@ -73,6 +73,14 @@ def above_zero(text: str) -> float:
     return float(text)
 
 
+def lora_file(text: str) -> Path:
+    """An argparse type: a file path (the run's other files go next to it), not a folder."""
+    if text.endswith(("/", os.sep)) or Path(text).is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a folder; name the LoRA file, e.g. "
+                                         f"{Path(text) / 'lora.safetensors'}")
+    return Path(text)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     flux, toy = MODEL_DEFAULTS["flux"], MODEL_DEFAULTS["toy"]
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -105,7 +113,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "recipe then needs about 17 GiB instead of 28, computed; see README); the embedders, norms, "
                         "biases, CLIP and the VAE stay in the base dtype, compute too (weights dequantized per "
                         "layer), and the LoRA adapters and optimizer stay fp32 (default: none)")
-    p.add_argument("--out", type=Path, default=Path("out.safetensors"), help="LoRA file (default: out.safetensors)")
+    p.add_argument("--out", type=lora_file, default=Path("out.safetensors"),
+                   help="LoRA file, not a folder, outside --data; its other files are written next to it "
+                        "(default: out.safetensors)")
     p.add_argument("--steps", type=ranged(int, 1), help=f"optimizer steps (default: {flux['steps']}, the paper's; "
                                                           f"toy: {toy['steps']})")
     p.add_argument("--batch-size", type=ranged(int, 1), default=4, help="examples per step (default: 4, the paper's)")
@@ -211,6 +221,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.resolution = sorted({int(r) for r in resolutions})  # ascending, each once
     if args.data is None:
         p.error("--data is required (or set \"data\" in the --config file)")
+    if args.out.resolve().is_relative_to(args.data.resolve()):
+        p.error(f"--out {args.out} is inside --data {args.data}: its loss curve and samples would become training "
+                f"images on the next run; write it outside the dataset")
     if args.ema_decay >= 1:
         p.error(f"--ema-decay {args.ema_decay}: must be below 1 (1 would never move from the initial LoRA)")
     if args.blocks_to_swap and not args.checkpointing:
@@ -524,13 +537,15 @@ def train(args: argparse.Namespace) -> Path:
                 save_lora(flow, tmp, metadata=metadata | {"step": str(step)}, dtype=SAVE_DTYPES[args.save_dtype])
 
         numbered = out.with_name(f"{out.stem}-step{step:06d}{out.suffix}")
+        earlier = "Both files still hold the previous save; free space and --resume" if state_path.exists() else \
+            "Nothing was saved before (no state to resume): free space and start again"
         try:
             atomic_writes({state_path: lambda tmp: torch.save(state, tmp), out: write_lora}
                           | ({numbered: write_lora} if args.keep_last else {})
                           | ({curve_path: lambda tmp: draw_loss(losses, tmp)} if losses else {}))
         except Exception as error:  # disk full, permission lost: torch and safetensors raise their own types
             raise SystemExit(f"error: could not save step {step} to {out}, {state_path} ({error}): training "
-                             f"stopped. Both files still hold the previous save; free space and --resume.") from None
+                             f"stopped. {earlier}.") from None
         if args.keep_last:  # this run's numbered copies before the last --keep-last go, by step number
             pattern = re.compile(re.escape(out.stem) + r"-step(\d+)" + re.escape(out.suffix))
             copies = sorted((int(m[1]), p) for p in out.parent.iterdir() if (m := pattern.fullmatch(p.name)))

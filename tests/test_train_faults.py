@@ -166,3 +166,14 @@ def test_pruning_keeps_this_runs_newest_steps_and_leaves_numbered_files_of_later
     run_train(repo, data, out, "--steps", "2", "--save-every", "1", "--keep-last", "2")
     assert sorted(p.name for p in tmp_path.glob("lora-step*")) == [
         "lora-step000001.safetensors", "lora-step000002.safetensors", "lora-step000003.safetensors"]
+
+
+def test_a_failed_first_save_says_there_is_no_earlier_save_to_resume(repo, data, tmp_path, monkeypatch):
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(iclora.lora_files, "save_file", disk_full)
+    with pytest.raises(SystemExit, match=r"could not save step 1 .*No space left.*Nothing was saved before \(no "
+                                         r"state to resume\): free space and start again") as caught:
+        run_train(repo, data, tmp_path / "lora.safetensors", "--steps", "1")
+    assert "previous save" not in str(caught.value) and not (tmp_path / "lora.state.pt").exists()

@@ -424,3 +424,19 @@ def test_a_negative_grad_clip_and_an_alpha_not_above_0_are_refused(tmp_path, fla
     with pytest.raises(SystemExit):
         train.parse_args(["--data", str(tmp_path), flag, value])
     assert f"argument {flag}: must be" in capsys.readouterr().err
+
+
+def test_an_out_inside_the_dataset_however_spelled_is_refused_before_anything_loads(tmp_path, capsys):
+    (tmp_path / "sets").mkdir()
+    with pytest.raises(SystemExit):
+        train.parse_args(["--data", str(tmp_path / "sets"),
+                          "--out", str(tmp_path / "x" / ".." / "sets" / "a.safetensors")])
+    assert "is inside --data" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("folder", ["existing", "new/"])
+def test_an_out_naming_a_folder_is_refused_before_anything_loads(tmp_path, folder, capsys):
+    (tmp_path / "existing").mkdir()
+    with pytest.raises(SystemExit):
+        train.parse_args(["--data", str(tmp_path / "sets"), "--out", str(tmp_path) + "/" + folder])
+    assert "is a folder; name the LoRA file, e.g." in capsys.readouterr().err
