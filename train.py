@@ -209,16 +209,15 @@ def parse_args(argv=None) -> argparse.Namespace:
         config = json.loads(args.config.read_text())
         if unknown := set(config) - set(vars(args)):
             p.error(f"{args.config}: unknown options {', '.join(sorted(unknown))}")
-        # as strings, so that argparse converts and checks them like the flags (lists and booleans as they are)
-        p.set_defaults(**{k: v if v is None or isinstance(v, (bool, list)) else str(v) for k, v in config.items()})
+        actions = {a.dest: a for a in p._actions}
+        p.set_defaults(**{k: config_value(p, actions[k], v, f"{args.config}: {k!r}") for k, v in config.items()})
         given, args = args, p.parse_args(argv)
         for k in [k for k, v in vars(given).items() if isinstance(v, list) and v]:  # a repeated flag given replaces
             setattr(args, k, getattr(given, k))                                     # the file's list, not extends it
     for k, v in MODEL_DEFAULTS["toy" if args.model == "toy" else "flux"].items():
         if getattr(args, k) is None:
             setattr(args, k, v)
-    resolutions = args.resolution if isinstance(args.resolution, list) else [args.resolution]  # --config: one number
-    args.resolution = sorted({int(r) for r in resolutions})  # ascending, each once
+    args.resolution = sorted(set(args.resolution))  # ascending, each once
     if args.data is None:
         p.error("--data is required (or set \"data\" in the --config file)")
     if args.out.resolve().is_relative_to(args.data.resolve()):
@@ -236,6 +235,29 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--fsdp and --blocks-to-swap do not compose (both would own the blocks' weights); choose one: "
                 "--fsdp divides the base over N GPUs, --blocks-to-swap keeps part of it in CPU RAM")
     return args
+
+
+def config_value(p: argparse.ArgumentParser, action: argparse.Action, value, where: str):
+    """A --config value checked and converted as its flag's would be: true or false for a boolean flag; for a
+    repeatable one (or one of several values) a list or a single value, each item through the flag's type."""
+    if value is None:
+        return None
+    if action.nargs == 0:  # --checkpointing, --compile, --resume, ...
+        if not isinstance(value, bool):
+            p.error(f"{where}: {value!r} is not true or false")
+        return value
+    many = action.nargs in ("+", "*") or isinstance(action.default, list)
+    if isinstance(value, list) and not many:
+        p.error(f"{where}: takes one value, not a list")
+    items = []
+    for v in value if isinstance(value, list) else [value]:
+        try:
+            items.append(action.type(str(v)) if action.type else str(v))
+        except (ValueError, TypeError, argparse.ArgumentTypeError) as error:
+            p.error(f"{where}: {v!r}: {error}")
+        if action.choices and items[-1] not in action.choices:
+            p.error(f"{where}: {v!r} is not one of {', '.join(map(str, action.choices))}")
+    return items if many else items[0]
 
 
 def take_lock(lock: Path, out: Path):

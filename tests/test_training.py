@@ -440,3 +440,23 @@ def test_an_out_naming_a_folder_is_refused_before_anything_loads(tmp_path, folde
     with pytest.raises(SystemExit):
         train.parse_args(["--data", str(tmp_path / "sets"), "--out", str(tmp_path) + "/" + folder])
     assert "is a folder; name the LoRA file, e.g." in capsys.readouterr().err
+
+
+def test_a_single_value_for_a_repeatable_flag_in_the_config_file_is_a_list_of_it_converted_by_the_flags_type(
+        tmp_path):
+    (tmp_path / "run.json").write_text('{"data": "d", "val_prompt": "a red square", "ref_panel": 1, '
+                                       '"resolution": "48", "panels": 2}')
+    args = train.parse_args(["--config", str(tmp_path / "run.json")])
+    assert (args.val_prompt, args.ref_panel, args.resolution, args.panels) == (["a red square"], [1], [48], 2)
+    (tmp_path / "run.json").write_text('{"data": "d", "ref_panel": ["2", 1], "checkpointing": false}')
+    args = train.parse_args(["--config", str(tmp_path / "run.json")])
+    assert (args.ref_panel, args.checkpointing) == ([2, 1], False)
+
+
+@pytest.mark.parametrize("key, value", [("checkpointing", '"false"'), ("compile", "1"), ("ref_panel", "[0]"),
+                                        ("resolution", '[48, "big"]'), ("layout", '"diagonal"'), ("rank", "[4]")])
+def test_config_values_a_flag_would_refuse_are_refused_naming_the_file_and_key(tmp_path, key, value, capsys):
+    (tmp_path / "run.json").write_text(f'{{"data": "d", "{key}": {value}}}')
+    with pytest.raises(SystemExit):
+        train.parse_args(["--config", str(tmp_path / "run.json")])
+    assert f"{tmp_path / 'run.json'}: '{key}'" in capsys.readouterr().err
