@@ -370,6 +370,11 @@ def parse_val_prompt(text: str, height: int, width: int, steps: int) -> dict:
             found[VAL_OPTIONS[name]] = kind(value.strip())
         except ValueError:
             raise ValueError(f"--val-prompt {text[:40]!r}: --{name} {value.strip()!r} is not a number") from None
+    if stray := re.search(r"(?:^|\s)(--[A-Za-z]\S*)", found["caption"]):  # --W 64, --seed=3, a trailing --s
+        raise ValueError(f"--val-prompt {text[:40]!r}: {stray[1]!r} is not a setting with its value (they follow "
+                         f"the caption in lower case, as '--s 20'): use --w, --h, --seed (--d), --g (--l) or --s")
+    if found["steps"] < 1 or not math.isfinite(found["guidance"]):
+        raise ValueError(f"--val-prompt {text[:40]!r}: --s must be at least 1 and --g a finite number")
     check_size(found["height"], found["width"])
     return found
 

@@ -396,7 +396,11 @@ def test_inline_val_prompt_settings_are_read_and_others_take_the_defaults():
 
 
 @pytest.mark.parametrize("text, error", [("a fox --x 3", "unknown option --x"), ("a fox --w wide", "--w 'wide' is not"),
-                                         ("a fox --w 50", "multiples of 16")])
+                                         ("a fox --w 50", "multiples of 16"), ("a fox --s 0", "--s must be at least 1"),
+                                         ("a fox --s -2", "--s must be at least 1"), ("a fox --g nan", "finite"),
+                                         ("a fox --W 64", "'--W' is not a setting with its value"),
+                                         ("a fox --seed=3", "'--seed=3' is not a setting"),
+                                         ("a fox --s", "'--s' is not a setting")])
 def test_a_bad_val_prompt_option_is_refused_before_the_weights_load(broken_weights_repo, data, tmp_path, text, error):
     with pytest.raises(ValueError, match=error):
         run_train(broken_weights_repo, data, tmp_path / "lora.safetensors", "--val-prompt", text, "--steps", "1")
