@@ -16,6 +16,7 @@ other panels only; the LoRA file's metadata records the geometry, which sample.p
 import argparse
 import contextlib
 import csv
+import hashlib
 import itertools
 import json
 import math
@@ -54,8 +55,9 @@ MODEL_DEFAULTS = {"flux": dict(steps=5000, lr=1e-4, resolution=[512, 768, 1024, 
                                timestep_sampling="sigmoid", ema_decay=0.99, save_dtype="fp16"),
                   "toy": dict(steps=1000, lr=1e-3, resolution=[96], checkpointing=False, timestep_sampling="shift",
                               ema_decay=0.0, save_dtype="fp32")}
-# options that change what a step computes: --resume must see the same values to continue bit for bit
-RESUME_MUST_MATCH = ("data", "layout", "model", "batch_size", "grad_accum", "rank", "alpha", "lr", "warmup",
+# options that change what a step computes: --resume must see the same values to continue bit for bit (--data's
+# path is not one: the dataset's fingerprint checks its files, wherever the folder is and however it is spelled)
+RESUME_MUST_MATCH = ("layout", "model", "batch_size", "grad_accum", "rank", "alpha", "lr", "warmup",
                      "grad_clip", "resolution", "caption_dropout", "guidance", "timestep_sampling", "seed", "dtype",
                      "transformer", "quantize", "panels", "ref_panel", "ema_decay")
 # how a --ref-panel LoRA sees its reference tokens (iclora/references.py); measured on the toy tasks, see README
@@ -291,14 +293,21 @@ def take_lock(lock: Path, out: Path):
 
 
 def dataset_fingerprint(dataset: PanelSetDataset) -> dict:
-    """Each image file (relative to --data) -> its size in bytes, each caption file -> its text: --resume checks it."""
+    """Each image file (relative to --data) -> "<size in bytes> <SHA-1 of its bytes>", each caption file -> its text:
+    --resume checks it. (States saved before the hash hold the size alone, an int: `unchanged` compares that.)"""
     found = {}
     for s in dataset.samples:
         for panel in s.panels:
-            found[panel.relative_to(dataset.root).as_posix()] = panel.stat().st_size
+            found[panel.relative_to(dataset.root).as_posix()] = (f"{panel.stat().st_size} "
+                                                                 f"{hashlib.sha1(panel.read_bytes()).hexdigest()}")
         caption_file = s.path.with_suffix(".txt") if s.path.is_file() else s.path / "caption.txt"
         found[caption_file.relative_to(dataset.root).as_posix()] = s.caption
     return found
+
+
+def unchanged(saved, now: str) -> bool:
+    """One fingerprint entry as saved against its value now; an old state's int entry (a size) checks the size."""
+    return saved == now or isinstance(saved, int) and now.startswith(f"{saved} ")
 
 
 def load_state(path: Path, args: argparse.Namespace, fingerprint: dict) -> dict:
@@ -328,7 +337,7 @@ def load_state(path: Path, args: argparse.Namespace, fingerprint: dict) -> dict:
                          f"trains {REF_MODE!r}; train from the start without --resume (or choose another --out)")
     saved = state["dataset"]
     changes = {"added": fingerprint.keys() - saved.keys(), "removed": saved.keys() - fingerprint.keys(),
-               "edited": {k for k in saved.keys() & fingerprint.keys() if saved[k] != fingerprint[k]}}
+               "edited": {k for k in saved.keys() & fingerprint.keys() if not unchanged(saved[k], fingerprint[k])}}
     if any(changes.values()):
         raise SystemExit(f"error: --resume: the dataset {args.data} changed since {path} was saved (" + "; ".join(
             f"{what}: {', '.join(sorted(names))}" for what, names in changes.items() if names) + "). Restore it, "
