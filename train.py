@@ -617,7 +617,7 @@ def train(args: argparse.Namespace) -> Path:
         if args.sample_every and start == 0:
             validate(0)  # the base model before any step: the baseline the others are seen against
         flow.train()
-        begin = time.perf_counter()
+        begin = time.perf_counter() - (float(log_rows[-1][3]) if log_rows else 0.0)  # --resume: the clock goes on
         try:
             bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="training", disable=rank() > 0)
             for step in bar:
@@ -639,7 +639,7 @@ def train(args: argparse.Namespace) -> Path:
                     loss_sum += loss.item()
                 loss_sum = sum_gradients(params, loss_sum)  # under torchrun: the ranks' parts added up
                 if not math.isfinite(loss_sum):
-                    raise SystemExit(f"error: loss is {loss_sum} at step {step}: training stopped. The last good "
+                    raise SystemExit(f"error: loss is {loss_sum} at step {step + 1}: training stopped. The last good "
                                      f"checkpoint ({state_path}, {out}) is intact; try a lower --lr.")
                 if args.grad_clip:
                     torch.nn.utils.clip_grad_norm_(params, args.grad_clip)

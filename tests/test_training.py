@@ -158,12 +158,14 @@ def test_resume_keeps_the_loss_log_rows_up_to_the_saved_step_and_closes_the_file
     assert rows[0] == "step,loss,lr,seconds" and [int(r.split(",")[0]) for r in rows[1:]] == [1, 2, 3, 4, 5, 6]
 
 
-def test_a_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(repo, data, tmp_path):
+def test_a_nan_loss_stops_with_a_clear_message_naming_its_step_and_keeps_the_last_checkpoint(repo, data, tmp_path):
     out = tmp_path / "nan.safetensors"
-    with pytest.raises(SystemExit, match=r"loss is (nan|inf) at step \d+: training stopped"):
+    with pytest.raises(SystemExit, match=r"loss is (nan|inf) at step \d+: training stopped") as caught:
         run_train(repo, data, out, "--steps", "50", "--save-every", "1", "--lr", "1e30", "--grad-clip", "1e30")
     state = torch.load(out.with_name("nan.state.pt"), weights_only=True)
     assert state["step"] >= 1
+    rows = out.with_name("nan.loss.csv").read_text().splitlines()[1:]  # as the bar, steps count from 1
+    assert int(str(caught.value).split(" at step ")[1].split(":")[0]) == state["step"] + 1 == len(rows) + 1
     assert all(torch.isfinite(t).all() for t in load_file(out).values())
 
 
@@ -464,3 +466,13 @@ def test_config_values_a_flag_would_refuse_are_refused_naming_the_file_and_key(t
     with pytest.raises(SystemExit):
         train.parse_args(["--config", str(tmp_path / "run.json")])
     assert f"{tmp_path / 'run.json'}: '{key}'" in capsys.readouterr().err
+
+
+def test_the_loss_logs_seconds_go_on_from_the_last_kept_row_after_resume(repo, data, tmp_path):
+    out = run_train(repo, data, tmp_path / "lora.safetensors", "--steps", "2")
+    log = out.with_name("lora.loss.csv")
+    rows = log.read_text().splitlines()
+    log.write_text("\n".join(rows[:-1] + [rows[-1].rsplit(",", 1)[0] + ",1000.00"]) + "\n")  # a long first run
+    run_train(repo, data, out, "--steps", "3", "--resume")
+    seconds = [float(r.split(",")[3]) for r in log.read_text().splitlines()[1:]]
+    assert seconds[1] == 1000.0 and seconds[2] > 1000.0
