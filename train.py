@@ -639,8 +639,10 @@ def train(args: argparse.Namespace) -> Path:
                     loss_sum += loss.item()
                 loss_sum = sum_gradients(params, loss_sum)  # under torchrun: the ranks' parts added up
                 if not math.isfinite(loss_sum):
-                    raise SystemExit(f"error: loss is {loss_sum} at step {step + 1}: training stopped. The last good "
-                                     f"checkpoint ({state_path}, {out}) is intact; try a lower --lr.")
+                    kept = f"The last good checkpoint ({state_path}, {out}) is intact" if state_path.exists() else \
+                        "Nothing was saved (no --save-every step was reached)"
+                    raise SystemExit(f"error: loss is {loss_sum} at step {step + 1}: training stopped. {kept}; try a "
+                                     f"lower --lr.")
                 if args.grad_clip:
                     torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
                 optimizer.step()

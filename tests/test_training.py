@@ -169,6 +169,13 @@ def test_a_nan_loss_stops_with_a_clear_message_naming_its_step_and_keeps_the_las
     assert all(torch.isfinite(t).all() for t in load_file(out).values())
 
 
+def test_a_nan_loss_before_the_first_save_says_nothing_was_saved(repo, data, tmp_path):
+    out = tmp_path / "nan.safetensors"
+    with pytest.raises(SystemExit, match=r"at step \d+: training stopped. Nothing was saved") as caught:
+        run_train(repo, data, out, "--steps", "50", "--save-every", "1000", "--lr", "1e30", "--grad-clip", "0")
+    assert "checkpoint" not in str(caught.value) and not out.with_name("nan.state.pt").exists()
+
+
 def test_a_broken_dataset_fails_before_the_model_is_loaded(tmp_path):
     (tmp_path / "a.png").write_bytes(b"not a png")
     (tmp_path / "b.png").write_bytes(b"")
