@@ -16,6 +16,7 @@ other panels only; the LoRA file's metadata records the geometry, which sample.p
 import argparse
 import contextlib
 import csv
+import hashlib
 import itertools
 import json
 import math
@@ -54,8 +55,9 @@ MODEL_DEFAULTS = {"flux": dict(steps=5000, lr=1e-4, resolution=[512, 768, 1024, 
                                timestep_sampling="sigmoid", ema_decay=0.99, save_dtype="fp16"),
                   "toy": dict(steps=1000, lr=1e-3, resolution=[96], checkpointing=False, timestep_sampling="shift",
                               ema_decay=0.0, save_dtype="fp32")}
-# options that change what a step computes: --resume must see the same values to continue bit for bit
-RESUME_MUST_MATCH = ("data", "layout", "model", "batch_size", "grad_accum", "rank", "alpha", "lr", "warmup",
+# options that change what a step computes: --resume must see the same values to continue bit for bit (--data's
+# path is not one: the dataset's fingerprint checks its files, wherever the folder is and however it is spelled)
+RESUME_MUST_MATCH = ("layout", "model", "batch_size", "grad_accum", "rank", "alpha", "lr", "warmup",
                      "grad_clip", "resolution", "caption_dropout", "guidance", "timestep_sampling", "seed", "dtype",
                      "transformer", "quantize", "panels", "ref_panel", "ema_decay")
 # how a --ref-panel LoRA sees its reference tokens (iclora/references.py); measured on the toy tasks, see README
@@ -64,6 +66,21 @@ SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.floa
 VAL_SEED = 42  # the noise of every validation image, so that they differ only by the training they show
 STATE_KEYS = ("step", "lora", "optimizer", "args", "dataset")
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # Ctrl-C; preemption, `timeout`; a closed terminal
+
+
+def above_zero(text: str) -> float:
+    """An argparse type: a finite float above 0."""
+    if not 0 < float(text) < math.inf:
+        raise argparse.ArgumentTypeError(f"must be above 0, got {text}")
+    return float(text)
+
+
+def lora_file(text: str) -> Path:
+    """An argparse type: a file path (the run's other files go next to it), not a folder."""
+    if text.endswith(("/", os.sep)) or Path(text).is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a folder; name the LoRA file, e.g. "
+                                         f"{Path(text) / 'lora.safetensors'}")
+    return Path(text)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -98,7 +115,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "recipe then needs about 17 GiB instead of 28, computed; see README); the embedders, norms, "
                         "biases, CLIP and the VAE stay in the base dtype, compute too (weights dequantized per "
                         "layer), and the LoRA adapters and optimizer stay fp32 (default: none)")
-    p.add_argument("--out", type=Path, default=Path("out.safetensors"), help="LoRA file (default: out.safetensors)")
+    p.add_argument("--out", type=lora_file, default=Path("out.safetensors"),
+                   help="LoRA file, not a folder, outside --data; its other files are written next to it "
+                        "(default: out.safetensors)")
     p.add_argument("--steps", type=ranged(int, 1), help=f"optimizer steps (default: {flux['steps']}, the paper's; "
                                                           f"toy: {toy['steps']})")
     p.add_argument("--batch-size", type=ranged(int, 1), default=4, help="examples per step (default: 4, the paper's)")
@@ -109,8 +128,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                                                   "loads) instead of from zero: it must cover the same layers at "
                                                   "the same --rank; its delta is kept whatever --alpha is (A as in "
                                                   "the file, B divided by --alpha/--rank)")
-    p.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha; the update is scaled by alpha/rank "
-                                                             "(default: 16)")
+    p.add_argument("--alpha", type=above_zero, default=16.0, help="LoRA alpha, above 0; the update is scaled by "
+                                                                  "alpha/rank (0 would train nothing) (default: 16)")
     p.add_argument("--lr", type=ranged(float, 1e-12), help=f"AdamW learning rate (default: {flux['lr']}; toy: "
                                                            f"{toy['lr']})")
     p.add_argument("--warmup", type=ranged(int, 0), default=100,
@@ -120,7 +139,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "and the validation images use it, as the authors' trainer does; 0 = off, the raw weights "
                         f"(default: {flux['ema_decay']}, the authors'; toy: {toy['ema_decay']}, not yet measured on "
                         "the toy task)")
-    p.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (default: 1.0)")
+    p.add_argument("--grad-clip", type=ranged(float, 0), default=1.0,
+                   help="max gradient norm, the gradients scaled down to it when over; 0 = no clipping "
+                        "(default: 1.0)")
     p.add_argument("--resolution", type=ranged(int, 16), nargs="+",
                    help="one or more target areas, each as the side of a square: every set is trained at each, in "
                         "the aspect bucket of about that many pixels squared (sides multiples of 16 per panel), "
@@ -190,18 +211,20 @@ def parse_args(argv=None) -> argparse.Namespace:
         config = json.loads(args.config.read_text())
         if unknown := set(config) - set(vars(args)):
             p.error(f"{args.config}: unknown options {', '.join(sorted(unknown))}")
-        # as strings, so that argparse converts and checks them like the flags (lists and booleans as they are)
-        p.set_defaults(**{k: v if v is None or isinstance(v, (bool, list)) else str(v) for k, v in config.items()})
+        actions = {a.dest: a for a in p._actions}
+        p.set_defaults(**{k: config_value(p, actions[k], v, f"{args.config}: {k!r}") for k, v in config.items()})
         given, args = args, p.parse_args(argv)
         for k in [k for k, v in vars(given).items() if isinstance(v, list) and v]:  # a repeated flag given replaces
             setattr(args, k, getattr(given, k))                                     # the file's list, not extends it
     for k, v in MODEL_DEFAULTS["toy" if args.model == "toy" else "flux"].items():
         if getattr(args, k) is None:
             setattr(args, k, v)
-    resolutions = args.resolution if isinstance(args.resolution, list) else [args.resolution]  # --config: one number
-    args.resolution = sorted({int(r) for r in resolutions})  # ascending, each once
+    args.resolution = sorted(set(args.resolution))  # ascending, each once
     if args.data is None:
         p.error("--data is required (or set \"data\" in the --config file)")
+    if args.out.resolve().is_relative_to(args.data.resolve()):
+        p.error(f"--out {args.out} is inside --data {args.data}: its loss curve and samples would become training "
+                f"images on the next run; write it outside the dataset")
     if args.ema_decay >= 1:
         p.error(f"--ema-decay {args.ema_decay}: must be below 1 (1 would never move from the initial LoRA)")
     if args.blocks_to_swap and not args.checkpointing:
@@ -214,6 +237,29 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--fsdp and --blocks-to-swap do not compose (both would own the blocks' weights); choose one: "
                 "--fsdp divides the base over N GPUs, --blocks-to-swap keeps part of it in CPU RAM")
     return args
+
+
+def config_value(p: argparse.ArgumentParser, action: argparse.Action, value, where: str):
+    """A --config value checked and converted as its flag's would be: true or false for a boolean flag; for a
+    repeatable one (or one of several values) a list or a single value, each item through the flag's type."""
+    if value is None:
+        return None
+    if action.nargs == 0:  # --checkpointing, --compile, --resume, ...
+        if not isinstance(value, bool):
+            p.error(f"{where}: {value!r} is not true or false")
+        return value
+    many = action.nargs in ("+", "*") or isinstance(action.default, list)
+    if isinstance(value, list) and not many:
+        p.error(f"{where}: takes one value, not a list")
+    items = []
+    for v in value if isinstance(value, list) else [value]:
+        try:
+            items.append(action.type(str(v)) if action.type else str(v))
+        except (ValueError, TypeError, argparse.ArgumentTypeError) as error:
+            p.error(f"{where}: {v!r}: {error}")
+        if action.choices and items[-1] not in action.choices:
+            p.error(f"{where}: {v!r} is not one of {', '.join(map(str, action.choices))}")
+    return items if many else items[0]
 
 
 def take_lock(lock: Path, out: Path):
@@ -247,14 +293,21 @@ def take_lock(lock: Path, out: Path):
 
 
 def dataset_fingerprint(dataset: PanelSetDataset) -> dict:
-    """Each image file (relative to --data) -> its size in bytes, each caption file -> its text: --resume checks it."""
+    """Each image file (relative to --data) -> "<size in bytes> <SHA-1 of its bytes>", each caption file -> its text:
+    --resume checks it. (States saved before the hash hold the size alone, an int: `unchanged` compares that.)"""
     found = {}
     for s in dataset.samples:
         for panel in s.panels:
-            found[panel.relative_to(dataset.root).as_posix()] = panel.stat().st_size
+            found[panel.relative_to(dataset.root).as_posix()] = (f"{panel.stat().st_size} "
+                                                                 f"{hashlib.sha1(panel.read_bytes()).hexdigest()}")
         caption_file = s.path.with_suffix(".txt") if s.path.is_file() else s.path / "caption.txt"
         found[caption_file.relative_to(dataset.root).as_posix()] = s.caption
     return found
+
+
+def unchanged(saved, now: str) -> bool:
+    """One fingerprint entry as saved against its value now; an old state's int entry (a size) checks the size."""
+    return saved == now or isinstance(saved, int) and now.startswith(f"{saved} ")
 
 
 def load_state(path: Path, args: argparse.Namespace, fingerprint: dict) -> dict:
@@ -284,7 +337,7 @@ def load_state(path: Path, args: argparse.Namespace, fingerprint: dict) -> dict:
                          f"trains {REF_MODE!r}; train from the start without --resume (or choose another --out)")
     saved = state["dataset"]
     changes = {"added": fingerprint.keys() - saved.keys(), "removed": saved.keys() - fingerprint.keys(),
-               "edited": {k for k in saved.keys() & fingerprint.keys() if saved[k] != fingerprint[k]}}
+               "edited": {k for k in saved.keys() & fingerprint.keys() if not unchanged(saved[k], fingerprint[k])}}
     if any(changes.values()):
         raise SystemExit(f"error: --resume: the dataset {args.data} changed since {path} was saved (" + "; ".join(
             f"{what}: {', '.join(sorted(names))}" for what, names in changes.items() if names) + "). Restore it, "
@@ -326,6 +379,11 @@ def parse_val_prompt(text: str, height: int, width: int, steps: int) -> dict:
             found[VAL_OPTIONS[name]] = kind(value.strip())
         except ValueError:
             raise ValueError(f"--val-prompt {text[:40]!r}: --{name} {value.strip()!r} is not a number") from None
+    if stray := re.search(r"(?:^|\s)(--[A-Za-z]\S*)", found["caption"]):  # --W 64, --seed=3, a trailing --s
+        raise ValueError(f"--val-prompt {text[:40]!r}: {stray[1]!r} is not a setting with its value (they follow "
+                         f"the caption in lower case, as '--s 20'): use --w, --h, --seed (--d), --g (--l) or --s")
+    if found["steps"] < 1 or not math.isfinite(found["guidance"]):
+        raise ValueError(f"--val-prompt {text[:40]!r}: --s must be at least 1 and --g a finite number")
     check_size(found["height"], found["width"])
     return found
 
@@ -417,6 +475,8 @@ def train(args: argparse.Namespace) -> Path:
     state_path, log_path = out.with_name(f"{out.stem}.state.pt"), out.with_name(f"{out.stem}.loss.csv")
     curve_path = out.with_name(f"{out.stem}.loss.png")
     samples_dir = out.with_name(f"{out.stem}_samples")
+    if state_path.exists() and not args.resume:  # a finished or stopped run: its LoRA, state and log would be lost
+        raise SystemExit(f"error: {state_path} exists: --resume to continue it, another --out, or delete it")
     check_device(args.device)
 
     # 1. Data: every image and caption is checked now, not at step 3,000; and a --resume's state against them.
@@ -513,15 +573,19 @@ def train(args: argparse.Namespace) -> Path:
                 save_lora(flow, tmp, metadata=metadata | {"step": str(step)}, dtype=SAVE_DTYPES[args.save_dtype])
 
         numbered = out.with_name(f"{out.stem}-step{step:06d}{out.suffix}")
+        earlier = "Both files still hold the previous save; free space and --resume" if state_path.exists() else \
+            "Nothing was saved before (no state to resume): free space and start again"
         try:
             atomic_writes({state_path: lambda tmp: torch.save(state, tmp), out: write_lora}
                           | ({numbered: write_lora} if args.keep_last else {})
                           | ({curve_path: lambda tmp: draw_loss(losses, tmp)} if losses else {}))
         except Exception as error:  # disk full, permission lost: torch and safetensors raise their own types
             raise SystemExit(f"error: could not save step {step} to {out}, {state_path} ({error}): training "
-                             f"stopped. Both files still hold the previous save; free space and --resume.") from None
-        if args.keep_last:  # the numbered copies before the last --keep-last go
-            for old in sorted(out.parent.glob(f"{out.stem}-step[0-9]*{out.suffix}"))[:-args.keep_last]:
+                             f"stopped. {earlier}.") from None
+        if args.keep_last:  # this run's numbered copies before the last --keep-last go, by step number
+            pattern = re.compile(re.escape(out.stem) + r"-step(\d+)" + re.escape(out.suffix))
+            copies = sorted((int(m[1]), p) for p in out.parent.iterdir() if (m := pattern.fullmatch(p.name)))
+            for _, old in [c for c in copies if c[0] <= step][:-args.keep_last]:
                 old.unlink()
 
     def validate(step: int):
@@ -553,7 +617,7 @@ def train(args: argparse.Namespace) -> Path:
         if args.sample_every and start == 0:
             validate(0)  # the base model before any step: the baseline the others are seen against
         flow.train()
-        begin = time.perf_counter()
+        begin = time.perf_counter() - (float(log_rows[-1][3]) if log_rows else 0.0)  # --resume: the clock goes on
         try:
             bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="training", disable=rank() > 0)
             for step in bar:
@@ -575,9 +639,12 @@ def train(args: argparse.Namespace) -> Path:
                     loss_sum += loss.item()
                 loss_sum = sum_gradients(params, loss_sum)  # under torchrun: the ranks' parts added up
                 if not math.isfinite(loss_sum):
-                    raise SystemExit(f"error: loss is {loss_sum} at step {step}: training stopped. The last good "
-                                     f"checkpoint ({state_path}, {out}) is intact; try a lower --lr.")
-                torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
+                    kept = f"The last good checkpoint ({state_path}, {out}) is intact" if state_path.exists() else \
+                        "Nothing was saved (no --save-every step was reached)"
+                    raise SystemExit(f"error: loss is {loss_sum} at step {step + 1}: training stopped. {kept}; try a "
+                                     f"lower --lr.")
+                if args.grad_clip:
+                    torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
                 optimizer.step()
                 if ema:  # ema ← decay·ema + (1 − decay)·weights
                     with torch.no_grad():

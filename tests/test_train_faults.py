@@ -11,6 +11,7 @@ import time
 
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 import iclora.lora_files
@@ -149,3 +150,66 @@ def test_a_failed_save_stops_clearly_and_leaves_the_previous_lora_and_state_byte
     assert sorted(p.name for p in tmp_path.iterdir()) == ["lora-step000002.safetensors", "lora.loss.csv",
                                                           "lora.loss.png", "lora.safetensors",
                                                           "lora.state.pt"]  # no step 4, no temporary file
+
+
+def test_a_rerun_without_resume_is_refused_before_anything_loads_and_leaves_the_run_untouched(repo, data, tmp_path):
+    out = run_train(repo, data, tmp_path / "lora.safetensors", "--steps", "2", "--save-every", "1", "--keep-last", "2")
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    state = tmp_path / "lora.state.pt"
+    with pytest.raises(SystemExit, match=rf"{state} exists: --resume to continue it, another --out, or delete it"):
+        run_train(tmp_path / "no-model-needed", data, out, "--steps", "1", "--save-every", "1", "--keep-last", "2")
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+def test_pruning_keeps_this_runs_newest_steps_and_leaves_numbered_files_of_later_steps_alone(repo, data, tmp_path):
+    out = run_train(repo, data, tmp_path / "lora.safetensors", "--steps", "3", "--save-every", "3")
+    out.with_name("lora.state.pt").unlink()  # a new run on the same --out, as the refusal above suggests
+    run_train(repo, data, out, "--steps", "2", "--save-every", "1", "--keep-last", "2")
+    assert sorted(p.name for p in tmp_path.glob("lora-step*")) == [
+        "lora-step000001.safetensors", "lora-step000002.safetensors", "lora-step000003.safetensors"]
+
+
+def test_a_failed_first_save_says_there_is_no_earlier_save_to_resume(repo, data, tmp_path, monkeypatch):
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(iclora.lora_files, "save_file", disk_full)
+    with pytest.raises(SystemExit, match=r"could not save step 1 .*No space left.*Nothing was saved before \(no "
+                                         r"state to resume\): free space and start again") as caught:
+        run_train(repo, data, tmp_path / "lora.safetensors", "--steps", "1")
+    assert "previous save" not in str(caught.value) and not (tmp_path / "lora.state.pt").exists()
+
+
+def test_resume_on_a_dataset_with_an_image_edited_to_the_same_byte_size_is_refused_naming_it(repo, data, tmp_path):
+    copy = shutil.copytree(data, tmp_path / "twins")
+    image = Image.open(copy / "set0.png").convert("RGB")
+    image.save(copy / "set0.png", compress_level=0)  # stored uncompressed: any edit of a pixel keeps the size
+    out = run_train(repo, copy, tmp_path / "run" / "lora.safetensors", "--steps", "2")
+    size = (copy / "set0.png").stat().st_size
+    image.putpixel((0, 0), (0, 0, 0))
+    image.save(copy / "set0.png", compress_level=0)
+    assert (copy / "set0.png").stat().st_size == size
+    with pytest.raises(SystemExit, match=r"dataset .* changed .*\(edited: set0\.png\)"):
+        run_train(repo, copy, out, "--steps", "4", "--resume")
+
+
+def test_resume_from_the_dataset_moved_to_another_folder_continues(repo, saved_run, tmp_path):
+    copy, out = saved_run
+    run_train(repo, copy.rename(tmp_path / "moved"), out, "--steps", "3", "--resume")
+    assert torch.load(out.with_name("lora.state.pt"), weights_only=True)["step"] == 3
+
+
+def test_a_state_saved_before_images_were_hashed_resumes_checking_their_sizes(repo, saved_run):
+    copy, out = saved_run
+    path = out.with_name("lora.state.pt")
+    state = torch.load(path, weights_only=True)
+    state["dataset"] = {k: v if k.endswith(".txt") else (copy / k).stat().st_size for k, v in state["dataset"].items()}
+    torch.save(state, path)  # as train.py saved it before: each image's size alone
+    original = (copy / "set0.png").read_bytes()
+    shutil.copy(copy / "set1.png", copy / "set0.png")
+    assert (copy / "set0.png").stat().st_size != len(original)
+    with pytest.raises(SystemExit, match=r"\(edited: set0\.png\)"):
+        run_train(repo, copy, out, "--steps", "3", "--resume")
+    (copy / "set0.png").write_bytes(original)
+    run_train(repo, copy, out, "--steps", "3", "--resume")
+    assert torch.load(path, weights_only=True)["step"] == 3

@@ -158,13 +158,22 @@ def test_resume_keeps_the_loss_log_rows_up_to_the_saved_step_and_closes_the_file
     assert rows[0] == "step,loss,lr,seconds" and [int(r.split(",")[0]) for r in rows[1:]] == [1, 2, 3, 4, 5, 6]
 
 
-def test_a_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(repo, data, tmp_path):
+def test_a_nan_loss_stops_with_a_clear_message_naming_its_step_and_keeps_the_last_checkpoint(repo, data, tmp_path):
     out = tmp_path / "nan.safetensors"
-    with pytest.raises(SystemExit, match=r"loss is (nan|inf) at step \d+: training stopped"):
+    with pytest.raises(SystemExit, match=r"loss is (nan|inf) at step \d+: training stopped") as caught:
         run_train(repo, data, out, "--steps", "50", "--save-every", "1", "--lr", "1e30", "--grad-clip", "1e30")
     state = torch.load(out.with_name("nan.state.pt"), weights_only=True)
     assert state["step"] >= 1
+    rows = out.with_name("nan.loss.csv").read_text().splitlines()[1:]  # as the bar, steps count from 1
+    assert int(str(caught.value).split(" at step ")[1].split(":")[0]) == state["step"] + 1 == len(rows) + 1
     assert all(torch.isfinite(t).all() for t in load_file(out).values())
+
+
+def test_a_nan_loss_before_the_first_save_says_nothing_was_saved(repo, data, tmp_path):
+    out = tmp_path / "nan.safetensors"
+    with pytest.raises(SystemExit, match=r"at step \d+: training stopped. Nothing was saved") as caught:
+        run_train(repo, data, out, "--steps", "50", "--save-every", "1000", "--lr", "1e30", "--grad-clip", "0")
+    assert "checkpoint" not in str(caught.value) and not out.with_name("nan.state.pt").exists()
 
 
 def test_a_broken_dataset_fails_before_the_model_is_loaded(tmp_path):
@@ -256,7 +265,7 @@ def test_a_caption_over_the_t5_limit_is_reported_with_its_count_and_cut_words_be
     sets = with_first_caption(data, tmp_path / "sets", LONG_CAPTION)
     with pytest.warns(UserWarning, match=r"the caption of .*set0\.png is 601 T5 tokens, over the model's limit of "
                                          r"512; these words are cut off: 'red fox a red fox") as caught:
-        with pytest.raises(ValueError, match=r"flux1-dev\.safetensors: unreadable safetensors"):
+        with pytest.raises(ValueError, match=r"flux1-dev\.safetensors: unreadable safetensors file"):
             run_train(broken_weights_repo, sets, tmp_path / "lora.safetensors")
     assert len([w for w in caught if "T5 tokens" in str(w.message)]) == 1  # only the long one
 
@@ -274,7 +283,7 @@ def test_a_long_validation_prompt_is_reported_too(broken_weights_repo, data, tmp
 
 
 def test_short_captions_give_no_t5_warning(broken_weights_repo, data, tmp_path):
-    with warnings.catch_warnings(record=True) as caught, pytest.raises(ValueError, match="unreadable safetensors"):
+    with warnings.catch_warnings(record=True) as caught, pytest.raises(ValueError, match="unreadable safetensors file"):
         warnings.simplefilter("always")
         run_train(broken_weights_repo, data, tmp_path / "lora.safetensors", "--strict-captions")
     assert not [w for w in caught if "T5 tokens" in str(w.message)]
@@ -396,7 +405,11 @@ def test_inline_val_prompt_settings_are_read_and_others_take_the_defaults():
 
 
 @pytest.mark.parametrize("text, error", [("a fox --x 3", "unknown option --x"), ("a fox --w wide", "--w 'wide' is not"),
-                                         ("a fox --w 50", "multiples of 16")])
+                                         ("a fox --w 50", "multiples of 16"), ("a fox --s 0", "--s must be at least 1"),
+                                         ("a fox --s -2", "--s must be at least 1"), ("a fox --g nan", "finite"),
+                                         ("a fox --W 64", "'--W' is not a setting with its value"),
+                                         ("a fox --seed=3", "'--seed=3' is not a setting"),
+                                         ("a fox --s", "'--s' is not a setting")])
 def test_a_bad_val_prompt_option_is_refused_before_the_weights_load(broken_weights_repo, data, tmp_path, text, error):
     with pytest.raises(ValueError, match=error):
         run_train(broken_weights_repo, data, tmp_path / "lora.safetensors", "--val-prompt", text, "--steps", "1")
@@ -408,3 +421,65 @@ def test_validation_images_go_side_by_side_into_one_picture_per_step_with_a_step
     pictures = sorted((tmp_path / "lora_samples").iterdir())
     assert [p.name for p in pictures] == ["step000000.png", "step000002.png"]
     assert Image.open(pictures[0]).size == (32 + 4 + 48, 32)
+
+
+def test_grad_clip_0_means_no_clipping_the_same_training_as_an_unreachable_clip(repo, data, tmp_path):
+    fp32 = ("--steps", "2", "--ema-decay", "0", "--save-dtype", "fp32")
+    unclipped = load_file(run_train(repo, data, tmp_path / "a" / "lora.safetensors", *fp32, "--grad-clip", "0"))
+    huge = load_file(run_train(repo, data, tmp_path / "b" / "lora.safetensors", *fp32, "--grad-clip", "1e30"))
+    assert unclipped.keys() == huge.keys() and all(torch.equal(unclipped[k], huge[k]) for k in huge)
+    assert all(v.abs().max() > 0 for k, v in unclipped.items() if "lora_B" in k)  # it trained
+
+
+@pytest.mark.parametrize("flag, value", [("--grad-clip", "-1"), ("--grad-clip", "nan"), ("--alpha", "0"),
+                                         ("--alpha", "-4"), ("--alpha", "inf")])
+def test_a_negative_grad_clip_and_an_alpha_not_above_0_are_refused(tmp_path, flag, value, capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args(["--data", str(tmp_path), flag, value])
+    assert f"argument {flag}: must be" in capsys.readouterr().err
+
+
+def test_an_out_inside_the_dataset_however_spelled_is_refused_before_anything_loads(tmp_path, capsys):
+    (tmp_path / "sets").mkdir()
+    with pytest.raises(SystemExit):
+        train.parse_args(["--data", str(tmp_path / "sets"),
+                          "--out", str(tmp_path / "x" / ".." / "sets" / "a.safetensors")])
+    assert "is inside --data" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("folder", ["existing", "new/"])
+def test_an_out_naming_a_folder_is_refused_before_anything_loads(tmp_path, folder, capsys):
+    (tmp_path / "existing").mkdir()
+    with pytest.raises(SystemExit):
+        train.parse_args(["--data", str(tmp_path / "sets"), "--out", str(tmp_path) + "/" + folder])
+    assert "is a folder; name the LoRA file, e.g." in capsys.readouterr().err
+
+
+def test_a_single_value_for_a_repeatable_flag_in_the_config_file_is_a_list_of_it_converted_by_the_flags_type(
+        tmp_path):
+    (tmp_path / "run.json").write_text('{"data": "d", "val_prompt": "a red square", "ref_panel": 1, '
+                                       '"resolution": "48", "panels": 2}')
+    args = train.parse_args(["--config", str(tmp_path / "run.json")])
+    assert (args.val_prompt, args.ref_panel, args.resolution, args.panels) == (["a red square"], [1], [48], 2)
+    (tmp_path / "run.json").write_text('{"data": "d", "ref_panel": ["2", 1], "checkpointing": false}')
+    args = train.parse_args(["--config", str(tmp_path / "run.json")])
+    assert (args.ref_panel, args.checkpointing) == ([2, 1], False)
+
+
+@pytest.mark.parametrize("key, value", [("checkpointing", '"false"'), ("compile", "1"), ("ref_panel", "[0]"),
+                                        ("resolution", '[48, "big"]'), ("layout", '"diagonal"'), ("rank", "[4]")])
+def test_config_values_a_flag_would_refuse_are_refused_naming_the_file_and_key(tmp_path, key, value, capsys):
+    (tmp_path / "run.json").write_text(f'{{"data": "d", "{key}": {value}}}')
+    with pytest.raises(SystemExit):
+        train.parse_args(["--config", str(tmp_path / "run.json")])
+    assert f"{tmp_path / 'run.json'}: '{key}'" in capsys.readouterr().err
+
+
+def test_the_loss_logs_seconds_go_on_from_the_last_kept_row_after_resume(repo, data, tmp_path):
+    out = run_train(repo, data, tmp_path / "lora.safetensors", "--steps", "2")
+    log = out.with_name("lora.loss.csv")
+    rows = log.read_text().splitlines()
+    log.write_text("\n".join(rows[:-1] + [rows[-1].rsplit(",", 1)[0] + ",1000.00"]) + "\n")  # a long first run
+    run_train(repo, data, out, "--steps", "3", "--resume")
+    seconds = [float(r.split(",")[3]) for r in log.read_text().splitlines()[1:]]
+    assert seconds[1] == 1000.0 and seconds[2] > 1000.0
