@@ -157,7 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("image-to-image")
     g.add_argument("--init", type=Path,
-                   help="start from this image (cover-resized and center-cropped to the canvas) instead of noise")
+                   help="start from this image (cover-resized and center-cropped to the canvas) instead of noise; "
+                        "a seed gives diffusers' FluxImg2ImgPipeline's image")
     g.add_argument("--strength", type=ranged(float, 0, 1),
                    help="how much of the schedule to run from --init: 0 returns the image, 1 ignores it "
                         "(diffusers' rule; default: 0.6)")
@@ -410,7 +411,7 @@ def main(argv=None) -> list[Path]:
 
     # --init (image-to-image, SDEdit): start part-way down the schedule from the image noised to that time.
     if init is not None:
-        init_latents = pipe.encode_image(from_pil(init, height, width)).cpu()       # (1, c, h, w)
+        init_pixels = from_pil(init, height, width)                                 # (1, 3, H, W)
         timesteps = timesteps[img2img_start(len(timesteps) - 1, args.strength):]
 
     # --ref (reference panels, paper §4.2): their latents, pinned after every step by `after_step`.
@@ -419,8 +420,11 @@ def main(argv=None) -> list[Path]:
 
     images = []
     for seed in args.seed:
-        # 4. Noise, packed into 2×2 patches; 5. Euler steps of the flow; 6. unpack, decode to pixels.
-        noise = get_noise(B, height, width, seed)                                   # (B, c, h, w) at t = 1
+        # 4. Noise, packed into 2×2 patches; 5. Euler steps of the flow; 6. unpack, decode to pixels. With --init,
+        # as diffusers' FluxImg2ImgPipeline: the seed's generator samples the init's latent Gaussian, then the noise.
+        g = torch.Generator().manual_seed(seed)
+        init_latents = None if init is None else pipe.encode_image(init_pixels, g).cpu()  # (1, c, h, w)
+        noise = get_noise(B, height, width, seed, g)                                # (B, c, h, w) at t = 1
         x = noise if init is None else add_noise(init_latents, noise, timesteps[0])
         after_step = None
         if refs:

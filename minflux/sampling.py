@@ -25,10 +25,10 @@ def check_size(height: int, width: int):
                          f"{16 * max(1, round(height / 16))}")
 
 
-def get_noise(num: int, height: int, width: int, seed: int) -> Tensor:
-    """Initial latent noise, drawn exactly as the reference pipelines do (CPU generator, float32)."""
+def get_noise(num: int, height: int, width: int, seed: int, g: torch.Generator | None = None) -> Tensor:
+    """Initial latent noise, drawn exactly as the reference pipelines do (CPU generator of `seed`, or `g`, float32)."""
     check_size(height, width)
-    g = torch.Generator("cpu").manual_seed(seed)
+    g = g or torch.Generator("cpu").manual_seed(seed)
     return torch.randn(num, 16, height // 8, width // 8, generator=g, dtype=torch.float32)  # (B, c, h, w)
 
 

@@ -395,14 +395,26 @@ def init_image(tmp_path_factory):
 
 
 def test_img2img_strength_zero_returns_the_input_through_the_vae(repo, pipe, init_image, tmp_path):
-    got = ours(repo, tmp_path / "out.png", "--init", str(init_image), "--strength", "0")[0]
-    round_trip = np.asarray(to_pil(pipe.decode(pipe.encode_image(from_pil(Image.open(init_image), 48, 64))))[0])
+    got = ours(repo, tmp_path / "out.png", "--init", str(init_image), "--strength", "0", seed=7)[0]
+    latents = pipe.encode_image(from_pil(Image.open(init_image), 48, 64), torch.Generator().manual_seed(7))
+    round_trip = np.asarray(to_pil(pipe.decode(latents))[0])  # the seed's sample of the latent Gaussian, decoded
     assert pixel_diff("img2img strength 0 vs decode(encode(init))", got, round_trip).max() == 0
 
 
-def test_img2img_strength_one_is_text_to_image(repo, init_image, tmp_path):
+def test_img2img_strength_one_ignores_the_init_image(repo, init_image, tmp_path):
     got = ours(repo, tmp_path / "out.png", "--init", str(init_image), "--strength", "1")[0]
-    assert np.array_equal(got, ours(repo, tmp_path / "t2i.png")[0])
+    other = tmp_path / "other.png"
+    reference_image(9, size=(64, 48)).save(other)
+    assert np.array_equal(got, ours(repo, tmp_path / "other_out.png", "--init", str(other), "--strength", "1")[0])
+
+
+@pytest.mark.parametrize("strength", [0.6, 1.0])
+def test_sample_py_init_gives_diffusers_img2img_image_for_the_same_seed(repo, init_image, tmp_path, strength):
+    want = np.asarray(FluxImg2ImgPipeline.from_pretrained(repo, torch_dtype=torch.float32)(
+        PROMPT, image=Image.open(init_image), strength=strength, width=64, height=48, num_inference_steps=5,
+        guidance_scale=3.5, generator=torch.Generator().manual_seed(4)).images[0], np.int16)
+    got = ours(repo, tmp_path / "out.png", "--init", str(init_image), "--strength", str(strength), steps=5, seed=4)[0]
+    assert pixel_diff(f"sample.py --init, strength {strength}, vs FluxImg2ImgPipeline", got, want).max() <= 1
 
 
 @pytest.mark.parametrize("steps,strength", [(10, 0.3), (10, 0.7), (28, 0.6), (4, 0.5), (5, 1.0), (5, 0.0)])
