@@ -78,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="scale S of true classifier-free guidance, v = v_neg + S·(v_pos − v_neg), as diffusers' "
                         "true_cfg_scale; applies when S > 1, and then needs a --negative-prompt (1 = off, one "
                         "model pass per step) (default: 1.0)")
-    p.add_argument("--seed", type=int, nargs="+", default=[0],
+    p.add_argument("--seed", type=ranged(int, -2**63, 2**64 - 1), nargs="+", default=[0],
                    help="noise seed(s), one run per seed (--seed 1 2 3); image i of a run uses the same draw as "
                         "diffusers with generator.manual_seed(seed) (default: 0)")
     p.add_argument("--num-images", type=ranged(int, 1), default=1, help="images per prompt and seed (default: 1)")
@@ -336,7 +336,10 @@ def resolve_lora(spec: str) -> Path:
 def read_image(path: Path, flag: str):
     if not path.is_file():
         raise FileNotFoundError(f"{flag} {path}: no such image file")
-    return load_rgb(path)
+    try:
+        return load_rgb(path)
+    except OSError as error:  # PIL's UnidentifiedImageError, a truncated file
+        raise ValueError(f"{flag} {path}: not a readable image ({error})") from None
 
 
 def output_paths(out: Path, n: int, panels: int, source: Path | None = None) -> list[list[Path]]:

@@ -214,11 +214,14 @@ def test_panel_size_defaults_to_the_canvas_split_by_the_grid():
     (["--panels", "2", "--ref", "REF", "--ref-panel", "3"], r"--ref-panel 3 is not a panel of this 2-panel set"),
     (["--panels", "2", "--ref", "REF", "--ref", "REF"], r"fix every panel"),
     (["--panels", "2", "--ref", "MISSING"], r"--ref .*missing\.png: no such image file"),
+    (["--panels", "2", "--ref", "TEXT"], r"--ref .*notes\.png: not a readable image"),
+    (["--init", "TEXT"], r"--init .*notes\.png: not a readable image"),
 ])
 def test_bad_arguments_are_refused_before_loading_the_model(tmp_path, args, error):
     Image.new("RGB", (32, 32)).save(tmp_path / "ref.png")
-    args = [str(tmp_path / "ref.png") if a == "REF" else str(tmp_path / "missing.png") if a == "MISSING" else a
-            for a in args]
+    (tmp_path / "notes.png").write_text("not an image")
+    named = {"REF": tmp_path / "ref.png", "MISSING": tmp_path / "missing.png", "TEXT": tmp_path / "notes.png"}
+    args = [str(named.get(a, a)) for a in args]
     with pytest.raises((ValueError, FileNotFoundError), match=error):
         sample.main(["--model", str(tmp_path / "no-model-needed"), "--prompt", "x", *args])
 
@@ -229,6 +232,7 @@ def test_bad_arguments_are_refused_before_loading_the_model(tmp_path, args, erro
     (["--strength", "0.5"], "--strength needs an --init image"),
     (["--lora", "a.safetensors", "--lora-scale", "1", "--lora-scale", "2"], r"2 --lora-scale value\(s\) for 1"),
     (["--steps", "0"], "--steps: must be at least 1, got 0"),
+    (["--seed", str(2**64)], rf"--seed: must be in \[{-2**63}, {2**64 - 1}\], got {2**64}"),
 ])
 def test_flag_values_out_of_range_are_refused_by_the_parser(capsys, args, error):
     with pytest.raises(SystemExit):
