@@ -21,6 +21,7 @@ from iclora.references import image_positions, pin_references, reference_latents
 from iclora.training import encode_sets, flow_matching_loss, sample_timesteps
 from minflux.pipeline import load_pipeline, to_pil
 from minflux.sampling import get_noise, image_ids, pack, text_ids, unpack
+from toy import score
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -275,3 +276,53 @@ def test_resuming_a_run_trained_with_another_reference_treatment_is_refused(sets
     torch.save(state, tmp_path / "c.state.pt")
     with pytest.raises(SystemExit, match=r"trained with reference treatment 'clean' and this train.py trains 'moved'"):
         train.main([*flags, "--steps", "2", "--resume"])
+
+
+def metadata_only_lora(path, *geometry) -> str:
+    """A file with conditional_metadata(*geometry): enough for what sample.py checks before any weight loads."""
+    save_file({"x": torch.zeros(1)}, path, metadata=conditional_metadata(*geometry))
+    return str(path)
+
+
+def sample_with(tmp_path, loras: list[str], refs: int) -> list:
+    Image.new("RGB", (64, 64)).save(tmp_path / "ref.png")
+    return sample.main(["--model", str(tmp_path / "no-model-needed"), "--prompt", "x",
+                        *[a for lora in loras for a in ("--lora", lora)], *["--ref", str(tmp_path / "ref.png")] * refs])
+
+
+def test_a_conditional_lora_given_fewer_references_than_it_was_trained_with_says_how_many_it_takes(tmp_path):
+    lora = metadata_only_lora(tmp_path / "two_refs.safetensors", [1, 3], 4, "grid", "moved", 32, 32)
+    with pytest.raises(ValueError, match=r"the conditional LoRA two_refs\.safetensors takes 2 reference image\(s\), "
+                                         r"for panel\(s\) \[1, 3\]; got 1 --ref"):
+        sample_with(tmp_path, [lora], refs=1)
+
+
+def test_conditional_loras_trained_with_other_geometries_are_refused_together_naming_both(tmp_path):
+    row = metadata_only_lora(tmp_path / "row.safetensors", [1], 2, "row", "moved", 32, 32)
+    column = metadata_only_lora(tmp_path / "column.safetensors", [1], 2, "column", "moved", 32, 32)
+    with pytest.raises(ValueError, match=r"the conditional LoRAs row\.safetensors and column\.safetensors were trained "
+                                         r"with other panels, layout"):
+        sample_with(tmp_path, [row, column], refs=1)
+
+
+@pytest.mark.parametrize("geometry, shown", [(([1], 2, "row", "bogus", 32, 32), "ref_mode 'bogus'"),
+                                             (([1], 2, "diagonal", "moved", 32, 32), "layout 'diagonal'"),
+                                             (([1], 2, "row", "moved", 40, 32), "panel size 32x40")])
+def test_conditional_metadata_values_out_of_their_range_are_refused_naming_the_file(tmp_path, geometry, shown):
+    lora = metadata_only_lora(tmp_path / "odd.safetensors", *geometry)
+    with pytest.raises(ValueError, match=rf"odd\.safetensors: broken conditional IC-LoRA metadata: .*{shown}"):
+        sample_with(tmp_path, [lora], refs=1)
+
+
+def test_toy_score_refuses_a_conditional_lora_of_another_geometry(tmp_path, capsys):
+    lora = metadata_only_lora(tmp_path / "right.safetensors", [2], 2, "row", "moved", 64, 64)
+    with pytest.raises(SystemExit):
+        score.parse_args(["--lora", lora])
+    assert "a conditional LoRA of 2 panels in a row, reference panel(s) [2]" in capsys.readouterr().err
+
+
+def test_a_conditional_lora_without_ref_is_warned_of(tmp_path):
+    lora = metadata_only_lora(tmp_path / "cond.safetensors", [1], 2, "row", "moved", 32, 32)
+    with pytest.warns(UserWarning, match=r"cond\.safetensors is a conditional IC-LoRA .* give its input image with "
+                                         r"--ref"), pytest.raises(ValueError, match="no-model-needed"):
+        sample_with(tmp_path, [lora], refs=0)  # then fails at the missing model

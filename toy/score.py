@@ -129,6 +129,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--size {args.size}: a panel side must be a positive multiple of 16 (whole latent tokens)")
     if args.lora and not args.lora.is_file():
         p.error(f"--lora {args.lora}: no such file")
+    meta = read_conditional_metadata(args.lora) if args.lora else None
+    if meta and (meta["panels"], meta["layout"], meta["ref_panels"]) != (2, "row", [1]):
+        p.error(f"--lora {args.lora}: a conditional LoRA of {meta['panels']} panels in a {meta['layout']}, "
+                f"reference panel(s) {meta['ref_panels']}; the toy tasks score 2 panels in a row, the left given")
     return args
 
 
