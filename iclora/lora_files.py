@@ -19,11 +19,11 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from minflux.convert import Rows, transformer_table
+from minflux.loading import open_safetensors
 
 from .lora import LoRALinear, LoRAWeights, linears, lora_linear_at, lora_state, set_lora_scale
 from .lora_layouts import Layout, foreign_layouts
@@ -109,11 +109,8 @@ def check_finite(sd: dict[str, Tensor], source: str):
 def read_lora_file(path) -> dict[str, Tensor]:
     """The tensors of a LoRA file, with a clear error for a file that is not safetensors. Newer diffusers saves
     keep alpha in the `lora_adapter_metadata` JSON instead of `.alpha` keys; those alphas become `.alpha` keys."""
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            sd, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
-    except (SafetensorError, OSError) as e:
-        raise ValueError(f"{path}: not a readable safetensors LoRA file: {e}") from None
+    with open_safetensors(path, "not a readable safetensors LoRA file") as f:
+        sd, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
     check_finite(sd, str(path))
     config = json.loads(meta.get("lora_adapter_metadata") or "{}")
     alpha = next((v for k, v in config.items() if k.split(".")[-1] == "lora_alpha"), None)
@@ -145,11 +142,8 @@ def conditional_metadata(ref_panels: list[int], panels: int, layout: str, ref_mo
 
 def read_conditional_metadata(path) -> dict | None:
     """`conditional_metadata`'s values read back from a LoRA file (ints as ints); None for a plain LoRA."""
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-    except (SafetensorError, OSError) as e:
-        raise ValueError(f"{path}: not a readable safetensors LoRA file: {e}") from None
+    with open_safetensors(path, "not a readable safetensors LoRA file") as f:
+        meta = f.metadata() or {}
     if "ref_panels" not in meta:
         return None
     try:

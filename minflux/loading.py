@@ -10,6 +10,7 @@ or a ComfyUI checkpoint's `model.diffusion_model.*`) may hold fp8 Linear weights
 those layers are built as `minflux.quantize.FP8Linear` and keep the file's fp8 values; NF4 and int8 are refused.
 """
 
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -31,29 +32,36 @@ LAYOUT_HELP = ("a FLUX repo has flux1-*.safetensors + ae.safetensors at its root
 SUPPORTED = "bf16/fp32 official files, and for the transformer fp8 plain casts or ComfyUI scaled fp8"
 
 
+@contextmanager
+def open_safetensors(path, problem: str = "unreadable safetensors file (truncated or corrupt download?)"):
+    """safe_open(path), any failure to read it a ValueError `<path>: <problem>: <why>`."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            yield f
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{path}: {problem}: {e}") from None
+
+
 def read_safetensors(paths: list, dtype: torch.dtype | None = None, fp8: bool = False) -> dict[str, torch.Tensor]:
     """Every tensor of the files, floats cast to `dtype` (None: fp16 to bf16, others kept); fp8 tensors are kept as
     stored where `fp8` allows them. Of a ComfyUI checkpoint only `model.diffusion_model.*` is read, without prefix."""
     sd = {}
     for path in paths:
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                keys = [k for k in f.keys() if k.startswith("model.diffusion_model.")] or f.keys()
-                for key in keys:
-                    t = f.get_tensor(key)
-                    if is_fp8(t) and not fp8:
-                        raise ValueError(f"{path}: {key} is stored in {t.dtype}; fp8 is read for the transformer's "
-                                         f"single file only; supported: {SUPPORTED}")
-                    if t.dtype.itemsize == 1 and not is_fp8(t) and t.dtype != torch.bool:
-                        looks = ("bitsandbytes NF4/FP4 (4-bit values packed in bytes)" if t.dtype == torch.uint8
-                                 else "int8 quantization (bitsandbytes LLM.int8, quanto, ...)")
-                        raise ValueError(f"{path}: {key} is stored in {t.dtype}, which looks like {looks}: "
-                                         f"that format is not supported; supported: {SUPPORTED}")
-                    keep = is_fp8(t) or key.endswith(".scale_weight") or not t.is_floating_point()  # fp8 and scales
-                    cast = dtype or {torch.float16: torch.bfloat16}.get(t.dtype, t.dtype)
-                    sd[key.removeprefix("model.diffusion_model.")] = t if keep else t.to(cast)
-        except (SafetensorError, OSError) as e:
-            raise ValueError(f"{path}: unreadable safetensors file (truncated or corrupt download?): {e}") from None
+        with open_safetensors(path) as f:
+            keys = [k for k in f.keys() if k.startswith("model.diffusion_model.")] or f.keys()
+            for key in keys:
+                t = f.get_tensor(key)
+                if is_fp8(t) and not fp8:
+                    raise ValueError(f"{path}: {key} is stored in {t.dtype}; fp8 is read for the transformer's "
+                                     f"single file only; supported: {SUPPORTED}")
+                if t.dtype.itemsize == 1 and not is_fp8(t) and t.dtype != torch.bool:
+                    looks = ("bitsandbytes NF4/FP4 (4-bit values packed in bytes)" if t.dtype == torch.uint8
+                             else "int8 quantization (bitsandbytes LLM.int8, quanto, ...)")
+                    raise ValueError(f"{path}: {key} is stored in {t.dtype}, which looks like {looks}: "
+                                     f"that format is not supported; supported: {SUPPORTED}")
+                keep = is_fp8(t) or key.endswith(".scale_weight") or not t.is_floating_point()  # fp8 and scales
+                cast = dtype or {torch.float16: torch.bfloat16}.get(t.dtype, t.dtype)
+                sd[key.removeprefix("model.diffusion_model.")] = t if keep else t.to(cast)
     return sd
 
 
@@ -111,9 +119,8 @@ def load_ae(repo, dtype: torch.dtype | None = None) -> AutoEncoder:
 
 def load_t5(repo, dtype: torch.dtype | None = None) -> T5Encoder:
     sd = read_safetensors(repo.safetensors("text_encoder_2", "model"), dtype)
-    embed = sd.pop("encoder.embed_tokens.weight", None)  # a tied copy of shared.weight; some files hold only it
-    if embed is not None:
-        sd.setdefault("shared.weight", embed)
+    if "encoder.embed_tokens.weight" in sd:  # a tied copy of shared.weight; some files hold only it
+        sd.setdefault("shared.weight", sd.pop("encoder.embed_tokens.weight"))
     with torch.device("meta"):
         model = T5Encoder(T5Config.from_hf(repo.json("text_encoder_2/config.json")))
     return assign(model, sd, f"{repo.model}/text_encoder_2")
@@ -134,11 +141,8 @@ def t5_max_length(repo, transformer: Path | None = None) -> int:
     config = repo.json("transformer/config.json")
     if not (path := transformer) and ("guidance_embeds" in config or not (path := repo.transformer_file())):
         return 512 if config.get("guidance_embeds") else 256
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return 512 if any("guidance_" in k for k in f.keys()) else 256  # BFL's or diffusers' names
-    except (SafetensorError, OSError) as e:
-        raise ValueError(f"{path}: unreadable safetensors file (truncated or corrupt download?): {e}") from None
+    with open_safetensors(path) as f:
+        return 512 if any("guidance_" in k for k in f.keys()) else 256  # BFL's or diffusers' names
 
 
 def load_tokenizers(repo, t5_max_length: int) -> tuple[CLIPTokenizer, T5Tokenizer]:
