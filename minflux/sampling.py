@@ -69,13 +69,12 @@ def time_shift(mu: float, t: Tensor) -> Tensor:
     return math.exp(mu) / (math.exp(mu) + (1 / t - 1))
 
 
-def get_schedule(num_steps: int, image_seq_len: int, shift: bool = True,
-                 base_shift: float = 0.5, max_shift: float = 1.15) -> list[float]:
+def get_schedule(num_steps: int, image_seq_len: int, shift: bool = True) -> list[float]:
     """num_steps + 1 times from 1 to 0; mu grows linearly with the token count (0.5 at 256, 1.15 at 4096).
     Computed in float64, so the first time is exactly 1 (pure noise), as in diffusers' scheduler."""
     ts = torch.linspace(1, 0, num_steps + 1, dtype=torch.float64)
     if shift:
-        ts[:-1] = time_shift(shift_mu(image_seq_len, base_shift, max_shift), ts[:-1])  # t = 0 stays 0
+        ts[:-1] = time_shift(shift_mu(image_seq_len), ts[:-1])  # t = 0 stays 0
     return ts.tolist()
 
 
