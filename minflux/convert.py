@@ -35,10 +35,8 @@ def transformer_table(depth: int, depth_single: int, hidden: int, mlp_hidden: in
     }
     for i in range(depth):
         d, b = f"transformer_blocks.{i}", f"double_blocks.{i}"
-        for stream, (dq, dk, dv) in (("img", ("to_q", "to_k", "to_v")),
-                                     ("txt", ("add_q_proj", "add_k_proj", "add_v_proj"))):
-            table |= {f"{d}.attn.{dq}": (f"{b}.{stream}_attn.qkv", q), f"{d}.attn.{dk}": (f"{b}.{stream}_attn.qkv", k),
-                      f"{d}.attn.{dv}": (f"{b}.{stream}_attn.qkv", v)}
+        for stream, names in (("img", ("to_q", "to_k", "to_v")), ("txt", ("add_q_proj", "add_k_proj", "add_v_proj"))):
+            table |= {f"{d}.attn.{n}": (f"{b}.{stream}_attn.qkv", rows) for n, rows in zip(names, (q, k, v))}
         table |= {
             f"{d}.norm1.linear": (f"{b}.img_mod.lin", None),
             f"{d}.norm1_context.linear": (f"{b}.txt_mod.lin", None),

@@ -65,9 +65,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, pe: Tensor) -> Tensor:
     contiguous concatenation; SDPA takes head-major views."""
     q, k = apply_rope(q, pe), apply_rope(k, pe)                                   # (B, L, H, D)
     q, k, v = (rearrange(t, "b l h d -> b h l d") for t in (q, k, v))
-    bias = None
-    if text_key_bias is not None:
-        bias = F.pad(text_key_bias.to(q), (0, k.shape[2] - len(text_key_bias)))[None]  # (1, L)
+    bias = None if text_key_bias is None else \
+        F.pad(text_key_bias.to(q), (0, k.shape[2] - len(text_key_bias)))[None]  # (1, L)
     x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)                   # (B, H, L, D)
     return rearrange(x, "b h l d -> b l (h d)")                                   # (B, L, C)
 
@@ -157,8 +156,7 @@ class SelfAttention(nn.Module):
 
     def qkv_heads(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         q, k, v = split_qkv(self.qkv(x), self.num_heads)                          # (B, L, H, D) each
-        q, k = self.norm(q, k, v)
-        return q, k, v
+        return *self.norm(q, k, v), v
 
 
 def mlp(dim: int, hidden: int) -> nn.Sequential:

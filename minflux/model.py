@@ -70,8 +70,7 @@ class Flux(nn.Module):
         if params.hidden_size % params.num_heads or sum(params.axes_dim) != params.hidden_size // params.num_heads:
             raise ValueError(f"axes_dim {params.axes_dim} must sum to the head dim "
                              f"{params.hidden_size}/{params.num_heads}")
-        self.params = params
-        p = params
+        self.params = p = params
         self.pe_embedder = EmbedND(p.theta, list(p.axes_dim))
         self.img_in = nn.Linear(p.in_channels, p.hidden_size)
         self.time_in = MLPEmbedder(256, p.hidden_size)
