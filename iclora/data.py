@@ -155,17 +155,14 @@ def list_folder(folder: Path) -> tuple[list[Path], list[Path], list[Path]]:
 
 def read_caption(path: Path, problems: list[str]) -> str:
     """The stripped caption text, or "" with a line added to `problems` if it is missing, unreadable or empty."""
-    if not path.is_file():
-        problems.append(f"{path}: missing caption file")
-        return ""
     try:
-        caption = path.read_text(encoding="utf-8-sig").strip()
+        caption = path.read_text(encoding="utf-8-sig").strip() if path.is_file() else None
     except (OSError, UnicodeDecodeError) as error:
         problems.append(f"{path}: unreadable caption ({error})")
         return ""
     if not caption:
-        problems.append(f"{path}: empty caption")
-    return caption
+        problems.append(f"{path}: " + ("missing caption file" if caption is None else "empty caption"))
+    return caption or ""
 
 
 def batches_by_bucket(dataset: PanelSetDataset, batch_size: int, seed: int):

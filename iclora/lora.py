@@ -162,8 +162,7 @@ def set_lora_scale(model: nn.Module, name: str, multiplier: float):
 
 
 def remove_lora(model: nn.Module, name: str = "default"):
-    """Drops the adapter (unmerging it first); a layer left with none becomes its base again (nn.Linear or
-    FP8Linear)."""
+    """Drops the adapter, unmerged first; a layer left with none becomes its base again (nn.Linear or FP8Linear)."""
     merge_lora(model, name, sign=-1)
     drop_adapter(model, name)
 
@@ -206,9 +205,6 @@ class LoRAWeights(NamedTuple):
 
 def lora_state(model: nn.Module, name: str = "default") -> dict[str, LoRAWeights]:
     """BFL module name -> the adapter's weights there, detached."""
-    out = {}
-    for module_name, m in lora_layers(model, name).items():
-        A, B = m.lora_A[name], m.lora_B[name]
-        out[module_name] = LoRAWeights(A.weight.detach(), B.weight.detach(),
-                                       None if B.bias is None else B.bias.detach(), m.alpha[name])
-    return out
+    return {n: LoRAWeights(m.lora_A[name].weight.detach(), m.lora_B[name].weight.detach(),
+                           None if m.lora_B[name].bias is None else m.lora_B[name].bias.detach(), m.alpha[name])
+            for n, m in lora_layers(model, name).items()}

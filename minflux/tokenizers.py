@@ -155,10 +155,6 @@ class T5Tokenizer:
 
 def overlong(tokenizer: T5Tokenizer, named_texts: list[tuple[str, str]]) -> list[str]:
     """A message for each (name, text) that T5 reads only in part: its token count and the words cut off."""
-    messages = []
-    for name, text in named_texts:
-        n, cut = tokenizer.cut(text)
-        if cut:
-            messages.append(f"{name} is {n} T5 tokens, over the model's limit of {tokenizer.max_length}; "
-                            f"these words are cut off: {cut!r}")
-    return messages
+    cuts = [(name, *tokenizer.cut(text)) for name, text in named_texts]  # (name, token count, words cut off)
+    return [f"{name} is {n} T5 tokens, over the model's limit of {tokenizer.max_length}; these words are cut off: "
+            f"{cut!r}" for name, n, cut in cuts if cut]
