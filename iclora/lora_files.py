@@ -16,7 +16,6 @@ import re
 import warnings
 from collections import defaultdict
 from pathlib import Path
-from typing import NamedTuple
 
 import torch
 from safetensors.torch import save_file
@@ -195,28 +194,20 @@ def find_layout(model: nn.Module, sd: dict[str, Tensor], source: str):
                      f"{', '.join(tried[best][:3])}")
 
 
-class Piece(NamedTuple):
-    """One file module's LoRA, filling `rows` of a BFL linear: A (r, I), B (rows, r), bias (rows,) or None."""
-    rows: Rows
-    A: Tensor
-    B: Tensor
-    bias: Tensor | None
-    alpha: float
-
-
-def fused_adapter(pieces: list[Piece], out_features: int) -> LoRAWeights:
-    """The one adapter of a BFL linear whose rows these pieces fill. Pieces sharing one A and alpha (a fused adapter
-    split on save, as ours) become that adapter again; others stack their A's over a block-diagonal B, each piece's
-    scaling s_i folded into its block (absent rows stay zero): exactly Σ_i s_i · B_i A_i."""
-    first = pieces[0]
+def fused_adapter(pieces: list[tuple[Rows, LoRAWeights]], out_features: int) -> LoRAWeights:
+    """The one adapter of a BFL linear whose rows these pieces fill, each a file module's (rows, its LoRA: A (r, I),
+    B (rows, r), bias (rows,) or None). Pieces sharing one A and alpha (a fused adapter split on save, as ours) become
+    that adapter again; others stack their A's over a block-diagonal B, each piece's scaling s_i folded into its block
+    (absent rows stay zero): exactly Σ_i s_i · B_i A_i."""
+    first = pieces[0][1]
     shared = len(pieces) == 1 or (not first.A.is_meta and all(torch.equal(p.A, first.A) and p.alpha == first.alpha
-                                                                for p in pieces))
-    A = first.A if shared else torch.cat([p.A for p in pieces])                 # (R, I)
+                                                                for _, p in pieces))
+    A = first.A if shared else torch.cat([p.A for _, p in pieces])              # (R, I)
     B = A.new_zeros(out_features, A.shape[0])                                   # (O, R)
-    bias = A.new_zeros(out_features) if any(p.bias is not None for p in pieces) else None
+    bias = A.new_zeros(out_features) if any(p.bias is not None for _, p in pieces) else None
     offset = 0
-    for p in pieces:
-        r, rows = p.A.shape[0], slice(None) if p.rows is None else p.rows
+    for rows, p in pieces:
+        r, rows = p.A.shape[0], slice(None) if rows is None else rows
         cols, scaling = (slice(None), 1.0) if shared else (slice(offset, offset + r), p.alpha / r)
         B[rows, cols] += scaling * p.B
         if p.bias is not None:
@@ -248,7 +239,7 @@ def load_lora(model: nn.Module, path_or_state_dict, name: str = "default", multi
 
     # 1. Check every tensor against the module it targets, before touching the model.
     model_linears = dict(linears(model))
-    pieces = defaultdict(list)  # BFL module -> [Piece]
+    pieces = defaultdict(list)  # BFL module -> [(rows, LoRAWeights)]
     for module, tensors in modules.items():
         if "A" not in tensors or "B" not in tensors:
             raise ValueError(f"{source} ({layout.name}): {module} needs both a down (A) and an up (B) weight, has "
@@ -269,7 +260,7 @@ def load_lora(model: nn.Module, path_or_state_dict, name: str = "default", multi
                                  f"({linear.out_features}×{linear.in_features}) needs {want}")
         bias = tensors["bias"][1].float() if "bias" in tensors else None
         alpha = float(tensors["alpha"][1]) if "alpha" in tensors else float(r)
-        pieces[bfl].append(Piece(rows, A.float(), B.float(), bias, alpha))
+        pieces[bfl].append((rows, LoRAWeights(A.float(), B.float(), bias, alpha)))
     params = dict(model.named_parameters()) | dict(model.named_buffers())
     for key, tensor in full.items():
         if tensor.shape != params[key].shape:
