@@ -1,15 +1,13 @@
 """In-Context LoRA training data (arXiv 2410.23775 §3): each panel set becomes ONE image with ONE caption.
 
-A dataset folder holds one of two layouts (mixing them is an error): (a) joined images with same-named .txt
-captions (`set01.jpg set01.txt ...`, the usual LoRA layout, what the authors' trainer reads), or (b) one sub-folder
-per set, `set01/1.png 2.png caption.txt`, its panels (one size) joined in natural file-name order (2.png before
-10.png) in a `layout` (iclora/panels.py); images in any format PIL opens. A joined image's panels are located only
-when `panels` says how many it holds; they are then resized one by one, as set folders' are. A set is one sample
-per resolution, in the aspect bucket nearest its own (1:4 to 4:1, area at most resolution², sides multiples of 16
-per panel): panels are cover-resized (never stretched) to one size on the 16-px token grid. Where that bucket is
-larger than the set (never upscaled, as ai-toolkit caps each resolution at the image's own area), or the set is
-beyond 1:4-4:1 (never cropped to a bucket): its own size, panel sides rounded down to 16, scaled down to at most
-resolution². Every file is checked when the dataset is built; one ValueError lists every problem.
+A dataset folder holds (a) joined images with same-named .txt captions (the usual LoRA layout, the authors'), or
+(b) one sub-folder per set, `set01/1.png 2.png caption.txt`, its panels joined in natural file-name order in a
+`layout` (iclora/panels.py); not both. A joined image's panels are located (and resized one by one, as a set
+folder's) only when `panels` says how many it holds. A set is one sample per resolution, in the aspect bucket
+nearest its own (1:4 to 4:1, area <= resolution², sides multiples of 16 per panel), panels cover-resized; where that
+bucket is larger than the set (never upscaled) or the set is beyond 1:4-4:1 (never cropped): its own size, panel
+sides rounded down to 16, scaled down to at most resolution² (README, "Dataset layout"). Every file is checked when the
+dataset is built; one ValueError lists every problem.
 """
 
 import math

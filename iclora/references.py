@@ -1,16 +1,13 @@
 """Reference panels (In-Context LoRA, arXiv 2410.23775 §4.2): known panels condition the generated ones.
 
-SDEdit/RePaint-style masking in latent space. Before the first step, and after every Euler step, which ends at some
-t_next, the known panels' tokens are pulled toward the reference tokens r(t_next):
-    x[known] ← (1 − s)·x[known] + s·r(t_next)
-s = 1 replaces the region (RePaint), s = 0 ignores the reference. With `stop` F the last round(F·steps) steps leave
-the region to the model, which can then smooth the seams. Three treatments of the reference (`reference_tokens`
-and `image_positions`, used by sampling here and by the training loss in iclora/training.py, so training sees what
-sampling sees): "noised" r(t) = (1 − t)·x_ref + t·ε with ε the run's initial noise of those tokens (so at t = 1 both
-agree), the paper's; "clean" r(t) = x_ref; "moved" r(t) = x_ref, and the reference tokens' RoPE positions moved onto
-the first panel to generate, first axis r for the r-th reference (as FLUX.1 Kontext marks its context image), so a
-generated token finds its reference token at the same (row, col). The last two are for LoRAs trained with them
-(`train.py --ref-panel`, the mode is in their metadata).
+SDEdit/RePaint-style masking in latent space: before the first step and after every Euler step (ending at t_next)
+the known panels' tokens are pulled toward the reference tokens, x[known] ← (1 − s)·x[known] + s·r(t_next); s = 1
+replaces them (RePaint), s = 0 ignores them; with `stop` F the last round(F·steps) steps leave them to the model,
+to smooth the seams. r(t) (`reference_tokens`, `image_positions`; the training loss uses them too, so training sees
+what sampling sees): "noised" (1 − t)·x_ref + t·ε, ε the run's initial noise of those tokens (the paper's); "clean"
+x_ref; "moved" x_ref with the reference tokens' RoPE positions moved onto the first panel to generate, first axis r
+for the r-th reference (as FLUX.1 Kontext), so a generated token finds its reference at the same (row, col). The
+last two are for LoRAs trained with them (`train.py --ref-panel`; the mode is in their metadata).
 
 Shape letters: B images, Li image tokens, c latent channels (16), h/w latent height/width.
 """
