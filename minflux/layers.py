@@ -59,10 +59,8 @@ text_key_bias: Tensor | None = None
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, pe: Tensor) -> Tensor:
-    """Full (unmasked) attention over the joint text + image sequence, RoPE on q and k.
-
-    Tensors stay token-major (B, L, H, D) until here, so joining the text and image streams is a cheap
-    contiguous concatenation; SDPA takes head-major views."""
+    """Full (unmasked) attention over the joint text + image sequence, RoPE on q and k. Tensors stay token-major
+    (B, L, H, D) until here: joining the streams is a cheap contiguous concatenation; SDPA takes head-major views."""
     q, k = apply_rope(q, pe), apply_rope(k, pe)                                   # (B, L, H, D)
     q, k, v = (rearrange(t, "b l h d -> b h l d") for t in (q, k, v))
     bias = None if text_key_bias is None else \

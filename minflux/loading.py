@@ -135,9 +135,8 @@ def load_clip(repo, dtype: torch.dtype | None = None) -> CLIPTextModel:
 
 
 def t5_max_length(repo, transformer: Path | None = None) -> int:
-    """T5's token limit: 512 for FLUX.1-dev, 256 for schnell (no guidance embedding), known before any weight is
-    read: from the names in the single file's header (`transformer`, else the repo's), else from diffusers'
-    `transformer/config.json`."""
+    """T5's token limit, 512 for FLUX.1-dev, 256 for schnell (no guidance embedding), known before any weight is read:
+    from the names in the single file's header (`transformer`, else the repo's), else `transformer/config.json`."""
     config = repo.json("transformer/config.json")
     if not (path := transformer) and ("guidance_embeds" in config or not (path := repo.transformer_file())):
         return 512 if config.get("guidance_embeds") else 256

@@ -50,8 +50,7 @@ class Pipeline:
         return compute_dtype(self.flow)
 
     def on_device(self, model: nn.Module) -> nn.Module:
-        """Moves `model` to the device (a no-op once there); with offload, first sends every other model back to
-        the CPU."""
+        """Moves `model` to the device (a no-op once there); with offload, first sends the other models to the CPU."""
         if self.offload:
             for other in (self.flow, self.ae, self.t5, self.clip):
                 if other is not model:

@@ -1,6 +1,5 @@
-"""fp8 weights: the weight of every Linear in a model's blocks stored in 8 bits with one float32 scale per output
-row, computed in the input's dtype (a memory saving, not a speed-up: each forward dequantizes, then runs an ordinary
-F.linear).
+"""fp8 weights: every Linear weight in a model's blocks stored in 8 bits with one float32 scale per output row,
+computed in the input's dtype (a memory saving, not a speed-up: each forward dequantizes, then runs F.linear).
 
 `quantize_fp8` turns the nn.Linear layers of a model's blocks into `FP8Linear` (per-row absmax / 448, e4m3fn), a
 layer at a time; `fp8_layers` does the same on the meta device for an fp8 checkpoint (plain casts: scale 1; ComfyUI

@@ -1,6 +1,4 @@
-"""Rectified-flow sampling for FLUX.1: noise, latent packing, the shifted schedule and the Euler loop.
-
-Follows the BFL reference `flux/sampling.py` (get_noise, get_schedule, denoise, unpack).
+"""Rectified-flow sampling for FLUX.1 (as BFL's `flux/sampling.py`): noise, latent packing, schedule, Euler loop.
 
 The project's one convention for time (stated here, used everywhere):
     t = 1 is pure noise, t = 0 is data;   x_t = (1 − t)·x0 + t·ε;
