@@ -5,8 +5,7 @@ keeps the base `weight` and `bias` Parameters under their official names and add
     y = W x + b + Σ_adapters scaling · B(A(dropout(x))),   scaling = multiplier · alpha / r.
 A starts kaiming-uniform (as nn.Linear) and B at zero, so a fresh adapter leaves the model unchanged. Adapters
 are float32 parameters even on a bf16 or fp8 base, computed in the input's dtype (as under autocast), and never
-merged into fp8 (`fold_lora` merges before `quantize_fp8` instead);
-LoRA files are read and written by `iclora/lora_files.py`.
+merged into fp8 (`fold_lora` merges before `quantize_fp8` instead). LoRA files: `iclora/lora_files.py`.
 
 Shape letters: N any leading dims, I in features, O out features, r rank.
 """
@@ -27,8 +26,7 @@ DEFAULT_TARGETS = (r"double_blocks\.\d+\..+", r"single_blocks\.\d+\..+")
 
 
 class LoRALinear(nn.Module):
-    """An nn.Linear's (or FP8Linear's) own `weight` / `bias` Parameters (frozen; an FP8Linear's `scale` too) plus
-    named adapters, each with its own scaling."""
+    """An nn.Linear's (or FP8Linear's) frozen `weight` / `bias` (and fp8 `scale`) plus named adapters, each scaled."""
 
     def __init__(self, base: nn.Linear | FP8Linear):
         super().__init__()
@@ -37,9 +35,7 @@ class LoRALinear(nn.Module):
         self.register_parameter("bias", base.bias.requires_grad_(False) if base.bias is not None else None)
         self.register_buffer("scale", base.scale if isinstance(base, FP8Linear) else None)  # None: not fp8
         self.lora_A, self.lora_B, self.dropout = nn.ModuleDict(), nn.ModuleDict(), nn.ModuleDict()
-        self.alpha: dict[str, float] = {}
-        self.scaling: dict[str, float] = {}
-        self.merged: set[str] = set()
+        self.alpha, self.scaling, self.merged = {}, {}, set()  # by adapter name: alpha, scaling; names merged
 
     def add_adapter(self, name: str, rank: int, alpha: float, dropout: float = 0.0, bias: bool = False,
                     generator: torch.Generator | None = None):
@@ -64,8 +60,7 @@ class LoRALinear(nn.Module):
 
     def delta(self, name: str) -> tuple[Tensor, Tensor | None]:
         """scaling · B @ A (O, I) and scaling · B's bias (O,), in float32."""
-        A, B = self.lora_A[name], self.lora_B[name]
-        s = self.scaling[name]
+        A, B, s = self.lora_A[name], self.lora_B[name], self.scaling[name]
         return s * (B.weight.float() @ A.weight.float()), None if B.bias is None else s * B.bias.float()
 
     def forward(self, x: Tensor) -> Tensor:

@@ -88,10 +88,9 @@ def transformer_from_diffusers(sd: dict[str, Tensor], source: str = "a diffusers
             out[name] = pieces[0][1]
             continue
         n = sum(r.stop - r.start if isinstance(r, slice) else len(r) for r, _ in pieces)
-        fused = pieces[0][1].new_empty((n, *pieces[0][1].shape[1:]))
+        out[name] = fused = pieces[0][1].new_empty((n, *pieces[0][1].shape[1:]))
         for rows, tensor in pieces:
             fused[rows] = tensor
-        out[name] = fused
     return out
 
 

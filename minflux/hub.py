@@ -76,8 +76,7 @@ class Repo:
         raise FileNotFoundError(f"{self.model}: no {folder}/{stem}.safetensors (or its index); {LAYOUT_HELP}")
 
     def root_file(self, names: list[str]) -> Path | None:
-        found = [n for n in names if n in self.files]
-        return self.path(found[0]) if found else None
+        return next((self.path(n) for n in names if n in self.files), None)
 
     @functools.cache  # once per Repo: its note is printed once
     def transformer_file(self) -> Path | None:
