@@ -3,11 +3,10 @@
 The ordinary rectified-flow objective on joined panel images, with the project's one convention (t = 1 is noise):
     x_t = (1 − t)·x0 + t·ε,   the model is trained to predict v = ε − x0   (mean squared error).
 t is drawn logit-normal (SD3 §3.1; `sigmoid`, the authors' recipe), optionally shifted toward noise as the sampler's
-schedule is for that image size (`shift`), or uniform.
-Every random draw of step s comes from a generator seeded with (seed, s), so a resumed run continues bit for bit
-without stored RNG state. A conditional IC-LoRA (`train.py --ref-panel K`) gives the model its reference panels'
-tokens as sampling with `--ref` gives them (iclora/references.py, same function) and takes the loss on the other
-panels' tokens only.
+schedule is for that image size (`shift`), or uniform. Every random draw of step s comes from a generator seeded with
+(seed, s), so a resumed run continues bit for bit without stored RNG state. A conditional IC-LoRA (`--ref-panel K`)
+gives the model its reference panels' tokens as sampling with `--ref` gives them (iclora/references.py, same
+function) and takes the loss on the other panels' tokens only.
 
 Shape letters: B batch, Li image tokens, Lt text tokens, c latent channels, h/w latent height/width.
 """

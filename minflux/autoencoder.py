@@ -1,12 +1,10 @@
 """The FLUX.1 autoencoder: a convolutional VAE that maps RGB images to 16-channel latents 8x smaller.
 
-Follows the BFL reference (`flux/modules/autoencoder.py`). Module and parameter names are those of `ae.safetensors`
-(`encoder.down.0.block.1.conv2`, `decoder.up.3.upsample.conv`, ...), so the official file loads with a strict
-`load_state_dict`.
+Follows the BFL reference (`flux/modules/autoencoder.py`); module and parameter names are those of `ae.safetensors`
+(`encoder.down.0.block.1.conv2`, ...), so the official file loads with a strict `load_state_dict`.
 
-Shape letters used in this file:
-    B batch, C channels (they change from level to level), H W the height and width of the current feature map
-    (the image's, at the input), Z latent channels (z_channels), h w the latent grid (H/8, W/8 with 4 levels).
+Shape letters: B batch, C channels (they change from level to level), H W the height and width of the current
+feature map (the image's, at the input), Z latent channels (z_channels), h w the latent grid (H/8, W/8 with 4 levels).
 """
 
 import re

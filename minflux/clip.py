@@ -5,8 +5,7 @@ keys without their `text_model.` prefix (`encoder.layers.3.mlp.fc1.weight`, ...)
 transformers v5 does, so FLUX's `text_encoder/` loads with a strict `load_state_dict`. FLUX uses only the pooled
 vector (the final-norm state of the first <|endoftext|> token), so that is what `forward` returns.
 
-Shape letters used in this file:
-    B batch, L tokens (at most 77), C width (hidden_size), H heads, D head width (C / H).
+Shape letters: B batch, L tokens (at most 77), C width (hidden_size), H heads, D head width (C / H).
 """
 
 from dataclasses import dataclass, fields

@@ -1,10 +1,9 @@
 """The one place where other checkpoint layouts are mapped onto the BFL names that minflux uses.
 
-The HF repos ship the transformer and the autoencoder twice: as BFL single files (our native names) and in
-the diffusers layout (`transformer/`, `vae/`). diffusers splits BFL's fused linears (qkv, single-block
-`linear1`) into separate q/k/v/mlp linears and stores the final adaLN (shift, scale) halves swapped. Both
-facts are captured by one table: each diffusers linear lands in a set of *rows* of one BFL linear. The LoRA
-converters in `iclora/` reuse the same table.
+The HF repos ship the transformer and the autoencoder twice: as BFL single files (our native names) and in the
+diffusers layout (`transformer/`, `vae/`). diffusers splits BFL's fused linears (qkv, single-block `linear1`) into
+separate q/k/v/mlp linears and stores the final adaLN (shift, scale) halves swapped. Both facts are captured by one
+table: each diffusers linear lands in a set of *rows* of one BFL linear. The LoRA converters in `iclora/` reuse it.
 """
 
 import re

@@ -2,8 +2,7 @@
 
 `Repo` lists the files of a local folder in the HF repo layout, or of a HF hub repo (downloaded on first use into
 the HF cache); `minflux.loading` builds the models from them. `hub_call` turns the hub's errors into one sentence,
-`USER_ERRORS` are the errors the scripts print as `error: <message>`; `check_device` and `ranged` check flags
-up front.
+`USER_ERRORS` are those the scripts print as `error: <message>`; `check_device` and `ranged` check flags up front.
 """
 
 import argparse

@@ -3,9 +3,8 @@
 Follows the BFL reference (`flux/math.py`, `flux/modules/layers.py`). Module and parameter names are the
 checkpoint's (`img_attn.qkv`, `img_mod.lin`, `linear1`, ...), so `flux1-dev.safetensors` loads unchanged.
 
-Shape letters used in this file:
-    B batch, L tokens (text + image), H heads, D head dim, C model width (hidden_size), F mlp width,
-    P rotary pairs (D / 2), A position axes (3), K the q/k/v triple.
+Shape letters: B batch, L tokens (text + image), H heads, D head dim, C model width (hidden_size), F mlp width,
+P rotary pairs (D / 2), A position axes (3), K the q/k/v triple.
 """
 
 import math
