@@ -51,12 +51,10 @@ class LoRALinear(nn.Module):
         with torch.no_grad():
             self.lora_A[name].weight.copy_(torch.empty(rank, self.in_features).uniform_(-bound, bound,
                                                                                        generator=generator))
-            self.lora_B[name].weight.zero_()
-            if bias:
-                self.lora_B[name].bias.zero_()
+            for p in self.lora_B[name].parameters():  # B's weight and bias, if any
+                p.zero_()
         self.dropout[name] = nn.Dropout(dropout) if dropout else nn.Identity()
-        self.alpha[name] = float(alpha)
-        self.scaling[name] = float(alpha) / rank
+        self.alpha[name], self.scaling[name] = float(alpha), float(alpha) / rank
 
     def delta(self, name: str) -> tuple[Tensor, Tensor | None]:
         """scaling · B @ A (O, I) and scaling · B's bias (O,), in float32."""

@@ -120,8 +120,7 @@ def read_lora_file(path) -> dict[str, Tensor]:
         if f"{module}.alpha" in sd or alpha is None:
             continue
         bare = module.removeprefix("transformer.")
-        matched = [a for pattern, a in patterns.items() if re.fullmatch(rf"(.*\.)?{pattern}", bare)]
-        value = float(matched[0] if matched else alpha)
+        value = float(next((a for pattern, a in patterns.items() if re.fullmatch(rf"(.*\.)?{pattern}", bare)), alpha))
         if rslora:  # rank-stabilised LoRA scales by alpha / sqrt(r) instead of alpha / r
             value *= math.sqrt(sd[key].shape[0])
         sd[f"{module}.alpha"] = torch.tensor(value)
@@ -267,18 +266,17 @@ def load_lora(model: nn.Module, path_or_state_dict, name: str = "default", multi
             raise ValueError(f"{source}: {key} has shape {tuple(tensor.shape)}, "
                              f"the model's is {tuple(params[key].shape)}")
 
-    # 2. One adapter per BFL linear.
-    for bfl, group in pieces.items():
-        w = fused_adapter(group, model_linears[bfl].out_features)
-        layer = lora_linear_at(model, bfl)
-        layer.add_adapter(name, w.A.shape[0], w.alpha, bias=w.bias is not None)
-        with torch.no_grad():
+    # 2. One adapter per BFL linear, then the full tensors.
+    with torch.no_grad():
+        for bfl, group in pieces.items():
+            w = fused_adapter(group, model_linears[bfl].out_features)
+            layer = lora_linear_at(model, bfl)
+            layer.add_adapter(name, w.A.shape[0], w.alpha, bias=w.bias is not None)
             layer.lora_A[name].weight.copy_(w.A)
             layer.lora_B[name].weight.copy_(w.B)
             if w.bias is not None:
                 layer.lora_B[name].bias.copy_(w.bias)
-    set_lora_scale(model, name, multiplier)
-    with torch.no_grad():
         for key, tensor in full.items():
             params[key].copy_(tensor)
+    set_lora_scale(model, name, multiplier)
     return list(pieces)
