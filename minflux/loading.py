@@ -161,9 +161,8 @@ def check_repo(repo, transformer: Path | None = None):
     has_ae = single["vae/"] is not None or "vae/config.json" in repo.files
     needed = ["text_encoder/config.json", "text_encoder_2/config.json", "tokenizer/vocab.json", "tokenizer/merges.txt"]
     missing = [n for n in needed if n not in repo.files]
-    for folder, stem in (("text_encoder", "model"), ("text_encoder_2", "model")):
-        if not {f"{folder}/{stem}.safetensors", f"{folder}/{stem}.safetensors.index.json"} & repo.files:
-            missing.append(f"{folder}/{stem}.safetensors")
+    missing += [f"{folder}/model.safetensors" for folder in ("text_encoder", "text_encoder_2")
+                if not {f"{folder}/model.safetensors", f"{folder}/model.safetensors.index.json"} & repo.files]
     for index in sorted(n for n in repo.files if n.endswith(".safetensors.index.json")):  # the shards to be read
         if single.get(folder := index[:index.rfind("/") + 1]) is None:  # not a folder a single file replaces
             missing += sorted({folder + shard for shard in repo.json(index)["weight_map"].values()} - repo.files)

@@ -132,6 +132,5 @@ def load_pipeline(model: str = "black-forest-labs/FLUX.1-dev", device: str = "cp
     torch_dtype = loading.parse_dtype(dtype)
     flow = loading.load_flow(repo, torch_dtype, transformer)
     clip_tok, t5_tok = loading.load_tokenizers(repo, loading.t5_max_length(repo, transformer))
-    device = torch.device(device)
     return Pipeline(flow, loading.load_ae(repo, torch_dtype), loading.load_t5(repo, torch_dtype),
-                    loading.load_clip(repo, torch_dtype), t5_tok, clip_tok, device, offload)
+                    loading.load_clip(repo, torch_dtype), t5_tok, clip_tok, torch.device(device), offload)
