@@ -12,6 +12,7 @@ dataset is built; one ValueError lists every problem.
 
 import math
 import re
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,9 +74,9 @@ class PanelSetDataset(torch.utils.data.Dataset):
         if images and folders:
             raise ValueError(f"{self.root} mixes joined images ({images[0].name}, ...) and set folders "
                              f"({folders[0].name}/, ...); use one layout per dataset folder")
-        stems = [image.with_suffix("") for image in images]  # an image's caption is its stem + .txt
+        stems = Counter(image.with_suffix("") for image in images)  # an image's caption is its stem + .txt
         problems += [f"{text}: caption of no image" for text in texts if text.with_suffix("") not in stems]
-        problems += [f"{p}: shares its caption with another image" for p, s in zip(images, stems) if stems.count(s) > 1]
+        problems += [f"{p}: shares its caption with another image" for p in images if stems[p.with_suffix("")] > 1]
         for image in images:
             self._add_sample(image, [image], image.with_suffix(".txt"), problems)
         for folder in folders:
