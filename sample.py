@@ -30,7 +30,7 @@ from iclora.data import load_rgb
 from iclora.lora import fold_lora
 from iclora.lora_files import load_lora, read_conditional_metadata, read_lora_file
 from iclora.panels import LAYOUTS, canvas_size, joint_caption, panel_boxes, panel_size, split_panels
-from iclora.references import REF_MODES, image_positions, pin_references, reference_latents, reference_panels
+from iclora.references import image_positions, pin_references, reference_latents, reference_panels
 from minflux.block_swap import BlockSwap
 from minflux.compile import compile_blocks
 from minflux.hub import USER_ERRORS, check_device, hub_call, ranged
@@ -278,11 +278,6 @@ def true_cfg(flow, negative: tuple[torch.Tensor, torch.Tensor] | None, scale: fl
 def take_geometry(args, meta: dict, source: Path):
     """--ref with a conditional IC-LoRA: --panels, --layout and --ref-panel from its metadata (a different value
     given is an error), the panel size from the flags or else the trained size, and its reference treatment."""
-    sizes = (meta["panel_height"], meta["panel_width"])
-    if meta["ref_mode"] not in REF_MODES or meta["layout"] not in LAYOUTS or any(s < 16 or s % 16 for s in sizes):
-        raise ValueError(f"{source}: broken conditional IC-LoRA metadata: ref_mode {meta['ref_mode']!r}, layout "
-                         f"{meta['layout']!r}, panel size {sizes[1]}x{sizes[0]}; expected one of {REF_MODES}, one "
-                         f"of {LAYOUTS}, sides multiples of 16")
     if len(args.ref) != len(meta["ref_panels"]):
         raise ValueError(f"the conditional LoRA {source.name} takes {len(meta['ref_panels'])} reference image(s), "
                          f"for panel(s) {meta['ref_panels']}; got {len(args.ref)} --ref")
@@ -384,10 +379,10 @@ def main(argv=None) -> list[Path]:
                       f"alone it never learned to draw the set")
         conditional = []
     geometry = lambda meta: [meta[k] for k in ("panels", "layout", "ref_panels", "ref_mode")]  # noqa: E731
-    if clash := [path for path, meta in conditional if geometry(meta) != geometry(conditional[0][1])]:
-        raise ValueError(f"the conditional LoRAs {conditional[0][0].name} and {clash[0].name} were trained with other "
-                         f"panels, layout, reference panels or treatment: {geometry(conditional[0][1])} and "
-                         f"{geometry(read_conditional_metadata(clash[0]))}; use one of them")
+    if clash := [(path, meta) for path, meta in conditional if geometry(meta) != geometry(conditional[0][1])]:
+        raise ValueError(f"the conditional LoRAs {conditional[0][0].name} and {clash[0][0].name} were trained with "
+                         f"other panels, layout, reference panels or treatment: {geometry(conditional[0][1])} and "
+                         f"{geometry(clash[0][1])}; use one of them")
     if conditional:
         take_geometry(args, conditional[0][1], conditional[0][0])
     args.panels, args.layout = args.panels or 1, args.layout or "row"

@@ -26,6 +26,8 @@ from minflux.loading import open_safetensors
 
 from .lora import LoRALinear, LoRAWeights, linears, lora_linear_at, lora_state, set_lora_scale
 from .lora_layouts import Layout, foreign_layouts
+from .panels import LAYOUTS
+from .references import REF_MODES
 
 PEFT_ROLES = {".lora_A.weight": "A", ".lora_B.weight": "B", ".lora_B.bias": "bias", ".lora_down.weight": "A",
               ".lora_up.weight": "B", ".lora_A": "A", ".lora_B": "B", ".alpha": "alpha"}
@@ -147,10 +149,16 @@ def read_conditional_metadata(path) -> dict | None:
     try:
         found = {k: meta[k] for k in CONDITIONAL_KEYS}
         found["ref_panels"] = [int(k) for k in found["ref_panels"].split(",")]
-        return found | {k: int(found[k]) for k in ("panels", "panel_height", "panel_width")}
+        found |= {k: int(found[k]) for k in ("panels", "panel_height", "panel_width")}
     except (KeyError, ValueError) as e:
         raise ValueError(f"{path}: broken conditional IC-LoRA metadata ({type(e).__name__}: {e}); expected the "
                          f"keys {', '.join(CONDITIONAL_KEYS)} as train.py --ref-panel writes them") from None
+    sizes = (found["panel_height"], found["panel_width"])
+    if found["ref_mode"] not in REF_MODES or found["layout"] not in LAYOUTS or any(s < 16 or s % 16 for s in sizes):
+        raise ValueError(f"{path}: broken conditional IC-LoRA metadata: ref_mode {found['ref_mode']!r}, layout "
+                         f"{found['layout']!r}, panel size {sizes[1]}x{sizes[0]}; expected one of {REF_MODES}, one "
+                         f"of {LAYOUTS}, sides multiples of 16")
+    return found
 
 
 def layouts(model: nn.Module, keys) -> list[Layout]:

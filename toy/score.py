@@ -133,6 +133,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if meta and (meta["panels"], meta["layout"], meta["ref_panels"]) != (2, "row", [1]):
         p.error(f"--lora {args.lora}: a conditional LoRA of {meta['panels']} panels in a {meta['layout']}, "
                 f"reference panel(s) {meta['ref_panels']}; the toy tasks score 2 panels in a row, the left given")
+    args.ref_mode = (meta or {}).get("ref_mode", "noised")  # the LoRA's reference treatment, for ref mode
     return args
 
 
@@ -147,7 +148,7 @@ def main(argv=None) -> dict:
         ref_mode = "noised"
         if name == "lora":
             load_lora(pipe.flow, str(args.lora), name="recolour")
-            ref_mode = (read_conditional_metadata(args.lora) or {}).get("ref_mode", "noised")
+            ref_mode = args.ref_mode
         results[name], images = evaluate(pipe, scenes, args.size, args.steps, args.seed, args.task, ref_mode)
         rows += [(name, mode, images[mode]) for mode in images]
     results["ceiling"] = {"ref": {"rule": ceiling(pipe, scenes, args.size)}}
