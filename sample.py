@@ -1,19 +1,24 @@
-"""Generate images with FLUX.1 (dev or schnell): text to image, with LoRAs, In-Context LoRA panel sets, reference
-panels and image-to-image. `main` is BFL's cli.py recipe in order, then one block per option.
+"""Generate images with FLUX.1 (dev or schnell): text to image, with LoRAs, In-Context LoRA panel sets,
+reference panels and image-to-image. `main` is BFL's cli.py recipe in order, then one block per option.
 
     python sample.py --prompt "a red fox in the snow, watercolor" --width 1024 --height 768
     python sample.py --model black-forest-labs/FLUX.1-schnell --prompt-file prompts.txt --num-images 2
-    python sample.py --lora ali-vilab/In-Context-LoRA/film-storyboard.safetensors --panels 3 --layout column \\
-        --panel-width 1024 --panel-height 512 --prompt "[MOVIE-SHOTS] ... [SCENE-1] ... [SCENE-2] ... [SCENE-3] ..."
+    python sample.py --lora ali-vilab/In-Context-LoRA/film-storyboard.safetensors --panels 3 --layout column
+    \\
+        --panel-width 1024 --panel-height 512 --prompt "[MOVIE-SHOTS] ... [SCENE-1] ... [SCENE-2] ...
+        [SCENE-3] ..."
     python sample.py --lora out.safetensors --panels 2 --panel-width 512 --panel-height 512 --ref photo.png \\
-        --prompt "a product shot and its poster" --panel-prompt "the photo" --panel-prompt "the poster" --seed 1 2 3
-    python sample.py --lora sketch2render.safetensors --ref sketch.png --prompt "..."   # a conditional IC-LoRA
+        --prompt "a product shot and its poster" --panel-prompt "the photo" --panel-prompt "the poster" --seed
+        1 2 3
+    python sample.py --lora sketch2render.safetensors --ref sketch.png --prompt "..."   # a conditional
+    IC-LoRA
     python sample.py --init photo.png --strength 0.6 --prompt "the same street in winter"
-    python sample.py --prompt "a portrait" --negative-prompt "blurry, text" --true-cfg 4   # true CFG, 2 passes a step
+    python sample.py --prompt "a portrait" --negative-prompt "blurry, text" --true-cfg 4   # true CFG, 2
+    passes a step
     python sample.py --from-image out.png --seed 5 --out again.png   # out.png's settings, another seed
-Every PNG written carries the run's settings as JSON (text chunk "minflux"), read back by --from-image.
-A conditional IC-LoRA (`train.py --ref-panel`) records its panels, layout, reference panels and trained panel size;
-with --ref they are taken from it.
+Every PNG written carries the run's settings as JSON (text chunk "minflux"), read back by --from-image. A
+conditional IC-LoRA (`train.py --ref-panel`) records its panels, layout, reference panels and trained panel
+size; with --ref they are taken from it.
 """
 
 import argparse
@@ -44,8 +49,8 @@ SETTINGS_KEY = "minflux"  # the PNG text chunk holding a run's settings, as JSON
 RUN_ONLY = {"from_image", "prompt_file", "out", "device", "offload", "blocks_to_swap", "compile"}  # how, not what
 RESOLVED = ("steps", "height", "width", "lora_scale", "strength")  # stored as used, not as given (None: a default)
 LOCATED = ("model", "transformer", "lora", "ref", "init")  # may name local files: stored as absolute paths
-# With --from-image, the first flag of a pair given drops the stored second (a new --lora, the old --lora-scale; a new
-# --width or --height, the stored panel size, which would otherwise decide the canvas).
+# With --from-image, the first flag of a pair given drops the stored second (a new --lora, the old
+# --lora-scale; a new --width or --height, the stored panel size, which would otherwise decide the canvas).
 PAIRED = (("lora", "lora_scale"), ("ref", "ref_panel"), ("prompt_file", "prompt"), *(
     (side, panel_side) for side in ("width", "height") for panel_side in ("panel_width", "panel_height")))
 
@@ -235,16 +240,16 @@ def read_settings(path: Path) -> dict:
 
 
 def as_flag(value, kind):
-    """A stored (JSON) value as argparse gives the flag: a string for argparse to convert and check, as it does a
-    flag's (the elements of a list converted here); None, booleans and untyped values as they are."""
+    """A stored (JSON) value as argparse gives the flag: a string for argparse to convert and check, as it
+    does a flag's (the elements of a list converted here); None, booleans and untyped values as they are."""
     if isinstance(value, list):
         return [kind(str(v)) if kind else v for v in value]
     return str(value) if kind and value is not None and not isinstance(value, bool) else value
 
 
 def located(value):
-    """A local file or folder as an absolute path, so that --from-image finds it from any directory; anything else
-    (a hub id, `toy`, None) as given; a list item by item."""
+    """A local file or folder as an absolute path, so that --from-image finds it from any directory; anything
+    else (a hub id, `toy`, None) as given; a list item by item."""
     if isinstance(value, list):
         return [located(v) for v in value]
     path = Path(str(value)).expanduser()
@@ -252,8 +257,8 @@ def located(value):
 
 
 def settings_chunk(args) -> PngInfo:
-    """The run's settings, as given and as RESOLVED, as JSON in a PNG text chunk (read back by --from-image); the
-    local files it read (LOCATED) with absolute paths."""
+    """The run's settings, as given and as RESOLVED, as JSON in a PNG text chunk (read back by --from-image);
+    the local files it read (LOCATED) with absolute paths."""
     settings = args.settings | {k: getattr(args, k) for k in RESOLVED}
     info = PngInfo()
     info.add_text(SETTINGS_KEY, json.dumps(settings | {k: located(settings[k]) for k in LOCATED}, default=str))
@@ -261,9 +266,9 @@ def settings_chunk(args) -> PngInfo:
 
 
 def true_cfg(flow, negative: tuple[torch.Tensor, torch.Tensor] | None, scale: float):
-    """The flow with true classifier-free guidance, as diffusers' FluxPipeline `true_cfg_scale`: every call runs it
-    on the prompt and on the negative prompt (T5 states and CLIP vector), both with the distilled guidance input, and
-    returns v_neg + scale·(v_pos − v_neg). The flow itself without a negative prompt."""
+    """The flow with true classifier-free guidance, as diffusers' FluxPipeline `true_cfg_scale`: every call
+    runs it on the prompt and on the negative prompt (T5 states and CLIP vector), both with the distilled
+    guidance input, and returns v_neg + scale·(v_pos − v_neg). The flow itself without a negative prompt."""
     if negative is None:
         return flow
     neg_txt, neg_vec = negative                                                   # (B, Lt, 4096), (B, 768)
@@ -276,8 +281,9 @@ def true_cfg(flow, negative: tuple[torch.Tensor, torch.Tensor] | None, scale: fl
 
 
 def take_geometry(args, meta: dict, source: Path):
-    """--ref with a conditional IC-LoRA: --panels, --layout and --ref-panel from its metadata (a different value
-    given is an error), the panel size from the flags or else the trained size, and its reference treatment."""
+    """--ref with a conditional IC-LoRA: --panels, --layout and --ref-panel from its metadata (a different
+    value given is an error), the panel size from the flags or else the trained size, and its reference
+    treatment."""
     if len(args.ref) != len(meta["ref_panels"]):
         raise ValueError(f"the conditional LoRA {source.name} takes {len(meta['ref_panels'])} reference image(s), "
                          f"for panel(s) {meta['ref_panels']}; got {len(args.ref)} --ref")
@@ -293,7 +299,8 @@ def take_geometry(args, meta: dict, source: Path):
 
 
 def read_prompts(args) -> list[str]:
-    """The prompts (--prompt-file's included), each made into a joint caption when there are --panel-prompt's."""
+    """The prompts (--prompt-file's included), each made into a joint caption when there are
+    --panel-prompt's."""
     if args.panel_prompt and len(args.panel_prompt) != args.panels:
         raise ValueError(f"{len(args.panel_prompt)} --panel-prompt(s) for --panels {args.panels}; give one per panel")
     return [joint_caption(p, args.panel_prompt) for p in args.prompt or [None]]
@@ -312,7 +319,8 @@ def canvas(args) -> tuple[int, int]:
 
 
 def resolve_lora(spec: str) -> Path:
-    """A local LoRA file, or `owner/repo/path/in/repo.safetensors` downloaded from the HF hub (into its cache)."""
+    """A local LoRA file, or `owner/repo/path/in/repo.safetensors` downloaded from the HF hub (into its
+    cache)."""
     path = Path(spec).expanduser()
     if path.is_file():
         return path
@@ -346,7 +354,8 @@ def read_image(path: Path, flag: str):
 
 
 def output_paths(out: Path, n: int, panels: int, source: Path | None = None) -> list[list[Path]]:
-    """Per image: [joined image, panel 1, ..., panel N] (panel files only for N >= 2); none may be `source`, the
+    """Per image: [joined image, panel 1, ..., panel N] (panel files only for N >= 2); none may be `source`,
+    the
     --from-image file."""
     stems = [out.stem] if n == 1 else [f"{out.stem}-{i}" for i in range(n)]
     files = [[out.with_name(f"{stem}{out.suffix}")]
@@ -394,8 +403,9 @@ def main(argv=None) -> list[Path]:
     refs = [(read_image(path, "--ref"), boxes[k]) for path, k in zip(args.ref, given)]
     init = read_image(args.init, "--init") if args.init else None
 
-    # 1. Load the models (T5, CLIP, the flow transformer, the autoencoder) to the CPU, then the LoRAs: merged into
-    # the full-precision weights, then --quantize; adapters (--no-merge, or an fp8 file) go on the final layers.
+    # 1. Load the models (T5, CLIP, the flow transformer, the autoencoder) to the CPU, then the LoRAs: merged
+    # into the full-precision weights, then --quantize; adapters (--no-merge, or an fp8 file) go on the final
+    # layers.
     pipe = load_pipeline(args.model, args.device, args.dtype, args.offload, args.transformer)
     fp8_file = any(isinstance(m, FP8Linear) for m in pipe.flow.modules())
     if fp8_file and loras and not args.no_merge:
@@ -420,7 +430,7 @@ def main(argv=None) -> list[Path]:
     txt, vec = pipe.encode_prompts(prompts)                                         # (B, Lt, 4096), (B, 768)
     B, Lt = txt.shape[:2]
     negative = [x.expand(B, *x.shape[1:]) for x in pipe.encode_prompts([args.negative_prompt])] \
-        if args.true_cfg > 1 else None                                             # encoded once, for every image
+        if args.true_cfg > 1 else None                                         # encoded once, for every image
     pipe.t5.to("cpu"), pipe.clip.to("cpu")  # the text encoders leave the device before the transformer comes
     timesteps = pipe.schedule(height, width, args.steps)
     args.steps = len(timesteps) - 1  # stored as used
@@ -436,8 +446,9 @@ def main(argv=None) -> list[Path]:
 
     images = []
     for seed in args.seed:
-        # 4. Noise, packed into 2×2 patches; 5. Euler steps of the flow; 6. unpack, decode to pixels. With --init,
-        # as diffusers' FluxImg2ImgPipeline: the seed's generator samples the init's latent Gaussian, then the noise.
+        # 4. Noise, packed into 2×2 patches; 5. Euler steps of the flow; 6. unpack, decode to pixels. With
+        # --init, as diffusers' FluxImg2ImgPipeline: the seed's generator samples the init's latent Gaussian,
+        # then the noise.
         g = torch.Generator().manual_seed(seed)
         init_latents = None if init is None else pipe.encode_image(init_pixels, g).cpu()  # (1, c, h, w)
         noise = get_noise(B, height, width, seed, g)                                # (B, c, h, w) at t = 1
@@ -448,7 +459,7 @@ def main(argv=None) -> list[Path]:
                                         args.ref_mode)
         x = pack(x).to(pipe.device, pipe.dtype)                                     # (B, Li, 4c)
         flow = true_cfg(pipe.on_device(pipe.flow), negative, args.true_cfg)
-        img_ids = image_positions(height, width, args.panels, args.layout, given, args.ref_mode)    # (1, Li, 3)
+        img_ids = image_positions(height, width, args.panels, args.layout, given, args.ref_mode)  # (1, Li, 3)
         x = denoise(flow, x, img_ids.expand(B, -1, -1), txt, text_ids(B, Lt), vec, timesteps, args.guidance,
                     after_step)                                                     # (B, Li, 4c) at t = 0
         images += to_pil(pipe.decode(unpack(x, height, width)))

@@ -1,16 +1,19 @@
 """Train an In-Context LoRA for FLUX.1-dev on a folder of panel sets (arXiv 2410.23775).
 
-    python train.py --data sets/home_decor                       # the paper's settings, writes out.safetensors
-    python train.py --data sets/home_decor --config my_run.json  # values from a JSON file, flags override them
+    python train.py --data sets/home_decor                       # the paper's settings, writes
+    out.safetensors
+    python train.py --data sets/home_decor --config my_run.json  # values from a JSON file, flags override
+    them
     python train.py --model toy --data sets/toy_recolour         # the 12 MB toy FLUX, a few CPU minutes
-    torchrun --nproc_per_node 4 train.py --data sets/home_decor  # 4 GPUs, data parallel (+ --fsdp: the base sharded)
+    torchrun --nproc_per_node 4 train.py --data sets/home_decor  # 4 GPUs, data parallel (+ --fsdp: the base
+    sharded)
 
-Reads top to bottom: options -> data -> model -> encode the sets once -> LoRA -> training loop -> save.
-Writes next to --out: the LoRA (PEFT/diffusers layout, loads in diffusers and ComfyUI), `<stem>.state.pt`
-(LoRA + optimizer + step, for --resume), `<stem>.loss.csv` and `<stem>_samples/` (validation images), and holds
-`<stem>.lock` while it runs. Ctrl-C, SIGTERM and SIGHUP save the steps done so far; --resume continues from there.
-With --ref-panel K the LoRA is conditional: panel K is given (as `sample.py --ref` gives it) and the loss is on the
-other panels only; the LoRA file's metadata records the geometry, which sample.py then reads.
+Reads top to bottom: options -> data -> model -> encode the sets once -> LoRA -> training loop -> save. Writes
+next to --out: the LoRA (PEFT/diffusers layout, loads in diffusers and ComfyUI), `<stem>.state.pt` (LoRA +
+optimizer + step, for --resume), `<stem>.loss.csv` and `<stem>_samples/` (validation images), and holds
+`<stem>.lock` while it runs. Ctrl-C, SIGTERM and SIGHUP save the steps done so far; --resume continues from
+there. With --ref-panel K the LoRA is conditional: panel K is given (as `sample.py --ref` gives it) and the
+loss is on the other panels only; the LoRA file's metadata records the geometry, which sample.py then reads.
 """
 
 import argparse
@@ -48,19 +51,21 @@ from minflux.pipeline import load_pipeline, load_t5_tokenizer, to_pil
 from minflux.quantize import quantize_fp8
 from minflux.sampling import check_size, get_noise
 
-# The defaults that depend on the model: the paper's and its authors' trainer's for FLUX.1-dev; for --model toy, a
-# run of a few CPU minutes
-# (no gradient checkpointing: the toy is tiny; resolution 96 keeps the 128x64 toy sets at their size).
+# The defaults that depend on the model: the paper's and its authors' trainer's for FLUX.1-dev; for --model
+# toy, a run of a few CPU minutes (no gradient checkpointing: the toy is tiny; resolution 96 keeps the 128x64
+# toy sets at their size).
 MODEL_DEFAULTS = {"flux": dict(steps=5000, lr=1e-4, resolution=[512, 768, 1024, 1280, 1536], checkpointing=True,
                                timestep_sampling="sigmoid", ema_decay=0.99, save_dtype="fp16"),
                   "toy": dict(steps=1000, lr=1e-3, resolution=[96], checkpointing=False, timestep_sampling="shift",
                               ema_decay=0.0, save_dtype="fp32")}
-# options that change what a step computes: --resume must see the same values to continue bit for bit (--data's
-# path is not one: the dataset's fingerprint checks its files, wherever the folder is and however it is spelled)
+# options that change what a step computes: --resume must see the same values to continue bit for bit
+# (--data's path is not one: the dataset's fingerprint checks its files, wherever the folder is and however it
+# is spelled)
 RESUME_MUST_MATCH = ("layout", "model", "batch_size", "grad_accum", "rank", "alpha", "lr", "warmup",
                      "grad_clip", "resolution", "caption_dropout", "guidance", "timestep_sampling", "seed", "dtype",
                      "transformer", "quantize", "panels", "ref_panel", "ema_decay")
-# how a --ref-panel LoRA sees its reference tokens (iclora/references.py); measured on the toy tasks, see README
+# how a --ref-panel LoRA sees its reference tokens (iclora/references.py); measured on the toy tasks, see
+# README
 REF_MODE = "moved"
 SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 VAL_SEED = 42  # the noise of every validation image, so that they differ only by the training they show
@@ -215,7 +220,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.set_defaults(**{k: config_value(p, actions[k], v, f"{args.config}: {k!r}") for k, v in config.items()})
         given, args = args, p.parse_args(argv)
         for k in [k for k, v in vars(given).items() if isinstance(v, list) and v]:  # a repeated flag given replaces
-            setattr(args, k, getattr(given, k))                                     # the file's list, not extends it
+            setattr(args, k, getattr(given, k))                              # the file's list, not extends it
     for k, v in MODEL_DEFAULTS["toy" if args.model == "toy" else "flux"].items():
         if getattr(args, k) is None:
             setattr(args, k, v)
@@ -263,8 +268,8 @@ def config_value(p: argparse.ArgumentParser, action: argparse.Action, value, whe
 
 
 def take_lock(lock: Path, out: Path):
-    """Creates `lock` holding this host and PID, or refuses: another run is writing `out`. A lock whose process
-    is gone (same host) is taken over. Creating it also checks that --out's folder is writable."""
+    """Creates `lock` holding this host and PID, or refuses: another run is writing `out`. A lock whose
+    process is gone (same host) is taken over. Creating it also checks that --out's folder is writable."""
     here = socket.gethostname()
     while True:
         try:
@@ -293,8 +298,10 @@ def take_lock(lock: Path, out: Path):
 
 
 def dataset_fingerprint(dataset: PanelSetDataset) -> dict:
-    """Each image file (relative to --data) -> "<size in bytes> <SHA-1 of its bytes>", each caption file -> its text:
-    --resume checks it. (States saved before the hash hold the size alone, an int: `unchanged` compares that.)"""
+    """Each image file (relative to --data) -> "<size in bytes> <SHA-1 of its bytes>", each caption file ->
+    its text:
+    --resume checks it. (States saved before the hash hold the size alone, an int: `unchanged` compares
+    that.)"""
     found = {}
     for s in dataset.samples:
         for panel in s.panels:
@@ -306,12 +313,14 @@ def dataset_fingerprint(dataset: PanelSetDataset) -> dict:
 
 
 def unchanged(saved, now: str) -> bool:
-    """One fingerprint entry as saved against its value now; an old state's int entry (a size) checks the size."""
+    """One fingerprint entry as saved against its value now; an old state's int entry (a size) checks the
+    size."""
     return saved == now or isinstance(saved, int) and now.startswith(f"{saved} ")
 
 
 def load_state(path: Path, args: argparse.Namespace, fingerprint: dict) -> dict:
-    """The training state to resume from, checked: readable, same settings, same dataset; else one clear error."""
+    """The training state to resume from, checked: readable, same settings, same dataset; else one clear
+    error."""
     if not path.exists():
         raise SystemExit(f"error: --resume: no training state at {path}")
     expected = f"expected the training state train.py writes next to --out (a dict of {', '.join(STATE_KEYS)})"
@@ -347,7 +356,8 @@ def load_state(path: Path, args: argparse.Namespace, fingerprint: dict) -> dict:
 
 @contextlib.contextmanager
 def holding(params: dict[str, torch.Tensor], values: dict[str, torch.Tensor] | None):
-    """Inside the block the parameters hold `values` (the EMA weights; None: their own), their own again after."""
+    """Inside the block the parameters hold `values` (the EMA weights; None: their own), their own again
+    after."""
     own = {n: p.detach().clone() for n, p in params.items()} if values is not None else {}
     with torch.no_grad():
         for n, v in values.items() if values is not None else ():
@@ -360,13 +370,14 @@ def holding(params: dict[str, torch.Tensor], values: dict[str, torch.Tensor] | N
                 params[n].copy_(v)
 
 
-# the inline settings of a --val-prompt, as ai-toolkit and kohya users write them (kohya's --d seed and --l guidance)
+# the inline settings of a --val-prompt, as ai-toolkit and kohya users write them (kohya's --d seed and --l
+# guidance)
 VAL_OPTIONS = {"w": "width", "h": "height", "seed": "seed", "d": "seed", "g": "guidance", "l": "guidance", "s": "steps"}
 
 
 def parse_val_prompt(text: str, height: int, width: int, steps: int) -> dict:
-    """`a caption --w 1024 --h 1536 --seed 3 --g 3.5 --s 20` -> the caption and its settings; the ones it does not
-    give are the first set's size, VAL_SEED, guidance 3.5 and --sample-steps."""
+    """`a caption --w 1024 --h 1536 --seed 3 --g 3.5 --s 20` -> the caption and its settings; the ones it does
+    not give are the first set's size, VAL_SEED, guidance 3.5 and --sample-steps."""
     caption, *options = re.split(r"\s+--(?=[a-z]+\s)", " " + text.strip())
     found = dict(caption=caption.strip(), height=height, width=width, seed=VAL_SEED, guidance=3.5, steps=steps)
     for option in options:
@@ -421,8 +432,9 @@ def draw_loss(losses: list[float], path, width: int = 640, height: int = 320):
 
 
 def start_from_lora(flow, tensors: dict, path: Path, rank: int):
-    """--init-lora: the file becomes adapter "init", which must cover exactly the trained layers at the same rank;
-    the fresh adapter takes its A and its B (rescaled so that scaling·B·A is the file's), and "init" goes."""
+    """--init-lora: the file becomes adapter "init", which must cover exactly the trained layers at the same
+    rank; the fresh adapter takes its A and its B (rescaled so that scaling·B·A is the file's), and "init"
+    goes."""
     load_lora(flow, tensors, name="init", source=str(path))
     fresh, loaded = lora_layers(flow, "default"), lora_layers(flow, "init")
     if fresh.keys() != loaded.keys():
@@ -554,7 +566,8 @@ def train(args: argparse.Namespace) -> Path:
                 log_rows = [r for r in csv.reader(f) if r and r[0].isdigit() and int(r[0]) <= start]
         print(f"resumed from {state_path} at step {start}", file=sys.stderr)
 
-    # --ema-decay: the moving average of the adapters, what is saved and sampled; the state keeps it and the raw ones
+    # --ema-decay: the moving average of the adapters, what is saved and sampled; the state keeps it and the
+    # raw ones
     ema = None
     if args.ema_decay:
         ema = {n: (state["ema"][n] if state else p.detach()).to(p.device, copy=True) for n, p in named.items()}
@@ -589,8 +602,9 @@ def train(args: argparse.Namespace) -> Path:
                 old.unlink()
 
     def validate(step: int):
-        """The validation images of this step (with the EMA weights), side by side: <stem>_samples/step000250.png.
-        Every rank samples (under --fsdp each holds a part of every block); rank 0 writes."""
+        """The validation images of this step (with the EMA weights), side by side:
+        <stem>_samples/step000250.png. Every rank samples (under --fsdp each holds a part of every block);
+        rank 0 writes."""
         flow.eval()
         with holding(named, ema):
             images = [to_pil(pipe.decode(pipe.sample(val_txt[i : i + 1], val_vec[i : i + 1], v["height"], v["width"],

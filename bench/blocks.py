@@ -1,17 +1,18 @@
-"""What one double and one single block cost beyond their GEMMs (issue #14, "attention and layouts"), on the CPU.
+"""What one double and one single block cost beyond their GEMMs (issue #14, "attention and layouts"), on the
+CPU.
 
     python bench/blocks.py --config mid                   # both sections, prints markdown and JSON
     python bench/blocks.py --config mid --only allocations
 
-allocations: every aten op of one bf16 (and one fp32) block forward is logged (TorchDispatchMode) with its output's
-dtype and shape; outputs that are new memory (not views, not in place) with at least B·Lt·C elements (the smallest
-per-token activation, the text stream's) are counted and their bytes summed per part of the block: adaLN modulation,
-RMSNorm (QK norm), RoPE, attention, MLP, the rest (linears, LayerNorm, residuals). It also records what SDPA
-receives: the kernel chosen, dtypes, strides, and whether anything is copied inside `attention`.
-adapters: a rank-r LoRA'd block's forward + backward against the same frozen block without adapters (the input
-requiring grad in both, as for a block behind a LoRA'd one), medians of interleaved runs, fp32 and bf16; and the
-same ratio in FLOPs, for these shapes and for FLUX.1-dev at 1024×1536, counted by torch's FLOP counter on meta
-tensors (shapes only).
+allocations: every aten op of one bf16 (and one fp32) block forward is logged (TorchDispatchMode) with its
+output's dtype and shape; outputs that are new memory (not views, not in place) with at least B·Lt·C elements
+(the smallest per-token activation, the text stream's) are counted and their bytes summed per part of the
+block: adaLN modulation, RMSNorm (QK norm), RoPE, attention, MLP, the rest (linears, LayerNorm, residuals). It
+also records what SDPA receives: the kernel chosen, dtypes, strides, and whether anything is copied inside
+`attention`. adapters: a rank-r LoRA'd block's forward + backward against the same frozen block without
+adapters (the input requiring grad in both, as for a block behind a LoRA'd one), medians of interleaved runs,
+fp32 and bf16; and the same ratio in FLOPs, for these shapes and for FLUX.1-dev at 1024×1536, counted by
+torch's FLOP counter on meta tensors (shapes only).
 
 Shape letters: B batch, Li image tokens, Lt text tokens, L = Lt + Li, C hidden size.
 """
@@ -56,7 +57,8 @@ def parse_args(argv=None):
 
 
 def block_inputs(p, B: int, Li: int, Lt: int, dtype: torch.dtype):
-    """img (B, Li, C), txt (B, Lt, C), vec (B, C) random; pe the RoPE table of a Li-token image after Lt tokens."""
+    """img (B, Li, C), txt (B, Lt, C), vec (B, C) random; pe the RoPE table of a Li-token image after Lt
+    tokens."""
     g = torch.Generator().manual_seed(0)
     rows = max(r for r in range(1, int(Li ** 0.5) + 1) if Li % r == 0)  # the most square grid of Li tokens
     ids = torch.cat([text_ids(B, Lt), image_ids(B, 16 * rows, 16 * (Li // rows))], dim=1)  # (B, L, 3)
@@ -73,7 +75,8 @@ def blocks(p, dtype: torch.dtype):
 
 
 class AllocationLog(TorchDispatchMode):
-    """Logs each op's new tensor outputs (not sharing an input's memory) with the part of the block it runs in."""
+    """Logs each op's new tensor outputs (not sharing an input's memory) with the part of the block it runs
+    in."""
 
     def __init__(self, module_names: dict[int, str]):
         super().__init__()
@@ -192,9 +195,9 @@ def adapters(args) -> dict:
 
 
 def adapter_flops(config: str, rank: int, Li: int, Lt: int, B: int = 1) -> dict:
-    """FLOPs of one double and one single block (meta tensors: shapes only), forward and forward + backward (input
-    gradients only for the frozen base, as in training), with and without a rank-r adapter on every linear; for
-    flux-dev also the totals over its 19 + 38 blocks."""
+    """FLOPs of one double and one single block (meta tensors: shapes only), forward and forward + backward
+    (input gradients only for the frozen base, as in training), with and without a rank-r adapter on every
+    linear; for flux-dev also the totals over its 19 + 38 blocks."""
     p = preset(config)
     with torch.device("meta"):
         img, txt, vec = (torch.randn(B, n, p.hidden_size, dtype=torch.bfloat16) for n in (Li, Lt, 1))

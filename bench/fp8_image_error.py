@@ -1,6 +1,6 @@
-"""Whole-image error of fp8 weights next to bf16's: the same prompts and seeds drawn by sample.py with the stored
-fp32 weights, with `--dtype bf16` and with `--quantize fp8`; prints the max and mean absolute pixel difference
-(0-255) of each against fp32, as JSON.
+"""Whole-image error of fp8 weights next to bf16's: the same prompts and seeds drawn by sample.py with the
+stored fp32 weights, with `--dtype bf16` and with `--quantize fp8`; prints the max and mean absolute pixel
+difference (0-255) of each against fp32, as JSON.
 
     python bench/fp8_image_error.py                   # the toy model (fp32 weights), 8 held-out captions, CPU
     python bench/fp8_image_error.py --model DIR       # any FLUX repo folder with fp32 weights

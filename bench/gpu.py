@@ -1,15 +1,18 @@
-"""GPU speed at full FLUX.1-dev size in one short run (each section under 2 minutes on an H200): random weights.
+"""GPU speed at full FLUX.1-dev size in one short run (each section under 2 minutes on an H200): random
+weights.
 
     python bench/gpu.py                  # all sections; `--only sample|train|fp8` for one
-    python bench/gpu.py --config tiny --device cpu --sizes 32x32 --train-size 32x64 --text-tokens 8  # smoke test
+    python bench/gpu.py --config tiny --device cpu --sizes 32x32 --train-size 32x64 --text-tokens 8  # smoke
+    test
 
-sample: a denoising step (batch 1, 512 text tokens) at each --sizes, ours eager and `--compile`d against diffusers'
-FluxTransformer2DModel eager and compiled the same way (each block's forward; diffusers is optional, e.g.
-`pip install --no-deps diffusers==0.42.1`); train: a LoRA step at the paper's settings (rank 16, batch 4, 1024x1536,
-checkpointing), eager, compiled, and with --blocks-to-swap; fp8: both with `quantize_fp8`. Variants alternate call by
-call (median of --repeats after --warmup); compiled ones run on a GPU only (--eager skips them: compiled training
-crashed on an H200 with torch 2.11, bench/RESULTS.md). Peak memory is measured, FLOPs computed
-(`forward_flops`). Writes --out (JSON) and a markdown table beside it (.md) for bench/RESULTS.md.
+sample: a denoising step (batch 1, 512 text tokens) at each --sizes, ours eager and `--compile`d against
+diffusers' FluxTransformer2DModel eager and compiled the same way (each block's forward; diffusers is
+optional, e.g. `pip install --no-deps diffusers==0.42.1`); train: a LoRA step at the paper's settings (rank
+16, batch 4, 1024x1536, checkpointing), eager, compiled, and with --blocks-to-swap; fp8: both with
+`quantize_fp8`. Variants alternate call by call (median of --repeats after --warmup); compiled ones run on a
+GPU only (--eager skips them: compiled training crashed on an H200 with torch 2.11, bench/RESULTS.md). Peak
+memory is measured, FLOPs computed (`forward_flops`). Writes --out (JSON) and a markdown table beside it (.md)
+for bench/RESULTS.md.
 """
 
 import argparse
@@ -68,12 +71,12 @@ def peak_tflops(device: torch.device) -> float | None:
 
 
 def forward_flops(p: FluxParams, batch: int, image_tokens: int, text_tokens: int) -> float:
-    """Matrix-product FLOPs of one transformer forward (2 per multiply-add). Per token, a double block's two streams
-    and a single block both do 2·C·(4C + 2F) (qkv 3C², out C², MLP 2·C·F); attention adds 4·L²·C per block (q·kᵀ and
-    p·v over all heads); plus the input and output projections. The modulations and embedders act once per image and
-    are left out (< 0.1%), and so are LoRA adapters (~1%). A training step counts 3 forwards (forward and backward:
-    the usual convention, though a frozen base needs no weight gradients) + 1 (checkpointing's recomputation);
-    MFU = that / s / the GPU's dense bf16 peak."""
+    """Matrix-product FLOPs of one transformer forward (2 per multiply-add). Per token, a double block's two
+    streams and a single block both do 2·C·(4C + 2F) (qkv 3C², out C², MLP 2·C·F); attention adds 4·L²·C per
+    block (q·kᵀ and p·v over all heads); plus the input and output projections. The modulations and embedders
+    act once per image and are left out (< 0.1%), and so are LoRA adapters (~1%). A training step counts 3
+    forwards (forward and backward: the usual convention, though a frozen base needs no weight gradients) + 1
+    (checkpointing's recomputation); MFU = that / s / the GPU's dense bf16 peak."""
     C, L, Li = p.hidden_size, image_tokens + text_tokens, image_tokens
     F = int(p.hidden_size * p.mlp_ratio)
     per_block = 2 * L * C * (4 * C + 2 * F) + 4 * L * L * C
@@ -90,7 +93,8 @@ def parse_size(text: str) -> tuple[int, int]:
 
 
 class Compiled:
-    """Compiled forwards of a model's blocks, switched on and off so that eager and compiled calls can alternate."""
+    """Compiled forwards of a model's blocks, switched on and off so that eager and compiled calls can
+    alternate."""
 
     def __init__(self, blocks: list, forwards: list):
         self.blocks, self.forwards = blocks, forwards
@@ -119,9 +123,9 @@ def diffusers_compiled(ref) -> Compiled:
 
 def measure(variants: dict, args, device, weights: dict | None = None) -> dict:
     """variants: name -> (set_up(), call()) run alternately; name -> dict(s_per_step, peak_gib, warmup_s). The
-    warm-up of a compiled variant is mostly its compile time. Peak: torch.cuda.max_memory_allocated during the calls;
-    with `weights` (name -> bytes: two models resident, which share tensors), that model's weights plus the most a
-    call allocated over what was resident before it."""
+    warm-up of a compiled variant is mostly its compile time. Peak: torch.cuda.max_memory_allocated during the
+    calls; with `weights` (name -> bytes: two models resident, which share tensors), that model's weights plus
+    the most a call allocated over what was resident before it."""
     out = {}
     for name, (set_up, call) in variants.items():  # warm-up (the first compiled call compiles)
         set_up()
@@ -212,8 +216,8 @@ def sample_rows(args, device, dtype, peak, ours, ref, sizes, section="sample") -
 
 
 def train_rows(args, device, dtype, peak, flow, swap: bool, section="train") -> list[dict]:
-    """A LoRA training step as train.py runs it, eager and (on a GPU) compiled; with `swap`, then the faster of the
-    two with the last --blocks-to-swap blocks swapped (installed last: it is not taken out again)."""
+    """A LoRA training step as train.py runs it, eager and (on a GPU) compiled; with `swap`, then the faster
+    of the two with the last --blocks-to-swap blocks swapped (installed last: it is not taken out again)."""
     torch.compiler.reset()
     H, W = args.train_size
     B, Lt, p, gpu = args.batch_size, args.text_tokens, flow.params, compiles(device, args)

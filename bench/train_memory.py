@@ -1,14 +1,18 @@
-"""GPU memory of IC-LoRA training and of sampling with FLUX.1-dev, estimated without the GPU or the 24 GB of weights.
+"""GPU memory of IC-LoRA training and of sampling with FLUX.1-dev, estimated without the GPU or the 24 GB of
+weights.
 
-Runs the real computation on the CPU with a FLUX-dev-width model of a few blocks (random bf16 weights; fp8 with
+Runs the real computation on the CPU with a FLUX-dev-width model of a few blocks (random bf16 weights; fp8
+with
 --quantize), measures its peak resident memory over what was resident before (Linux: VmHWM, reset through
-/proc/self/clear_refs), and adds the exact sizes of what the full 19 + 38 blocks also hold on the GPU. `--what train`:
-one optimizer step of --grad-accum micro-batches (fp32 LoRA on every block linear, checkpointing, AdamW). `--what
-sample`: the peak of sample.py's three phases (T5 + CLIP encode, then they leave; a denoising step; the VAE decode
-with the transformer still there). With --blocks-to-swap K the last K blocks' frozen weights live in pinned host RAM,
-two of them on the GPU at a time. Not included: the CUDA context and cuBLAS workspace (~0.5–1 GiB), allocator slack.
+/proc/self/clear_refs), and adds the exact sizes of what the full 19 + 38 blocks also hold on the GPU. `--what
+train`: one optimizer step of --grad-accum micro-batches (fp32 LoRA on every block linear, checkpointing,
+AdamW). `--what sample`: the peak of sample.py's three phases (T5 + CLIP encode, then they leave; a denoising
+step; the VAE decode with the transformer still there). With --blocks-to-swap K the last K blocks' frozen
+weights live in pinned host RAM, two of them on the GPU at a time. Not included: the CUDA context and cuBLAS
+workspace (~0.5–1 GiB), allocator slack.
 
-    python bench/train_memory.py --batch-size 1 --grad-accum 4 --quantize fp8   # the paper's recipe, 1024×1536
+    python bench/train_memory.py --batch-size 1 --grad-accum 4 --quantize fp8   # the paper's recipe,
+    1024×1536
     python bench/train_memory.py --what sample --height 1024 --width 1024 --quantize fp8
 """
 
@@ -44,17 +48,18 @@ def reset_peak() -> float:
 
 
 def stored_bytes(model: nn.Module, quantize: str | None, scales: bool = True, prefix: str = "") -> int:
-    """Exact bytes of the model's weights whose names start with `prefix` (all by default) as a run stores them:
-    bf16, or with fp8 the weight of each Linear that `quantize_fp8` quantizes in one byte plus (`scales`) one float32
-    scale per output row, which stays on the GPU when its block is swapped out."""
+    """Exact bytes of the model's weights whose names start with `prefix` (all by default) as a run stores
+    them: bf16, or with fp8 the weight of each Linear that `quantize_fp8` quantizes in one byte plus
+    (`scales`) one float32 scale per output row, which stays on the GPU when its block is swapped out."""
     fp8 = {f"{n}.weight" for n in block_linears(model)} if quantize else set()
     return sum(p.numel() + (4 * p.shape[0] if scales else 0) if n in fp8 else 2 * p.numel()
                for n, p in model.named_parameters() if n.startswith(prefix))
 
 
 def flow_on_gpu(full: Flux, quantize: str | None, swap: int) -> dict:
-    """The full transformer's weights on the GPU and in pinned host RAM when the last `swap` blocks are swapped: at
-    most two of those (the one running and the next, copied meanwhile) are on the GPU at a time."""
+    """The full transformer's weights on the GPU and in pinned host RAM when the last `swap` blocks are
+    swapped: at most two of those (the one running and the next, copied meanwhile) are on the GPU at a
+    time."""
     blocks = [f"double_blocks.{i}." for i in range(len(full.double_blocks))]
     blocks += [f"single_blocks.{i}." for i in range(len(full.single_blocks))]
     swapped = [stored_bytes(full, quantize, False, b) for b in blocks[len(blocks) - swap:]] if swap else []
@@ -65,7 +70,8 @@ def flow_on_gpu(full: Flux, quantize: str | None, swap: int) -> dict:
 
 
 def build(double: int, single: int, quantize: str | None) -> Flux:
-    """A flux-dev-width model with `double` + `single` blocks: random bf16 weights, frozen, fp8 with `quantize`."""
+    """A flux-dev-width model with `double` + `single` blocks: random bf16 weights, frozen, fp8 with
+    `quantize`."""
     with torch.device("meta"):
         flux = Flux(replace(preset("flux-dev"), depth=double, depth_single_blocks=single))
     flux.to_empty(device="cpu").to(torch.bfloat16)
@@ -121,7 +127,8 @@ def train_step(args) -> dict:
 def sample_step(args) -> dict:
     L, (H, W) = args.text_tokens, (args.height, args.width)
     tokens = L + (H // 16) * (W // 16)
-    # the VAE runs in bf16 with --quantize (all that is not fp8 is bf16 on a GPU), else in ae.safetensors' fp32
+    # the VAE runs in bf16 with --quantize (all that is not fp8 is bf16 on a GPU), else in ae.safetensors'
+    # fp32
     vae_dtype, vae_bytes = (torch.bfloat16, 2) if args.quantize else (torch.float32, 4)
     flux = build(args.double, args.single, args.quantize)
     x, txt = torch.randn(1, tokens - L, 64, dtype=torch.bfloat16), torch.randn(1, L, 4096, dtype=torch.bfloat16)

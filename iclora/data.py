@@ -1,13 +1,13 @@
 """In-Context LoRA training data (arXiv 2410.23775 §3): each panel set becomes ONE image with ONE caption.
 
-A dataset folder holds (a) joined images with same-named .txt captions (the usual LoRA layout, the authors'), or
-(b) one sub-folder per set, `set01/1.png 2.png caption.txt`, its panels joined in natural file-name order in a
-`layout` (iclora/panels.py); not both. A joined image's panels are located (and resized one by one, as a set
-folder's) only when `panels` says how many it holds. A set is one sample per resolution, in the aspect bucket
-nearest its own (1:4 to 4:1, area <= resolution², sides multiples of 16 per panel), panels cover-resized; where that
-bucket is larger than the set (never upscaled) or the set is beyond 1:4-4:1 (never cropped): its own size, panel
-sides rounded down to 16, scaled down to at most resolution² (README, "Dataset layout"). Every file is checked when the
-dataset is built; one ValueError lists every problem.
+A dataset folder holds (a) joined images with same-named .txt captions (the usual LoRA layout, the authors'),
+or (b) one sub-folder per set, `set01/1.png 2.png caption.txt`, its panels joined in natural file-name order
+in a `layout` (iclora/panels.py); not both. A joined image's panels are located (and resized one by one, as a
+set folder's) only when `panels` says how many it holds. A set is one sample per resolution, in the aspect
+bucket nearest its own (1:4 to 4:1, area <= resolution², sides multiples of 16 per panel), panels
+cover-resized; where that bucket is larger than the set (never upscaled) or the set is beyond 1:4-4:1 (never
+cropped): its own size, panel sides rounded down to 16, scaled down to at most resolution² (README, "Dataset
+layout"). Every file is checked when the dataset is built; one ValueError lists every problem.
 """
 
 import math
@@ -27,7 +27,8 @@ IMAGE_SUFFIXES = {suffix for suffix, name in Image.registered_extensions().items
 
 
 def make_buckets(resolution: int, multiple_h: int = 16, multiple_w: int = 16) -> list[tuple[int, int]]:
-    """(H, W) buckets, aspect 1:4 to 4:1, area <= resolution**2: for each width, the tallest height that fits."""
+    """(H, W) buckets, aspect 1:4 to 4:1, area <= resolution**2: for each width, the tallest height that
+    fits."""
     widths = range(multiple_w, 2 * resolution + 1, multiple_w)  # W <= 4H and W·H <= resolution² give W <= 2·resolution
     buckets = [(resolution * resolution // w // multiple_h * multiple_h, w) for w in widths]
     return [(h, w) for h, w in buckets if h > 0 and 1 / 4 <= w / h <= 4]
@@ -57,8 +58,8 @@ class Sample:
 
 
 class PanelSetDataset(torch.utils.data.Dataset):
-    """Samples, (set, bucket) pairs, as dicts of image (3, H, W) in [-1, 1], caption, bucket (H, W) and path; a
-    set's samples are consecutive, one per resolution from the smallest (`resolution`: one side or a list).
+    """Samples, (set, bucket) pairs, as dicts of image (3, H, W) in [-1, 1], caption, bucket (H, W) and path;
+    a set's samples are consecutive, one per resolution from the smallest (`resolution`: one side or a list).
     (Caption dropout is the trainer's: it caches each caption's embedding once, see iclora/training.py.)"""
 
     def __init__(self, root, resolution: int | list[int] = 1024, layout="row", panels: int | None = None):
@@ -143,7 +144,8 @@ class PanelSetDataset(torch.utils.data.Dataset):
 
 
 def list_folder(folder: Path) -> tuple[list[Path], list[Path], list[Path]]:
-    """Sub-folders, images and .txt files, in natural order (2 before 10); other files (caches ...) are left alone."""
+    """Sub-folders, images and .txt files, in natural order (2 before 10); other files (caches ...) are left
+    alone."""
     natural = lambda p: ([int(s) if s.isdigit() else s.lower() for s in re.split(r"(\d+)", p.name)], p.name)
     entries = sorted((p for p in folder.iterdir() if not p.name.startswith(".")), key=natural)
     folders = [p for p in entries if p.is_dir()]
@@ -153,7 +155,8 @@ def list_folder(folder: Path) -> tuple[list[Path], list[Path], list[Path]]:
 
 
 def read_caption(path: Path, problems: list[str]) -> str:
-    """The stripped caption text, or "" with a line added to `problems` if it is missing, unreadable or empty."""
+    """The stripped caption text, or "" with a line added to `problems` if it is missing, unreadable or
+    empty."""
     try:
         caption = path.read_text(encoding="utf-8-sig").strip() if path.is_file() else None
     except (OSError, UnicodeDecodeError) as error:
@@ -165,9 +168,9 @@ def read_caption(path: Path, problems: list[str]) -> str:
 
 
 def batches_by_bucket(dataset: PanelSetDataset, batch_size: int, seed: int):
-    """One epoch of index lists, each from a single bucket (a batch tensor has one shape): indices are shuffled within
-    each bucket and cut into batches (a bucket's last may be smaller), then the batches are shuffled; every index
-    appears exactly once. Pass seed + epoch for a new order each epoch."""
+    """One epoch of index lists, each from a single bucket (a batch tensor has one shape): indices are
+    shuffled within each bucket and cut into batches (a bucket's last may be smaller), then the batches are
+    shuffled; every index appears exactly once. Pass seed + epoch for a new order each epoch."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     rng, by_bucket = np.random.default_rng(seed), {}

@@ -1,7 +1,8 @@
-"""train.py on the processes `torchrun` starts: data parallel, and with `--fsdp` the frozen base sharded block by
-block over the ranks (FSDP2). Each rank draws the values of the whole micro-batch and computes its `part`'s share of
-the loss (iclora/training.py), so the gradients summed over the ranks are one process's. Only the adapters
-communicate; they stay whole on every rank. Without torchrun there is one rank and nothing here communicates."""
+"""train.py on the processes `torchrun` starts: data parallel, and with `--fsdp` the frozen base sharded block
+by block over the ranks (FSDP2). Each rank draws the values of the whole micro-batch and computes its `part`'s
+share of the loss (iclora/training.py), so the gradients summed over the ranks are one process's. Only the
+adapters communicate; they stay whole on every rank. Without torchrun there is one rank and nothing here
+communicates."""
 
 import os
 
@@ -11,7 +12,8 @@ from torch.distributed.fsdp import fully_shard
 
 
 def join(device: str) -> str:
-    """Under torchrun: joins the ranks once (gloo for CPU tensors and objects, NCCL for CUDA's); this rank's device."""
+    """Under torchrun: joins the ranks once (gloo for CPU tensors and objects, NCCL for CUDA's); this rank's
+    device."""
     if "WORLD_SIZE" in os.environ and not dist.is_initialized():
         dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
     if "LOCAL_RANK" in os.environ and torch.device(device).type == "cuda":
@@ -52,7 +54,8 @@ def sum_gradients(params: list[torch.Tensor], loss: float) -> float:
 
 
 def shard(flow: torch.nn.Module):
-    """--fsdp: the frozen weights of each block, then the rest, split over the ranks; the adapters stay whole."""
+    """--fsdp: the frozen weights of each block, then the rest, split over the ranks; the adapters stay
+    whole."""
     adapters = {p for p in flow.parameters() if p.requires_grad}
     for module in [*flow.double_blocks, *flow.single_blocks, flow]:
         fully_shard(module, ignored_params=adapters)

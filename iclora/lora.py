@@ -1,11 +1,12 @@
 """A hand-written LoRA injector for minflux's FLUX transformer (LoRA: Hu et al., arXiv 2106.09685).
 
-A targeted `nn.Linear` (or fp8 `FP8Linear`, whose `scale` comes along) is replaced in place by a `LoRALinear` that
-keeps the base `weight` and `bias` Parameters under their official names and adds named adapters beside them:
+A targeted `nn.Linear` (or fp8 `FP8Linear`, whose `scale` comes along) is replaced in place by a `LoRALinear`
+that keeps the base `weight` and `bias` Parameters under their official names and adds named adapters beside
+them:
     y = W x + b + Σ_adapters scaling · B(A(dropout(x))),   scaling = multiplier · alpha / r.
 A starts kaiming-uniform (as nn.Linear) and B at zero, so a fresh adapter leaves the model unchanged. Adapters
-are float32 parameters even on a bf16 or fp8 base, computed in the input's dtype (as under autocast), and never
-merged into fp8 (`fold_lora` merges before `quantize_fp8` instead). LoRA files: `iclora/lora_files.py`.
+are float32 parameters even on a bf16 or fp8 base, computed in the input's dtype (as under autocast), and
+never merged into fp8 (`fold_lora` merges before `quantize_fp8` instead). LoRA files: `iclora/lora_files.py`.
 
 Shape letters: N any leading dims, I in features, O out features, r rank.
 """
@@ -26,7 +27,8 @@ DEFAULT_TARGETS = (r"double_blocks\.\d+\..+", r"single_blocks\.\d+\..+")
 
 
 class LoRALinear(nn.Module):
-    """An nn.Linear's (or FP8Linear's) frozen `weight` / `bias` (and fp8 `scale`) plus named adapters, each scaled."""
+    """An nn.Linear's (or FP8Linear's) frozen `weight` / `bias` (and fp8 `scale`) plus named adapters, each
+    scaled."""
 
     def __init__(self, base: nn.Linear | FP8Linear):
         super().__init__()
@@ -39,7 +41,8 @@ class LoRALinear(nn.Module):
 
     def add_adapter(self, name: str, rank: int, alpha: float, dropout: float = 0.0, bias: bool = False,
                     generator: torch.Generator | None = None):
-        """A kaiming-uniform as nn.Linear's (drawn on the CPU from `generator`, for reproducible runs), B zero."""
+        """A kaiming-uniform as nn.Linear's (drawn on the CPU from `generator`, for reproducible runs), B
+        zero."""
         if name in self.lora_A:
             raise ValueError(f"a LoRA adapter named {name!r} is already on this layer; pick another name")
         # built on meta and then allocated, so nn.Linear's own init draws nothing from the global RNG
@@ -78,7 +81,8 @@ class LoRALinear(nn.Module):
 
 
 def linears(model: nn.Module, prefix: str = ""):
-    """(name, module) of every nn.Linear / FP8Linear / LoRALinear, not descending into a LoRALinear's adapters."""
+    """(name, module) of every nn.Linear / FP8Linear / LoRALinear, not descending into a LoRALinear's
+    adapters."""
     for child_name, child in model.named_children():
         name = prefix + child_name
         if isinstance(child, (nn.Linear, FP8Linear, LoRALinear)):
@@ -101,8 +105,8 @@ def lora_linear_at(model: nn.Module, module_name: str) -> LoRALinear:
 def inject_lora(model: nn.Module, rank: int = 16, alpha: float = 16.0, targets=DEFAULT_TARGETS,
                 dropout: float = 0.0, name: str = "default", seed: int = 0) -> list[str]:
     """Adds a fresh adapter (B = 0) to every Linear whose name fully matches one of the `targets` regexes and
-    freezes every other parameter of the model, older adapters included, so only this adapter trains.
-    A is drawn from a generator seeded with `seed`: torch's own default seed differs from process to process."""
+    freezes every other parameter of the model, older adapters included, so only this adapter trains. A is
+    drawn from a generator seeded with `seed`: torch's own default seed differs from process to process."""
     names = [n for n, _ in linears(model) if any(re.fullmatch(t, n) for t in targets)]
     if not names:
         raise ValueError(f"no Linear layer matches the LoRA targets {list(targets)}")
@@ -123,8 +127,8 @@ def lora_layers(model: nn.Module, name: str) -> dict[str, LoRALinear]:
 
 @torch.no_grad()
 def merge_lora(model: nn.Module, name: str = "default", sign: int = 1):
-    """sign 1: adds the adapter's delta into the base weights (computed in float32), and forward skips the adapter.
-    sign -1: takes a merged delta out again (exact up to rounding in the base dtype)."""
+    """sign 1: adds the adapter's delta into the base weights (computed in float32), and forward skips the
+    adapter. sign -1: takes a merged delta out again (exact up to rounding in the base dtype)."""
     if sign not in (1, -1):
         raise ValueError(f"sign must be 1 (merge) or -1 (unmerge), not {sign}")
     layers = lora_layers(model, name)
@@ -155,14 +159,15 @@ def set_lora_scale(model: nn.Module, name: str, multiplier: float):
 
 
 def remove_lora(model: nn.Module, name: str = "default"):
-    """Drops the adapter, unmerged first; a layer left with none becomes its base again (nn.Linear or FP8Linear)."""
+    """Drops the adapter, unmerged first; a layer left with none becomes its base again (nn.Linear or
+    FP8Linear)."""
     merge_lora(model, name, sign=-1)
     drop_adapter(model, name)
 
 
 def fold_lora(model: nn.Module, name: str = "default"):
-    """Merges the adapter into the base weights for good and drops it: a layer left with no adapter becomes a plain
-    nn.Linear again, which `quantize_fp8` can then quantize (LoRA merged before quantizing)."""
+    """Merges the adapter into the base weights for good and drops it: a layer left with no adapter becomes a
+    plain nn.Linear again, which `quantize_fp8` can then quantize (LoRA merged before quantizing)."""
     merge_lora(model, name)
     drop_adapter(model, name)
 

@@ -1,10 +1,10 @@
 """LoRA files for the FLUX transformer: saved in the PEFT/diffusers layout, loaded from any known layout.
 
 We save what the IC-LoRA release uses, `transformer.<diffusers module>.lora_A.weight` / `.lora_B.weight`, with
-alpha / r folded into B (no `.alpha` keys: every client reads scale 1), diffusers modules mapped to BFL linears by
-`minflux/convert.py`'s table. Loading detects the layout from the key names (the others are in
-`iclora/lora_layouts.py`); several file modules that land in one fused BFL linear become one adapter with exactly
-the sum of their deltas. Layouts and diffusers' quirks are in `docs/lora-formats.md`.
+alpha / r folded into B (no `.alpha` keys: every client reads scale 1), diffusers modules mapped to BFL
+linears by `minflux/convert.py`'s table. Loading detects the layout from the key names (the others are in
+`iclora/lora_layouts.py`); several file modules that land in one fused BFL linear become one adapter with
+exactly the sum of their deltas. Layouts and diffusers' quirks are in `docs/lora-formats.md`.
 
 Shape letters: r rank, R fused rank, I in features, O out features.
 """
@@ -35,7 +35,8 @@ TEXT_ENCODER_KEY = re.compile(r"text_encoder|lora_te")
 
 
 def module_table(model: nn.Module, keys=()) -> dict[str, tuple[str, Rows]]:
-    """diffusers module -> (BFL module, rows it fills), for the model's sizes and every block index `keys` name.
+    """diffusers module -> (BFL module, rows it fills), for the model's sizes and every block index `keys`
+    name.
 
     Covering the indices in the keys lets a key for a block the model lacks map to a BFL name that is then
     reported as missing, instead of as an unknown key."""
@@ -48,7 +49,8 @@ def module_table(model: nn.Module, keys=()) -> dict[str, tuple[str, Rows]]:
 
 def save_lora(model: nn.Module, path, name: str = "default", metadata: dict[str, str] | None = None,
               dtype: torch.dtype | None = None):
-    """Writes adapter `name` in the PEFT/diffusers layout (atomically); dtype defaults to the adapters' own."""
+    """Writes adapter `name` in the PEFT/diffusers layout (atomically); dtype defaults to the adapters'
+    own."""
     if bad := [k for k, v in (metadata or {}).items() if not isinstance(k, str) or not isinstance(v, str)]:
         raise ValueError(f"safetensors metadata must map str to str; not so for {bad}")
     by_bfl = defaultdict(list)
@@ -80,13 +82,14 @@ def save_lora(model: nn.Module, path, name: str = "default", metadata: dict[str,
 
 
 def atomic_write(path: Path, write):
-    """`write(tmp)` to a temporary file beside `path`, then rename: a crash never leaves a half-written file."""
+    """`write(tmp)` to a temporary file beside `path`, then rename: a crash never leaves a half-written
+    file."""
     atomic_writes({path: write})
 
 
 def atomic_writes(writes: dict):
-    """Each `write(tmp)` of {path: write} to a temporary file beside its path; only when all succeeded are they
-    renamed, so a failed write (disk full) leaves every file as it was."""
+    """Each `write(tmp)` of {path: write} to a temporary file beside its path; only when all succeeded are
+    they renamed, so a failed write (disk full) leaves every file as it was."""
     tmps = {path: path.with_name(f".{path.name}.tmp") for path in writes}
     try:
         for path, write in writes.items():
@@ -108,8 +111,9 @@ def check_finite(sd: dict[str, Tensor], source: str):
 
 
 def read_lora_file(path) -> dict[str, Tensor]:
-    """The tensors of a LoRA file, with a clear error for a file that is not safetensors. Newer diffusers saves
-    keep alpha in the `lora_adapter_metadata` JSON instead of `.alpha` keys; those alphas become `.alpha` keys."""
+    """The tensors of a LoRA file, with a clear error for a file that is not safetensors. Newer diffusers
+    saves keep alpha in the `lora_adapter_metadata` JSON instead of `.alpha` keys; those alphas become
+    `.alpha` keys."""
     with open_safetensors(path, "not a readable safetensors LoRA file") as f:
         sd, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
     check_finite(sd, str(path))
@@ -134,8 +138,9 @@ CONDITIONAL_KEYS = ("ref_panels", "panels", "layout", "ref_mode", "panel_height"
 
 def conditional_metadata(ref_panels: list[int], panels: int, layout: str, ref_mode: str, panel_height: int,
                          panel_width: int) -> dict[str, str]:
-    """What a conditional IC-LoRA (`train.py --ref-panel`) records: its 1-based reference panels ("1" or "1,3"), the
-    panel count and layout, how reference tokens were given (iclora/references.py) and the trained panel size."""
+    """What a conditional IC-LoRA (`train.py --ref-panel`) records: its 1-based reference panels ("1" or
+    "1,3"), the panel count and layout, how reference tokens were given (iclora/references.py) and the trained
+    panel size."""
     return {"ref_panels": ",".join(map(str, ref_panels)), "panels": str(panels), "layout": layout,
             "ref_mode": ref_mode, "panel_height": str(panel_height), "panel_width": str(panel_width)}
 
@@ -162,7 +167,8 @@ def read_conditional_metadata(path) -> dict | None:
 
 
 def layouts(model: nn.Module, keys) -> list[Layout]:
-    """PEFT/diffusers (with or without `transformer.` and peft's `base_model.model.`), then the foreign ones."""
+    """PEFT/diffusers (with or without `transformer.` and peft's `base_model.model.`), then the foreign
+    ones."""
     table = module_table(model, keys)
     prefixes = ("", "transformer.", "base_model.model.", "base_model.model.transformer.")
     peft = Layout("PEFT/diffusers", PEFT_ROLES, {p + d: target for d, target in table.items() for p in prefixes})
@@ -170,7 +176,8 @@ def layouts(model: nn.Module, keys) -> list[Layout]:
 
 
 def tensors_by_module(sd: dict[str, Tensor], layout: Layout):
-    """What `layout` reads in sd: {module: {role: (key, tensor)}}, the full tensors, and the keys it does not know."""
+    """What `layout` reads in sd: {module: {role: (key, tensor)}}, the full tensors, and the keys it does not
+    know."""
     modules, full, unknown = defaultdict(dict), {}, []
     for key, tensor in sd.items():
         for suffix, role in layout.roles.items():
@@ -186,7 +193,8 @@ def tensors_by_module(sd: dict[str, Tensor], layout: Layout):
 
 
 def find_layout(model: nn.Module, sd: dict[str, Tensor], source: str):
-    """(layout, tensors by module, full tensors) of the first layout that knows every key, else a ValueError."""
+    """(layout, tensors by module, full tensors) of the first layout that knows every key, else a
+    ValueError."""
     if bad := [k for k in sd if k.endswith((".dora_scale", ".diff", ".diff_b"))]:
         raise ValueError(f"{source}: DoRA (dora_scale) / full-weight .diff tensors are not supported (e.g. {bad[0]})")
     tried = {}
@@ -202,10 +210,10 @@ def find_layout(model: nn.Module, sd: dict[str, Tensor], source: str):
 
 
 def fused_adapter(pieces: list[tuple[Rows, LoRAWeights]], out_features: int) -> LoRAWeights:
-    """The one adapter of a BFL linear whose rows these pieces fill, each a file module's (rows, its LoRA: A (r, I),
-    B (rows, r), bias (rows,) or None). Pieces sharing one A and alpha (a fused adapter split on save, as ours) become
-    that adapter again; others stack their A's over a block-diagonal B, each piece's scaling s_i folded into its block
-    (absent rows stay zero): exactly Σ_i s_i · B_i A_i."""
+    """The one adapter of a BFL linear whose rows these pieces fill, each a file module's (rows, its LoRA: A
+    (r, I), B (rows, r), bias (rows,) or None). Pieces sharing one A and alpha (a fused adapter split on save,
+    as ours) become that adapter again; others stack their A's over a block-diagonal B, each piece's scaling
+    s_i folded into its block (absent rows stay zero): exactly Σ_i s_i · B_i A_i."""
     first = pieces[0][1]
     shared = len(pieces) == 1 or (not first.A.is_meta and all(torch.equal(p.A, first.A) and p.alpha == first.alpha
                                                                 for _, p in pieces))
@@ -225,8 +233,8 @@ def fused_adapter(pieces: list[tuple[Rows, LoRAWeights]], out_features: int) -> 
 
 def load_lora(model: nn.Module, path_or_state_dict, name: str = "default", multiplier: float = 1.0,
               source: str | None = None) -> list[str]:
-    """Adds adapter `name` from a LoRA file or state dict in any known layout; returns the BFL modules it covers.
-    `source` names a state dict in error messages (a path names itself)."""
+    """Adds adapter `name` from a LoRA file or state dict in any known layout; returns the BFL modules it
+    covers. `source` names a state dict in error messages (a path names itself)."""
     if isinstance(path_or_state_dict, dict):
         sd, source = dict(path_or_state_dict), source or "LoRA state dict"
         check_finite(sd, source)

@@ -1,7 +1,8 @@
-"""How other trainers name the tensors of a FLUX LoRA: kohya sd-scripts (and ComfyUI), BFL (and fal), XLabs x-flux.
+"""How other trainers name the tensors of a FLUX LoRA: kohya sd-scripts (and ComfyUI), BFL (and fal), XLabs
+x-flux.
 
-A `Layout` is two tables: which key suffix holds which tensor, and which BFL linear (and rows of it) the rest of
-the key names. The PEFT/diffusers layout, the one we save, is in `iclora/lora_files.py`; every layout is
+A `Layout` is two tables: which key suffix holds which tensor, and which BFL linear (and rows of it) the rest
+of the key names. The PEFT/diffusers layout, the one we save, is in `iclora/lora_files.py`; every layout is
 described, with examples, in `docs/lora-formats.md`.
 """
 
@@ -24,7 +25,8 @@ class Layout(NamedTuple):
     full_tensors: frozenset[str] = frozenset() # keys copied whole into the model (BFL's norm scales)
 
 
-# BFL linear -> XLabs module (lora1 = img stream, lora2 = txt stream); a single block's qkv is linear1's first rows
+# BFL linear -> XLabs module (lora1 = img stream, lora2 = txt stream); a single block's qkv is linear1's first
+# rows
 XLABS_NAMES = {r"double_blocks\.(\d+)\.img_attn\.(qkv|proj)": r"double_blocks.\1.processor.\2_lora1",
                r"double_blocks\.(\d+)\.txt_attn\.(qkv|proj)": r"double_blocks.\1.processor.\2_lora2",
                r"single_blocks\.(\d+)\.linear1": r"single_blocks.\1.processor.qkv_lora",
@@ -48,5 +50,6 @@ def foreign_layouts(model: nn.Module, diffusers_modules: dict[str, tuple[str, Ro
 
 
 def prefixed(targets: dict, *prefixes: str) -> dict:
-    """The same targets under each prefix: ComfyUI's `diffusion_model.`, fal's Kontext trainer's `base_model.model.`."""
+    """The same targets under each prefix: ComfyUI's `diffusion_model.`, fal's Kontext trainer's
+    `base_model.model.`."""
     return {p + k: v for p in prefixes for k, v in targets.items()}

@@ -1,8 +1,10 @@
-"""Panel sets as one canvas (In-Context LoRA, arXiv 2410.23775 §3): where each panel sits, and the joint caption.
+"""Panel sets as one canvas (In-Context LoRA, arXiv 2410.23775 §3): where each panel sits, and the joint
+caption.
 
 A set of n panels is ONE image with ONE caption. Panels tile the canvas in a layout: "row" (side by side),
-"column" (stacked) or "grid" (ceil(sqrt(n)) columns filled row-major; unused cells of the last row stay empty).
-Sizes are (height, width) like the image tensors; PIL's are (width, height), its boxes (left, top, right, bottom).
+"column" (stacked) or "grid" (ceil(sqrt(n)) columns filled row-major; unused cells of the last row stay
+empty). Sizes are (height, width) like the image tensors; PIL's are (width, height), its boxes (left, top,
+right, bottom).
 """
 
 import math
@@ -25,7 +27,8 @@ def grid_shape(n: int, layout: str) -> tuple[int, int]:
 
 def panel_boxes(height: int, width: int, n: int, layout: str) -> list[tuple[int, int, int, int]]:
     """(left, top, right, bottom) of each of n panels on a height×width canvas, in panel order. Cell edges at
-    floor(i·width / cols) and floor(j·height / rows) tile the canvas exactly; cells differ by at most one pixel."""
+    floor(i·width / cols) and floor(j·height / rows) tile the canvas exactly; cells differ by at most one
+    pixel."""
     rows, cols = grid_shape(n, layout)
     xs = [i * width // cols for i in range(cols + 1)]
     ys = [j * height // rows for j in range(rows + 1)]
@@ -33,7 +36,8 @@ def panel_boxes(height: int, width: int, n: int, layout: str) -> list[tuple[int,
 
 
 def panel_size(n: int, layout: str, height: int, width: int) -> tuple[int, int]:
-    """(height, width) of one of the n panels that tile a height×width canvas; both must be multiples of 16."""
+    """(height, width) of one of the n panels that tile a height×width canvas; both must be multiples of
+    16."""
     rows, cols = grid_shape(n, layout)
     for side, name, cells in ((width, "width", cols), (height, "height", rows)):
         if side <= 0 or side % (16 * cells):
@@ -74,7 +78,8 @@ def joint_caption(summary: str | None, panel_prompts: list[str]) -> str:
     """The paper's joint caption, a sentence on the whole set, then one marked description per panel:
         "This three-panel image shows <summary>; [IMAGE1] <p1>; [IMAGE2] <p2>; [IMAGE3] <p3>"
     (without a summary: "This three-panel image; [IMAGE1] ..."). With no panel prompts the summary is returned
-    unchanged, so a caption written by hand in the LoRA's own style ([SCENE-1], [LEFT], ...) passes through."""
+    unchanged, so a caption written by hand in the LoRA's own style ([SCENE-1], [LEFT], ...) passes
+    through."""
     if not panel_prompts:
         if not summary or not summary.strip():
             raise ValueError("give a prompt, panel prompts, or both")

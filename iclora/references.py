@@ -1,13 +1,14 @@
 """Reference panels (In-Context LoRA, arXiv 2410.23775 §4.2): known panels condition the generated ones.
 
-SDEdit/RePaint-style masking in latent space: before the first step and after every Euler step (ending at t_next)
-the known panels' tokens are pulled toward the reference tokens, x[known] ← (1 − s)·x[known] + s·r(t_next); s = 1
-replaces them (RePaint), s = 0 ignores them; with `stop` F the last round(F·steps) steps leave them to the model,
-to smooth the seams. r(t) (`reference_tokens`, `image_positions`; the training loss uses them too, so training sees
-what sampling sees): "noised" (1 − t)·x_ref + t·ε, ε the run's initial noise of those tokens (the paper's); "clean"
-x_ref; "moved" x_ref with the reference tokens' RoPE positions moved onto the first panel to generate, first axis r
-for the r-th reference (as FLUX.1 Kontext), so a generated token finds its reference at the same (row, col). The
-last two are for LoRAs trained with them (`train.py --ref-panel`; the mode is in their metadata).
+SDEdit/RePaint-style masking in latent space: before the first step and after every Euler step (ending at
+t_next) the known panels' tokens are pulled toward the reference tokens, x[known] ← (1 − s)·x[known] +
+s·r(t_next); s = 1 replaces them (RePaint), s = 0 ignores them; with `stop` F the last round(F·steps) steps
+leave them to the model, to smooth the seams. r(t) (`reference_tokens`, `image_positions`; the training loss
+uses them too, so training sees what sampling sees): "noised" (1 − t)·x_ref + t·ε, ε the run's initial noise
+of those tokens (the paper's); "clean" x_ref; "moved" x_ref with the reference tokens' RoPE positions moved
+onto the first panel to generate, first axis r for the r-th reference (as FLUX.1 Kontext), so a generated
+token finds its reference at the same (row, col). The last two are for LoRAs trained with them (`train.py
+--ref-panel`; the mode is in their metadata).
 
 Shape letters: B images, Li image tokens, c latent channels (16), h/w latent height/width.
 """
@@ -23,7 +24,8 @@ from minflux.sampling import add_noise, image_ids, pack
 
 
 def reference_panels(num_refs: int, ref_panels: list[int], n: int) -> list[int]:
-    """0-based panel of each reference: reference i fixes panel i, or ref_panels gives a 1-based panel per reference."""
+    """0-based panel of each reference: reference i fixes panel i, or ref_panels gives a 1-based panel per
+    reference."""
     if num_refs and n < 2:
         raise ValueError("reference images need a panel set (--panels N with N >= 2): at least one panel to generate")
     panels = list(ref_panels) if ref_panels else list(range(1, num_refs + 1))
@@ -41,8 +43,9 @@ def reference_panels(num_refs: int, ref_panels: list[int], n: int) -> list[int]:
 @torch.no_grad()
 def reference_latents(pipe: Pipeline, refs: list[tuple[Image.Image, tuple[int, int, int, int]]], height: int,
                       width: int) -> tuple[Tensor, Tensor]:
-    """Each reference image cover-resized to its panel box (left, top, right, bottom) and VAE-encoded (the mean),
-    placed on a height×width canvas: packed latents (1, Li, 4c) and the mask of the known tokens (Li,)."""
+    """Each reference image cover-resized to its panel box (left, top, right, bottom) and VAE-encoded (the
+    mean), placed on a height×width canvas: packed latents (1, Li, 4c) and the mask of the known tokens
+    (Li,)."""
     known = torch.zeros(1, pipe.ae.params.z_channels, height // 8, width // 8)       # (1, c, h, w)
     mask = torch.zeros(height // 16, width // 16, dtype=torch.bool)
     for image, (left, top, right, bottom) in refs:
@@ -58,7 +61,8 @@ REF_MODES = ("noised", "clean", "moved")
 
 
 def reference_tokens(known: Tensor, eps: Tensor, t: float | Tensor, mode: str = "noised") -> Tensor:
-    """r(t) of the module docstring for packed reference latents and noise (B, Li, 4c); t a float or (B, 1, 1)."""
+    """r(t) of the module docstring for packed reference latents and noise (B, Li, 4c); t a float or (B, 1,
+    1)."""
     if mode == "noised":
         return add_noise(known, eps, t)                                             # (B, Li, 4c)
     if mode in ("clean", "moved"):
@@ -67,8 +71,8 @@ def reference_tokens(known: Tensor, eps: Tensor, t: float | Tensor, mode: str = 
 
 
 def image_positions(height: int, width: int, n: int, layout: str, refs: list[int], mode: str) -> Tensor:
-    """RoPE positions (1, Li, 3) of a height×width canvas of n panels whose 0-based `refs` are references given in
-    `mode`: the canvas's own (image_ids), but for "moved" (module docstring)."""
+    """RoPE positions (1, Li, 3) of a height×width canvas of n panels whose 0-based `refs` are references
+    given in `mode`: the canvas's own (image_ids), but for "moved" (module docstring)."""
     ids = rearrange(image_ids(1, height, width), "1 (h w) a -> h w a", h=height // 16).clone()  # (h, w, 3)
     if mode == "moved":
         boxes = [[side // 16 for side in box] for box in panel_boxes(height, width, n, layout)]
@@ -81,9 +85,9 @@ def image_positions(height: int, width: int, n: int, layout: str, refs: list[int
 
 def pin_references(known: Tensor, mask: Tensor, noise: Tensor, timesteps: list[float], strength: float = 1.0,
                    stop: float = 0.0, mode: str = "noised"):
-    """The `after_step(x, t_next)` hook of the module docstring, for the initial noise (B, c, h, w) of this run
-    and the times it visits; `strength` s and `stop` F are both in [0, 1]. Callers also apply it to the start,
-    `x = after_step(x, timesteps[0])` (a no-op for "noised" from pure noise)."""
+    """The `after_step(x, t_next)` hook of the module docstring, for the initial noise (B, c, h, w) of this
+    run and the times it visits; `strength` s and `stop` F are both in [0, 1]. Callers also apply it to the
+    start, `x = after_step(x, timesteps[0])` (a no-op for "noised" from pure noise)."""
     for name, value in (("reference strength", strength), ("reference stop", stop)):
         if not 0.0 <= value <= 1.0:
             raise ValueError(f"{name} must be in [0, 1], got {value}")

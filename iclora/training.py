@@ -1,12 +1,13 @@
 """Flow-matching LoRA training, the pieces `train.py` strings together (In-Context LoRA, arXiv 2410.23775 §3).
 
-The ordinary rectified-flow objective on joined panel images, with the project's one convention (t = 1 is noise):
+The ordinary rectified-flow objective on joined panel images, with the project's one convention (t = 1 is
+noise):
     x_t = (1 − t)·x0 + t·ε,   the model is trained to predict v = ε − x0   (mean squared error).
-t is drawn logit-normal (SD3 §3.1; `sigmoid`, the authors' recipe), optionally shifted toward noise as the sampler's
-schedule is for that image size (`shift`), or uniform. Every random draw of step s comes from a generator seeded with
-(seed, s), so a resumed run continues bit for bit without stored RNG state. A conditional IC-LoRA (`--ref-panel K`)
-gives the model its reference panels' tokens as sampling with `--ref` gives them (iclora/references.py, same
-function) and takes the loss on the other panels' tokens only.
+t is drawn logit-normal (SD3 §3.1; `sigmoid`, the authors' recipe), optionally shifted toward noise as the
+sampler's schedule is for that image size (`shift`), or uniform. Every random draw of step s comes from a
+generator seeded with (seed, s), so a resumed run continues bit for bit without stored RNG state. A
+conditional IC-LoRA (`--ref-panel K`) gives the model its reference panels' tokens as sampling with `--ref`
+gives them (iclora/references.py, same function) and takes the loss on the other panels' tokens only.
 
 Shape letters: B batch, Li image tokens, Lt text tokens, c latent channels, h/w latent height/width.
 """
@@ -27,7 +28,8 @@ from minflux.tokenizers import overlong
 
 
 def check_captions(t5_tokenizer, dataset, val_prompts: list[str], strict: bool = False):
-    """Warns of each training caption and validation prompt that T5 reads only in part; `strict` refuses them."""
+    """Warns of each training caption and validation prompt that T5 reads only in part; `strict` refuses
+    them."""
     named = [(f"the caption of {s.path}", s.caption) for s in dataset.samples[::len(dataset.resolutions)]]
     messages = overlong(t5_tokenizer, named + [(f"--val-prompt {p[:40]!r}", p) for p in val_prompts])
     if messages and strict:
@@ -41,8 +43,8 @@ def step_generator(seed: int, step: int) -> torch.Generator:
 
 
 # sigmoid: the authors' (ai-toolkit's) logit-normal, median 0.5; shift: the same moved toward noise by FLUX's
-# resolution shift for this many tokens, as the sampler's schedule (kohya's flux_shift; `logit_normal`, its old name,
-# is still read); uniform: unshifted
+# resolution shift for this many tokens, as the sampler's schedule (kohya's flux_shift; `logit_normal`, its
+# old name, is still read); uniform: unshifted
 TIMESTEP_MODES = ("sigmoid", "shift", "uniform")
 
 
@@ -63,9 +65,9 @@ def flow_matching_loss(flow, x0: Tensor, txt: Tensor, vec: Tensor, g: torch.Gene
                        img_ids: Tensor | None = None) -> Tensor:
     """MSE between the predicted and the true velocity ε − x0 at a random point of the noise-data line. With
     `target_mask` (B, Li) or (Li,), True on the tokens to generate: the others become the reference tokens
-    reference_tokens(known (B, Li, 4c), ε, t, ref_mode) before the forward, and the MSE is over the target tokens.
-    `rows` (iclora/distributed.py): all draws for the whole batch, the loss of these examples as their share of it.
-    `img_ids` (B, Li, 3): the tokens' positions, if not the canvas's (image_positions)."""
+    reference_tokens(known (B, Li, 4c), ε, t, ref_mode) before the forward, and the MSE is over the target
+    tokens. `rows` (iclora/distributed.py): all draws for the whole batch, the loss of these examples as their
+    share of it. `img_ids` (B, Li, 3): the tokens' positions, if not the canvas's (image_positions)."""
     B, _, h, w = x0.shape
     x0 = pack(x0)                                                                 # (B, Li, 4c)
     noise = torch.randn(x0.shape, generator=g).to(x0)
@@ -97,8 +99,9 @@ class EncodedSet:
 
 
 def check_reference_panels(dataset, ref_panels: list[int]) -> int:
-    """The panel count of every set, checked before any weight loads: each set's panels are located (set folders,
-    or joined images with `panels`), all sets have one count, and it holds every 1-based reference panel."""
+    """The panel count of every set, checked before any weight loads: each set's panels are located (set
+    folders, or joined images with `panels`), all sets have one count, and it holds every 1-based reference
+    panel."""
     if unknown := [s.path.name for s in dataset.samples[::len(dataset.resolutions)] if s.count is None]:
         raise ValueError(f"--ref-panel needs to know where the panels are, but {dataset.root} holds joined images "
                          f"({', '.join(unknown[:3])}, ...): give --panels N (and --layout) for the panels in each")
@@ -113,10 +116,10 @@ def check_reference_panels(dataset, ref_panels: list[int]) -> int:
 @torch.no_grad()
 def encode_sets(pipe, dataset, ref_panels: list[int] = (), ref_mode: str = "noised",
                 part: slice = slice(None)) -> list[EncodedSet]:
-    """Each sample's latents and caption states (of the samples `part` of the list only), each (set, bucket) and each
-    caption encoded once; with 1-based `ref_panels`, its reference panels, cut from the resized set, encoded by
-    reference_latents (as `sample.py --ref` encodes a reference image), the target mask and the tokens' positions in
-    `ref_mode`."""
+    """Each sample's latents and caption states (of the samples `part` of the list only), each (set, bucket)
+    and each caption encoded once; with 1-based `ref_panels`, its reference panels, cut from the resized set,
+    encoded by reference_latents (as `sample.py --ref` encodes a reference image), the target mask and the
+    tokens' positions in `ref_mode`."""
     encoded, done = [], {}
     for i in tqdm(range(len(dataset))[part], desc="encoding images and captions"):
         if (key := (dataset.samples[i].path, dataset.samples[i].bucket)) in done:
@@ -140,8 +143,9 @@ def encode_sets(pipe, dataset, ref_panels: list[int] = (), ref_mode: str = "nois
 
 
 def collate(sets: list[EncodedSet], empty: EncodedSet, dropout: float, g: torch.Generator, device) -> tuple:
-    """Stacks a batch: latents, caption states, pooled vectors, and (None without reference panels) the reference
-    latents, target masks and positions. Each caption is replaced by the empty caption with probability `dropout`."""
+    """Stacks a batch: latents, caption states, pooled vectors, and (None without reference panels) the
+    reference latents, target masks and positions. Each caption is replaced by the empty caption with
+    probability `dropout`."""
     drop = (torch.rand(len(sets), generator=g) < dropout).tolist()
     texts = [empty if d else s for d, s in zip(drop, sets)]
     refs = [torch.stack([getattr(s, k) for s in sets]).to(device) for k in ("known", "target", "ids")] \

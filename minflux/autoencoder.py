@@ -1,10 +1,12 @@
 """The FLUX.1 autoencoder: a convolutional VAE that maps RGB images to 16-channel latents 8x smaller.
 
-Follows the BFL reference (`flux/modules/autoencoder.py`); module and parameter names are those of `ae.safetensors`
-(`encoder.down.0.block.1.conv2`, ...), so the official file loads with a strict `load_state_dict`.
+Follows the BFL reference (`flux/modules/autoencoder.py`); module and parameter names are those of
+`ae.safetensors` (`encoder.down.0.block.1.conv2`, ...), so the official file loads with a strict
+`load_state_dict`.
 
 Shape letters: B batch, C channels (they change from level to level), H W the height and width of the current
-feature map (the image's, at the input), Z latent channels (z_channels), h w the latent grid (H/8, W/8 with 4 levels).
+feature map (the image's, at the input), Z latent channels (z_channels), h w the latent grid (H/8, W/8 with 4
+levels).
 """
 
 import re
@@ -35,7 +37,8 @@ class AutoEncoderParams:
 
     @classmethod
     def from_state_dict(cls, sd: dict, scale_factor: float = 0.3611, shift_factor: float = 0.1159, source="checkpoint"):
-        """Reads every size off the tensor shapes of an `ae.safetensors`-style dict (scale/shift are not stored)."""
+        """Reads every size off the tensor shapes of an `ae.safetensors`-style dict (scale/shift are not
+        stored)."""
         required = ["encoder.conv_in.weight", "encoder.down.0.block.0.conv1.weight", "decoder.conv_in.weight",
                     "decoder.conv_out.weight"]
         if missing := [k for k in required if k not in sd]:
@@ -75,7 +78,8 @@ class ResnetBlock(nn.Module):
 
 
 class AttnBlock(nn.Module):
-    """Single-head self-attention over the H*W positions; q, k, v and proj_out are 1x1 convs, as in the checkpoint."""
+    """Single-head self-attention over the H*W positions; q, k, v and proj_out are 1x1 convs, as in the
+    checkpoint."""
 
     def __init__(self, channels: int):
         super().__init__()
@@ -93,7 +97,8 @@ class AttnBlock(nn.Module):
 
 
 class Downsample(nn.Module):
-    """Halves H and W: pad one pixel on the right and bottom only, then a stride-2 3x3 conv without padding."""
+    """Halves H and W: pad one pixel on the right and bottom only, then a stride-2 3x3 conv without
+    padding."""
 
     def __init__(self, channels: int):
         super().__init__()
@@ -154,14 +159,15 @@ class Encoder(nn.Module):
         h = self.conv_in(x)                                                       # (B, C, H, W)
         for level in self.down:
             for block in level.block:
-                h = block(h)                                                      # (B, C_level, H_level, W_level)
-            h = level.downsample(h)                                               # halves H, W except at the last level
+                h = block(h)                                                  # (B, C_level, H_level, W_level)
+            h = level.downsample(h)                                     # halves H, W except at the last level
         h = self.mid(h)                                                           # (B, C, h, w)
         return self.conv_out(F.silu(self.norm_out(h)))                            # (B, 2Z, h, w)
 
 
 class Decoder(nn.Module):
-    """Z channels -> image. `up` is indexed like the encoder's `down`, so up.{levels-1} runs first (widest)."""
+    """Z channels -> image. `up` is indexed like the encoder's `down`, so up.{levels-1} runs first
+    (widest)."""
 
     def __init__(self, p: AutoEncoderParams):
         super().__init__()
@@ -182,13 +188,14 @@ class Decoder(nn.Module):
         h = self.mid(self.conv_in(z))                                             # (B, C, h, w)
         for level in reversed(self.up):
             for block in level.block:
-                h = block(h)                                                      # (B, C_level, H_level, W_level)
-            h = level.upsample(h)                                                 # doubles H, W except at up.0
+                h = block(h)                                                  # (B, C_level, H_level, W_level)
+            h = level.upsample(h)                                                # doubles H, W except at up.0
         return self.conv_out(F.silu(self.norm_out(h)))                            # (B, 3, H, W)
 
 
 class AutoEncoder(nn.Module):
-    """Pixels in [-1, 1] <-> normalized latents `scale_factor * (z - shift_factor)`, the FLUX transformer's space."""
+    """Pixels in [-1, 1] <-> normalized latents `scale_factor * (z - shift_factor)`, the FLUX transformer's
+    space."""
 
     def __init__(self, params: AutoEncoderParams):
         super().__init__()
@@ -197,7 +204,8 @@ class AutoEncoder(nn.Module):
         self.decoder = Decoder(params)
 
     def encode(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """The latent Gaussian's mean, or a sample `mean + std * noise` drawn from `generator` when one is given."""
+        """The latent Gaussian's mean, or a sample `mean + std * noise` drawn from `generator` when one is
+        given."""
         if x.ndim != 4 or x.shape[1] != self.params.in_channels:
             raise ValueError(f"expected images (B, {self.params.in_channels}, H, W), got {tuple(x.shape)}")
         mean, logvar = self.encoder(x).chunk(2, dim=1)                            # (B, Z, h, w) each

@@ -1,11 +1,13 @@
-"""Block swap: the last K transformer blocks keep their frozen weights in CPU memory and visit the device only while
-they run, so the device holds K blocks' weights less (kohya's `--blocks_to_swap`; here K simply counts blocks).
+"""Block swap: the last K transformer blocks keep their frozen weights in CPU memory and visit the device only
+while they run, so the device holds K blocks' weights less (kohya's `--blocks_to_swap`; here K simply counts
+blocks).
 
-A forward pre-hook on a swapped block puts device copies of its weights into the block as NEW Parameter objects
-(autograd keeps the copies it saved until the block's backward is done), and a forward hook puts back empty
-placeholders. On CUDA the homes are pinned and a side stream copies the next block while the current one computes
-(the previous one while gradient checkpointing recomputes the blocks in reverse during backward). On a CPU the same
-path copies each home into a fresh tensor. Trainable parameters (LoRA adapters) and buffers are never swapped.
+A forward pre-hook on a swapped block puts device copies of its weights into the block as NEW Parameter
+objects (autograd keeps the copies it saved until the block's backward is done), and a forward hook puts back
+empty placeholders. On CUDA the homes are pinned and a side stream copies the next block while the current one
+computes (the previous one while gradient checkpointing recomputes the blocks in reverse during backward). On
+a CPU the same path copies each home into a fresh tensor. Trainable parameters (LoRA adapters) and buffers are
+never swapped.
 """
 
 from contextlib import nullcontext
@@ -17,8 +19,8 @@ from torch import Tensor, nn
 
 @dataclass
 class Slot:
-    """One swapped parameter: where it sits (module, attribute), its value's CPU home, and the idle placeholder:
-    0 elements on the device, so `flow.to(...)` moves only the placeholder, never the home."""
+    """One swapped parameter: where it sits (module, attribute), its value's CPU home, and the idle
+    placeholder: 0 elements on the device, so `flow.to(...)` moves only the placeholder, never the home."""
     module: nn.Module
     name: str
     home: Tensor
@@ -26,11 +28,11 @@ class Slot:
 
 
 class BlockSwap:
-    """Installs itself on `flow` (best while the flow is still on the CPU, and after every LoRA merge or removal:
-    it holds on to the modules as they are): the last `count` of its 19 + 38 blocks, single-stream blocks first, are
-    swapped; copies go to `device` (or wherever `flow.to` later sends the placeholders). Two swapped blocks are on
-    the device at a time, the running one and the prefetched one (three for a moment when a checkpointed
-    recomputation stopped early and the next load copies without a prefetch)."""
+    """Installs itself on `flow` (best while the flow is still on the CPU, and after every LoRA merge or
+    removal: it holds on to the modules as they are): the last `count` of its 19 + 38 blocks, single-stream
+    blocks first, are swapped; copies go to `device` (or wherever `flow.to` later sends the placeholders). Two
+    swapped blocks are on the device at a time, the running one and the prefetched one (three for a moment
+    when a checkpointed recomputation stopped early and the next load copies without a prefetch)."""
 
     def __init__(self, flow: nn.Module, count: int, device: str | torch.device):
         blocks = [*flow.double_blocks, *flow.single_blocks]
@@ -60,8 +62,8 @@ class BlockSwap:
         self.last, self.direction = -1, 1  # the block run last, and which way the run goes
 
     def copy(self, i: int) -> tuple[list[Tensor], torch.cuda.Event | None]:
-        """Fresh copies of block i's weights where its placeholders are; on CUDA, made on the side stream, with the
-        event that marks them ready."""
+        """Fresh copies of block i's weights where its placeholders are; on CUDA, made on the side stream,
+        with the event that marks them ready."""
         slots = self.slots[i]
         side = self.stream if slots and slots[0].placeholder.is_cuda else None
         with torch.cuda.stream(side) if side else nullcontext():
@@ -71,8 +73,8 @@ class BlockSwap:
 
     def load(self, i: int):
         """Before block i runs: its copies go into its slots, any other loaded block is let go (a checkpointed
-        recomputation may stop before the forward hook, which leaves the block loaded until the next load), and the
-        next block in the run's direction is fetched."""
+        recomputation may stop before the forward hook, which leaves the block loaded until the next load),
+        and the next block in the run's direction is fetched."""
         if self.prefetched and self.prefetched[0] == i:
             _, copies, ready = self.prefetched
             self.prefetched = None
@@ -103,7 +105,8 @@ class BlockSwap:
             self.prefetched = (following, *self.copy(following))
 
     def release(self, i: int):
-        """After block i ran: the placeholders go back; its copies live on only as long as autograd needs them."""
+        """After block i ran: the placeholders go back; its copies live on only as long as autograd needs
+        them."""
         for s in self.slots[i]:
             setattr(s.module, s.name, s.placeholder)
         self.loaded.discard(i)

@@ -1,9 +1,9 @@
 """The CLIP ViT-L/14 text tower in FLUX.1: its pooled output is the transformer's vector conditioning `y`.
 
-As OpenAI's CLIP ViT-L/14 text tower (HF `CLIPTextModel` computes the same). Parameter names are the HF checkpoint
-keys without their `text_model.` prefix (`encoder.layers.3.mlp.fc1.weight`, ...): the loader strips it, as
-transformers v5 does, so FLUX's `text_encoder/` loads with a strict `load_state_dict`. FLUX uses only the pooled
-vector (the final-norm state of the first <|endoftext|> token), so that is what `forward` returns.
+As OpenAI's CLIP ViT-L/14 text tower (HF `CLIPTextModel` computes the same). Parameter names are the HF
+checkpoint keys without their `text_model.` prefix (`encoder.layers.3.mlp.fc1.weight`, ...): the loader strips
+it, as transformers v5 does, so FLUX's `text_encoder/` loads with a strict `load_state_dict`. FLUX uses only
+the pooled vector (the final-norm state of the first <|endoftext|> token), so that is what `forward` returns.
 
 Shape letters: B batch, L tokens (at most 77), C width (hidden_size), H heads, D head width (C / H).
 """
@@ -42,7 +42,8 @@ class CLIPConfig:
 
     @classmethod
     def tiny(cls) -> "CLIPConfig":
-        """For tests: the full vocabulary, so the real <|startoftext|> / <|endoftext|> ids 49406 / 49407 work."""
+        """For tests: the full vocabulary, so the real <|startoftext|> / <|endoftext|> ids 49406 / 49407
+        work."""
         return cls(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
 
     @classmethod
@@ -89,10 +90,11 @@ class CLIPTextModel(nn.Module):
         self.final_layer_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
 
     def pool_positions(self, input_ids: Tensor) -> Tensor:
-        """Where each row's pooled vector is read, by transformers' rule. Configs with eos_token_id 2 (openai's
-        legacy value, kept by FLUX) pool at the largest token id: <|endoftext|> is the last id of the stock
-        vocabulary and argmax takes the first of ties, so this is the first <|endoftext|>. Other configs carry the
-        true eos id and pool where it first occurs, which stays right when tokens are added to the vocabulary."""
+        """Where each row's pooled vector is read, by transformers' rule. Configs with eos_token_id 2
+        (openai's legacy value, kept by FLUX) pool at the largest token id: <|endoftext|> is the last id of
+        the stock vocabulary and argmax takes the first of ties, so this is the first <|endoftext|>. Other
+        configs carry the true eos id and pool where it first occurs, which stays right when tokens are added
+        to the vocabulary."""
         if self.cfg.eos_token_id == 2:
             return input_ids.argmax(dim=-1)                                              # (B,)
         return (input_ids == self.cfg.eos_token_id).int().argmax(dim=-1)                 # (B,)

@@ -1,9 +1,10 @@
 """The one place where other checkpoint layouts are mapped onto the BFL names that minflux uses.
 
 The HF repos ship the transformer and the autoencoder twice: as BFL single files (our native names) and in the
-diffusers layout (`transformer/`, `vae/`). diffusers splits BFL's fused linears (qkv, single-block `linear1`) into
-separate q/k/v/mlp linears and stores the final adaLN (shift, scale) halves swapped. Both facts are captured by one
-table: each diffusers linear lands in a set of *rows* of one BFL linear. The LoRA converters in `iclora/` reuse it.
+diffusers layout (`transformer/`, `vae/`). diffusers splits BFL's fused linears (qkv, single-block `linear1`)
+into separate q/k/v/mlp linears and stores the final adaLN (shift, scale) halves swapped. Both facts are
+captured by one table: each diffusers linear lands in a set of *rows* of one BFL linear. The LoRA converters
+in `iclora/` reuse it.
 """
 
 import re
@@ -64,8 +65,9 @@ def transformer_table(depth: int, depth_single: int, hidden: int, mlp_hidden: in
 
 
 def transformer_from_diffusers(sd: dict[str, Tensor], source: str = "a diffusers transformer") -> dict[str, Tensor]:
-    """A diffusers-named transformer state dict -> BFL names, fusing q/k/v(/mlp) and un-swapping norm_out; the sizes
-    are read off the tensors. Missing or unexpected keys are refused, naming `source` (the file or folder)."""
+    """A diffusers-named transformer state dict -> BFL names, fusing q/k/v(/mlp) and un-swapping norm_out; the
+    sizes are read off the tensors. Missing or unexpected keys are refused, naming `source` (the file or
+    folder)."""
     count = lambda blocks: 1 + max((int(m[1]) for k in sd if (m := re.match(rf"{blocks}\.(\d+)\.", k))), default=-1)
     hidden = sd["x_embedder.weight"].shape[0] if "x_embedder.weight" in sd else 0
     mlp_hidden = next((v.shape[0] for k, v in sd.items() if k.endswith(".proj_mlp.weight")), 0)

@@ -1,8 +1,9 @@
 """Where a model's files come from, and what a script tells its user when they cannot be had.
 
-`Repo` lists the files of a local folder in the HF repo layout, or of a HF hub repo (downloaded on first use into
-the HF cache); `minflux.loading` builds the models from them. `hub_call` turns the hub's errors into one sentence,
-`USER_ERRORS` are those the scripts print as `error: <message>`; `check_device` and `ranged` check flags up front.
+`Repo` lists the files of a local folder in the HF repo layout, or of a HF hub repo (downloaded on first use
+into the HF cache); `minflux.loading` builds the models from them. `hub_call` turns the hub's errors into one
+sentence, `USER_ERRORS` are those the scripts print as `error: <message>`; `check_device` and `ranged` check
+flags up front.
 """
 
 import argparse

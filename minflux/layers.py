@@ -3,8 +3,8 @@
 Follows the BFL reference (`flux/math.py`, `flux/modules/layers.py`). Module and parameter names are the
 checkpoint's (`img_attn.qkv`, `img_mod.lin`, `linear1`, ...), so `flux1-dev.safetensors` loads unchanged.
 
-Shape letters: B batch, L tokens (text + image), H heads, D head dim, C model width (hidden_size), F mlp width,
-P rotary pairs (D / 2), A position axes (3), K the q/k/v triple.
+Shape letters: B batch, L tokens (text + image), H heads, D head dim, C model width (hidden_size), F mlp
+width, P rotary pairs (D / 2), A position axes (3), K the q/k/v triple.
 """
 
 import math
@@ -44,22 +44,25 @@ class EmbedND(nn.Module):
 
 
 def apply_rope(x: Tensor, pe: Tensor) -> Tensor:
-    """Rotates each adjacent pair of head dims by its angle in float32, as BFL (a bf16 x times the float32 table
-    promotes: no float32 copy of x): (x_2j, x_2j+1) -> (x_2j·cos − x_2j+1·sin, x_2j·sin + x_2j+1·cos)."""
+    """Rotates each adjacent pair of head dims by its angle in float32, as BFL (a bf16 x times the float32
+    table promotes: no float32 copy of x): (x_2j, x_2j+1) -> (x_2j·cos − x_2j+1·sin, x_2j·sin +
+    x_2j+1·cos)."""
     cos, sin = pe                                                                 # (B, L, 1, D) each
     x0, x1 = rearrange(x, "b l h (p two) -> two b l h p", two=2)                  # (B, L, H, P) each
     swapped = rearrange(torch.stack([-x1, x0], dim=-1), "b l h p two -> b l h (p two)")  # (−x_2j+1, x_2j)
     return (x * cos).add_(swapped * sin).type_as(x)                               # (B, L, H, D)
 
 
-# Extra attention logits for the first keys (the text tokens), or None. FLUX never sets it: it is the toy model's
-# hook (toy/train_base.py trains on runs of equal padding tokens merged into one, weighted by log of their count).
+# Extra attention logits for the first keys (the text tokens), or None. FLUX never sets it: it is the toy
+# model's hook (toy/train_base.py trains on runs of equal padding tokens merged into one, weighted by log of
+# their count).
 text_key_bias: Tensor | None = None
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, pe: Tensor) -> Tensor:
-    """Full (unmasked) attention over the joint text + image sequence, RoPE on q and k. Tensors stay token-major
-    (B, L, H, D) until here: joining the streams is a cheap contiguous concatenation; SDPA takes head-major views."""
+    """Full (unmasked) attention over the joint text + image sequence, RoPE on q and k. Tensors stay
+    token-major (B, L, H, D) until here: joining the streams is a cheap contiguous concatenation; SDPA takes
+    head-major views."""
     q, k = apply_rope(q, pe), apply_rope(k, pe)                                   # (B, L, H, D)
     q, k, v = (rearrange(t, "b l h d -> b h l d") for t in (q, k, v))
     bias = None if text_key_bias is None else \
@@ -114,8 +117,9 @@ def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
 
 
 class RMSNorm(nn.Module):
-    """Per-head RMS norm for q and k, computed in float32 and cast back before `scale` (BFL's order; parameter name
-    `scale`, as in the checkpoint). F.rms_norm is that math; recent PyTorch fuses it into one kernel on CUDA."""
+    """Per-head RMS norm for q and k, computed in float32 and cast back before `scale` (BFL's order; parameter
+    name `scale`, as in the checkpoint). F.rms_norm is that math; recent PyTorch fuses it into one kernel on
+    CUDA."""
 
     def __init__(self, dim: int):
         super().__init__()
@@ -133,7 +137,7 @@ class QKNorm(nn.Module):
         self.key_norm = RMSNorm(dim)
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        return self.query_norm(q).to(v), self.key_norm(k).to(v)                   # (B, L, H, D) each, v's dtype
+        return self.query_norm(q).to(v), self.key_norm(k).to(v)                 # (B, L, H, D) each, v's dtype
 
 
 def split_qkv(qkv: Tensor, num_heads: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -142,7 +146,8 @@ def split_qkv(qkv: Tensor, num_heads: int) -> tuple[Tensor, Tensor, Tensor]:
 
 
 class SelfAttention(nn.Module):
-    """The per-stream attention weights of a double block (the attention itself runs on the joint sequence)."""
+    """The per-stream attention weights of a double block (the attention itself runs on the joint
+    sequence)."""
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool):
         super().__init__()
@@ -207,7 +212,7 @@ class SingleStreamBlock(nn.Module):
         self.num_heads = num_heads
         self.mlp_hidden = int(hidden_size * mlp_ratio)
         self.linear1 = nn.Linear(hidden_size, hidden_size * 3 + self.mlp_hidden)     # qkv and mlp-in, fused
-        self.linear2 = nn.Linear(hidden_size + self.mlp_hidden, hidden_size)         # attn-out and mlp-out, fused
+        self.linear2 = nn.Linear(hidden_size + self.mlp_hidden, hidden_size)     # attn-out and mlp-out, fused
         self.norm = QKNorm(hidden_size // num_heads)
         self.pre_norm = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.mlp_act = nn.GELU(approximate="tanh")

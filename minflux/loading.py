@@ -4,10 +4,11 @@ The transformer and the autoencoder come as BFL single files at the repo's root 
 `ae.safetensors`: our native names, preferred) or as diffusers folders (`transformer/`, `vae/`, converted by
 `minflux.convert`); CLIP-L from `text_encoder/`, T5-XXL from `text_encoder_2/` (sharded), the tokenizers from
 `tokenizer/` and `tokenizer_2/`. Models are built on the meta device and their parameters *assigned* from
-memory-mapped safetensors, so a 12B model never exists twice in RAM; tensors keep their stored dtype unless asked,
-but fp16 becomes bf16 (T5's and FLUX's activations overflow fp16). A transformer single file (BFL or diffusers names,
-or a ComfyUI checkpoint's `model.diffusion_model.*`) may hold fp8 Linear weights (plain casts, ComfyUI scaled fp8):
-those layers are built as `minflux.quantize.FP8Linear` and keep the file's fp8 values; NF4 and int8 are refused.
+memory-mapped safetensors, so a 12B model never exists twice in RAM; tensors keep their stored dtype unless
+asked, but fp16 becomes bf16 (T5's and FLUX's activations overflow fp16). A transformer single file (BFL or
+diffusers names, or a ComfyUI checkpoint's `model.diffusion_model.*`) may hold fp8 Linear weights (plain
+casts, ComfyUI scaled fp8): those layers are built as `minflux.quantize.FP8Linear` and keep the file's fp8
+values; NF4 and int8 are refused.
 """
 
 from contextlib import contextmanager
@@ -43,8 +44,9 @@ def open_safetensors(path, problem: str = "unreadable safetensors file (truncate
 
 
 def read_safetensors(paths: list, dtype: torch.dtype | None = None, fp8: bool = False) -> dict[str, torch.Tensor]:
-    """Every tensor of the files, floats cast to `dtype` (None: fp16 to bf16, others kept); fp8 tensors are kept as
-    stored where `fp8` allows them. Of a ComfyUI checkpoint only `model.diffusion_model.*` is read, without prefix."""
+    """Every tensor of the files, floats cast to `dtype` (None: fp16 to bf16, others kept); fp8 tensors are
+    kept as stored where `fp8` allows them. Of a ComfyUI checkpoint only `model.diffusion_model.*` is read,
+    without prefix."""
     sd = {}
     for path in paths:
         with open_safetensors(path) as f:
@@ -135,8 +137,9 @@ def load_clip(repo, dtype: torch.dtype | None = None) -> CLIPTextModel:
 
 
 def t5_max_length(repo, transformer: Path | None = None) -> int:
-    """T5's token limit, 512 for FLUX.1-dev, 256 for schnell (no guidance embedding), known before any weight is read:
-    from the names in the single file's header (`transformer`, else the repo's), else `transformer/config.json`."""
+    """T5's token limit, 512 for FLUX.1-dev, 256 for schnell (no guidance embedding), known before any weight
+    is read: from the names in the single file's header (`transformer`, else the repo's), else
+    `transformer/config.json`."""
     config = repo.json("transformer/config.json")
     if not (path := transformer) and ("guidance_embeds" in config or not (path := repo.transformer_file())):
         return 512 if config.get("guidance_embeds") else 256

@@ -1,10 +1,11 @@
-"""The six pieces of a FLUX.1 repo held together: text encoders with their tokenizers, the flow transformer and the
-autoencoder. They load to the CPU and each moves to the device when first used (with `offload`, only while it runs),
-so a caller can still change a model on the CPU first (merge a LoRA, quantize) without it ever being on the GPU whole.
+"""The six pieces of a FLUX.1 repo held together: text encoders with their tokenizers, the flow transformer
+and the autoencoder. They load to the CPU and each moves to the device when first used (with `offload`, only
+while it runs), so a caller can still change a model on the CPU first (merge a LoRA, quantize) without it ever
+being on the GPU whole.
 
-`generate` is the text-to-image recipe of BFL's `cli.py` in a few lines; `sample.py` spells the same recipe out
-with every option. Defaults and pixel conversion match diffusers' FluxPipeline, so the same prompt, seed, size, steps
-and guidance give the same image.
+`generate` is the text-to-image recipe of BFL's `cli.py` in a few lines; `sample.py` spells the same recipe
+out with every option. Defaults and pixel conversion match diffusers' FluxPipeline, so the same prompt, seed,
+size, steps and guidance give the same image.
 
 Shape letters: B images, Lt text tokens, Li image tokens, c latent channels, h/w latent height/width.
 """
@@ -50,7 +51,8 @@ class Pipeline:
         return compute_dtype(self.flow)
 
     def on_device(self, model: nn.Module) -> nn.Module:
-        """Moves `model` to the device (a no-op once there); with offload, first sends the other models to the CPU."""
+        """Moves `model` to the device (a no-op once there); with offload, first sends the other models to the
+        CPU."""
         if self.offload:
             for other in (self.flow, self.ae, self.t5, self.clip):
                 if other is not model:
@@ -59,7 +61,8 @@ class Pipeline:
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
-        """T5 hidden states (B, Lt, 4096) for every token (pads too, no mask), and CLIP's pooled vector (B, 768)."""
+        """T5 hidden states (B, Lt, 4096) for every token (pads too, no mask), and CLIP's pooled vector (B,
+        768)."""
         txt = self.on_device(self.t5)(self.t5_tokenizer(prompts).to(self.device))           # (B, Lt, 4096)
         vec = self.on_device(self.clip)(self.clip_tokenizer(prompts).to(self.device))       # (B, 768)
         return txt, vec
@@ -71,7 +74,8 @@ class Pipeline:
 
     @torch.no_grad()
     def encode_image(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """Pixels (B, 3, H, W) in [-1, 1] -> latents (B, c, H/8, W/8): the mean, or a sample with `generator`."""
+        """Pixels (B, 3, H, W) in [-1, 1] -> latents (B, c, H/8, W/8): the mean, or a sample with
+        `generator`."""
         ae = self.on_device(self.ae)
         return ae.encode(images.to(self.device, next(ae.parameters()).dtype), generator).float()
 
@@ -85,9 +89,9 @@ class Pipeline:
     def sample(self, txt: Tensor, vec: Tensor, height: int, width: int, steps: int | None = None,
                guidance: float = 3.5, seed: int = 0, progress: bool = True, after_step=None,
                img_ids: Tensor | None = None) -> Tensor:
-        """Encoded prompts -> clean latents (B, c, h, w), all from one noise draw of `seed` (as diffusers does);
-        `after_step(x, t)` edits the start and every step (see `denoise`); `img_ids` (1, Li, 3) replaces the
-        canvas's positions."""
+        """Encoded prompts -> clean latents (B, c, h, w), all from one noise draw of `seed` (as diffusers
+        does); `after_step(x, t)` edits the start and every step (see `denoise`); `img_ids` (1, Li, 3)
+        replaces the canvas's positions."""
         B, Lt = txt.shape[:2]
         x = pack(get_noise(B, height, width, seed)).to(self.device, self.dtype)  # (B, Li, 4c) at t = 1
         img_ids = image_ids(B, height, width) if img_ids is None else img_ids.expand(B, -1, -1)   # (B, Li, 3)
@@ -103,7 +107,8 @@ class Pipeline:
 
 
 def from_pil(image: Image.Image, height: int, width: int) -> Tensor:
-    """An image cover-resized and center-cropped to height×width (never stretched) -> (1, 3, H, W) in [-1, 1]."""
+    """An image cover-resized and center-cropped to height×width (never stretched) -> (1, 3, H, W) in [-1,
+    1]."""
     image = ImageOps.fit(image.convert("RGB"), (width, height), Image.Resampling.LANCZOS)
     x = torch.from_numpy(np.array(image)).float() / 127.5 - 1.0                          # (H, W, 3)
     return rearrange(x, "h w c -> 1 c h w")
@@ -124,9 +129,9 @@ def load_t5_tokenizer(model: str, transformer: Path | None = None) -> T5Tokenize
 
 def load_pipeline(model: str = "black-forest-labs/FLUX.1-dev", device: str = "cpu", dtype: str | None = None,
                   offload: bool = False, transformer: Path | None = None) -> Pipeline:
-    """Loads all six pieces of a FLUX repo (see `minflux.loading`) to the CPU; each goes to `device` on first use.
-    `dtype` None keeps the stored dtypes but fp16's, which become bf16 (fp8 weights stay fp8 in any case).
-    `transformer`: a local single file (bf16, fp32 or fp8) used instead of the repo's transformer."""
+    """Loads all six pieces of a FLUX repo (see `minflux.loading`) to the CPU; each goes to `device` on first
+    use. `dtype` None keeps the stored dtypes but fp16's, which become bf16 (fp8 weights stay fp8 in any
+    case). `transformer`: a local single file (bf16, fp32 or fp8) used instead of the repo's transformer."""
     repo = Repo(model)
     loading.check_repo(repo, transformer)
     torch_dtype = loading.parse_dtype(dtype)

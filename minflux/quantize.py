@@ -1,10 +1,11 @@
-"""fp8 weights: every Linear weight in a model's blocks stored in 8 bits with one float32 scale per output row,
-computed in the input's dtype (a memory saving, not a speed-up: each forward dequantizes, then runs F.linear).
+"""fp8 weights: every Linear weight in a model's blocks stored in 8 bits with one float32 scale per output
+row, computed in the input's dtype (a memory saving, not a speed-up: each forward dequantizes, then runs
+F.linear).
 
-`quantize_fp8` turns the nn.Linear layers of a model's blocks into `FP8Linear` (per-row absmax / 448, e4m3fn), a
-layer at a time; `fp8_layers` does the same on the meta device for an fp8 checkpoint (plain casts: scale 1; ComfyUI
-"scaled fp8": a `scale_weight` per layer), so `minflux.loading` can assign the file's tensors as they are stored.
-Norms, embeddings and biases keep their dtype. The model files know nothing of this.
+`quantize_fp8` turns the nn.Linear layers of a model's blocks into `FP8Linear` (per-row absmax / 448, e4m3fn),
+a layer at a time; `fp8_layers` does the same on the meta device for an fp8 checkpoint (plain casts: scale 1;
+ComfyUI "scaled fp8": a `scale_weight` per layer), so `minflux.loading` can assign the file's tensors as they
+are stored. Norms, embeddings and biases keep their dtype. The model files know nothing of this.
 
 Shape letters: O out features, I in features.
 """
@@ -27,7 +28,8 @@ def dequantize(weight: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
 
 
 class FP8Linear(nn.Module):
-    """A Linear whose `weight` (O, I) is fp8 (frozen) with a float32 `scale` (O,) per row; `bias` (O,) stays as is."""
+    """A Linear whose `weight` (O, I) is fp8 (frozen) with a float32 `scale` (O,) per row; `bias` (O,) stays
+    as is."""
 
     def __init__(self, weight: Tensor, scale: Tensor, bias: Tensor | None):
         super().__init__()
@@ -65,28 +67,32 @@ def replace(model: nn.Module, name: str, module: nn.Module):
 
 
 def block_linears(model: nn.Module) -> list[str]:
-    """The nn.Linear layers inside the model's repeated blocks (its nn.ModuleLists): nearly all of the weights. The
-    layers around them (FLUX's input and time/text embedders and its output layer, 0.5% of its weights) are left:
-    quantizing them too cost the toy model's recolour LoRA 0.05 of its text-mode rule score, the blocks alone 0.02."""
+    """The nn.Linear layers inside the model's repeated blocks (its nn.ModuleLists): nearly all of the
+    weights. The layers around them (FLUX's input and time/text embedders and its output layer, 0.5% of its
+    weights) are left: quantizing them too cost the toy model's recolour LoRA 0.05 of its text-mode rule
+    score, the blocks alone 0.02."""
     lists = [n for n, m in model.named_modules() if isinstance(m, nn.ModuleList)]
     return [n for n, m in model.named_modules() if type(m) is nn.Linear and any(n.startswith(f"{b}.") for b in lists)]
 
 
 @torch.no_grad()
 def quantize_fp8(model: nn.Module) -> nn.Module:
-    """Replaces every nn.Linear of the model's blocks (`block_linears`) by an FP8Linear, in place, one at a time
-    (the extra memory is one layer). Call it before adding LoRA adapters: their own nn.Linear's would be quantized."""
+    """Replaces every nn.Linear of the model's blocks (`block_linears`) by an FP8Linear, in place, one at a
+    time (the extra memory is one layer). Call it before adding LoRA adapters: their own nn.Linear's would be
+    quantized."""
     for name in block_linears(model):
         replace(model, name, FP8Linear.from_linear(model.get_submodule(name)))
     return model
 
 
 def fp8_layers(model: nn.Module, sd: dict[str, Tensor], source: str, dtype=None) -> dict[str, Tensor]:
-    """For a model built on meta and a checkpoint's state dict: each nn.Linear whose weight is fp8 in `sd` becomes
-    an FP8Linear on meta, and the state dict returned has its `scale` (ComfyUI's `scale_weight`, scalar or per row,
-    else 1). Any other fp8 tensor (a norm scale, ...) is upcast to `dtype`, else to that of the rest of the file."""
+    """For a model built on meta and a checkpoint's state dict: each nn.Linear whose weight is fp8 in `sd`
+    becomes an FP8Linear on meta, and the state dict returned has its `scale` (ComfyUI's `scale_weight`,
+    scalar or per row, else 1). Any other fp8 tensor (a norm scale, ...) is upcast to `dtype`, else to that of
+    the rest of the file."""
     sd = {k: v for k, v in sd.items() if k != "scaled_fp8" and not k.endswith(".scale_input")}  # ComfyUI's marker;
-    # scale_input serves fp8 matmuls of the activations, which we do not do: activations stay in the run's dtype
+    # scale_input serves fp8 matmuls of the activations, which we do not do: activations stay in the run's
+    # dtype
     dtype = dtype or next((v.dtype for k, v in sd.items() if v.is_floating_point() and not is_fp8(v)
                   and not k.endswith(".scale_weight")), torch.bfloat16)
     linears = {n for n, m in model.named_modules() if type(m) is nn.Linear}

@@ -1,11 +1,12 @@
-"""Rectified-flow sampling for FLUX.1 (as BFL's `flux/sampling.py`): noise, latent packing, schedule, Euler loop.
+"""Rectified-flow sampling for FLUX.1 (as BFL's `flux/sampling.py`): noise, latent packing, schedule, Euler
+loop.
 
 The project's one convention for time (stated here, used everywhere):
     t = 1 is pure noise, t = 0 is data;   x_t = (1 − t)·x0 + t·ε;
     the model predicts the velocity v = ε − x0;   an Euler step is x += (t_next − t)·v.
 
-Sizes are (height, width), as in BFL's files. Shape letters: B batch, c latent channels (16), h/w latent height
-and width (image size / 8), Li image tokens ((h/2)·(w/2)), Lt text tokens.
+Sizes are (height, width), as in BFL's files. Shape letters: B batch, c latent channels (16), h/w latent
+height and width (image size / 8), Li image tokens ((h/2)·(w/2)), Lt text tokens.
 """
 
 import math
@@ -24,7 +25,8 @@ def check_size(height: int, width: int):
 
 
 def get_noise(num: int, height: int, width: int, seed: int, g: torch.Generator | None = None) -> Tensor:
-    """Initial latent noise, drawn exactly as the reference pipelines do (CPU generator of `seed`, or `g`, float32)."""
+    """Initial latent noise, drawn exactly as the reference pipelines do (CPU generator of `seed`, or `g`,
+    float32)."""
     check_size(height, width)
     g = g or torch.Generator("cpu").manual_seed(seed)
     return torch.randn(num, 16, height // 8, width // 8, generator=g, dtype=torch.float32)  # (B, c, h, w)
@@ -49,7 +51,7 @@ def image_ids(batch: int, height: int, width: int) -> Tensor:
 
 
 def text_ids(batch: int, length: int) -> Tensor:
-    return torch.zeros(batch, length, 3)                                          # (B, Lt, 3): RoPE is identity
+    return torch.zeros(batch, length, 3)                                        # (B, Lt, 3): RoPE is identity
 
 
 def add_noise(x0: Tensor, noise: Tensor, t: float | Tensor) -> Tensor:
@@ -58,7 +60,8 @@ def add_noise(x0: Tensor, noise: Tensor, t: float | Tensor) -> Tensor:
 
 
 def shift_mu(image_seq_len: int, base_shift: float = 0.5, max_shift: float = 1.15) -> float:
-    """FLUX's time-shift exponent: linear in the token count, 0.5 at 256 tokens (256²px), 1.15 at 4096 (1024²px)."""
+    """FLUX's time-shift exponent: linear in the token count, 0.5 at 256 tokens (256²px), 1.15 at 4096
+    (1024²px)."""
     return base_shift + (max_shift - base_shift) * (image_seq_len - 256) / (4096 - 256)
 
 
@@ -88,8 +91,8 @@ def img2img_start(num_steps: int, strength: float) -> int:
 def denoise(model, img: Tensor, img_ids: Tensor, txt: Tensor, txt_ids: Tensor, vec: Tensor,
             timesteps: list[float], guidance: float = 3.5, after_step=None, progress: bool = True) -> Tensor:
     """Euler integration of dx/dt = v along `timesteps` (1 -> 0 for text-to-image) in img's device and dtype.
-    `after_step(x, t)` may edit x at the start (t = timesteps[0]) and after each step (t = t_next), e.g. to pin
-    reference panels, and returns the new x."""
+    `after_step(x, t)` may edit x at the start (t = timesteps[0]) and after each step (t = t_next), e.g. to
+    pin reference panels, and returns the new x."""
     txt, vec = txt.to(img), vec.to(img)                                           # (B, Lt, C), (B, C)
     img_ids, txt_ids = img_ids.to(img.device), txt_ids.to(img.device)             # (B, Li, 3), (B, Lt, 3)
     B = img.shape[0]

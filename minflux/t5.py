@@ -1,9 +1,10 @@
 """The T5 v1.1 encoder (T5-XXL in FLUX.1): turns the prompt's T5 tokens into the transformer's text stream.
 
 Follows T5 v1.1 (Raffel et al.; the encoder half of T5 v1.1, as HF `T5EncoderModel` computes it). Module and
-parameter names are the HF checkpoint keys (`encoder.block.3.layer.1.DenseReluDense.wi_0.weight`, ...), so FLUX's
-`text_encoder_2/` loads with a strict `load_state_dict`. HF files may also hold `encoder.embed_tokens.weight`, a
-tied copy of `shared.weight`: this module has only `shared`, and the loader drops that key.
+parameter names are the HF checkpoint keys (`encoder.block.3.layer.1.DenseReluDense.wi_0.weight`, ...), so
+FLUX's `text_encoder_2/` loads with a strict `load_state_dict`. HF files may also hold
+`encoder.embed_tokens.weight`, a tied copy of `shared.weight`: this module has only `shared`, and the loader
+drops that key.
 
 FLUX calls the encoder without an attention mask, so every token attends to the pads too; so does this module.
 Shape letters: B batch, L tokens, C model width (d_model), H heads, D head width (d_kv).
@@ -32,13 +33,15 @@ class T5Config:
 
     @classmethod
     def tiny(cls) -> "T5Config":
-        """For tests: 8 buckets up to distance 20, so a few dozen tokens reach the log-spaced and the last buckets."""
+        """For tests: 8 buckets up to distance 20, so a few dozen tokens reach the log-spaced and the last
+        buckets."""
         return cls(vocab_size=1000, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
                    relative_attention_num_buckets=8, relative_attention_max_distance=20)
 
     @classmethod
     def from_hf(cls, config: dict) -> "T5Config":
-        """Reads the fields above from a HF T5 `config.json` dict; the others (decoder, dropout, ...) are ignored."""
+        """Reads the fields above from a HF T5 `config.json` dict; the others (decoder, dropout, ...) are
+        ignored."""
         if (ff := config.get("feed_forward_proj")) != "gated-gelu":
             raise ValueError(f"T5 config: feed_forward_proj={ff!r} is not supported, only 'gated-gelu' (T5 v1.1)")
         # a field the file lacks keeps the official value; sizes are checked against the weights on load
@@ -48,9 +51,9 @@ class T5Config:
 def relative_position_bucket(rel: Tensor, num_buckets: int, max_distance: int) -> Tensor:
     """T5's bidirectional bucket for each relative position rel = key position - query position.
 
-    Half of the buckets serve keys before (or at) the query, half keys after it. Within a half, distances below
-    half its size get a bucket each; longer ones share log-spaced buckets, and every distance from max_distance
-    on falls into the half's last bucket."""
+    Half of the buckets serve keys before (or at) the query, half keys after it. Within a half, distances
+    below half its size get a bucket each; longer ones share log-spaced buckets, and every distance from
+    max_distance on falls into the half's last bucket."""
     half = num_buckets // 2
     exact = half // 2
     n = rel.abs()
@@ -74,8 +77,8 @@ class T5LayerNorm(nn.Module):
 
 
 class T5Attention(nn.Module):
-    """Self-attention with a learned relative position bias and NO 1/sqrt(D) scale (T5 folds it into the init).
-    Only block 0 owns the bias table; the bias it gives is added in every block."""
+    """Self-attention with a learned relative position bias and NO 1/sqrt(D) scale (T5 folds it into the
+    init). Only block 0 owns the bias table; the bias it gives is added in every block."""
 
     def __init__(self, cfg: T5Config, has_relative_bias: bool):
         super().__init__()
@@ -88,7 +91,7 @@ class T5Attention(nn.Module):
 
     def position_bias(self, length: int) -> Tensor:
         pos = torch.arange(length, device=self.relative_attention_bias.weight.device)
-        rel = pos[None, :] - pos[:, None]                                              # (L, L) query rows, key columns
+        rel = pos[None, :] - pos[:, None]                                     # (L, L) query rows, key columns
         buckets = relative_position_bucket(
             rel, self.cfg.relative_attention_num_buckets, self.cfg.relative_attention_max_distance)
         return rearrange(self.relative_attention_bias(buckets), "q k h -> 1 h q k")    # (1, H, L, L)
@@ -141,7 +144,7 @@ class T5Encoder(nn.Module):
     def forward(self, input_ids: Tensor) -> Tensor:
         if input_ids.ndim != 2:
             raise ValueError(f"T5 input_ids must be (batch, tokens), got shape {tuple(input_ids.shape)}")
-        x = self.shared(input_ids)                                # (B, L, C): no scaling, no absolute positions
+        x = self.shared(input_ids)                              # (B, L, C): no scaling, no absolute positions
         bias = self.encoder.block[0].layer[0].SelfAttention.position_bias(input_ids.shape[1])  # (1, H, L, L)
         for block in self.encoder.block:
             x = block(x, bias)                                                           # (B, L, C)

@@ -1,12 +1,13 @@
 """The two FLUX text tokenizers, built on the `tokenizers` library.
 
-CLIPTokenizer: OpenAI CLIP's byte-level BPE from `tokenizer/vocab.json` + `merges.txt`, with the text pipeline of
-transformers' CLIPTokenizer: NFC, whitespace runs -> one space, lowercase, CLIP's regex split, byte-to-unicode map,
-`</w>` on each word's last symbol. Rows are `<|startoftext|> tokens… <|endoftext|>`, padded with `<|endoftext|>`.
-T5Tokenizer: T5's SentencePiece unigram model from `tokenizer_2/spiece.model` or `tokenizer.json`, with the pipeline
-of transformers' T5Tokenizer: the model's precompiled normalizer, split on whitespace, "▁" before every word, the
-100 `<extra_id_N>` sentinels on top of the pieces. Rows are `tokens… </s>` (no BOS), padded with `<pad>`.
-Both cut the tokens so the closing special token always stays. Shapes: B prompts, L = max_length tokens.
+CLIPTokenizer: OpenAI CLIP's byte-level BPE from `tokenizer/vocab.json` + `merges.txt`, with the text pipeline
+of transformers' CLIPTokenizer: NFC, whitespace runs -> one space, lowercase, CLIP's regex split,
+byte-to-unicode map, `</w>` on each word's last symbol. Rows are `<|startoftext|> tokens… <|endoftext|>`,
+padded with `<|endoftext|>`. T5Tokenizer: T5's SentencePiece unigram model from `tokenizer_2/spiece.model` or
+`tokenizer.json`, with the pipeline of transformers' T5Tokenizer: the model's precompiled normalizer, split on
+whitespace, "▁" before every word, the 100 `<extra_id_N>` sentinels on top of the pieces. Rows are `tokens…
+</s>` (no BOS), padded with `<pad>`. Both cut the tokens so the closing special token always stays. Shapes: B
+prompts, L = max_length tokens.
 """
 
 import base64
@@ -57,7 +58,8 @@ def clip_pre_tokenizer() -> pre_tokenizers.PreTokenizer:
 
 
 class CLIPTokenizer:
-    """prompts -> (B, max_length) ids `<|startoftext|> tokens… <|endoftext|> <|endoftext|>…`, ids from vocab.json."""
+    """prompts -> (B, max_length) ids `<|startoftext|> tokens… <|endoftext|> <|endoftext|>…`, ids from
+    vocab.json."""
 
     def __init__(self, vocab_file, merges_file, max_length: int = 77):
         bos, eos = "<|startoftext|>", "<|endoftext|>"
@@ -94,7 +96,8 @@ def _protobuf_fields(data: bytes):
 
 
 def _read_spiece(path: Path) -> tuple[list[tuple[str, float]], bytes | None]:
-    """(piece, score) list and precompiled normalizer of a sentencepiece ModelProto (fields 1 pieces, 3 normalizer)."""
+    """(piece, score) list and precompiled normalizer of a sentencepiece ModelProto (fields 1 pieces, 3
+    normalizer)."""
     pieces, charsmap = [], None
     try:
         for field, value in _protobuf_fields(path.read_bytes()):
@@ -144,7 +147,8 @@ class T5Tokenizer:
         return _encode(self.tokenizer, prompts)                                                  # (B, L)
 
     def cut(self, text: str) -> tuple[int, str]:
-        """(tokens of the text with `</s>`, before any cut; the end of the text that is cut off, "" if none)."""
+        """(tokens of the text with `</s>`, before any cut; the end of the text that is cut off, "" if
+        none)."""
         encoding = self.uncut.encode(text)
         n = len(encoding.ids)
         if n <= self.max_length:

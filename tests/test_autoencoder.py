@@ -1,4 +1,5 @@
-"""The FLUX autoencoder equals diffusers' AutoencoderKL, and has the official ae.safetensors names and shapes."""
+"""The FLUX autoencoder equals diffusers' AutoencoderKL, and has the official ae.safetensors names and
+shapes."""
 
 import pytest
 import torch
@@ -19,7 +20,8 @@ def diffusers_vae(p: AutoEncoderParams) -> AutoencoderKL:
 
 
 def to_diffusers(ours: AutoEncoder, ref: AutoencoderKL) -> dict:
-    """Our BFL-named state dict under diffusers' names, by diffusers' own single-file converter (the oracle)."""
+    """Our BFL-named state dict under diffusers' names, by diffusers' own single-file converter (the
+    oracle)."""
     return convert_ldm_vae_checkpoint(ours.state_dict(), ref.config)
 
 

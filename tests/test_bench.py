@@ -1,4 +1,5 @@
-"""The benchmark scripts run and report what bench/RESULTS.md quotes (timings themselves are never asserted)."""
+"""The benchmark scripts run and report what bench/RESULTS.md quotes (timings themselves are never
+asserted)."""
 
 import importlib.util
 import json
@@ -108,8 +109,8 @@ def test_sample_memory_counts_t5_linears_in_fp8_and_the_rest_in_bf16():
 
 
 def test_gpu_bench_counts_the_forward_flops_that_torch_counts():
-    """bench/gpu.py's formula against torch's FLOP counter on a flux-dev-width model (meta tensors: shapes only);
-    it leaves out the modulations and embedders, under 0.1% at 1024²."""
+    """bench/gpu.py's formula against torch's FLOP counter on a flux-dev-width model (meta tensors: shapes
+    only); it leaves out the modulations and embedders, under 0.1% at 1024²."""
     p = replace(preset("flux-dev"), depth=1, depth_single_blocks=2)
     B, (H, W), Lt = 2, (1024, 1024), 512
     with torch.device("meta"):
@@ -172,8 +173,8 @@ def test_blocks_bench_finds_only_bfls_float32_upcasts_in_a_bf16_forward_and_sdpa
 
 
 def test_blocks_bench_counts_each_linears_adapter_flops_from_its_shapes():
-    """Forward: 2·r·(in + out) FLOPs per token and linear; double: per stream qkv 4C, proj 2C, MLP 5C + 5C, single:
-    linear1 8C, linear2 6C; the modulations run once per sample (7C double, 4C single)."""
+    """Forward: 2·r·(in + out) FLOPs per token and linear; double: per stream qkv 4C, proj 2C, MLP 5C + 5C,
+    single: linear1 8C, linear2 6C; the modulations run once per sample (7C double, 4C single)."""
     r, C, L = 16, 3072, 6144 + 512
     flops = load_bench("blocks").adapter_flops("flux-dev", r, 6144, 512)
     assert flops["double lora fwd"] - flops["double base fwd"] == 2 * r * 16 * C * L + 2 * 2 * r * 7 * C

@@ -1,6 +1,7 @@
-"""Block swap changes where the swapped blocks' frozen weights live, never what the model computes: outputs, losses
-and LoRA gradients equal the unswapped model's bit for bit, and each weight is on the device only while its block
-runs (on the CPU: by the storage each slot holds at each step; on a GPU: by `torch.cuda.memory_allocated`)."""
+"""Block swap changes where the swapped blocks' frozen weights live, never what the model computes: outputs,
+losses and LoRA gradients equal the unswapped model's bit for bit, and each weight is on the device only while
+its block runs (on the CPU: by the storage each slot holds at each step; on a GPU: by
+`torch.cuda.memory_allocated`)."""
 
 import copy
 
@@ -29,7 +30,8 @@ def inputs(h=3, w=5, n_txt=7) -> dict:
 
 
 def tiny_flow(dtype=torch.float32) -> Flux:
-    """The tiny preset (2 double + 2 single blocks) with random weights everywhere, frozen as loading leaves it."""
+    """The tiny preset (2 double + 2 single blocks) with random weights everywhere, frozen as loading leaves
+    it."""
     torch.manual_seed(0)
     flow = Flux(preset("tiny")).eval()
     with torch.no_grad():
@@ -101,7 +103,8 @@ def test_only_frozen_parameters_are_swapped_and_lora_adapters_stay():
 
 
 def record_where_weights_are(flow: Flux, swap: BlockSwap, log: list):
-    """Logs (block, moment, [(numel, shape, data_ptr)] of its swapped slots) before, while and after each run."""
+    """Logs (block, moment, [(numel, shape, data_ptr)] of its swapped slots) before, while and after each
+    run."""
     def snapshot(i, moment):
         log.append((i, moment, [(p.numel(), tuple(p.shape), p.data_ptr())
                                 for p in (getattr(s.module, s.name) for s in swap.slots[i])]))
@@ -143,7 +146,8 @@ def test_with_checkpointing_only_the_running_block_is_loaded_and_at_most_one_is_
              ).register_forward_hook(lambda m, a, o, i=i: check(i))  # the block's first layer (adapters are not called)
     for _ in range(2):  # the second step starts from where the first backward left the swap
         run(flow).square().mean().backward()
-    # forward: blocks 0..3 in order, each fetching the next; backward's recomputation: 3..0, fetching the previous
+    # forward: blocks 0..3 in order, each fetching the next; backward's recomputation: 3..0, fetching the
+    # previous
     assert [(i, loaded) for i, loaded, _ in seen] == [(i, [i]) for i in (0, 1, 2, 3, 3, 2, 1, 0)] * 2
     assert [p for *_, p in seen] == [True, True, True, False, True, True, True, False] * 2
 

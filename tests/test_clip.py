@@ -1,4 +1,5 @@
-"""The CLIP text tower's pooled output equals transformers' CLIPTextModel, with FLUX's checkpoint names and shapes."""
+"""The CLIP text tower's pooled output equals transformers' CLIPTextModel, with FLUX's checkpoint names and
+shapes."""
 
 from dataclasses import asdict
 
@@ -11,7 +12,8 @@ BOS, EOS = 49406, 49407  # <|startoftext|>, <|endoftext|> (also the pad token) i
 
 
 def reference_and_ours(cfg: CLIPConfig, bos_token_id: int = BOS, seed: int = 0):
-    """A tiny random transformers CLIPTextModel, and ours carrying the same weights (its state dict, strictly)."""
+    """A tiny random transformers CLIPTextModel, and ours carrying the same weights (its state dict,
+    strictly)."""
     torch.manual_seed(seed)
     ref = transformers.CLIPTextModel(transformers.CLIPTextConfig(**asdict(cfg), bos_token_id=bos_token_id)).eval()
     with torch.no_grad():  # LayerNorms start at weight 1, bias 0: make them matter too
@@ -57,7 +59,8 @@ def test_clip_pools_at_first_eos_like_transformers_when_eos_id_is_not_legacy():
 
 
 def test_full_size_clip_matches_hf_names_and_shapes():
-    """Built from FLUX's text_encoder config values: HF's tensors minus the `text_model.` prefix, same shapes."""
+    """Built from FLUX's text_encoder config values: HF's tensors minus the `text_model.` prefix, same
+    shapes."""
     hf_config = transformers.CLIPTextConfig(**asdict(CLIPConfig()), bos_token_id=0, pad_token_id=1, projection_dim=768)
     assert CLIPConfig.from_hf(hf_config.to_dict()) == CLIPConfig()
     with torch.device("meta"):

@@ -1,6 +1,7 @@
-"""Regional compilation (`minflux/compile.py`, `--compile`) changes how the blocks run, never what they compute: the
-compiled tiny model equals the eager one within float32 rounding, with fp8 layers and block swap, and in a LoRA
-training step with gradient checkpointing; each block class compiles into whole graphs (no graph break)."""
+"""Regional compilation (`minflux/compile.py`, `--compile`) changes how the blocks run, never what they
+compute: the compiled tiny model equals the eager one within float32 rounding, with fp8 layers and block swap,
+and in a LoRA training step with gradient checkpointing; each block class compiles into whole graphs (no graph
+break)."""
 
 import copy
 
@@ -82,8 +83,8 @@ def test_a_compiled_lora_training_step_with_checkpointing_gives_the_eager_loss_a
 
 
 def record_compiles(monkeypatch, script) -> list[dict]:
-    """What each script's compile_blocks call finds in the flow (the blocks are then left uncompiled: compiling the
-    toy on two cores would take most of a minute; the tests above check what compiling does)."""
+    """What each script's compile_blocks call finds in the flow (the blocks are then left uncompiled:
+    compiling the toy on two cores would take most of a minute; the tests above check what compiling does)."""
     seen = []
 
     def record(flow):

@@ -1,6 +1,7 @@
-"""Conditional IC-LoRAs (`train.py --ref-panel K`): the loss is on the panels to generate, the reference panels are
-given as `sample.py --ref` gives them (one function for both), the LoRA file records the geometry, and sample.py
-takes it from there. The toy model stands in for FLUX (its VAE and flow are small and trained)."""
+"""Conditional IC-LoRAs (`train.py --ref-panel K`): the loss is on the panels to generate, the reference
+panels are given as `sample.py --ref` gives them (one function for both), the LoRA file records the geometry,
+and sample.py takes it from there. The toy model stands in for FLUX (its VAE and flow are small and
+trained)."""
 
 import shutil
 from pathlib import Path
@@ -33,7 +34,8 @@ def pipe():
 
 @pytest.fixture(scope="module")
 def sets(tmp_path_factory):
-    """Three recolour sets: joined two-panel images (128x64) with captions, as toy/make_sets.py writes them."""
+    """Three recolour sets: joined two-panel images (128x64) with captions, as toy/make_sets.py writes
+    them."""
     folder = tmp_path_factory.mktemp("toy_sets")
     for i in range(3):
         for suffix in (".png", ".txt"):
@@ -54,7 +56,8 @@ def batch(encoded):
 
 
 def moved_by_hand(B: int) -> torch.Tensor:
-    """The positions of a 64x128 two-panel row whose left panel is moved onto the right one: (1, row, col + 4)."""
+    """The positions of a 64x128 two-panel row whose left panel is moved onto the right one: (1, row, col +
+    4)."""
     ids = image_ids(B, 64, 128).reshape(B, 4, 8, 3).clone()
     ids[:, :, :4] = ids[:, :, 4:]
     ids[:, :, :4, 0] = 1
@@ -95,8 +98,9 @@ def test_an_all_true_target_mask_is_the_plain_loss(pipe, encoded):
 
 
 def test_what_the_reference_panel_holds_in_the_training_image_does_not_change_the_loss_or_its_gradient(encoded):
-    """The reference tokens' loss is masked and their input comes from the reference latents: the joined image's
-    own latents there (a different encoding of the same pixels; here replaced by noise) do not matter."""
+    """The reference tokens' loss is masked and their input comes from the reference latents: the joined
+    image's own latents there (a different encoding of the same pixels; here replaced by noise) do not
+    matter."""
     torch.manual_seed(0)
     flow = load_pipeline("toy").flow  # its own copy: the LoRA stays out of the module's pipe
     inject_lora(flow, rank=4, alpha=4, seed=0)
@@ -138,7 +142,7 @@ def test_moved_positions_of_two_references_take_the_first_panel_to_generate_with
     panel_2, panel_4 = canvas[:2, 2:], canvas[2:, 2:]
     assert torch.equal(ids[:2, :2, 1:], panel_2[..., 1:]) and (ids[:2, :2, 0] == 1).all()   # panel 1
     assert torch.equal(ids[2:, :2, 1:], panel_2[..., 1:]) and (ids[2:, :2, 0] == 2).all()   # panel 3
-    assert torch.equal(ids[:2, 2:], panel_2) and torch.equal(ids[2:, 2:], panel_4)          # generated: unmoved
+    assert torch.equal(ids[:2, 2:], panel_2) and torch.equal(ids[2:, 2:], panel_4)        # generated: unmoved
 
 
 @pytest.mark.parametrize("mode", ["noised", "clean"])
@@ -221,7 +225,8 @@ def test_a_reference_panel_the_sets_do_not_have_fails_before_any_weight_loads(se
 
 
 def test_joined_images_with_panels_keep_every_panel_edge_on_the_token_grid(tmp_path):
-    """A 3-panel row (3x 50x40) goes to a bucket whose panels are 16-px multiples, each panel resized on its own."""
+    """A 3-panel row (3x 50x40) goes to a bucket whose panels are 16-px multiples, each panel resized on its
+    own."""
     colours = [(250, 0, 0), (0, 250, 0), (0, 0, 250)]
     Image.fromarray(np.concatenate([np.full((40, 50, 3), c, np.uint8) for c in colours], 1)).save(tmp_path / "a.png")
     (tmp_path / "a.txt").write_text("three")
@@ -236,7 +241,8 @@ def test_joined_images_with_panels_keep_every_panel_edge_on_the_token_grid(tmp_p
 
 @pytest.fixture(scope="module")
 def conditional_lora(tmp_path_factory):
-    """A toy LoRA file with the metadata of `train.py --ref-panel 1` on two-panel rows of 48x32 (H x W) panels."""
+    """A toy LoRA file with the metadata of `train.py --ref-panel 1` on two-panel rows of 48x32 (H x W)
+    panels."""
     flow = load_pipeline("toy").flow
     inject_lora(flow, rank=2, alpha=2, seed=0)
     path = tmp_path_factory.mktemp("lora") / "cond.safetensors"
@@ -279,7 +285,8 @@ def test_resuming_a_run_trained_with_another_reference_treatment_is_refused(sets
 
 
 def metadata_only_lora(path, *geometry) -> str:
-    """A file with conditional_metadata(*geometry): enough for what sample.py checks before any weight loads."""
+    """A file with conditional_metadata(*geometry): enough for what sample.py checks before any weight
+    loads."""
     save_file({"x": torch.zeros(1)}, path, metadata=conditional_metadata(*geometry))
     return str(path)
 

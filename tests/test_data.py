@@ -1,5 +1,5 @@
-"""The IC-LoRA dataset: panel joining, panel boxes, aspect buckets at one or more resolutions, up-front validation,
-batching.
+"""The IC-LoRA dataset: panel joining, panel boxes, aspect buckets at one or more resolutions, up-front
+validation, batching.
 
 Tiny images are drawn with PIL in tmp_path; no model, no GPU.
 """
@@ -326,7 +326,8 @@ def test_batches_by_bucket_never_mix_buckets_and_cover_every_index_once(tmp_path
 
 
 # ------------------------------------------------------------------------------------------------------------
-# Several resolutions (`train.py --resolution 512 768 1024`): one sample per set and resolution, never upscaled
+# Several resolutions (`train.py --resolution 512 768 1024`): one sample per set and resolution, never
+# upscaled
 
 
 def test_a_set_smaller_than_every_resolution_trains_at_its_own_size_rounded_down_per_panel(tmp_path):
@@ -340,10 +341,11 @@ def test_a_set_smaller_than_every_resolution_trains_at_its_own_size_rounded_down
 
 @pytest.mark.parametrize("layout", ["row", "column", "grid"])
 def test_bucketing_never_upscales_keeps_panels_equal_and_crops_sets_beyond_4_to_1_only_by_rounding(tmp_path, layout):
-    """Sets of 1 to 6 panels of many sizes at several resolutions: every bucket's panels are equal, multiples of 16,
-    no larger than the set's panels on either side, and the bucket's area is within resolution² (unless a panel side
-    is already at the 16-pixel minimum). A set of an aspect beyond 1:4-4:1 loses at most the rounding of each panel
-    side to 16 px, in its own pixels and in the bucket's, when cover-resized: nothing else is cropped away."""
+    """Sets of 1 to 6 panels of many sizes at several resolutions: every bucket's panels are equal, multiples
+    of 16, no larger than the set's panels on either side, and the bucket's area is within resolution² (unless
+    a panel side is already at the 16-pixel minimum). A set of an aspect beyond 1:4-4:1 loses at most the
+    rounding of each panel side to 16 px, in its own pixels and in the bucket's, when cover-resized: nothing
+    else is cropped away."""
     sizes = [(w, h, n) for w in (16, 47, 100, 161, 300) for h in (20, 33, 90, 250) for n in (1, 2, 3, 4, 5, 6)]
     for k, (w, h, n) in enumerate(sizes):
         write_set(tmp_path / f"s{k:03d}", [Image.new("RGB", (w, h), RED)] * n)
@@ -383,8 +385,9 @@ def test_a_large_set_appears_at_every_listed_resolution_up_to_its_own_size(tmp_p
 
 
 def test_a_set_between_two_resolutions_takes_the_smaller_ones_and_its_own_size_for_each_above_as_ai_toolkit(tmp_path):
-    """ai-toolkit makes one copy of the dataset per listed resolution and caps each at the image's own area, so every
-    set has one sample per resolution; here the bucket at 512 (416x624) is taller than the image's 400 px."""
+    """ai-toolkit makes one copy of the dataset per listed resolution and caps each at the image's own area,
+    so every set has one sample per resolution; here the bucket at 512 (416x624) is taller than the image's
+    400 px."""
     write_joined(tmp_path, "a", Image.new("RGB", (600, 400)))
     buckets = [s.bucket for s in PanelSetDataset(tmp_path, resolution=[256, 512, 768]).samples]
     assert buckets == [(208, 304), (400, 592), (400, 592)]

@@ -1,9 +1,10 @@
-"""train.py under `torchrun` on 2 CPU processes (gloo) against one process: data parallel (DDP-style all-reduce of
-the adapters' gradients) and --fsdp (FSDP2) give the LoRA one process gives, and --resume stays bit-exact.
+"""train.py under `torchrun` on 2 CPU processes (gloo) against one process: data parallel (DDP-style
+all-reduce of the adapters' gradients) and --fsdp (FSDP2) give the LoRA one process gives, and --resume stays
+bit-exact.
 
-The sets: five 2:1 images and one 1:2 image, so that with --batch-size 4 an epoch's micro-batches hold 4, 1 and 1
-examples: a micro-batch of 1 leaves one rank nothing to compute. Caption dropout is on, so that the draws of
-every rank must follow one process's.
+The sets: five 2:1 images and one 1:2 image, so that with --batch-size 4 an epoch's micro-batches hold 4, 1
+and 1 examples: a micro-batch of 1 leaves one rank nothing to compute. Caption dropout is on, so that the
+draws of every rank must follow one process's.
 """
 
 import json

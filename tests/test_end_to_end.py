@@ -1,4 +1,5 @@
-"""sample.py on a tiny checkpoint in the official HF repo layout gives diffusers' FluxPipeline image, per pixel."""
+"""sample.py on a tiny checkpoint in the official HF repo layout gives diffusers' FluxPipeline image, per
+pixel."""
 
 import numpy as np
 import pytest

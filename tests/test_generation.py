@@ -1,5 +1,6 @@
-"""sample.py beyond text-to-image: LoRA files (the official IC-LoRA layout, against diffusers), panel sets and their
-files, reference panels pinned during sampling (iclora/references.py), and image-to-image (against diffusers)."""
+"""sample.py beyond text-to-image: LoRA files (the official IC-LoRA layout, against diffusers), panel sets and
+their files, reference panels pinned during sampling (iclora/references.py), and image-to-image (against
+diffusers)."""
 
 import re
 
@@ -35,10 +36,10 @@ def pipe(repo):
 
 
 def write_iclora_file(path, repo, seed):
-    """A LoRA in the exact layout of the ali-vilab/In-Context-LoRA files: PEFT names with the `transformer.` prefix,
-    lora_A/lora_B only (no alpha: scale 1), rank 16, fp16, on every Linear whose path holds "transformer_blocks"
-    (ai-toolkit's target rule: all of the double and single blocks, norm1.linear, norm1_context.linear and
-    norm.linear included)."""
+    """A LoRA in the exact layout of the ali-vilab/In-Context-LoRA files: PEFT names with the `transformer.`
+    prefix, lora_A/lora_B only (no alpha: scale 1), rank 16, fp16, on every Linear whose path holds
+    "transformer_blocks" (ai-toolkit's target rule: all of the double and single blocks, norm1.linear,
+    norm1_context.linear and norm.linear included)."""
     transformer = FluxTransformer2DModel.from_pretrained(repo / "transformer")
     g = torch.Generator().manual_seed(seed)
     sd = {}
@@ -252,7 +253,8 @@ def test_a_list_of_seeds_runs_once_per_seed(repo, tmp_path):
 
 
 def reference_image(seed, size=(64, 48)) -> Image.Image:
-    """A smooth random picture (not flat), larger than the panel and of another aspect, to exercise the cover-crop."""
+    """A smooth random picture (not flat), larger than the panel and of another aspect, to exercise the
+    cover-crop."""
     rng = np.random.default_rng(seed)
     return Image.fromarray(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)).resize((size[0] + 16, size[1] + 32),
                                                                                   Image.Resampling.BICUBIC)
@@ -288,11 +290,12 @@ def test_reference_panel_ends_exactly_on_the_reference_latents(pipe):
 def test_reference_panel_is_fixed_and_the_other_panel_generated_whatever_the_seed(repo, tmp_path):
     """In pixels: across seeds the reference panel barely changes, the generated panel changes completely.
 
-    The reference panel's pixels are NOT compared with decode(encode(ref)) decoded on its own: this tiny random VAE's
-    decoder is global (GroupNorm statistics and mid-block attention span the canvas, and its encoder's latents are
-    ~20× smaller than generated ones), so the same latents decode ~34/255 apart beside another panel. The exact
-    promise is in latent space (test above); what remains here is the decoder's dependence on the other panel. The
-    pixel promise is shown with a trained autoencoder, the toy model's (test_reference_panel_decodes_close_...)."""
+    The reference panel's pixels are NOT compared with decode(encode(ref)) decoded on its own: this tiny
+    random VAE's decoder is global (GroupNorm statistics and mid-block attention span the canvas, and its
+    encoder's latents are ~20× smaller than generated ones), so the same latents decode ~34/255 apart beside
+    another panel. The exact promise is in latent space (test above); what remains here is the decoder's
+    dependence on the other panel. The pixel promise is shown with a trained autoencoder, the toy model's
+    (test_reference_panel_decodes_close_...)."""
     reference_image(0).save(tmp_path / "ref.png")
     files = ours(repo, tmp_path / "out.png", "--panels", "2", "--panel-width", "64", "--panel-height", "48",
                  "--ref", str(tmp_path / "ref.png"), "--seed", "1", "2", steps=8)
@@ -323,8 +326,8 @@ def toy_scene(i):
 
 
 def test_reference_panel_decodes_close_to_the_reference_image(tmp_path):
-    """With a trained autoencoder (the shipped toy model's) the pinned panel comes out as the reference picture, up
-    to the autoencoder round trip, while the generated panel is another picture."""
+    """With a trained autoencoder (the shipped toy model's) the pinned panel comes out as the reference
+    picture, up to the autoencoder round trip, while the generated panel is another picture."""
     from toy.world import render
 
     ref = np.asarray(render(toy_scene(0)), dtype=np.int16)
@@ -431,8 +434,9 @@ def test_img2img_start_index_is_diffusers_rule(steps, strength):
 
 
 def test_img2img_matches_diffusers_with_its_sampled_init_latents(repo, pipe, init_image):
-    """diffusers samples the VAE posterior with the generator, then draws the noise from the same generator; given
-    those two draws (encode_image(generator=g), then randn from g) our sampler must land on its image."""
+    """diffusers samples the VAE posterior with the generator, then draws the noise from the same generator;
+    given those two draws (encode_image(generator=g), then randn from g) our sampler must land on its
+    image."""
     image, seed, steps, strength = Image.open(init_image), 4, 5, 0.6
     ref = FluxImg2ImgPipeline.from_pretrained(repo, torch_dtype=torch.float32)
     want = np.asarray(ref(PROMPT, image=image, strength=strength, width=64, height=48, num_inference_steps=steps,

@@ -1,5 +1,5 @@
-"""In bf16, the QK norm and RoPE give exactly what BFL's float32 formulas give (issue #14 removed their float32
-copies of q and k, not their float32 arithmetic)."""
+"""In bf16, the QK norm and RoPE give exactly what BFL's float32 formulas give (issue #14 removed their
+float32 copies of q and k, not their float32 arithmetic)."""
 
 import torch
 from einops import rearrange

@@ -1,4 +1,5 @@
-"""The LoRA injector: fresh adapters change nothing, merging is exact, only adapters train, base names stay official."""
+"""The LoRA injector: fresh adapters change nothing, merging is exact, only adapters train, base names stay
+official."""
 
 import pytest
 import torch

@@ -1,5 +1,6 @@
-"""LoRA files: ours load back and into diffusers; PEFT, official IC-LoRA, kohya, BFL-native and XLabs files load
-onto our fused BFL linears with exactly the effect of their weight deltas; bad files fail with a clear error."""
+"""LoRA files: ours load back and into diffusers; PEFT, official IC-LoRA, kohya, BFL-native and XLabs files
+load onto our fused BFL linears with exactly the effect of their weight deltas; bad files fail with a clear
+error."""
 
 import copy
 import re
@@ -35,10 +36,11 @@ def lora_pair(module, rank, g, dtype=torch.float32):
 
 
 def in_float64(*models):
-    """Models and inputs in float64, for comparing computations that differ only in fp32 summation order (a LoRA
-    merged by hand, (W + BA)·x, against W·x + B(A·x); separate q/k/v adapters against one fused block-diagonal
-    adapter; a saved B holding (alpha / r)·B, rounded, against B and scale alpha / r): they differ by ~2e-5 in fp32
-    at these reference weights' output scale (~13); in float64 the test sees the mapping itself."""
+    """Models and inputs in float64, for comparing computations that differ only in fp32 summation order (a
+    LoRA merged by hand, (W + BA)·x, against W·x + B(A·x); separate q/k/v adapters against one fused
+    block-diagonal adapter; a saved B holding (alpha / r)·B, rounded, against B and scale alpha / r): they
+    differ by ~2e-5 in fp32 at these reference weights' output scale (~13); in float64 the test sees the
+    mapping itself."""
     x = {k: v.double() if v.is_floating_point() else v for k, v in inputs(models[-1].params).items()}
     return *(m.double() for m in models), x
 
@@ -58,7 +60,8 @@ def report(label, got, want, base):
 
 
 def load_into_diffusers(ref, path, name="lora"):
-    """What diffusers' FluxPipeline.load_lora_weights does for the transformer (alphas read from `.alpha` keys)."""
+    """What diffusers' FluxPipeline.load_lora_weights does for the transformer (alphas read from `.alpha`
+    keys)."""
     state_dict, alphas = FluxLoraLoaderMixin.lora_state_dict(str(path), return_alphas=True)
     FluxLoraLoaderMixin.load_lora_into_transformer(state_dict, network_alphas=alphas, transformer=ref,
                                                    adapter_name=name)
@@ -165,7 +168,8 @@ def test_our_file_loads_in_diffusers_with_the_same_output(tmp_path, alpha, multi
 
 @pytest.mark.parametrize("rank, alpha", [(4, 8.0), (8, 2.0)])
 def test_our_file_loads_at_the_same_strength_with_diffusers_load_lora_adapter(tmp_path, rank, alpha):
-    """FluxTransformer2DModel.load_lora_adapter reads no .alpha keys (scale 1): our files carry alpha / r in B."""
+    """FluxTransformer2DModel.load_lora_adapter reads no .alpha keys (scale 1): our files carry alpha / r in
+    B."""
     ref, ours = reference_and_ours(guidance_embed=True)
     x = inputs(ours.params)
     before = run(ours, x)
@@ -209,13 +213,15 @@ def test_separate_qkv_loras_on_fused_linears_match_diffusers_with_the_lora_appli
 
 def kohya_diffusers_name(key: str) -> str:
     """transformer.transformer_blocks.0.attn.to_out.0.lora_down.weight
-    -> lora_transformer_transformer_blocks_0_attn_to_out_0.lora_down.weight (kohya's naming of diffusers modules)"""
+    -> lora_transformer_transformer_blocks_0_attn_to_out_0.lora_down.weight (kohya's naming of diffusers
+    modules)"""
     module, role = key.removeprefix("transformer.").split(".lora_")
     return f"lora_transformer_{module.replace('.', '_')}.lora_{role}"
 
 
 def test_peft_name_variants_load_the_same():
-    """transformer.-prefixed or not, lora_A/B or lora_down/up, peft's base_model.model. prefix, kohya's naming."""
+    """transformer.-prefixed or not, lora_A/B or lora_down/up, peft's base_model.model. prefix, kohya's
+    naming."""
     _, ours = reference_and_ours(guidance_embed=True)
     g = torch.Generator().manual_seed(3)
     A, B = lora_pair(torch.nn.Linear(32, 32), 4, g)
@@ -338,9 +344,10 @@ def test_bfl_native_keys_may_carry_comfyui_diffusion_model_prefix():
 
 
 def test_fal_kontext_keys_load_as_the_same_bfl_native_keys():
-    """fal's Kontext trainer writes `base_model.model.<BFL module>.lora_A/B.weight`. diffusers' converter for these
-    files hard-codes FLUX.1's sizes (3072 wide, 19 + 38 blocks), so the reference here is our BFL-native loading,
-    which test_bfl_native_file_equals_merging_its_deltas_by_hand checks against the deltas merged by hand."""
+    """fal's Kontext trainer writes `base_model.model.<BFL module>.lora_A/B.weight`. diffusers' converter for
+    these files hard-codes FLUX.1's sizes (3072 wide, 19 + 38 blocks), so the reference here is our BFL-native
+    loading, which test_bfl_native_file_equals_merging_its_deltas_by_hand checks against the deltas merged by
+    hand."""
     _, ours = reference_and_ours(guidance_embed=True)
     g, plain = torch.Generator().manual_seed(9), {}
     for module in ("double_blocks.0.img_attn.qkv", "double_blocks.1.txt_mlp.2", "single_blocks.1.linear1"):

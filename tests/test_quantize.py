@@ -1,6 +1,7 @@
-"""fp8 weights (minflux/quantize.py): FP8Linear is dequantize + F.linear, quantizing rounds within e4m3's step,
-fp8 checkpoints (plain casts and ComfyUI scaled fp8) load to FP8Linear with the file's values, LoRAs train and
-apply on an fp8 base exactly as on its dequantized fp32 copy, and sample.py merges LoRAs before quantizing."""
+"""fp8 weights (minflux/quantize.py): FP8Linear is dequantize + F.linear, quantizing rounds within e4m3's
+step, fp8 checkpoints (plain casts and ComfyUI scaled fp8) load to FP8Linear with the file's values, LoRAs
+train and apply on an fp8 base exactly as on its dequantized fp32 copy, and sample.py merges LoRAs before
+quantizing."""
 
 import numpy as np
 import pytest
@@ -29,7 +30,8 @@ def tiny_flux(seed=0) -> Flux:
 
 
 def dequantized_copy(model: Flux) -> Flux:
-    """An fp32 Flux whose Linear weights are `model`'s FP8Linear weights dequantized, everything else equal."""
+    """An fp32 Flux whose Linear weights are `model`'s FP8Linear weights dequantized, everything else
+    equal."""
     plain = Flux(model.params).eval()
     sd = model.state_dict()
     for name, m in model.named_modules():
@@ -142,8 +144,8 @@ def linear_keys(sd) -> list[str]:
 
 
 def write_fp8(path, sd, fp8_dtype, scaled: str | None, prefix=""):
-    """scaled None: a plain cast; "scalar" / "rows": ComfyUI scaled fp8 with one scale per tensor / per row, its
-    `scaled_fp8` marker and a `scale_input` to ignore. A norm scale is cast too (to be upcast on load)."""
+    """scaled None: a plain cast; "scalar" / "rows": ComfyUI scaled fp8 with one scale per tensor / per row,
+    its `scaled_fp8` marker and a `scale_input` to ignore. A norm scale is cast too (to be upcast on load)."""
     out = dict(sd)
     for key in linear_keys(sd):
         w, layer = sd[key].float(), key.removesuffix(".weight")
@@ -227,7 +229,8 @@ def test_sample_py_quantize_merges_the_lora_before_quantizing(repo, tmp_path):
     randomize_adapters(flow, "default")
     save_lora(flow, tmp_path / "lora.safetensors")
     merge_lora(flow, "default")
-    # the reference: the merged fp32 weights of the blocks quantized, written as ComfyUI scaled fp8 with per-row scales
+    # the reference: the merged fp32 weights of the blocks quantized, written as ComfyUI scaled fp8 with
+    # per-row scales
     merged = {k: v for k, v in flow.state_dict().items() if ".lora_" not in k}
     quantized = {}
     for key in [k for k in linear_keys(merged) if k.startswith(("double_blocks.", "single_blocks."))]:

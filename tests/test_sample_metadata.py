@@ -1,5 +1,6 @@
-"""sample.py's settings in every PNG it writes (the "minflux" text chunk) and `--from-image`, which runs them again:
-written equals read back, the run is drawn again bit for bit, flags given win, and a foreign PNG is refused."""
+"""sample.py's settings in every PNG it writes (the "minflux" text chunk) and `--from-image`, which runs them
+again: written equals read back, the run is drawn again bit for bit, flags given win, and a foreign PNG is
+refused."""
 
 import json
 from contextlib import nullcontext

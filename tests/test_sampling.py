@@ -1,4 +1,5 @@
-"""The sampler: schedule, noise, packing and the time convention, against the reference values and diffusers."""
+"""The sampler: schedule, noise, packing and the time convention, against the reference values and
+diffusers."""
 
 import numpy as np
 import pytest

@@ -32,7 +32,8 @@ def reference_and_ours(seed: int = 0):
 
 @pytest.mark.parametrize("length", [40, 200])
 def test_t5_encoder_matches_transformers(length):
-    """40 tokens reach the log-spaced buckets (max distance 20 in the tiny config), 200 the capped last bucket."""
+    """40 tokens reach the log-spaced buckets (max distance 20 in the tiny config), 200 the capped last
+    bucket."""
     ref, ours = reference_and_ours()
     ids = torch.randint(0, ours.cfg.vocab_size, (2, length), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():

@@ -1,6 +1,6 @@
-"""Spec for minflux.tokenizers: the ids equal transformers' CLIPTokenizer / T5Tokenizer (v5) exactly, called as
-FLUX calls them (padding="max_length", truncation=True), on the real CLIP vocabulary and a toy T5 SentencePiece
-model (tests/tokenizer_files.py). Shapes: B prompts, L = max_length.
+"""Spec for minflux.tokenizers: the ids equal transformers' CLIPTokenizer / T5Tokenizer (v5) exactly, called
+as FLUX calls them (padding="max_length", truncation=True), on the real CLIP vocabulary and a toy T5
+SentencePiece model (tests/tokenizer_files.py). Shapes: B prompts, L = max_length.
 """
 
 import json

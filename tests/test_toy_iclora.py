@@ -1,10 +1,10 @@
-"""The toy In-Context LoRA story at CI size: `train.py --model toy` on a few recolour sets (toy/make_sets.py) must
-raise the panel-consistency scores of held-out sets above the base model's (toy/score.py), so CI guards that the
-trainer learns, not only that it runs. Measured at this size (CPU, 80 s per run): rule 0 -> 0.27 from the caption
-and 0 -> 0.27 with the left panel given (checked against the given panel); right-panel caption match 0.16 -> 0.29
-and 0.05 -> 0.31. A conditional LoRA (`--ref-panel 1`, same sets and settings) follows the rule from the given
-left panel better: 0.43 with its default "moved" reference (0.44 "clean", 0.43 "noised"). The README's runs (60 sets,
-1000 steps) go further."""
+"""The toy In-Context LoRA story at CI size: `train.py --model toy` on a few recolour sets (toy/make_sets.py)
+must raise the panel-consistency scores of held-out sets above the base model's (toy/score.py), so CI guards
+that the trainer learns, not only that it runs. Measured at this size (CPU, 80 s per run): rule 0 -> 0.27 from
+the caption and 0 -> 0.27 with the left panel given (checked against the given panel); right-panel caption
+match 0.16 -> 0.29 and 0.05 -> 0.31. A conditional LoRA (`--ref-panel 1`, same sets and settings) follows the
+rule from the given left panel better: 0.43 with its default "moved" reference (0.44 "clean", 0.43 "noised").
+The README's runs (60 sets, 1000 steps) go further."""
 
 import pytest
 
@@ -69,6 +69,7 @@ def test_toy_iclora_draws_the_right_panel_the_joint_caption_describes(scores):
 
 
 def test_a_conditional_lora_follows_the_rule_from_the_given_panel_better_than_a_plain_one(scores, conditional_scores):
-    """Given the left panel, the LoRA trained with it given follows the rule better than the text-to-set one."""
+    """Given the left panel, the LoRA trained with it given follows the rule better than the text-to-set
+    one."""
     _, plain = scores
     assert conditional_scores["ref"]["rule"] > plain["ref"]["rule"] + MARGIN

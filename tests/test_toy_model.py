@@ -1,6 +1,6 @@
-"""The toy FLUX shipped in toy/model/: it loads through the FLUX.1-dev code path, is a few MB, draws a recognisable
-scene on CPU in seconds, its tokenizers and text encoders are what transformers reads from the same folders, and
-toy/train_base.py rebuilds such a repo end to end, deterministically."""
+"""The toy FLUX shipped in toy/model/: it loads through the FLUX.1-dev code path, is a few MB, draws a
+recognisable scene on CPU in seconds, its tokenizers and text encoders are what transformers reads from the
+same folders, and toy/train_base.py rebuilds such a repo end to end, deterministically."""
 
 import math
 import random
@@ -50,7 +50,8 @@ def test_toy_model_draws_the_demo_prompt(pipe):
 
 
 def test_toy_model_ignores_the_guidance_value(pipe):
-    """Trained with random guidance in [1, 5]: IC-LoRA training's 1.0 and the sampler's 3.5 draw the same scene."""
+    """Trained with random guidance in [1, 5]: IC-LoRA training's 1.0 and the sampler's 3.5 draw the same
+    scene."""
     images = [pipe.generate([DEMO_PROMPT], width=64, height=64, steps=20, guidance=g, seed=1, progress=False)[0]
               for g in (1.0, 3.5)]
     assert [caption_match(image, DEMO_SCENE) >= MIN_DEMO_MATCH for image in images] == [True, True]
@@ -82,8 +83,8 @@ def test_toy_text_encoders_match_transformers(pipe):
 
 @torch.no_grad()
 def test_merged_pad_attention_weighs_a_token_like_its_copies():
-    """One text token with bias log n gives the image the output of n equal copies of it (the merged T5 pads), and
-    the hook is unset afterwards."""
+    """One text token with bias log n gives the image the output of n equal copies of it (the merged T5 pads),
+    and the hook is unset afterwards."""
     torch.manual_seed(0)
     p = train_base.flow_params(train_base.parse_args([]))
     flow = Flux(p).eval()

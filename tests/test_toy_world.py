@@ -1,5 +1,5 @@
-"""The toy world: seeded scenes, canonical captions, reading clean and degraded renders back, the recolour task's
-scores, and the dataset script. Pure numpy/PIL on small images; no model."""
+"""The toy world: seeded scenes, canonical captions, reading clean and degraded renders back, the recolour
+task's scores, and the dataset script. Pure numpy/PIL on small images; no model."""
 
 import random
 import subprocess
@@ -18,7 +18,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def degrade(image, rng, blur=1.0, sigma=20.0):
-    """What a blurry, noisy generator might make of a clean render: Gaussian blur, then pixel noise (0..255 scale)."""
+    """What a blurry, noisy generator might make of a clean render: Gaussian blur, then pixel noise (0..255
+    scale)."""
     pixels = np.asarray(image.filter(ImageFilter.GaussianBlur(blur)), dtype=np.float32)
     pixels = pixels + rng.normal(0.0, sigma, pixels.shape)
     return Image.fromarray(np.clip(pixels, 0, 255).round().astype(np.uint8))

@@ -247,8 +247,8 @@ LONG_CAPTION = "a red fox " * 120  # 5 tokens each (▁a ▁re d ▁fo x): 600 t
 
 @pytest.fixture
 def broken_weights_repo(repo, tmp_path):
-    """The tiny repo with an unreadable transformer file: whatever happens before the error, happens before the
-    weights load."""
+    """The tiny repo with an unreadable transformer file: whatever happens before the error, happens before
+    the weights load."""
     copy = shutil.copytree(repo, tmp_path / "FLUX.1-dev")
     (copy / "flux1-dev.safetensors").write_bytes(b"broken")
     return copy
@@ -368,7 +368,8 @@ def test_init_lora_starts_the_adapters_from_the_file(repo, data, tmp_path):
 
 @pytest.mark.parametrize("alpha", [2.0, 4.0, 12.0])
 def test_init_lora_starts_from_the_files_delta_whatever_the_alpha(tmp_path, alpha):
-    """A file saved at rank 4, alpha 8 (its B holds 2·B) gives a fresh rank-4 adapter of any --alpha its delta."""
+    """A file saved at rank 4, alpha 8 (its B holds 2·B) gives a fresh rank-4 adapter of any --alpha its
+    delta."""
     _, source = reference_and_ours(guidance_embed=True)
     flow = copy.deepcopy(source)
     save_lora(with_random_lora(source, rank=4, alpha=8.0), tmp_path / "init.safetensors")

@@ -12,7 +12,8 @@ from minflux.model import Flux, FluxParams, preset
 
 
 def reference_and_ours(guidance_embed: bool, seed: int = 0):
-    """A tiny random diffusers transformer, and ours carrying the same weights through the diffusers->BFL table."""
+    """A tiny random diffusers transformer, and ours carrying the same weights through the diffusers->BFL
+    table."""
     torch.manual_seed(seed)
     p = preset("tiny", guidance_embed=guidance_embed)
     ref = FluxTransformer2DModel(
@@ -138,8 +139,8 @@ def test_rope_table_makes_no_float64_tensor_on_mps():
 
 
 def test_each_block_traces_into_one_graph_without_complex_tensors():
-    """torch.compile sees a block whole (no graph break), and RoPE in real arithmetic (Inductor cannot generate
-    code for complex operators)."""
+    """torch.compile sees a block whole (no graph break), and RoPE in real arithmetic (Inductor cannot
+    generate code for complex operators)."""
     flux = Flux(preset("tiny")).eval()
     x = inputs(flux.params)
     img, txt, vec = flux.img_in(x["img"]), flux.txt_in(x["txt"]), flux.vector_in(x["y"])

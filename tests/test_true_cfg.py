@@ -1,5 +1,6 @@
-"""True classifier-free guidance in sample.py (`--negative-prompt`, `--true-cfg`, diffusers' `true_cfg_scale`):
-against two passes per step combined by hand, and against diffusers' FluxPipeline on a tiny checkpoint."""
+"""True classifier-free guidance in sample.py (`--negative-prompt`, `--true-cfg`, diffusers'
+`true_cfg_scale`): against two passes per step combined by hand, and against diffusers' FluxPipeline on a tiny
+checkpoint."""
 
 import numpy as np
 import pytest

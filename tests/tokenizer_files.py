@@ -1,10 +1,11 @@
 """Writers for tokenizer folders laid out like the official FLUX repo's `tokenizer/` and `tokenizer_2/`.
 
-`write_clip_tokenizer` writes the real OpenAI CLIP BPE vocabulary (49,408 tokens, 48,894 merges), rebuilt offline
-from the `bpe_simple_vocab_16e6.txt.gz` that ships in the open_clip_torch wheel (the same files as the official tokenizer/ folder).
-`write_t5_tokenizer` trains a small SentencePiece unigram model in-process with T5's special ids
-(`<pad>` 0, `</s>` 1, `<unk>` 2, no BOS) and writes `spiece.model` plus the `tokenizer.json` that transformers
-itself builds from it (T5's layout: pieces, then the 100 sentinels). Plain functions, usable by any test.
+`write_clip_tokenizer` writes the real OpenAI CLIP BPE vocabulary (49,408 tokens, 48,894 merges), rebuilt
+offline from the `bpe_simple_vocab_16e6.txt.gz` that ships in the open_clip_torch wheel (the same files as the
+official tokenizer/ folder). `write_t5_tokenizer` trains a small SentencePiece unigram model in-process with
+T5's special ids (`<pad>` 0, `</s>` 1, `<unk>` 2, no BOS) and writes `spiece.model` plus the `tokenizer.json`
+that transformers itself builds from it (T5's layout: pieces, then the 100 sentinels). Plain functions, usable
+by any test.
 """
 
 import gzip
@@ -38,7 +39,8 @@ def write_clip_tokenizer(folder) -> Path:
 
 
 def caption_corpus() -> list[str]:
-    """Deterministic, varied English image captions (some accents and punctuation) to train the toy T5 model."""
+    """Deterministic, varied English image captions (some accents and punctuation) to train the toy T5
+    model."""
     subjects = ["a red fox", "two old fishermen", "an astronaut", "the Eiffel tower", "a bowl of ramen",
                 "a tabby cat", "a vintage convertible", "three children", "a lonely lighthouse", "the café owner",
                 "a naïve robot", "a hot-air balloon", "my grandmother's garden", "a golden retriever",
@@ -74,10 +76,12 @@ def _pieces(model: bytes) -> list[str]:
 
 
 def write_t5_tokenizer(folder, vocab_size: int = 256) -> int:
-    """spiece.model, tokenizer.json, tokenizer_config.json and special_tokens_map.json of FLUX's `tokenizer_2/`.
+    """spiece.model, tokenizer.json, tokenizer_config.json and special_tokens_map.json of FLUX's
+    `tokenizer_2/`.
 
-    Returns the tokenizer's vocabulary size: the SentencePiece pieces plus the 100 `<extra_id_N>` sentinels that
-    transformers puts on top of them (`<extra_id_0>` is the last id), i.e. the T5 embedding rows needed."""
+    Returns the tokenizer's vocabulary size: the SentencePiece pieces plus the 100 `<extra_id_N>` sentinels
+    that transformers puts on top of them (`<extra_id_0>` is the last id), i.e. the T5 embedding rows
+    needed."""
     from transformers import T5Tokenizer as ReferenceT5Tokenizer
 
     folder, model = Path(folder), train_spiece_model(vocab_size)

@@ -1,6 +1,6 @@
-"""`torchrun ... tests/torchrun_train.py RUNS.json`: train.main once per argument list of RUNS.json, in order, in the
-processes torchrun starts, so that the multi-process tests (tests/test_distributed.py) start processes and import
-torch once for all their runs."""
+"""`torchrun ... tests/torchrun_train.py RUNS.json`: train.main once per argument list of RUNS.json, in order,
+in the processes torchrun starts, so that the multi-process tests (tests/test_distributed.py) start processes
+and import torch once for all their runs."""
 
 import json
 import sys

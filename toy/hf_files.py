@@ -2,8 +2,9 @@
 
 The BFL root files (flux1-dev.safetensors, ae.safetensors), text_encoder*/ as transformers writes them, the
 diffusers configs and model_index.json (`write_weights_and_configs`), and the tokenizer folders for any
-byte-level BPE merge list (`write_clip_tokenizer_files`, ids in OpenAI CLIP's order) or SentencePiece model with
-T5's special ids (`write_t5_tokenizer_files`). The toy model's builder and the tests both write through it.
+byte-level BPE merge list (`write_clip_tokenizer_files`, ids in OpenAI CLIP's order) or SentencePiece model
+with T5's special ids (`write_t5_tokenizer_files`). The toy model's builder and the tests both write through
+it.
 """
 
 import json
@@ -139,9 +140,9 @@ def write_clip_tokenizer_files(folder: Path, merges: list[str]) -> dict[str, int
 
 
 def write_t5_tokenizer_files(folder: Path, spiece_model: bytes, num_pieces: int) -> dict[str, int]:
-    """spiece.model, tokenizer_config.json, special_tokens_map.json for a SentencePiece model of num_pieces pieces
-    with T5's special ids (<pad> 0, </s> 1, <unk> 2); returns the ids of those and of the 100 sentinels, which
-    transformers puts after the pieces in reverse (`<extra_id_0>` is the last id)."""
+    """spiece.model, tokenizer_config.json, special_tokens_map.json for a SentencePiece model of num_pieces
+    pieces with T5's special ids (<pad> 0, </s> 1, <unk> 2); returns the ids of those and of the 100
+    sentinels, which transformers puts after the pieces in reverse (`<extra_id_0>` is the last id)."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "spiece.model").write_bytes(spiece_model)
     extras = [f"<extra_id_{i}>" for i in range(N_EXTRA_IDS)]

@@ -1,8 +1,11 @@
-"""Write the toy datasets: recolour sets for IC-LoRA training, or single scenes for training a tiny base model.
+"""Write the toy datasets: recolour sets for IC-LoRA training, or single scenes for training a tiny base
+model.
 
     python toy/make_sets.py --out sets/toy_recolour                # 60 sets, panels 64 px, 1-2 shapes, seed 0
-        sets/toy_recolour/set_000.png (two panels side by side, 2*size x size) + set_000.txt (joint caption), ...
-    python toy/make_sets.py --out sets/toy_blind_recolour --task blind_recolour   # the same sets, blind captions
+        sets/toy_recolour/set_000.png (two panels side by side, 2*size x size) + set_000.txt (joint caption),
+        ...
+    python toy/make_sets.py --out sets/toy_blind_recolour --task blind_recolour   # the same sets, blind
+    captions
     python toy/make_sets.py --out sets/toy_scenes --single 2000 --size 64 --seed 1
         sets/toy_scenes/scene_0000.png (size x size) + scene_0000.txt (caption), ...
 Both are the "joined images" layout that iclora.data.PanelSetDataset reads (see toy/world.py for the scenes).

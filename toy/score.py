@@ -1,17 +1,19 @@
-"""Score the toy In-Context LoRA tasks "recolour" and "blind_recolour": generate held-out two-panel sets with the toy
-FLUX, with and without a LoRA, read every panel back with toy.world.analyse, and report the panel-consistency scores.
+"""Score the toy In-Context LoRA tasks "recolour" and "blind_recolour": generate held-out two-panel sets with
+the toy FLUX, with and without a LoRA, read every panel back with toy.world.analyse, and report the
+panel-consistency scores.
 
     python toy/score.py --lora out.safetensors                   # base vs LoRA on 20 held-out sets
     python toy/score.py --lora out.safetensors --sheet sets.png  # ... and a picture: targets, base, LoRA
-    python toy/score.py --lora blind.safetensors --task blind_recolour   # captions that do not describe the scene
+    python toy/score.py --lora blind.safetensors --task blind_recolour   # captions that do not describe the
+    scene
 
-Each set is generated in two modes (In-Context LoRA, arXiv 2410.23775, §4): "text" from the joint caption alone,
-"ref" with the left panel given (see `evaluate`). "ceiling" is the ref-mode rule of the exact targets through the
-autoencoder (`ceiling`): what a LoRA that hit the target latents exactly would score. The scenes have their own
-seed (--scenes-seed), so they are held out from make_sets.py's training sets; every set uses the same noise (--seed)
-with and without the LoRA. A LoRA trained with `train.py --ref-panel` is sampled in ref mode with the reference
-treatment its metadata records.
-Shape letters: B sets, Li image tokens, c latent channels.
+Each set is generated in two modes (In-Context LoRA, arXiv 2410.23775, §4): "text" from the joint caption
+alone, "ref" with the left panel given (see `evaluate`). "ceiling" is the ref-mode rule of the exact targets
+through the autoencoder (`ceiling`): what a LoRA that hit the target latents exactly would score. The scenes
+have their own seed (--scenes-seed), so they are held out from make_sets.py's training sets; every set uses
+the same noise (--seed) with and without the LoRA. A LoRA trained with `train.py --ref-panel` is sampled in
+ref mode with the reference treatment its metadata records. Shape letters: B sets, Li image tokens, c latent
+channels.
 """
 
 import argparse
@@ -43,8 +45,9 @@ def held_out_scenes(count: int, seed: int, max_shapes: int = 2) -> list[Scene]:
 
 def generate_sets(pipe: Pipeline, scenes: list[Scene], size: int, steps: int, seed: int, reference: bool,
                   task: str = "recolour", ref_mode: str = "noised") -> list[Image.Image]:
-    """One joined (2·size)×size set per scene, captioned as `task` does, all from one noise draw of `seed`; with
-    `reference`, the left panel is the scene's render, pinned at every step in `ref_mode` (iclora/references.py)."""
+    """One joined (2·size)×size set per scene, captioned as `task` does, all from one noise draw of `seed`;
+    with `reference`, the left panel is the scene's render, pinned at every step in `ref_mode`
+    (iclora/references.py)."""
     width, height = 2 * size, size
     txt, vec = pipe.encode_prompts([TASKS[task](scene) for scene in scenes])
     noise = get_noise(len(scenes), height, width, seed)                                     # (B, c, h, w)
@@ -53,7 +56,7 @@ def generate_sets(pipe: Pipeline, scenes: list[Scene], size: int, steps: int, se
         known = [reference_latents(pipe, [(render(s, size), (0, 0, size, size))], height, width) for s in scenes]
         mask = known[0][1]                                                                  # (Li,)
         hook = pin_references(torch.cat([k for k, _ in known]), mask, noise, timesteps, mode=ref_mode)
-    ids = image_positions(height, width, 2, "row", [0] if reference else [], ref_mode)                    # (1, Li, 3)
+    ids = image_positions(height, width, 2, "row", [0] if reference else [], ref_mode)            # (1, Li, 3)
     latents = pipe.sample(txt, vec, height, width, steps, 3.5, seed, progress=False, after_step=hook, img_ids=ids)
     return to_pil(pipe.decode(latents))
 
@@ -68,11 +71,11 @@ def mean_scores(images: list[Image.Image], scenes: list[Scene], given_size: int 
 def evaluate(pipe: Pipeline, scenes: list[Scene], size: int = 64, steps: int = 20, seed: int = 0,
              task: str = "recolour", ref_mode: str = "noised") -> tuple[dict[str, dict[str, float]],
                                                                        dict[str, list[Image.Image]]]:
-    """Scores and images of both modes, {"text": {...}, "ref": {...}}. text: from the joint caption alone; scores:
-    caption match of the left and right panels, and the rule (the right panel is the left one, as it was generated,
-    recoloured). ref: the left panel is the scene's render, pinned SDEdit-style as `sample.py --ref` does, so only the
-    right panel is generated; scores: caption match of the right panel and the rule against the given left panel
-    (the render, not its copy decoded with the generated canvas)."""
+    """Scores and images of both modes, {"text": {...}, "ref": {...}}. text: from the joint caption alone;
+    scores: caption match of the left and right panels, and the rule (the right panel is the left one, as it
+    was generated, recoloured). ref: the left panel is the scene's render, pinned SDEdit-style as `sample.py
+    --ref` does, so only the right panel is generated; scores: caption match of the right panel and the rule
+    against the given left panel (the render, not its copy decoded with the generated canvas)."""
     images = {mode: generate_sets(pipe, scenes, size, steps, seed, mode == "ref", task, ref_mode)
               for mode in ("text", "ref")}
     scores = {mode: mean_scores(images[mode], scenes, size if mode == "ref" else None) for mode in images}
@@ -82,8 +85,8 @@ def evaluate(pipe: Pipeline, scenes: list[Scene], size: int = 64, steps: int = 2
 
 @torch.no_grad()
 def ceiling(pipe: Pipeline, scenes: list[Scene], size: int = 64) -> float:
-    """The ref-mode rule of the exact targets: each set drawn perfectly, through the autoencoder (encoded, then
-    decoded as generated sets are) and scored as `evaluate` scores ref mode."""
+    """The ref-mode rule of the exact targets: each set drawn perfectly, through the autoencoder (encoded,
+    then decoded as generated sets are) and scored as `evaluate` scores ref mode."""
     joined = torch.cat([from_pil(join_panels([render(s, size), render(recolour(s), size)], "row"), size, 2 * size)
                         for s in scenes])                                                    # (B, 3, H, W)
     images = to_pil(pipe.decode(pipe.encode_image(joined)))
@@ -91,7 +94,8 @@ def ceiling(pipe: Pipeline, scenes: list[Scene], size: int = 64) -> float:
 
 
 def contact_sheet(scenes: list[Scene], rows: list[list[Image.Image]], size: int, columns: int = 8) -> Image.Image:
-    """The first `columns` sets: their targets (renders of both panels) on top, then one row per image list."""
+    """The first `columns` sets: their targets (renders of both panels) on top, then one row per image
+    list."""
     targets = []
     for scene in scenes[:columns]:
         joined = Image.new("RGB", (2 * size, size))

@@ -1,13 +1,14 @@
-"""Train the toy FLUX that ships in toy/model/: FLUX.1-dev's code and file layout at a few MB, trained from scratch
-on toy/world.py scenes in minutes on a laptop CPU, then loaded and scored through minflux.pipeline.
+"""Train the toy FLUX that ships in toy/model/: FLUX.1-dev's code and file layout at a few MB, trained from
+scratch on toy/world.py scenes in minutes on a laptop CPU, then loaded and scored through minflux.pipeline.
 
     python toy/train_base.py                                 # the shipped run: rewrites toy/model/
-    python toy/train_base.py --out /tmp/toy --scenes 32 --ae-steps 2 --flow-steps 3 --eval-prompts 1   # smoke run
+    python toy/train_base.py --out /tmp/toy --scenes 32 --ae-steps 2 --flow-steps 3 --eval-prompts 1   # smoke
+    run
 
 Stages, in main's order: scenes; tokenizers (toy/train_tokenizers.py); random, frozen text encoders; an
-autoencoder; the flow transformer; the repo in FLUX.1-dev's layout (toy/hf_files.py), evaluated, with a README.
-Deterministic for a given --seed and --threads.
-Shape letters: N scenes, B batch, Lt text tokens, Li image tokens, C width.
+autoencoder; the flow transformer; the repo in FLUX.1-dev's layout (toy/hf_files.py), evaluated, with a
+README. Deterministic for a given --seed and --threads. Shape letters: N scenes, B batch, Lt text tokens, Li
+image tokens, C width.
 """
 
 import argparse
@@ -101,7 +102,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def renders(scenes: list[Scene], size: int) -> torch.Tensor:
     """(N, 3, size, size) in [-1, 1]."""
-    pixels = np.stack([np.asarray(render(scene, size)) for scene in scenes])               # (N, H, W, 3) uint8
+    pixels = np.stack([np.asarray(render(scene, size)) for scene in scenes])              # (N, H, W, 3) uint8
     return torch.from_numpy(rearrange(pixels, "n h w c -> n c h w").copy()).float() / 127.5 - 1
 
 
@@ -113,8 +114,8 @@ def make_scenes(count: int, max_shapes: int, size: int, seed: int) -> tuple[torc
 
 
 def eval_scenes(count: int, max_shapes: int, seed: int, seen: set[str]) -> list[Scene]:
-    """Held-out scenes for the score, none with a caption in `seen` (the training captions): DEMO_SCENE first, then
-    scenes from a seed of their own."""
+    """Held-out scenes for the score, none with a caption in `seen` (the training captions): DEMO_SCENE first,
+    then scenes from a seed of their own."""
     rng = random.Random(f"eval-{seed}")
     scenes = [DEMO_SCENE][:count]
     while len(scenes) < count:
@@ -124,24 +125,26 @@ def eval_scenes(count: int, max_shapes: int, seed: int, seen: set[str]) -> list[
 
 
 # ------------------------------------------------------------------------------------------- text encoders
-# Random and frozen: the captions are exact, short and drawn from ~40 words, so a fixed random encoder that keeps each
-# token's identity and its neighbours is all the flow model needs; training the encoders too would cost CPU time for
-# little gain.
+# Random and frozen: the captions are exact, short and drawn from ~40 words, so a fixed random encoder that
+# keeps each token's identity and its neighbours is all the flow model needs; training the encoders too would
+# cost CPU time for little gain.
 
 
 def t5_config(vocab_size: int, args) -> T5Config:
-    """16 buckets: distances 0..3 on each side get a bucket of their own, every farther one is in a log bucket."""
+    """16 buckets: distances 0..3 on each side get a bucket of their own, every farther one is in a log
+    bucket."""
     return T5Config(vocab_size=vocab_size, d_model=args.t5_width, d_kv=args.t5_width // 4, d_ff=2 * args.t5_width,
                     num_layers=args.t5_layers, num_heads=4, relative_attention_num_buckets=16,
                     relative_attention_max_distance=32)
 
 
 def banded_t5(cfg: T5Config, reach: int, seed: int) -> T5Encoder:
-    """A random T5 whose position bias closes (-1e4) every bucket that holds a distance beyond `reach`, so each layer
-    mixes a token only with its near neighbours. With random biases over all 512 positions, attention spreads almost
-    evenly over the ~490 pads and a colour word hardly knows whether "circle" or "background" follows it; the band
-    keeps that local word order. It also makes the outputs of content tokens independent of the padding, and all
-    pads far from both the caption and the end of the sequence exactly equal, which encode_captions merges."""
+    """A random T5 whose position bias closes (-1e4) every bucket that holds a distance beyond `reach`, so
+    each layer mixes a token only with its near neighbours. With random biases over all 512 positions,
+    attention spreads almost evenly over the ~490 pads and a colour word hardly knows whether "circle" or
+    "background" follows it; the band keeps that local word order. It also makes the outputs of content tokens
+    independent of the padding, and all pads far from both the caption and the end of the sequence exactly
+    equal, which encode_captions merges."""
     torch.manual_seed(seed)
     t5 = T5Encoder(cfg)
     distances = torch.arange(-cfg.relative_attention_max_distance, cfg.relative_attention_max_distance + 1)
@@ -168,12 +171,14 @@ def random_clip(cfg: CLIPConfig, seed: int) -> CLIPTextModel:
 
 @torch.no_grad()
 def encode_captions(t5: T5Encoder, clip: CLIPTextModel, repo: Path, captions: list[str], reach: int, batch: int = 256):
-    """T5 states cut to the tokens that differ + the log-count bias of each kept token, and CLIP pooled vectors.
+    """T5 states cut to the tokens that differ + the log-count bias of each kept token, and CLIP pooled
+    vectors.
 
-    T5 runs on all 512 tokens, as in the pipeline. Position p of a caption with content (incl. </s>) in [0, c) is
-    a pad whose receptive field [p - R, p + R] (R = reach x layers) holds only pads when c + R <= p < 512 - R: all
-    those rows are the same vector. Kept: [0, K) with K = max c + R, one row for the run [K, 512 - R) with a bias
-    of log(its length), and the last R rows. Returns txt (N, Lt, C) with Lt = K + 1 + R, bias (Lt,), vec (N, C)."""
+    T5 runs on all 512 tokens, as in the pipeline. Position p of a caption with content (incl. </s>) in [0, c)
+    is a pad whose receptive field [p - R, p + R] (R = reach x layers) holds only pads when c + R <= p < 512 -
+    R: all those rows are the same vector. Kept: [0, K) with K = max c + R, one row for the run [K, 512 - R)
+    with a bias of log(its length), and the last R rows. Returns txt (N, Lt, C) with Lt = K + 1 + R, bias
+    (Lt,), vec (N, C)."""
     t5_tok = T5Tokenizer(repo / "tokenizer_2" / "spiece.model", max_length=T5_LENGTH)
     clip_tok = CLIPTokenizer(repo / "tokenizer" / "vocab.json", repo / "tokenizer" / "merges.txt")
     R = reach * len(t5.encoder.block)
@@ -200,23 +205,24 @@ def encode_captions(t5: T5Encoder, clip: CLIPTextModel, repo: Path, captions: li
 
 
 def ae_params() -> AutoEncoderParams:
-    """z_channels 16 and 8x downsampling as FLUX's, so latents pack the same way. ch 32 with ch_mult (2, 1, 1, 2):
-    64 channels at full and at latent resolution, where the encoder's and the decoder's last GroupNorm (32 groups)
-    sit. With one channel per group those norms erase each channel's mean over the image, i.e. the background
-    colour, which (1, 1, 1, 1) then has to smuggle through zero-padding effects and learns many times slower; two
-    channels per group keep their difference."""
+    """z_channels 16 and 8x downsampling as FLUX's, so latents pack the same way. ch 32 with ch_mult (2, 1, 1,
+    2): 64 channels at full and at latent resolution, where the encoder's and the decoder's last GroupNorm (32
+    groups) sit. With one channel per group those norms erase each channel's mean over the image, i.e. the
+    background colour, which (1, 1, 1, 1) then has to smuggle through zero-padding effects and learns many
+    times slower; two channels per group keep their difference."""
     return AutoEncoderParams(resolution=64, ch=32, ch_mult=(2, 1, 1, 2), num_res_blocks=1, z_channels=16)
 
 
 def train_autoencoder(images: torch.Tensor, args) -> tuple[AutoEncoder, dict]:
-    """VAE training: the decoder sees mean + std * noise; loss = (L1 + L2) per pixel + kl * KL per latent element.
+    """VAE training: the decoder sees mean + std * noise; loss = (L1 + L2) per pixel + kl * KL per latent
+    element.
 
-    Three things make it train in minutes: every residual branch starts at zero (the second conv of each resnet
-    block and the attention output; SkipInit, De & Smith 2020), so the network starts as a short stack of plain
-    convs; the log-variance starts at -6 (std 0.05), so the start is a plain autoencoder and the KL term lets
-    the noise grow only where the decoder can afford it; and pixels that differ from the background (the corner
-    pixel, never covered) weigh --shape-weight times more, since shapes cover ~5-15% of a scene and are otherwise
-    learnt last. channels_last memory is ~1.5x faster for these convs on CPU."""
+    Three things make it train in minutes: every residual branch starts at zero (the second conv of each
+    resnet block and the attention output; SkipInit, De & Smith 2020), so the network starts as a short stack
+    of plain convs; the log-variance starts at -6 (std 0.05), so the start is a plain autoencoder and the KL
+    term lets the noise grow only where the decoder can afford it; and pixels that differ from the background
+    (the corner pixel, never covered) weigh --shape-weight times more, since shapes cover ~5-15% of a scene
+    and are otherwise learnt last. channels_last memory is ~1.5x faster for these convs on CPU."""
     torch.manual_seed(args.seed + 1)
     ae = AutoEncoder(ae_params())
     with torch.no_grad():
@@ -252,7 +258,8 @@ def train_autoencoder(images: torch.Tensor, args) -> tuple[AutoEncoder, dict]:
 
 @torch.no_grad()
 def set_latent_factors(ae: AutoEncoder, images: torch.Tensor, batch: int = 256) -> torch.Tensor:
-    """Sets shift = mean and scale = 1 / std of the latent means over all scenes; returns the normalized latents."""
+    """Sets shift = mean and scale = 1 / std of the latent means over all scenes; returns the normalized
+    latents."""
     ae.params.scale_factor, ae.params.shift_factor = 1.0, 0.0
     z = torch.cat([ae.encode(images[i : i + batch]) for i in tqdm(range(0, len(images), batch), desc="latents")])
     ae.params.shift_factor, ae.params.scale_factor = z.mean().item(), 1.0 / z.std().item()
@@ -272,11 +279,11 @@ def warmup_cosine(step: int, total: int, warmup: int) -> float:
 
 @contextmanager
 def merged_pad_attention(text_bias: torch.Tensor):
-    """While active, every FLUX attention adds text_bias (Lt,) to the logits of the first Lt keys (the text tokens)
-    and 0 to the image keys, through minflux.layers.text_key_bias. The pipeline feeds T5 512 tokens; to train on ~40
-    instead, the run of equal far pads is merged into one token whose logit gets + log(count) ("proportional
-    attention", Token Merging, Bolya et al. 2023): softmax weighs it count times, exactly the full-length attention
-    (check_merged_attention)."""
+    """While active, every FLUX attention adds text_bias (Lt,) to the logits of the first Lt keys (the text
+    tokens) and 0 to the image keys, through minflux.layers.text_key_bias. The pipeline feeds T5 512 tokens;
+    to train on ~40 instead, the run of equal far pads is merged into one token whose logit gets + log(count)
+    ("proportional attention", Token Merging, Bolya et al. 2023): softmax weighs it count times, exactly the
+    full-length attention (check_merged_attention)."""
     previous, layers.text_key_bias = layers.text_key_bias, text_bias
     try:
         yield
@@ -310,7 +317,7 @@ def check_merged_attention(params: FluxParams, t5: T5Encoder, clip: CLIPTextMode
     txt, bias, vec = encode_captions(t5, clip, repo, captions, reach)
     full = t5(T5Tokenizer(repo / "tokenizer_2" / "spiece.model", max_length=T5_LENGTH)(captions))  # (B, 512, C)
     B = len(captions)
-    x = torch.randn(B, 16, 64)                                                           # (B, Li, 64): 64x64 px
+    x = torch.randn(B, 16, 64)                                                         # (B, Li, 64): 64x64 px
     inputs = dict(img=x, img_ids=image_ids(B, 64, 64), timesteps=torch.full((B,), 0.7), y=vec,
                   guidance=torch.full((B,), 3.5))
     want = flow(txt=full, txt_ids=text_ids(B, T5_LENGTH), **inputs)                    # (B, Li, 64)
@@ -320,13 +327,14 @@ def check_merged_attention(params: FluxParams, t5: T5Encoder, clip: CLIPTextMode
 
 
 def train_flow(latents, txt, bias, vec, args) -> tuple[Flux, dict]:
-    """Flow matching on cached latents (N, 16, h, w), merged T5 states (N, Lt, C) + their bias (Lt,), CLIP vectors
-    (N, C); returns the EMA weights (the shipped ones) and the loss summary.
+    """Flow matching on cached latents (N, 16, h, w), merged T5 states (N, Lt, C) + their bias (Lt,), CLIP
+    vectors (N, C); returns the EMA weights (the shipped ones) and the loss summary.
 
-    iclora.training.flow_matching_loss (t = 1 noise, x_t = (1 - t) x0 + t eps, target eps - x0), AdamW with warm-up
-    and cosine decay, gradient clipping at 1, an EMA of the weights, adaLN-Zero init (DiT, Peebles & Xie 2023). The
-    distilled-guidance input is drawn uniformly from --guidance-range each step and so carries no meaning: any value
-    in that range (IC-LoRA's 1.0 in training, the sampler's 3.5) gives the same images."""
+    iclora.training.flow_matching_loss (t = 1 noise, x_t = (1 - t) x0 + t eps, target eps - x0), AdamW with
+    warm-up and cosine decay, gradient clipping at 1, an EMA of the weights, adaLN-Zero init (DiT, Peebles &
+    Xie 2023). The distilled-guidance input is drawn uniformly from --guidance-range each step and so carries
+    no meaning: any value in that range (IC-LoRA's 1.0 in training, the sampler's 3.5) gives the same
+    images."""
     torch.manual_seed(args.seed + 3)
     flow = Flux(flow_params(args))
     adaln_zero_(flow)
@@ -365,8 +373,8 @@ def train_flow(latents, txt, bias, vec, args) -> tuple[Flux, dict]:
 
 def score_captions(repo: Path, scenes: list[Scene], size: int, steps: int,
                    guidance: float) -> tuple[list[float], list[Image.Image]]:
-    """caption_match of each scene and the images generated from the captions through minflux.pipeline (seed 0,
-    one batch, so image i starts from row i of seed 0's noise)."""
+    """caption_match of each scene and the images generated from the captions through minflux.pipeline (seed
+    0, one batch, so image i starts from row i of seed 0's noise)."""
     pipe = load_pipeline(str(repo))
     images = pipe.generate([caption(s) for s in scenes], width=size, height=size, steps=steps, guidance=guidance,
                            seed=0, progress=False)
@@ -493,8 +501,8 @@ def main(argv=None) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
 
-    # 1. Scenes, 2. tokenizers trained on their captions (+ recolour-task captions), checked with the pipeline's own
-    # tokenizer classes.
+    # 1. Scenes, 2. tokenizers trained on their captions (+ recolour-task captions), checked with the
+    # pipeline's own tokenizer classes.
     with timed(times, "data+tokenizers"):
         images, captions = make_scenes(args.scenes, args.max_shapes, args.size, args.seed)    # (N, 3, H, W)
         corpus = tokenizer_corpus(captions, args.task_captions, args.seed)
@@ -511,7 +519,7 @@ def main(argv=None) -> Path:
         diff = check_merged_attention(flow_params(args), t5, clip, tmp, captions[:4], args.t5_reach, args.seed + 6)
         if diff > 1e-4:
             raise RuntimeError(f"merged-pad attention differs from the 512-token forward by {diff:.2e}")
-        txt, bias, vec = encode_captions(t5, clip, tmp, captions, args.t5_reach)       # (N, Lt, C), (Lt,), (N, C)
+        txt, bias, vec = encode_captions(t5, clip, tmp, captions, args.t5_reach)   # (N, Lt, C), (Lt,), (N, C)
     print(f"text: {txt.shape[1]} of {T5_LENGTH} T5 tokens kept, the run of far pads merged "
           f"(max diff to the full forward {diff:.1e})", file=sys.stderr)
 

@@ -1,9 +1,9 @@
 """Train the toy model's two tokenizers on its captions and write them in FLUX.1-dev's folders.
 
-tokenizer_2/ is a SentencePiece unigram model with T5's special ids (<pad> 0, </s> 1, <unk> 2, no BOS); tokenizer/
-is a CLIP byte-level BPE (vocab.json + merges.txt). The corpus holds the scene captions and the recolour task's
-joint captions, so IC-LoRA captions tokenize into whole words too. Both are checked through minflux's own
-tokenizer classes, as the pipeline loads them. Shape letters: N texts.
+tokenizer_2/ is a SentencePiece unigram model with T5's special ids (<pad> 0, </s> 1, <unk> 2, no BOS);
+tokenizer/ is a CLIP byte-level BPE (vocab.json + merges.txt). The corpus holds the scene captions and the
+recolour task's joint captions, so IC-LoRA captions tokenize into whole words too. Both are checked through
+minflux's own tokenizer classes, as the pipeline loads them. Shape letters: N texts.
 """
 
 import io
@@ -28,11 +28,12 @@ def tokenizer_corpus(captions: list[str], task_captions: int, seed: int) -> list
 
 
 def train_t5_tokenizer(folder: Path, corpus: list[str], seed: int) -> int:
-    """tokenizer_2/: spiece.model (unigram, T5's special ids) + configs. Returns the vocabulary size incl. sentinels.
+    """tokenizer_2/: spiece.model (unigram, T5's special ids) + configs. Returns the vocabulary size incl.
+    sentinels.
 
-    SentencePiece's seed search finds only a few dozen candidates in a language of ~40 words that always come in
-    the same order, and then splits words into letters; shuffling the words of each caption (punctuation split
-    off) shows every word in many contexts, and it learns one piece per word."""
+    SentencePiece's seed search finds only a few dozen candidates in a language of ~40 words that always come
+    in the same order, and then splits words into letters; shuffling the words of each caption (punctuation
+    split off) shows every word in many contexts, and it learns one piece per word."""
     rng = random.Random(f"spm-{seed}")
     lines = []
     for text in corpus:
@@ -52,9 +53,10 @@ def train_t5_tokenizer(folder: Path, corpus: list[str], seed: int) -> int:
 
 
 def bpe_merges(corpus: list[str], min_frequency: int = 2) -> list[str]:
-    """Byte-level BPE merges learnt greedily from the corpus: repeatedly merge the most frequent adjacent pair of
-    symbols (a word's last symbol carries "</w>") until no pair occurs min_frequency times. Equal counts are broken
-    by the pair itself, so two runs write the same merges.txt (tokenizers' BpeTrainer orders ties arbitrarily)."""
+    """Byte-level BPE merges learnt greedily from the corpus: repeatedly merge the most frequent adjacent pair
+    of symbols (a word's last symbol carries "</w>") until no pair occurs min_frequency times. Equal counts
+    are broken by the pair itself, so two runs write the same merges.txt (tokenizers' BpeTrainer orders ties
+    arbitrarily)."""
     normalizer, splitter = clip_normalizer(), clip_pre_tokenizer()  # the text pipeline of minflux's CLIPTokenizer
     counts = Counter(w for text in corpus for w, _ in splitter.pre_tokenize_str(normalizer.normalize_str(text)))
     words = {w: [*w[:-1], w[-1] + "</w>"] for w in counts}
@@ -84,15 +86,15 @@ def bpe_merges(corpus: list[str], min_frequency: int = 2) -> list[str]:
 
 
 def train_clip_tokenizer(folder: Path, corpus: list[str]) -> int:
-    """tokenizer/: a byte-level BPE in OpenAI CLIP's files and id order (256 bytes, the same with </w>, one token per
-    merge, <|startoftext|>, <|endoftext|> last) + configs. Returns the vocabulary size."""
+    """tokenizer/: a byte-level BPE in OpenAI CLIP's files and id order (256 bytes, the same with </w>, one
+    token per merge, <|startoftext|>, <|endoftext|> last) + configs. Returns the vocabulary size."""
     return len(write_clip_tokenizer_files(folder, bpe_merges(corpus)))
 
 
 def check_tokenizers(repo: Path, texts: list[str]) -> dict[str, float]:
-    """Every text must come back from minflux's tokenizers (as the pipeline loads them) without an unknown token,
-    equal up to whitespace (CLIP also lowercases; like the real one it cuts long texts at 77 tokens, so a cut row
-    must give a prefix). Returns the mean token counts."""
+    """Every text must come back from minflux's tokenizers (as the pipeline loads them) without an unknown
+    token, equal up to whitespace (CLIP also lowercases; like the real one it cuts long texts at 77 tokens, so
+    a cut row must give a prefix). Returns the mean token counts."""
     t5 = T5Tokenizer(repo / "tokenizer_2" / "spiece.model", max_length=T5_LENGTH)
     clip = CLIPTokenizer(repo / "tokenizer" / "vocab.json", repo / "tokenizer" / "merges.txt")
     pieces = {i: p for p, i in t5.tokenizer.get_vocab().items()}

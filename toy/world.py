@@ -1,14 +1,14 @@
-"""Toy scenes: random layouts of flat shapes, their exact captions, reading images back into scenes, and the toy
-In-Context LoRA task "recolour" with its scores.
+"""Toy scenes: random layouts of flat shapes, their exact captions, reading images back into scenes, and the
+toy In-Context LoRA task "recolour" with its scores.
 
-A scene is a background colour plus 1-3 shapes, each in its own cell of a 3x3 grid. PALETTE holds six corners of
-the RGB cube, at least 255 apart, so a blurry, noisy generator still lands nearest the colour it meant. The task
-follows In-Context LoRA (arXiv 2410.23775; caption style of the authors' release): a two-panel set whose right
-panel is the left scene (same shapes, cells and sizes) with every colour, background included, sent through
-RECOLOUR, a fixed 6-cycle that no base model knows. "blind_recolour" is the same sets with a caption that says what
-to do but not what the scene is: only the given left panel (a conditional IC-LoRA) tells the right one.
-`analyse` reads blurry, noisy generated images back too.
-Images are PIL RGB; PIL sizes are (W, H); arrays are (H, W) for an image, (h, w) for one cell; P palette colours.
+A scene is a background colour plus 1-3 shapes, each in its own cell of a 3x3 grid. PALETTE holds six corners
+of the RGB cube, at least 255 apart, so a blurry, noisy generator still lands nearest the colour it meant. The
+task follows In-Context LoRA (arXiv 2410.23775; caption style of the authors' release): a two-panel set whose
+right panel is the left scene (same shapes, cells and sizes) with every colour, background included, sent
+through RECOLOUR, a fixed 6-cycle that no base model knows. "blind_recolour" is the same sets with a caption
+that says what to do but not what the scene is: only the given left panel (a conditional IC-LoRA) tells the
+right one. `analyse` reads blurry, noisy generated images back too. Images are PIL RGB; PIL sizes are (W, H);
+arrays are (H, W) for an image, (h, w) for one cell; P palette colours.
 """
 
 import random
@@ -28,18 +28,19 @@ SIZES = {"small": 0.45, "large": 0.8}  # side of the shape / side of its cell
 CELLS = ("top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right")  # row-major
 MIN_IMAGE_SIZE = 24  # a small shape is then 3-4 pixels wide
 
-# Thresholds of `analyse` (cell fractions are of the cell's pixel count or side). tests/test_toy_world.py reads
-# renders blurred (radius 1) and noised (sigma 20) at 64 px back: background, colour, cell and size ~100%, kind ~97%.
+# Thresholds of `analyse` (cell fractions are of the cell's pixel count or side). tests/test_toy_world.py
+# reads renders blurred (radius 1) and noised (sigma 20) at 64 px back: background, colour, cell and size
+# ~100%, kind ~97%.
 SNAP_RADIUS = 127.5  # a pixel takes the nearest palette colour only within this distance (half the smallest palette
-#                      distance, so never two candidates); other pixels (blurred edges, off colours) are not shapes
+# distance, so never two candidates); other pixels (blurred edges, off colours) are not shapes
 PRESENT = 0.04  # a cell holds a shape when its most common non-background colour covers more than this (a clean
 #                 small triangle covers ~10% of its cell, a large square ~64%) and
 CENTERED = 0.25  # that colour's centroid lies within this fraction of a side from the cell centre (so an edge
 #                  bleeding in from a neighbouring cell is not a shape)
 LARGE = 0.62  # large when the fitted shape's width (sqrt(area / fill)) exceeds this fraction of the side (SIZES)
 ROUND_CORNERS = 0.04  # the mask's best IoU with an ideal circle, square or triangle of the same area and centroid
-#                       picks the kind; a circle wins only by more than this (blur rounds a small square's corners,
-#                       it never squares a circle)
+# picks the kind; a circle wins only by more than this (blur rounds a small square's corners, it never squares
+# a circle)
 FILL = {"circle": np.pi / 4, "square": 1.0, "triangle": 0.5}  # area / (width * height)
 SET_SUMMARY = "[TWO-PANEL] the same scene in two colour schemes"
 BLIND_CAPTION = f"{SET_SUMMARY}; [LEFT] the scene; [RIGHT] the same scene"
@@ -93,15 +94,18 @@ def recolour(scene: Scene) -> Scene:
                  tuple(Shape(s.kind, RECOLOUR[s.colour], s.size, s.cell) for s in scene.shapes))
 
 
-# ---------------------------------------------------------------------------------------------- drawing and captions
+# ---------------------------------------------------------------------------------------------- drawing and
+# captions
 def cell_boxes(width: int, height: int) -> list[tuple[int, int, int, int]]:
-    """(left, top, right, bottom), right/bottom exclusive, of the 9 cells in CELLS order; edges at floor(i * side / 3)."""
+    """(left, top, right, bottom), right/bottom exclusive, of the 9 cells in CELLS order; edges at floor(i *
+    side / 3)."""
     xs, ys = [i * width // 3 for i in range(4)], [j * height // 3 for j in range(4)]
     return [(xs[k % 3], ys[k // 3], xs[k % 3 + 1], ys[k // 3 + 1]) for k in range(9)]
 
 
 def render(scene: Scene, size: int = 64) -> Image.Image:
-    """The scene as a size x size RGB image in flat palette colours, no anti-aliasing; shapes centred in their cells."""
+    """The scene as a size x size RGB image in flat palette colours, no anti-aliasing; shapes centred in their
+    cells."""
     if size < MIN_IMAGE_SIZE:
         raise ValueError(f"render size must be at least {MIN_IMAGE_SIZE} pixels, got {size}")
     image = Image.new("RGB", (size, size), PALETTE[scene.background])
@@ -145,7 +149,8 @@ TASKS = {"recolour": set_caption, "blind_recolour": blind_caption}  # task -> jo
 
 def make_set(rng: random.Random, panel_size: int = 64, max_shapes: int = 3,
              task: str = "recolour") -> tuple[Image.Image, str]:
-    """A random set of a task in TASKS: the two panels side by side (2*panel_size x panel_size) and its caption."""
+    """A random set of a task in TASKS: the two panels side by side (2*panel_size x panel_size) and its
+    caption."""
     left = random_scene(rng, max_shapes)
     joined = Image.new("RGB", (2 * panel_size, panel_size))
     joined.paste(render(left, panel_size), (0, 0))
@@ -153,9 +158,11 @@ def make_set(rng: random.Random, panel_size: int = 64, max_shapes: int = 3,
     return joined, TASKS[task](left)
 
 
-# ------------------------------------------------------------------------------------------------------- analysis
+# -------------------------------------------------------------------------------------------------------
+# analysis
 def snap(image: Image.Image) -> tuple[np.ndarray, np.ndarray]:
-    """(H, W) index into COLOURS of each pixel's nearest palette colour, and (H, W) whether it is within SNAP_RADIUS."""
+    """(H, W) index into COLOURS of each pixel's nearest palette colour, and (H, W) whether it is within
+    SNAP_RADIUS."""
     pixels = np.asarray(image.convert("RGB"), dtype=np.float32)  # (H, W, 3)
     palette = np.array(list(PALETTE.values()), dtype=np.float32)  # (P, 3)
     distance = np.linalg.norm(pixels[:, :, None, :] - palette, axis=-1)  # (H, W, P)
@@ -173,7 +180,8 @@ def ideal_shapes(h: int, w: int, cy: float, cx: float, area: float) -> dict[str,
 
 
 def read_cell(labels: np.ndarray, background: int, cell: str) -> Shape | None:
-    """The shape in one cell from its (h, w) labels (COLOURS index, -1 for no colour), or None when it is empty."""
+    """The shape in one cell from its (h, w) labels (COLOURS index, -1 for no colour), or None when it is
+    empty."""
     h, w = labels.shape
     counts = np.bincount(labels[(labels >= 0) & (labels != background)], minlength=len(COLOURS))
     colour = int(counts.argmax())
@@ -194,8 +202,8 @@ def read_cell(labels: np.ndarray, background: int, cell: str) -> Shape | None:
 
 
 def analyse(image: Image.Image) -> Scene:
-    """The scene an image shows (any image size), read with the thresholds above: the background is the most common
-    nearest palette colour over all pixels, then each cell is read on its own."""
+    """The scene an image shows (any image size), read with the thresholds above: the background is the most
+    common nearest palette colour over all pixels, then each cell is read on its own."""
     nearest, close = snap(image)  # (H, W), (H, W)
     background = int(np.bincount(nearest.ravel(), minlength=len(COLOURS)).argmax())
     labels = np.where(close, nearest, -1)  # (H, W)
@@ -204,10 +212,12 @@ def analyse(image: Image.Image) -> Scene:
     return Scene(COLOURS[background], tuple(shape for shape in shapes if shape is not None))
 
 
-# --------------------------------------------------------------------------------------------------------- scores
+# ---------------------------------------------------------------------------------------------------------
+# scores
 def caption_match(image: Image.Image, scene: Scene) -> float:
-    """Fraction of the scene's facts the image reproduces: the background, and per shape its cell (something is
-    there), colour, kind and size. A shape in a cell the caption leaves empty counts as one more, failed, fact."""
+    """Fraction of the scene's facts the image reproduces: the background, and per shape its cell (something
+    is there), colour, kind and size. A shape in a cell the caption leaves empty counts as one more, failed,
+    fact."""
     seen = analyse(image)
     found = {shape.cell: shape for shape in seen.shapes}
     matched = int(seen.background == scene.background)
@@ -219,9 +229,9 @@ def caption_match(image: Image.Image, scene: Scene) -> float:
 
 
 def rule_score(left_image: Image.Image, right_image: Image.Image) -> float:
-    """How well the right panel is the recoloured left panel, both as analysed: items are the background and every
-    cell occupied in either the expected or the seen right panel; a shape item counts only when cell, kind, size and
-    mapped colour all match. An identity pair scores 0 (RECOLOUR moves every colour)."""
+    """How well the right panel is the recoloured left panel, both as analysed: items are the background and
+    every cell occupied in either the expected or the seen right panel; a shape item counts only when cell,
+    kind, size and mapped colour all match. An identity pair scores 0 (RECOLOUR moves every colour)."""
     expected, seen = recolour(analyse(left_image)), analyse(right_image)
     want, got = {s.cell: s for s in expected.shapes}, {s.cell: s for s in seen.shapes}
     matched = int(expected.background == seen.background) + sum(got.get(cell) == shape for cell, shape in want.items())
@@ -230,9 +240,9 @@ def rule_score(left_image: Image.Image, right_image: Image.Image) -> float:
 
 def panel_consistency(joined: Image.Image, left_scene: Scene,
                       given_left: Image.Image | None = None) -> dict[str, float]:
-    """The three scores of a (generated) recolour set whose left panel was meant to show left_scene. When the left
-    panel was given (`given_left`), the rule is checked against it: the copy in `joined` is decoded with the whole
-    canvas (the VAE's decoder mixes panels), so it can differ from what the model was given."""
+    """The three scores of a (generated) recolour set whose left panel was meant to show left_scene. When the
+    left panel was given (`given_left`), the rule is checked against it: the copy in `joined` is decoded with
+    the whole canvas (the VAE's decoder mixes panels), so it can differ from what the model was given."""
     left, right = split_panels(joined, 2, "row")
     return {"caption_left": caption_match(left, left_scene),
             "caption_right": caption_match(right, recolour(left_scene)),
