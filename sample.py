@@ -38,7 +38,8 @@ from iclora.panels import LAYOUTS, canvas_size, joint_caption, panel_boxes, pane
 from iclora.references import image_positions, pin_references, reference_latents, reference_panels
 from minflux.block_swap import BlockSwap
 from minflux.compile import compile_blocks
-from minflux.hub import USER_ERRORS, check_device, hub_call, ranged
+from minflux.cli import USER_ERRORS, check_device, ranged
+from minflux.hub import hub_call
 from minflux.pipeline import from_pil, load_pipeline, to_pil
 from minflux.quantize import FP8Linear, quantize_fp8
 from minflux.sampling import add_noise, check_size, denoise, get_noise, img2img_start, pack, text_ids, unpack

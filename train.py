@@ -37,16 +37,17 @@ from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
 from iclora.data import PanelSetDataset, batches_by_bucket
-from iclora.distributed import gathered, join, part, rank, shard, sum_gradients
+from iclora.distributed import gathered, init_distributed, part, rank, shard, sum_gradients
 from iclora.lora import inject_lora, lora_layers, remove_lora
-from iclora.lora_files import atomic_writes, conditional_metadata, load_lora, read_lora_file, save_lora
+from iclora.atomic_files import atomic_writes
+from iclora.lora_files import conditional_metadata, load_lora, read_lora_file, save_lora
 from iclora.panels import LAYOUTS, grid_shape
 from iclora.references import pin_references
 from iclora.training import (TIMESTEP_MODES, EncodedSet, check_captions, check_reference_panels, collate,
                              encode_sets, flow_matching_loss, step_generator)
 from minflux.block_swap import BlockSwap
 from minflux.compile import compile_blocks
-from minflux.hub import USER_ERRORS, check_device, ranged
+from minflux.cli import USER_ERRORS, check_device, ranged
 from minflux.pipeline import load_pipeline, load_t5_tokenizer, to_pil
 from minflux.quantize import quantize_fp8
 from minflux.sampling import check_size, get_noise
@@ -466,7 +467,7 @@ def interrupt(signum, frame):
 def main(argv=None) -> Path:
     """Runs `train` holding `<out stem>.lock`, which is removed however the run ends."""
     args = parse_args(argv)
-    args.device = join(args.device)  # under torchrun: this rank joins the others; its GPU is cuda:LOCAL_RANK
+    args.device = init_distributed(args.device)  # under torchrun: this rank joins the others; its GPU is cuda:LOCAL_RANK
     lock = args.out.with_name(f"{args.out.stem}.lock")
     if rank() == 0:  # rank 0 alone writes the files of --out
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -11,7 +11,7 @@ import torch.distributed as dist
 from torch.distributed.fsdp import fully_shard
 
 
-def join(device: str) -> str:
+def init_distributed(device: str) -> str:
     """Under torchrun: joins the ranks once (gloo for CPU tensors and objects, NCCL for CUDA's); this rank's
     device."""
     if "WORLD_SIZE" in os.environ and not dist.is_initialized():

@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from minflux.quantize import FP8Linear, dequantize, replace
+from minflux.module_tree import replace
+from minflux.quantize import FP8Linear, dequantize
 
 # every Linear of the 19 double (img/txt: mod.lin, attn.qkv, attn.proj, mlp.0, mlp.2) and 38 single blocks
 # (linear1, linear2, modulation.lin): 304 BFL linears = the 494 diffusers modules of the IC-LoRA release

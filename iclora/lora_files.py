@@ -11,7 +11,6 @@ Shape letters: r rank, R fused rank, I in features, O out features.
 
 import json
 import math
-import os
 import re
 import warnings
 from collections import defaultdict
@@ -24,6 +23,7 @@ from torch import Tensor, nn
 from minflux.convert import Rows, transformer_table
 from minflux.loading import open_safetensors
 
+from .atomic_files import atomic_write
 from .lora import LoRALinear, LoRAWeights, linears, lora_linear_at, lora_state, set_lora_scale
 from .lora_layouts import Layout, foreign_layouts
 from .panels import LAYOUTS
@@ -79,26 +79,6 @@ def save_lora(model: nn.Module, path, name: str = "default", metadata: dict[str,
                 tensors[f"{key}.lora_B.bias"] = w.bias[rows].to(cast).clone()
     atomic_write(Path(path), lambda tmp: save_file({k: v.cpu() for k, v in tensors.items()}, tmp,
                                                    metadata={"format": "pt", **(metadata or {})}))
-
-
-def atomic_write(path: Path, write):
-    """`write(tmp)` to a temporary file beside `path`, then rename: a crash never leaves a half-written
-    file."""
-    atomic_writes({path: write})
-
-
-def atomic_writes(writes: dict):
-    """Each `write(tmp)` of {path: write} to a temporary file beside its path; only when all succeeded are
-    they renamed, so a failed write (disk full) leaves every file as it was."""
-    tmps = {path: path.with_name(f".{path.name}.tmp") for path in writes}
-    try:
-        for path, write in writes.items():
-            write(tmps[path])
-        for path, tmp in tmps.items():
-            os.replace(tmp, path)
-    finally:
-        for tmp in tmps.values():
-            tmp.unlink(missing_ok=True)
 
 
 def check_finite(sd: dict[str, Tensor], source: str):

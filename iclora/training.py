@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from iclora.panels import panel_boxes, split_panels
 from iclora.references import image_positions, reference_latents, reference_panels, reference_tokens
 from minflux.pipeline import to_pil
-from minflux.quantize import compute_dtype
+from minflux.module_tree import compute_dtype
 from minflux.sampling import add_noise, image_ids, pack, shift_mu, text_ids, time_shift
 from minflux.tokenizers import overlong
 

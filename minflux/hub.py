@@ -2,26 +2,19 @@
 
 `Repo` lists the files of a local folder in the HF repo layout, or of a HF hub repo (downloaded on first use
 into the HF cache); `minflux.loading` builds the models from them. `hub_call` turns the hub's errors into one
-sentence, `USER_ERRORS` are those the scripts print as `error: <message>`; `check_device` and `ranged` check
-flags up front.
+sentence that the scripts print as `error: <message>` (minflux/cli.py).
 """
 
-import argparse
 import functools
 import json
-import math
 import re
 import sys
 from pathlib import Path
-
-import torch
 
 from .loading import LAYOUT_HELP
 
 TOY_MODEL = Path(__file__).resolve().parents[1] / "toy" / "model"
 TOY_HINT = " To try everything without the real weights, use --model toy (a 12 MB FLUX that ships in toy/model)."
-# ours name the file, key or flag at fault and what was expected, so a stack trace would add nothing
-USER_ERRORS = (ValueError, FileNotFoundError, PermissionError, ConnectionError)
 
 
 class Repo:
@@ -95,8 +88,13 @@ class Repo:
 def hub_call(model: str, fn):
     """Runs a huggingface_hub call, turning its errors into one clear sentence."""
     import huggingface_hub as hub
-    from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
-                                        OfflineModeIsEnabled, RepositoryNotFoundError)
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        OfflineModeIsEnabled,
+        RepositoryNotFoundError,
+    )
 
     try:
         return fn(hub)
@@ -114,26 +112,3 @@ def hub_call(model: str, fn):
         raise
     except Exception as e:  # network failures (connection refused, DNS, timeouts) come in the HTTP client's types
         raise ConnectionError(f"{model}: cannot reach the HF hub ({type(e).__name__}: {e})") from None
-
-
-def check_device(name: str) -> torch.device:
-    """A torch device that exists here, checked before anything is loaded."""
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"unknown device {name!r}; use cpu, cuda, cuda:1, mps, ...") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r}: this torch has no CUDA GPU available; use --device cpu")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"device {name!r}: MPS is not available here; use --device cpu")
-    return device
-
-
-def ranged(kind, low: float, high: float = math.inf):
-    """An argparse type: a `kind` (int or float) in [low, high], refused with what was expected."""
-    def parse(text: str):
-        if not low <= kind(text) <= high:
-            raise argparse.ArgumentTypeError(f"must be at least {low}, got {text}" if high == math.inf
-                                             else f"must be in [{low}, {high}], got {text}")
-        return kind(text)
-    return parse

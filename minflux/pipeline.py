@@ -24,7 +24,7 @@ from .autoencoder import AutoEncoder
 from .clip import CLIPTextModel
 from .hub import Repo
 from .model import Flux
-from .quantize import compute_dtype
+from .module_tree import compute_dtype
 from .sampling import denoise, get_noise, get_schedule, image_ids, pack, text_ids, unpack
 from .t5 import T5Encoder
 from .tokenizers import CLIPTokenizer, T5Tokenizer

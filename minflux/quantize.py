@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+from .module_tree import FP8_DTYPES, replace
+
 E4M3_MAX = torch.finfo(torch.float8_e4m3fn).max  # 448
 
 
@@ -59,11 +60,6 @@ class FP8Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, {self.weight.dtype}"
-
-
-def replace(model: nn.Module, name: str, module: nn.Module):
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent), child, module)
 
 
 def block_linears(model: nn.Module) -> list[str]:
@@ -120,8 +116,3 @@ def fp8_layers(model: nn.Module, sd: dict[str, Tensor], source: str, dtype=None)
             out[key] = (value.float() * scale.reshape(-1, *[1] * (value.dim() - 1) if scale.numel() > 1 else ())
                         ).to(dtype)
     return out
-
-
-def compute_dtype(model: nn.Module) -> torch.dtype:
-    """The dtype a model computes in: its first parameter that is not fp8."""
-    return next(p.dtype for p in model.parameters() if not is_fp8(p))

@@ -19,7 +19,7 @@ from transformers import T5EncoderModel
 
 from minflux import hub, loading
 from minflux.pipeline import load_pipeline
-from minflux.quantize import compute_dtype
+from minflux.module_tree import compute_dtype
 from tests.test_transformer import inputs, run_both
 from tests.tiny_repo import copy_repo, write_tiny_repo
 

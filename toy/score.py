@@ -28,7 +28,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 from iclora.lora_files import load_lora, read_conditional_metadata  # noqa: E402
 from iclora.references import image_positions, pin_references, reference_latents  # noqa: E402
-from minflux.hub import USER_ERRORS  # noqa: E402
+from minflux.cli import USER_ERRORS  # noqa: E402
 from iclora.panels import join_panels  # noqa: E402
 from minflux.pipeline import Pipeline, from_pil, load_pipeline, to_pil  # noqa: E402
 from minflux.quantize import quantize_fp8  # noqa: E402
