@@ -23,11 +23,10 @@ import tokenize
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-READING_PATH = {
-    "model math": (700, ["minflux/layers.py", "minflux/model.py", "minflux/sampling.py", "minflux/autoencoder.py",
-                         "minflux/t5.py", "minflux/clip.py"]),
-    "IC-LoRA core": (450, ["iclora/lora.py", "iclora/training.py", "iclora/panels.py", "iclora/references.py"]),
-}
+MODEL_MATH = ["minflux/layers.py", "minflux/model.py", "minflux/sampling.py", "minflux/autoencoder.py",
+              "minflux/t5.py", "minflux/clip.py"]
+ICLORA_CORE = ["iclora/lora.py", "iclora/training.py", "iclora/panels.py", "iclora/references.py"]
+READING_PATH = {"model math": (700, MODEL_MATH), "IC-LoRA core": (450, ICLORA_CORE)}
 CHECKED = ["minflux", "iclora", "toy", "bench", "tools", "train.py", "sample.py", "bench.py"]
 MAX_LINES = 50
 MAX_PARAMETERS = 10
@@ -76,26 +75,31 @@ def is_parser(function: ast.FunctionDef) -> bool:
     return bool(statements) and calls >= 0.75 * len(statements)
 
 
-def functions(path: Path):
-    """(name, lines, parameters, is_parser) of every function not nested in another function, methods
-    included."""
-    tree = ast.parse(path.read_text())
+def parameter_count(function: ast.FunctionDef) -> int:
+    """Its parameters, *args and **kwargs included, self and cls not."""
+    args = function.args
+    names = [a.arg for a in args.posonlyargs + args.args + args.kwonlyargs]
+    names += [a.arg for a in (args.vararg, args.kwarg) if a is not None]
+    return len([name for name in names if name not in ("self", "cls")])
+
+
+def outer_functions(node: ast.AST) -> list[ast.FunctionDef]:
+    """The functions under `node` that are not inside another function: module functions and methods."""
     found = []
+    for child in ast.iter_child_nodes(node):
+        if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            found.append(child)  # its nested functions count in its own lines
+        else:
+            found.extend(outer_functions(child))
+    return found
 
-    def visit(node, inside_function: bool):
-        for child in ast.iter_child_nodes(node):
-            if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)):
-                if not inside_function:
-                    args = child.args
-                    names = [a.arg for a in args.posonlyargs + args.args + args.kwonlyargs]
-                    names += [a.arg for a in (args.vararg, args.kwarg) if a is not None]
-                    parameters = len([n for n in names if n not in ("self", "cls")])
-                    found.append((child.name, child.end_lineno - child.lineno + 1, parameters, is_parser(child)))
-                visit(child, True)
-            else:
-                visit(child, inside_function)
 
-    visit(tree, False)
+def functions(path: Path) -> list[tuple[str, int, int, bool]]:
+    """(name, lines, parameters, is_parser) of each function not inside another function (methods too)."""
+    found = []
+    for function in outer_functions(ast.parse(path.read_text())):
+        lines = function.end_lineno - function.lineno + 1
+        found.append((function.name, lines, parameter_count(function), is_parser(function)))
     return found
 
 
