@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # so that a script run from anywhere finds toy
-from toy.world import TASKS, caption, make_set, random_scene, render  # noqa: E402
+from toy.world import TASKS, caption, make_set, random_scene, render  # noqa: E402 (after sys.path.insert)
 
 
 def parse_args(argv=None):
