@@ -24,9 +24,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 READING_PATH = {
-    "model math": (700, ["minflux/layers.py", "minflux/model.py", "minflux/sampling.py", "minflux/autoencoder.py",
-                         "minflux/t5.py", "minflux/clip.py"]),
-    "IC-LoRA core": (450, ["iclora/lora.py", "iclora/training.py", "iclora/panels.py", "iclora/references.py"]),
+    "model math": (700, ["minflux/layers.py", "minflux/model.py", "minflux/sampling.py",
+                         "minflux/autoencoder.py", "minflux/t5.py", "minflux/clip.py"]),
+    "IC-LoRA core": (450, ["iclora/lora.py", "iclora/training.py", "iclora/panels.py",
+                           "iclora/references.py"]),
 }
 CHECKED = ["minflux", "iclora", "toy", "bench", "tools", "train.py", "sample.py", "bench.py"]
 MAX_LINES = 50
@@ -90,7 +91,8 @@ def functions(path: Path):
                     names = [a.arg for a in args.posonlyargs + args.args + args.kwonlyargs]
                     names += [a.arg for a in (args.vararg, args.kwarg) if a is not None]
                     parameters = len([n for n in names if n not in ("self", "cls")])
-                    found.append((child.name, child.end_lineno - child.lineno + 1, parameters, is_parser(child)))
+                    length = child.end_lineno - child.lineno + 1
+                    found.append((child.name, length, parameters, is_parser(child)))
                 visit(child, True)
             else:
                 visit(child, inside_function)
