@@ -131,7 +131,9 @@ class Inputs:
 
 def random_inputs(args, p: FluxParams, device: torch.device, dtype: torch.dtype) -> Inputs:
     """Random inputs, the --image-tokens tokens laid out on the most square grid of exactly that many."""
-    B, Li, Lt = args.batch_size, args.image_tokens, args.text_tokens
+    B = args.batch_size
+    Li = args.image_tokens
+    Lt = args.text_tokens
     rows = max(r for r in range(1, int(Li ** 0.5) + 1) if Li % r == 0)
     width = 16 * (Li // rows)
     height = 16 * rows

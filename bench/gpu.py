@@ -59,8 +59,8 @@ def free(device: torch.device):
 
 
 def compiles(device: torch.device, args) -> bool:
-    """Whether the compiled variants run: on a GPU only (compiling diffusers on a CPU takes minutes), and not
-    with --eager."""
+    """Whether the compiled variants run: not with --eager, and on a GPU only (compiling diffusers on a
+    CPU takes minutes)."""
     return device.type == "cuda" and not args.eager
 
 
@@ -101,8 +101,7 @@ def parse_size(text: str) -> tuple[int, int]:
 
 
 class Compiled:
-    """Compiled forwards of a model's blocks, switched on and off so that eager and compiled calls can take
-    turns."""
+    """A model's compiled block forwards, switched on and off so that eager and compiled calls alternate."""
 
     def __init__(self, blocks: list, forwards: list):
         self.blocks = blocks

@@ -81,8 +81,7 @@ def flow_on_gpu(full: Flux, quantize: str | None, swap: int) -> dict:
 
 
 def build(double: int, single: int, quantize: str | None) -> Flux:
-    """A flux-dev-width model with `double` + `single` blocks, frozen: random bf16 weights, fp8 ones with
-    `quantize`."""
+    """Frozen flux-dev-width blocks (`double` + `single`) with random bf16 weights, fp8 with `quantize`."""
     with torch.device("meta"):
         flux = Flux(replace(preset("flux-dev"), depth=double, depth_single_blocks=single))
     flux.to_empty(device="cpu").to(torch.bfloat16)

@@ -1,5 +1,5 @@
-"""The benchmark scripts run and report what bench/RESULTS.md quotes (timings themselves are never
-asserted)."""
+"""The benchmark scripts run and report what bench/RESULTS.md quotes; the timings themselves are
+never asserted."""
 
 import importlib.util
 import json

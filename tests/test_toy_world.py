@@ -34,8 +34,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def degrade(image, rng, blur=1.0, sigma=20.0):
-    """What a blurry, noisy generator might make of a clean render: Gaussian blur, then pixel noise (0..255
-    scale)."""
+    """What a blurry, noisy generator might make of a clean render: a Gaussian blur, then pixel noise on
+    the 0..255 scale."""
     pixels = np.asarray(image.filter(ImageFilter.GaussianBlur(blur)), dtype=np.float32)
     pixels = pixels + rng.normal(0.0, sigma, pixels.shape)
     return Image.fromarray(np.clip(pixels, 0, 255).round().astype(np.uint8))

@@ -198,8 +198,7 @@ def random_clip(cfg: CLIPConfig, seed: int) -> CLIPTextModel:
 @torch.no_grad()
 def encode_captions(t5: T5Encoder, clip: CLIPTextModel, repo: Path, captions: list[str], reach: int,
                     batch: int = 256):
-    """T5 states cut to the tokens that differ, the log-count bias of each kept token, and the CLIP pooled
-    vectors.
+    """T5 states cut to the tokens that differ, with a log-count bias per kept token; CLIP pooled vectors.
 
     T5 runs on all 512 tokens, as in the pipeline. Position p of a caption with content (incl. </s>) in [0, c)
     is a pad whose receptive field [p - R, p + R] (R = reach x layers) holds only pads when c + R <= p < 512 -
@@ -289,8 +288,8 @@ def train_autoencoder(images: torch.Tensor, args) -> tuple[AutoEncoder, dict]:
 
 @torch.no_grad()
 def set_latent_factors(ae: AutoEncoder, images: torch.Tensor, batch: int = 256) -> torch.Tensor:
-    """Sets shift = mean and scale = 1 / std of the latent means over all scenes; returns the latents so
-    normalized."""
+    """Sets shift = mean and scale = 1 / std of the latent means over all scenes, and returns the
+    normalized latents."""
     ae.params.scale_factor = 1.0  # encode the raw latent means first
     ae.params.shift_factor = 0.0
     z = []
@@ -536,8 +535,8 @@ def parameter_count(module: torch.nn.Module) -> int:
 
 
 def write_readme_and_log(repo: Path, args, argv, info: dict, scenes: list[Scene]):
-    """Stage 7: README.md and train_log.json (the info without the two objects, the held-out captions and the
-    arguments)."""
+    """Stage 7: README.md, and train_log.json with the info (less the two objects), the held-out
+    captions and the arguments."""
     (repo / "README.md").write_text(readme(args, argv, info))
     log = {k: v for k, v in info.items() if k not in ("axes_dim", "ae_params")}
     write_json(repo / "train_log.json", log | {"eval_captions": [caption(s) for s in scenes],

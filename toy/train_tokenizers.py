@@ -62,8 +62,8 @@ def train_t5_tokenizer(folder: Path, corpus: list[str], seed: int) -> int:
 def bpe_merges(corpus: list[str], min_frequency: int = 2) -> list[str]:
     """Byte-level BPE merges learnt greedily from the corpus: repeatedly merge the most frequent adjacent pair
     of symbols (a word's last symbol carries "</w>") until no pair occurs min_frequency times. Equal counts
-    are broken by the pair itself, so two runs write the same merges.txt (tokenizers' BpeTrainer orders ties
-    arbitrarily)."""
+    are broken by the pair itself, so two runs write the same merges.txt (the tokenizers library's
+    BpeTrainer orders ties arbitrarily)."""
     normalizer = clip_normalizer()  # the text pipeline of minflux's CLIPTokenizer
     splitter = clip_pre_tokenizer()
     counts = Counter()

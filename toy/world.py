@@ -115,8 +115,8 @@ def cell_boxes(width: int, height: int) -> list[tuple[int, int, int, int]]:
 
 
 def render(scene: Scene, size: int = 64) -> Image.Image:
-    """The scene as a size x size RGB image in flat palette colours (no anti-aliasing), shapes centred in
-    their cells."""
+    """The scene as a size x size RGB image: flat palette colours, no anti-aliasing, each shape centred
+    in its cell."""
     if size < MIN_IMAGE_SIZE:
         raise ValueError(f"render size must be at least {MIN_IMAGE_SIZE} pixels, got {size}")
     image = Image.new("RGB", (size, size), PALETTE[scene.background])
@@ -226,8 +226,8 @@ def analyse(image: Image.Image) -> Scene:
 # ----------------------------------------------------------------------------------------------------- scores
 def caption_match(image: Image.Image, scene: Scene) -> float:
     """Fraction of the scene's facts the image reproduces: the background, and per shape its cell (something
-    is there), colour, kind and size. A shape in a cell the caption leaves empty counts as one more fact, a
-    failed one."""
+    is there), colour, kind and size. A shape in a cell that the caption leaves empty adds one failed fact.
+    """
     seen = analyse(image)
     found = {shape.cell: shape for shape in seen.shapes}
     matched = int(seen.background == scene.background)
