@@ -2,8 +2,8 @@
 stored fp32 weights, with `--dtype bf16` and with `--quantize fp8`; prints the max and mean absolute pixel
 difference (0-255) of each against fp32, as JSON.
 
-    python bench/fp8_image_error.py                   # the toy model (fp32 weights), 8 held-out captions, CPU
-    python bench/fp8_image_error.py --model DIR       # any FLUX repo folder with fp32 weights
+    python bench/fp8_image_error.py                # the toy model (fp32 weights), 8 held-out captions, CPU
+    python bench/fp8_image_error.py --model DIR    # any FLUX repo folder with fp32 weights
 """
 
 import argparse
@@ -16,29 +16,34 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
-import sample  # noqa: E402
-from toy.score import held_out_scenes  # noqa: E402
-from toy.world import set_caption  # noqa: E402
+import sample  # noqa: E402 (after sys.path.insert)
+from toy.score import held_out_scenes  # noqa: E402 (after sys.path.insert)
+from toy.world import set_caption  # noqa: E402 (after sys.path.insert)
 
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="toy", help="FLUX repo with fp32 weights (default: toy)")
-    p.add_argument("--count", type=int, default=8, help="prompts: toy captions of held-out scenes (default: 8)")
+    p.add_argument("--count", type=int, default=8,
+                   help="prompts: toy captions of held-out scenes (default: 8)")
     p.add_argument("--seed", type=int, default=0, help="noise seed (default: 0)")
     p.add_argument("--steps", type=int, default=20, help="sampling steps (default: 20)")
     args = p.parse_args(argv)
     prompts = [set_caption(scene) for scene in held_out_scenes(args.count, 1000)]
     runs = {"fp32": [], "bf16": ["--dtype", "bf16"], "fp8": ["--quantize", "fp8"]}
     images = {}
+    common = ["--model", args.model, "--device", "cpu", "--steps", str(args.steps), "--seed", str(args.seed)]
+    prompt_flags = []
+    for prompt in prompts:
+        prompt_flags += ["--prompt", prompt]
     with tempfile.TemporaryDirectory() as tmp:
         for name, flags in runs.items():
-            paths = sample.main(["--model", args.model, "--device", "cpu", "--steps", str(args.steps), "--seed",
-                                 str(args.seed), "--out", f"{tmp}/{name}.png", *flags,
-                                 *[a for prompt in prompts for a in ("--prompt", prompt)]])
+            paths = sample.main([*common, "--out", f"{tmp}/{name}.png", *flags, *prompt_flags])
             images[name] = np.stack([np.asarray(Image.open(path), dtype=np.int16) for path in paths])
     diffs = {name: np.abs(images[name] - images["fp32"]) for name in ("bf16", "fp8")}
-    result = {f"{name} vs fp32": {"max": int(d.max()), "mean": round(float(d.mean()), 3)} for name, d in diffs.items()}
+    result = {}
+    for name, d in diffs.items():
+        result[f"{name} vs fp32"] = {"max": int(d.max()), "mean": round(float(d.mean()), 3)}
     print(json.dumps(result | {"images": len(prompts), "model": args.model, "steps": args.steps}, indent=1))
     return result
 

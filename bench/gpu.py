@@ -1,18 +1,15 @@
-"""GPU speed at full FLUX.1-dev size in one short run (each section under 2 minutes on an H200): random
-weights.
+"""GPU speed at full FLUX.1-dev size, random weights, in one short run; results in bench/RESULTS.md.
 
     python bench/gpu.py                  # all sections; `--only sample|train|fp8` for one
-    python bench/gpu.py --config tiny --device cpu --sizes 32x32 --train-size 32x64 --text-tokens 8  # smoke
-    test
+    python bench/gpu.py --config tiny --device cpu --sizes 32x32 --train-size 32x64 --text-tokens 8   # smoke
 
 sample: a denoising step (batch 1, 512 text tokens) at each --sizes, ours eager and `--compile`d against
 diffusers' FluxTransformer2DModel eager and compiled the same way (each block's forward; diffusers is
 optional, e.g. `pip install --no-deps diffusers==0.42.1`); train: a LoRA step at the paper's settings (rank
 16, batch 4, 1024x1536, checkpointing), eager, compiled, and with --blocks-to-swap; fp8: both with
-`quantize_fp8`. Variants alternate call by call (median of --repeats after --warmup); compiled ones run on a
-GPU only (--eager skips them: compiled training crashed on an H200 with torch 2.11, bench/RESULTS.md). Peak
-memory is measured, FLOPs computed (`forward_flops`). Writes --out (JSON) and a markdown table beside it (.md)
-for bench/RESULTS.md.
+`quantize_fp8`. Variants alternate call by call (median of --repeats after --warmup); compiled ones run on
+a GPU only, and --eager skips them. Peak memory is measured, FLOPs computed (`forward_flops`). Writes --out
+(JSON) and a markdown table beside it (.md).
 """
 
 import argparse
@@ -21,26 +18,32 @@ import json
 import statistics
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's minflux, and bench.py
-import bench  # noqa: E402
-from iclora.lora import inject_lora, lora_parameters  # noqa: E402
-from iclora.training import flow_matching_loss, step_generator  # noqa: E402
-from minflux.block_swap import BlockSwap  # noqa: E402
-from minflux.compile import compile_blocks  # noqa: E402
-from minflux.model import CONFIGS, FluxParams  # noqa: E402
-from minflux.quantize import quantize_fp8  # noqa: E402
-from minflux.sampling import image_ids, text_ids  # noqa: E402
+import bench  # noqa: E402 (after sys.path.insert)
+from iclora.lora import inject_lora, lora_parameters  # noqa: E402 (after sys.path.insert)
+from iclora.training import flow_matching_loss, step_generator  # noqa: E402 (after sys.path.insert)
+from minflux.block_swap import BlockSwap  # noqa: E402 (after sys.path.insert)
+from minflux.compile import compile_blocks  # noqa: E402 (after sys.path.insert)
+from minflux.model import CONFIGS, FluxParams  # noqa: E402 (after sys.path.insert)
+from minflux.quantize import quantize_fp8  # noqa: E402 (after sys.path.insert)
+from minflux.sampling import image_ids, text_ids  # noqa: E402 (after sys.path.insert)
 
 GIB = 2**30
 START = time.perf_counter()
 # dense bf16 tensor-core peak, TFLOP/s (vendor data sheets, without sparsity); other GPUs: null
 PEAK_BF16 = {"H200": 989, "H100 SXM": 989, "A100": 312}
-ROW_FIELDS = ("section", "variant", "size", "batch", "s_per_step", "peak_gib", "tflops", "fraction_of_peak", "mfu",
-              "warmup_s", "skipped")
+ROW_FIELDS = ("section", "variant", "size", "batch", "s_per_step", "peak_gib", "tflops", "fraction_of_peak",
+              "mfu", "warmup_s", "skipped")
+FLOPS_COUNTED = ("matrix products of the forward (block linears, attention, input/output projections), "
+                 "2 FLOPs a multiply-add; training x(3 + 1): forward, backward, checkpointing's "
+                 "recomputation")
+NOT_COMPILED = "compiled variants run on a GPU, without --eager"
+NO_REFERENCE = "diffusers is not installed, or --no-reference"
 
 
 def say(message: str):
@@ -56,8 +59,8 @@ def free(device: torch.device):
 
 
 def compiles(device: torch.device, args) -> bool:
-    """Whether the compiled variants run: on a GPU only (compiling diffusers on a CPU takes minutes), not with
-    --eager."""
+    """Whether the compiled variants run: not with --eager, and on a GPU only (compiling diffusers on a
+    CPU takes minutes)."""
     return device.type == "cuda" and not args.eager
 
 
@@ -67,7 +70,10 @@ def peak_tflops(device: torch.device) -> float | None:
     name = torch.cuda.get_device_name(device)
     if "H100" in name and ("HBM3" in name or "SXM" in name):  # "NVIDIA H100 80GB HBM3" is the SXM part
         name = "H100 SXM"
-    return next((tflops for key, tflops in PEAK_BF16.items() if key in name), None)
+    for key, tflops in PEAK_BF16.items():
+        if key in name:
+            return tflops
+    return None
 
 
 def forward_flops(p: FluxParams, batch: int, image_tokens: int, text_tokens: int) -> float:
@@ -77,7 +83,9 @@ def forward_flops(p: FluxParams, batch: int, image_tokens: int, text_tokens: int
     act once per image and are left out (< 0.1%), and so are LoRA adapters (~1%). A training step counts 3
     forwards (forward and backward: the usual convention, though a frozen base needs no weight gradients) + 1
     (checkpointing's recomputation); MFU = that / s / the GPU's dense bf16 peak."""
-    C, L, Li = p.hidden_size, image_tokens + text_tokens, image_tokens
+    C = p.hidden_size
+    L = image_tokens + text_tokens
+    Li = image_tokens
     F = int(p.hidden_size * p.mlp_ratio)
     per_block = 2 * L * C * (4 * C + 2 * F) + 4 * L * L * C
     io = 2 * Li * p.in_channels * C + 2 * text_tokens * p.context_in_dim * C + 2 * Li * C * p.out_channels
@@ -93,15 +101,15 @@ def parse_size(text: str) -> tuple[int, int]:
 
 
 class Compiled:
-    """Compiled forwards of a model's blocks, switched on and off so that eager and compiled calls can
-    alternate."""
+    """A model's compiled block forwards, switched on and off so that eager and compiled calls alternate."""
 
     def __init__(self, blocks: list, forwards: list):
-        self.blocks, self.forwards = blocks, forwards
+        self.blocks = blocks
+        self.forwards = forwards
         self.use(False)
 
     def use(self, on: bool):
-        for block, forward in zip(self.blocks, self.forwards):
+        for block, forward in zip(self.blocks, self.forwards, strict=True):
             if on:
                 block.forward = forward
             else:
@@ -119,6 +127,18 @@ def diffusers_compiled(ref) -> Compiled:
     """diffusers' blocks compiled the same way: each block's forward."""
     blocks = [*ref.transformer_blocks, *ref.single_transformer_blocks]
     return Compiled(blocks, [torch.compile(b.forward) for b in blocks])
+
+
+def switch(fast: dict[str, Compiled | None], chosen: str | None):
+    """Compiled forwards on for the model named `chosen` only (None: every model eager)."""
+    for name, compiled in fast.items():
+        if compiled:
+            compiled.use(name == chosen)
+
+
+def use_compiled(fast: Compiled | None, on: bool):
+    if fast is not None:
+        fast.use(on)
 
 
 def measure(variants: dict, args, device, weights: dict | None = None) -> dict:
@@ -148,7 +168,8 @@ def measure(variants: dict, args, device, weights: dict | None = None) -> dict:
     for name, r in out.items():
         peak = r["peak"] / GIB if device.type == "cuda" else None
         result[name] = dict(s_per_step=statistics.median(r["times"]), peak_gib=peak, warmup_s=r["warmup_s"])
-        say(f"  {name}: {result[name]['s_per_step']:.4f} s/step" + (f", peak {peak:.2f} GiB" if peak else ""))
+        peak_text = f", peak {peak:.2f} GiB" if peak else ""
+        say(f"  {name}: {result[name]['s_per_step']:.4f} s/step{peak_text}")
     return result
 
 
@@ -169,49 +190,76 @@ def weights_bytes(model) -> int:
 
 def sample_rows(args, device, dtype, peak, ours, ref, sizes, section="sample") -> list[dict]:
     """One denoising step at each size: ours (and diffusers' when given) eager and, on a GPU, compiled."""
-    p, B, Lt, rows = ours.params, 1, args.text_tokens, []
+    rows = []
+    for size in sizes:
+        rows += sample_size_rows(args, device, dtype, peak, ours, ref, size, section)
+    return rows
+
+
+def sample_size_rows(args, device, dtype, peak, ours, ref, size: tuple[int, int], section: str) -> list[dict]:
+    """sample_rows at one (height, width)."""
+    H, W = size
+    p = ours.params
+    B = 1
+    Lt = args.text_tokens
     gpu = compiles(device, args)
-    for H, W in sizes:
-        torch.compiler.reset()  # static shapes for this size, as a run of sample.py has
-        Li = (H // 16) * (W // 16)
-        say(f"{section} {W}x{H}: {Li} image tokens")
-        img = torch.randn(B, Li, p.in_channels, device=device, dtype=dtype)
-        txt = torch.randn(B, Lt, p.context_in_dim, device=device, dtype=dtype)
-        y = torch.randn(B, p.vec_in_dim, device=device, dtype=dtype)
-        iid, tid = image_ids(B, H, W).to(device), text_ids(B, Lt).to(device)
-        t, g = torch.full((B,), 0.7, device=device, dtype=dtype), torch.full((B,), 3.5, device=device, dtype=dtype)
+    torch.compiler.reset()  # static shapes for this size, as a run of sample.py has
+    Li = (H // 16) * (W // 16)
+    say(f"{section} {W}x{H}: {Li} image tokens")
+    img = torch.randn(B, Li, p.in_channels, device=device, dtype=dtype)
+    txt = torch.randn(B, Lt, p.context_in_dim, device=device, dtype=dtype)
+    y = torch.randn(B, p.vec_in_dim, device=device, dtype=dtype)
+    iid = image_ids(B, H, W).to(device)
+    tid = text_ids(B, Lt).to(device)
+    t = torch.full((B,), 0.7, device=device, dtype=dtype)
+    g = torch.full((B,), 3.5, device=device, dtype=dtype)
 
-        def step(v):  # the Euler update of sampling.denoise
-            return (img.float() - 0.04 * v.float()).to(dtype)
+    def step(v):  # the Euler update of sampling.denoise
+        return (img.float() - 0.04 * v.float()).to(dtype)
 
-        fast = {"ours": ours_compiled(ours) if gpu else None}
-        models = {"ours": lambda: step(ours(img, iid, txt, tid, t, y, g))}
-        if ref is not None:
-            fast["diffusers"] = diffusers_compiled(ref) if gpu else None
-            models["diffusers"] = lambda: step(ref(hidden_states=img, encoder_hidden_states=txt, pooled_projections=y,
-                                                   timestep=t, img_ids=iid[0], txt_ids=tid[0], guidance=g).sample)
-        variants, own = {}, {}
-        for name, call in models.items():
-            for compiled in (False, True):
-                if compiled and not gpu:
-                    continue
-                key = f"{name} {'compiled' if compiled else 'eager'}"
-                variants[key] = ((lambda m=name, c=compiled: [f.use(c and k == m) for k, f in fast.items() if f]),
-                                 call)
-                own[key] = weights_bytes(ours if name == "ours" else ref)
-        with torch.no_grad():  # as sample.py's denoise
-            timings = measure(variants, args, device, own)
-        flops = forward_flops(p, B, Li, Lt)
-        for name in models if ref is not None or section != "sample" else [*models, "diffusers"]:
-            for kind in ("eager", "compiled"):
-                key = f"{name} {kind}"
-                why = ("compiled variants run on a GPU, without --eager" if name in models else
-                       "diffusers is not installed, or --no-reference")
-                rows.append(row(section, key, (H, W), B, flops, peak, **timings[key]) if key in timings else
-                            row(section, key, (H, W), B, skipped=why))
-        for f in fast.values():
-            if f:
-                f.use(False)
+    def ours_step():
+        return step(ours(img, iid, txt, tid, t, y, g))
+
+    def diffusers_step():
+        return step(ref(hidden_states=img, encoder_hidden_states=txt, pooled_projections=y, timestep=t,
+                        img_ids=iid[0], txt_ids=tid[0], guidance=g).sample)
+
+    fast = {"ours": ours_compiled(ours) if gpu else None}
+    models = {"ours": ours_step}
+    if ref is not None:
+        fast["diffusers"] = diffusers_compiled(ref) if gpu else None
+        models["diffusers"] = diffusers_step
+    variants = {}
+    own = {}  # each variant's model's weights
+    for name, call in models.items():
+        for compiled in ((False, True) if gpu else (False,)):
+            key = f"{name} {'compiled' if compiled else 'eager'}"
+            variants[key] = (partial(switch, fast, name if compiled else None), call)
+            own[key] = weights_bytes(ours if name == "ours" else ref)
+    with torch.no_grad():  # as sample.py's denoise
+        timings = measure(variants, args, device, own)
+    rows = size_rows(section, list(models), timings, size, B, forward_flops(p, B, Li, Lt), peak)
+    switch(fast, None)
+    return rows
+
+
+def size_rows(section: str, models: list[str], timings: dict, size, batch: int, flops: float,
+              peak) -> list[dict]:
+    """A row for each model, eager and compiled: its timing, or why it was skipped. The sample section also
+    lists diffusers when it did not run."""
+    names = list(models)
+    if section == "sample" and "diffusers" not in names:
+        names.append("diffusers")
+    rows = []
+    for name in names:
+        for kind in ("eager", "compiled"):
+            key = f"{name} {kind}"
+            if key in timings:
+                rows.append(row(section, key, size, batch, flops, peak, **timings[key]))
+            elif name in models:
+                rows.append(row(section, key, size, batch, skipped=NOT_COMPILED))
+            else:
+                rows.append(row(section, key, size, batch, skipped=NO_REFERENCE))
     return rows
 
 
@@ -220,14 +268,18 @@ def train_rows(args, device, dtype, peak, flow, swap: bool, section="train") -> 
     of the two with the last --blocks-to-swap blocks swapped (installed last: it is not taken out again)."""
     torch.compiler.reset()
     H, W = args.train_size
-    B, Lt, p, gpu = args.batch_size, args.text_tokens, flow.params, compiles(device, args)
+    B = args.batch_size
+    Lt = args.text_tokens
+    p = flow.params
+    gpu = compiles(device, args)
     say(f"{section} {W}x{H}, batch {B}, rank {args.rank}, checkpointing")
     inject_lora(flow, rank=args.rank, alpha=float(args.rank))
     flow.gradient_checkpointing = True
     params = lora_parameters(flow)
     optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0)
     x0 = torch.randn(B, 16, H // 8, W // 8, device=device)
-    txt, vec = torch.randn(B, Lt, p.context_in_dim, device=device), torch.randn(B, p.vec_in_dim, device=device)
+    txt = torch.randn(B, Lt, p.context_in_dim, device=device)
+    vec = torch.randn(B, p.vec_in_dim, device=device)
     flow.train()
 
     def step():
@@ -239,16 +291,17 @@ def train_rows(args, device, dtype, peak, flow, swap: bool, section="train") -> 
 
     fast = ours_compiled(flow) if gpu else None
     modes = ["eager", "compiled"] if gpu else ["eager"]
-    timings = measure({m: ((lambda c=m == "compiled": fast and fast.use(c)), step) for m in modes}, args, device)
+    variants = {mode: (partial(use_compiled, fast, mode == "compiled"), step) for mode in modes}
+    timings = measure(variants, args, device)
     if swap:
         K = min(args.blocks_to_swap, len(flow.double_blocks) + len(flow.single_blocks))
         BlockSwap(flow, K, device)
-        timings |= measure({f"{modes[-1]}, blocks-to-swap {K}": ((lambda: fast and fast.use(gpu)), step)}, args,
-                           device)
+        swapped = {f"{modes[-1]}, blocks-to-swap {K}": (partial(use_compiled, fast, gpu), step)}
+        timings |= measure(swapped, args, device)
     flops = (3 + 1) * forward_flops(p, B, (H // 16) * (W // 16), Lt)  # forward + backward, + recomputation
     rows = [row(section, name, (H, W), B, flops, peak, training=True, **t) for name, t in timings.items()]
     if not gpu:
-        rows.append(row(section, "compiled", (H, W), B, skipped="compiled variants run on a GPU, without --eager"))
+        rows.append(row(section, "compiled", (H, W), B, skipped=NOT_COMPILED))
     return rows
 
 
@@ -259,7 +312,8 @@ def parse_args(argv=None):
                     help="transformer size, random weights (default: flux-dev; tiny for the CPU smoke test)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                     help="torch device (default: cuda if available, else cpu)")
-    ap.add_argument("--sizes", type=parse_size, nargs="+", default=[(1024, 1024), (1024, 2048)], metavar="WxH",
+    ap.add_argument("--sizes", type=parse_size, nargs="+", default=[(1024, 1024), (1024, 2048)],
+                    metavar="WxH",
                     help="sampling canvases (default: 1024x1024 2048x1024, one image and a two-panel set)")
     ap.add_argument("--train-size", type=parse_size, default=(1536, 1024), metavar="WxH",
                     help="training canvas (default: 1024x1536, the paper's three-panel film storyboard)")
@@ -277,61 +331,81 @@ def parse_args(argv=None):
     return ap.parse_args(argv)
 
 
+def cell(value, spec: str) -> str:
+    """A table cell: the value formatted, or a dash for None."""
+    return "–" if value is None else format(value, spec)
+
+
 def table(result: dict) -> str:
+    """The rows as a markdown table under a line that says where and how they were measured."""
     m = result["meta"]
-    head = (f"{m['device_name']}, torch {m['torch']}, diffusers {m['diffusers'] or 'absent'}, config {m['config']}, "
-            f"{m['dtype']}; dense bf16 peak {m['peak_bf16_tflops'] or 'unknown'} TFLOP/s. `{m['command']}`\n\n")
+    head = (f"{m['device_name']}, torch {m['torch']}, diffusers {m['diffusers'] or 'absent'}, "
+            f"config {m['config']}, {m['dtype']}; "
+            f"dense bf16 peak {m['peak_bf16_tflops'] or 'unknown'} TFLOP/s. `{m['command']}`\n\n")
     lines = ["| section | variant | size | batch | s/step | peak GiB | TFLOP/s | of peak / MFU | warm-up s |",
              "|---|---|---|---|---|---|---|---|---|"]
-    fmt = lambda v, f: "–" if v is None else format(v, f)  # noqa: E731
     for r in result["rows"]:
         use = r["mfu"] if r["mfu"] is not None else r["fraction_of_peak"]
-        lines.append(f"| {r['section']} | {r['variant']} | {r['size']} | {r['batch']} | "
-                     + (f"skipped: {r['skipped']} | | | | |" if r["skipped"] else
-                        f"{fmt(r['s_per_step'], '.4g')} | {fmt(r['peak_gib'], '.2f')} | {fmt(r['tflops'], '.4g')} | "
-                        f"{fmt(use, '.1%')} | {fmt(r['warmup_s'], '.1f')} |"))
+        start = f"| {r['section']} | {r['variant']} | {r['size']} | {r['batch']} | "
+        if r["skipped"]:
+            lines.append(start + f"skipped: {r['skipped']} | | | | |")
+        else:
+            lines.append(start + f"{cell(r['s_per_step'], '.4g')} | {cell(r['peak_gib'], '.2f')} | "
+                         f"{cell(r['tflops'], '.4g')} | {cell(use, '.1%')} | {cell(r['warmup_s'], '.1f')} |")
     return head + "\n".join(lines) + "\n"
 
 
-def main(argv=None) -> dict:
-    args = parse_args(argv)
-    begin, device = time.perf_counter(), torch.device(args.device)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    peak = peak_tflops(device)
+def diffusers_version() -> str | None:
     try:
         import diffusers
-        diffusers_version = diffusers.__version__
     except ImportError:
-        diffusers_version = None
-    sections = [args.only] if args.only else ["sample", "train", "fp8"]
-    meta = dict(device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-                torch=torch.__version__, diffusers=diffusers_version, config=args.config,
-                dtype=str(dtype).removeprefix("torch."), peak_bf16_tflops=peak,
-                command=" ".join(["python bench/gpu.py", *(sys.argv[1:] if argv is None else argv)]),
-                sections=sections, text_tokens=args.text_tokens, rank=args.rank, warmup=args.warmup,
-                repeats=args.repeats,
-                flops_counted="matrix products of the forward (block linears, attention, input/output projections), "
-                              "2 FLOPs a multiply-add; training x(3 + 1): forward, backward, checkpointing's "
-                              "recomputation")
-    say(json.dumps(meta))
-    torch.manual_seed(0)
-    build = lambda reference: bench.build(argparse.Namespace(config=args.config, no_reference=not reference),  # noqa
-                                          device, dtype)
+        return None
+    return diffusers.__version__
+
+
+def build_model(args, device: torch.device, dtype: torch.dtype, reference: bool):
+    """bench.build's random transformer (ours, and diffusers' with the same weights when `reference`)."""
+    return bench.build(argparse.Namespace(config=args.config, no_reference=not reference), device, dtype)
+
+
+def run_sections(args, device: torch.device, dtype: torch.dtype, peak, sections: list[str],
+                 reference: bool) -> list[dict]:
+    """The rows of each section, one model at a time: the bf16 one for sample and train, then fp8's."""
     rows = []
     if "sample" in sections:
-        ours, ref = build(diffusers_version is not None and not args.no_reference)
+        ours, ref = build_model(args, device, dtype, reference)
         rows += sample_rows(args, device, dtype, peak, ours, ref, args.sizes)
         ref = None
         free(device)
     if "train" in sections:
-        ours = ours if "sample" in sections else build(False)[0]
+        ours = ours if "sample" in sections else build_model(args, device, dtype, False)[0]
         rows += train_rows(args, device, dtype, peak, ours, swap=True)
     if "fp8" in sections:
         ours = None
         free(device)  # the bf16 model (its block swap hooks hold it in a cycle)
-        ours = quantize_fp8(build(False)[0])
+        ours = quantize_fp8(build_model(args, device, dtype, False)[0])
         rows += sample_rows(args, device, dtype, peak, ours, None, args.sizes[:1], section="fp8 sample")
         rows += train_rows(args, device, dtype, peak, ours, swap=True, section="fp8 train")
+    return rows
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    begin = time.perf_counter()
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    peak = peak_tflops(device)
+    version = diffusers_version()
+    sections = [args.only] if args.only else ["sample", "train", "fp8"]
+    meta = dict(device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                torch=torch.__version__, diffusers=version, config=args.config,
+                dtype=str(dtype).removeprefix("torch."), peak_bf16_tflops=peak,
+                command=" ".join(["python bench/gpu.py", *(sys.argv[1:] if argv is None else argv)]),
+                sections=sections, text_tokens=args.text_tokens, rank=args.rank, warmup=args.warmup,
+                repeats=args.repeats, flops_counted=FLOPS_COUNTED)
+    say(json.dumps(meta))
+    torch.manual_seed(0)
+    rows = run_sections(args, device, dtype, peak, sections, version is not None and not args.no_reference)
     result = dict(meta=meta | {"seconds": round(time.perf_counter() - begin, 1)}, rows=rows)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))

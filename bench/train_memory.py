@@ -1,18 +1,15 @@
-"""GPU memory of IC-LoRA training and of sampling with FLUX.1-dev, estimated without the GPU or the 24 GB of
-weights.
+"""GPU memory of IC-LoRA training and of FLUX.1-dev sampling, estimated without a GPU or the 24 GB of weights.
 
-Runs the real computation on the CPU with a FLUX-dev-width model of a few blocks (random bf16 weights; fp8
-with
---quantize), measures its peak resident memory over what was resident before (Linux: VmHWM, reset through
-/proc/self/clear_refs), and adds the exact sizes of what the full 19 + 38 blocks also hold on the GPU. `--what
-train`: one optimizer step of --grad-accum micro-batches (fp32 LoRA on every block linear, checkpointing,
-AdamW). `--what sample`: the peak of sample.py's three phases (T5 + CLIP encode, then they leave; a denoising
-step; the VAE decode with the transformer still there). With --blocks-to-swap K the last K blocks' frozen
-weights live in pinned host RAM, two of them on the GPU at a time. Not included: the CUDA context and cuBLAS
-workspace (~0.5–1 GiB), allocator slack.
+Runs the real computation on the CPU with a FLUX-dev-width model of a few blocks (random bf16 weights, fp8
+with --quantize), measures its peak resident memory over what was resident before (Linux: VmHWM, reset
+through /proc/self/clear_refs), and adds the exact sizes of what the full 19 + 38 blocks also hold on the GPU.
+`--what train`: one optimizer step of --grad-accum micro-batches (fp32 LoRA on every block linear,
+checkpointing, AdamW). `--what sample`: the peak of sample.py's three phases (T5 + CLIP encode, then they
+leave; a denoising step; the VAE decode with the transformer still there). With --blocks-to-swap K the last K
+blocks' frozen weights live in pinned host RAM, two of them on the GPU at a time. Not included: the CUDA
+context, the cuBLAS workspace and allocator slack. Results: bench/RESULTS.md.
 
-    python bench/train_memory.py --batch-size 1 --grad-accum 4 --quantize fp8   # the paper's recipe,
-    1024×1536
+    python bench/train_memory.py --batch-size 1 --grad-accum 4 --quantize fp8   # the paper's 1024×1536 recipe
     python bench/train_memory.py --what sample --height 1024 --width 1024 --quantize fp8
 """
 
@@ -38,12 +35,16 @@ GIB = 2 ** 30
 
 
 def memory_gib(field: str) -> float:
-    return int(re.search(field + r":\s+(\d+) kB", open("/proc/self/status").read()).group(1)) * 1024 / GIB
+    """A memory field of /proc/self/status (VmRSS, VmHWM) in GiB."""
+    with open("/proc/self/status") as status:
+        kilobytes = int(re.search(field + r":\s+(\d+) kB", status.read()).group(1))
+    return kilobytes * 1024 / GIB
 
 
 def reset_peak() -> float:
     """VmHWM := VmRSS; returns VmRSS, the baseline of the next measurement."""
-    open("/proc/self/clear_refs", "w").write("5")
+    with open("/proc/self/clear_refs", "w") as clear_refs:
+        clear_refs.write("5")
     return memory_gib("VmRSS")
 
 
@@ -52,26 +53,35 @@ def stored_bytes(model: nn.Module, quantize: str | None, scales: bool = True, pr
     them: bf16, or with fp8 the weight of each Linear that `quantize_fp8` quantizes in one byte plus
     (`scales`) one float32 scale per output row, which stays on the GPU when its block is swapped out."""
     fp8 = {f"{n}.weight" for n in block_linears(model)} if quantize else set()
-    return sum(p.numel() + (4 * p.shape[0] if scales else 0) if n in fp8 else 2 * p.numel()
-               for n, p in model.named_parameters() if n.startswith(prefix))
+    total = 0
+    for name, p in model.named_parameters():
+        if not name.startswith(prefix):
+            continue
+        if name in fp8:
+            total += p.numel() + (4 * p.shape[0] if scales else 0)
+        else:
+            total += 2 * p.numel()
+    return total
 
 
 def flow_on_gpu(full: Flux, quantize: str | None, swap: int) -> dict:
     """The full transformer's weights on the GPU and in pinned host RAM when the last `swap` blocks are
-    swapped: at most two of those (the one running and the next, copied meanwhile) are on the GPU at a
-    time."""
+    swapped: at most two of those (the one running and the next, copied meanwhile) are on the GPU at once."""
     blocks = [f"double_blocks.{i}." for i in range(len(full.double_blocks))]
     blocks += [f"single_blocks.{i}." for i in range(len(full.single_blocks))]
-    swapped = [stored_bytes(full, quantize, False, b) for b in blocks[len(blocks) - swap:]] if swap else []
-    resident = max((a + b for a, b in zip(swapped, swapped[1:])), default=sum(swapped))
+    swapped = []  # bytes of each swapped block, in running order
+    if swap:
+        swapped = [stored_bytes(full, quantize, False, block) for block in blocks[len(blocks) - swap:]]
+    pairs = [a + b for a, b in zip(swapped, swapped[1:], strict=False)]  # each swapped block and the next
+    resident = max(pairs, default=sum(swapped))
     base = stored_bytes(full, quantize)
-    return dict(base_weights_gib=base / GIB, swapped_out_gib=sum(swapped) / GIB, swap_buffers_gib=resident / GIB,
-                host_swap_gib=sum(swapped) / GIB, flow_on_gpu_gib=(base - sum(swapped) + resident) / GIB)
+    return dict(base_weights_gib=base / GIB, swapped_out_gib=sum(swapped) / GIB,
+                swap_buffers_gib=resident / GIB, host_swap_gib=sum(swapped) / GIB,
+                flow_on_gpu_gib=(base - sum(swapped) + resident) / GIB)
 
 
 def build(double: int, single: int, quantize: str | None) -> Flux:
-    """A flux-dev-width model with `double` + `single` blocks: random bf16 weights, frozen, fp8 with
-    `quantize`."""
+    """Frozen flux-dev-width blocks (`double` + `single`) with random bf16 weights, fp8 with `quantize`."""
     with torch.device("meta"):
         flux = Flux(replace(preset("flux-dev"), depth=double, depth_single_blocks=single))
     flux.to_empty(device="cpu").to(torch.bfloat16)
@@ -88,36 +98,47 @@ def full_model() -> Flux:
 
 
 def train_step(args) -> dict:
-    B, L, p = args.batch_size, args.text_tokens, preset("flux-dev")
+    B = args.batch_size
+    L = args.text_tokens
+    p = preset("flux-dev")
     tokens = L + (args.height // 16) * (args.width // 16)
     flux = build(args.double, args.single, args.quantize)
     inject_lora(flux, rank=args.rank, alpha=float(args.rank))
     flux.gradient_checkpointing = True
     params = lora_parameters(flux)
     optimizer = torch.optim.AdamW(params, lr=1e-4)
-    for q in params:  # a zero step creates AdamW's moments, resident between steps from the second step of a run on
+    # A zero step creates AdamW's moments, which stay resident between steps from a run's second step on.
+    for q in params:
         q.grad = torch.zeros_like(q)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    batches = [(torch.randn(B, 16, args.height // 8, args.width // 8), torch.randn(B, L, 4096), torch.randn(B, 768))
-               for _ in range(args.grad_accum)]  # they count in the baseline: a real run moves each batch over
-    before, start = reset_peak(), time.perf_counter()
+    batches = []  # they count in the baseline: a real run moves each batch over
+    for _ in range(args.grad_accum):
+        x0 = torch.randn(B, 16, args.height // 8, args.width // 8)
+        batches.append((x0, torch.randn(B, L, 4096), torch.randn(B, 768)))
+    before = reset_peak()
+    start = time.perf_counter()
     for x0, txt, vec in batches:
         (flow_matching_loss(flux, x0, txt, vec, step_generator(0, 0)) / args.grad_accum).backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    seconds, step_peak = time.perf_counter() - start, memory_gib("VmHWM") - before
+    seconds = time.perf_counter() - start
+    step_peak = memory_gib("VmHWM") - before
 
     # the full model: exact sizes of what the few-block run did not hold
     full = full_model()
     flow = flow_on_gpu(full, args.quantize, args.blocks_to_swap)
     inject_lora(full, rank=args.rank, alpha=float(args.rank))
-    lora_count, lora_run = sum(q.numel() for q in lora_parameters(full)), sum(q.numel() for q in params)
+    lora_count = sum(q.numel() for q in lora_parameters(full))
+    lora_run = sum(q.numel() for q in params)
     missing_blocks = (p.depth - args.double) + (p.depth_single_blocks - args.single)
     parts = dict(measured_step_peak_gib=step_peak, flow_on_gpu_gib=flow["flow_on_gpu_gib"],
-                 adapters_and_adamw_gib=lora_count * 3 * 4 / GIB,  # fp32 weights and AdamW's two moments
-                 other_blocks_lora_gradients_gib=(lora_count - lora_run) * 4 / GIB,  # fp32, blocks that did not run
-                 other_blocks_checkpoints_gib=missing_blocks * B * tokens * p.hidden_size * 2 / GIB)  # bf16 inputs
+                 # fp32 weights and AdamW's two moments
+                 adapters_and_adamw_gib=lora_count * 3 * 4 / GIB,
+                 # fp32 gradients of the blocks that did not run
+                 other_blocks_lora_gradients_gib=(lora_count - lora_run) * 4 / GIB,
+                 # their checkpointed bf16 inputs
+                 other_blocks_checkpoints_gib=missing_blocks * B * tokens * p.hidden_size * 2 / GIB)
     return dict(tokens=tokens, blocks_run=[args.double, args.single], step_seconds_cpu=seconds,
                 full_lora_params=lora_count, lora_params_run=lora_run, **(flow | parts),
                 estimated_full_peak_gib=sum(parts.values()))
@@ -125,13 +146,16 @@ def train_step(args) -> dict:
 
 @torch.no_grad()
 def sample_step(args) -> dict:
-    L, (H, W) = args.text_tokens, (args.height, args.width)
+    L = args.text_tokens
+    H = args.height
+    W = args.width
     tokens = L + (H // 16) * (W // 16)
-    # the VAE runs in bf16 with --quantize (all that is not fp8 is bf16 on a GPU), else in ae.safetensors'
-    # fp32
-    vae_dtype, vae_bytes = (torch.bfloat16, 2) if args.quantize else (torch.float32, 4)
+    # The VAE runs in bf16 with --quantize (on a GPU all that is not fp8 is bf16), else in its stored fp32.
+    vae_dtype = torch.bfloat16 if args.quantize else torch.float32
+    vae_bytes = 2 if args.quantize else 4
     flux = build(args.double, args.single, args.quantize)
-    x, txt = torch.randn(1, tokens - L, 64, dtype=torch.bfloat16), torch.randn(1, L, 4096, dtype=torch.bfloat16)
+    x = torch.randn(1, tokens - L, 64, dtype=torch.bfloat16)
+    txt = torch.randn(1, L, 4096, dtype=torch.bfloat16)
     before = reset_peak()
     flux(x, image_ids(1, H, W), txt, text_ids(1, L), torch.ones(1, dtype=torch.bfloat16),
          torch.randn(1, 768, dtype=torch.bfloat16), guidance=torch.full((1,), 3.5, dtype=torch.bfloat16))
@@ -139,7 +163,9 @@ def sample_step(args) -> dict:
     del flux
 
     with torch.device("meta"):
-        ae, t5, clip = AutoEncoder(AutoEncoderParams()), T5Encoder(T5Config()), CLIPTextModel(CLIPConfig())
+        ae = AutoEncoder(AutoEncoderParams())
+        t5 = T5Encoder(T5Config())
+        clip = CLIPTextModel(CLIPConfig())
     ae.to_empty(device="cpu").to(vae_dtype)
     for t in ae.parameters():
         t.normal_(0, 0.02)
@@ -149,22 +175,25 @@ def sample_step(args) -> dict:
     decode_peak = memory_gib("VmHWM") - before
 
     flow = flow_on_gpu(full_model(), args.quantize, args.blocks_to_swap)
+    ae_gib = sum(t.numel() for t in ae.parameters()) * vae_bytes / GIB
     phases = dict(encode_phase_gib=(stored_bytes(t5, args.quantize) + stored_bytes(clip, None)) / GIB,
                   denoise_phase_gib=flow["flow_on_gpu_gib"] + forward_peak,
-                  decode_phase_gib=flow["flow_on_gpu_gib"] + sum(t.numel() for t in ae.parameters()) * vae_bytes / GIB
-                  + decode_peak)
-    return dict(tokens=tokens, blocks_run=[args.double, args.single], **flow, measured_forward_peak_gib=forward_peak,
-                measured_decode_peak_gib=decode_peak, **phases, estimated_full_peak_gib=max(phases.values()))
+                  decode_phase_gib=flow["flow_on_gpu_gib"] + ae_gib + decode_peak)
+    return dict(tokens=tokens, blocks_run=[args.double, args.single], **flow,
+                measured_forward_peak_gib=forward_peak, measured_decode_peak_gib=decode_peak, **phases,
+                estimated_full_peak_gib=max(phases.values()))
 
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--what", default="train", choices=["train", "sample"],
                     help="a training step (default) or sampling (encode, one denoising step, decode)")
-    ap.add_argument("--quantize", choices=["fp8"], help="frozen transformer (and T5) Linear weights in fp8, as "
-                                                        "train.py/sample.py --quantize fp8 (default: bf16)")
+    ap.add_argument("--quantize", choices=["fp8"],
+                    help="frozen transformer (and T5) Linear weights in fp8, as train.py/sample.py "
+                         "--quantize fp8 (default: bf16)")
     ap.add_argument("--blocks-to-swap", type=int, default=0,
-                    help="K: the last K of the 57 blocks live in host RAM, as --blocks-to-swap K (default: 0)")
+                    help="K: the last K of the 57 blocks live in host RAM, as --blocks-to-swap K "
+                         "(default: 0)")
     ap.add_argument("--batch-size", type=int, default=4, help="images per micro-batch (training; default: 4)")
     ap.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (default: 1)")
     ap.add_argument("--width", type=int, default=1024, help="joined image width in pixels (default: 1024)")
@@ -177,8 +206,8 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
     if not 0 <= args.blocks_to_swap <= 57:
         ap.error(f"--blocks-to-swap {args.blocks_to_swap}: FLUX.1 has 19 + 38 = 57 blocks")
-    settings = dict(what=args.what, quantize=args.quantize, blocks_to_swap=args.blocks_to_swap, width=args.width,
-                    height=args.height)
+    settings = dict(what=args.what, quantize=args.quantize, blocks_to_swap=args.blocks_to_swap,
+                    width=args.width, height=args.height)
     if args.what == "train":
         settings |= dict(batch_size=args.batch_size, grad_accum=args.grad_accum, rank=args.rank)
     result = settings | (train_step(args) if args.what == "train" else sample_step(args))

@@ -1,2 +1,2 @@
-"""Test suite for minflux; a package so that `tests.tokenizer_files` and `tests.tiny_repo` import under plain
-`pytest` too."""
+"""Test suite for minflux. It is a package so that `tests.tokenizer_files` and `tests.tiny_repo` import
+under plain `pytest` too."""

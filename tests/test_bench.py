@@ -1,5 +1,5 @@
-"""The benchmark scripts run and report what bench/RESULTS.md quotes (timings themselves are never
-asserted)."""
+"""The benchmark scripts run and report what bench/RESULTS.md quotes; the timings themselves are
+never asserted."""
 
 import importlib.util
 import json
@@ -45,22 +45,28 @@ def load_bench(name: str):
     return module
 
 
-linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads peak memory from /proc/self/status")
+linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"),
+                                reason="reads peak memory from /proc/self/status")
 
 
 @linux_only
 def test_train_memory_adds_the_full_models_exact_sizes_to_the_measured_step():
-    out = load_bench("train_memory").main(["--batch-size", "2", "--grad-accum", "2", "--width", "64", "--height",
-                                           "32", "--text-tokens", "8", "--double", "1", "--single", "1"])
+    out = load_bench("train_memory").main(["--batch-size", "2", "--grad-accum", "2", "--width", "64",
+                                           "--height", "32", "--text-tokens", "8", "--double", "1",
+                                           "--single", "1"])
     full, run = lora_count(19, 38), lora_count(1, 1)
     assert full == 76_578_816  # rank 16 on the 304 block linears
     assert out["tokens"] == 8 + 4 * 2
     assert out["measured_step_peak_gib"] > 0  # activations and the LoRA gradients of the 2 blocks that ran
     assert (out["full_lora_params"], out["lora_params_run"]) == (full, run)
-    assert out["base_weights_gib"] == out["flow_on_gpu_gib"] == 11_901_408_320 * 2 / 2**30  # flux-dev's count, bf16
-    assert out["adapters_and_adamw_gib"] == full * 3 * 4 / 2**30  # fp32 weights + 2 moments, resident before the step
-    assert out["other_blocks_lora_gradients_gib"] == (full - run) * 4 / 2**30  # fp32, only the blocks that did not run
-    assert out["other_blocks_checkpoints_gib"] == 55 * 2 * 16 * 3072 * 2 / 2**30  # (micro-batch, L + N, C) bf16
+    # flux-dev's count, bf16
+    assert out["base_weights_gib"] == out["flow_on_gpu_gib"] == 11_901_408_320 * 2 / 2**30
+    # fp32 weights + 2 moments, resident before the step
+    assert out["adapters_and_adamw_gib"] == full * 3 * 4 / 2**30
+    # fp32, only the blocks that did not run
+    assert out["other_blocks_lora_gradients_gib"] == (full - run) * 4 / 2**30
+    # (micro-batch, L + N, C) bf16
+    assert out["other_blocks_checkpoints_gib"] == 55 * 2 * 16 * 3072 * 2 / 2**30
     parts = ("measured_step_peak_gib", "flow_on_gpu_gib", "adapters_and_adamw_gib",
              "other_blocks_lora_gradients_gib", "other_blocks_checkpoints_gib")
     assert out["estimated_full_peak_gib"] == sum(out[k] for k in parts)
@@ -83,16 +89,18 @@ def test_train_memory_keeps_two_swapped_blocks_on_the_gpu_and_the_rest_in_host_r
     assert swap["host_swap_gib"] == 3 * single / 2**30
     assert swap["swap_buffers_gib"] == 2 * single / 2**30
     assert swap["flow_on_gpu_gib"] == (base - single) / 2**30
-    fp8 = train_memory.flow_on_gpu(full, "fp8", 1)  # the block's fp8 weights leave; its float32 row scales stay
+    # the block's fp8 weights leave; its float32 row scales stay
+    fp8 = train_memory.flow_on_gpu(full, "fp8", 1)
     assert fp8["host_swap_gib"] == fp8["swap_buffers_gib"] == sum(
-        m.weight.numel() + (0 if m.bias is None else 2 * m.bias.numel()) for m in full.single_blocks[-1].modules()
+        m.weight.numel() + (0 if m.bias is None else 2 * m.bias.numel())
+        for m in full.single_blocks[-1].modules()
         if isinstance(m, torch.nn.Linear)) / 2**30 + 2 * 2 * 128 / 2**30  # + the two RMSNorm scales, bf16
 
 
 @linux_only
 def test_sample_memory_is_the_largest_of_its_three_phases():
-    out = load_bench("train_memory").main(["--what", "sample", "--width", "32", "--height", "32", "--text-tokens",
-                                           "8", "--single", "0"])
+    out = load_bench("train_memory").main(["--what", "sample", "--width", "32", "--height", "32",
+                                           "--text-tokens", "8", "--single", "0"])
     phases = ("encode_phase_gib", "denoise_phase_gib", "decode_phase_gib")
     assert out["estimated_full_peak_gib"] == max(out[k] for k in phases)
     assert out["denoise_phase_gib"] == out["flow_on_gpu_gib"] + out["measured_forward_peak_gib"]
@@ -121,23 +129,25 @@ def test_gpu_bench_counts_the_forward_flops_that_torch_counts():
         flux(*x)
     counted, ours = counter.get_total_flops(), load_bench("gpu").forward_flops(p, B, 4096, Lt)
     assert counted * (1 - 1e-3) < ours <= counted
-    assert load_bench("gpu").forward_flops(preset("flux-dev"), 1, 4096, 512) / 1e12 == pytest.approx(74.4, abs=0.05)
+    assert (load_bench("gpu").forward_flops(preset("flux-dev"), 1, 4096, 512) / 1e12
+            == pytest.approx(74.4, abs=0.05))
 
 
 def test_gpu_bench_runs_every_section_on_the_cpu_and_writes_every_field(tmp_path):
     gpu, out = load_bench("gpu"), tmp_path / "gpu.json"
-    result = gpu.main(["--config", "tiny", "--device", "cpu", "--sizes", "32x32", "64x32", "--train-size", "32x64",
-                       "--text-tokens", "8", "--repeats", "1", "--out", str(out)])
+    result = gpu.main(["--config", "tiny", "--device", "cpu", "--sizes", "32x32", "64x32",
+                       "--train-size", "32x64", "--text-tokens", "8", "--repeats", "1", "--out", str(out)])
     assert json.loads(out.read_text()) == result
-    assert {"device_name", "torch", "diffusers", "peak_bf16_tflops", "command", "flops_counted", "seconds"} <= set(
-        result["meta"])
+    assert {"device_name", "torch", "diffusers", "peak_bf16_tflops", "command", "flops_counted",
+            "seconds"} <= set(result["meta"])
     assert result["meta"]["diffusers"] is not None and result["meta"]["peak_bf16_tflops"] is None  # a CPU
     rows = result["rows"]
     assert all(tuple(r) == gpu.ROW_FIELDS for r in rows)
     assert [(r["section"], r["variant"], r["size"]) for r in rows] == [
         *[("sample", f"{impl} {kind}", size) for size in ("32x32", "64x32") for impl in ("ours", "diffusers")
           for kind in ("eager", "compiled")],
-        ("train", "eager", "32x64"), ("train", "eager, blocks-to-swap 4", "32x64"), ("train", "compiled", "32x64"),
+        ("train", "eager", "32x64"), ("train", "eager, blocks-to-swap 4", "32x64"),
+        ("train", "compiled", "32x64"),
         ("fp8 sample", "ours eager", "32x32"), ("fp8 sample", "ours compiled", "32x32"),
         ("fp8 train", "eager", "32x64"), ("fp8 train", "eager, blocks-to-swap 4", "32x64"),
         ("fp8 train", "compiled", "32x64")]
@@ -147,7 +157,8 @@ def test_gpu_bench_runs_every_section_on_the_cpu_and_writes_every_field(tmp_path
         else:
             assert r["skipped"] is None and r["s_per_step"] > 0 and r["tflops"] > 0 and r["peak_gib"] is None
     table = out.with_suffix(".md").read_text().splitlines()
-    assert len([line for line in table if line.startswith("| ")]) == 1 + len(rows)  # the header, then a row each
+    # the header, then a row each
+    assert len([line for line in table if line.startswith("| ")]) == 1 + len(rows)
 
 
 @pytest.mark.parametrize("name, tflops", [("NVIDIA H100 80GB HBM3", 989), ("NVIDIA H200", 989),
@@ -164,12 +175,14 @@ def test_blocks_bench_finds_only_bfls_float32_upcasts_in_a_bf16_forward_and_sdpa
     for block, qk_norms in (("double", 4), ("single", 2)):
         found = out["allocations"][f"{block} bfloat16"]
         assert {part: c["float32_count"] for part, c in found["parts"].items()} == {
-            "adaLN modulation": 0, "RMSNorm (QK norm)": 3 * qk_norms,  # x.float(), its square, x · rrms: BFL's math
+            "adaLN modulation": 0,
+            "RMSNorm (QK norm)": 3 * qk_norms,  # x.float(), its square, x · rrms: BFL's math
             "RoPE": 2 * 2, "attention": 0, "MLP": 0, "rest": 0}  # x · cos and swapped · sin, for q and k
         [sdpa] = found["sdpa"]
         assert all(t["dtype"] == "bfloat16" and t["last_dim_contiguous"] for t in sdpa["inputs"])
         assert found["copies_in_attention"] == []
-    assert {"double float32", "single float32", "double bfloat16", "single bfloat16"} <= out["adapters"].keys()
+    assert {"double float32", "single float32", "double bfloat16",
+            "single bfloat16"} <= out["adapters"].keys()
 
 
 def test_blocks_bench_counts_each_linears_adapter_flops_from_its_shapes():

@@ -11,15 +11,31 @@ import pytest
 from PIL import Image, ImageFilter
 
 from iclora.data import PanelSetDataset
-from toy.world import (BLIND_CAPTION, COLOURS, PALETTE, RECOLOUR, SET_SUMMARY, Scene, Shape, analyse, caption,
-                       caption_match, make_set, panel_consistency, random_scene, recolour, render, rule_score)
+from toy.world import (
+    BLIND_CAPTION,
+    COLOURS,
+    PALETTE,
+    RECOLOUR,
+    SET_SUMMARY,
+    Scene,
+    Shape,
+    analyse,
+    caption,
+    caption_match,
+    make_set,
+    panel_consistency,
+    random_scene,
+    recolour,
+    render,
+    rule_score,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def degrade(image, rng, blur=1.0, sigma=20.0):
-    """What a blurry, noisy generator might make of a clean render: Gaussian blur, then pixel noise (0..255
-    scale)."""
+    """What a blurry, noisy generator might make of a clean render: a Gaussian blur, then pixel noise on
+    the 0..255 scale."""
     pixels = np.asarray(image.filter(ImageFilter.GaussianBlur(blur)), dtype=np.float32)
     pixels = pixels + rng.normal(0.0, sigma, pixels.shape)
     return Image.fromarray(np.clip(pixels, 0, 255).round().astype(np.uint8))
@@ -98,17 +114,20 @@ def test_analyse_survives_blur_and_noise():
             kind += other is not None and other.kind == shape.kind
             size += other is not None and other.size == shape.size
     print(f"\n200 scenes, blur 1 + noise 20, {shapes} shapes: background {background / 200:.3f}, colour+cell "
-          f"{colour_and_cell / shapes:.3f}, size {size / shapes:.3f}, kind {kind / shapes:.3f}, extra shapes {extras}")
+          f"{colour_and_cell / shapes:.3f}, size {size / shapes:.3f}, kind {kind / shapes:.3f}, "
+          f"extra shapes {extras}")
     assert background == 200 and extras == 0
     assert colour_and_cell / shapes >= 0.95 and size / shapes >= 0.95
     assert kind / shapes >= 0.85
 
 
 def test_caption_match_counts_facts():
-    scene = Scene("yellow", (Shape("circle", "red", "large", "top left"), Shape("square", "blue", "small", "center")))
+    scene = Scene("yellow", (Shape("circle", "red", "large", "top left"),
+                             Shape("square", "blue", "small", "center")))
     assert caption_match(render(scene), scene) == 1.0
     wrong_kind = Scene("yellow", (Shape("triangle", "red", "large", "top left"), scene.shapes[1]))
-    assert caption_match(render(wrong_kind), scene) == 8 / 9  # background + 2 shapes x (cell, colour, kind, size)
+    # background + 2 shapes x (cell, colour, kind, size)
+    assert caption_match(render(wrong_kind), scene) == 8 / 9
     extra = Scene("yellow", scene.shapes + (Shape("circle", "green", "small", "bottom"),))
     assert caption_match(render(extra), scene) == 9 / 10  # an unasked-for shape is one failed fact
     assert caption_match(render(Scene("green", ())), scene) == 0.0
@@ -120,7 +139,8 @@ def test_recolour_is_a_derangement_that_keeps_layout():
     assert all(before != after for before, after in RECOLOUR.items())
     scene = random_scene(random.Random(5))
     mapped = recolour(scene)
-    assert [(s.kind, s.size, s.cell) for s in mapped.shapes] == [(s.kind, s.size, s.cell) for s in scene.shapes]
+    assert [(s.kind, s.size, s.cell) for s in mapped.shapes] == [
+        (s.kind, s.size, s.cell) for s in scene.shapes]
     assert mapped.background == RECOLOUR[scene.background]
 
 
@@ -174,8 +194,8 @@ def test_make_sets_writes_readable_pairs(tmp_path):
     script = [sys.executable, str(ROOT / "toy" / "make_sets.py")]
     subprocess.run(script + ["--out", str(tmp_path / "sets"), "--count", "5", "--size", "64", "--seed", "0"],
                    check=True, capture_output=True)
-    subprocess.run(script + ["--out", str(tmp_path / "scenes"), "--single", "4", "--size", "32", "--seed", "1"],
-                   check=True, capture_output=True)
+    subprocess.run(script + ["--out", str(tmp_path / "scenes"), "--single", "4", "--size", "32",
+                             "--seed", "1"], check=True, capture_output=True)
     for folder, prefix, count, size in (("sets", "set", 5, (128, 64)), ("scenes", "scene", 4, (32, 32))):
         images = sorted((tmp_path / folder).glob("*.png"))
         assert [p.name for p in images] == [f"{prefix}_{i:03d}.png" for i in range(count)]
@@ -186,7 +206,9 @@ def test_make_sets_writes_readable_pairs(tmp_path):
     dataset = PanelSetDataset(tmp_path / "sets", resolution=96)  # 96**2 holds the exact 2:1 bucket (64, 128)
     assert len(dataset) == 5 and {sample.bucket for sample in dataset.samples} == {(64, 128)}
     first_set = (tmp_path / "sets" / "set_000.txt").read_text().strip()
-    assert first_set == make_set(random.Random(0), max_shapes=2)[1]  # make_sets.py draws 1-2 shapes by default
+    # make_sets.py draws 1-2 shapes by default
+    assert first_set == make_set(random.Random(0), max_shapes=2)[1]
     help_text = subprocess.run(script + ["--help"], check=True, capture_output=True, text=True).stdout
-    assert all(flag in help_text for flag in ("--out", "--count", "--single", "--size", "--seed", "--max-shapes"))
+    assert all(flag in help_text
+               for flag in ("--out", "--count", "--single", "--size", "--seed", "--max-shapes"))
 

@@ -1,9 +1,9 @@
 """Train the toy FLUX that ships in toy/model/: FLUX.1-dev's code and file layout at a few MB, trained from
 scratch on toy/world.py scenes in minutes on a laptop CPU, then loaded and scored through minflux.pipeline.
 
-    python toy/train_base.py                                 # the shipped run: rewrites toy/model/
-    python toy/train_base.py --out /tmp/toy --scenes 32 --ae-steps 2 --flow-steps 3 --eval-prompts 1   # smoke
-    run
+    python toy/train_base.py                       # the shipped run: rewrites toy/model/
+    python toy/train_base.py --out /tmp/toy --scenes 32 --ae-steps 2 --flow-steps 3 --eval-prompts 1
+                                                   # a smoke run
 
 Stages, in main's order: scenes; tokenizers (toy/train_tokenizers.py); random, frozen text encoders; an
 autoencoder; the flow transformer; the repo in FLUX.1-dev's layout (toy/hf_files.py), evaluated, with a
@@ -29,71 +29,96 @@ from tqdm.auto import tqdm
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere
-from iclora.training import TIMESTEP_MODES, flow_matching_loss, step_generator  # noqa: E402
-from minflux import layers  # noqa: E402
-from minflux.autoencoder import AutoEncoder, AutoEncoderParams  # noqa: E402
-from minflux.clip import CLIPConfig, CLIPTextModel  # noqa: E402
-from minflux.model import Flux, FluxParams  # noqa: E402
-from minflux.pipeline import load_pipeline  # noqa: E402
-from minflux.sampling import image_ids, text_ids  # noqa: E402
-from minflux.t5 import T5Config, T5Encoder, relative_position_bucket  # noqa: E402
-from minflux.tokenizers import CLIPTokenizer, T5Tokenizer  # noqa: E402
-from toy.hf_files import T5_LENGTH, write_json, write_weights_and_configs  # noqa: E402
-from toy.train_tokenizers import (check_tokenizers, tokenizer_corpus, train_clip_tokenizer,  # noqa: E402
-                                  train_t5_tokenizer)
-from toy.world import Scene, Shape, caption, caption_match, random_scene, render, set_caption  # noqa: E402
+from iclora.training import TIMESTEP_MODES, flow_matching_loss, step_generator  # noqa: E402 (after sys.path.insert)
+from minflux import layers  # noqa: E402 (after sys.path.insert)
+from minflux.autoencoder import AutoEncoder, AutoEncoderParams  # noqa: E402 (after sys.path.insert)
+from minflux.clip import CLIPConfig, CLIPTextModel  # noqa: E402 (after sys.path.insert)
+from minflux.model import Flux, FluxParams  # noqa: E402 (after sys.path.insert)
+from minflux.pipeline import load_pipeline  # noqa: E402 (after sys.path.insert)
+from minflux.sampling import image_ids, text_ids  # noqa: E402 (after sys.path.insert)
+from minflux.t5 import T5Config, T5Encoder, relative_position_bucket  # noqa: E402 (after sys.path.insert)
+from minflux.tokenizers import CLIPTokenizer, T5Tokenizer  # noqa: E402 (after sys.path.insert)
+from toy.hf_files import T5_LENGTH, write_json, write_weights_and_configs  # noqa: E402 (after sys.path.insert)
+from toy.train_tokenizers import (  # noqa: E402 (after sys.path.insert)
+    check_tokenizers,
+    tokenizer_corpus,
+    train_clip_tokenizer,
+    train_t5_tokenizer,
+)
+from toy.world import (  # noqa: E402 (after sys.path.insert)
+    Scene,
+    Shape,
+    caption,
+    caption_match,
+    random_scene,
+    render,
+    set_caption,
+)
 
 DEMO_SCENE = Scene("blue", (Shape("circle", "red", "large", "center"),))
 DEMO_PROMPT = caption(DEMO_SCENE)  # "a large red circle at the center, on a blue background"
+README_TEMPLATE = Path(__file__).with_name("model_readme.md")  # the written repo's README.md
+SCORE_TEMPLATE = Path(__file__).with_name("model_readme_score.md")  # its "How good it is" after an evaluation
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=ROOT / "toy" / "model",
-                   help="folder to write the model repo into; replaced as a whole at the end (default: toy/model)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the scenes, inits, batches and noise (default: 0)")
+                   help="folder to write the model repo into; replaced as a whole at the end "
+                        "(default: toy/model)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the scenes, inits, batches and noise (default: 0)")
     p.add_argument("--threads", type=int, default=2,
-                   help="torch CPU threads; results are bit-for-bit repeatable for a fixed count (default: 2)")
+                   help="torch CPU threads; results are bit-for-bit repeatable for a fixed count "
+                        "(default: 2)")
     g = p.add_argument_group("data")
     g.add_argument("--scenes", type=int, default=4000, help="training scenes (default: 4000)")
     g.add_argument("--max-shapes", type=int, default=2, help="each scene has 1..N shapes (default: 2)")
-    g.add_argument("--size", type=int, default=64, help="image side in pixels, a multiple of 16 (default: 64)")
+    g.add_argument("--size", type=int, default=64,
+                   help="image side in pixels, a multiple of 16 (default: 64)")
     g.add_argument("--task-captions", type=int, default=1000,
                    help="recolour-task joint captions added to the tokenizer corpus (default: 1000)")
     g = p.add_argument_group("text encoders (random, frozen)")
-    g.add_argument("--t5-width", type=int, default=64, help="T5 d_model = the flow's context_in_dim (default: 64)")
+    g.add_argument("--t5-width", type=int, default=64,
+                   help="T5 d_model = the flow's context_in_dim (default: 64)")
     g.add_argument("--t5-layers", type=int, default=2, help="T5 encoder blocks (default: 2)")
     g.add_argument("--t5-reach", type=int, default=3,
                    help="T5 attention reaches this many tokens to each side per layer (default: 3)")
-    g.add_argument("--clip-width", type=int, default=64, help="CLIP hidden size = the flow's vec_in_dim (default: 64)")
+    g.add_argument("--clip-width", type=int, default=64,
+                   help="CLIP hidden size = the flow's vec_in_dim (default: 64)")
     g.add_argument("--clip-layers", type=int, default=2, help="CLIP encoder layers (default: 2)")
     g = p.add_argument_group("autoencoder")
     g.add_argument("--ae-steps", type=int, default=1200, help="autoencoder optimizer steps (default: 1200)")
     g.add_argument("--ae-batch", type=int, default=8, help="autoencoder batch size (default: 8)")
-    g.add_argument("--ae-lr", type=float, default=1e-3, help="autoencoder peak AdamW learning rate (default: 1e-3)")
+    g.add_argument("--ae-lr", type=float, default=1e-3,
+                   help="autoencoder peak AdamW learning rate (default: 1e-3)")
     g.add_argument("--shape-weight", type=float, default=10.0,
                    help="extra loss weight of pixels that differ from the background (default: 10)")
     g.add_argument("--kl", type=float, default=1e-4,
-                   help="weight of the KL term (per latent element) against the per-pixel L1 + L2 (default: 1e-4)")
+                   help="weight of the KL term (per latent element) against the per-pixel L1 + L2 "
+                        "(default: 1e-4)")
     g = p.add_argument_group("flow transformer")
     g.add_argument("--hidden", type=int, default=128, help="hidden size (default: 128)")
-    g.add_argument("--heads", type=int, default=4, help="attention heads; head dim = hidden / heads (default: 4)")
+    g.add_argument("--heads", type=int, default=4,
+                   help="attention heads; head dim = hidden / heads (default: 4)")
     g.add_argument("--depth", type=int, default=2, help="double-stream blocks (default: 2)")
     g.add_argument("--single", type=int, default=2, help="single-stream blocks (default: 2)")
     g.add_argument("--flow-steps", type=int, default=5000, help="flow optimizer steps (default: 5000)")
     g.add_argument("--flow-batch", type=int, default=32, help="flow batch size (default: 32)")
     g.add_argument("--flow-lr", type=float, default=1e-3, help="peak AdamW learning rate (default: 1e-3)")
     g.add_argument("--warmup", type=int, default=200, help="linear warm-up steps (default: 200)")
-    g.add_argument("--ema", type=float, default=0.999, help="EMA decay of the shipped weights (default: 0.999)")
+    g.add_argument("--ema", type=float, default=0.999,
+                   help="EMA decay of the shipped weights (default: 0.999)")
     g.add_argument("--guidance-range", type=float, nargs=2, default=(1.0, 5.0), metavar=("LOW", "HIGH"),
                    help="the guidance input is drawn uniformly from this range each step (default: 1 5)")
     g.add_argument("--timesteps", default="shift", choices=TIMESTEP_MODES,
                    help="how t is drawn, as train.py --timestep-sampling (default: shift)")
     g = p.add_argument_group("evaluation")
     g.add_argument("--eval-prompts", type=int, default=20,
-                   help="held-out scenes generated from the written repo and scored with caption_match; 0 = none "
-                        "(default: 20)")
-    g.add_argument("--eval-steps", type=int, default=20, help="sampling steps for the evaluation (default: 20)")
+                   help="held-out scenes generated from the written repo and scored with caption_match; "
+                        "0 = none (default: 20)")
+    g.add_argument("--eval-steps", type=int, default=20,
+                   help="sampling steps for the evaluation (default: 20)")
     return p.parse_args(argv)
 
 
@@ -119,23 +144,23 @@ def eval_scenes(count: int, max_shapes: int, seed: int, seen: set[str]) -> list[
     rng = random.Random(f"eval-{seed}")
     scenes = [DEMO_SCENE][:count]
     while len(scenes) < count:
-        if caption(scene := random_scene(rng, max_shapes)) not in seen:
+        scene = random_scene(rng, max_shapes)
+        if caption(scene) not in seen:
             scenes.append(scene)
     return scenes
 
 
 # ------------------------------------------------------------------------------------------- text encoders
 # Random and frozen: the captions are exact, short and drawn from ~40 words, so a fixed random encoder that
-# keeps each token's identity and its neighbours is all the flow model needs; training the encoders too would
-# cost CPU time for little gain.
+# keeps each token's identity and its neighbours is all the flow model needs; training the encoders too
+# would cost CPU time for little gain.
 
 
 def t5_config(vocab_size: int, args) -> T5Config:
-    """16 buckets: distances 0..3 on each side get a bucket of their own, every farther one is in a log
-    bucket."""
-    return T5Config(vocab_size=vocab_size, d_model=args.t5_width, d_kv=args.t5_width // 4, d_ff=2 * args.t5_width,
-                    num_layers=args.t5_layers, num_heads=4, relative_attention_num_buckets=16,
-                    relative_attention_max_distance=32)
+    """16 buckets: distances 0..3 on each side get a bucket of their own, farther ones share log buckets."""
+    return T5Config(vocab_size=vocab_size, d_model=args.t5_width, d_kv=args.t5_width // 4,
+                    d_ff=2 * args.t5_width, num_layers=args.t5_layers, num_heads=4,
+                    relative_attention_num_buckets=16, relative_attention_max_distance=32)
 
 
 def banded_t5(cfg: T5Config, reach: int, seed: int) -> T5Encoder:
@@ -160,8 +185,9 @@ def banded_t5(cfg: T5Config, reach: int, seed: int) -> T5Encoder:
 
 def clip_config(vocab_size: int, args) -> CLIPConfig:
     """eos_token_id 2 as FLUX's file (pooling at the largest id: <|endoftext|> is the last one)."""
-    return CLIPConfig(vocab_size=vocab_size, hidden_size=args.clip_width, intermediate_size=2 * args.clip_width,
-                      num_hidden_layers=args.clip_layers, num_attention_heads=4)
+    return CLIPConfig(vocab_size=vocab_size, hidden_size=args.clip_width,
+                      intermediate_size=2 * args.clip_width, num_hidden_layers=args.clip_layers,
+                      num_attention_heads=4)
 
 
 def random_clip(cfg: CLIPConfig, seed: int) -> CLIPTextModel:
@@ -170,9 +196,9 @@ def random_clip(cfg: CLIPConfig, seed: int) -> CLIPTextModel:
 
 
 @torch.no_grad()
-def encode_captions(t5: T5Encoder, clip: CLIPTextModel, repo: Path, captions: list[str], reach: int, batch: int = 256):
-    """T5 states cut to the tokens that differ + the log-count bias of each kept token, and CLIP pooled
-    vectors.
+def encode_captions(t5: T5Encoder, clip: CLIPTextModel, repo: Path, captions: list[str], reach: int,
+                    batch: int = 256):
+    """T5 states cut to the tokens that differ, with a log-count bias per kept token; CLIP pooled vectors.
 
     T5 runs on all 512 tokens, as in the pipeline. Position p of a caption with content (incl. </s>) in [0, c)
     is a pad whose receptive field [p - R, p + R] (R = reach x layers) holds only pads when c + R <= p < 512 -
@@ -187,7 +213,9 @@ def encode_captions(t5: T5Encoder, clip: CLIPTextModel, repo: Path, captions: li
     if K + 1 + R >= T5_LENGTH:
         raise ValueError(f"captions of up to {K - R} T5 tokens leave no pad run to merge")
     keep = torch.cat([torch.arange(K + 1), torch.arange(T5_LENGTH - R, T5_LENGTH)])
-    txt, vec, spread = [], [], 0.0
+    txt = []
+    vec = []
+    spread = 0.0  # the largest difference between two of the merged pads
     for i in tqdm(range(0, len(captions), batch), desc="encoding captions"):
         states = t5(ids[i : i + batch])                                                  # (B, 512, C)
         run = states[:, K : T5_LENGTH - R]                                               # (B, 512 - R - K, C)
@@ -214,21 +242,23 @@ def ae_params() -> AutoEncoderParams:
 
 
 def train_autoencoder(images: torch.Tensor, args) -> tuple[AutoEncoder, dict]:
-    """VAE training: the decoder sees mean + std * noise; loss = (L1 + L2) per pixel + kl * KL per latent
-    element.
+    """VAE training: the decoder sees mean + std * noise; the loss is (L1 + L2) per pixel plus kl times the KL
+    per latent element.
 
     Three things make it train in minutes: every residual branch starts at zero (the second conv of each
     resnet block and the attention output; SkipInit, De & Smith 2020), so the network starts as a short stack
     of plain convs; the log-variance starts at -6 (std 0.05), so the start is a plain autoencoder and the KL
     term lets the noise grow only where the decoder can afford it; and pixels that differ from the background
     (the corner pixel, never covered) weigh --shape-weight times more, since shapes cover ~5-15% of a scene
-    and are otherwise learnt last. channels_last memory is ~1.5x faster for these convs on CPU."""
+    and are otherwise learnt last. The convs run in channels_last memory, faster on the CPU (docs/notes.md).
+    """
     torch.manual_seed(args.seed + 1)
     ae = AutoEncoder(ae_params())
     with torch.no_grad():
         for name, module in ae.named_modules():
             if name.endswith(("conv2", "proj_out")):
-                module.weight.zero_(), module.bias.zero_()
+                module.weight.zero_()
+                module.bias.zero_()
         ae.encoder.conv_out.bias[ae.params.z_channels :] = -6.0
     ae = ae.to(memory_format=torch.channels_last)
     opt = torch.optim.AdamW(ae.parameters(), lr=args.ae_lr, weight_decay=0.0)
@@ -258,11 +288,16 @@ def train_autoencoder(images: torch.Tensor, args) -> tuple[AutoEncoder, dict]:
 
 @torch.no_grad()
 def set_latent_factors(ae: AutoEncoder, images: torch.Tensor, batch: int = 256) -> torch.Tensor:
-    """Sets shift = mean and scale = 1 / std of the latent means over all scenes; returns the normalized
-    latents."""
-    ae.params.scale_factor, ae.params.shift_factor = 1.0, 0.0
-    z = torch.cat([ae.encode(images[i : i + batch]) for i in tqdm(range(0, len(images), batch), desc="latents")])
-    ae.params.shift_factor, ae.params.scale_factor = z.mean().item(), 1.0 / z.std().item()
+    """Sets shift = mean and scale = 1 / std of the latent means over all scenes, and returns the
+    normalized latents."""
+    ae.params.scale_factor = 1.0  # encode the raw latent means first
+    ae.params.shift_factor = 0.0
+    z = []
+    for i in tqdm(range(0, len(images), batch), desc="latents"):
+        z.append(ae.encode(images[i : i + batch]))
+    z = torch.cat(z)                                                                     # (N, 16, h, w)
+    ae.params.shift_factor = z.mean().item()
+    ae.params.scale_factor = 1.0 / z.std().item()
     return (z - ae.params.shift_factor) * ae.params.scale_factor                         # (N, 16, h, w)
 
 
@@ -294,28 +329,31 @@ def merged_pad_attention(text_bias: torch.Tensor):
 def flow_params(args) -> FluxParams:
     head = args.hidden // args.heads
     rows = 2 * (3 * head // 8 // 2)  # image rows and columns get 3/8 of the head each (FLUX: 56 of 128)
-    return FluxParams(in_channels=64, out_channels=64, vec_in_dim=args.clip_width, context_in_dim=args.t5_width,
-                      hidden_size=args.hidden, mlp_ratio=4.0, num_heads=args.heads, depth=args.depth,
-                      depth_single_blocks=args.single, axes_dim=(head - 2 * rows, rows, rows), guidance_embed=True)
+    return FluxParams(in_channels=64, out_channels=64, vec_in_dim=args.clip_width,
+                      context_in_dim=args.t5_width, hidden_size=args.hidden, mlp_ratio=4.0,
+                      num_heads=args.heads, depth=args.depth, depth_single_blocks=args.single,
+                      axes_dim=(head - 2 * rows, rows, rows), guidance_embed=True)
 
 
 def adaln_zero_(flow: Flux):
     """Zero the modulation and output projections: every block starts as the identity, the output as 0."""
     with torch.no_grad():
         for name, module in flow.named_modules():
-            if isinstance(module, torch.nn.Linear) and (name.endswith("mod.lin") or name.endswith("modulation.lin")
-                                                        or name.startswith("final_layer")):
-                module.weight.zero_(), module.bias.zero_()
+            projection = name.endswith(("mod.lin", "modulation.lin")) or name.startswith("final_layer")
+            if isinstance(module, torch.nn.Linear) and projection:
+                module.weight.zero_()
+                module.bias.zero_()
 
 
 @torch.no_grad()
-def check_merged_attention(params: FluxParams, t5: T5Encoder, clip: CLIPTextModel, repo: Path, captions: list[str],
-                           reach: int, seed: int) -> float:
+def check_merged_attention(params: FluxParams, t5: T5Encoder, clip: CLIPTextModel, repo: Path,
+                           captions: list[str], reach: int, seed: int) -> float:
     """Max abs difference between a random flow's output on the merged text and on all 512 T5 tokens."""
     torch.manual_seed(seed)
     flow = Flux(params).eval()  # default init: nonzero everywhere
     txt, bias, vec = encode_captions(t5, clip, repo, captions, reach)
-    full = t5(T5Tokenizer(repo / "tokenizer_2" / "spiece.model", max_length=T5_LENGTH)(captions))  # (B, 512, C)
+    t5_tok = T5Tokenizer(repo / "tokenizer_2" / "spiece.model", max_length=T5_LENGTH)
+    full = t5(t5_tok(captions))                                                        # (B, 512, C)
     B = len(captions)
     x = torch.randn(B, 16, 64)                                                         # (B, Li, 64): 64x64 px
     inputs = dict(img=x, img_ids=image_ids(B, 64, 64), timesteps=torch.full((B,), 0.7), y=vec,
@@ -333,8 +371,8 @@ def train_flow(latents, txt, bias, vec, args) -> tuple[Flux, dict]:
     iclora.training.flow_matching_loss (t = 1 noise, x_t = (1 - t) x0 + t eps, target eps - x0), AdamW with
     warm-up and cosine decay, gradient clipping at 1, an EMA of the weights, adaLN-Zero init (DiT, Peebles &
     Xie 2023). The distilled-guidance input is drawn uniformly from --guidance-range each step and so carries
-    no meaning: any value in that range (IC-LoRA's 1.0 in training, the sampler's 3.5) gives the same
-    images."""
+    no meaning: any value in that range (IC-LoRA's 1.0 in training, the sampler's 3.5) gives the same images.
+    """
     torch.manual_seed(args.seed + 3)
     flow = Flux(flow_params(args))
     adaln_zero_(flow)
@@ -360,7 +398,7 @@ def train_flow(latents, txt, bias, vec, args) -> tuple[Flux, dict]:
             opt.step()
             decay = min(args.ema, (1 + step) / (10 + step))
             with torch.no_grad():
-                for e, p in zip(ema.parameters(), flow.parameters()):
+                for e, p in zip(ema.parameters(), flow.parameters(), strict=True):
                     e.lerp_(p, 1 - decay)
             losses.append(loss.item())
             bar.set_postfix(loss=f"{np.mean(losses[-100:]):.4f}")
@@ -376,15 +414,15 @@ def score_captions(repo: Path, scenes: list[Scene], size: int, steps: int,
     """caption_match of each scene and the images generated from the captions through minflux.pipeline (seed
     0, one batch, so image i starts from row i of seed 0's noise)."""
     pipe = load_pipeline(str(repo))
-    images = pipe.generate([caption(s) for s in scenes], width=size, height=size, steps=steps, guidance=guidance,
-                           seed=0, progress=False)
-    return [caption_match(image, scene) for image, scene in zip(images, scenes)], images
+    images = pipe.generate([caption(s) for s in scenes], width=size, height=size, steps=steps,
+                           guidance=guidance, seed=0, progress=False)
+    return [caption_match(image, scene) for image, scene in zip(images, scenes, strict=True)], images
 
 
 def samples_sheet(scenes: list[Scene], images: list[Image.Image], size: int) -> Image.Image:
     """The renders on top, the generated images below."""
     sheet = Image.new("RGB", (size * len(scenes), 2 * size), "gray")
-    for i, (scene, image) in enumerate(zip(scenes, images)):
+    for i, (scene, image) in enumerate(zip(scenes, images, strict=True)):
         sheet.paste(render(scene, size), (i * size, 0))
         sheet.paste(image, (i * size, size))
     return sheet
@@ -394,7 +432,8 @@ def samples_sheet(scenes: list[Scene], images: list[Image.Image], size: int) -> 
 def reconstruction_match(ae: AutoEncoder, images: torch.Tensor, scenes: list[Scene]) -> float:
     """Mean caption_match of the decoded latent means: about the best the flow model can reach."""
     out = ae.decode(ae.encode(images))
-    return float(np.mean([caption_match(img, scene) for img, scene in zip(to_images(out), scenes)]))
+    scores = [caption_match(image, scene) for image, scene in zip(to_images(out), scenes, strict=True)]
+    return float(np.mean(scores))
 
 
 def to_images(x: torch.Tensor) -> list[Image.Image]:
@@ -411,66 +450,26 @@ def time_demo_prompt(repo: Path, size: int, steps: int) -> float:
 
 
 def readme(args, argv, info: dict) -> str:
-    command = "python toy/train_base.py" + "".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:]))
-    a, n = info["ae_params"], len(info["scores"])
+    """The written repo's README.md: README_TEMPLATE filled in from the arguments and the run's info."""
+    flags = argv if argv is not None else sys.argv[1:]
+    command = "python toy/train_base.py" + "".join(f" {flag}" for flag in flags)
     example = set_caption(Scene("red", (Shape("circle", "blue", "large", "center"),)))
-    side = f"{args.size}x{args.size}"
-    mean, mean_g1 = (np.mean(info["scores"]), np.mean(info["scores_g1"])) if n else (None, None)
-    score = (f"""`toy.world.caption_match` (the fraction of a caption's facts that `toy.world.analyse` reads back
-from the image: the background, and per shape its cell, colour, kind and size) over {n} held-out scenes (captions
-never seen in training), generated at {side}, {args.eval_steps} steps, seed 0: **{mean:.3f}** at guidance 3.5
-({mean_g1:.3f} at guidance 1.0); the demo prompt "{DEMO_PROMPT}": {info['scores'][0]:.2f}.
-Chance is far lower: an image of only the right background scores 1/5 for a one-shape caption, 1/9 for two.
-Decoding the autoencoder's own latents of the same scenes scores {info['recon']:.3f}, about the flow model's
-ceiling.
-`samples.png`: the renders of those scenes on top, the generated images below. Loading the model and drawing one
-{side} image ({args.eval_steps} steps) took {info['draw_s']:.1f} s on this CPU."""
-             if n else "Not evaluated (--eval-prompts 0).")
-    return f"""# toy FLUX.1-dev
+    stage_times = ", ".join(f"{stage} {seconds:.0f} s" for stage, seconds in info["times"].items())
+    return README_TEMPLATE.read_text(encoding="utf-8").format(
+        args=args, info=info, a=info["ae_params"], demo_prompt=DEMO_PROMPT, example=example,
+        axes_dim=list(info["axes_dim"]), guidance_range=list(args.guidance_range),
+        score=score_text(args, info), command=command, minutes=info["total_s"] / 60, stage_times=stage_times)
 
-A FLUX.1-dev-shaped text-to-image model of {info['size_mb']:.1f} MB, trained from scratch on the procedural scenes of
-`toy/world.py` (flat circles, squares and triangles in a 3x3 grid, six colours). Every file is in the layout and
-key names of `black-forest-labs/FLUX.1-dev`, so it loads through exactly the code path of the real model:
 
-```python
-from minflux.pipeline import load_pipeline
-pipe = load_pipeline("toy/model")
-pipe.generate(["{DEMO_PROMPT}"], width=64, height=64, steps=20)[0].save("toy.png")
-```
-
-It knows only the captions of `toy/world.py` ("a large red circle at the top left and a small blue square at the
-center, on a yellow background") with 1-{args.max_shapes} shapes, at {args.size}x{args.size} pixels. Its tokenizers also
-cover the recolour task's joint captions ("{example}"), which CLIP, like the real one, cuts at 77 tokens.
-
-| file | what |
-|---|---|
-| flux1-dev.safetensors | flow transformer: hidden {args.hidden}, {args.heads} heads, {args.depth} double + {args.single} single blocks, axes_dim {list(info['axes_dim'])}, guidance-embedded; {info['params']['flow']:,} parameters |
-| ae.safetensors | autoencoder: ch {a.ch}, ch_mult {a.ch_mult}, {a.num_res_blocks} resnet block per level, {a.z_channels} latent channels, 8x down; {info['params']['ae']:,} parameters; vae/config.json: shift_factor {a.shift_factor:.4f}, scaling_factor {a.scale_factor:.4f} |
-| text_encoder/ | CLIP text tower: width {args.clip_width}, {args.clip_layers} layers, random and frozen; {info['params']['clip']:,} parameters |
-| text_encoder_2/ | T5 v1.1 encoder: d_model {args.t5_width}, {args.t5_layers} blocks, random and frozen, position bias banded to +-{args.t5_reach} tokens per layer; {info['params']['t5']:,} parameters |
-| tokenizer/ | CLIP byte-level BPE trained on the toy captions: {info['clip_vocab']} tokens |
-| tokenizer_2/ | SentencePiece unigram trained on the toy captions: {info['t5_vocab']} ids incl. the 100 sentinels |
-| train_log.json | the run's arguments, losses, times and scores |
-
-The distilled-guidance input was drawn uniformly from {list(args.guidance_range)} in training, so it carries no meaning:
-the sampler's default 3.5 and IC-LoRA training's 1.0 give the same images.
-
-## How good it is
-
-{score}
-
-## How it was made
-
-```
-{command}
-```
-
-{info['scenes']} scenes (seed {args.seed}), {args.threads} CPU thread(s), {info['total_s'] / 60:.1f} minutes in all
-({', '.join(f'{k} {v:.0f} s' for k, v in info['times'].items())}). Every choice is explained in the docstrings of
-`toy/train_base.py`. Final losses: autoencoder L1 {info['ae']['l1']:.4f}, L2 {info['ae']['l2']:.4f} (per pixel,
-in [-1, 1] units), KL {info['ae']['kl']:.2f} (per latent element); flow matching
-{info['flow']['loss_last100']:.4f} (mean of the last 100 steps; {info['flow']['loss_first100']:.4f} over the first 100).
-"""
+def score_text(args, info: dict) -> str:
+    """The README's "How good it is": SCORE_TEMPLATE filled in, or a line saying there was no evaluation."""
+    count = len(info["scores"])
+    if not count:
+        return "Not evaluated (--eval-prompts 0)."
+    template = SCORE_TEMPLATE.read_text(encoding="utf-8").removesuffix("\n")
+    return template.format(args=args, info=info, count=count, side=f"{args.size}x{args.size}",
+                           mean=np.mean(info["scores"]), mean_g1=np.mean(info["scores_g1"]),
+                           demo_prompt=DEMO_PROMPT)
 
 
 @contextmanager
@@ -491,73 +490,96 @@ def swap_in(tmp: Path, out: Path):
     shutil.rmtree(old, ignore_errors=True)
 
 
+def make_tokenizers(repo: Path, captions: list[str], args) -> tuple[int, int]:
+    """Stage 2: both tokenizers trained on the captions (+ recolour-task captions) and checked with the
+    pipeline's own tokenizer classes. Returns the T5 and CLIP vocabulary sizes."""
+    corpus = tokenizer_corpus(captions, args.task_captions, args.seed)
+    t5_vocab = train_t5_tokenizer(repo / "tokenizer_2", corpus, args.seed)
+    clip_vocab = train_clip_tokenizer(repo / "tokenizer", corpus)
+    lengths = check_tokenizers(repo, corpus)
+    print(f"tokenizers: T5 {t5_vocab} ids, CLIP {clip_vocab} tokens; a text is {lengths['t5']:.1f} T5 / "
+          f"{lengths['clip']:.1f} CLIP tokens on average; every corpus text round-trips", file=sys.stderr)
+    return t5_vocab, clip_vocab
+
+
+def text_encoders(repo: Path, captions: list[str], t5_vocab: int, clip_vocab: int,
+                  args) -> tuple[T5Encoder, CLIPTextModel, float]:
+    """Stage 3: the random, frozen T5 and CLIP, and the largest difference that merging the far pads makes
+    to a random flow's output (checked against the 512-token forward)."""
+    t5 = banded_t5(t5_config(t5_vocab, args), args.t5_reach, args.seed + 4)
+    clip = random_clip(clip_config(clip_vocab, args), args.seed + 5)
+    diff = check_merged_attention(flow_params(args), t5, clip, repo, captions[:4], args.t5_reach,
+                                  args.seed + 6)
+    if diff > 1e-4:
+        raise RuntimeError(f"merged-pad attention differs from the 512-token forward by {diff:.2e}")
+    return t5, clip, diff
+
+
+def evaluate(repo: Path, ae: AutoEncoder, scenes: list[Scene], args) -> dict:
+    """Stage 6: the written repo's caption_match on held-out scenes at guidance 3.5 and 1.0, the autoencoder's
+    ceiling and the time to draw the demo prompt; samples.png. Empty scores when there are no scenes."""
+    if not scenes:
+        return {"scores": [], "scores_g1": [], "recon": float("nan"), "draw_s": float("nan")}
+    scores, generated = score_captions(repo, scenes, args.size, args.eval_steps, guidance=3.5)
+    scores_g1, _ = score_captions(repo, scenes, args.size, args.eval_steps, guidance=1.0)
+    samples_sheet(scenes, generated, args.size).save(repo / "samples.png")
+    recon = reconstruction_match(ae, renders(scenes, args.size), scenes)
+    draw_s = time_demo_prompt(repo, args.size, args.eval_steps)
+    print(f"caption_match over {len(scenes)} held-out scenes: {np.mean(scores):.3f} at guidance 3.5, "
+          f"{np.mean(scores_g1):.3f} at 1.0 (autoencoder ceiling {recon:.3f})", file=sys.stderr)
+    return {"scores": scores, "scores_g1": scores_g1, "recon": recon, "draw_s": draw_s}
+
+
+def parameter_count(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def write_readme_and_log(repo: Path, args, argv, info: dict, scenes: list[Scene]):
+    """Stage 7: README.md, and train_log.json with the info (less the two objects), the held-out
+    captions and the arguments."""
+    (repo / "README.md").write_text(readme(args, argv, info))
+    log = {k: v for k, v in info.items() if k not in ("axes_dim", "ae_params")}
+    write_json(repo / "train_log.json", log | {"eval_captions": [caption(s) for s in scenes],
+                                                "args": {k: str(v) for k, v in vars(args).items()}})
+
+
 def main(argv=None) -> Path:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.size % 16 or args.size < 32:
         raise SystemExit(f"--size must be a multiple of 16 and at least 32, got {args.size}")
-    begin, times = time.perf_counter(), {}
+    begin = time.perf_counter()
+    times = {}
     tmp = args.out.with_name(f".{args.out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
 
-    # 1. Scenes, 2. tokenizers trained on their captions (+ recolour-task captions), checked with the
-    # pipeline's own tokenizer classes.
-    with timed(times, "data+tokenizers"):
+    with timed(times, "data+tokenizers"):  # 1. scenes, 2. tokenizers
         images, captions = make_scenes(args.scenes, args.max_shapes, args.size, args.seed)    # (N, 3, H, W)
-        corpus = tokenizer_corpus(captions, args.task_captions, args.seed)
-        t5_vocab = train_t5_tokenizer(tmp / "tokenizer_2", corpus, args.seed)
-        clip_vocab = train_clip_tokenizer(tmp / "tokenizer", corpus)
-        lengths = check_tokenizers(tmp, corpus)
-    print(f"tokenizers: T5 {t5_vocab} ids, CLIP {clip_vocab} tokens; a text is {lengths['t5']:.1f} T5 / "
-          f"{lengths['clip']:.1f} CLIP tokens on average; every corpus text round-trips", file=sys.stderr)
-
-    # 3. Text encoders (random, frozen), then every caption encoded once.
-    with timed(times, "text"):
-        t5 = banded_t5(t5_config(t5_vocab, args), args.t5_reach, args.seed + 4)
-        clip = random_clip(clip_config(clip_vocab, args), args.seed + 5)
-        diff = check_merged_attention(flow_params(args), t5, clip, tmp, captions[:4], args.t5_reach, args.seed + 6)
-        if diff > 1e-4:
-            raise RuntimeError(f"merged-pad attention differs from the 512-token forward by {diff:.2e}")
+        t5_vocab, clip_vocab = make_tokenizers(tmp, captions, args)
+    with timed(times, "text"):  # 3. text encoders, then every caption encoded once
+        t5, clip, diff = text_encoders(tmp, captions, t5_vocab, clip_vocab, args)
         txt, bias, vec = encode_captions(t5, clip, tmp, captions, args.t5_reach)   # (N, Lt, C), (Lt,), (N, C)
     print(f"text: {txt.shape[1]} of {T5_LENGTH} T5 tokens kept, the run of far pads merged "
           f"(max diff to the full forward {diff:.1e})", file=sys.stderr)
-
-    # 4. Autoencoder, then the latent shift and scale.
-    with timed(times, "autoencoder"):
+    with timed(times, "autoencoder"):  # 4. autoencoder, then the latent shift and scale
         ae, ae_log = train_autoencoder(images, args)
         latents = set_latent_factors(ae, images)                                         # (N, 16, h, w)
-
-    # 5. Flow transformer.
-    with timed(times, "flow"):
+    with timed(times, "flow"):  # 5. flow transformer
         flow, flow_log = train_flow(latents, txt, bias, vec, args)
-
-    # 6. The repo in a temporary folder, evaluated through the pipeline on held-out scenes.
-    with timed(times, "write+eval"):
+    with timed(times, "write+eval"):  # 6. the repo in a temporary folder, evaluated on held-out scenes
         write_weights_and_configs(tmp, flow, ae, t5, clip)
         scenes = eval_scenes(args.eval_prompts, args.max_shapes, args.seed, set(captions))
-        scores, scores_g1, recon, draw_s = [], [], float("nan"), float("nan")
-        if scenes:
-            scores, generated = score_captions(tmp, scenes, args.size, args.eval_steps, guidance=3.5)
-            scores_g1, _ = score_captions(tmp, scenes, args.size, args.eval_steps, guidance=1.0)
-            samples_sheet(scenes, generated, args.size).save(tmp / "samples.png")
-            recon = reconstruction_match(ae, renders(scenes, args.size), scenes)
-            draw_s = time_demo_prompt(tmp, args.size, args.eval_steps)
-            print(f"caption_match over {len(scenes)} held-out scenes: {np.mean(scores):.3f} at guidance 3.5, "
-                  f"{np.mean(scores_g1):.3f} at 1.0 (autoencoder ceiling {recon:.3f})", file=sys.stderr)
+        evaluation = evaluate(tmp, ae, scenes, args)
 
     # 7. The README and the log, then the folder swapped in.
-    count = lambda m: sum(p.numel() for p in m.parameters())
+    params = {"flow": parameter_count(flow), "ae": parameter_count(ae), "clip": parameter_count(clip),
+              "t5": parameter_count(t5)}
     info = dict(size_mb=sum(f.stat().st_size for f in tmp.rglob("*.safetensors")) / 2**20,
-                axes_dim=flow.params.axes_dim, ae_params=ae.params,
-                params=dict(flow=count(flow), ae=count(ae), clip=count(clip), t5=count(t5)),
-                clip_vocab=clip_vocab, t5_vocab=t5_vocab, scores=scores, scores_g1=scores_g1, recon=recon,
-                draw_s=draw_s, scenes=args.scenes, ae=ae_log, flow=flow_log, times=times,
+                axes_dim=flow.params.axes_dim, ae_params=ae.params, params=params, clip_vocab=clip_vocab,
+                t5_vocab=t5_vocab, **evaluation, scenes=args.scenes, ae=ae_log, flow=flow_log, times=times,
                 total_s=time.perf_counter() - begin)
-    (tmp / "README.md").write_text(readme(args, argv, info))
-    log = {k: v for k, v in info.items() if k not in ("axes_dim", "ae_params")}
-    write_json(tmp / "train_log.json", log | {"eval_captions": [caption(s) for s in scenes],
-                                               "args": {k: str(v) for k, v in vars(args).items()}})
+    write_readme_and_log(tmp, args, argv, info, scenes)
     swap_in(tmp, args.out)
     print(f"wrote {args.out} ({info['size_mb']:.1f} MB of weights) in {info['total_s'] / 60:.1f} min",
           file=sys.stderr)

@@ -22,25 +22,33 @@ from iclora.panels import split_panels
 PALETTE = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255), "yellow": (255, 255, 0),
            "white": (255, 255, 255), "black": (0, 0, 0)}
 COLOURS = tuple(PALETTE)
-RECOLOUR = {"red": "blue", "blue": "green", "green": "yellow", "yellow": "white", "white": "black", "black": "red"}
+RECOLOUR = {"red": "blue", "blue": "green", "green": "yellow", "yellow": "white", "white": "black",
+            "black": "red"}
 KINDS = ("circle", "square", "triangle")
 SIZES = {"small": 0.45, "large": 0.8}  # side of the shape / side of its cell
-CELLS = ("top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right")  # row-major
+CELLS = ("top left", "top", "top right",  # row-major
+         "left", "center", "right",
+         "bottom left", "bottom", "bottom right")
 MIN_IMAGE_SIZE = 24  # a small shape is then 3-4 pixels wide
 
-# Thresholds of `analyse` (cell fractions are of the cell's pixel count or side). tests/test_toy_world.py
-# reads renders blurred (radius 1) and noised (sigma 20) at 64 px back: background, colour, cell and size
-# ~100%, kind ~97%.
-SNAP_RADIUS = 127.5  # a pixel takes the nearest palette colour only within this distance (half the smallest palette
-# distance, so never two candidates); other pixels (blurred edges, off colours) are not shapes
-PRESENT = 0.04  # a cell holds a shape when its most common non-background colour covers more than this (a clean
-#                 small triangle covers ~10% of its cell, a large square ~64%) and
-CENTERED = 0.25  # that colour's centroid lies within this fraction of a side from the cell centre (so an edge
-#                  bleeding in from a neighbouring cell is not a shape)
-LARGE = 0.62  # large when the fitted shape's width (sqrt(area / fill)) exceeds this fraction of the side (SIZES)
-ROUND_CORNERS = 0.04  # the mask's best IoU with an ideal circle, square or triangle of the same area and centroid
-# picks the kind; a circle wins only by more than this (blur rounds a small square's corners, it never squares
-# a circle)
+# Thresholds of `analyse` (cell fractions are of the cell's pixel count or side), tuned so that renders
+# blurred (radius 1) and noised (sigma 20) at 64 px still read back (tests/test_toy_world.py; the rates are
+# in docs/notes.md).
+
+# A pixel takes the nearest palette colour only within SNAP_RADIUS (half the smallest palette distance, so
+# never two candidates); other pixels (blurred edges, off colours) are not shapes.
+SNAP_RADIUS = 127.5
+# A cell holds a shape when its most common non-background colour covers more than PRESENT of it (a clean
+# small triangle covers ~10% of its cell, a large square ~64%) and that colour's centroid lies within CENTERED
+# of a side from the cell centre (so an edge bleeding in from a neighbouring cell is not a shape).
+PRESENT = 0.04
+CENTERED = 0.25
+# A shape is large when the fitted shape's width (sqrt(area / fill)) exceeds LARGE of the side (SIZES).
+LARGE = 0.62
+# The mask's best IoU with an ideal circle, square or triangle of the same area and centroid picks the kind;
+# a circle wins only by more than ROUND_CORNERS (blur rounds a small square's corners, but it never squares
+# a circle).
+ROUND_CORNERS = 0.04
 FILL = {"circle": np.pi / 4, "square": 1.0, "triangle": 0.5}  # area / (width * height)
 SET_SUMMARY = "[TWO-PANEL] the same scene in two colour schemes"
 BLIND_CAPTION = f"{SET_SUMMARY}; [LEFT] the scene; [RIGHT] the same scene"
@@ -84,8 +92,10 @@ def random_scene(rng: random.Random, max_shapes: int = 3) -> Scene:
     background = rng.choice(COLOURS)
     colours = [colour for colour in COLOURS if colour != background]
     cells = rng.sample(CELLS, rng.randint(1, max_shapes))
-    return Scene(background, tuple(Shape(rng.choice(KINDS), rng.choice(colours), rng.choice(tuple(SIZES)), cell)
-                                   for cell in cells))
+    shapes = []
+    for cell in cells:
+        shapes.append(Shape(rng.choice(KINDS), rng.choice(colours), rng.choice(tuple(SIZES)), cell))
+    return Scene(background, tuple(shapes))
 
 
 def recolour(scene: Scene) -> Scene:
@@ -94,22 +104,24 @@ def recolour(scene: Scene) -> Scene:
                  tuple(Shape(s.kind, RECOLOUR[s.colour], s.size, s.cell) for s in scene.shapes))
 
 
-# ---------------------------------------------------------------------------------------------- drawing and
-# captions
+# ------------------------------------------------------------------------------------- drawing and captions
 def cell_boxes(width: int, height: int) -> list[tuple[int, int, int, int]]:
-    """(left, top, right, bottom), right/bottom exclusive, of the 9 cells in CELLS order; edges at floor(i *
-    side / 3)."""
-    xs, ys = [i * width // 3 for i in range(4)], [j * height // 3 for j in range(4)]
+    """(left, top, right, bottom) of the 9 cells in CELLS order, right and bottom exclusive.
+
+    Cell edges lie at floor(i * side / 3)."""
+    xs = [i * width // 3 for i in range(4)]
+    ys = [j * height // 3 for j in range(4)]
     return [(xs[k % 3], ys[k // 3], xs[k % 3 + 1], ys[k // 3 + 1]) for k in range(9)]
 
 
 def render(scene: Scene, size: int = 64) -> Image.Image:
-    """The scene as a size x size RGB image in flat palette colours, no anti-aliasing; shapes centred in their
-    cells."""
+    """The scene as a size x size RGB image: flat palette colours, no anti-aliasing, each shape centred
+    in its cell."""
     if size < MIN_IMAGE_SIZE:
         raise ValueError(f"render size must be at least {MIN_IMAGE_SIZE} pixels, got {size}")
     image = Image.new("RGB", (size, size), PALETTE[scene.background])
-    draw, boxes = ImageDraw.Draw(image), cell_boxes(size, size)
+    draw = ImageDraw.Draw(image)
+    boxes = cell_boxes(size, size)
     for shape in scene.shapes:
         left, top, right, bottom = boxes[CELLS.index(shape.cell)]
         side = round(SIZES[shape.size] * min(right - left, bottom - top))
@@ -149,8 +161,8 @@ TASKS = {"recolour": set_caption, "blind_recolour": blind_caption}  # task -> jo
 
 def make_set(rng: random.Random, panel_size: int = 64, max_shapes: int = 3,
              task: str = "recolour") -> tuple[Image.Image, str]:
-    """A random set of a task in TASKS: the two panels side by side (2*panel_size x panel_size) and its
-    caption."""
+    """A random set of a task in TASKS and its caption; the set is the two panels side by side
+    (2*panel_size x panel_size)."""
     left = random_scene(rng, max_shapes)
     joined = Image.new("RGB", (2 * panel_size, panel_size))
     joined.paste(render(left, panel_size), (0, 0))
@@ -158,11 +170,10 @@ def make_set(rng: random.Random, panel_size: int = 64, max_shapes: int = 3,
     return joined, TASKS[task](left)
 
 
-# -------------------------------------------------------------------------------------------------------
-# analysis
+# --------------------------------------------------------------------------------------------------- analysis
 def snap(image: Image.Image) -> tuple[np.ndarray, np.ndarray]:
-    """(H, W) index into COLOURS of each pixel's nearest palette colour, and (H, W) whether it is within
-    SNAP_RADIUS."""
+    """Each pixel's nearest palette colour as an index into COLOURS, and whether that colour is within
+    SNAP_RADIUS; both (H, W)."""
     pixels = np.asarray(image.convert("RGB"), dtype=np.float32)  # (H, W, 3)
     palette = np.array(list(PALETTE.values()), dtype=np.float32)  # (P, 3)
     distance = np.linalg.norm(pixels[:, :, None, :] - palette, axis=-1)  # (H, W, P)
@@ -172,7 +183,7 @@ def snap(image: Image.Image) -> tuple[np.ndarray, np.ndarray]:
 def ideal_shapes(h: int, w: int, cy: float, cx: float, area: float) -> dict[str, np.ndarray]:
     """(h, w) masks of an upright circle, square and up-pointing triangle of the given area and centroid."""
     y, x = np.mgrid[:h, :w]  # (h, w) pixel-centre coordinates, as np.nonzero reports them
-    side = np.sqrt(2 * area)  # the triangle's base and height; its centroid is a third of the height above the base
+    side = np.sqrt(2 * area)  # the triangle's base and height; its centroid is a third of the way up
     top = cy - 2 * side / 3
     return {"circle": (x - cx) ** 2 + (y - cy) ** 2 <= area / np.pi,
             "square": np.maximum(abs(x - cx), abs(y - cy)) <= np.sqrt(area) / 2,
@@ -180,8 +191,8 @@ def ideal_shapes(h: int, w: int, cy: float, cx: float, area: float) -> dict[str,
 
 
 def read_cell(labels: np.ndarray, background: int, cell: str) -> Shape | None:
-    """The shape in one cell from its (h, w) labels (COLOURS index, -1 for no colour), or None when it is
-    empty."""
+    """The shape in one cell, or None when the cell is empty, read from the cell's (h, w) labels (an index
+    into COLOURS, -1 for no colour)."""
     h, w = labels.shape
     counts = np.bincount(labels[(labels >= 0) & (labels != background)], minlength=len(COLOURS))
     colour = int(counts.argmax())
@@ -208,22 +219,26 @@ def analyse(image: Image.Image) -> Scene:
     background = int(np.bincount(nearest.ravel(), minlength=len(COLOURS)).argmax())
     labels = np.where(close, nearest, -1)  # (H, W)
     shapes = [read_cell(labels[top:bottom, left:right], background, cell)
-              for cell, (left, top, right, bottom) in zip(CELLS, cell_boxes(*image.size))]
+              for cell, (left, top, right, bottom) in zip(CELLS, cell_boxes(*image.size), strict=True)]
     return Scene(COLOURS[background], tuple(shape for shape in shapes if shape is not None))
 
 
-# ---------------------------------------------------------------------------------------------------------
-# scores
+# ----------------------------------------------------------------------------------------------------- scores
 def caption_match(image: Image.Image, scene: Scene) -> float:
     """Fraction of the scene's facts the image reproduces: the background, and per shape its cell (something
-    is there), colour, kind and size. A shape in a cell the caption leaves empty counts as one more, failed,
-    fact."""
+    is there), colour, kind and size. A shape in a cell that the caption leaves empty adds one failed fact.
+    """
     seen = analyse(image)
     found = {shape.cell: shape for shape in seen.shapes}
     matched = int(seen.background == scene.background)
     for shape in scene.shapes:
-        if (other := found.get(shape.cell)) is not None:
-            matched += 1 + (other.colour == shape.colour) + (other.kind == shape.kind) + (other.size == shape.size)
+        other = found.get(shape.cell)
+        if other is None:
+            continue
+        matched += 1  # something is in the cell
+        matched += other.colour == shape.colour
+        matched += other.kind == shape.kind
+        matched += other.size == shape.size
     extras = len(found.keys() - {shape.cell for shape in scene.shapes})
     return matched / (1 + 4 * len(scene.shapes) + extras)
 
@@ -232,9 +247,12 @@ def rule_score(left_image: Image.Image, right_image: Image.Image) -> float:
     """How well the right panel is the recoloured left panel, both as analysed: items are the background and
     every cell occupied in either the expected or the seen right panel; a shape item counts only when cell,
     kind, size and mapped colour all match. An identity pair scores 0 (RECOLOUR moves every colour)."""
-    expected, seen = recolour(analyse(left_image)), analyse(right_image)
-    want, got = {s.cell: s for s in expected.shapes}, {s.cell: s for s in seen.shapes}
-    matched = int(expected.background == seen.background) + sum(got.get(cell) == shape for cell, shape in want.items())
+    expected = recolour(analyse(left_image))
+    seen = analyse(right_image)
+    want = {shape.cell: shape for shape in expected.shapes}
+    got = {shape.cell: shape for shape in seen.shapes}
+    matched = int(expected.background == seen.background)
+    matched += sum(got.get(cell) == shape for cell, shape in want.items())
     return matched / (1 + len(want.keys() | got.keys()))
 
 
