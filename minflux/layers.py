@@ -53,21 +53,13 @@ def apply_rope(x: Tensor, pe: Tensor) -> Tensor:
     return (x * cos).add_(swapped * sin).type_as(x)                               # (B, L, H, D)
 
 
-# Extra attention logits for the first keys (the text tokens), or None. FLUX never sets it: it is the toy
-# model's hook (toy/train_base.py trains on runs of equal padding tokens merged into one, weighted by log of
-# their count).
-text_key_bias: Tensor | None = None
-
-
 def attention(q: Tensor, k: Tensor, v: Tensor, pe: Tensor) -> Tensor:
     """Full (unmasked) attention over the joint text + image sequence, RoPE on q and k. Tensors stay
     token-major (B, L, H, D) until here: joining the streams is a cheap contiguous concatenation; SDPA takes
     head-major views."""
     q, k = apply_rope(q, pe), apply_rope(k, pe)                                   # (B, L, H, D)
     q, k, v = (rearrange(t, "b l h d -> b h l d") for t in (q, k, v))
-    bias = None if text_key_bias is None else \
-        F.pad(text_key_bias.to(q), (0, k.shape[2] - len(text_key_bias)))[None]  # (1, L)
-    x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)                   # (B, H, L, D)
+    x = F.scaled_dot_product_attention(q, k, v)                                   # (B, H, L, D)
     return rearrange(x, "b h l d -> b l (h d)")                                   # (B, L, C)
 
 

@@ -84,7 +84,7 @@ def test_toy_text_encoders_match_transformers(pipe):
 @torch.no_grad()
 def test_merged_pad_attention_weighs_a_token_like_its_copies():
     """One text token with bias log n gives the image the output of n equal copies of it (the merged T5 pads),
-    and the hook is unset afterwards."""
+    and minflux.layers.attention is the reference function again afterwards."""
     torch.manual_seed(0)
     p = train_base.flow_params(train_base.parse_args([]))
     flow = Flux(p).eval()
@@ -94,9 +94,10 @@ def test_merged_pad_attention_weighs_a_token_like_its_copies():
     inputs = dict(img=torch.randn(B, 16, 64), img_ids=image_ids(B, 64, 64), timesteps=torch.full((B,), 0.5),
                   y=torch.randn(B, p.vec_in_dim), guidance=torch.full((B,), 3.5))
     want = flow(txt=full, txt_ids=text_ids(B, 2 + n), **inputs)                          # (B, Li, 64)
+    reference = layers.attention
     with train_base.merged_pad_attention(torch.tensor([0.0, 0.0, math.log(n)])):
         got = flow(txt=txt, txt_ids=text_ids(B, 3), **inputs)
-    assert layers.text_key_bias is None
+    assert layers.attention is reference
     assert (got - want).abs().max() < 1e-5
 
 
