@@ -9,13 +9,14 @@ feature map (the image's, at the input), Z latent channels (z_channels), h w the
 levels).
 """
 
-import re
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
+
+from .convert import count_numbered
 
 
 @dataclass
@@ -36,19 +37,22 @@ class AutoEncoderParams:
         return cls(ch=32, ch_mult=(1, 1, 1, 1), num_res_blocks=1)
 
     @classmethod
-    def from_state_dict(cls, sd: dict, scale_factor: float = 0.3611, shift_factor: float = 0.1159, source="checkpoint"):
-        """Reads every size off the tensor shapes of an `ae.safetensors`-style dict (scale/shift are not
+    def from_state_dict(cls, sd: dict, scale_factor: float = 0.3611, shift_factor: float = 0.1159,
+                        source="checkpoint"):
+        """Reads every size off the tensor shapes of an `ae.safetensors`-style dict (scale and shift are not
         stored)."""
         required = ["encoder.conv_in.weight", "encoder.down.0.block.0.conv1.weight", "decoder.conv_in.weight",
                     "decoder.conv_out.weight"]
-        if missing := [k for k in required if k not in sd]:
+        missing = [k for k in required if k not in sd]
+        if missing:
             raise ValueError(f"{source}: not a FLUX autoencoder checkpoint: missing {', '.join(missing)}")
         ch, in_channels = sd["encoder.conv_in.weight"].shape[:2]
-        count = lambda prefix: 1 + max(int(m[1]) for k in sd if (m := re.match(rf"{re.escape(prefix)}\.(\d+)\.", k)))
-        levels = count("encoder.down")
+        levels = count_numbered(sd, "encoder.down")
+        level_widths = [sd[f"encoder.down.{i}.block.0.conv1.weight"].shape[0] for i in range(levels)]
         return cls(in_channels=in_channels, ch=ch, out_ch=sd["decoder.conv_out.weight"].shape[0],
-                   ch_mult=tuple(sd[f"encoder.down.{i}.block.0.conv1.weight"].shape[0] // ch for i in range(levels)),
-                   num_res_blocks=count("encoder.down.0.block"), z_channels=sd["decoder.conv_in.weight"].shape[1],
+                   ch_mult=tuple(width // ch for width in level_widths),
+                   num_res_blocks=count_numbered(sd, "encoder.down.0.block"),
+                   z_channels=sd["decoder.conv_in.weight"].shape[1],
                    scale_factor=scale_factor, shift_factor=shift_factor)
 
 
@@ -69,7 +73,10 @@ class ResnetBlock(nn.Module):
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
         self.norm2 = group_norm(out_channels)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
-        self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
+        if in_channels != out_channels:
+            self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1)
+        else:
+            self.nin_shortcut = nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
         h = self.conv1(F.silu(self.norm1(x)))                                     # (B, C_out, H, W)
@@ -146,9 +153,10 @@ class Encoder(nn.Module):
         widths = [p.ch * m for m in p.ch_mult]
         self.conv_in = nn.Conv2d(p.in_channels, p.ch, 3, padding=1)
         self.down = nn.ModuleList()
-        for i, (c_in, c_out) in enumerate(zip([p.ch, *widths], widths)):
+        for i, (c_in, c_out) in enumerate(zip([p.ch, *widths[:-1]], widths, strict=True)):
             level = nn.Module()  # a plain container: its attribute names are the checkpoint's
-            level.block = nn.ModuleList(ResnetBlock(c_in if j == 0 else c_out, c_out) for j in range(p.num_res_blocks))
+            blocks = range(p.num_res_blocks)
+            level.block = nn.ModuleList(ResnetBlock(c_in if j == 0 else c_out, c_out) for j in blocks)
             level.downsample = Downsample(c_out) if i < len(widths) - 1 else nn.Identity()
             self.down.append(level)
         self.mid = MidBlock(widths[-1])
@@ -175,7 +183,8 @@ class Decoder(nn.Module):
         self.conv_in = nn.Conv2d(p.z_channels, widths[-1], 3, padding=1)
         self.mid = MidBlock(widths[-1])
         self.up = nn.ModuleList()
-        for i, (c_in, c_out) in enumerate(zip([*widths[1:], widths[-1]], widths)):  # c_in comes from level i+1
+        # level i's input comes from level i + 1 (the last level's from the mid block)
+        for i, (c_in, c_out) in enumerate(zip([*widths[1:], widths[-1]], widths, strict=True)):
             level = nn.Module()
             blocks = range(p.num_res_blocks + 1)
             level.block = nn.ModuleList(ResnetBlock(c_in if j == 0 else c_out, c_out) for j in blocks)
