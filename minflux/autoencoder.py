@@ -1,12 +1,13 @@
 """The FLUX.1 autoencoder: a convolutional VAE that maps RGB images to 16-channel latents 8x smaller.
 
-Follows the BFL reference (`flux/modules/autoencoder.py`); module and parameter names are those of
-`ae.safetensors` (`encoder.down.0.block.1.conv2`, ...), so the official file loads with a strict
+Mirrors BFL's src/flux/modules/autoencoder.py: AutoEncoderParams, ResnetBlock, AttnBlock, Downsample,
+Upsample, Encoder, Decoder and AutoEncoder keep its names; MidBlock is the `mid` module its Encoder and
+Decoder build inline, and AutoEncoder.encode draws its DiagonalGaussian's sample. Module and parameter names
+are those of `ae.safetensors` (`encoder.down.0.block.1.conv2`, ...): the file loads with a strict
 `load_state_dict`.
 
-Shape letters: B batch, C channels (they change from level to level), H W the height and width of the current
-feature map (the image's, at the input), Z latent channels (z_channels), h w the latent grid (H/8, W/8 with 4
-levels).
+Shape letters: B batch, C channels (they change from level to level), H W the height and width of the
+current feature map (the image's, at the input), Z latent channels, h w the latent grid (H/8, W/8).
 """
 
 from dataclasses import dataclass
@@ -39,8 +40,8 @@ class AutoEncoderParams:
     @classmethod
     def from_state_dict(cls, sd: dict, scale_factor: float = 0.3611, shift_factor: float = 0.1159,
                         source="checkpoint"):
-        """Reads every size off the tensor shapes of an `ae.safetensors`-style dict (scale and shift are not
-        stored)."""
+        """Reads every size off the tensor shapes of an `ae.safetensors`-style dict (the file does not store
+        scale_factor and shift_factor)."""
         required = ["encoder.conv_in.weight", "encoder.down.0.block.0.conv1.weight", "decoder.conv_in.weight",
                     "decoder.conv_out.weight"]
         missing = [k for k in required if k not in sd]
@@ -85,8 +86,7 @@ class ResnetBlock(nn.Module):
 
 
 class AttnBlock(nn.Module):
-    """Single-head self-attention over the H*W positions; q, k, v and proj_out are 1x1 convs, as in the
-    checkpoint."""
+    """Single-head self-attention over the H*W positions; q, k, v and proj_out are 1x1 convs (as stored)."""
 
     def __init__(self, channels: int):
         super().__init__()
@@ -104,8 +104,7 @@ class AttnBlock(nn.Module):
 
 
 class Downsample(nn.Module):
-    """Halves H and W: pad one pixel on the right and bottom only, then a stride-2 3x3 conv without
-    padding."""
+    """Halves H and W: pads one pixel on the right and bottom only, then an unpadded stride-2 3x3 conv."""
 
     def __init__(self, channels: int):
         super().__init__()
@@ -174,8 +173,8 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    """Z channels -> image. `up` is indexed like the encoder's `down`, so up.{levels-1} runs first
-    (widest)."""
+    """Z channels -> image. `up` is numbered like the encoder's `down`, so its widest level,
+    up.{levels-1}, runs first."""
 
     def __init__(self, p: AutoEncoderParams):
         super().__init__()
@@ -203,8 +202,7 @@ class Decoder(nn.Module):
 
 
 class AutoEncoder(nn.Module):
-    """Pixels in [-1, 1] <-> normalized latents `scale_factor * (z - shift_factor)`, the FLUX transformer's
-    space."""
+    """Pixels in [-1, 1] <-> the FLUX transformer's normalized latents `scale_factor * (z - shift_factor)`."""
 
     def __init__(self, params: AutoEncoderParams):
         super().__init__()
@@ -213,8 +211,7 @@ class AutoEncoder(nn.Module):
         self.decoder = Decoder(params)
 
     def encode(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """The latent Gaussian's mean, or a sample `mean + std * noise` drawn from `generator` when one is
-        given."""
+        """The latent Gaussian's mean; with a `generator`, a sample `mean + std * noise` drawn from it."""
         if x.ndim != 4 or x.shape[1] != self.params.in_channels:
             raise ValueError(f"expected images (B, {self.params.in_channels}, H, W), got {tuple(x.shape)}")
         mean, logvar = self.encoder(x).chunk(2, dim=1)                            # (B, Z, h, w) each

@@ -4,7 +4,7 @@ The HF repos ship the transformer and the autoencoder twice: as BFL single files
 diffusers layout (`transformer/`, `vae/`). diffusers splits BFL's fused linears (qkv, single-block `linear1`)
 into separate q/k/v/mlp linears and stores the final adaLN (shift, scale) halves swapped. Both facts are
 captured by one table: each diffusers linear lands in a set of *rows* of one BFL linear. The LoRA converters
-in `iclora/` reuse it.
+in `iclora/` reuse it. `count_numbered` reads the block counts off the key names of any layout.
 """
 
 import re
@@ -35,7 +35,7 @@ def transformer_table(depth: int, depth_single: int, hidden: int,
     C, F = hidden, mlp_hidden
     q, k, v = slice(0, C), slice(C, 2 * C), slice(2 * C, 3 * C)  # BFL's fused qkv: q rows, then k, then v
     m = slice(3 * C, 3 * C + F)                                  # single blocks' linear1: the mlp rows follow
-    scale_shift = torch.cat([torch.arange(C, 2 * C), torch.arange(C)])
+    swapped_halves = torch.cat([torch.arange(C, 2 * C), torch.arange(C)])
     table = {
         "x_embedder": ("img_in", None),
         "context_embedder": ("txt_in", None),
@@ -47,41 +47,53 @@ def transformer_table(depth: int, depth_single: int, hidden: int,
         "time_text_embed.text_embedder.linear_2": ("vector_in.out_layer", None),
         "proj_out": ("final_layer.linear", None),
         # diffusers chunks the final modulation as (scale, shift), BFL as (shift, scale)
-        "norm_out.linear": ("final_layer.adaLN_modulation.1", scale_shift),
+        "norm_out.linear": ("final_layer.adaLN_modulation.1", swapped_halves),
     }
-    qkv_names = {"img": ("to_q", "to_k", "to_v"), "txt": ("add_q_proj", "add_k_proj", "add_v_proj")}
     for i in range(depth):
-        d, b = f"transformer_blocks.{i}", f"double_blocks.{i}"
-        for stream, names in qkv_names.items():
-            for name, rows in zip(names, (q, k, v), strict=True):
-                table[f"{d}.attn.{name}"] = (f"{b}.{stream}_attn.qkv", rows)
-        table |= {
-            f"{d}.norm1.linear": (f"{b}.img_mod.lin", None),
-            f"{d}.norm1_context.linear": (f"{b}.txt_mod.lin", None),
-            f"{d}.attn.to_out.0": (f"{b}.img_attn.proj", None),
-            f"{d}.attn.to_add_out": (f"{b}.txt_attn.proj", None),
-            f"{d}.ff.net.0.proj": (f"{b}.img_mlp.0", None),
-            f"{d}.ff.net.2": (f"{b}.img_mlp.2", None),
-            f"{d}.ff_context.net.0.proj": (f"{b}.txt_mlp.0", None),
-            f"{d}.ff_context.net.2": (f"{b}.txt_mlp.2", None),
-            f"{d}.attn.norm_q.weight": (f"{b}.img_attn.norm.query_norm.scale", None),
-            f"{d}.attn.norm_k.weight": (f"{b}.img_attn.norm.key_norm.scale", None),
-            f"{d}.attn.norm_added_q.weight": (f"{b}.txt_attn.norm.query_norm.scale", None),
-            f"{d}.attn.norm_added_k.weight": (f"{b}.txt_attn.norm.key_norm.scale", None),
-        }
+        table |= double_block_table(f"transformer_blocks.{i}", f"double_blocks.{i}", (q, k, v))
     for i in range(depth_single):
-        d, b = f"single_transformer_blocks.{i}", f"single_blocks.{i}"
-        table |= {
-            f"{d}.attn.to_q": (f"{b}.linear1", q),
-            f"{d}.attn.to_k": (f"{b}.linear1", k),
-            f"{d}.attn.to_v": (f"{b}.linear1", v),
-            f"{d}.proj_mlp": (f"{b}.linear1", m),
-            f"{d}.proj_out": (f"{b}.linear2", None),
-            f"{d}.norm.linear": (f"{b}.modulation.lin", None),
-            f"{d}.attn.norm_q.weight": (f"{b}.norm.query_norm.scale", None),
-            f"{d}.attn.norm_k.weight": (f"{b}.norm.key_norm.scale", None),
-        }
+        table |= single_block_table(f"single_transformer_blocks.{i}", f"single_blocks.{i}", (q, k, v), m)
     return table
+
+
+def double_block_table(d: str, b: str, qkv_rows: tuple[slice, slice, slice]) -> dict[str, tuple[str, Rows]]:
+    """transformer_table's entries for the double block named `d` in diffusers and `b` in BFL."""
+    table = {}
+    qkv_names = {"img": ("to_q", "to_k", "to_v"), "txt": ("add_q_proj", "add_k_proj", "add_v_proj")}
+    for stream, names in qkv_names.items():
+        for name, rows in zip(names, qkv_rows, strict=True):
+            table[f"{d}.attn.{name}"] = (f"{b}.{stream}_attn.qkv", rows)
+    table |= {
+        f"{d}.norm1.linear": (f"{b}.img_mod.lin", None),
+        f"{d}.norm1_context.linear": (f"{b}.txt_mod.lin", None),
+        f"{d}.attn.to_out.0": (f"{b}.img_attn.proj", None),
+        f"{d}.attn.to_add_out": (f"{b}.txt_attn.proj", None),
+        f"{d}.ff.net.0.proj": (f"{b}.img_mlp.0", None),
+        f"{d}.ff.net.2": (f"{b}.img_mlp.2", None),
+        f"{d}.ff_context.net.0.proj": (f"{b}.txt_mlp.0", None),
+        f"{d}.ff_context.net.2": (f"{b}.txt_mlp.2", None),
+        f"{d}.attn.norm_q.weight": (f"{b}.img_attn.norm.query_norm.scale", None),
+        f"{d}.attn.norm_k.weight": (f"{b}.img_attn.norm.key_norm.scale", None),
+        f"{d}.attn.norm_added_q.weight": (f"{b}.txt_attn.norm.query_norm.scale", None),
+        f"{d}.attn.norm_added_k.weight": (f"{b}.txt_attn.norm.key_norm.scale", None),
+    }
+    return table
+
+
+def single_block_table(d: str, b: str, qkv_rows: tuple[slice, slice, slice],
+                       mlp_rows: slice) -> dict[str, tuple[str, Rows]]:
+    """transformer_table's entries for the single block named `d` in diffusers and `b` in BFL."""
+    q, k, v = qkv_rows
+    return {
+        f"{d}.attn.to_q": (f"{b}.linear1", q),
+        f"{d}.attn.to_k": (f"{b}.linear1", k),
+        f"{d}.attn.to_v": (f"{b}.linear1", v),
+        f"{d}.proj_mlp": (f"{b}.linear1", mlp_rows),
+        f"{d}.proj_out": (f"{b}.linear2", None),
+        f"{d}.norm.linear": (f"{b}.modulation.lin", None),
+        f"{d}.attn.norm_q.weight": (f"{b}.norm.query_norm.scale", None),
+        f"{d}.attn.norm_k.weight": (f"{b}.norm.key_norm.scale", None),
+    }
 
 
 def expected_keys(table: dict[str, tuple[str, Rows]], guided: bool) -> set[str]:

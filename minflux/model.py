@@ -1,14 +1,13 @@
-"""The FLUX.1 transformer ("flow model"): 19 double-stream + 38 single-stream blocks over [text, image]
-tokens.
+"""The FLUX.1 transformer ("flow model"): 19 double-stream, then 38 single-stream blocks over [text, image].
 
-Follows the BFL reference `flux/model.py`; `FluxParams` has the same field names, and parameter names are
-the checkpoint's, so `flux1-dev.safetensors` loads with a strict `load_state_dict` and no mapping table.
+Mirrors BFL's src/flux/model.py (FluxParams, with the same field names, and Flux); CONFIGS holds the
+flux-dev and flux-schnell sizes of src/flux/util.py's `configs`. Parameter names are the checkpoint's, so
+`flux1-dev.safetensors` loads with a strict `load_state_dict` and no mapping table. Given packed image
+latents x_t and the time t, the model predicts the velocity v = ε − x0 (minflux/sampling.py states the
+project's time convention).
 
-Given packed image latents x_t and the time t, the model predicts the velocity v = ε − x0
-(`minflux/sampling.py`).
-
-Shape letters: B batch, Lt text tokens, Li image tokens, L = Lt + Li, C hidden size, D head dim, A position
-axes (3).
+Shape letters: B batch, Lt text tokens, Li image tokens, L = Lt + Li, C hidden size, D head dim,
+A position axes (3).
 """
 
 from dataclasses import dataclass, replace
