@@ -114,8 +114,10 @@ def _read_spiece(path: Path) -> tuple[list[tuple[str, float]], bytes | None]:
     try:
         for field, value in _protobuf_fields(path.read_bytes()):
             if field == 1:
-                piece = dict(_protobuf_fields(value))
-                pieces.append((piece[1].decode("utf-8"), struct.unpack("<f", piece.get(2, bytes(4)))[0]))
+                piece = dict(_protobuf_fields(value))  # 1: the piece, 2: its score (a float32; 0 if absent)
+                text = piece[1].decode("utf-8")
+                score = struct.unpack("<f", piece.get(2, bytes(4)))[0]
+                pieces.append((text, score))
             elif field == 3:
                 charsmap = dict(_protobuf_fields(value)).get(2)
     except (IndexError, KeyError, TypeError, AttributeError, UnicodeDecodeError, struct.error):
