@@ -112,9 +112,8 @@ def expected_keys(table: dict[str, tuple[str, Rows]], guided: bool) -> set[str]:
 
 def transformer_from_diffusers(sd: dict[str, Tensor],
                                source: str = "a diffusers transformer") -> dict[str, Tensor]:
-    """A diffusers-named transformer state dict -> BFL names, fusing q/k/v(/mlp) and un-swapping norm_out; the
-    sizes are read off the tensors. Missing or unexpected keys are refused, naming `source` (the file or
-    folder)."""
+    """A diffusers-named transformer state dict -> BFL names: q/k/v(/mlp) fused, norm_out un-swapped, sizes
+    read off the tensors. Missing or unexpected keys are refused, naming `source` (the file or folder)."""
     hidden = sd["x_embedder.weight"].shape[0] if "x_embedder.weight" in sd else 0
     mlp_widths = [v.shape[0] for k, v in sd.items() if k.endswith(".proj_mlp.weight")]
     mlp_hidden = mlp_widths[0] if mlp_widths else 0
