@@ -1,15 +1,13 @@
-"""Building the FLUX.1 models from the official files, found through a `minflux.hub.Repo` (the job of
-load_flow_model, load_ae, load_t5 and load_clip in BFL's src/flux/util.py).
+"""Building the FLUX.1 models from the official files of a `minflux.hub.Repo`, as the loaders of BFL's
+src/flux/util.py do (load_flow_model, load_ae, load_t5, load_clip).
 
 The transformer and the autoencoder come as BFL single files at the repo's root (`flux1-dev.safetensors`,
 `ae.safetensors`: our native names, preferred) or as diffusers folders (`transformer/`, `vae/`, converted by
 `minflux.convert`); CLIP-L from `text_encoder/`, T5-XXL from `text_encoder_2/` (sharded), the tokenizers from
-`tokenizer/` and `tokenizer_2/`. Models are built on the meta device and their parameters *assigned* from
-memory-mapped safetensors, so a 12B model never exists twice in RAM; tensors keep their stored dtype unless
-asked, but fp16 becomes bf16 (T5's and FLUX's activations overflow fp16). A transformer single file (BFL or
-diffusers names, or a ComfyUI checkpoint's `model.diffusion_model.*`) may hold fp8 Linear weights (plain
-casts, ComfyUI scaled fp8): those layers are built as `minflux.quantize.FP8Linear` and keep the file's fp8
-values; NF4 and int8 are refused.
+`tokenizer/` and `tokenizer_2/`. Models are built on meta and *assigned* memory-mapped safetensors, so a 12B
+model never exists twice in RAM. Dtypes are kept unless asked, but fp16 becomes bf16: T5's and FLUX's
+activations overflow fp16. A transformer file (BFL or diffusers names, or ComfyUI's `model.diffusion_model.*`)
+may hold fp8 Linear weights (plain casts, ComfyUI scaled fp8), kept as `minflux.quantize.FP8Linear`.
 """
 
 from contextlib import contextmanager
