@@ -1,21 +1,23 @@
 """The FLUX.1 autoencoder: a convolutional VAE that maps RGB images to 16-channel latents 8x smaller.
 
-Follows the BFL reference (`flux/modules/autoencoder.py`); module and parameter names are those of
-`ae.safetensors` (`encoder.down.0.block.1.conv2`, ...), so the official file loads with a strict
+Mirrors BFL's src/flux/modules/autoencoder.py: AutoEncoderParams, ResnetBlock, AttnBlock, Downsample,
+Upsample, Encoder, Decoder and AutoEncoder keep its names; MidBlock is the `mid` module its Encoder and
+Decoder build inline, and AutoEncoder.encode draws its DiagonalGaussian's sample. Module and parameter names
+are those of `ae.safetensors` (`encoder.down.0.block.1.conv2`, ...): the file loads with a strict
 `load_state_dict`.
 
-Shape letters: B batch, C channels (they change from level to level), H W the height and width of the current
-feature map (the image's, at the input), Z latent channels (z_channels), h w the latent grid (H/8, W/8 with 4
-levels).
+Shape letters: B batch, C channels (they change from level to level), H W the height and width of the
+current feature map (the image's, at the input), Z latent channels, h w the latent grid (H/8, W/8).
 """
 
-import re
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
+
+from .convert import count_numbered
 
 
 @dataclass
@@ -36,19 +38,22 @@ class AutoEncoderParams:
         return cls(ch=32, ch_mult=(1, 1, 1, 1), num_res_blocks=1)
 
     @classmethod
-    def from_state_dict(cls, sd: dict, scale_factor: float = 0.3611, shift_factor: float = 0.1159, source="checkpoint"):
-        """Reads every size off the tensor shapes of an `ae.safetensors`-style dict (scale/shift are not
-        stored)."""
+    def from_state_dict(cls, sd: dict, scale_factor: float = 0.3611, shift_factor: float = 0.1159,
+                        source="checkpoint"):
+        """Reads every size off the tensor shapes of an `ae.safetensors`-style dict (the file does not store
+        scale_factor and shift_factor)."""
         required = ["encoder.conv_in.weight", "encoder.down.0.block.0.conv1.weight", "decoder.conv_in.weight",
                     "decoder.conv_out.weight"]
-        if missing := [k for k in required if k not in sd]:
+        missing = [k for k in required if k not in sd]
+        if missing:
             raise ValueError(f"{source}: not a FLUX autoencoder checkpoint: missing {', '.join(missing)}")
         ch, in_channels = sd["encoder.conv_in.weight"].shape[:2]
-        count = lambda prefix: 1 + max(int(m[1]) for k in sd if (m := re.match(rf"{re.escape(prefix)}\.(\d+)\.", k)))
-        levels = count("encoder.down")
+        levels = count_numbered(sd, "encoder.down")
+        level_widths = [sd[f"encoder.down.{i}.block.0.conv1.weight"].shape[0] for i in range(levels)]
         return cls(in_channels=in_channels, ch=ch, out_ch=sd["decoder.conv_out.weight"].shape[0],
-                   ch_mult=tuple(sd[f"encoder.down.{i}.block.0.conv1.weight"].shape[0] // ch for i in range(levels)),
-                   num_res_blocks=count("encoder.down.0.block"), z_channels=sd["decoder.conv_in.weight"].shape[1],
+                   ch_mult=tuple(width // ch for width in level_widths),
+                   num_res_blocks=count_numbered(sd, "encoder.down.0.block"),
+                   z_channels=sd["decoder.conv_in.weight"].shape[1],
                    scale_factor=scale_factor, shift_factor=shift_factor)
 
 
@@ -69,7 +74,10 @@ class ResnetBlock(nn.Module):
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
         self.norm2 = group_norm(out_channels)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
-        self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
+        if in_channels != out_channels:
+            self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1)
+        else:
+            self.nin_shortcut = nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
         h = self.conv1(F.silu(self.norm1(x)))                                     # (B, C_out, H, W)
@@ -78,8 +86,7 @@ class ResnetBlock(nn.Module):
 
 
 class AttnBlock(nn.Module):
-    """Single-head self-attention over the H*W positions; q, k, v and proj_out are 1x1 convs, as in the
-    checkpoint."""
+    """Single-head self-attention over the H*W positions; q, k, v and proj_out are 1x1 convs (as stored)."""
 
     def __init__(self, channels: int):
         super().__init__()
@@ -97,8 +104,7 @@ class AttnBlock(nn.Module):
 
 
 class Downsample(nn.Module):
-    """Halves H and W: pad one pixel on the right and bottom only, then a stride-2 3x3 conv without
-    padding."""
+    """Halves H and W: pads one pixel on the right and bottom only, then an unpadded stride-2 3x3 conv."""
 
     def __init__(self, channels: int):
         super().__init__()
@@ -146,9 +152,10 @@ class Encoder(nn.Module):
         widths = [p.ch * m for m in p.ch_mult]
         self.conv_in = nn.Conv2d(p.in_channels, p.ch, 3, padding=1)
         self.down = nn.ModuleList()
-        for i, (c_in, c_out) in enumerate(zip([p.ch, *widths], widths)):
+        for i, (c_in, c_out) in enumerate(zip([p.ch, *widths[:-1]], widths, strict=True)):
             level = nn.Module()  # a plain container: its attribute names are the checkpoint's
-            level.block = nn.ModuleList(ResnetBlock(c_in if j == 0 else c_out, c_out) for j in range(p.num_res_blocks))
+            blocks = range(p.num_res_blocks)
+            level.block = nn.ModuleList(ResnetBlock(c_in if j == 0 else c_out, c_out) for j in blocks)
             level.downsample = Downsample(c_out) if i < len(widths) - 1 else nn.Identity()
             self.down.append(level)
         self.mid = MidBlock(widths[-1])
@@ -166,8 +173,8 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    """Z channels -> image. `up` is indexed like the encoder's `down`, so up.{levels-1} runs first
-    (widest)."""
+    """Z channels -> image. `up` is numbered like the encoder's `down`, so its widest level,
+    up.{levels-1}, runs first."""
 
     def __init__(self, p: AutoEncoderParams):
         super().__init__()
@@ -175,7 +182,8 @@ class Decoder(nn.Module):
         self.conv_in = nn.Conv2d(p.z_channels, widths[-1], 3, padding=1)
         self.mid = MidBlock(widths[-1])
         self.up = nn.ModuleList()
-        for i, (c_in, c_out) in enumerate(zip([*widths[1:], widths[-1]], widths)):  # c_in comes from level i+1
+        # level i's input comes from level i + 1 (the last level's from the mid block)
+        for i, (c_in, c_out) in enumerate(zip([*widths[1:], widths[-1]], widths, strict=True)):
             level = nn.Module()
             blocks = range(p.num_res_blocks + 1)
             level.block = nn.ModuleList(ResnetBlock(c_in if j == 0 else c_out, c_out) for j in blocks)
@@ -194,8 +202,7 @@ class Decoder(nn.Module):
 
 
 class AutoEncoder(nn.Module):
-    """Pixels in [-1, 1] <-> normalized latents `scale_factor * (z - shift_factor)`, the FLUX transformer's
-    space."""
+    """Pixels in [-1, 1] <-> the FLUX transformer's normalized latents `scale_factor * (z - shift_factor)`."""
 
     def __init__(self, params: AutoEncoderParams):
         super().__init__()
@@ -204,8 +211,7 @@ class AutoEncoder(nn.Module):
         self.decoder = Decoder(params)
 
     def encode(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """The latent Gaussian's mean, or a sample `mean + std * noise` drawn from `generator` when one is
-        given."""
+        """The latent Gaussian's mean; with a `generator`, a sample `mean + std * noise` drawn from it."""
         if x.ndim != 4 or x.shape[1] != self.params.in_channels:
             raise ValueError(f"expected images (B, {self.params.in_channels}, H, W), got {tuple(x.shape)}")
         mean, logvar = self.encoder(x).chunk(2, dim=1)                            # (B, Z, h, w) each

@@ -1,6 +1,5 @@
 """Block swap: the last K transformer blocks keep their frozen weights in CPU memory and visit the device only
-while they run, so the device holds K blocks' weights less (kohya's `--blocks_to_swap`; here K simply counts
-blocks).
+while they run, so the device holds K blocks' weights less (kohya's `--blocks_to_swap`; our K counts blocks).
 
 A forward pre-hook on a swapped block puts device copies of its weights into the block as NEW Parameter
 objects (autograd keeps the copies it saved until the block's backward is done), and a forward hook puts back
@@ -38,28 +37,37 @@ class BlockSwap:
         blocks = [*flow.double_blocks, *flow.single_blocks]
         if not 0 <= count <= len(blocks):
             double, single = len(flow.double_blocks), len(flow.single_blocks)
-            raise ValueError(f"blocks to swap must be between 0 and {len(blocks)} (the model's {double} double + "
-                             f"{single} single blocks), not {count}")
+            raise ValueError(f"blocks to swap must be between 0 and {len(blocks)} "
+                             f"(the model's {double} double + {single} single blocks), not {count}")
         device = torch.device(device)
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" and count else None
         self.blocks = blocks[len(blocks) - count :]
         self.slots: list[list[Slot]] = []
         for i, block in enumerate(self.blocks):
-            slots = []
-            for module in block.modules():
-                for name, p in list(module.named_parameters(recurse=False)):
-                    if not p.requires_grad:
-                        home = p.detach().cpu()
-                        placeholder = nn.Parameter(torch.empty(0, dtype=p.dtype, device=device), requires_grad=False)
-                        slots.append(Slot(module, name, home.pin_memory() if torch.cuda.is_available() else home,
-                                          placeholder))
-                        setattr(module, name, placeholder)
-            self.slots.append(slots)
+            self.slots.append(self.swap_out(block, device))
             block.register_forward_pre_hook(lambda module, args, i=i: self.load(i))
             block.register_forward_hook(lambda module, args, out, i=i: self.release(i))
         self.loaded: set[int] = set()  # blocks whose slots hold their copies
         self.prefetched: tuple[int, list[Tensor], torch.cuda.Event | None] | None = None
-        self.last, self.direction = -1, 1  # the block run last, and which way the run goes
+        self.last = -1  # the block run last
+        self.direction = 1  # which way the run goes: 1 forward, -1 backward
+
+    @staticmethod
+    def swap_out(block: nn.Module, device: torch.device) -> list[Slot]:
+        """Moves the block's frozen parameters to their CPU homes (pinned when CUDA is there) and leaves an
+        empty placeholder on `device` in their place."""
+        slots = []
+        for module in block.modules():
+            for name, p in list(module.named_parameters(recurse=False)):
+                if p.requires_grad:
+                    continue
+                home = p.detach().cpu()
+                if torch.cuda.is_available():
+                    home = home.pin_memory()
+                placeholder = nn.Parameter(torch.empty(0, dtype=p.dtype, device=device), requires_grad=False)
+                slots.append(Slot(module, name, home, placeholder))
+                setattr(module, name, placeholder)
+        return slots
 
     def copy(self, i: int) -> tuple[list[Tensor], torch.cuda.Event | None]:
         """Fresh copies of block i's weights where its placeholders are; on CUDA, made on the side stream,
@@ -85,18 +93,20 @@ class BlockSwap:
             compute.wait_event(ready)
             for c in copies:  # allocated on the side stream, used on this one: not reused before it is done
                 c.record_stream(compute)
-        for s, c in zip(self.slots[i], copies):
+        for s, c in zip(self.slots[i], copies, strict=True):
             setattr(s.module, s.name, nn.Parameter(c, requires_grad=False))
         for j in self.loaded - {i}:
             self.release(j)
         self.loaded.add(i)
         if not torch.is_grad_enabled():  # sampling: always forward, and the next pass starts again at block 0
             self.direction = 1
-        elif self.last == i:  # the same block twice: the run turned (forward -> backward's recomputation, or back)
+        elif self.last == i:
+            # the same block twice: the run turned (forward to backward's recomputation, or back)
             self.direction = -self.direction
         else:  # backward's recomputation runs the blocks in reverse; anything else starts a new pass
             self.direction = -1 if self.last == i + 1 else 1
-        self.last, following = i, i + self.direction
+        self.last = i
+        following = i + self.direction
         if not torch.is_grad_enabled() and following == len(self.blocks) and i:
             following = 0
         if self.prefetched and self.prefetched[0] != following:
@@ -105,8 +115,7 @@ class BlockSwap:
             self.prefetched = (following, *self.copy(following))
 
     def release(self, i: int):
-        """After block i ran: the placeholders go back; its copies live on only as long as autograd needs
-        them."""
+        """After block i ran, its placeholders go back: its copies live on only while autograd needs them."""
         for s in self.slots[i]:
             setattr(s.module, s.name, s.placeholder)
         self.loaded.discard(i)

@@ -1,8 +1,8 @@
-"""What the scripts share to talk with their user: flags checked up front, and the errors printed as one line.
+"""What the scripts share to talk with their user: flags checked up front, errors printed as one line.
 
-`USER_ERRORS` are the exceptions the scripts print as `error: <message>` (ours name the file, key or flag at fault
-and what was expected, so a stack trace would add nothing); `check_device` and `ranged` check flags before any
-weight loads.
+`USER_ERRORS` are the exceptions the scripts print as `error: <message>` (ours name the file, key or flag at
+fault and what was expected, so a stack trace would add nothing); `check_device` and `ranged` check flags
+before any weight loads.
 """
 
 import argparse
@@ -30,7 +30,8 @@ def ranged(kind, low: float, high: float = math.inf):
     """An argparse type: a `kind` (int or float) in [low, high], refused with what was expected."""
     def parse(text: str):
         if not low <= kind(text) <= high:
-            raise argparse.ArgumentTypeError(f"must be at least {low}, got {text}" if high == math.inf
-                                             else f"must be in [{low}, {high}], got {text}")
+            if high == math.inf:
+                raise argparse.ArgumentTypeError(f"must be at least {low}, got {text}")
+            raise argparse.ArgumentTypeError(f"must be in [{low}, {high}], got {text}")
         return kind(text)
     return parse

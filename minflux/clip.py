@@ -1,9 +1,11 @@
 """The CLIP ViT-L/14 text tower in FLUX.1: its pooled output is the transformer's vector conditioning `y`.
 
-As OpenAI's CLIP ViT-L/14 text tower (HF `CLIPTextModel` computes the same). Parameter names are the HF
-checkpoint keys without their `text_model.` prefix (`encoder.layers.3.mlp.fc1.weight`, ...): the loader strips
-it, as transformers v5 does, so FLUX's `text_encoder/` loads with a strict `load_state_dict`. FLUX uses only
-the pooled vector (the final-norm state of the first <|endoftext|> token), so that is what `forward` returns.
+BFL's HFEmbedder (src/flux/modules/conditioner.py, loaded by load_clip in src/flux/util.py) takes the
+pooler_output of transformers' CLIPTextModel; this file writes that text tower out (OpenAI's CLIP ViT-L/14).
+Parameter names are the HF checkpoint keys without their `text_model.` prefix, e.g.
+`encoder.layers.3.mlp.fc1.weight`: the loader strips it, as transformers v5 does, so FLUX's `text_encoder/`
+loads with a strict `load_state_dict`. FLUX uses only the pooled vector (the final-norm state of the first
+<|endoftext|> token), so that is what `forward` returns.
 
 Shape letters: B batch, L tokens (at most 77), C width (hidden_size), H heads, D head width (C / H).
 """
@@ -42,8 +44,8 @@ class CLIPConfig:
 
     @classmethod
     def tiny(cls) -> "CLIPConfig":
-        """For tests: the full vocabulary, so the real <|startoftext|> / <|endoftext|> ids 49406 / 49407
-        work."""
+        """For tests, with the full vocabulary: the real ids 49406 and 49407 of <|startoftext|> and
+        <|endoftext|> work."""
         return cls(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
 
     @classmethod
@@ -58,7 +60,9 @@ class CLIPEncoderLayer(nn.Module):
 
     def __init__(self, cfg: CLIPConfig):
         super().__init__()
-        width, self.heads, self.act = cfg.hidden_size, cfg.num_attention_heads, ACTIVATIONS[cfg.hidden_act]
+        width = cfg.hidden_size
+        self.heads = cfg.num_attention_heads
+        self.act = ACTIVATIONS[cfg.hidden_act]
         self.self_attn = nn.ModuleDict({name: nn.Linear(width, width)
                                         for name in ("q_proj", "k_proj", "v_proj", "out_proj")})
         self.layer_norm1 = nn.LayerNorm(width, eps=cfg.layer_norm_eps)

@@ -13,8 +13,8 @@ from torch import nn
 
 def compile_blocks(flow: nn.Module) -> nn.Module:
     """Compiles the forward of every double and single block of `flow`, in place; the first call of each block
-    class compiles. Call it last: a later change to the blocks' layers (a LoRA merged, fp8) makes them compile
-    again."""
+    class compiles. Call it last: any later change to the blocks' layers (a LoRA merged, fp8) means compiling
+    them again."""
     for block in [*flow.double_blocks, *flow.single_blocks]:
         block.forward = torch.compile(block.forward)
     return flow

@@ -14,7 +14,13 @@ from pathlib import Path
 from .loading import LAYOUT_HELP
 
 TOY_MODEL = Path(__file__).resolve().parents[1] / "toy" / "model"
-TOY_HINT = " To try everything without the real weights, use --model toy (a 12 MB FLUX that ships in toy/model)."
+TOY_HINT = (" To try everything without the real weights, use --model toy (a 12 MB FLUX that ships in "
+            "toy/model).")
+
+
+def folder_files(root: Path) -> set[str]:
+    """The paths, relative to `root` and with forward slashes, of every file under it."""
+    return {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()}
 
 
 class Repo:
@@ -29,9 +35,10 @@ class Repo:
                                         f"repository once built by toy/train_base.py)")
         if Path(model).is_dir():
             self.root = Path(model)
-            self.files = {p.relative_to(self.root).as_posix() for p in self.root.rglob("*") if p.is_file()}
+            self.files = folder_files(self.root)
         elif Path(model).exists() or model.count("/") != 1 or model.startswith(("/", ".", "~")):
-            raise ValueError(f"{model!r} is neither a folder nor a HF repo id like black-forest-labs/FLUX.1-dev")
+            raise ValueError(f"{model!r} is neither a folder nor a HF repo id like "
+                             f"black-forest-labs/FLUX.1-dev")
         else:
             self.root = None
             from huggingface_hub.constants import HF_HUB_ETAG_TIMEOUT
@@ -41,7 +48,7 @@ class Repo:
                 self.files = {sibling.rfilename for sibling in info.siblings}
             except ConnectionError:  # offline: use the copy in the HF cache, if there is one
                 self.root = Path(self.hub(lambda hub: hub.snapshot_download(model, local_files_only=True)))
-                self.files = {p.relative_to(self.root).as_posix() for p in self.root.rglob("*") if p.is_file()}
+                self.files = folder_files(self.root)
 
     def path(self, name: str) -> Path:
         if self.root is not None:
@@ -69,9 +76,10 @@ class Repo:
         raise FileNotFoundError(f"{self.model}: no {folder}/{stem}.safetensors (or its index); {LAYOUT_HELP}")
 
     def root_file(self, names: list[str]) -> Path | None:
-        return next((self.path(n) for n in names if n in self.files), None)
+        found = [n for n in names if n in self.files]
+        return self.path(found[0]) if found else None
 
-    @functools.cache  # once per Repo: its note is printed once
+    @functools.cache  # noqa: B019 (once per Repo, so its note prints once; a script holds one Repo for its run)
     def transformer_file(self) -> Path | None:
         """The BFL single file at the root: flux1-<variant>.safetensors (older releases used .sft)."""
         names = sorted(f for f in self.files if re.fullmatch(r"flux1[^/]*\.(safetensors|sft)", f))
@@ -79,7 +87,8 @@ class Repo:
         if len(official or names) > 1:
             raise ValueError(f"{self.model}: several transformer files ({', '.join(official or names)}); "
                              f"choose one with --transformer FILE")
-        if others := sorted(set(names) - set(official)) if official else []:
+        others = sorted(set(names) - set(official)) if official else []
+        if others:
             print(f"note: {self.model}: using {official[0]}, not {', '.join(others)}; to use another, give "
                   f"--transformer FILE", file=sys.stderr)
         return self.root_file(official or names)
@@ -100,15 +109,18 @@ def hub_call(model: str, fn):
         return fn(hub)
     except GatedRepoError as e:
         raise PermissionError(
-            f"{model} is a gated repo: accept its license on huggingface.co/{model} with your account, then set "
-            f"HF_TOKEN (or run `hf auth login`). ({type(e).__name__})") from None
+            f"{model} is a gated repo: accept its license on huggingface.co/{model} with your account, then "
+            f"set HF_TOKEN (or run `hf auth login`). ({type(e).__name__})") from None
     except RepositoryNotFoundError:
-        raise FileNotFoundError(f"{model}: no such HF repo (or it is private and no token was given)") from None
+        raise FileNotFoundError(f"{model}: no such HF repo "
+                                f"(or it is private and no token was given)") from None
     except (LocalEntryNotFoundError, OfflineModeIsEnabled):
-        raise ConnectionError(f"{model}: not in the HF cache and the hub cannot be reached (offline?)") from None
+        raise ConnectionError(f"{model}: not in the HF cache "
+                              f"and the hub cannot be reached (offline?)") from None
     except HfHubHTTPError as e:
         raise ConnectionError(f"{model}: the HF hub answered with an error: {e}") from None
     except (FileNotFoundError, ValueError, PermissionError):  # the caller's own, clear errors
         raise
-    except Exception as e:  # network failures (connection refused, DNS, timeouts) come in the HTTP client's types
+    # network failures (connection refused, DNS, timeouts) come in the HTTP client's own types
+    except Exception as e:
         raise ConnectionError(f"{model}: cannot reach the HF hub ({type(e).__name__}: {e})") from None

@@ -1,10 +1,12 @@
-"""The building blocks of the FLUX.1 transformer (an MMDiT with parallel single-stream blocks).
+"""The building blocks of the FLUX.1 transformer: an MMDiT with parallel single-stream blocks.
 
-Follows the BFL reference (`flux/math.py`, `flux/modules/layers.py`). Module and parameter names are the
-checkpoint's (`img_attn.qkv`, `img_mod.lin`, `linear1`, ...), so `flux1-dev.safetensors` loads unchanged.
+Mirrors BFL's src/flux/math.py (rope, apply_rope, attention) and src/flux/modules/layers.py (EmbedND,
+timestep_embedding, MLPEmbedder, Modulation, RMSNorm, QKNorm, SelfAttention, DoubleStreamBlock,
+SingleStreamBlock, LastLayer). Module and parameter names are the checkpoint's (`img_attn.qkv`,
+`img_mod.lin`, `linear1`, ...), so `flux1-dev.safetensors` loads unchanged.
 
-Shape letters: B batch, L tokens (text + image), H heads, D head dim, C model width (hidden_size), F mlp
-width, P rotary pairs (D / 2), A position axes (3), K the q/k/v triple.
+Shape letters: B batch, L tokens (text + image), H heads, D head dim, C model width (hidden_size),
+F mlp width, P rotary pairs (D / 2), A position axes (3), K the q/k/v triple.
 """
 
 import math
@@ -13,7 +15,6 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange, repeat
 from torch import Tensor, nn
-
 
 # ----------------------------------------------------------------------------------------------------------
 # Positions: 3-axis rotary embedding (RoPE) with interleaved pairs
@@ -39,35 +40,29 @@ class EmbedND(nn.Module):
 
     def forward(self, ids: Tensor) -> Tensor:
         # ids: (B, L, A) positions (0, row, col) for image tokens, zeros for text tokens
-        pe = [rope(pos, d, self.theta) for pos, d in zip(ids.unbind(-1), self.axes_dim)]  # A × (2, B, L, d)
+        axes = zip(ids.unbind(-1), self.axes_dim, strict=True)
+        pe = [rope(pos, d, self.theta) for pos, d in axes]                        # A × (2, B, L, d)
         return torch.cat(pe, dim=-1)[:, :, :, None]                               # (2, B, L, 1, D): cos, sin
 
 
 def apply_rope(x: Tensor, pe: Tensor) -> Tensor:
-    """Rotates each adjacent pair of head dims by its angle in float32, as BFL (a bf16 x times the float32
-    table promotes: no float32 copy of x): (x_2j, x_2j+1) -> (x_2j·cos − x_2j+1·sin, x_2j·sin +
-    x_2j+1·cos)."""
+    """Rotates each adjacent pair of head dims by its angle:
+    (x_2j, x_2j+1) -> (x_2j·cos − x_2j+1·sin, x_2j·sin + x_2j+1·cos).
+    In float32, as BFL: a bf16 x times the float32 table promotes, with no float32 copy of x."""
     cos, sin = pe                                                                 # (B, L, 1, D) each
     x0, x1 = rearrange(x, "b l h (p two) -> two b l h p", two=2)                  # (B, L, H, P) each
     swapped = rearrange(torch.stack([-x1, x0], dim=-1), "b l h p two -> b l h (p two)")  # (−x_2j+1, x_2j)
     return (x * cos).add_(swapped * sin).type_as(x)                               # (B, L, H, D)
 
 
-# Extra attention logits for the first keys (the text tokens), or None. FLUX never sets it: it is the toy
-# model's hook (toy/train_base.py trains on runs of equal padding tokens merged into one, weighted by log of
-# their count).
-text_key_bias: Tensor | None = None
-
-
 def attention(q: Tensor, k: Tensor, v: Tensor, pe: Tensor) -> Tensor:
-    """Full (unmasked) attention over the joint text + image sequence, RoPE on q and k. Tensors stay
-    token-major (B, L, H, D) until here: joining the streams is a cheap contiguous concatenation; SDPA takes
-    head-major views."""
+    """Full (unmasked) attention over the joint text + image sequence, RoPE on q and k.
+
+    Tensors stay token-major (B, L, H, D) until here, so joining the text and image streams is a cheap
+    contiguous concatenation; SDPA takes head-major views."""
     q, k = apply_rope(q, pe), apply_rope(k, pe)                                   # (B, L, H, D)
     q, k, v = (rearrange(t, "b l h d -> b h l d") for t in (q, k, v))
-    bias = None if text_key_bias is None else \
-        F.pad(text_key_bias.to(q), (0, k.shape[2] - len(text_key_bias)))[None]  # (1, L)
-    x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)                   # (B, H, L, D)
+    x = F.scaled_dot_product_attention(q, k, v)                                   # (B, H, L, D)
     return rearrange(x, "b h l d -> b l (h d)")                                   # (B, L, C)
 
 
@@ -75,7 +70,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, pe: Tensor) -> Tensor:
 # Conditioning: timestep / guidance / pooled-text embedders and adaLN modulation
 
 
-def timestep_embedding(t: Tensor, dim: int = 256, max_period: float = 10000.0, time_factor: float = 1000.0) -> Tensor:
+def timestep_embedding(t: Tensor, dim: int = 256, max_period: float = 10000.0,
+                       time_factor: float = 1000.0) -> Tensor:
     """Sinusoidal embedding [cos | sin] of 1000·t (t in [0, 1]); also used for the guidance value."""
     t = time_factor * t                                                           # (B,)
     half = dim // 2
@@ -117,9 +113,9 @@ def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
 
 
 class RMSNorm(nn.Module):
-    """Per-head RMS norm for q and k, computed in float32 and cast back before `scale` (BFL's order; parameter
-    name `scale`, as in the checkpoint). F.rms_norm is that math; recent PyTorch fuses it into one kernel on
-    CUDA."""
+    """Per-head RMS norm for q and k: computed in float32 and cast back before `scale` (BFL's order; the
+    parameter is named `scale`, as in the checkpoint). F.rms_norm is that math, and recent PyTorch fuses it
+    into one CUDA kernel."""
 
     def __init__(self, dim: int):
         super().__init__()
@@ -146,8 +142,7 @@ def split_qkv(qkv: Tensor, num_heads: int) -> tuple[Tensor, Tensor, Tensor]:
 
 
 class SelfAttention(nn.Module):
-    """The per-stream attention weights of a double block (the attention itself runs on the joint
-    sequence)."""
+    """The per-stream attention weights of a double block; the attention itself runs on the joint sequence."""
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool):
         super().__init__()
@@ -158,7 +153,8 @@ class SelfAttention(nn.Module):
 
     def qkv_heads(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         q, k, v = split_qkv(self.qkv(x), self.num_heads)                          # (B, L, H, D) each
-        return *self.norm(q, k, v), v
+        q, k = self.norm(q, k, v)
+        return q, k, v
 
 
 def mlp(dim: int, hidden: int) -> nn.Sequential:
@@ -193,7 +189,9 @@ class DoubleStreamBlock(nn.Module):
 
         iq, ik, iv = self.img_attn.qkv_heads(modulate(self.img_norm1(img), i_shift1, i_scale1))
         tq, tk, tv = self.txt_attn.qkv_heads(modulate(self.txt_norm1(txt), t_shift1, t_scale1))
-        q, k, v = (torch.cat(pair, dim=1) for pair in ((tq, iq), (tk, ik), (tv, iv)))  # (B, L, H, D), text first
+        q = torch.cat([tq, iq], dim=1)                                            # (B, L, H, D), text first
+        k = torch.cat([tk, ik], dim=1)                                            # (B, L, H, D)
+        v = torch.cat([tv, iv], dim=1)                                            # (B, L, H, D)
         attn = attention(q, k, v, pe)                                             # (B, L, C)
         txt_attn, img_attn = attn[:, : txt.shape[1]], attn[:, txt.shape[1] :]
 

@@ -1,22 +1,21 @@
-"""The FLUX.1 transformer ("flow model"): 19 double-stream + 38 single-stream blocks over [text, image]
-tokens.
+"""The FLUX.1 transformer ("flow model"): 19 double-stream, then 38 single-stream blocks over [text, image].
 
-Follows the BFL reference `flux/model.py`; `FluxParams` has the same field names, and parameter names are
-the checkpoint's, so `flux1-dev.safetensors` loads with a strict `load_state_dict` and no mapping table.
+Mirrors BFL's src/flux/model.py (FluxParams, with the same field names, and Flux); CONFIGS holds the
+flux-dev and flux-schnell sizes of src/flux/util.py's `configs`. Parameter names are the checkpoint's, so
+`flux1-dev.safetensors` loads with a strict `load_state_dict` and no mapping table. Given packed image
+latents x_t and the time t, the model predicts the velocity v = ε − x0 (minflux/sampling.py states the
+project's time convention).
 
-Given packed image latents x_t and the time t, the model predicts the velocity v = ε − x0
-(`minflux/sampling.py`).
-
-Shape letters: B batch, Lt text tokens, Li image tokens, L = Lt + Li, C hidden size, D head dim, A position
-axes (3).
+Shape letters: B batch, Lt text tokens, Li image tokens, L = Lt + Li, C hidden size, D head dim,
+A position axes (3).
 """
 
-import re
 from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor, nn
 
+from .convert import count_numbered
 from .layers import DoubleStreamBlock, EmbedND, LastLayer, MLPEmbedder, SingleStreamBlock, timestep_embedding
 
 
@@ -37,22 +36,33 @@ class FluxParams:
     guidance_embed: bool = True      # FLUX.1-dev is guidance-distilled; schnell is not
 
     @staticmethod
-    def from_state_dict(sd: dict, axes_dim=(16, 56, 56), theta: int = 10_000, source="checkpoint") -> "FluxParams":
+    def from_state_dict(sd: dict, axes_dim=(16, 56, 56), theta: int = 10_000,
+                        source="checkpoint") -> "FluxParams":
         """Reads every size off a checkpoint's tensor shapes (the RoPE split and theta are not stored)."""
-        required = ["img_in.weight", "txt_in.weight", "vector_in.in_layer.weight", "single_blocks.0.linear1.weight",
-                    "double_blocks.0.img_attn.norm.query_norm.scale", "final_layer.linear.weight"]
-        if missing := [k for k in required if k not in sd]:
+        required = ["img_in.weight", "txt_in.weight", "vector_in.in_layer.weight",
+                    "single_blocks.0.linear1.weight", "double_blocks.0.img_attn.norm.query_norm.scale",
+                    "final_layer.linear.weight"]
+        missing = [k for k in required if k not in sd]
+        if missing:
             raise ValueError(f"{source}: not a FLUX transformer checkpoint: missing {', '.join(missing)}")
         hidden, in_channels = sd["img_in.weight"].shape
         head_dim = sd["double_blocks.0.img_attn.norm.query_norm.scale"].shape[0]
-        count = lambda prefix: 1 + max(int(m[1]) for k in sd if (m := re.match(rf"{prefix}\.(\d+)\.", k)))
+        linear1_rows = sd["single_blocks.0.linear1.weight"].shape[0]               # 3C (qkv) + mlp width
         return FluxParams(
-            in_channels=in_channels, out_channels=sd["final_layer.linear.weight"].shape[0],
-            vec_in_dim=sd["vector_in.in_layer.weight"].shape[1], context_in_dim=sd["txt_in.weight"].shape[1],
-            hidden_size=hidden, mlp_ratio=(sd["single_blocks.0.linear1.weight"].shape[0] - 3 * hidden) / hidden,
-            num_heads=hidden // head_dim, depth=count("double_blocks"), depth_single_blocks=count("single_blocks"),
-            axes_dim=tuple(axes_dim), theta=theta, qkv_bias="double_blocks.0.img_attn.qkv.bias" in sd,
-            guidance_embed="guidance_in.in_layer.weight" in sd)
+            in_channels=in_channels,
+            out_channels=sd["final_layer.linear.weight"].shape[0],
+            vec_in_dim=sd["vector_in.in_layer.weight"].shape[1],
+            context_in_dim=sd["txt_in.weight"].shape[1],
+            hidden_size=hidden,
+            mlp_ratio=(linear1_rows - 3 * hidden) / hidden,
+            num_heads=hidden // head_dim,
+            depth=count_numbered(sd, "double_blocks"),
+            depth_single_blocks=count_numbered(sd, "single_blocks"),
+            axes_dim=tuple(axes_dim),
+            theta=theta,
+            qkv_bias="double_blocks.0.img_attn.qkv.bias" in sd,
+            guidance_embed="guidance_in.in_layer.weight" in sd,
+        )
 
 
 CONFIGS = {
@@ -69,10 +79,12 @@ CONFIGS = {
 class Flux(nn.Module):
     def __init__(self, params: FluxParams):
         super().__init__()
-        if params.hidden_size % params.num_heads or sum(params.axes_dim) != params.hidden_size // params.num_heads:
+        head_dim = params.hidden_size // params.num_heads
+        if params.hidden_size % params.num_heads or sum(params.axes_dim) != head_dim:
             raise ValueError(f"axes_dim {params.axes_dim} must sum to the head dim "
                              f"{params.hidden_size}/{params.num_heads}")
-        self.params = p = params
+        self.params = params
+        p = params
         self.pe_embedder = EmbedND(p.theta, list(p.axes_dim))
         self.img_in = nn.Linear(p.in_channels, p.hidden_size)
         self.time_in = MLPEmbedder(256, p.hidden_size)
@@ -86,8 +98,8 @@ class Flux(nn.Module):
         self.final_layer = LastLayer(p.hidden_size, p.out_channels)
         self.gradient_checkpointing = False
 
-    def forward(self, img: Tensor, img_ids: Tensor, txt: Tensor, txt_ids: Tensor, timesteps: Tensor, y: Tensor,
-                guidance: Tensor | None = None) -> Tensor:
+    def forward(self, img: Tensor, img_ids: Tensor, txt: Tensor, txt_ids: Tensor, timesteps: Tensor,
+                y: Tensor, guidance: Tensor | None = None) -> Tensor:
         # img: (B, Li, in)  img_ids: (B, Li, A)  txt: (B, Lt, context)  txt_ids: (B, Lt, A)
         # timesteps: (B,) in [0, 1], 1 = pure noise   y: (B, vec_in)   guidance: (B,) e.g. 3.5
         img = self.img_in(img)                                                    # (B, Li, C)

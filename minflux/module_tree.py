@@ -15,5 +15,6 @@ def replace(model: nn.Module, name: str, module: nn.Module):
 
 
 def compute_dtype(model: nn.Module) -> torch.dtype:
-    """The dtype a model computes in: that of its first parameter that is not fp8 (fp8 weights are dequantized)."""
+    """The dtype a model computes in: that of its first parameter that is not fp8 (fp8 weights are
+    dequantized to it)."""
     return next(p.dtype for p in model.parameters() if p.dtype not in FP8_DTYPES)

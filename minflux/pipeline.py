@@ -51,8 +51,8 @@ class Pipeline:
         return compute_dtype(self.flow)
 
     def on_device(self, model: nn.Module) -> nn.Module:
-        """Moves `model` to the device (a no-op once there); with offload, first sends the other models to the
-        CPU."""
+        """Moves `model` to the device (a no-op once there); with offload, the other models first go back to
+        the CPU."""
         if self.offload:
             for other in (self.flow, self.ae, self.t5, self.clip):
                 if other is not model:
@@ -61,8 +61,8 @@ class Pipeline:
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
-        """T5 hidden states (B, Lt, 4096) for every token (pads too, no mask), and CLIP's pooled vector (B,
-        768)."""
+        """T5 hidden states (B, Lt, 4096) for every token (pads too, no mask), and CLIP's pooled vector
+        (B, 768)."""
         txt = self.on_device(self.t5)(self.t5_tokenizer(prompts).to(self.device))           # (B, Lt, 4096)
         vec = self.on_device(self.clip)(self.clip_tokenizer(prompts).to(self.device))       # (B, 768)
         return txt, vec
@@ -74,8 +74,7 @@ class Pipeline:
 
     @torch.no_grad()
     def encode_image(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """Pixels (B, 3, H, W) in [-1, 1] -> latents (B, c, H/8, W/8): the mean, or a sample with
-        `generator`."""
+        """Pixels (B, 3, H, W) in [-1, 1] -> latents (B, c, H/8, W/8), the mean or (`generator`) a sample."""
         ae = self.on_device(self.ae)
         return ae.encode(images.to(self.device, next(ae.parameters()).dtype), generator).float()
 
@@ -107,8 +106,8 @@ class Pipeline:
 
 
 def from_pil(image: Image.Image, height: int, width: int) -> Tensor:
-    """An image cover-resized and center-cropped to height×width (never stretched) -> (1, 3, H, W) in [-1,
-    1]."""
+    """An image cover-resized and center-cropped to height×width (never stretched) -> (1, 3, H, W) in
+    [-1, 1]."""
     image = ImageOps.fit(image.convert("RGB"), (width, height), Image.Resampling.LANCZOS)
     x = torch.from_numpy(np.array(image)).float() / 127.5 - 1.0                          # (H, W, 3)
     return rearrange(x, "h w c -> 1 c h w")
@@ -137,5 +136,6 @@ def load_pipeline(model: str = "black-forest-labs/FLUX.1-dev", device: str = "cp
     torch_dtype = loading.parse_dtype(dtype)
     flow = loading.load_flow(repo, torch_dtype, transformer)
     clip_tok, t5_tok = loading.load_tokenizers(repo, loading.t5_max_length(repo, transformer))
+    device = torch.device(device)
     return Pipeline(flow, loading.load_ae(repo, torch_dtype), loading.load_t5(repo, torch_dtype),
-                    loading.load_clip(repo, torch_dtype), t5_tok, clip_tok, torch.device(device), offload)
+                    loading.load_clip(repo, torch_dtype), t5_tok, clip_tok, device, offload)

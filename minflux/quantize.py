@@ -1,6 +1,5 @@
-"""fp8 weights: every Linear weight in a model's blocks stored in 8 bits with one float32 scale per output
-row, computed in the input's dtype (a memory saving, not a speed-up: each forward dequantizes, then runs
-F.linear).
+"""fp8 weights, a memory saving and not a speed-up: each Linear weight in a model's blocks is stored in 8 bits
+with a float32 scale per output row; each forward dequantizes it to the input's dtype, then runs F.linear.
 
 `quantize_fp8` turns the nn.Linear layers of a model's blocks into `FP8Linear` (per-row absmax / 448, e4m3fn),
 a layer at a time; `fp8_layers` does the same on the meta device for an fp8 checkpoint (plain casts: scale 1;
@@ -29,8 +28,8 @@ def dequantize(weight: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
 
 
 class FP8Linear(nn.Module):
-    """A Linear whose `weight` (O, I) is fp8 (frozen) with a float32 `scale` (O,) per row; `bias` (O,) stays
-    as is."""
+    """A Linear whose `weight` (O, I) is fp8 (frozen), with a float32 `scale` (O,) per row; `bias` (O,) is
+    kept in its dtype."""
 
     def __init__(self, weight: Tensor, scale: Tensor, bias: Tensor | None):
         super().__init__()
@@ -68,14 +67,18 @@ def block_linears(model: nn.Module) -> list[str]:
     weights) are left: quantizing them too cost the toy model's recolour LoRA 0.05 of its text-mode rule
     score, the blocks alone 0.02."""
     lists = [n for n, m in model.named_modules() if isinstance(m, nn.ModuleList)]
-    return [n for n, m in model.named_modules() if type(m) is nn.Linear and any(n.startswith(f"{b}.") for b in lists)]
+    linears = []
+    for name, module in model.named_modules():
+        if type(module) is nn.Linear and any(name.startswith(f"{b}.") for b in lists):
+            linears.append(name)
+    return linears
 
 
 @torch.no_grad()
 def quantize_fp8(model: nn.Module) -> nn.Module:
     """Replaces every nn.Linear of the model's blocks (`block_linears`) by an FP8Linear, in place, one at a
-    time (the extra memory is one layer). Call it before adding LoRA adapters: their own nn.Linear's would be
-    quantized."""
+    time (the extra memory is one layer). Call it before adding LoRA adapters, or their own nn.Linear layers
+    are quantized too."""
     for name in block_linears(model):
         replace(model, name, FP8Linear.from_linear(model.get_submodule(name)))
     return model
@@ -86,11 +89,11 @@ def fp8_layers(model: nn.Module, sd: dict[str, Tensor], source: str, dtype=None)
     becomes an FP8Linear on meta, and the state dict returned has its `scale` (ComfyUI's `scale_weight`,
     scalar or per row, else 1). Any other fp8 tensor (a norm scale, ...) is upcast to `dtype`, else to that of
     the rest of the file."""
-    sd = {k: v for k, v in sd.items() if k != "scaled_fp8" and not k.endswith(".scale_input")}  # ComfyUI's marker;
-    # scale_input serves fp8 matmuls of the activations, which we do not do: activations stay in the run's
-    # dtype
-    dtype = dtype or next((v.dtype for k, v in sd.items() if v.is_floating_point() and not is_fp8(v)
-                  and not k.endswith(".scale_weight")), torch.bfloat16)
+    # ComfyUI's marker `scaled_fp8` goes, and so do its `scale_input`s: they serve fp8 matmuls of the
+    # activations, which we do not do (activations stay in the run's dtype)
+    sd = {k: v for k, v in sd.items() if k != "scaled_fp8" and not k.endswith(".scale_input")}
+    if dtype is None:
+        dtype = stored_float_dtype(sd)
     linears = {n for n, m in model.named_modules() if type(m) is nn.Linear}
     out = {}
     for key, value in sd.items():
@@ -104,15 +107,30 @@ def fp8_layers(model: nn.Module, sd: dict[str, Tensor], source: str, dtype=None)
             continue
         scale = sd.get(f"{layer}.scale_weight", torch.ones(())).float().flatten()
         if key.endswith(".weight") and layer in linears:
-            O = value.shape[0]
-            if scale.numel() not in (1, O):
-                raise ValueError(f"{source}: {layer}.scale_weight has {scale.numel()} values; expected 1 or {O} "
-                                 f"(one per row of {key}, {tuple(value.shape)})")
-            out[key], out[f"{layer}.scale"] = value, scale.expand(O).clone()
-            bias = model.get_submodule(layer).bias
-            replace(model, layer, FP8Linear(torch.empty_like(value, device="meta"), torch.empty(O, device="meta"),
-                                            None if bias is None else torch.empty_like(bias, device="meta")))
+            rows = value.shape[0]
+            if scale.numel() not in (1, rows):
+                raise ValueError(f"{source}: {layer}.scale_weight has {scale.numel()} values; expected 1 or "
+                                 f"{rows} (one per row of {key}, {tuple(value.shape)})")
+            out[key] = value
+            out[f"{layer}.scale"] = scale.expand(rows).clone()
+            replace(model, layer, meta_fp8_linear(value, model.get_submodule(layer).bias))
         else:  # tiny: norm scales and the like
-            out[key] = (value.float() * scale.reshape(-1, *[1] * (value.dim() - 1) if scale.numel() > 1 else ())
-                        ).to(dtype)
+            if scale.numel() > 1:  # one per row: (rows, 1, ..., 1), to broadcast over the other dims
+                scale = scale.reshape(-1, *[1] * (value.dim() - 1))
+            out[key] = (value.float() * scale).to(dtype)
     return out
+
+
+def stored_float_dtype(sd: dict[str, Tensor]) -> torch.dtype:
+    """The dtype of the first float tensor that is neither fp8 nor a scale (bf16 if there is none)."""
+    for key, value in sd.items():
+        if value.is_floating_point() and not is_fp8(value) and not key.endswith(".scale_weight"):
+            return value.dtype
+    return torch.bfloat16
+
+
+def meta_fp8_linear(weight: Tensor, bias: Tensor | None) -> FP8Linear:
+    """An FP8Linear on the meta device, shaped for `weight` (fp8) and `bias`, for a checkpoint to fill."""
+    meta_bias = None if bias is None else torch.empty_like(bias, device="meta")
+    scale = torch.empty(weight.shape[0], device="meta")
+    return FP8Linear(torch.empty_like(weight, device="meta"), scale, meta_bias)

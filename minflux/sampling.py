@@ -1,5 +1,7 @@
-"""Rectified-flow sampling for FLUX.1 (as BFL's `flux/sampling.py`): noise, latent packing, schedule, Euler
-loop.
+"""Rectified-flow sampling for FLUX.1: noise, latent packing, the shifted schedule and the Euler loop.
+
+Mirrors BFL's src/flux/sampling.py: get_noise, time_shift, get_schedule, denoise and unpack keep its names;
+pack, image_ids and text_ids are the latent half of its `prepare`, and shift_mu is its `get_lin_function`.
 
 The project's one convention for time (stated here, used everywhere):
     t = 1 is pure noise, t = 0 is data;   x_t = (1 − t)·x0 + t·ε;
@@ -19,14 +21,15 @@ from tqdm.auto import tqdm
 
 def check_size(height: int, width: int):
     if width % 16 or height % 16 or width <= 0 or height <= 0:
-        raise ValueError(f"width and height must be positive multiples of 16 (the VAE's 8× times the 2×2 patch), "
-                         f"got {width}×{height} (W×H); nearest valid size: {16 * max(1, round(width / 16))}×"
-                         f"{16 * max(1, round(height / 16))}")
+        nearest_width, nearest_height = 16 * max(1, round(width / 16)), 16 * max(1, round(height / 16))
+        raise ValueError(f"width and height must be positive multiples of 16 (the VAE's 8× times the 2×2 "
+                         f"patch), got {width}×{height} (W×H); nearest valid size: "
+                         f"{nearest_width}×{nearest_height}")
 
 
 def get_noise(num: int, height: int, width: int, seed: int, g: torch.Generator | None = None) -> Tensor:
-    """Initial latent noise, drawn exactly as the reference pipelines do (CPU generator of `seed`, or `g`,
-    float32)."""
+    """Initial latent noise, drawn exactly as the reference pipelines do: float32, from a CPU generator
+    seeded with `seed`, or from `g`."""
     check_size(height, width)
     g = g or torch.Generator("cpu").manual_seed(seed)
     return torch.randn(num, 16, height // 8, width // 8, generator=g, dtype=torch.float32)  # (B, c, h, w)
@@ -60,8 +63,8 @@ def add_noise(x0: Tensor, noise: Tensor, t: float | Tensor) -> Tensor:
 
 
 def shift_mu(image_seq_len: int, base_shift: float = 0.5, max_shift: float = 1.15) -> float:
-    """FLUX's time-shift exponent: linear in the token count, 0.5 at 256 tokens (256²px), 1.15 at 4096
-    (1024²px)."""
+    """FLUX's time-shift exponent, linear in the token count: 0.5 at 256 tokens (a 256²px image), 1.15 at
+    4096 tokens (1024²px)."""
     return base_shift + (max_shift - base_shift) * (image_seq_len - 256) / (4096 - 256)
 
 
@@ -83,7 +86,8 @@ def img2img_start(num_steps: int, strength: float) -> int:
     """Index into the schedule where image-to-image starts: strength 1 is the whole schedule (text-to-image),
     0 is its end (no step). The rule and its float rounding are diffusers' (docs/notes.md): int(n − n·s)."""
     if not 0.0 <= strength <= 1.0:
-        raise ValueError(f"strength must be in [0, 1] (0 keeps the input image, 1 ignores it), got {strength}")
+        raise ValueError(f"strength must be in [0, 1] (0 keeps the input image, 1 ignores it), "
+                         f"got {strength}")
     return int(num_steps - num_steps * strength)
 
 
@@ -97,10 +101,12 @@ def denoise(model, img: Tensor, img_ids: Tensor, txt: Tensor, txt_ids: Tensor, v
     img_ids, txt_ids = img_ids.to(img.device), txt_ids.to(img.device)             # (B, Li, 3), (B, Lt, 3)
     B = img.shape[0]
     g = torch.full((B,), guidance, dtype=img.dtype, device=img.device)
-    img = img if after_step is None else after_step(img, timesteps[0])
-    for t, t_next in tqdm(list(zip(timesteps[:-1], timesteps[1:])), desc="sampling", disable=not progress):
-        v = model(img, img_ids, txt, txt_ids, timesteps=torch.full((B,), t, dtype=img.dtype, device=img.device),
-                  y=vec, guidance=g)                                              # (B, Li, 4c)
+    if after_step is not None:
+        img = after_step(img, timesteps[0])
+    steps = list(zip(timesteps[:-1], timesteps[1:], strict=True))                 # (t, t_next) pairs
+    for t, t_next in tqdm(steps, desc="sampling", disable=not progress):
+        t_batch = torch.full((B,), t, dtype=img.dtype, device=img.device)
+        v = model(img, img_ids, txt, txt_ids, timesteps=t_batch, y=vec, guidance=g)  # (B, Li, 4c)
         img = (img.float() + (t_next - t) * v.float()).to(img.dtype)
         if after_step is not None:
             img = after_step(img, t_next)

@@ -1,12 +1,12 @@
 """The T5 v1.1 encoder (T5-XXL in FLUX.1): turns the prompt's T5 tokens into the transformer's text stream.
 
-Follows T5 v1.1 (Raffel et al.; the encoder half of T5 v1.1, as HF `T5EncoderModel` computes it). Module and
-parameter names are the HF checkpoint keys (`encoder.block.3.layer.1.DenseReluDense.wi_0.weight`, ...), so
-FLUX's `text_encoder_2/` loads with a strict `load_state_dict`. HF files may also hold
-`encoder.embed_tokens.weight`, a tied copy of `shared.weight`: this module has only `shared`, and the loader
-drops that key.
+BFL's HFEmbedder (src/flux/modules/conditioner.py, loaded by load_t5 in src/flux/util.py) takes the
+last_hidden_state of transformers' T5EncoderModel; this file writes that encoder out (T5 v1.1, Raffel et al.).
+Its names are the HF checkpoint keys, e.g. `encoder.block.3.layer.1.DenseReluDense.wi_0.weight`, so FLUX's
+`text_encoder_2/` loads with a strict `load_state_dict`. HF files may also hold `encoder.embed_tokens.weight`,
+a tied copy of `shared.weight`: this module has only `shared`, and the loader drops that key. FLUX calls the
+encoder without an attention mask, so every token attends to the pads too, here as well.
 
-FLUX calls the encoder without an attention mask, so every token attends to the pads too; so does this module.
 Shape letters: B batch, L tokens, C model width (d_model), H heads, D head width (d_kv).
 """
 
@@ -33,17 +33,18 @@ class T5Config:
 
     @classmethod
     def tiny(cls) -> "T5Config":
-        """For tests: 8 buckets up to distance 20, so a few dozen tokens reach the log-spaced and the last
-        buckets."""
+        """For tests: 8 buckets up to distance 20, so that a few dozen tokens reach both the log-spaced
+        buckets and the last ones."""
         return cls(vocab_size=1000, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
                    relative_attention_num_buckets=8, relative_attention_max_distance=20)
 
     @classmethod
     def from_hf(cls, config: dict) -> "T5Config":
-        """Reads the fields above from a HF T5 `config.json` dict; the others (decoder, dropout, ...) are
-        ignored."""
-        if (ff := config.get("feed_forward_proj")) != "gated-gelu":
-            raise ValueError(f"T5 config: feed_forward_proj={ff!r} is not supported, only 'gated-gelu' (T5 v1.1)")
+        """Reads the fields above from a HF T5 `config.json` dict; the rest (decoder, dropout) is ignored."""
+        ff = config.get("feed_forward_proj")
+        if ff != "gated-gelu":
+            raise ValueError(f"T5 config: feed_forward_proj={ff!r} is not supported, "
+                             f"only 'gated-gelu' (T5 v1.1)")
         # a field the file lacks keeps the official value; sizes are checked against the weights on load
         return cls(**{f.name: config[f.name] for f in fields(cls) if f.name in config})
 
@@ -119,10 +120,12 @@ class T5GatedFeedForward(nn.Module):
 class T5Block(nn.Module):
     def __init__(self, cfg: T5Config, has_relative_bias: bool):
         super().__init__()
-        norm = lambda: T5LayerNorm(cfg.d_model, cfg.layer_norm_epsilon)
-        self.layer = nn.ModuleList([  # HF's sub-layers: 0 self-attention, 1 feed-forward (named "DenseReluDense")
-            nn.ModuleDict(dict(SelfAttention=T5Attention(cfg, has_relative_bias), layer_norm=norm())),
-            nn.ModuleDict(dict(DenseReluDense=T5GatedFeedForward(cfg), layer_norm=norm())),
+        attn_norm = T5LayerNorm(cfg.d_model, cfg.layer_norm_epsilon)
+        ff_norm = T5LayerNorm(cfg.d_model, cfg.layer_norm_epsilon)
+        # HF's sub-layers: 0 self-attention, 1 the feed-forward (named "DenseReluDense")
+        self.layer = nn.ModuleList([
+            nn.ModuleDict(dict(SelfAttention=T5Attention(cfg, has_relative_bias), layer_norm=attn_norm)),
+            nn.ModuleDict(dict(DenseReluDense=T5GatedFeedForward(cfg), layer_norm=ff_norm)),
         ])
 
     def forward(self, x: Tensor, bias: Tensor) -> Tensor:

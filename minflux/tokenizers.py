@@ -1,13 +1,13 @@
-"""The two FLUX text tokenizers, built on the `tokenizers` library.
+"""The two FLUX text tokenizers, built on the `tokenizers` library; both cut the tokens so that the closing
+special token always stays. Shapes: B prompts, L = max_length tokens.
 
 CLIPTokenizer: OpenAI CLIP's byte-level BPE from `tokenizer/vocab.json` + `merges.txt`, with the text pipeline
 of transformers' CLIPTokenizer: NFC, whitespace runs -> one space, lowercase, CLIP's regex split,
 byte-to-unicode map, `</w>` on each word's last symbol. Rows are `<|startoftext|> tokens… <|endoftext|>`,
 padded with `<|endoftext|>`. T5Tokenizer: T5's SentencePiece unigram model from `tokenizer_2/spiece.model` or
 `tokenizer.json`, with the pipeline of transformers' T5Tokenizer: the model's precompiled normalizer, split on
-whitespace, "▁" before every word, the 100 `<extra_id_N>` sentinels on top of the pieces. Rows are `tokens…
-</s>` (no BOS), padded with `<pad>`. Both cut the tokens so the closing special token always stays. Shapes: B
-prompts, L = max_length tokens.
+whitespace, "▁" before every word, the 100 `<extra_id_N>` sentinels on top of the pieces. Rows are
+`tokens… </s>` (no BOS), padded with `<pad>`.
 """
 
 import base64
@@ -19,7 +19,8 @@ import torch
 from tokenizers import AddedToken, Regex, Tokenizer, normalizers, pre_tokenizers, processors
 from tokenizers.models import BPE, Unigram
 
-CLIP_SPLIT = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+CLIP_SPLIT = (r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|"""
+              r"""[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""")
 
 
 def _existing(path) -> Path:
@@ -31,7 +32,8 @@ def _existing(path) -> Path:
 def _framed(tok: Tokenizer, first: list[str], last: str, pad: str, max_length: int, source) -> Tokenizer:
     """Rows of exactly max_length ids: first + tokens (cut to fit) + last, then pad."""
     specials = {t: tok.token_to_id(t) for t in [*first, last, pad]}
-    if missing := [t for t, i in specials.items() if i is None]:
+    missing = [t for t, i in specials.items() if i is None]
+    if missing:
         raise ValueError(f"{source}: the vocabulary has no {', '.join(missing)}")
     template = [*first, "$A", last]
     tok.post_processor = processors.TemplateProcessing(single=template, special_tokens=list(specials.items()))
@@ -48,7 +50,8 @@ def _encode(tok: Tokenizer, prompts: list[str]) -> torch.Tensor:
 
 def clip_normalizer() -> normalizers.Normalizer:
     """CLIP's text clean-up: NFC, whitespace runs -> one space, lowercase."""
-    return normalizers.Sequence([normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()])
+    one_space = normalizers.Replace(Regex(r"\s+"), " ")
+    return normalizers.Sequence([normalizers.NFC(), one_space, normalizers.Lowercase()])
 
 
 def clip_pre_tokenizer() -> pre_tokenizers.PreTokenizer:
@@ -58,17 +61,20 @@ def clip_pre_tokenizer() -> pre_tokenizers.PreTokenizer:
 
 
 class CLIPTokenizer:
-    """prompts -> (B, max_length) ids `<|startoftext|> tokens… <|endoftext|> <|endoftext|>…`, ids from
-    vocab.json."""
+    """prompts -> (B, max_length) ids of vocab.json, in rows
+    `<|startoftext|> tokens… <|endoftext|> <|endoftext|>…`."""
 
     def __init__(self, vocab_file, merges_file, max_length: int = 77):
         bos, eos = "<|startoftext|>", "<|endoftext|>"
-        tok = Tokenizer(BPE.from_file(str(_existing(vocab_file)), str(_existing(merges_file)), unk_token=eos,
-                                      continuing_subword_prefix="", end_of_word_suffix="</w>", fuse_unk=False))
-        tok.normalizer, tok.pre_tokenizer = clip_normalizer(), clip_pre_tokenizer()
+        bpe = BPE.from_file(str(_existing(vocab_file)), str(_existing(merges_file)), unk_token=eos,
+                            continuing_subword_prefix="", end_of_word_suffix="</w>", fuse_unk=False)
+        tok = Tokenizer(bpe)
+        tok.normalizer = clip_normalizer()
+        tok.pre_tokenizer = clip_pre_tokenizer()
         framed = _framed(tok, [bos], eos, eos, max_length, vocab_file)  # checks bos/eos before they are added
         framed.add_special_tokens([AddedToken(bos, normalized=True), AddedToken(eos, normalized=False)])
-        self.max_length, self.tokenizer = max_length, framed
+        self.max_length = max_length
+        self.tokenizer = framed
 
     def __call__(self, prompts: list[str]) -> torch.Tensor:
         return _encode(self.tokenizer, prompts)                                                  # (B, L)
@@ -79,8 +85,10 @@ def _protobuf_fields(data: bytes):
     def varint():
         nonlocal i
         value = shift = 0
-        while data[i] & 0x80:
-            value, shift, i = value | (data[i] & 0x7F) << shift, shift + 7, i + 1
+        while data[i] & 0x80:  # a set high bit: more 7-bit groups follow
+            value |= (data[i] & 0x7F) << shift
+            shift += 7
+            i += 1
         i += 1
         return value | data[i - 1] << shift
 
@@ -90,20 +98,26 @@ def _protobuf_fields(data: bytes):
         if wire == 0:
             yield field, varint()
             continue
-        size = varint() if wire == 2 else 8 if wire == 1 else 4  # length-delimited, fixed64, fixed32
+        if wire == 2:  # length-delimited
+            size = varint()
+        elif wire == 1:  # fixed64
+            size = 8
+        else:  # fixed32
+            size = 4
         i += size
         yield field, data[i - size:i]
 
 
 def _read_spiece(path: Path) -> tuple[list[tuple[str, float]], bytes | None]:
-    """(piece, score) list and precompiled normalizer of a sentencepiece ModelProto (fields 1 pieces, 3
-    normalizer)."""
+    """The (piece, score) list and precompiled normalizer (fields 1 and 3) of a sentencepiece ModelProto."""
     pieces, charsmap = [], None
     try:
         for field, value in _protobuf_fields(path.read_bytes()):
             if field == 1:
-                piece = dict(_protobuf_fields(value))
-                pieces.append((piece[1].decode("utf-8"), struct.unpack("<f", piece.get(2, bytes(4)))[0]))
+                piece = dict(_protobuf_fields(value))  # 1: the piece, 2: its score (a float32; 0 if absent)
+                text = piece[1].decode("utf-8")
+                score = struct.unpack("<f", piece.get(2, bytes(4)))[0]
+                pieces.append((text, score))
             elif field == 3:
                 charsmap = dict(_protobuf_fields(value)).get(2)
     except (IndexError, KeyError, TypeError, AttributeError, UnicodeDecodeError, struct.error):
@@ -120,7 +134,8 @@ def _read_tokenizer_json(path: Path) -> tuple[list[tuple[str, float]], bytes | N
     normalizer = spec.get("normalizer") or {}
     charsmaps = [n["precompiled_charsmap"] for n in normalizer.get("normalizers", [normalizer])
                  if n.get("type") == "Precompiled"]
-    return [tuple(p) for p in spec["model"]["vocab"]], base64.b64decode(charsmaps[0]) if charsmaps else None
+    charsmap = base64.b64decode(charsmaps[0]) if charsmaps else None
+    return [tuple(p) for p in spec["model"]["vocab"]], charsmap
 
 
 class T5Tokenizer:
@@ -139,26 +154,33 @@ class T5Tokenizer:
             pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Metaspace(prepend_scheme="always", split=True)])
         framed = _framed(tok, [], "</s>", "<pad>", max_length, path)
         framed.add_special_tokens(["<pad>", "</s>", "<unk>", *(p for p in ids if p.startswith("<extra_id_"))])
-        self.max_length, self.tokenizer = max_length, framed
+        self.max_length = max_length
+        self.tokenizer = framed
         self.uncut = Tokenizer.from_str(framed.to_str())
-        self.uncut.no_truncation(), self.uncut.no_padding()
+        self.uncut.no_truncation()
+        self.uncut.no_padding()
 
     def __call__(self, prompts: list[str]) -> torch.Tensor:
         return _encode(self.tokenizer, prompts)                                                  # (B, L)
 
     def cut(self, text: str) -> tuple[int, str]:
-        """(tokens of the text with `</s>`, before any cut; the end of the text that is cut off, "" if
-        none)."""
+        """The text's token count with `</s>`, before any cut, and the end of the text that is cut off ("" if
+        nothing is)."""
         encoding = self.uncut.encode(text)
         n = len(encoding.ids)
         if n <= self.max_length:
             return n, ""
         start = encoding.offsets[self.max_length - 1][0]  # the first token with no room before `</s>`
-        return n, ("…" if start and not text[start - 1].isspace() else "") + text[start:]
+        mid_word = start and not text[start - 1].isspace()
+        return n, ("…" if mid_word else "") + text[start:]
 
 
 def overlong(tokenizer: T5Tokenizer, named_texts: list[tuple[str, str]]) -> list[str]:
     """A message for each (name, text) that T5 reads only in part: its token count and the words cut off."""
-    cuts = [(name, *tokenizer.cut(text)) for name, text in named_texts]  # (name, token count, words cut off)
-    return [f"{name} is {n} T5 tokens, over the model's limit of {tokenizer.max_length}; these words are cut off: "
-            f"{cut!r}" for name, n, cut in cuts if cut]
+    messages = []
+    for name, text in named_texts:
+        n, cut = tokenizer.cut(text)
+        if cut:
+            messages.append(f"{name} is {n} T5 tokens, over the model's limit of {tokenizer.max_length}; "
+                            f"these words are cut off: {cut!r}")
+    return messages

@@ -73,7 +73,8 @@ def test_encode_with_generator_samples_the_gaussian():
     with torch.no_grad():
         first = ours.encode(x, torch.Generator().manual_seed(7))
         again = ours.encode(x, torch.Generator().manual_seed(7))
-        want = (ref.encode(x).latent_dist.sample(torch.Generator().manual_seed(7)) - p.shift_factor) * p.scale_factor
+        sample = ref.encode(x).latent_dist.sample(torch.Generator().manual_seed(7))
+        want = (sample - p.shift_factor) * p.scale_factor
         mean = ours.encode(x)
     diff = (first - want).abs().max()
     print(f"sample vs diffusers latent_dist.sample: max abs diff {diff:.3e}")

@@ -90,7 +90,8 @@ def test_swapped_blocks_give_the_same_loss_and_lora_gradients(count, checkpointi
             p.grad = None
         loss, grads = loss_and_grads(flow)
         assert torch.equal(loss, want_loss)
-        assert len(grads) == len(want_grads) and all(torch.equal(a, b) for a, b in zip(grads, want_grads))
+        assert len(grads) == len(want_grads)
+        assert all(torch.equal(a, b) for a, b in zip(grads, want_grads, strict=True))
         assert all(g.abs().sum() > 0 for g in grads)
 
 
@@ -122,15 +123,18 @@ def test_each_swapped_weight_is_a_placeholder_then_a_copy_of_its_home_then_a_pla
     record_where_weights_are(flow, swap, log)
     with torch.no_grad():
         run(flow)
-    assert [(i, moment) for i, moment, _ in log] == [(i, m) for i in range(3) for m in ("before", "while", "after")]
+    moments = [(i, m) for i in range(3) for m in ("before", "while", "after")]
+    assert [(i, moment) for i, moment, _ in log] == moments
     for i, moment, slots in log:
         homes = swap.slots[i]
         if moment == "while":
-            assert [(n, shape) for n, shape, _ in slots] == [(s.home.numel(), tuple(s.home.shape)) for s in homes]
-            assert all(ptr != s.home.data_ptr() for (_, _, ptr), s in zip(slots, homes))
+            home_sizes = [(s.home.numel(), tuple(s.home.shape)) for s in homes]
+            assert [(n, shape) for n, shape, _ in slots] == home_sizes
+            assert all(ptr != s.home.data_ptr() for (_, _, ptr), s in zip(slots, homes, strict=True))
         else:
             assert all(n == 0 for n, _, _ in slots)
-    assert all(p is flow.double_blocks[0].get_parameter(n) and p.data_ptr() == ptr for n, (p, ptr) in kept.items())
+    block = flow.double_blocks[0]
+    assert all(p is block.get_parameter(n) and p.data_ptr() == ptr for n, (p, ptr) in kept.items())
 
 
 def test_with_checkpointing_only_the_running_block_is_loaded_and_at_most_one_is_prefetched():
@@ -139,11 +143,16 @@ def test_with_checkpointing_only_the_running_block_is_loaded_and_at_most_one_is_
     seen = []
 
     def check(i):
-        loaded = [j for j, slots in enumerate(swap.slots) if any(getattr(s.module, s.name).numel() for s in slots)]
+        loaded = []
+        for j, slots in enumerate(swap.slots):
+            if any(getattr(s.module, s.name).numel() for s in slots):
+                loaded.append(j)
         seen.append((i, loaded, swap.prefetched is not None))
+
     for i, block in enumerate(swap.blocks):
-        next(m for n, m in block.named_modules() if n and "lora_" not in n and not list(m.children())
-             ).register_forward_hook(lambda m, a, o, i=i: check(i))  # the block's first layer (adapters are not called)
+        # the block's first layer (the LoRA adapters are not called as modules)
+        leaves = [m for n, m in block.named_modules() if n and "lora_" not in n and not list(m.children())]
+        leaves[0].register_forward_hook(lambda m, a, o, i=i: check(i))
     for _ in range(2):  # the second step starts from where the first backward left the swap
         run(flow).square().mean().backward()
     # forward: blocks 0..3 in order, each fetching the next; backward's recomputation: 3..0, fetching the
@@ -172,13 +181,14 @@ def test_moving_the_swapped_model_to_the_cpu_keeps_the_homes_and_the_output():
     with torch.no_grad():
         assert torch.equal(run(moved), run(flow))
     assert all(s.home is home and s.home.data_ptr() == ptr
-               for (home, ptr), s in zip(homes, [s for slots in swap.slots for s in slots]))
+               for (home, ptr), s in zip(homes, [s for slots in swap.slots for s in slots], strict=True))
     assert all(getattr(s.module, s.name).numel() == 0 for slots in swap.slots for s in slots)
 
 
 @pytest.mark.parametrize("count", [-1, 5])
 def test_a_block_count_outside_the_model_is_refused(count):
-    with pytest.raises(ValueError, match=r"between 0 and 4 \(the model's 2 double \+ 2 single blocks\), not "):
+    message = r"between 0 and 4 \(the model's 2 double \+ 2 single blocks\), not "
+    with pytest.raises(ValueError, match=message):
         BlockSwap(tiny_flow(), count, "cpu")
 
 
@@ -207,15 +217,18 @@ def test_sample_py_draws_the_same_image_with_swapped_blocks(tmp_path, monkeypatc
 def test_train_py_learns_the_same_lora_with_swapped_blocks(tmp_path, monkeypatch):
     loads = count_loads(monkeypatch, train)
     (tmp_path / "sets").mkdir()
-    Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 64, 3), np.uint8)).save(tmp_path / "sets/a.png")
+    pixels = np.random.default_rng(0).integers(0, 256, (32, 64, 3), np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "sets/a.png")
     (tmp_path / "sets/a.txt").write_text("a red circle and a blue square")
     common = ["--model", "toy", "--data", str(tmp_path / "sets"), "--steps", "2", "--batch-size", "1",
               "--resolution", "32", "--checkpointing", "--sample-every", "0", "--device", "cpu"]
     plain = load_file(train.main([*common, "--out", str(tmp_path / "plain.safetensors")]))
-    swap = load_file(train.main([*common, "--out", str(tmp_path / "swap.safetensors"), "--blocks-to-swap", "4"]))
+    swap = load_file(train.main([*common, "--out", str(tmp_path / "swap.safetensors"),
+                                 "--blocks-to-swap", "4"]))
     assert plain.keys() == swap.keys() and all(torch.equal(swap[k], plain[k]) for k in plain)
     assert any(v.abs().sum() > 0 for k, v in plain.items() if "lora_B" in k)  # two steps moved the LoRA
-    assert loads == [0, 1, 2, 3, 3, 2, 1, 0] * 2  # per step: forward, then backward's recomputation in reverse
+    # per step: forward, then backward's recomputation in reverse
+    assert loads == [0, 1, 2, 3, 3, 2, 1, 0] * 2
 
 
 def test_train_py_refuses_block_swap_without_checkpointing(tmp_path, capsys):
@@ -232,12 +245,14 @@ def rounded_bytes(tensors) -> int:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_on_a_gpu_the_swapped_blocks_weights_are_allocated_only_while_they_run():
     flow = tiny_flow()
-    swap = BlockSwap(flow, 3, "cuda")  # on the CPU still: the homes are pinned, the placeholders already on the GPU
+    # the flow is on the CPU still: the homes are pinned, the placeholders already on the GPU
+    swap = BlockSwap(flow, 3, "cuda")
     swapped_ids = {id(s.placeholder) for slots in swap.slots for s in slots}
     resident = [t for t in [*flow.parameters(), *flow.buffers()] if id(t) not in swapped_ids]
     start = torch.cuda.memory_allocated()
     flow.to("cuda")
-    assert torch.cuda.memory_allocated() - start == rounded_bytes(resident)  # the swapped weights did not come
+    # the swapped weights did not come
+    assert torch.cuda.memory_allocated() - start == rounded_bytes(resident)
     assert all(s.home.is_pinned() for slots in swap.slots for s in slots)
     x = {k: v.cuda() for k, v in inputs().items()}
     during = []

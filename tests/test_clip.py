@@ -15,7 +15,8 @@ def reference_and_ours(cfg: CLIPConfig, bos_token_id: int = BOS, seed: int = 0):
     """A tiny random transformers CLIPTextModel, and ours carrying the same weights (its state dict,
     strictly)."""
     torch.manual_seed(seed)
-    ref = transformers.CLIPTextModel(transformers.CLIPTextConfig(**asdict(cfg), bos_token_id=bos_token_id)).eval()
+    hf_config = transformers.CLIPTextConfig(**asdict(cfg), bos_token_id=bos_token_id)
+    ref = transformers.CLIPTextModel(hf_config).eval()
     with torch.no_grad():  # LayerNorms start at weight 1, bias 0: make them matter too
         for name, p in ref.named_parameters():
             if "layer_norm" in name:
@@ -47,21 +48,23 @@ def test_clip_pooled_output_matches_transformers():
 def test_clip_pools_at_first_eos_like_transformers_when_eos_id_is_not_legacy():
     """A config with a true eos id pools at its first occurrence, even with larger token ids before it."""
     eos = 500
-    cfg = CLIPConfig(vocab_size=1000, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                     eos_token_id=eos)
+    cfg = CLIPConfig(vocab_size=1000, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                     num_attention_heads=4, eos_token_id=eos)
     ref, ours = reference_and_ours(cfg, bos_token_id=0)
     g = torch.Generator().manual_seed(1)
     ids = torch.full((3, 77), eos)
     for row, n in enumerate([4, 30, 70]):
         ids[row, :n] = torch.randint(eos + 1, 1000, (n,), generator=g)
-    assert not torch.equal(ids.argmax(-1), (ids == eos).int().argmax(-1))  # the legacy rule would pool elsewhere
+    # the legacy rule would pool elsewhere
+    assert not torch.equal(ids.argmax(-1), (ids == eos).int().argmax(-1))
     assert pooled_diff(ref, ours, ids) < 1e-5
 
 
 def test_full_size_clip_matches_hf_names_and_shapes():
     """Built from FLUX's text_encoder config values: HF's tensors minus the `text_model.` prefix, same
     shapes."""
-    hf_config = transformers.CLIPTextConfig(**asdict(CLIPConfig()), bos_token_id=0, pad_token_id=1, projection_dim=768)
+    hf_config = transformers.CLIPTextConfig(**asdict(CLIPConfig()), bos_token_id=0, pad_token_id=1,
+                                            projection_dim=768)
     assert CLIPConfig.from_hf(hf_config.to_dict()) == CLIPConfig()
     with torch.device("meta"):
         ours, ref = CLIPTextModel(CLIPConfig()), transformers.CLIPTextModel(hf_config)

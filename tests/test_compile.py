@@ -56,8 +56,9 @@ def test_compiled_blocks_give_the_eager_output(variant, recwarn):
     with torch.no_grad():
         want, got = run(flow), run(compiled(flow, swap=3 if variant != "plain" else 0))
     report(variant, got, want)
-    assert counters["stats"]["unique_graphs"] == 2 and not counters["graph_break"]  # one graph per block class
-    assert not [w for w in recwarn if "complex operators" in str(w.message)]  # Inductor generated every kernel
+    # one graph per block class, and Inductor generated every kernel
+    assert counters["stats"]["unique_graphs"] == 2 and not counters["graph_break"]
+    assert not [w for w in recwarn if "complex operators" in str(w.message)]
 
 
 @pytest.mark.parametrize("swap,fp8", [(0, False), (3, True)])
@@ -66,7 +67,9 @@ def test_a_compiled_lora_training_step_with_checkpointing_gives_the_eager_loss_a
     if fp8:  # as train.py --quantize fp8: the base quantized before the adapters wrap it
         quantize_fp8(flow)
     flow = with_lora(flow)
-    flow.img_in.requires_grad_(), flow.txt_in.requires_grad_()  # every block's inputs require grad: fewer graphs
+    # every block's inputs require grad: fewer graphs
+    flow.img_in.requires_grad_()
+    flow.txt_in.requires_grad_()
     flow.gradient_checkpointing = True
     fast = compiled(flow, swap)
     counters.clear()
@@ -77,9 +80,12 @@ def test_a_compiled_lora_training_step_with_checkpointing_gives_the_eager_loss_a
     assert not counters["graph_break"]
     report("loss", losses[1].detach(), losses[0].detach())
     want, got = lora_parameters(flow), lora_parameters(fast)
-    assert len(got) == len(want) == 2 * (2 * 10 + 2 * 3)  # A and B of 10 linears a double block, 3 a single one
+    # A and B of 10 linears per double block, 3 per single one
+    assert len(got) == len(want) == 2 * (2 * 10 + 2 * 3)
     assert all(p.grad.abs().sum() > 0 for p in want)
-    report("LoRA gradients", torch.cat([p.grad.flatten() for p in got]), torch.cat([p.grad.flatten() for p in want]))
+    got_grads = torch.cat([p.grad.flatten() for p in got])
+    want_grads = torch.cat([p.grad.flatten() for p in want])
+    report("LoRA gradients", got_grads, want_grads)
 
 
 def record_compiles(monkeypatch, script) -> list[dict]:
@@ -100,15 +106,16 @@ def record_compiles(monkeypatch, script) -> list[dict]:
 
 def test_sample_py_compiles_the_blocks_last_after_quantizing_and_block_swap(tmp_path, monkeypatch):
     seen = record_compiles(monkeypatch, sample)
-    sample.main(["--model", "toy", "--prompt", "a red circle", "--steps", "1", "--device", "cpu", "--quantize", "fp8",
-                 "--blocks-to-swap", "2", "--compile", "--out", str(tmp_path / "a.png")])
+    sample.main(["--model", "toy", "--prompt", "a red circle", "--steps", "1", "--device", "cpu",
+                 "--quantize", "fp8", "--blocks-to-swap", "2", "--compile", "--out", str(tmp_path / "a.png")])
     assert seen == [dict(fp8=True, lora=False, swap_hooks=2, checkpointing=False)]
 
 
 def test_train_py_compiles_the_blocks_with_their_lora_checkpointing_and_block_swap(tmp_path, monkeypatch):
     seen = record_compiles(monkeypatch, train)
     (tmp_path / "sets").mkdir()
-    Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 64, 3), np.uint8)).save(tmp_path / "sets/a.png")
+    pixels = np.random.default_rng(0).integers(0, 256, (32, 64, 3), np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "sets/a.png")
     (tmp_path / "sets/a.txt").write_text("a red circle and a blue square")
     train.main(["--model", "toy", "--data", str(tmp_path / "sets"), "--steps", "1", "--batch-size", "1",
                 "--resolution", "32", "--checkpointing", "--blocks-to-swap", "3", "--sample-every", "0",

@@ -24,9 +24,11 @@ def test_qk_norm_in_bf16_is_bfls_float32_rms_cast_back_then_scaled():
 
 def test_rope_in_bf16_is_the_float32_rotation_rounded_once():
     x = bf16_heads(1)
-    ids = torch.stack([torch.zeros(40), torch.arange(40) // 8, torch.arange(40) % 8], dim=-1)[None].expand(2, -1, -1)
+    ids = torch.stack([torch.zeros(40), torch.arange(40) // 8, torch.arange(40) % 8], dim=-1)  # (L, A)
+    ids = ids[None].expand(2, -1, -1)                                         # (B, L, A)
     pe = EmbedND(10_000, [4, 6, 6])(ids)                                      # (2, B, L, 1, D): cos, sin
     cos, sin = (rearrange(t, "b l h (p two) -> b l h p two", two=2)[..., 0] for t in pe)  # (B, L, 1, P)
     x0, x1 = rearrange(x.float(), "b l h (p two) -> two b l h p", two=2)
-    want = rearrange(torch.stack([cos * x0 - sin * x1, sin * x0 + cos * x1], dim=-1), "b l h p two -> b l h (p two)")
+    rotated = torch.stack([cos * x0 - sin * x1, sin * x0 + cos * x1], dim=-1)
+    want = rearrange(rotated, "b l h p two -> b l h (p two)")
     assert torch.equal(apply_rope(x, pe), want.bfloat16())

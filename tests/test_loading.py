@@ -1,15 +1,14 @@
 """Loading the official layouts, and the specific errors a user gets for bad input."""
 
 import http.server
+import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
-
-import json
-import shutil
 
 import pytest
 import torch
@@ -18,8 +17,8 @@ from safetensors.torch import load_file, save_file
 from transformers import T5EncoderModel
 
 from minflux import hub, loading
-from minflux.pipeline import load_pipeline
 from minflux.module_tree import compute_dtype
+from minflux.pipeline import load_pipeline
 from tests.test_transformer import inputs, run_both
 from tests.tiny_repo import copy_repo, write_tiny_repo
 
@@ -62,8 +61,10 @@ def test_missing_and_unexpected_keys_are_named(tiny, tmp_path):
 
 def test_a_shape_mismatch_names_the_key_and_both_shapes(tiny, tmp_path):
     repo = copy_repo(tiny, tmp_path / "shape")
-    edit_file(repo / "flux1-dev.safetensors", lambda sd: sd.update({"double_blocks.0.img_mlp.2.bias": torch.zeros(31)}))
-    with pytest.raises(ValueError, match=r"double_blocks\.0\.img_mlp\.2\.bias has shape \(31,\), expected \(32,\)"):
+    edit_file(repo / "flux1-dev.safetensors",
+              lambda sd: sd.update({"double_blocks.0.img_mlp.2.bias": torch.zeros(31)}))
+    message = r"double_blocks\.0\.img_mlp\.2\.bias has shape \(31,\), expected \(32,\)"
+    with pytest.raises(ValueError, match=message):
         load_pipeline(str(repo))
 
 
@@ -138,8 +139,9 @@ def unreachable_hub(tmp_path) -> dict:
 
 def test_an_unreachable_hub_is_reported_within_seconds_with_the_toy_hint(tmp_path):
     start = time.perf_counter()
-    run = subprocess.run([sys.executable, "sample.py", "--model", "org/x", "--prompt", "x", "--device", "cpu"],
-                         cwd=ROOT, env=unreachable_hub(tmp_path), capture_output=True, text=True, timeout=120)
+    command = [sys.executable, "sample.py", "--model", "org/x", "--prompt", "x", "--device", "cpu"]
+    run = subprocess.run(command, cwd=ROOT, env=unreachable_hub(tmp_path), capture_output=True, text=True,
+                         timeout=120)
     assert time.perf_counter() - start < 10  # not huggingface_hub's 25 s of retries
     assert run.returncode != 0
     assert "org/x: not in the HF cache and the hub cannot be reached (offline?)" in run.stderr
@@ -153,8 +155,9 @@ def test_an_unreachable_hub_falls_back_to_the_copy_in_the_hf_cache(tmp_path):
     (cached / "refs").mkdir()
     (cached / "refs" / "main").write_text("0" * 40)
     start = time.perf_counter()
-    run = subprocess.run([sys.executable, "-c", "from minflux.hub import Repo; print(sorted(Repo('org/x').files))"],
-                         cwd=ROOT, env=unreachable_hub(tmp_path), capture_output=True, text=True, timeout=120)
+    script = "from minflux.hub import Repo; print(sorted(Repo('org/x').files))"
+    run = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=unreachable_hub(tmp_path),
+                         capture_output=True, text=True, timeout=120)
     assert time.perf_counter() - start < 10
     assert run.stdout.strip() == "['vae/config.json']", run.stderr
 
@@ -162,14 +165,14 @@ def test_an_unreachable_hub_falls_back_to_the_copy_in_the_hf_cache(tmp_path):
 def test_sample_py_help_explains_every_flag():
     run = subprocess.run([sys.executable, "sample.py", "--help"], cwd=ROOT, capture_output=True, text=True)
     assert run.returncode == 0
-    for flag in ("--model", "--prompt", "--prompt-file", "--width", "--height", "--steps", "--guidance", "--seed",
-                 "--num-images", "--out", "--device", "--dtype", "--offload"):
+    for flag in ("--model", "--prompt", "--prompt-file", "--width", "--height", "--steps", "--guidance",
+                 "--seed", "--num-images", "--out", "--device", "--dtype", "--offload"):
         assert flag in run.stdout
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--model", "org/x"], "org/x: not in the HF cache and the hub cannot be reached (offline?). To try everything "
-                           "without the real weights, use --model toy"),
+    (["--model", "org/x"], "org/x: not in the HF cache and the hub cannot be reached (offline?). "
+                           "To try everything without the real weights, use --model toy"),
     (["--model", "org/x", "--device", "cdua"], "unknown device 'cdua'"),
     (["--model", "org/x", "--steps", "0"], "--steps: must be at least 1, got 0"),
     (["--model", "/no/such/model", "--lora", "{bad}"], "not a readable safetensors LoRA file"),
@@ -179,7 +182,8 @@ def test_sample_py_reports_bad_input_in_one_line_without_a_traceback(tmp_path, a
     env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
     env |= {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
     args = [a.format(bad=tmp_path / "bad.safetensors") for a in args]
-    run = subprocess.run([sys.executable, "sample.py", "--prompt", "x", "--device", "cpu", *args],  # last flag wins
+    # the last flag wins
+    run = subprocess.run([sys.executable, "sample.py", "--prompt", "x", "--device", "cpu", *args],
                          cwd=ROOT, env=env, capture_output=True, text=True)
     assert run.returncode != 0
     assert message in run.stderr and "Traceback" not in run.stderr
@@ -218,7 +222,8 @@ def test_a_comfyui_all_in_one_checkpoint_gives_its_transformer(tiny, tmp_path):
     sd |= {f"text_encoders.clip_l.transformer.{k}": v.half() for k, v in
            load_file(tiny / "text_encoder" / "model.safetensors").items()}
     for shard in (tiny / "text_encoder_2").glob("*.safetensors"):
-        sd |= {f"text_encoders.t5xxl.transformer.{k}": v.to(torch.float8_e4m3fn) for k, v in load_file(shard).items()}
+        for k, v in load_file(shard).items():
+            sd[f"text_encoders.t5xxl.transformer.{k}"] = v.to(torch.float8_e4m3fn)
     sd |= {f"vae.{k}": v.bfloat16() for k, v in load_file(tiny / "ae.safetensors").items()}
     save_file(sd, path)
     want = loading.load_flow(hub.Repo(str(tiny))).state_dict()
@@ -238,17 +243,20 @@ def test_a_transformer_file_with_diffusers_names_computes_what_diffusers_compute
 def edit_diffusers_shard(key: str, edit):
     """An edit of the transformer/ shard holding `key`."""
     def apply(repo: Path):
-        index = json.loads((repo / "transformer" / "diffusion_pytorch_model.safetensors.index.json").read_text())
+        index_file = repo / "transformer" / "diffusion_pytorch_model.safetensors.index.json"
+        index = json.loads(index_file.read_text())
         edit_file(repo / "transformer" / index["weight_map"][key], lambda sd: edit(sd, key))
     return apply
 
 
-drop = lambda sd, key: sd.pop(key)
+def drop(sd, key):
+    return sd.pop(key)
 
 
 @pytest.mark.parametrize("edit,message", [
     (edit_diffusers_shard("transformer_blocks.0.attn.to_q.weight", drop),
-     r"transformer: not a diffusers FLUX transformer; missing keys: transformer_blocks\.0\.attn\.to_q\.weight$"),
+     r"transformer: not a diffusers FLUX transformer; "
+     r"missing keys: transformer_blocks\.0\.attn\.to_q\.weight$"),
     (edit_diffusers_shard("transformer_blocks.1.attn.to_v.bias", drop),
      r"missing keys: transformer_blocks\.1\.attn\.to_v\.bias$"),
     (edit_diffusers_shard("single_transformer_blocks.0.proj_mlp.weight", drop),
@@ -260,8 +268,8 @@ drop = lambda sd, key: sd.pop(key)
                             lambda sd: drop(sd, "decoder.conv_in.weight")),
      r"vae: not a FLUX autoencoder checkpoint: missing decoder\.conv_in\.weight$"),
 ], ids=["to_q", "to_v-bias", "proj_mlp", "x_embedder", "unexpected", "vae"])
-def test_a_diffusers_folder_with_a_missing_or_unexpected_key_names_the_folder_and_the_key(tiny, tmp_path, edit,
-                                                                                          message):
+def test_a_diffusers_folder_with_a_missing_or_unexpected_key_names_the_folder_and_the_key(
+        tiny, tmp_path, edit, message):
     repo = copy_repo(tiny, tmp_path / "diffusers")
     (repo / "flux1-dev.safetensors").unlink()
     (repo / "ae.safetensors").unlink()
@@ -273,8 +281,9 @@ def test_a_diffusers_folder_with_a_missing_or_unexpected_key_names_the_folder_an
 def test_a_single_file_without_a_flux_key_names_the_file(tiny, tmp_path):
     repo = copy_repo(tiny, tmp_path / "final")
     edit_file(repo / "flux1-dev.safetensors", lambda sd: sd.pop("final_layer.linear.weight"))
-    with pytest.raises(ValueError, match=r"flux1-dev\.safetensors: not a FLUX transformer checkpoint: missing "
-                                         r"final_layer\.linear\.weight$"):
+    message = (r"flux1-dev\.safetensors: not a FLUX transformer checkpoint: missing "
+               r"final_layer\.linear\.weight$")
+    with pytest.raises(ValueError, match=message):
         load_pipeline(str(repo))
 
 
@@ -310,5 +319,6 @@ def test_an_all_fp8_file_loads_in_the_requested_dtype(tiny, tmp_path):
 
 
 def test_a_folder_given_as_transformer_is_called_a_folder(tiny):
-    with pytest.raises(FileNotFoundError, match=r"transformer: a folder; give a FLUX transformer \.safetensors"):
+    message = r"transformer: a folder; give a FLUX transformer \.safetensors"
+    with pytest.raises(FileNotFoundError, match=message):
         loading.check_repo(hub.Repo(str(tiny)), tiny / "transformer")

@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import sample
-from iclora.lora import (LoRALinear, inject_lora, linears, lora_parameters, merge_lora, remove_lora)
+from iclora.lora import LoRALinear, inject_lora, linears, lora_parameters, merge_lora, remove_lora
 from iclora.lora_files import load_lora, save_lora
 from minflux.hub import Repo
 from minflux.loading import load_flow, read_safetensors
@@ -81,10 +81,12 @@ def test_quantize_fp8_replaces_every_linear_of_the_blocks_and_its_output_error_i
         got = flux(**x)
     blocks = (flux.double_blocks, flux.single_blocks)
     assert not any(type(m) is nn.Linear for b in blocks for m in b.modules())
-    assert all(type(m) is nn.Linear for m in (flux.img_in, flux.txt_in, flux.final_layer.linear))  # left as they are
+    # the layers around the blocks are left as they are
+    assert all(type(m) is nn.Linear for m in (flux.img_in, flux.txt_in, flux.final_layer.linear))
     assert all(torch.equal(flux.state_dict()[k], v) for k, v in norms.items())
     rel = ((got - want).norm() / want.norm()).item()
-    print(f"tiny Flux, fp8 vs fp32 output: relative L2 error {rel:.4f}, max abs {(got - want).abs().max():.4f}")
+    largest = (got - want).abs().max()
+    print(f"tiny Flux, fp8 vs fp32 output: relative L2 error {rel:.4f}, max abs {largest:.4f}")
     assert rel < 0.05  # e4m3's relative step is 2^-4; random rounding errors average out well below it
 
 
@@ -128,7 +130,8 @@ def test_merging_into_fp8_is_refused_and_removing_the_lora_gives_back_fp8_layers
     remove_lora(fp8, "default")
     assert all(isinstance(m, FP8Linear) for n, m in linears(fp8) if n.startswith(("double_", "single_")))
     after = fp8.state_dict()
-    assert before.keys() == after.keys() and all(torch.equal(before[k].float(), after[k].float()) for k in before)
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k].float(), after[k].float()) for k in before)
 
 
 # Checkpoints: a tiny repo, and fp8 copies of its transformer in the layouts found in the wild.
@@ -167,8 +170,13 @@ def write_fp8(path, sd, fp8_dtype, scaled: str | None, prefix=""):
 def file_values(path) -> dict[str, torch.Tensor]:
     """The file's tensors as fp32, each fp8 weight times its scale_weight."""
     sd = {k.removeprefix("model.diffusion_model."): v for k, v in load_file(path).items()}
-    return {k: v.float() * sd.get(k.removesuffix(".weight") + ".scale_weight", torch.ones(())).float().reshape(
-        -1, *[1] * (v.dim() - 1)) for k, v in sd.items() if k != "scaled_fp8" and ".scale_" not in k}
+    values = {}
+    for key, value in sd.items():
+        if key == "scaled_fp8" or ".scale_" in key:
+            continue
+        scale = sd.get(key.removesuffix(".weight") + ".scale_weight", torch.ones(())).float()
+        values[key] = value.float() * scale.reshape(-1, *[1] * (value.dim() - 1))  # (rows, 1, ...)
+    return values
 
 
 @pytest.mark.parametrize("fp8_dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
@@ -185,32 +193,35 @@ def test_fp8_checkpoints_load_to_fp8_layers_holding_the_files_values(repo, tmp_p
         assert torch.equal(layer.dequantize(torch.float32), want[key]), key
     fp8_scales = {f"{key.removesuffix('.weight')}.scale" for key in linear_keys(sd)}
     for key, value in flow.state_dict().items():
-        if key not in linear_keys(sd) and key not in fp8_scales:  # biases, norm scales (one was fp8 in the file)
+        # biases and norm scales (one was fp8 in the file)
+        if key not in linear_keys(sd) and key not in fp8_scales:
             assert value.dtype == torch.float32 and torch.equal(value, want[key]), key
 
 
 def test_a_scaled_fp8_checkpoint_keeps_its_float32_scales_when_the_rest_is_cast_to_bf16(repo, tmp_path):
-    path = write_fp8(tmp_path / "fp8.safetensors", load_file(repo / "flux1-dev.safetensors"), torch.float8_e4m3fn,
-                     "rows")
+    path = write_fp8(tmp_path / "fp8.safetensors", load_file(repo / "flux1-dev.safetensors"),
+                     torch.float8_e4m3fn, "rows")
     flow = load_flow(Repo(str(repo)), torch.bfloat16, transformer=path)
     want = file_values(path)
     for key in linear_keys(want):
         layer = flow.get_submodule(key.removesuffix(".weight"))
-        assert layer.scale.dtype == torch.float32 and torch.equal(layer.dequantize(torch.float32), want[key]), key
+        assert layer.scale.dtype == torch.float32, key
+        assert torch.equal(layer.dequantize(torch.float32), want[key]), key
     assert flow.img_in.bias.dtype == torch.bfloat16
 
 
 def test_a_uint8_checkpoint_gets_an_error_naming_the_file_the_key_and_what_is_supported(tmp_path):
     path = tmp_path / "flux1-dev-nf4.safetensors"
     save_file({"img_in.weight": torch.zeros(8, 4, dtype=torch.uint8)}, path)
-    with pytest.raises(ValueError, match=r"nf4.safetensors: img_in.weight is stored in torch.uint8, which looks like "
-                                         r"bitsandbytes NF4.*supported: bf16/fp32 official files.*ComfyUI scaled fp8"):
+    message = (r"nf4.safetensors: img_in.weight is stored in torch.uint8, which looks like "
+               r"bitsandbytes NF4.*supported: bf16/fp32 official files.*ComfyUI scaled fp8")
+    with pytest.raises(ValueError, match=message):
         read_safetensors([path], fp8=True)
 
 
 def run_sample(repo, out, *args) -> np.ndarray:
-    [path] = sample.main(["--model", str(repo), "--prompt", PROMPT, "--width", "32", "--height", "32", "--steps",
-                          "2", "--out", str(out), "--device", "cpu", *args])
+    [path] = sample.main(["--model", str(repo), "--prompt", PROMPT, "--width", "32", "--height", "32",
+                          "--steps", "2", "--out", str(out), "--device", "cpu", *args])
     return np.asarray(Image.open(path))
 
 
@@ -238,7 +249,8 @@ def test_sample_py_quantize_merges_the_lora_before_quantizing(repo, tmp_path):
         quantized[key], quantized[key.removesuffix(".weight") + ".scale_weight"] = layer.weight, layer.scale
     save_file(merged | quantized | {"scaled_fp8": torch.empty(0, dtype=torch.float8_e4m3fn)},
               tmp_path / "merged-fp8.safetensors")
-    got = run_sample(repo, tmp_path / "a.png", "--quantize", "fp8", "--lora", str(tmp_path / "lora.safetensors"))
+    got = run_sample(repo, tmp_path / "a.png", "--quantize", "fp8",
+                     "--lora", str(tmp_path / "lora.safetensors"))
     want = run_sample(repo, tmp_path / "b.png", "--quantize", "fp8", "--transformer",
                       str(tmp_path / "merged-fp8.safetensors"))
     assert np.array_equal(got, want)
@@ -248,8 +260,9 @@ def test_a_folder_with_an_official_and_another_flux1_file_uses_the_official_one_
     for name in ("flux1-dev.safetensors", "flux1-dev-fp8.safetensors"):
         save_file({"x": torch.zeros(1)}, tmp_path / name)
     assert Repo(str(tmp_path)).transformer_file() == tmp_path / "flux1-dev.safetensors"
-    assert "using flux1-dev.safetensors, not flux1-dev-fp8.safetensors; to use another, give --transformer FILE" \
-        in capsys.readouterr().err
+    note = ("using flux1-dev.safetensors, not flux1-dev-fp8.safetensors; "
+            "to use another, give --transformer FILE")
+    assert note in capsys.readouterr().err
     save_file({"x": torch.zeros(1)}, tmp_path / "flux1-schnell.safetensors")
     with pytest.raises(ValueError, match="several transformer files .* choose one with --transformer FILE"):
         Repo(str(tmp_path)).transformer_file()

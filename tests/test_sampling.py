@@ -15,7 +15,8 @@ def test_schedule_matches_the_reference_values():
     assert np.allclose(ts[:4], [1.0, 0.99358, 0.986979, 0.98019], atol=2e-6)
     assert np.allclose(ts[-3:], [0.116289, 0.06055, 0.0], atol=2e-6)
     ts = get_schedule(28, 4096)
-    assert np.allclose(ts[:3], [1.0, 0.988409, 0.976222], atol=2e-6) and np.allclose(ts[-2:], [0.104721, 0.0], atol=2e-6)
+    assert np.allclose(ts[:3], [1.0, 0.988409, 0.976222], atol=2e-6)
+    assert np.allclose(ts[-2:], [0.104721, 0.0], atol=2e-6)
 
 
 def test_schnell_schedule_is_linear_without_shift():

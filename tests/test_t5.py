@@ -9,7 +9,8 @@ from transformers.models.t5.modeling_t5 import T5Attention
 
 from minflux.t5 import T5Config, T5Encoder, relative_position_bucket
 
-TIED_COPY = "encoder.embed_tokens.weight"  # transformers lists shared.weight twice; FLUX's loader drops this key
+# transformers lists shared.weight twice, under this name too; FLUX's loader drops this key
+TIED_COPY = "encoder.embed_tokens.weight"
 
 
 def reference(cfg: T5Config) -> transformers.T5EncoderModel:
@@ -53,7 +54,8 @@ def test_relative_position_buckets_match_transformers(num_buckets, max_distance)
 
 def test_full_size_t5_matches_hf_names_and_shapes():
     """Built from FLUX's text_encoder_2 config values: every tensor of T5EncoderModel, same name and shape."""
-    hf_config = transformers.T5Config(**asdict(T5Config()), feed_forward_proj="gated-gelu", tie_word_embeddings=False)
+    hf_config = transformers.T5Config(**asdict(T5Config()), feed_forward_proj="gated-gelu",
+                                      tie_word_embeddings=False)
     assert T5Config.from_hf(hf_config.to_dict()) == T5Config()
     with torch.device("meta"):
         ours, ref = T5Encoder(T5Config()), transformers.T5EncoderModel(hf_config)

@@ -108,7 +108,8 @@ def test_t5_spiece_model_and_tokenizer_json_give_the_same_vocabulary(t5_folder):
 
 def test_truncated_t5_row_still_ends_with_eos(t5_folder):
     ids = T5Tokenizer(t5_folder / "spiece.model", max_length=32)([LONG, "a cat"])
-    assert ids[0, -1] == 1 and (ids[0, :-1] != 1).all() and (ids[0] != 0).all()  # one </s>, at the end; no pad
+    # one </s>, at the end; no pad
+    assert ids[0, -1] == 1 and (ids[0, :-1] != 1).all() and (ids[0] != 0).all()
     assert ids[1, 0] != 1 and 1 in ids[1].tolist()        # no BOS
     assert (ids[1, ids[1].tolist().index(1) + 1:] == 0).all()  # then <pad>
 
@@ -123,7 +124,8 @@ def test_clip_pad_is_endoftext(clip_folder):
 
 
 def test_clip_special_ids_come_from_the_vocabulary(tmp_path):
-    vocab = {t: i for i, t in enumerate(["<|endoftext|>", "a", "b", "a</w>", "b</w>", "ab</w>", "<|startoftext|>"])}
+    tokens = ["<|endoftext|>", "a", "b", "a</w>", "b</w>", "ab</w>", "<|startoftext|>"]
+    vocab = {t: i for i, t in enumerate(tokens)}
     (tmp_path / "vocab.json").write_text(json.dumps(vocab))
     (tmp_path / "merges.txt").write_text("#version: 0.2\na b</w>\n")
     ids = CLIPTokenizer(tmp_path / "vocab.json", tmp_path / "merges.txt", max_length=5)(["ab a"])
@@ -163,7 +165,8 @@ def test_t5_reports_the_token_count_before_its_cut_and_the_words_it_cuts_off(t5_
     text = "a red fox running through  the streets of Zürich, 35mm photo"
     count = len(transformers.T5Tokenizer.from_pretrained(t5_folder)(text).input_ids)  # uncut, with </s>
     assert t5.cut(text) == (count, "of Zürich, 35mm photo")
-    assert torch.equal(t5([text]), t5(["a red fox running through  the streets"]))  # exactly those words are lost
+    # exactly those words are lost
+    assert torch.equal(t5([text]), t5(["a red fox running through  the streets"]))
     assert t5.cut("a red fox") == (6, "")
 
 
@@ -174,5 +177,7 @@ def test_t5_marks_a_cut_inside_a_word(t5_folder):
 
 def test_overlong_names_each_text_that_is_cut_with_its_count_and_lost_words(t5_folder):
     t5 = T5Tokenizer(t5_folder / "tokenizer.json", max_length=16)
-    messages = overlong(t5, [("a.txt", "a red fox"), ("b.txt", "a red fox running through  the streets of Zürich")])
-    assert messages == ["b.txt is 23 T5 tokens, over the model's limit of 16; these words are cut off: 'of Zürich'"]
+    texts = [("a.txt", "a red fox"), ("b.txt", "a red fox running through  the streets of Zürich")]
+    messages = overlong(t5, texts)
+    assert messages == ["b.txt is 23 T5 tokens, over the model's limit of 16; "
+                        "these words are cut off: 'of Zürich'"]

@@ -19,8 +19,8 @@ def reference_and_ours(guidance_embed: bool, seed: int = 0):
     ref = FluxTransformer2DModel(
         patch_size=1, in_channels=p.in_channels, num_layers=p.depth, num_single_layers=p.depth_single_blocks,
         attention_head_dim=p.hidden_size // p.num_heads, num_attention_heads=p.num_heads,
-        joint_attention_dim=p.context_in_dim, pooled_projection_dim=p.vec_in_dim, guidance_embeds=guidance_embed,
-        axes_dims_rope=p.axes_dim).eval()
+        joint_attention_dim=p.context_in_dim, pooled_projection_dim=p.vec_in_dim,
+        guidance_embeds=guidance_embed, axes_dims_rope=p.axes_dim).eval()
     with torch.no_grad():  # diffusers initialises norms to 1 and some linears to 0: make every tensor matter
         for t in ref.parameters():
             t.copy_(torch.randn_like(t) * 0.3)
@@ -33,9 +33,12 @@ def inputs(p: FluxParams, batch=2, h=3, w=5, n_txt=7):
     g = torch.Generator().manual_seed(1)
     img_ids = torch.zeros(h, w, 3)
     img_ids[..., 1], img_ids[..., 2] = torch.arange(h)[:, None], torch.arange(w)[None, :]
-    return dict(img=torch.randn(batch, h * w, p.in_channels, generator=g), img_ids=img_ids.reshape(1, h * w, 3),
-                txt=torch.randn(batch, n_txt, p.context_in_dim, generator=g), txt_ids=torch.zeros(1, n_txt, 3),
-                timesteps=torch.tensor([0.9, 0.35]), y=torch.randn(batch, p.vec_in_dim, generator=g),
+    return dict(img=torch.randn(batch, h * w, p.in_channels, generator=g),
+                img_ids=img_ids.reshape(1, h * w, 3),
+                txt=torch.randn(batch, n_txt, p.context_in_dim, generator=g),
+                txt_ids=torch.zeros(1, n_txt, 3),
+                timesteps=torch.tensor([0.9, 0.35]),
+                y=torch.randn(batch, p.vec_in_dim, generator=g),
                 guidance=torch.tensor([3.5, 1.0]))
 
 
@@ -44,7 +47,8 @@ def run_both(ref, ours, x):
         want = ref(hidden_states=x["img"], encoder_hidden_states=x["txt"], pooled_projections=x["y"],
                    timestep=x["timesteps"], img_ids=x["img_ids"][0], txt_ids=x["txt_ids"][0],
                    guidance=x["guidance"] if ref.config.guidance_embeds else None).sample
-        got = ours(**{**x, "img_ids": x["img_ids"].expand(2, -1, -1), "txt_ids": x["txt_ids"].expand(2, -1, -1)})
+        batched_ids = {"img_ids": x["img_ids"].expand(2, -1, -1), "txt_ids": x["txt_ids"].expand(2, -1, -1)}
+        got = ours(**{**x, **batched_ids})
     return got, want
 
 
@@ -149,5 +153,6 @@ def test_each_block_traces_into_one_graph_without_complex_tensors():
                         (flux.single_blocks[0], (torch.cat([txt, img], dim=1), vec, pe))):
         explanation = torch._dynamo.explain(block)(*args)
         assert explanation.graph_break_count == 0 and explanation.graph_count == 1
-        values = [node.meta.get("example_value") for graph in explanation.graphs for node in graph.graph.nodes]
+        nodes = [node for graph in explanation.graphs for node in graph.graph.nodes]
+        values = [node.meta.get("example_value") for node in nodes]
         assert not [v for v in values if isinstance(v, torch.Tensor) and v.is_complex()]

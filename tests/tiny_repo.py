@@ -16,9 +16,8 @@ from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
 from minflux.convert import transformer_from_diffusers, vae_from_diffusers
 from minflux.model import preset
-from toy.hf_files import MODEL_INDEX
 from tests.tokenizer_files import write_clip_tokenizer, write_t5_tokenizer
-
+from toy.hf_files import MODEL_INDEX
 
 
 def jitter_(module: torch.nn.Module, std: float, names=("norm",)):
@@ -38,14 +37,16 @@ def write_tiny_repo(folder: Path, layout: str = "both", schnell: bool = False, s
 
     write_clip_tokenizer(folder / "tokenizer")
     t5_vocab = write_t5_tokenizer(folder / "tokenizer_2")
-    CLIPTextModel(CLIPTextConfig(
-        vocab_size=49408, hidden_size=p.vec_in_dim, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=p.vec_in_dim,
-        bos_token_id=0, eos_token_id=2, pad_token_id=1)).save_pretrained(folder / "text_encoder")
-    T5EncoderModel(T5Config(
+    clip_config = CLIPTextConfig(
+        vocab_size=49408, hidden_size=p.vec_in_dim, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=77, hidden_act="quick_gelu",
+        projection_dim=p.vec_in_dim, bos_token_id=0, eos_token_id=2, pad_token_id=1)
+    CLIPTextModel(clip_config).save_pretrained(folder / "text_encoder")
+    t5_config = T5Config(
         vocab_size=t5_vocab, d_model=p.context_in_dim, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
-        relative_attention_num_buckets=32, relative_attention_max_distance=128, feed_forward_proj="gated-gelu",
-        tie_word_embeddings=False)).save_pretrained(folder / "text_encoder_2", max_shard_size="100KB")
+        relative_attention_num_buckets=32, relative_attention_max_distance=128,
+        feed_forward_proj="gated-gelu", tie_word_embeddings=False)
+    T5EncoderModel(t5_config).save_pretrained(folder / "text_encoder_2", max_shard_size="100KB")
 
     transformer = FluxTransformer2DModel(
         patch_size=1, in_channels=p.in_channels, num_layers=p.depth, num_single_layers=p.depth_single_blocks,
@@ -71,7 +72,7 @@ def write_tiny_repo(folder: Path, layout: str = "both", schnell: bool = False, s
         name = "flux1-schnell.safetensors" if schnell else "flux1-dev.safetensors"
         save_file(transformer_from_diffusers(transformer.state_dict()), folder / name)
         save_file(vae_from_diffusers(vae.state_dict()), folder / "ae.safetensors")
-    if layout == "bfl":  # keep the configs (they carry the RoPE split and the latent scale/shift), drop weights
+    if layout == "bfl":  # drop the folders' weights, keep their configs (RoPE split, latent scale/shift)
         for sub in ("transformer", "vae"):
             for f in (folder / sub).glob("*.safetensors*"):
                 f.unlink()

@@ -42,10 +42,11 @@ def caption_corpus() -> list[str]:
     """Deterministic, varied English image captions (some accents and punctuation) to train the toy T5
     model."""
     subjects = ["a red fox", "two old fishermen", "an astronaut", "the Eiffel tower", "a bowl of ramen",
-                "a tabby cat", "a vintage convertible", "three children", "a lonely lighthouse", "the café owner",
-                "a naïve robot", "a hot-air balloon", "my grandmother's garden", "a golden retriever",
-                "an ancient samurai", "the Brooklyn bridge", "a wizard with a staff", "a small wooden cabin", "a mechanical dragon",
-                "QUEEN ELIZABETH", "a jellyfish", "twelve penguins", "a steaming cup of espresso", "Mount Fuji"]
+                "a tabby cat", "a vintage convertible", "three children", "a lonely lighthouse",
+                "the café owner", "a naïve robot", "a hot-air balloon", "my grandmother's garden",
+                "a golden retriever", "an ancient samurai", "the Brooklyn bridge", "a wizard with a staff",
+                "a small wooden cabin", "a mechanical dragon", "QUEEN ELIZABETH", "a jellyfish",
+                "twelve penguins", "a steaming cup of espresso", "Mount Fuji"]
     actions = ["standing in", "painted over", "floating above", "running through", "sleeping beside",
                "glowing inside", "reflected in", "hiding behind", "dancing on", "overlooking"]
     places = ["a snowy forest at dawn", "the streets of Zürich", "a neon-lit city, 1984", "an empty beach",
@@ -87,8 +88,10 @@ def write_t5_tokenizer(folder, vocab_size: int = 256) -> int:
     folder, model = Path(folder), train_spiece_model(vocab_size)
     pieces = _pieces(model)
     ids = write_t5_tokenizer_files(folder, model, len(pieces))
-    reference = ReferenceT5Tokenizer.from_pretrained(folder)  # only spiece.model so far: transformers converts it
+    # only spiece.model so far: transformers converts it
+    reference = ReferenceT5Tokenizer.from_pretrained(folder)
     reference.backend_tokenizer.save(str(folder / "tokenizer.json"))
     if reference.get_vocab() != {**{p: i for i, p in enumerate(pieces)}, **ids}:
-        raise AssertionError("transformers laid out the T5 vocabulary differently from T5's (pieces, then the sentinels)")
+        raise AssertionError("transformers laid out the T5 vocabulary differently from T5's "
+                             "(pieces, then the sentinels)")
     return len(reference)

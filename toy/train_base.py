@@ -315,15 +315,27 @@ def warmup_cosine(step: int, total: int, warmup: int) -> float:
 @contextmanager
 def merged_pad_attention(text_bias: torch.Tensor):
     """While active, every FLUX attention adds text_bias (Lt,) to the logits of the first Lt keys (the text
-    tokens) and 0 to the image keys, through minflux.layers.text_key_bias. The pipeline feeds T5 512 tokens;
-    to train on ~40 instead, the run of equal far pads is merged into one token whose logit gets + log(count)
-    ("proportional attention", Token Merging, Bolya et al. 2023): softmax weighs it count times, exactly the
-    full-length attention (check_merged_attention)."""
-    previous, layers.text_key_bias = layers.text_key_bias, text_bias
+    tokens) and 0 to the image keys: the blocks call minflux.layers.attention by its module name, so it is
+    swapped for biased_attention, then put back. The pipeline feeds T5 512 tokens; to train on ~40 instead,
+    the run of equal far pads is merged into one token whose logit gets + log(count) ("proportional
+    attention", Token Merging, Bolya et al. 2023): softmax weighs it count times, which is exactly the
+    full-length attention (check_merged_attention compares the two)."""
+    reference = layers.attention
+
+    def biased_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                         pe: torch.Tensor) -> torch.Tensor:
+        # minflux.layers.attention plus an additive mask (1, L): text_bias on the text keys, 0 on the image's
+        q, k = layers.apply_rope(q, pe), layers.apply_rope(k, pe)                     # (B, L, H, D)
+        q, k, v = (rearrange(t, "b l h d -> b h l d") for t in (q, k, v))
+        bias = torch.nn.functional.pad(text_bias.to(q), (0, k.shape[2] - len(text_bias)))[None]  # (1, L)
+        x = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # (B, H, L, D)
+        return rearrange(x, "b h l d -> b l (h d)")                                   # (B, L, C)
+
+    layers.attention = biased_attention
     try:
         yield
     finally:
-        layers.text_key_bias = previous
+        layers.attention = reference
 
 
 def flow_params(args) -> FluxParams:
