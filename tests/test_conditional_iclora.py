@@ -14,9 +14,10 @@ from safetensors.torch import save_file
 
 import sample
 import train
+from iclora.conditional_metadata import conditional_metadata, read_conditional_metadata
 from iclora.data import PanelSetDataset, load_rgb
 from iclora.lora import inject_lora
-from iclora.lora_files import conditional_metadata, load_lora, read_conditional_metadata, save_lora
+from iclora.lora_files import load_lora, save_lora
 from iclora.panels import panel_boxes, split_panels
 from iclora.references import image_positions, pin_references, reference_latents, reference_tokens
 from iclora.training import encode_sets, flow_matching_loss, sample_timesteps
