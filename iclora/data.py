@@ -107,24 +107,24 @@ class PanelSetDataset(torch.utils.data.Dataset):
         for image in images:
             self._add_sample(image, [image], image.with_suffix(".txt"), problems)
         for folder in folders:
-            inner, panels, texts = list_folder(folder)
+            inner, panel_files, texts = list_folder(folder)
             problems += [f"{p}: not a panel image or caption.txt"
                          for p in inner + texts if p.name != "caption.txt"]
             # --panels is there to locate the panels of joined images: a set folder must agree with it
-            if panels and self.panels not in (None, len(panels)):
-                problems.append(f"{folder}: a set folder of {len(panels)} panel files, but "
-                                f"panels={self.panels}")
-            if panels:
-                self._add_sample(folder, panels, folder / "caption.txt", problems)
+            if panel_files and self.panels not in (None, len(panel_files)):
+                problems.append(f"{folder}: a set folder of {len(panel_files)} panel files, "
+                                f"but panels={self.panels}")
+            if panel_files:
+                self._add_sample(folder, panel_files, folder / "caption.txt", problems)
             else:
-                problems.append(f"{folder}: set folder has no panel images (any format PIL opens: png, jpg, "
-                                f"...)")
+                problems.append(f"{folder}: set folder has no panel images "
+                                f"(any format PIL opens: png, jpg, ...)")
         if problems:
             listing = "\n  ".join(problems)
             raise ValueError(f"{len(problems)} problem(s) in dataset {self.root}:\n  {listing}")
         if not self.samples:
-            raise ValueError(f"no samples in {self.root}: expected images and their .txt captions, or set "
-                             f"folders")
+            raise ValueError(f"no samples in {self.root}: expected images and their .txt captions, "
+                             f"or set folders")
 
     def _add_sample(self, path, panels, caption_path, problems):
         """Check one sample; append it to self.samples, or one line per problem to `problems`."""
@@ -149,8 +149,8 @@ class PanelSetDataset(torch.utils.data.Dataset):
         for resolution in self.resolutions:
             buckets = make_buckets(resolution, 16 * rows, 16 * cols)
             if not buckets:
-                problems.append(f"{path}: a {cols}x{rows} {self.layout} of panels does not fit resolution "
-                                f"{resolution}")
+                problems.append(f"{path}: a {cols}x{rows} {self.layout} of panels "
+                                f"does not fit resolution {resolution}")
                 return
             bucket = nearest_bucket(h, w, buckets)
             upscaled = bucket[0] > own[0] or bucket[1] > own[1]

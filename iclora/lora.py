@@ -166,9 +166,9 @@ def check_mergeable(layers: dict[str, LoRALinear], name: str):
     """A ValueError if adapter `name` cannot be merged: into fp8 weights, or a bias into a Linear without."""
     fp8 = [n for n, m in layers.items() if m.scale is not None and name not in m.merged]
     if fp8:
-        raise ValueError(f"cannot merge LoRA {name!r} into fp8 weights ({fp8[0]}, ...): the sum would be "
-                         f"rounded to fp8; keep it as an adapter, or merge it (fold_lora) before "
-                         f"quantize_fp8")
+        raise ValueError(f"cannot merge LoRA {name!r} into fp8 weights ({fp8[0]}, ...): "
+                         f"the sum would be rounded to fp8; "
+                         f"keep it as an adapter, or merge it (fold_lora) before quantize_fp8")
     no_bias = [n for n, m in layers.items() if m.lora_B[name].bias is not None and m.bias is None]
     if no_bias:
         raise ValueError(f"cannot merge a LoRA bias into a Linear without bias: {', '.join(no_bias)}")

@@ -65,8 +65,8 @@ def save_lora(model: nn.Module, path, name: str = "default", metadata: dict[str,
     if dtype == torch.float16:
         big = beyond_fp16(weights)
         if big:
-            warnings.warn(f"{path}: {big} exceeds fp16's range (65504); written in bf16 instead, never as "
-                          f"inf", stacklevel=1)
+            warnings.warn(f"{path}: {big} exceeds fp16's range (65504); "
+                          f"written in bf16 instead, never as inf", stacklevel=1)
             dtype = torch.bfloat16
     tensors = {}
     for bfl, w in weights.items():
@@ -257,8 +257,8 @@ def load_lora(model: nn.Module, path_or_state_dict, name: str = "default", multi
     sd, source = transformer_tensors(path_or_state_dict, source)
     layout, modules, full = find_layout(model, sd, source)
     if any(isinstance(m, LoRALinear) and name in m.lora_A for _, m in linears(model)):
-        raise ValueError(f"the model already has a LoRA adapter named {name!r}; load this one under another "
-                         f"name")
+        raise ValueError(f"the model already has a LoRA adapter named {name!r}; "
+                         f"load this one under another name")
 
     # 1. Check every tensor against the module it targets, before touching the model.
     model_linears = dict(linears(model))
@@ -315,8 +315,8 @@ def checked_piece(model_linears: dict[str, nn.Module], layout: Layout, module: s
                          f"has only {given}")
     bfl, rows = layout.targets[module]
     if bfl not in model_linears:
-        raise ValueError(f"{source}: key {tensors['A'][0]} targets module {bfl}, which this model does not "
-                         f"have")
+        raise ValueError(f"{source}: key {tensors['A'][0]} targets module {bfl}, "
+                         f"which this model does not have")
     linear = model_linears[bfl]
     key_a, A = tensors["A"]
     key_b, B = tensors["B"]
