@@ -31,9 +31,10 @@ import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
+from iclora.conditional_metadata import read_conditional_metadata
 from iclora.data import load_rgb
 from iclora.lora import fold_lora
-from iclora.lora_files import load_lora, read_conditional_metadata, read_lora_file
+from iclora.lora_files import load_lora, read_lora_file
 from iclora.panels import LAYOUTS, canvas_size, joint_caption, panel_boxes, panel_size, split_panels
 from iclora.references import image_positions, pin_references, reference_latents, reference_panels
 from minflux.block_swap import BlockSwap

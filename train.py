@@ -40,7 +40,8 @@ from iclora.data import PanelSetDataset, batches_by_bucket
 from iclora.distributed import gathered, init_distributed, part, rank, shard, sum_gradients
 from iclora.lora import inject_lora, lora_layers, remove_lora
 from iclora.atomic_files import atomic_writes
-from iclora.lora_files import conditional_metadata, load_lora, read_lora_file, save_lora
+from iclora.conditional_metadata import conditional_metadata
+from iclora.lora_files import load_lora, read_lora_file, save_lora
 from iclora.panels import LAYOUTS, grid_shape
 from iclora.references import pin_references
 from iclora.training import (TIMESTEP_MODES, EncodedSet, check_captions, check_reference_panels, collate,

@@ -1,5 +1,5 @@
-"""Files written whole or not at all: each is written to a temporary file beside it, then renamed into place, so
-a crash or a full disk never leaves a half-written LoRA or training state.
+"""Files written whole or not at all: each is written to a temporary file beside it, then renamed into
+place, so a crash or a full disk never leaves a half-written LoRA or training state.
 """
 
 import os
@@ -7,8 +7,7 @@ from pathlib import Path
 
 
 def atomic_write(path: Path, write):
-    """`write(tmp)` to a temporary file beside `path`, then rename: a crash never leaves a half-written
-    file."""
+    """Calls `write(tmp)` for a temporary file beside `path`, then renames it to `path`."""
     atomic_writes({path: write})
 
 

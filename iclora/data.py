@@ -1,13 +1,13 @@
 """In-Context LoRA training data (arXiv 2410.23775 §3): each panel set becomes ONE image with ONE caption.
 
-A dataset folder holds (a) joined images with same-named .txt captions (the usual LoRA layout, the authors'),
-or (b) one sub-folder per set, `set01/1.png 2.png caption.txt`, its panels joined in natural file-name order
-in a `layout` (iclora/panels.py); not both. A joined image's panels are located (and resized one by one, as a
-set folder's) only when `panels` says how many it holds. A set is one sample per resolution, in the aspect
-bucket nearest its own (1:4 to 4:1, area <= resolution², sides multiples of 16 per panel), panels
-cover-resized; where that bucket is larger than the set (never upscaled) or the set is beyond 1:4-4:1 (never
-cropped): its own size, panel sides rounded down to 16, scaled down to at most resolution² (README, "Dataset
-layout"). Every file is checked when the dataset is built; one ValueError lists every problem.
+A dataset folder holds either (a) joined images with same-named .txt captions (the usual LoRA layout, the
+authors'), or (b) one sub-folder per set, `set01/1.png 2.png caption.txt`, its panels joined in natural
+file-name order in a `layout` (iclora/panels.py). A joined image's panels are located, and resized one by
+one as a set folder's are, only when `panels` says how many it holds. A set is one sample per resolution, in
+the aspect bucket nearest its own (1:4 to 4:1, area <= resolution², sides multiples of 16 per panel), its
+panels cover-resized. A set that bucket would upscale or crop (beyond 1:4-4:1) keeps its own size instead,
+panel sides rounded down to 16 and scaled down to at most resolution² (README, "Dataset layout"). Every file
+is checked when the dataset is built; one ValueError lists every problem.
 """
 
 import math
@@ -27,11 +27,16 @@ IMAGE_SUFFIXES = {suffix for suffix, name in Image.registered_extensions().items
 
 
 def make_buckets(resolution: int, multiple_h: int = 16, multiple_w: int = 16) -> list[tuple[int, int]]:
-    """(H, W) buckets, aspect 1:4 to 4:1, area <= resolution**2: for each width, the tallest height that
-    fits."""
-    widths = range(multiple_w, 2 * resolution + 1, multiple_w)  # W <= 4H and W·H <= resolution² give W <= 2·resolution
-    buckets = [(resolution * resolution // w // multiple_h * multiple_h, w) for w in widths]
-    return [(h, w) for h, w in buckets if h > 0 and 1 / 4 <= w / h <= 4]
+    """(H, W) buckets of aspect 1:4 to 4:1 and area at most resolution², sides multiples of multiple_h and
+    multiple_w: for each width, the tallest height that fits."""
+    area = resolution * resolution
+    buckets = []
+    # W <= 4H and W·H <= resolution² give W <= 2·resolution
+    for w in range(multiple_w, 2 * resolution + 1, multiple_w):
+        h = area // w // multiple_h * multiple_h
+        if h > 0 and 1 / 4 <= w / h <= 4:
+            buckets.append((h, w))
+    return buckets
 
 
 def nearest_bucket(height: int, width: int, buckets: list[tuple[int, int]]) -> tuple[int, int]:
@@ -39,11 +44,27 @@ def nearest_bucket(height: int, width: int, buckets: list[tuple[int, int]]) -> t
     return min(buckets, key=lambda b: (abs(math.log(b[1] * height / (b[0] * width))), -b[0] * b[1]))
 
 
+def round_down_per_panel(height: int, width: int, rows: int, cols: int) -> tuple[int, int]:
+    """(H, W) of a height×width set of rows×cols panels once each panel's sides are rounded down to a
+    multiple of 16 (0 where a panel side is under 16 px)."""
+    return height // rows // 16 * 16 * rows, width // cols // 16 * 16 * cols
+
+
+def fit_own_size(own: tuple[int, int], rows: int, cols: int, resolution: int) -> tuple[int, int]:
+    """The bucket of a set no aspect bucket suits: its own size `own` (from round_down_per_panel), scaled
+    down to an area of at most resolution², each panel side rounded down to 16 px and at least 16."""
+    scale = min(1.0, resolution / math.sqrt(own[0] * own[1]))
+    height = rows * max(16, int(own[0] // rows * scale) // 16 * 16)
+    width = cols * max(16, int(own[1] // cols * scale) // 16 * 16)
+    return height, width
+
+
 def load_rgb(path: Path) -> Image.Image:
     """The image as displayed (EXIF rotation applied), in 8-bit RGB."""
     with Image.open(path) as image:
         image = ImageOps.exif_transpose(image)
-        if image.mode.startswith("I"):  # 16-bit greyscale ("I;16", "I"): 0..65535 to 0..255; convert would clip
+        # 16-bit greyscale ("I;16", "I"): 0..65535 scaled to 0..255, which convert alone would clip
+        if image.mode.startswith("I"):
             image = Image.fromarray(np.clip(np.asarray(image) / 257, 0, 255).round().astype(np.uint8))
         return image.convert("RGB")
 
@@ -54,7 +75,7 @@ class Sample:
     panels: list[Path]  # [path] in layout (a); the panel files in order in layout (b)
     caption: str
     bucket: tuple[int, int]  # (H, W)
-    count: int | None  # panels in the set; None for a joined image without `panels` (where they are is unknown)
+    count: int | None  # panels in the set; None for a joined image without `panels` (they cannot be located)
 
 
 class PanelSetDataset(torch.utils.data.Dataset):
@@ -66,66 +87,76 @@ class PanelSetDataset(torch.utils.data.Dataset):
         grid_shape(1, layout)  # rejects an unknown layout
         if panels is not None and panels < 1:
             raise ValueError(f"panels must be at least 1, got {panels}")
-        self.resolutions = sorted({int(r) for r in ([resolution] if isinstance(resolution, int) else resolution)})
-        self.root, self.layout, self.panels = Path(root), layout, panels
+        resolutions = [resolution] if isinstance(resolution, int) else resolution
+        self.resolutions = sorted({int(r) for r in resolutions})
+        self.root = Path(root)
+        self.layout = layout
+        self.panels = panels
         if not self.root.is_dir():
             raise ValueError(f"dataset folder {self.root} does not exist")
-        problems, self.samples = [], []
+        self.samples = []
+        problems = []
         folders, images, texts = list_folder(self.root)
         if images and folders:
             raise ValueError(f"{self.root} mixes joined images ({images[0].name}, ...) and set folders "
                              f"({folders[0].name}/, ...); use one layout per dataset folder")
         stems = Counter(image.with_suffix("") for image in images)  # an image's caption is its stem + .txt
         problems += [f"{text}: caption of no image" for text in texts if text.with_suffix("") not in stems]
-        problems += [f"{p}: shares its caption with another image" for p in images if stems[p.with_suffix("")] > 1]
+        problems += [f"{p}: shares its caption with another image"
+                     for p in images if stems[p.with_suffix("")] > 1]
         for image in images:
             self._add_sample(image, [image], image.with_suffix(".txt"), problems)
         for folder in folders:
-            inner, panels, texts = list_folder(folder)
-            problems += [f"{p}: not a panel image or caption.txt" for p in inner + texts if p.name != "caption.txt"]
-            if panels and self.panels not in (None, len(panels)):  # --panels locates the panels of joined images
-                problems.append(f"{folder}: a set folder of {len(panels)} panel files, but panels={self.panels}")
-            if panels:
-                self._add_sample(folder, panels, folder / "caption.txt", problems)
+            inner, panel_files, texts = list_folder(folder)
+            problems += [f"{p}: not a panel image or caption.txt"
+                         for p in inner + texts if p.name != "caption.txt"]
+            # --panels is there to locate the panels of joined images: a set folder must agree with it
+            if panel_files and self.panels not in (None, len(panel_files)):
+                problems.append(f"{folder}: a set folder of {len(panel_files)} panel files, "
+                                f"but panels={self.panels}")
+            if panel_files:
+                self._add_sample(folder, panel_files, folder / "caption.txt", problems)
             else:
-                problems.append(f"{folder}: set folder has no panel images (any format PIL opens: png, jpg, ...)")
+                problems.append(f"{folder}: set folder has no panel images "
+                                f"(any format PIL opens: png, jpg, ...)")
         if problems:
-            raise ValueError(f"{len(problems)} problem(s) in dataset {self.root}:\n  " + "\n  ".join(problems))
+            listing = "\n  ".join(problems)
+            raise ValueError(f"{len(problems)} problem(s) in dataset {self.root}:\n  {listing}")
         if not self.samples:
-            raise ValueError(f"no samples in {self.root}: expected images and their .txt captions, or set folders")
+            raise ValueError(f"no samples in {self.root}: expected images and their .txt captions, "
+                             f"or set folders")
 
     def _add_sample(self, path, panels, caption_path, problems):
         """Check one sample; append it to self.samples, or one line per problem to `problems`."""
         found = len(problems)
         caption = read_caption(caption_path, problems)
-        sizes = {}
-        for panel in panels:
-            try:
-                with Image.open(panel) as image:
-                    image.verify()  # checks the file's structure; load_rgb then decodes every pixel
-                sizes[panel] = load_rgb(panel).size
-            except Exception as error:  # PIL raises many types for bad files; each becomes a listed problem
-                problems.append(f"{panel}: unreadable image ({type(error).__name__}: {error})")
+        sizes = image_sizes(panels, problems)
         if len(set(sizes.values())) > 1:
             listing = ", ".join(f"{p.name} {w}x{h}" for p, (w, h) in sizes.items())
             problems.append(f"{path}: panels of one set must share one size, got {listing}")
         if len(problems) > found:
             return
         count = len(panels) if path.is_dir() else self.panels
-        (w, h), (rows, cols) = sizes[panels[0]], grid_shape(count or 1, self.layout)
-        h, w = (rows * h, cols * w) if path.is_dir() else (h, w)  # a set folder's size: its panels joined
-        own = (h // rows // 16 * 16 * rows, w // cols // 16 * 16 * cols)  # its size, panel sides rounded down to 16
+        rows, cols = grid_shape(count or 1, self.layout)
+        w, h = sizes[panels[0]]
+        if path.is_dir():  # a set folder's size: its panels joined
+            h = rows * h
+            w = cols * w
+        own = round_down_per_panel(h, w, rows, cols)
         if not all(own):
             problems.append(f"{path}: panels of {w // cols}x{h // rows} px; at least 16x16 are needed")
             return
         for resolution in self.resolutions:
-            if not (buckets := make_buckets(resolution, 16 * rows, 16 * cols)):
-                problems.append(f"{path}: a {cols}x{rows} {self.layout} of panels does not fit resolution {resolution}")
+            buckets = make_buckets(resolution, 16 * rows, 16 * cols)
+            if not buckets:
+                problems.append(f"{path}: a {cols}x{rows} {self.layout} of panels "
+                                f"does not fit resolution {resolution}")
                 return
             bucket = nearest_bucket(h, w, buckets)
-            if bucket[0] > own[0] or bucket[1] > own[1] or not 1 / 4 <= w / h <= 4:  # never upscaled nor cropped
-                k = min(1.0, resolution / math.sqrt(own[0] * own[1]))  # to a bucket: own size, area <= resolution²
-                bucket = tuple(n * max(16, int(side // n * k) // 16 * 16) for side, n in zip(own, (rows, cols)))
+            upscaled = bucket[0] > own[0] or bucket[1] > own[1]
+            cropped = not 1 / 4 <= w / h <= 4
+            if upscaled or cropped:  # neither is done: the set keeps its own size
+                bucket = fit_own_size(own, rows, cols, resolution)
             self.samples.append(Sample(path, panels, caption, bucket, count))
 
     def __len__(self):
@@ -133,7 +164,8 @@ class PanelSetDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         sample = self.samples[i]
-        (h, w), (rows, cols) = sample.bucket, grid_shape(sample.count or 1, self.layout)
+        h, w = sample.bucket
+        rows, cols = grid_shape(sample.count or 1, self.layout)
         images = [load_rgb(p) for p in sample.panels]
         if sample.path.is_file() and sample.count:  # a joined image: its panels are resized one by one
             images = split_panels(images[0], sample.count, self.layout)
@@ -143,11 +175,30 @@ class PanelSetDataset(torch.utils.data.Dataset):
         return dict(image=image, caption=sample.caption, bucket=sample.bucket, path=str(sample.path))
 
 
+def image_sizes(panels: list[Path], problems: list[str]) -> dict[Path, tuple[int, int]]:
+    """(width, height) of each readable image, as displayed; a line in `problems` for each unreadable one."""
+    sizes = {}
+    for panel in panels:
+        try:
+            with Image.open(panel) as image:
+                image.verify()  # checks the file's structure; load_rgb then decodes every pixel
+            sizes[panel] = load_rgb(panel).size
+        except Exception as error:  # PIL raises many types for bad files; each becomes a listed problem
+            problems.append(f"{panel}: unreadable image ({type(error).__name__}: {error})")
+    return sizes
+
+
+def natural_key(path: Path):
+    """Sorts file names in natural order: digit runs compare as numbers (2 before 10), the rest ignoring
+    case."""
+    parts = [int(s) if s.isdigit() else s.lower() for s in re.split(r"(\d+)", path.name)]
+    return parts, path.name
+
+
 def list_folder(folder: Path) -> tuple[list[Path], list[Path], list[Path]]:
     """Sub-folders, images and .txt files, in natural order (2 before 10); other files (caches ...) are left
-    alone."""
-    natural = lambda p: ([int(s) if s.isdigit() else s.lower() for s in re.split(r"(\d+)", p.name)], p.name)
-    entries = sorted((p for p in folder.iterdir() if not p.name.startswith(".")), key=natural)
+    alone, as are hidden ones."""
+    entries = sorted((p for p in folder.iterdir() if not p.name.startswith(".")), key=natural_key)
     folders = [p for p in entries if p.is_dir()]
     images = [p for p in entries if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
     texts = [p for p in entries if p.is_file() and p.suffix.lower() == ".txt"]
@@ -155,16 +206,18 @@ def list_folder(folder: Path) -> tuple[list[Path], list[Path], list[Path]]:
 
 
 def read_caption(path: Path, problems: list[str]) -> str:
-    """The stripped caption text, or "" with a line added to `problems` if it is missing, unreadable or
-    empty."""
+    """The stripped caption text; "" and a line in `problems` if the file is missing, unreadable or empty."""
+    if not path.is_file():
+        problems.append(f"{path}: missing caption file")
+        return ""
     try:
-        caption = path.read_text(encoding="utf-8-sig").strip() if path.is_file() else None
+        caption = path.read_text(encoding="utf-8-sig").strip()
     except (OSError, UnicodeDecodeError) as error:
         problems.append(f"{path}: unreadable caption ({error})")
         return ""
     if not caption:
-        problems.append(f"{path}: " + ("missing caption file" if caption is None else "empty caption"))
-    return caption or ""
+        problems.append(f"{path}: empty caption")
+    return caption
 
 
 def batches_by_bucket(dataset: PanelSetDataset, batch_size: int, seed: int):
@@ -173,9 +226,14 @@ def batches_by_bucket(dataset: PanelSetDataset, batch_size: int, seed: int):
     shuffled; every index appears exactly once. Pass seed + epoch for a new order each epoch."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    rng, by_bucket = np.random.default_rng(seed), {}
+    rng = np.random.default_rng(seed)
+    by_bucket = {}
     for i, sample in enumerate(dataset.samples):
         by_bucket.setdefault(sample.bucket, []).append(i)
-    shuffled = [rng.permutation(indices).tolist() for indices in by_bucket.values()]
-    batches = [indices[k:k + batch_size] for indices in shuffled for k in range(0, len(indices), batch_size)]
-    return iter([batches[k] for k in rng.permutation(len(batches))])
+    batches = []
+    for indices in by_bucket.values():
+        shuffled = rng.permutation(indices).tolist()
+        for k in range(0, len(shuffled), batch_size):
+            batches.append(shuffled[k : k + batch_size])
+    order = rng.permutation(len(batches))
+    return iter([batches[k] for k in order])

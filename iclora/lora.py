@@ -1,12 +1,11 @@
 """A hand-written LoRA injector for minflux's FLUX transformer (LoRA: Hu et al., arXiv 2106.09685).
 
-A targeted `nn.Linear` (or fp8 `FP8Linear`, whose `scale` comes along) is replaced in place by a `LoRALinear`
-that keeps the base `weight` and `bias` Parameters under their official names and adds named adapters beside
-them:
+A targeted `nn.Linear` (or fp8 `FP8Linear`, whose `scale` comes along) is replaced in place by a
+`LoRALinear`, which keeps the base `weight` and `bias` under their official names and adds named adapters:
     y = W x + b + Σ_adapters scaling · B(A(dropout(x))),   scaling = multiplier · alpha / r.
-A starts kaiming-uniform (as nn.Linear) and B at zero, so a fresh adapter leaves the model unchanged. Adapters
-are float32 parameters even on a bf16 or fp8 base, computed in the input's dtype (as under autocast), and
-never merged into fp8 (`fold_lora` merges before `quantize_fp8` instead). LoRA files: `iclora/lora_files.py`.
+A starts kaiming-uniform (as nn.Linear) and B at zero, so a fresh adapter leaves the model unchanged.
+Adapters are float32 even on a bf16 or fp8 base, computed in the input's dtype (as under autocast), and never
+merged into fp8 (`fold_lora` merges before `quantize_fp8` instead). LoRA files: `iclora/lora_files.py`.
 
 Shape letters: N any leading dims, I in features, O out features, r rank.
 """
@@ -28,22 +27,27 @@ DEFAULT_TARGETS = (r"double_blocks\.\d+\..+", r"single_blocks\.\d+\..+")
 
 
 class LoRALinear(nn.Module):
-    """An nn.Linear's (or FP8Linear's) frozen `weight` / `bias` (and fp8 `scale`) plus named adapters, each
-    scaled."""
+    """A frozen nn.Linear (or FP8Linear: its `scale` too) plus named adapters, each with its own scaling."""
 
     def __init__(self, base: nn.Linear | FP8Linear):
         super().__init__()
-        self.in_features, self.out_features = base.in_features, base.out_features
+        self.in_features = base.in_features
+        self.out_features = base.out_features
         self.weight = base.weight.requires_grad_(False)
         self.register_parameter("bias", base.bias.requires_grad_(False) if base.bias is not None else None)
         self.register_buffer("scale", base.scale if isinstance(base, FP8Linear) else None)  # None: not fp8
-        self.lora_A, self.lora_B, self.dropout = nn.ModuleDict(), nn.ModuleDict(), nn.ModuleDict()
-        self.alpha, self.scaling, self.merged = {}, {}, set()  # by adapter name: alpha, scaling; names merged
+        # per adapter, by name
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+        self.dropout = nn.ModuleDict()
+        self.alpha: dict[str, float] = {}
+        self.scaling: dict[str, float] = {}
+        self.merged: set[str] = set()  # the adapters added into weight (and bias)
 
     def add_adapter(self, name: str, rank: int, alpha: float, dropout: float = 0.0, bias: bool = False,
                     generator: torch.Generator | None = None):
-        """A kaiming-uniform as nn.Linear's (drawn on the CPU from `generator`, for reproducible runs), B
-        zero."""
+        """A new adapter: A kaiming-uniform like nn.Linear's, drawn on the CPU from `generator` so that runs
+        reproduce; B zero, so the layer's output is unchanged."""
         if name in self.lora_A:
             raise ValueError(f"a LoRA adapter named {name!r} is already on this layer; pick another name")
         # built on meta and then allocated, so nn.Linear's own init draws nothing from the global RNG
@@ -52,38 +56,47 @@ class LoRALinear(nn.Module):
         self.lora_A[name].to_empty(device=self.weight.device)
         self.lora_B[name].to_empty(device=self.weight.device)
         bound = 1 / math.sqrt(self.in_features)  # kaiming_uniform_(a=√5), nn.Linear's default
+        A = torch.empty(rank, self.in_features).uniform_(-bound, bound, generator=generator)
         with torch.no_grad():
-            self.lora_A[name].weight.copy_(torch.empty(rank, self.in_features).uniform_(-bound, bound,
-                                                                                       generator=generator))
-            for p in self.lora_B[name].parameters():  # B's weight and bias, if any
-                p.zero_()
+            self.lora_A[name].weight.copy_(A)
+            self.lora_B[name].weight.zero_()
+            if bias:
+                self.lora_B[name].bias.zero_()
         self.dropout[name] = nn.Dropout(dropout) if dropout else nn.Identity()
-        self.alpha[name], self.scaling[name] = float(alpha), float(alpha) / rank
+        self.alpha[name] = float(alpha)
+        self.scaling[name] = float(alpha) / rank
 
     def delta(self, name: str) -> tuple[Tensor, Tensor | None]:
         """scaling · B @ A (O, I) and scaling · B's bias (O,), in float32."""
-        A, B, s = self.lora_A[name], self.lora_B[name], self.scaling[name]
-        return s * (B.weight.float() @ A.weight.float()), None if B.bias is None else s * B.bias.float()
+        A = self.lora_A[name]
+        B = self.lora_B[name]
+        s = self.scaling[name]
+        dw = s * (B.weight.float() @ A.weight.float())                            # (O, I)
+        db = None if B.bias is None else s * B.bias.float()                      # (O,)
+        return dw, db
 
     def forward(self, x: Tensor) -> Tensor:
         # x: (..., I)
         weight = self.weight if self.scale is None else dequantize(self.weight, self.scale, x.dtype)  # (O, I)
         out = F.linear(x, weight, self.bias)                                      # (..., O)
         for name, A in self.lora_A.items():
-            if name not in self.merged:
-                B, s = self.lora_B[name], self.scaling[name]  # computed in x's dtype: no float32 copy of x
-                h = s * F.linear(self.dropout[name](x), A.weight.to(x.dtype))     # (..., r)
-                bias = None if B.bias is None else (s * B.bias).to(x.dtype)
-                out = out + F.linear(h, B.weight.to(x.dtype), bias)               # (..., O)
+            if name in self.merged:  # already in weight
+                continue
+            # computed in x's dtype: no float32 copy of x
+            B = self.lora_B[name]
+            s = self.scaling[name]
+            h = s * F.linear(self.dropout[name](x), A.weight.to(x.dtype))         # (..., r)
+            bias = None if B.bias is None else (s * B.bias).to(x.dtype)
+            out = out + F.linear(h, B.weight.to(x.dtype), bias)                   # (..., O)
         return out
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, adapters={dict(self.scaling)}, merged={self.merged}"
+        adapters = dict(self.scaling)
+        return f"in={self.in_features}, out={self.out_features}, adapters={adapters}, merged={self.merged}"
 
 
 def linears(model: nn.Module, prefix: str = ""):
-    """(name, module) of every nn.Linear / FP8Linear / LoRALinear, not descending into a LoRALinear's
-    adapters."""
+    """(name, module) of every nn.Linear, FP8Linear and LoRALinear (not the Linears inside a LoRALinear)."""
     for child_name, child in model.named_children():
         name = prefix + child_name
         if isinstance(child, (nn.Linear, FP8Linear, LoRALinear)):
@@ -99,7 +112,8 @@ def lora_linear_at(model: nn.Module, module_name: str) -> LoRALinear:
         return module
     if not isinstance(module, (nn.Linear, FP8Linear)):
         raise ValueError(f"{module_name} is a {type(module).__name__}, not an nn.Linear: cannot carry a LoRA")
-    replace(model, module_name, wrapped := LoRALinear(module))
+    wrapped = LoRALinear(module)
+    replace(model, module_name, wrapped)
     return wrapped
 
 
@@ -133,11 +147,8 @@ def merge_lora(model: nn.Module, name: str = "default", sign: int = 1):
     if sign not in (1, -1):
         raise ValueError(f"sign must be 1 (merge) or -1 (unmerge), not {sign}")
     layers = lora_layers(model, name)
-    if sign == 1 and (fp8 := [n for n, m in layers.items() if m.scale is not None and name not in m.merged]):
-        raise ValueError(f"cannot merge LoRA {name!r} into fp8 weights ({fp8[0]}, ...): the sum would be rounded to "
-                         f"fp8; keep it as an adapter, or merge it (fold_lora) before quantize_fp8")
-    if sign == 1 and (bad := [n for n, m in layers.items() if m.lora_B[name].bias is not None and m.bias is None]):
-        raise ValueError(f"cannot merge a LoRA bias into a Linear without bias: {', '.join(bad)}")
+    if sign == 1:
+        check_mergeable(layers, name)
     for m in layers.values():
         if (name in m.merged) == (sign == 1):  # already as asked
             continue
@@ -145,7 +156,22 @@ def merge_lora(model: nn.Module, name: str = "default", sign: int = 1):
         m.weight.copy_((m.weight.float() + sign * dw).to(m.weight.dtype))
         if db is not None:
             m.bias.copy_((m.bias.float() + sign * db).to(m.bias.dtype))
-        m.merged ^= {name}  # merged now if it was not, and the reverse
+        if sign == 1:
+            m.merged.add(name)
+        else:
+            m.merged.remove(name)
+
+
+def check_mergeable(layers: dict[str, LoRALinear], name: str):
+    """A ValueError if adapter `name` cannot be merged: into fp8 weights, or a bias into a Linear without."""
+    fp8 = [n for n, m in layers.items() if m.scale is not None and name not in m.merged]
+    if fp8:
+        raise ValueError(f"cannot merge LoRA {name!r} into fp8 weights ({fp8[0]}, ...): "
+                         f"the sum would be rounded to fp8; "
+                         f"keep it as an adapter, or merge it (fold_lora) before quantize_fp8")
+    no_bias = [n for n, m in layers.items() if m.lora_B[name].bias is not None and m.bias is None]
+    if no_bias:
+        raise ValueError(f"cannot merge a LoRA bias into a Linear without bias: {', '.join(no_bias)}")
 
 
 def set_lora_scale(model: nn.Module, name: str, multiplier: float):
@@ -160,8 +186,8 @@ def set_lora_scale(model: nn.Module, name: str, multiplier: float):
 
 
 def remove_lora(model: nn.Module, name: str = "default"):
-    """Drops the adapter, unmerged first; a layer left with none becomes its base again (nn.Linear or
-    FP8Linear)."""
+    """Drops the adapter, unmerging it first; a layer left with no adapter becomes its base again (nn.Linear
+    or FP8Linear)."""
     merge_lora(model, name, sign=-1)
     drop_adapter(model, name)
 
@@ -174,24 +200,32 @@ def fold_lora(model: nn.Module, name: str = "default"):
 
 
 def drop_adapter(model: nn.Module, name: str):
+    """Deletes the adapter as it is (merged or not); a layer left with no adapter becomes its base again."""
     for module_name, m in lora_layers(model, name).items():
-        for d in (m.lora_A, m.lora_B, m.dropout, m.alpha, m.scaling):
-            del d[name]
+        del m.lora_A[name]
+        del m.lora_B[name]
+        del m.dropout[name]
+        del m.alpha[name]
+        del m.scaling[name]
         m.merged.discard(name)
-        if m.lora_A:
+        if m.lora_A:  # other adapters stay
             continue
         if m.scale is not None:
             base = FP8Linear(m.weight, m.scale, m.bias)
         else:
             base = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
-            base.weight, base.bias = m.weight, m.bias
+            base.weight = m.weight
+            base.bias = m.bias
         replace(model, module_name, base)
 
 
 def lora_parameters(model: nn.Module, name: str = "default") -> list[nn.Parameter]:
     """The adapter's A and B parameters, for the optimizer."""
-    return [p for m in lora_layers(model, name).values() for p in (*m.lora_A[name].parameters(),
-                                                                    *m.lora_B[name].parameters())]
+    params = []
+    for m in lora_layers(model, name).values():
+        params += m.lora_A[name].parameters()
+        params += m.lora_B[name].parameters()  # B's weight and bias, if any
+    return params
 
 
 class LoRAWeights(NamedTuple):
@@ -204,6 +238,10 @@ class LoRAWeights(NamedTuple):
 
 def lora_state(model: nn.Module, name: str = "default") -> dict[str, LoRAWeights]:
     """BFL module name -> the adapter's weights there, detached."""
-    return {n: LoRAWeights(m.lora_A[name].weight.detach(), m.lora_B[name].weight.detach(),
-                           None if m.lora_B[name].bias is None else m.lora_B[name].bias.detach(), m.alpha[name])
-            for n, m in lora_layers(model, name).items()}
+    state = {}
+    for module_name, m in lora_layers(model, name).items():
+        A = m.lora_A[name]
+        B = m.lora_B[name]
+        bias = None if B.bias is None else B.bias.detach()
+        state[module_name] = LoRAWeights(A.weight.detach(), B.weight.detach(), bias, m.alpha[name])
+    return state

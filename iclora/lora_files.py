@@ -26,8 +26,6 @@ from minflux.loading import open_safetensors
 from .atomic_files import atomic_write
 from .lora import LoRALinear, LoRAWeights, linears, lora_linear_at, lora_state, set_lora_scale
 from .lora_layouts import Layout, foreign_layouts
-from .panels import LAYOUTS
-from .references import REF_MODES
 
 PEFT_ROLES = {".lora_A.weight": "A", ".lora_B.weight": "B", ".lora_B.bias": "bias", ".lora_down.weight": "A",
               ".lora_up.weight": "B", ".lora_A": "A", ".lora_B": "B", ".alpha": "alpha"}
@@ -35,39 +33,44 @@ TEXT_ENCODER_KEY = re.compile(r"text_encoder|lora_te")
 
 
 def module_table(model: nn.Module, keys=()) -> dict[str, tuple[str, Rows]]:
-    """diffusers module -> (BFL module, rows it fills), for the model's sizes and every block index `keys`
-    name.
-
-    Covering the indices in the keys lets a key for a block the model lacks map to a BFL name that is then
-    reported as missing, instead of as an unknown key."""
+    """diffusers module -> (BFL module, rows it fills), for the model's sizes and for every block index that
+    `keys` name: a key for a block the model lacks then maps to a BFL name, reported as missing rather than
+    as an unknown key."""
     p = model.params
-    n = max([int(i) + 1 for k in keys for i in re.findall(r"[._](\d+)(?=[._])", k)], default=0)
-    table = transformer_table(max(p.depth, n), max(p.depth_single_blocks, n), p.hidden_size,
+    blocks = 0  # one more than the largest block index in the keys
+    for key in keys:
+        for index in re.findall(r"[._](\d+)(?=[._])", key):
+            blocks = max(blocks, int(index) + 1)
+    table = transformer_table(max(p.depth, blocks), max(p.depth_single_blocks, blocks), p.hidden_size,
                               int(p.hidden_size * p.mlp_ratio))
-    return {name: target for name, target in table.items() if not name.endswith(".weight")}  # drop norm params
+    # the table's norm scales (`.weight`) are no linears
+    return {name: target for name, target in table.items() if not name.endswith(".weight")}
 
 
 def save_lora(model: nn.Module, path, name: str = "default", metadata: dict[str, str] | None = None,
               dtype: torch.dtype | None = None):
-    """Writes adapter `name` in the PEFT/diffusers layout (atomically); dtype defaults to the adapters'
-    own."""
-    if bad := [k for k, v in (metadata or {}).items() if not isinstance(k, str) or not isinstance(v, str)]:
-        raise ValueError(f"safetensors metadata must map str to str; not so for {bad}")
-    by_bfl = defaultdict(list)
+    """Writes adapter `name` in the PEFT/diffusers layout, atomically; dtype defaults to the adapters'."""
+    metadata = metadata or {}
+    not_str = [k for k, v in metadata.items() if not isinstance(k, str) or not isinstance(v, str)]
+    if not_str:
+        raise ValueError(f"safetensors metadata must map str to str; not so for {not_str}")
+    by_bfl = defaultdict(list)  # BFL module -> [(diffusers module, rows of it)]
     for diffusers_name, (bfl, rows) in module_table(model).items():
         by_bfl[bfl].append((diffusers_name, slice(None) if rows is None else rows))
-    tensors, weights = {}, {}
-    for bfl, w in lora_state(model, name).items():  # alpha / r folded into B and its bias: every client reads scale 1
+    weights = {}
+    # alpha / r folded into B and its bias: every client reads scale 1
+    for bfl, w in lora_state(model, name).items():
         s = w.alpha / w.A.shape[0]
         weights[bfl] = w._replace(B=w.B * s, bias=None if w.bias is None else w.bias * s)
-    if dtype == torch.float16 and (big := next((f"{bfl} {part}" for bfl, w in weights.items() for part, t in
-                                                zip(("A", "B", "bias"), w[:3]) if t is not None
-                                                and t.abs().max() > torch.finfo(torch.float16).max), None)):
-        warnings.warn(f"{path}: {big} exceeds fp16's range (65504); written in bf16 instead, never as inf")
-        dtype = torch.bfloat16
+    if dtype == torch.float16:
+        big = beyond_fp16(weights)
+        if big:
+            warnings.warn(f"{path}: {big} exceeds fp16's range (65504); "
+                          f"written in bf16 instead, never as inf", stacklevel=1)
+            dtype = torch.bfloat16
+    tensors = {}
     for bfl, w in weights.items():
-        check_finite({f"{bfl} {part}": t for part, t in zip(("A", "B", "bias"), w[:3]) if t is not None},
-                     f"{path}: not written: adapter {name!r}")
+        check_finite(named_parts(bfl, w), f"{path}: not written: adapter {name!r}")
         if bfl not in by_bfl:
             raise ValueError(f"{bfl} has no diffusers name: cannot save its LoRA in the PEFT layout")
         cast = dtype or w.A.dtype
@@ -77,8 +80,25 @@ def save_lora(model: nn.Module, path, name: str = "default", metadata: dict[str,
             tensors[f"{key}.lora_B.weight"] = w.B[rows].to(cast).clone()  # (rows, r)
             if w.bias is not None:
                 tensors[f"{key}.lora_B.bias"] = w.bias[rows].to(cast).clone()
-    atomic_write(Path(path), lambda tmp: save_file({k: v.cpu() for k, v in tensors.items()}, tmp,
-                                                   metadata={"format": "pt", **(metadata or {})}))
+    on_cpu = {k: v.cpu() for k, v in tensors.items()}
+    atomic_write(Path(path), lambda tmp: save_file(on_cpu, tmp, metadata={"format": "pt", **metadata}))
+
+
+def named_parts(bfl: str, w: LoRAWeights) -> dict[str, Tensor]:
+    """An adapter's tensors as messages name them: "<bfl> A", "<bfl> B" and, if it has one, "<bfl> bias"."""
+    parts = {f"{bfl} A": w.A, f"{bfl} B": w.B}
+    if w.bias is not None:
+        parts[f"{bfl} bias"] = w.bias
+    return parts
+
+
+def beyond_fp16(weights: dict[str, LoRAWeights]) -> str | None:
+    """The name of the first tensor holding a value beyond fp16's range, if any."""
+    for bfl, w in weights.items():
+        for part, tensor in named_parts(bfl, w).items():
+            if tensor.abs().max() > torch.finfo(torch.float16).max:
+                return part
+    return None
 
 
 def check_finite(sd: dict[str, Tensor], source: str):
@@ -92,58 +112,43 @@ def check_finite(sd: dict[str, Tensor], source: str):
 
 def read_lora_file(path) -> dict[str, Tensor]:
     """The tensors of a LoRA file, with a clear error for a file that is not safetensors. Newer diffusers
-    saves keep alpha in the `lora_adapter_metadata` JSON instead of `.alpha` keys; those alphas become
+    saves keep alpha in their `lora_adapter_metadata` JSON instead of in `.alpha` keys: those alphas become
     `.alpha` keys."""
     with open_safetensors(path, "not a readable safetensors LoRA file") as f:
-        sd, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
+        sd = {k: f.get_tensor(k) for k in f.keys()}
+        meta = f.metadata() or {}
     check_finite(sd, str(path))
     config = json.loads(meta.get("lora_adapter_metadata") or "{}")
-    alpha = next((v for k, v in config.items() if k.split(".")[-1] == "lora_alpha"), None)
-    patterns = next((v for k, v in config.items() if k.split(".")[-1] == "alpha_pattern"), None) or {}
-    rslora = any(v for k, v in config.items() if k.split(".")[-1] == "use_rslora")
-    for key in [k for k in sd if k.endswith((".lora_A.weight", ".lora_down.weight"))]:
+    alphas = config_values(config, "lora_alpha")
+    alpha = alphas[0] if alphas else None
+    patterns = config_values(config, "alpha_pattern")
+    alpha_pattern = (patterns[0] if patterns else None) or {}
+    rslora = any(config_values(config, "use_rslora"))
+    down_keys = [k for k in sd if k.endswith((".lora_A.weight", ".lora_down.weight"))]
+    for key in down_keys:
         module = key.rsplit(".", 2)[0]
         if f"{module}.alpha" in sd or alpha is None:
             continue
-        bare = module.removeprefix("transformer.")
-        value = float(next((a for pattern, a in patterns.items() if re.fullmatch(rf"(.*\.)?{pattern}", bare)), alpha))
+        value = module_alpha(module.removeprefix("transformer."), alpha_pattern, alpha)
         if rslora:  # rank-stabilised LoRA scales by alpha / sqrt(r) instead of alpha / r
             value *= math.sqrt(sd[key].shape[0])
         sd[f"{module}.alpha"] = torch.tensor(value)
     return sd
 
 
-CONDITIONAL_KEYS = ("ref_panels", "panels", "layout", "ref_mode", "panel_height", "panel_width")
+def config_values(config: dict, name: str) -> list:
+    """The values of `name` in a diffusers adapter config, whose keys may be prefixed
+    (`transformer.lora_alpha`)."""
+    return [value for key, value in config.items() if key.split(".")[-1] == name]
 
 
-def conditional_metadata(ref_panels: list[int], panels: int, layout: str, ref_mode: str, panel_height: int,
-                         panel_width: int) -> dict[str, str]:
-    """What a conditional IC-LoRA (`train.py --ref-panel`) records: its 1-based reference panels ("1" or
-    "1,3"), the panel count and layout, how reference tokens were given (iclora/references.py) and the trained
-    panel size."""
-    return {"ref_panels": ",".join(map(str, ref_panels)), "panels": str(panels), "layout": layout,
-            "ref_mode": ref_mode, "panel_height": str(panel_height), "panel_width": str(panel_width)}
-
-
-def read_conditional_metadata(path) -> dict | None:
-    """`conditional_metadata`'s values read back from a LoRA file (ints as ints); None for a plain LoRA."""
-    with open_safetensors(path, "not a readable safetensors LoRA file") as f:
-        meta = f.metadata() or {}
-    if "ref_panels" not in meta:
-        return None
-    try:
-        found = {k: meta[k] for k in CONDITIONAL_KEYS}
-        found["ref_panels"] = [int(k) for k in found["ref_panels"].split(",")]
-        found |= {k: int(found[k]) for k in ("panels", "panel_height", "panel_width")}
-    except (KeyError, ValueError) as e:
-        raise ValueError(f"{path}: broken conditional IC-LoRA metadata ({type(e).__name__}: {e}); expected the "
-                         f"keys {', '.join(CONDITIONAL_KEYS)} as train.py --ref-panel writes them") from None
-    sizes = (found["panel_height"], found["panel_width"])
-    if found["ref_mode"] not in REF_MODES or found["layout"] not in LAYOUTS or any(s < 16 or s % 16 for s in sizes):
-        raise ValueError(f"{path}: broken conditional IC-LoRA metadata: ref_mode {found['ref_mode']!r}, layout "
-                         f"{found['layout']!r}, panel size {sizes[1]}x{sizes[0]}; expected one of {REF_MODES}, one "
-                         f"of {LAYOUTS}, sides multiples of 16")
-    return found
+def module_alpha(module: str, alpha_pattern: dict, alpha) -> float:
+    """A module's alpha in a peft config: that of the first alpha_pattern entry matching the end of its
+    name, else lora_alpha."""
+    for pattern, value in alpha_pattern.items():
+        if re.fullmatch(rf"(.*\.)?{pattern}", module):
+            return float(value)
+    return float(alpha)
 
 
 def layouts(model: nn.Module, keys) -> list[Layout]:
@@ -151,32 +156,49 @@ def layouts(model: nn.Module, keys) -> list[Layout]:
     ones."""
     table = module_table(model, keys)
     prefixes = ("", "transformer.", "base_model.model.", "base_model.model.transformer.")
-    peft = Layout("PEFT/diffusers", PEFT_ROLES, {p + d: target for d, target in table.items() for p in prefixes})
+    targets = {}
+    for diffusers_name, target in table.items():
+        for prefix in prefixes:
+            targets[prefix + diffusers_name] = target
+    peft = Layout("PEFT/diffusers", PEFT_ROLES, targets)
     return [peft, *foreign_layouts(model, table)]
 
 
+def module_and_role(key: str, layout: Layout) -> tuple[str, str] | None:
+    """(module, role) of a key naming a tensor of one of the layout's modules, else None."""
+    for suffix, role in layout.roles.items():
+        if key.endswith(suffix):
+            module = key[: -len(suffix)]
+            if module in layout.targets:
+                return module, role
+    return None
+
+
 def tensors_by_module(sd: dict[str, Tensor], layout: Layout):
-    """What `layout` reads in sd: {module: {role: (key, tensor)}}, the full tensors, and the keys it does not
-    know."""
-    modules, full, unknown = defaultdict(dict), {}, []
+    """What `layout` reads in sd: {module: {role: (key, tensor)}}, the full tensors, and the keys it does
+    not know."""
+    modules = defaultdict(dict)
+    full = {}
+    unknown = []
     for key, tensor in sd.items():
-        for suffix, role in layout.roles.items():
-            if key.endswith(suffix) and (module := key[: -len(suffix)]) in layout.targets:
-                modules[module][role] = (key, tensor)
-                break
+        found = module_and_role(key, layout)
+        if found is not None:
+            module, role = found
+            modules[module][role] = (key, tensor)
+        elif key in layout.full_tensors:
+            full[key] = tensor
         else:
-            if key in layout.full_tensors:
-                full[key] = tensor
-            else:
-                unknown.append(key)
+            unknown.append(key)
     return modules, full, unknown
 
 
 def find_layout(model: nn.Module, sd: dict[str, Tensor], source: str):
     """(layout, tensors by module, full tensors) of the first layout that knows every key, else a
-    ValueError."""
-    if bad := [k for k in sd if k.endswith((".dora_scale", ".diff", ".diff_b"))]:
-        raise ValueError(f"{source}: DoRA (dora_scale) / full-weight .diff tensors are not supported (e.g. {bad[0]})")
+    ValueError naming the closest."""
+    unsupported = [k for k in sd if k.endswith((".dora_scale", ".diff", ".diff_b"))]
+    if unsupported:
+        raise ValueError(f"{source}: DoRA (dora_scale) / full-weight .diff tensors are not supported "
+                         f"(e.g. {unsupported[0]})")
     tried = {}
     for layout in layouts(model, sd):
         modules, full, unknown = tensors_by_module(sd, layout)
@@ -189,73 +211,61 @@ def find_layout(model: nn.Module, sd: dict[str, Tensor], source: str):
                      f"{', '.join(tried[best][:3])}")
 
 
-def fused_adapter(pieces: list[tuple[Rows, LoRAWeights]], out_features: int) -> LoRAWeights:
-    """The one adapter of a BFL linear whose rows these pieces fill, each a file module's (rows, its LoRA: A
-    (r, I), B (rows, r), bias (rows,) or None). Pieces sharing one A and alpha (a fused adapter split on save,
-    as ours) become that adapter again; others stack their A's over a block-diagonal B, each piece's scaling
-    s_i folded into its block (absent rows stay zero): exactly Σ_i s_i · B_i A_i."""
+def shares_one_adapter(pieces: list[tuple[Rows, LoRAWeights]]) -> bool:
+    """Whether all pieces carry one A and one alpha: a fused adapter split into parts on save, as ours."""
     first = pieces[0][1]
-    shared = len(pieces) == 1 or (not first.A.is_meta and all(torch.equal(p.A, first.A) and p.alpha == first.alpha
-                                                                for _, p in pieces))
+    if len(pieces) == 1:
+        return True
+    if first.A.is_meta:  # no values to compare
+        return False
+    return all(torch.equal(p.A, first.A) and p.alpha == first.alpha for _, p in pieces)
+
+
+def fused_adapter(pieces: list[tuple[Rows, LoRAWeights]], out_features: int) -> LoRAWeights:
+    """The one adapter of a BFL linear whose rows these pieces fill, each a file module's (rows, its LoRA:
+    A (r, I), B (rows, r), bias (rows,) or None). Pieces sharing one A and alpha become that adapter again;
+    others stack their A's over a block-diagonal B, each piece's scaling s_i folded into its block (absent
+    rows stay zero): exactly Σ_i s_i · B_i A_i."""
+    first = pieces[0][1]
+    shared = shares_one_adapter(pieces)
     A = first.A if shared else torch.cat([p.A for _, p in pieces])              # (R, I)
     B = A.new_zeros(out_features, A.shape[0])                                   # (O, R)
     bias = A.new_zeros(out_features) if any(p.bias is not None for _, p in pieces) else None
     offset = 0
     for rows, p in pieces:
-        r, rows = p.A.shape[0], slice(None) if rows is None else rows
-        cols, scaling = (slice(None), 1.0) if shared else (slice(offset, offset + r), p.alpha / r)
+        r = p.A.shape[0]
+        if rows is None:
+            rows = slice(None)
+        if shared:
+            cols = slice(None)
+            scaling = 1.0
+        else:
+            cols = slice(offset, offset + r)
+            scaling = p.alpha / r
         B[rows, cols] += scaling * p.B
         if p.bias is not None:
             bias[rows] += scaling * p.bias
         offset += r
-    return LoRAWeights(A, B, bias, first.alpha if shared else float(A.shape[0]))  # folded: alpha = R, scaling 1
+    alpha = first.alpha if shared else float(A.shape[0])  # stacked: scalings folded into B, so alpha = R
+    return LoRAWeights(A, B, bias, alpha)
 
 
 def load_lora(model: nn.Module, path_or_state_dict, name: str = "default", multiplier: float = 1.0,
               source: str | None = None) -> list[str]:
     """Adds adapter `name` from a LoRA file or state dict in any known layout; returns the BFL modules it
     covers. `source` names a state dict in error messages (a path names itself)."""
-    if isinstance(path_or_state_dict, dict):
-        sd, source = dict(path_or_state_dict), source or "LoRA state dict"
-        check_finite(sd, source)
-    else:
-        sd, source = read_lora_file(path_or_state_dict), str(path_or_state_dict)
-    if skipped := [k for k in sd if TEXT_ENCODER_KEY.match(k)]:
-        warnings.warn(f"{source}: skipping {len(skipped)} text-encoder LoRA tensors (e.g. {skipped[0]}); "
-                      f"only the transformer part is loaded")
-        sd = {k: v for k, v in sd.items() if k not in skipped}
-        if not sd:
-            raise ValueError(f"{source}: only text-encoder LoRA tensors, which are not supported")
-    if not sd:
-        raise ValueError(f"{source}: no tensors")
+    sd, source = transformer_tensors(path_or_state_dict, source)
     layout, modules, full = find_layout(model, sd, source)
     if any(isinstance(m, LoRALinear) and name in m.lora_A for _, m in linears(model)):
-        raise ValueError(f"the model already has a LoRA adapter named {name!r}; load this one under another name")
+        raise ValueError(f"the model already has a LoRA adapter named {name!r}; "
+                         f"load this one under another name")
 
     # 1. Check every tensor against the module it targets, before touching the model.
     model_linears = dict(linears(model))
     pieces = defaultdict(list)  # BFL module -> [(rows, LoRAWeights)]
     for module, tensors in modules.items():
-        if "A" not in tensors or "B" not in tensors:
-            raise ValueError(f"{source} ({layout.name}): {module} needs both a down (A) and an up (B) weight, has "
-                             f"only {', '.join(key for key, _ in tensors.values())}")
-        bfl, rows = layout.targets[module]
-        if bfl not in model_linears:
-            raise ValueError(f"{source}: key {tensors['A'][0]} targets module {bfl}, which this model does not have")
-        linear = model_linears[bfl]
-        (key_a, A), (key_b, B) = tensors["A"], tensors["B"]
-        r = A.shape[0]
-        n = linear.out_features if rows is None else len(torch.arange(linear.out_features)[rows])  # rows filled
-        checks = [(key_a, A, (r, linear.in_features)), (key_b, B, (n, r))]
-        if "bias" in tensors:
-            checks.append((*tensors["bias"], (n,)))
-        for key, tensor, want in checks:
-            if tuple(tensor.shape) != want:
-                raise ValueError(f"{source}: {key} has shape {tuple(tensor.shape)}, but {bfl} "
-                                 f"({linear.out_features}×{linear.in_features}) needs {want}")
-        bias = tensors["bias"][1].float() if "bias" in tensors else None
-        alpha = float(tensors["alpha"][1]) if "alpha" in tensors else float(r)
-        pieces[bfl].append((rows, LoRAWeights(A.float(), B.float(), bias, alpha)))
+        bfl, rows, weights = checked_piece(model_linears, layout, module, tensors, source)
+        pieces[bfl].append((rows, weights))
     params = dict(model.named_parameters()) | dict(model.named_buffers())
     for key, tensor in full.items():
         if tensor.shape != params[key].shape:
@@ -265,14 +275,70 @@ def load_lora(model: nn.Module, path_or_state_dict, name: str = "default", multi
     # 2. One adapter per BFL linear, then the full tensors.
     with torch.no_grad():
         for bfl, group in pieces.items():
-            w = fused_adapter(group, model_linears[bfl].out_features)
-            layer = lora_linear_at(model, bfl)
-            layer.add_adapter(name, w.A.shape[0], w.alpha, bias=w.bias is not None)
-            layer.lora_A[name].weight.copy_(w.A)
-            layer.lora_B[name].weight.copy_(w.B)
-            if w.bias is not None:
-                layer.lora_B[name].bias.copy_(w.bias)
+            weights = fused_adapter(group, model_linears[bfl].out_features)
+            add_adapter_weights(lora_linear_at(model, bfl), name, weights)
         for key, tensor in full.items():
             params[key].copy_(tensor)
     set_lora_scale(model, name, multiplier)
     return list(pieces)
+
+
+def transformer_tensors(path_or_state_dict, source: str | None) -> tuple[dict[str, Tensor], str]:
+    """The tensors of a LoRA file or state dict, checked finite, less any text-encoder tensors (skipped with
+    a warning), and the source's name for messages."""
+    if isinstance(path_or_state_dict, dict):
+        sd = dict(path_or_state_dict)
+        source = source or "LoRA state dict"
+        check_finite(sd, source)
+    else:
+        sd = read_lora_file(path_or_state_dict)
+        source = str(path_or_state_dict)
+    skipped = [k for k in sd if TEXT_ENCODER_KEY.match(k)]
+    if skipped:
+        warnings.warn(f"{source}: skipping {len(skipped)} text-encoder LoRA tensors (e.g. {skipped[0]}); "
+                      f"only the transformer part is loaded", stacklevel=1)
+        sd = {k: v for k, v in sd.items() if k not in skipped}
+        if not sd:
+            raise ValueError(f"{source}: only text-encoder LoRA tensors, which are not supported")
+    if not sd:
+        raise ValueError(f"{source}: no tensors")
+    return sd, source
+
+
+def checked_piece(model_linears: dict[str, nn.Module], layout: Layout, module: str, tensors: dict,
+                  source: str) -> tuple[str, Rows, LoRAWeights]:
+    """The BFL linear that a file module's tensors {role: (key, tensor)} target, the rows of it they fill
+    and their LoRA in float32, once checked: both A and B given, a linear the model has, the right shapes."""
+    if "A" not in tensors or "B" not in tensors:
+        given = ", ".join(key for key, _ in tensors.values())
+        raise ValueError(f"{source} ({layout.name}): {module} needs both a down (A) and an up (B) weight, "
+                         f"has only {given}")
+    bfl, rows = layout.targets[module]
+    if bfl not in model_linears:
+        raise ValueError(f"{source}: key {tensors['A'][0]} targets module {bfl}, "
+                         f"which this model does not have")
+    linear = model_linears[bfl]
+    key_a, A = tensors["A"]
+    key_b, B = tensors["B"]
+    r = A.shape[0]
+    n = linear.out_features if rows is None else len(torch.arange(linear.out_features)[rows])  # rows filled
+    expected = [(key_a, A, (r, linear.in_features)), (key_b, B, (n, r))]
+    if "bias" in tensors:
+        key_bias, bias = tensors["bias"]
+        expected.append((key_bias, bias, (n,)))
+    for key, tensor, shape in expected:
+        if tuple(tensor.shape) != shape:
+            raise ValueError(f"{source}: {key} has shape {tuple(tensor.shape)}, but {bfl} "
+                             f"({linear.out_features}×{linear.in_features}) needs {shape}")
+    bias = tensors["bias"][1].float() if "bias" in tensors else None
+    alpha = float(tensors["alpha"][1]) if "alpha" in tensors else float(r)
+    return bfl, rows, LoRAWeights(A.float(), B.float(), bias, alpha)
+
+
+def add_adapter_weights(layer: LoRALinear, name: str, weights: LoRAWeights):
+    """Adds adapter `name` to the layer, holding these weights (call under torch.no_grad)."""
+    layer.add_adapter(name, weights.A.shape[0], weights.alpha, bias=weights.bias is not None)
+    layer.lora_A[name].weight.copy_(weights.A)
+    layer.lora_B[name].weight.copy_(weights.B)
+    if weights.bias is not None:
+        layer.lora_B[name].bias.copy_(weights.bias)

@@ -14,9 +14,10 @@ from safetensors.torch import save_file
 
 import sample
 import train
+from iclora.conditional_metadata import conditional_metadata, read_conditional_metadata
 from iclora.data import PanelSetDataset, load_rgb
 from iclora.lora import inject_lora
-from iclora.lora_files import conditional_metadata, load_lora, read_conditional_metadata, save_lora
+from iclora.lora_files import load_lora, save_lora
 from iclora.panels import panel_boxes, split_panels
 from iclora.references import image_positions, pin_references, reference_latents, reference_tokens
 from iclora.training import encode_sets, flow_matching_loss, sample_timesteps
@@ -97,7 +98,8 @@ def test_an_all_true_target_mask_is_the_plain_loss(pipe, encoded):
     assert torch.equal(plain, masked)
 
 
-def test_what_the_reference_panel_holds_in_the_training_image_does_not_change_the_loss_or_its_gradient(encoded):
+def test_what_the_reference_panel_holds_in_the_training_image_does_not_change_the_loss_or_its_gradient(
+        encoded):
     """The reference tokens' loss is masked and their input comes from the reference latents: the joined
     image's own latents there (a different encoding of the same pixels; here replaced by noise) do not
     matter."""
@@ -120,7 +122,8 @@ def test_what_the_reference_panel_holds_in_the_training_image_does_not_change_th
     loss_a, grads_a = loss_and_grads(x0)
     loss_b, grads_b = loss_and_grads(unpack(other, 8 * x0.shape[2], 8 * x0.shape[3]))
     assert torch.equal(loss_a, loss_b)
-    assert all(torch.equal(a, b) for a, b in zip(grads_a, grads_b)) and any(a.abs().sum() > 0 for a in grads_a)
+    assert all(torch.equal(a, b) for a, b in zip(grads_a, grads_b, strict=True))
+    assert any(a.abs().sum() > 0 for a in grads_a)
 
 
 def test_training_reference_latents_are_what_sample_py_ref_encodes_from_the_panel_image(pipe, sets, encoded):
@@ -175,10 +178,12 @@ def test_sample_py_gives_a_moved_conditional_lora_the_moved_positions(tmp_path):
         torch.nn.init.normal_(p, std=0.05)
     lora = tmp_path / "moved.safetensors"
     save_lora(flow, lora, metadata=conditional_metadata([1], 2, "row", "moved", 64, 64))
-    reference, prompt = Image.new("RGB", (64, 64), (255, 0, 0)), "[TWO-PANEL] the same scene in two colour schemes"
+    reference = Image.new("RGB", (64, 64), (255, 0, 0))
+    prompt = "[TWO-PANEL] the same scene in two colour schemes"
     reference.save(tmp_path / "ref.png")
     [joined, *_] = sample.main(["--model", "toy", "--lora", str(lora), "--ref", str(tmp_path / "ref.png"),
-                                "--prompt", prompt, "--steps", "3", "--seed", "7", "--out", str(tmp_path / "o.png")])
+                                "--prompt", prompt, "--steps", "3", "--seed", "7",
+                                "--out", str(tmp_path / "o.png")])
     pipe = load_pipeline("toy")
     load_lora(pipe.flow, str(lora))
     txt, vec = pipe.encode_prompts([prompt])
@@ -194,7 +199,8 @@ def test_before_the_first_step_the_noised_reference_is_the_noise_and_the_clean_o
     known, noise = torch.randn(1, 8, 64), torch.randn(1, 16, 4, 8)
     mask, x = torch.arange(8) < 4, pack(noise)
     assert torch.equal(pin_references(known, mask, noise, [1.0, 0.0], mode="noised")(x, 1.0), x)
-    assert torch.equal(pin_references(known, mask, noise, [1.0, 0.0], mode="clean")(x, 1.0)[:, mask], known[:, mask])
+    clean = pin_references(known, mask, noise, [1.0, 0.0], mode="clean")(x, 1.0)
+    assert torch.equal(clean[:, mask], known[:, mask])
 
 
 def test_conditional_metadata_round_trips_through_a_lora_file(tmp_path):
@@ -207,13 +213,16 @@ def test_conditional_metadata_round_trips_through_a_lora_file(tmp_path):
 
 
 def test_broken_conditional_metadata_names_the_file_and_the_keys(tmp_path):
-    save_file({"x": torch.zeros(1)}, tmp_path / "a.safetensors", metadata={"ref_panels": "1", "panels": "two"})
-    with pytest.raises(ValueError, match=r"a\.safetensors: broken conditional IC-LoRA metadata.*ref_panels, panels"):
+    save_file({"x": torch.zeros(1)}, tmp_path / "a.safetensors",
+              metadata={"ref_panels": "1", "panels": "two"})
+    with pytest.raises(ValueError, match=r"a\.safetensors: broken conditional IC-LoRA metadata"
+                                         r".*ref_panels, panels"):
         read_conditional_metadata(tmp_path / "a.safetensors")
 
 
 def test_joined_images_without_panels_fail_before_any_weight_loads(sets, tmp_path):
-    with pytest.raises(ValueError, match=r"--ref-panel needs to know where the panels are.*set_000\.png.*--panels N"):
+    with pytest.raises(ValueError, match=r"--ref-panel needs to know where the panels are"
+                                         r".*set_000\.png.*--panels N"):
         train.main(["--model", str(tmp_path / "no-model-needed"), "--data", str(sets), "--ref-panel", "1",
                     "--out", str(tmp_path / "x.safetensors")])
 
@@ -228,7 +237,8 @@ def test_joined_images_with_panels_keep_every_panel_edge_on_the_token_grid(tmp_p
     """A 3-panel row (3x 50x40) goes to a bucket whose panels are 16-px multiples, each panel resized on its
     own."""
     colours = [(250, 0, 0), (0, 250, 0), (0, 0, 250)]
-    Image.fromarray(np.concatenate([np.full((40, 50, 3), c, np.uint8) for c in colours], 1)).save(tmp_path / "a.png")
+    joined = np.concatenate([np.full((40, 50, 3), c, np.uint8) for c in colours], 1)
+    Image.fromarray(joined).save(tmp_path / "a.png")
     (tmp_path / "a.txt").write_text("three")
     dataset = PanelSetDataset(tmp_path, resolution=96, panels=3)
     (H, W), image = dataset.samples[0].bucket, dataset[0]["image"]
@@ -236,7 +246,8 @@ def test_joined_images_with_panels_keep_every_panel_edge_on_the_token_grid(tmp_p
     for k, box in enumerate(panel_boxes(H, W, 3, "row")):
         region = image[:, :, box[0]:box[2]]
         want = torch.tensor(colours[k]).float()[:, None, None] / 127.5 - 1
-        assert torch.allclose(region, want.expand_as(region), atol=1e-6), f"panel {k + 1} bleeds into its neighbour"
+        message = f"panel {k + 1} bleeds into its neighbour"
+        assert torch.allclose(region, want.expand_as(region), atol=1e-6), message
 
 
 @pytest.fixture(scope="module")
@@ -250,9 +261,11 @@ def conditional_lora(tmp_path_factory):
     return path
 
 
-def test_sample_py_takes_panels_layout_reference_panel_and_size_from_a_conditional_lora(conditional_lora, tmp_path):
-    Image.new("RGB", (64, 64), (255, 0, 0)).save(tmp_path / "ref.png")
-    files = sample.main(["--model", "toy", "--lora", str(conditional_lora), "--ref", str(tmp_path / "ref.png"),
+def test_sample_py_takes_panels_layout_reference_panel_and_size_from_a_conditional_lora(conditional_lora,
+                                                                                        tmp_path):
+    ref = tmp_path / "ref.png"
+    Image.new("RGB", (64, 64), (255, 0, 0)).save(ref)
+    files = sample.main(["--model", "toy", "--lora", str(conditional_lora), "--ref", str(ref),
                          "--prompt", "[TWO-PANEL] the same scene in two colour schemes", "--steps", "2",
                          "--out", str(tmp_path / "out.png")])
     assert [Image.open(f).size for f in files] == [(64, 48), (32, 48), (32, 48)]  # joined, panel 1, panel 2
@@ -260,64 +273,69 @@ def test_sample_py_takes_panels_layout_reference_panel_and_size_from_a_condition
 
 def test_a_reference_panel_other_than_the_loras_is_refused_before_the_model_loads(conditional_lora, tmp_path):
     Image.new("RGB", (64, 64)).save(tmp_path / "ref.png")
-    with pytest.raises(ValueError, match=r"--ref-panel \[2\] does not match the conditional LoRA cond\.safetensors, "
-                                         r"trained with --ref-panel \[1\]"):
+    with pytest.raises(ValueError, match=r"--ref-panel \[2\] does not match the conditional LoRA "
+                                         r"cond\.safetensors, trained with --ref-panel \[1\]"):
         sample.main(["--model", str(tmp_path / "no-model-needed"), "--lora", str(conditional_lora), "--ref",
                      str(tmp_path / "ref.png"), "--ref-panel", "2", "--prompt", "x"])
 
 
-def test_validation_with_several_resolutions_uses_the_first_sets_largest_size_and_its_positions(sets, tmp_path):
-    out = train.main(["--model", "toy", "--data", str(sets), "--panels", "2", "--ref-panel", "1", "--resolution", "48",
-                      "96", "--steps", "1", "--sample-every", "1", "--sample-steps", "2", "--device", "cpu",
-                      "--out", str(tmp_path / "c.safetensors")])
+def test_validation_with_several_resolutions_uses_the_first_sets_largest_size_and_its_positions(sets,
+                                                                                                tmp_path):
+    out = train.main(["--model", "toy", "--data", str(sets), "--panels", "2", "--ref-panel", "1",
+                      "--resolution", "48", "96", "--steps", "1", "--sample-every", "1",
+                      "--sample-steps", "2", "--device", "cpu", "--out", str(tmp_path / "c.safetensors")])
     assert Image.open(out.with_name("c_samples") / "step000001.png").size == (128, 64)  # the sets' own size
 
 
 def test_resuming_a_run_trained_with_another_reference_treatment_is_refused(sets, tmp_path):
-    flags = ["--model", "toy", "--data", str(sets), "--panels", "2", "--ref-panel", "1", "--sample-every", "0",
-             "--device", "cpu", "--out", str(tmp_path / "c.safetensors")]
+    flags = ["--model", "toy", "--data", str(sets), "--panels", "2", "--ref-panel", "1",
+             "--sample-every", "0", "--device", "cpu", "--out", str(tmp_path / "c.safetensors")]
     train.main([*flags, "--steps", "1"])
     state = torch.load(tmp_path / "c.state.pt", weights_only=True)
     del state["ref_mode"]  # as saved before train.py kept it: those runs were "clean"
     torch.save(state, tmp_path / "c.state.pt")
-    with pytest.raises(SystemExit, match=r"trained with reference treatment 'clean' and this train.py trains 'moved'"):
+    with pytest.raises(SystemExit, match=r"trained with reference treatment 'clean' "
+                                         r"and this train.py trains 'moved'"):
         train.main([*flags, "--steps", "2", "--resume"])
 
 
 def metadata_only_lora(path, *geometry) -> str:
-    """A file with conditional_metadata(*geometry): enough for what sample.py checks before any weight
-    loads."""
+    """A file holding only conditional_metadata(*geometry): all that sample.py checks before loading."""
     save_file({"x": torch.zeros(1)}, path, metadata=conditional_metadata(*geometry))
     return str(path)
 
 
 def sample_with(tmp_path, loras: list[str], refs: int) -> list:
     Image.new("RGB", (64, 64)).save(tmp_path / "ref.png")
-    return sample.main(["--model", str(tmp_path / "no-model-needed"), "--prompt", "x",
-                        *[a for lora in loras for a in ("--lora", lora)], *["--ref", str(tmp_path / "ref.png")] * refs])
+    lora_flags = [a for lora in loras for a in ("--lora", lora)]
+    ref_flags = ["--ref", str(tmp_path / "ref.png")] * refs
+    model = str(tmp_path / "no-model-needed")
+    return sample.main(["--model", model, "--prompt", "x", *lora_flags, *ref_flags])
 
 
 def test_a_conditional_lora_given_fewer_references_than_it_was_trained_with_says_how_many_it_takes(tmp_path):
     lora = metadata_only_lora(tmp_path / "two_refs.safetensors", [1, 3], 4, "grid", "moved", 32, 32)
-    with pytest.raises(ValueError, match=r"the conditional LoRA two_refs\.safetensors takes 2 reference image\(s\), "
-                                         r"for panel\(s\) \[1, 3\]; got 1 --ref"):
+    with pytest.raises(ValueError, match=r"the conditional LoRA two_refs\.safetensors takes 2 reference "
+                                         r"image\(s\), for panel\(s\) \[1, 3\]; got 1 --ref"):
         sample_with(tmp_path, [lora], refs=1)
 
 
 def test_conditional_loras_trained_with_other_geometries_are_refused_together_naming_both(tmp_path):
     row = metadata_only_lora(tmp_path / "row.safetensors", [1], 2, "row", "moved", 32, 32)
     column = metadata_only_lora(tmp_path / "column.safetensors", [1], 2, "column", "moved", 32, 32)
-    with pytest.raises(ValueError, match=r"the conditional LoRAs row\.safetensors and column\.safetensors were trained "
-                                         r"with other panels, layout"):
+    with pytest.raises(ValueError, match=r"the conditional LoRAs row\.safetensors and column\.safetensors "
+                                         r"were trained with other panels, layout"):
         sample_with(tmp_path, [row, column], refs=1)
 
 
 @pytest.mark.parametrize("geometry, shown", [(([1], 2, "row", "bogus", 32, 32), "ref_mode 'bogus'"),
                                              (([1], 2, "diagonal", "moved", 32, 32), "layout 'diagonal'"),
                                              (([1], 2, "row", "moved", 40, 32), "panel size 32x40")])
-def test_conditional_metadata_values_out_of_their_range_are_refused_naming_the_file(tmp_path, geometry, shown):
+def test_conditional_metadata_values_out_of_their_range_are_refused_naming_the_file(tmp_path, geometry,
+                                                                                    shown):
     lora = metadata_only_lora(tmp_path / "odd.safetensors", *geometry)
-    with pytest.raises(ValueError, match=rf"odd\.safetensors: broken conditional IC-LoRA metadata: .*{shown}"):
+    with pytest.raises(ValueError, match=rf"odd\.safetensors: broken conditional IC-LoRA metadata: "
+                                         rf".*{shown}"):
         sample_with(tmp_path, [lora], refs=1)
 
 
@@ -330,6 +348,6 @@ def test_toy_score_refuses_a_conditional_lora_of_another_geometry(tmp_path, caps
 
 def test_a_conditional_lora_without_ref_is_warned_of(tmp_path):
     lora = metadata_only_lora(tmp_path / "cond.safetensors", [1], 2, "row", "moved", 32, 32)
-    with pytest.warns(UserWarning, match=r"cond\.safetensors is a conditional IC-LoRA .* give its input image with "
-                                         r"--ref"), pytest.raises(ValueError, match="no-model-needed"):
+    warning = r"cond\.safetensors is a conditional IC-LoRA .* give its input image with --ref"
+    with pytest.warns(UserWarning, match=warning), pytest.raises(ValueError, match="no-model-needed"):
         sample_with(tmp_path, [lora], refs=0)  # then fails at the missing model

@@ -61,7 +61,7 @@ def test_join_panels_puts_each_panel_in_its_cell(layout, size):
     colours = [RED, GREEN, BLUE]
     joined = join_panels([Image.new("RGB", (30, 20), c) for c in colours], layout)
     assert (joined.height, joined.width) == size
-    for colour, (left, top, right, bottom) in zip(colours, panel_boxes(*size, 3, layout)):
+    for colour, (left, top, right, bottom) in zip(colours, panel_boxes(*size, 3, layout), strict=True):
         assert right - left == 30 and bottom - top == 20
         assert joined.getpixel(((left + right) // 2, (top + bottom) // 2)) == colour
     if layout == "grid":  # 3 panels in 2x2 cells: the bottom-right cell stays black
@@ -78,7 +78,8 @@ def test_panel_boxes_put_cell_edges_at_floor_of_the_even_split():
     assert panel_boxes(777, 1001, 3, "grid") == [(0, 0, 500, 388), (500, 0, 1001, 388), (0, 388, 500, 777)]
 
 
-@pytest.mark.parametrize("n,layout", [(3, "grid"), (3, "row"), (3, "column"), (4, "grid"), (5, "grid"), (7, "grid")])
+@pytest.mark.parametrize("n,layout", [(3, "grid"), (3, "row"), (3, "column"), (4, "grid"), (5, "grid"),
+                                      (7, "grid")])
 def test_panel_boxes_tile_odd_canvases_without_gap_or_overlap(n, layout):
     width, height = 1001, 777
     cover = np.zeros((height, width), dtype=int)
@@ -148,7 +149,7 @@ def test_set_folders_are_joined_into_equal_panels_on_16_pixel_edges(tmp_path, la
     rows, cols = {"row": (1, 5), "column": (5, 1), "grid": (2, 3)}[layout]
     assert item["image"].shape == (3, h, w) and h * w <= 256**2
     assert w % (16 * cols) == 0 and h % (16 * rows) == 0
-    for colour, (left, top, right, bottom) in zip(colours, panel_boxes(h, w, 5, layout)):
+    for colour, (left, top, right, bottom) in zip(colours, panel_boxes(h, w, 5, layout), strict=True):
         assert left % 16 == 0 and top % 16 == 0 and right - left == w // cols and bottom - top == h // rows
         assert colour_at(item["image"], (left + right) // 2, (top + bottom) // 2) == colour
         assert colour_at(item["image"], left + 1, top + 1) == colour
@@ -158,10 +159,11 @@ def test_set_folders_are_joined_into_equal_panels_on_16_pixel_edges(tmp_path, la
 def test_bucket_is_the_closest_aspect_ratio(tmp_path):
     write_joined(tmp_path, "wide", Image.new("RGB", (300, 100)))
     write_joined(tmp_path, "tall", Image.new("RGB", (100, 200)))
-    write_joined(tmp_path, "storyboard", Image.new("RGB", (108, 162)))  # the authors' 1080x1620 sample, scaled
+    write_joined(tmp_path, "storyboard", Image.new("RGB", (108, 162)))  # the authors' 1080x1620, scaled
     # buckets near 3:1 at resolution 96: W x H 144x64 (2.25) and 160x48 (3.33); near 1:2: 64x144 (0.44);
     # near 2:3: 80x112 (0.71)
-    assert [s.bucket for s in PanelSetDataset(tmp_path, resolution=96).samples] == [(112, 80), (144, 64), (48, 160)]
+    buckets = [s.bucket for s in PanelSetDataset(tmp_path, resolution=96).samples]
+    assert buckets == [(112, 80), (144, 64), (48, 160)]
     assert nearest_bucket(162, 108, make_buckets(1024)) == (1248, 832)  # exactly 2:3
 
 
@@ -206,7 +208,8 @@ def test_validation_lists_every_offending_file_in_one_error(tmp_path):
                      f"{tmp_path / 'truncated' / '0.png'}: unreadable image",
                      f"{tmp_path / 'no_caption' / 'caption.txt'}: missing caption",
                      f"{tmp_path / 'empty_caption' / 'caption.txt'}: empty caption",
-                     f"{tmp_path / 'mixed'}: panels of one set must share one size, got 0.png 32x32, 1.png 32x48",
+                     f"{tmp_path / 'mixed'}: panels of one set must share one size, got 0.png 32x32, "
+                     f"1.png 32x48",
                      f"{tmp_path / 'no_panels'}: set folder has no panel images"]:
         assert expected in message
     assert "fine" not in message
@@ -235,7 +238,8 @@ def test_empty_folder_is_an_error(tmp_path):
 
 
 def test_images_in_every_format_pil_opens_are_samples(tmp_path):
-    for name, colour in [("a.png", RED), ("b.bmp", GREEN), ("c.gif", BLUE), ("d.tiff", YELLOW), ("e.tga", RED)]:
+    files = [("a.png", RED), ("b.bmp", GREEN), ("c.gif", BLUE), ("d.tiff", YELLOW), ("e.tga", RED)]
+    for name, colour in files:
         Image.new("RGB", (32, 32), colour).save(tmp_path / name)
         (tmp_path / name).with_suffix(".txt").write_text(f"[SCENE] {name}")
     dataset = PanelSetDataset(tmp_path, resolution=32)
@@ -243,7 +247,8 @@ def test_images_in_every_format_pil_opens_are_samples(tmp_path):
     assert [colour_at(dataset[i]["image"], 16, 16) for i in range(5)] == [RED, GREEN, BLUE, YELLOW, RED]
 
 
-def test_captions_without_an_image_and_images_sharing_a_caption_are_listed_problems_other_files_left_alone(tmp_path):
+def test_captions_without_an_image_and_images_sharing_a_caption_are_listed_problems_other_files_left_alone(
+        tmp_path):
     write_joined(tmp_path, "fine", Image.new("RGB", (32, 32)))
     write_joined(tmp_path, "twice", Image.new("RGB", (32, 32)))
     Image.new("RGB", (32, 32)).save(tmp_path / "twice.jpg")
@@ -282,7 +287,8 @@ def test_panels_given_with_set_folders_of_another_panel_count_is_a_listed_proble
     assert message.startswith("1 problem(s)")
     assert f"{tmp_path / 's1'}: a set folder of 2 panel files, but panels=3" in message
     shutil.rmtree(tmp_path / "s1")
-    assert [s.count for s in PanelSetDataset(tmp_path, resolution=64, panels=3).samples] == [3]  # the same count
+    counts = [s.count for s in PanelSetDataset(tmp_path, resolution=64, panels=3).samples]
+    assert counts == [3]  # the same count
 
 
 def test_set_folder_panels_are_joined_in_natural_order_numbers_compared_as_numbers(tmp_path):
@@ -320,7 +326,8 @@ def test_batches_by_bucket_never_mix_buckets_and_cover_every_index_once(tmp_path
     for seed in range(5):
         batches = list(batches_by_bucket(dataset, batch_size=3, seed=seed))
         assert sorted(i for batch in batches for i in batch) == list(range(len(dataset)))
-        assert all(len({dataset.samples[i].bucket for i in batch}) == 1 and 1 <= len(batch) <= 3 for batch in batches)
+        assert all(len({dataset.samples[i].bucket for i in batch}) == 1 and 1 <= len(batch) <= 3
+                   for batch in batches)
     assert list(batches_by_bucket(dataset, 3, seed=0)) == list(batches_by_bucket(dataset, 3, seed=0))
     assert list(batches_by_bucket(dataset, 3, seed=0)) != list(batches_by_bucket(dataset, 3, seed=1))
 
@@ -333,20 +340,23 @@ def test_batches_by_bucket_never_mix_buckets_and_cover_every_index_once(tmp_path
 def test_a_set_smaller_than_every_resolution_trains_at_its_own_size_rounded_down_per_panel(tmp_path):
     write_set(tmp_path / "s1", [Image.new("RGB", (100, 70), c) for c in (RED, GREEN)])  # W x H panels
     dataset = PanelSetDataset(tmp_path, resolution=[512, 768, 1024])
-    assert [s.bucket for s in dataset.samples] == [(64, 192)] * 3  # panels 96x64: 100 and 70 rounded down to 16
+    # panels 96x64: 100 and 70 rounded down to 16
+    assert [s.bucket for s in dataset.samples] == [(64, 192)] * 3
     item = dataset[0]
     assert item["image"].shape == (3, 64, 192)
     assert colour_at(item["image"], 48, 32) == RED and colour_at(item["image"], 144, 32) == GREEN
 
 
 @pytest.mark.parametrize("layout", ["row", "column", "grid"])
-def test_bucketing_never_upscales_keeps_panels_equal_and_crops_sets_beyond_4_to_1_only_by_rounding(tmp_path, layout):
+def test_bucketing_never_upscales_keeps_panels_equal_and_crops_sets_beyond_4_to_1_only_by_rounding(tmp_path,
+                                                                                                    layout):
     """Sets of 1 to 6 panels of many sizes at several resolutions: every bucket's panels are equal, multiples
     of 16, no larger than the set's panels on either side, and the bucket's area is within resolution² (unless
     a panel side is already at the 16-pixel minimum). A set of an aspect beyond 1:4-4:1 loses at most the
     rounding of each panel side to 16 px, in its own pixels and in the bucket's, when cover-resized: nothing
     else is cropped away."""
-    sizes = [(w, h, n) for w in (16, 47, 100, 161, 300) for h in (20, 33, 90, 250) for n in (1, 2, 3, 4, 5, 6)]
+    sizes = [(w, h, n) for w in (16, 47, 100, 161, 300) for h in (20, 33, 90, 250)
+             for n in (1, 2, 3, 4, 5, 6)]
     for k, (w, h, n) in enumerate(sizes):
         write_set(tmp_path / f"s{k:03d}", [Image.new("RGB", (w, h), RED)] * n)
     resolutions = [64, 96, 128, 256]
@@ -357,12 +367,14 @@ def test_bucketing_never_upscales_keeps_panels_equal_and_crops_sets_beyond_4_to_
         (H, W), (rows, cols) = sample.bucket, grid_shape(n, layout)
         assert H % (16 * rows) == 0 and W % (16 * cols) == 0, (sample.path, sample.bucket)
         assert H // rows <= h and W // cols <= w, f"{sample.path} upscaled: {w}x{h} panels to {sample.bucket}"
-        assert H * W <= resolution**2 or 16 in (H // rows, W // cols), (sample.path, resolution, sample.bucket)
+        where = (sample.path, resolution, sample.bucket)
+        assert H * W <= resolution**2 or 16 in (H // rows, W // cols), where
         ph, pw = H // rows, W // cols
         if not 1 / 4 <= cols * w / (rows * h) <= 4 and 16 not in (ph, pw):
             scale = max(pw / w, ph / h)  # cover-resize, then centre-crop to pw x ph
             kept_w, kept_h = pw / (w * scale), ph / (h * scale)
-            assert kept_w >= 1 - 16 / w - 16 / pw and kept_h >= 1 - 16 / h - 16 / ph, (sample.path, sample.bucket)
+            assert kept_w >= 1 - 16 / w - 16 / pw, (sample.path, sample.bucket)
+            assert kept_h >= 1 - 16 / h - 16 / ph, (sample.path, sample.bucket)
     for i in (0, 37, len(dataset) - 1):  # the joined tensor has the bucket's shape
         assert dataset[i]["image"].shape == (3, *dataset.samples[i].bucket)
 
@@ -372,7 +384,8 @@ def test_a_row_of_six_square_panels_is_scaled_whole_at_every_resolution_not_cent
     dataset = PanelSetDataset(tmp_path, resolution=[512, 1024, 1536])
     assert [s.bucket for s in dataset.samples] == [(208, 1248), (416, 2496), (512, 3072)]  # square panels
     image = dataset[0]["image"]
-    for left, top, right, bottom in panel_boxes(208, 1248, 6, "row"):  # each panel's disc whole: as wide as tall
+    # each panel's disc is whole: as wide as tall
+    for left, top, right, bottom in panel_boxes(208, 1248, 6, "row"):
         disc_w, disc_h = dark_extent(image[:, top:bottom, left:right].permute(1, 2, 0).numpy())
         assert abs(disc_w - disc_h) <= 1 and abs(disc_h - 480 * 208 / 512) <= 2
 
@@ -381,10 +394,12 @@ def test_a_large_set_appears_at_every_listed_resolution_up_to_its_own_size(tmp_p
     write_joined(tmp_path, "storyboard", Image.new("RGB", (1536, 1024)))  # 1254 px squared: below 1280
     dataset = PanelSetDataset(tmp_path, resolution=[1280, 256, 1024, 768, 512])
     assert dataset.resolutions == [256, 512, 768, 1024, 1280]
-    assert [s.bucket for s in dataset.samples] == [(208, 304), (416, 624), (624, 944), (832, 1248), (1024, 1536)]
+    buckets = [s.bucket for s in dataset.samples]
+    assert buckets == [(208, 304), (416, 624), (624, 944), (832, 1248), (1024, 1536)]
 
 
-def test_a_set_between_two_resolutions_takes_the_smaller_ones_and_its_own_size_for_each_above_as_ai_toolkit(tmp_path):
+def test_a_set_between_two_resolutions_takes_the_smaller_ones_and_its_own_size_for_each_above_as_ai_toolkit(
+        tmp_path):
     """ai-toolkit makes one copy of the dataset per listed resolution and caps each at the image's own area,
     so every set has one sample per resolution; here the bucket at 512 (416x624) is taller than the image's
     400 px."""
@@ -403,9 +418,11 @@ def test_batches_hold_samples_of_one_bucket_across_resolutions(tmp_path):
     assert all(len({dataset.samples[i].bucket for i in batch}) == 1 for batch in batches)
 
 
-def test_a_set_of_an_aspect_beyond_the_buckets_is_scaled_down_to_the_resolutions_area_not_kept_whole(tmp_path):
+def test_a_set_of_an_aspect_beyond_the_buckets_is_scaled_down_to_the_resolutions_area_not_kept_whole(
+        tmp_path):
     write_joined(tmp_path, "strip", Image.new("RGB", (4000, 200)))  # 20:1, wider than any bucket
-    assert [s.bucket for s in PanelSetDataset(tmp_path, resolution=[512, 1024]).samples] == [(112, 2336), (192, 4000)]
+    buckets = [s.bucket for s in PanelSetDataset(tmp_path, resolution=[512, 1024]).samples]
+    assert buckets == [(112, 2336), (192, 4000)]
 
 
 def test_panels_under_16_pixels_are_refused_rather_than_upscaled(tmp_path):

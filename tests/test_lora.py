@@ -5,8 +5,15 @@ import pytest
 import torch
 from torch import nn
 
-from iclora.lora import (LoRALinear, inject_lora, lora_parameters, lora_state, merge_lora, remove_lora,
-                         set_lora_scale)
+from iclora.lora import (
+    LoRALinear,
+    inject_lora,
+    lora_parameters,
+    lora_state,
+    merge_lora,
+    remove_lora,
+    set_lora_scale,
+)
 from minflux.convert import transformer_table
 from minflux.model import Flux, preset
 from tests.test_transformer import inputs

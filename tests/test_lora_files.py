@@ -12,8 +12,15 @@ from diffusers.loaders import FluxLoraLoaderMixin
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from iclora.lora import (DEFAULT_TARGETS, LoRALinear, inject_lora, lora_linear_at, lora_parameters, remove_lora,
-                         set_lora_scale)
+from iclora.lora import (
+    DEFAULT_TARGETS,
+    LoRALinear,
+    inject_lora,
+    lora_linear_at,
+    lora_parameters,
+    remove_lora,
+    set_lora_scale,
+)
 from iclora.lora_files import load_lora, save_lora
 from minflux.model import Flux, preset
 from tests.test_transformer import inputs, reference_and_ours, run_both
@@ -52,9 +59,10 @@ def run(model, x):
 
 def report(label, got, want, base):
     """Parity of `got` with `want`, and proof that the LoRA moved the output away from the base model's."""
-    diff, effect = (got - want).abs(), (want - base).abs().max()
-    print(f"{label}: max abs diff {diff.max():.2e}, mean {diff.mean():.2e}, output scale {want.abs().mean():.2e}, "
-          f"LoRA effect {effect:.2e}")
+    diff = (got - want).abs()
+    effect = (want - base).abs().max()
+    print(f"{label}: max abs diff {diff.max():.2e}, mean {diff.mean():.2e}, "
+          f"output scale {want.abs().mean():.2e}, LoRA effect {effect:.2e}")
     assert effect > 0.1
     assert diff.max() < 1e-5
 
@@ -91,9 +99,10 @@ def test_save_then_load_gives_identical_outputs(tmp_path):
     with safe_open(str(path), "pt") as f:
         assert f.metadata()["base_model"] == "tiny"
         keys = list(f.keys())
-    assert all(k.startswith("transformer.") and k.rsplit(".", 2)[-2:] in (["lora_A", "weight"], ["lora_B", "weight"])
-               for k in keys)
-    assert len(keys) == 2 * (2 * 14 + 2 * 6)  # A and B for every diffusers module of the tiny blocks, no .alpha
+    peft_suffixes = (["lora_A", "weight"], ["lora_B", "weight"])
+    assert all(k.startswith("transformer.") and k.rsplit(".", 2)[-2:] in peft_suffixes for k in keys)
+    # A and B for every diffusers module of the tiny blocks, no .alpha
+    assert len(keys) == 2 * (2 * 14 + 2 * 6)
     x = inputs(ours.params)
     before = run(base, x)
     load_lora(base, path)
@@ -106,7 +115,7 @@ def test_a_fused_adapter_split_on_save_loads_back_at_its_own_rank_with_its_scale
     base = copy.deepcopy(ours)
     save_lora(trained(ours, rank=4, alpha=8.0), tmp_path / "lora.safetensors")
     load_lora(base, tmp_path / "lora.safetensors")
-    for (name, saved), (_, loaded) in zip(ours.named_modules(), base.named_modules()):
+    for (name, saved), (_, loaded) in zip(ours.named_modules(), base.named_modules(), strict=True):
         if isinstance(saved, LoRALinear):
             assert torch.equal(loaded.lora_A["default"].weight, saved.lora_A["default"].weight), name
             assert torch.equal(loaded.lora_B["default"].weight, 2 * saved.lora_B["default"].weight), name
@@ -142,11 +151,12 @@ def test_a_lora_beyond_fp16s_range_is_written_in_bf16_with_a_warning_never_as_in
     _, ours = reference_and_ours(guidance_embed=True)
     model = trained(ours, rank=4, alpha=8.0)
     with torch.no_grad():
-        lora_parameters(model)[1][0, 0] = 4e4  # one B value within 65504, beyond it once scaled by alpha / r = 2
+        lora_parameters(model)[1][0, 0] = 4e4  # within 65504; beyond it once scaled by alpha / r = 2
     with pytest.warns(UserWarning, match=r"exceeds fp16's range \(65504\); written in bf16"):
         save_lora(model, tmp_path / "lora.safetensors", dtype=torch.float16)
     sd = load_file(tmp_path / "lora.safetensors")
-    assert {v.dtype for v in sd.values()} == {torch.bfloat16} and all(torch.isfinite(v).all() for v in sd.values())
+    assert {v.dtype for v in sd.values()} == {torch.bfloat16}
+    assert all(torch.isfinite(v).all() for v in sd.values())
 
 
 @pytest.mark.parametrize("alpha", [4.0, 12.0], ids=["alpha=rank", "alpha!=rank"])
@@ -160,9 +170,11 @@ def test_our_file_loads_in_diffusers_with_the_same_output(tmp_path, alpha, multi
     ref.set_adapters(["lora"], weights=[multiplier])
     set_lora_scale(ours, "default", multiplier)
     load_lora(loaded, tmp_path / "lora.safetensors", multiplier=multiplier)
-    loaded, ours, x64 = in_float64(loaded, ours)  # the file's B is (alpha / r)·B rounded to fp32: see in_float64
+    # the file's B is (alpha / r)·B rounded to fp32: see in_float64
+    loaded, ours, x64 = in_float64(loaded, ours)
     assert torch.allclose(run(loaded, x64), run(ours, x64), atol=1e-5)
-    got, want = run_both(*in_float64(ref, ours))  # peft's separate q/k/v adapters vs our fused one: see in_float64
+    # peft's separate q/k/v adapters vs our fused one: see in_float64
+    got, want = run_both(*in_float64(ref, ours))
     report(f"our file in diffusers (alpha {alpha}, multiplier {multiplier})", got, want, before)
 
 
@@ -175,7 +187,8 @@ def test_our_file_loads_at_the_same_strength_with_diffusers_load_lora_adapter(tm
     before = run(ours, x)
     save_lora(trained(ours, rank=rank, alpha=alpha), tmp_path / "lora.safetensors")
     ref.load_lora_adapter(str(tmp_path / "lora.safetensors"), prefix="transformer", adapter_name="lora")
-    got, want = run_both(*in_float64(ref, ours))  # peft's separate q/k/v adapters vs our fused one: see in_float64
+    # peft's separate q/k/v adapters vs our fused one: see in_float64
+    got, want = run_both(*in_float64(ref, ours))
     report(f"our file in diffusers' load_lora_adapter (rank {rank}, alpha {alpha})", got, want, before)
 
 
@@ -230,9 +243,9 @@ def test_peft_name_variants_load_the_same():
     x = inputs(ours.params)
     outputs = []
     down_up = {k.replace("lora_A", "lora_down").replace("lora_B", "lora_up"): v for k, v in standard.items()}
-    variants = [standard, {k.removeprefix("transformer."): v for k, v in standard.items()}, down_up,
-                {"base_model.model." + k.removeprefix("transformer."): v for k, v in standard.items()},  # peft's own
-                {kohya_diffusers_name(k): v for k, v in down_up.items()}]
+    bare = {k.removeprefix("transformer."): v for k, v in standard.items()}
+    peft_own = {"base_model.model." + k: v for k, v in bare.items()}
+    variants = [standard, bare, down_up, peft_own, {kohya_diffusers_name(k): v for k, v in down_up.items()}]
     for sd in variants:
         model = copy.deepcopy(ours)
         load_lora(model, sd)
@@ -313,8 +326,8 @@ def test_bfl_native_file_equals_merging_its_deltas_by_hand():
     _, ours = reference_and_ours(guidance_embed=True)
     g = torch.Generator().manual_seed(6)
     sd, deltas = {}, {}
-    for module in ("double_blocks.0.img_attn.qkv", "single_blocks.1.linear1", "final_layer.adaLN_modulation.1",
-                   "img_in"):
+    for module in ("double_blocks.0.img_attn.qkv", "single_blocks.1.linear1",
+                   "final_layer.adaLN_modulation.1", "img_in"):
         A, B = lora_pair(ours.get_submodule(module), 3, g)
         bias = torch.randn(B.shape[0], generator=g) * 0.1
         sd |= {f"{module}.lora_A.weight": A, f"{module}.lora_B.weight": B, f"{module}.lora_B.bias": bias}
@@ -381,7 +394,8 @@ def test_xlabs_file_equals_merging_its_deltas_by_hand():
     ours, x = in_float64(ours)
     before, want = run(ours, x), run(merged_by_hand(ours, deltas), x)
     load_lora(ours, sd)
-    assert ours.single_blocks[1].linear1.lora_B["default"].weight[3 * C :].abs().max() == 0  # mlp rows untouched
+    mlp_rows = ours.single_blocks[1].linear1.lora_B["default"].weight[3 * C :]
+    assert mlp_rows.abs().max() == 0  # untouched
     report("XLabs file vs its deltas merged by hand (float64 base)", run(ours, x), want, before)
 
 
@@ -391,7 +405,8 @@ def test_xlabs_file_equals_merging_its_deltas_by_hand():
 
 def test_a_file_in_no_known_layout_is_rejected_naming_its_keys():
     _, ours = reference_and_ours(guidance_embed=True)
-    with pytest.raises(ValueError, match=r"tried PEFT/diffusers, kohya, BFL-native, XLabs.*unet\.conv_in\.weight"):
+    with pytest.raises(ValueError, match=r"tried PEFT/diffusers, kohya, BFL-native, XLabs"
+                                         r".*unet\.conv_in\.weight"):
         load_lora(ours, {"unet.conv_in.weight": torch.zeros(4, 4), "unet.mid.lora.up": torch.zeros(4, 4)})
     with pytest.raises(ValueError, match="any known layout"):  # a full checkpoint is not a LoRA
         load_lora(ours, dict(ours.state_dict()))
@@ -400,10 +415,11 @@ def test_a_file_in_no_known_layout_is_rejected_naming_its_keys():
 @pytest.mark.parametrize("key", ["lora_unet_img_in.dora_scale", "lora_unet_img_in.diff"])
 def test_dora_and_full_weight_diff_tensors_are_refused_as_such_naming_the_file_and_key(tmp_path, key):
     _, ours = reference_and_ours(guidance_embed=True)
-    save_file({"lora_unet_img_in.lora_down.weight": torch.zeros(4, 64), "lora_unet_img_in.lora_up.weight":
-               torch.zeros(32, 4), key: torch.zeros(32, 1 if "dora" in key else 64)}, tmp_path / "dora.safetensors")
-    with pytest.raises(ValueError, match=rf"dora\.safetensors: DoRA \(dora_scale\) / full-weight \.diff tensors are "
-                                         rf"not supported \(e\.g\. {re.escape(key)}\)"):
+    save_file({"lora_unet_img_in.lora_down.weight": torch.zeros(4, 64),
+               "lora_unet_img_in.lora_up.weight": torch.zeros(32, 4),
+               key: torch.zeros(32, 1 if "dora" in key else 64)}, tmp_path / "dora.safetensors")
+    with pytest.raises(ValueError, match=rf"dora\.safetensors: DoRA \(dora_scale\) / full-weight "
+                                         rf"\.diff tensors are not supported \(e\.g\. {re.escape(key)}\)"):
         load_lora(ours, tmp_path / "dora.safetensors")
 
 
@@ -421,7 +437,8 @@ def test_a_lora_for_a_module_the_model_lacks_is_rejected_naming_it():
 
 def test_a_down_weight_without_its_up_weight_is_rejected():
     _, ours = reference_and_ours(guidance_embed=True)
-    with pytest.raises(ValueError, match=r"lora_unet_img_in needs both .* has only lora_unet_img_in\.lora_down"):
+    with pytest.raises(ValueError, match=r"lora_unet_img_in needs both .* "
+                                         r"has only lora_unet_img_in\.lora_down"):
         load_lora(ours, {"lora_unet_img_in.lora_down.weight": torch.zeros(4, 64)})
 
 
@@ -430,7 +447,8 @@ def test_a_shape_mismatch_is_rejected_with_the_key_and_both_shapes():
     sd = {"lora_unet_single_blocks_0_linear2.lora_down.weight": torch.zeros(4, 64),
           "lora_unet_single_blocks_0_linear2.lora_up.weight": torch.zeros(32, 4)}
     with pytest.raises(ValueError, match=r"lora_unet_single_blocks_0_linear2\.lora_down\.weight has shape "
-                                         r"\(4, 64\), but single_blocks\.0\.linear2 \(32×160\) needs \(4, 160\)"):
+                                         r"\(4, 64\), but single_blocks\.0\.linear2 \(32×160\) "
+                                         r"needs \(4, 160\)"):
         load_lora(ours, sd)
     assert not any(isinstance(m, LoRALinear) for m in ours.modules())  # nothing was changed
 
@@ -462,9 +480,10 @@ def test_a_lora_holding_nan_or_inf_is_refused_naming_the_file_and_key(tmp_path, 
     _, ours = reference_and_ours(guidance_embed=True)
     up = torch.zeros(32, 4)
     up[3, 1] = bad
-    save_file({"lora_unet_img_in.lora_down.weight": torch.zeros(4, 64), "lora_unet_img_in.lora_up.weight": up},
-              tmp_path / "bad.safetensors")
-    with pytest.raises(ValueError, match=r"bad\.safetensors: lora_unet_img_in\.lora_up\.weight holds (NaN|inf)"):
+    save_file({"lora_unet_img_in.lora_down.weight": torch.zeros(4, 64),
+               "lora_unet_img_in.lora_up.weight": up}, tmp_path / "bad.safetensors")
+    with pytest.raises(ValueError, match=r"bad\.safetensors: lora_unet_img_in\.lora_up\.weight "
+                                         r"holds (NaN|inf)"):
         load_lora(ours, tmp_path / "bad.safetensors")
     with pytest.raises(ValueError, match=r"LoRA state dict: lora_unet_img_in\.lora_up\.weight holds"):
         load_lora(ours, load_file(tmp_path / "bad.safetensors"))
@@ -478,8 +497,8 @@ def test_saving_an_adapter_holding_nan_is_refused_and_keeps_the_existing_file(tm
     before = path.read_bytes()
     with torch.no_grad():
         ours.double_blocks[0].img_attn.qkv.lora_B["default"].weight[0, 0] = float("nan")
-    with pytest.raises(ValueError, match=r"lora\.safetensors: not written: .*double_blocks\.0\.img_attn\.qkv B "
-                                         r"holds NaN"):
+    with pytest.raises(ValueError, match=r"lora\.safetensors: not written: "
+                                         r".*double_blocks\.0\.img_attn\.qkv B holds NaN"):
         save_lora(ours, path)
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["lora.safetensors"]

@@ -9,7 +9,8 @@ The README's runs (60 sets, 1000 steps) go further."""
 import pytest
 
 import train
-from iclora.lora_files import load_lora, read_conditional_metadata
+from iclora.conditional_metadata import read_conditional_metadata
+from iclora.lora_files import load_lora
 from minflux.pipeline import load_pipeline
 from toy import make_sets
 from toy.score import evaluate, held_out_scenes

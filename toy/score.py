@@ -26,7 +26,8 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
-from iclora.lora_files import load_lora, read_conditional_metadata  # noqa: E402
+from iclora.conditional_metadata import read_conditional_metadata  # noqa: E402
+from iclora.lora_files import load_lora  # noqa: E402
 from iclora.references import image_positions, pin_references, reference_latents  # noqa: E402
 from minflux.cli import USER_ERRORS  # noqa: E402
 from iclora.panels import join_panels  # noqa: E402

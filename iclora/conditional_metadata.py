@@ -1,0 +1,45 @@
+"""What a conditional IC-LoRA (`train.py --ref-panel`) records in its file's metadata, and reading it back.
+
+Its reference panels, the panel count and layout (iclora/panels.py), how reference tokens were given (a mode
+of iclora/references.py) and the trained panel size: sample.py and toy/score.py need them to use the LoRA as
+it was trained. safetensors metadata maps str to str; the values are checked when they are read.
+"""
+
+from minflux.loading import open_safetensors
+
+from .panels import LAYOUTS
+from .references import REF_MODES
+
+CONDITIONAL_KEYS = ("ref_panels", "panels", "layout", "ref_mode", "panel_height", "panel_width")
+
+
+def conditional_metadata(ref_panels: list[int], panels: int, layout: str, ref_mode: str, panel_height: int,
+                         panel_width: int) -> dict[str, str]:
+    """The metadata of a conditional IC-LoRA: its 1-based reference panels ("1" or "1,3"), the panel count
+    and layout, the reference mode and the trained panel size."""
+    return {"ref_panels": ",".join(map(str, ref_panels)), "panels": str(panels), "layout": layout,
+            "ref_mode": ref_mode, "panel_height": str(panel_height), "panel_width": str(panel_width)}
+
+
+def read_conditional_metadata(path) -> dict | None:
+    """`conditional_metadata`'s values read back from a LoRA file (ints as ints); None for a plain LoRA."""
+    with open_safetensors(path, "not a readable safetensors LoRA file") as f:
+        meta = f.metadata() or {}
+    if "ref_panels" not in meta:
+        return None
+    try:
+        found = {key: meta[key] for key in CONDITIONAL_KEYS}
+        found["ref_panels"] = [int(k) for k in found["ref_panels"].split(",")]
+        for key in ("panels", "panel_height", "panel_width"):
+            found[key] = int(found[key])
+    except (KeyError, ValueError) as e:
+        keys = ", ".join(CONDITIONAL_KEYS)
+        raise ValueError(f"{path}: broken conditional IC-LoRA metadata ({type(e).__name__}: {e}); expected "
+                         f"the keys {keys} as train.py --ref-panel writes them") from None
+    sizes = (found["panel_height"], found["panel_width"])
+    bad_size = any(side < 16 or side % 16 for side in sizes)
+    if found["ref_mode"] not in REF_MODES or found["layout"] not in LAYOUTS or bad_size:
+        raise ValueError(f"{path}: broken conditional IC-LoRA metadata: ref_mode {found['ref_mode']!r}, "
+                         f"layout {found['layout']!r}, panel size {sizes[1]}x{sizes[0]}; expected one of "
+                         f"{REF_MODES}, one of {LAYOUTS}, sides multiples of 16")
+    return found
