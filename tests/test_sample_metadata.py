@@ -12,6 +12,7 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 import sample
+from minflux import png_settings
 from tests.test_generation import PROMPT, reference_image, repo, write_iclora_file  # noqa: F401 (repo: fixture)
 
 NEGATIVE = "a green triangle, blurry"
@@ -43,7 +44,7 @@ def first_run(repo, inputs, tmp_path_factory):
 
 
 def stored(path) -> dict:
-    return json.loads(Image.open(path).info[sample.SETTINGS_KEY])
+    return json.loads(Image.open(path).info[png_settings.SETTINGS_KEY])
 
 
 def pixels(paths) -> list[np.ndarray]:
@@ -64,7 +65,7 @@ def test_every_file_of_a_run_carries_all_its_settings(repo, inputs, first_run):
 
 def test_the_settings_read_back_are_the_ones_written(first_run, tmp_path):
     args = sample.parse_args(["--from-image", str(first_run[4]), "--out", str(tmp_path / "again.png")])
-    assert sample.read_settings(first_run[4]) == stored(first_run[4])
+    assert png_settings.read_settings(first_run[4]) == stored(first_run[4])
     assert json.loads(json.dumps(args.settings, default=str)) == stored(first_run[4])
     assert args.ref == [Path(stored(first_run[4])["ref"][0])] and args.seed == [3, 4]  # typed as the flags
 
@@ -91,8 +92,8 @@ def test_local_files_given_relative_are_stored_absolute_so_from_image_runs_from_
 def test_a_hub_id_and_the_toy_model_are_stored_as_given(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "toy").mkdir()  # a folder of that name does not make `toy` a path
-    assert sample.located("toy") == "toy"
-    assert sample.located(["ali-vilab/In-Context-LoRA/film-storyboard.safetensors", None]) == [
+    assert png_settings.located("toy") == "toy"
+    assert png_settings.located(["ali-vilab/In-Context-LoRA/film-storyboard.safetensors", None]) == [
         "ali-vilab/In-Context-LoRA/film-storyboard.safetensors", None]
 
 
