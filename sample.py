@@ -231,13 +231,13 @@ def true_cfg(flow, negative: tuple[torch.Tensor, torch.Tensor] | None, scale: fl
 
 
 def geometry(meta: dict) -> list:
-    """What a conditional IC-LoRA fixes of the sets it draws: two such LoRAs go together only if it agrees."""
+    """What a conditional IC-LoRA fixes of its sets; two such LoRAs go together only if theirs agree."""
     return [meta[k] for k in ("panels", "layout", "ref_panels", "ref_mode")]
 
 
 def conditional_lora(loras: list, refs: list[Path]) -> tuple[Path, dict] | None:
-    """The first conditional IC-LoRA among the `loras` and its metadata, None if there is none; or, without
-    --ref `refs` (its input images), a warning and None. Others of another `geometry` are an error."""
+    """The first conditional IC-LoRA among `loras`, with its metadata; None if there is none, or (after a
+    warning) if no --ref gives its input images. Conditional LoRAs of another `geometry` are an error."""
     conditional = []
     for path, _ in loras:
         meta = read_conditional_metadata(path)
