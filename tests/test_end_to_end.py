@@ -16,7 +16,8 @@ PROMPT = "a small red circle above a blue square, on a yellow background"
 @pytest.fixture(scope="module")
 def repos(tmp_path_factory):
     root = tmp_path_factory.mktemp("repos")
-    return {(layout, schnell): write_tiny_repo(root / f"{layout}-{schnell}", layout="both" if layout == "ref" else layout,
+    return {(layout, schnell): write_tiny_repo(root / f"{layout}-{schnell}",
+                                               layout="both" if layout == "ref" else layout,
                                                schnell=schnell, seed=3)
             for layout, schnell in [("ref", False), ("bfl", False), ("diffusers", False), ("ref", True)]}
 
@@ -30,15 +31,16 @@ def diffusers_images(folder, width, height, steps, guidance, seed, num_images=1,
 
 
 def our_images(folder, tmp_path, width, height, steps, guidance, seed, num_images=1):
-    paths = sample.main(["--model", str(folder), "--prompt", PROMPT, "--width", str(width), "--height", str(height),
-                         "--steps", str(steps), "--guidance", str(guidance), "--seed", str(seed),
-                         "--num-images", str(num_images), "--out", str(tmp_path / "out.png"), "--device", "cpu"])
+    paths = sample.main(["--model", str(folder), "--prompt", PROMPT, "--width", str(width),
+                         "--height", str(height), "--steps", str(steps), "--guidance", str(guidance),
+                         "--seed", str(seed), "--num-images", str(num_images),
+                         "--out", str(tmp_path / "out.png"), "--device", "cpu"])
     return [np.asarray(Image.open(p), dtype=np.int16) for p in paths]
 
 
 def assert_same_images(ours, theirs):
     assert len(ours) == len(theirs)
-    for a, b in zip(ours, theirs):
+    for a, b in zip(ours, theirs, strict=True):
         assert a.shape == b.shape
         diff = np.abs(a - b)
         print(f"image {a.shape[1]}x{a.shape[0]}: max pixel diff {diff.max()}, mean {diff.mean():.4f}, "
@@ -61,8 +63,10 @@ def test_sample_py_prefers_bfl_files_when_both_layouts_exist(repos, tmp_path):
 
 
 def test_several_images_per_prompt_match_diffusers(repos, tmp_path):
-    want = diffusers_images(repos["ref", False], width=64, height=64, steps=2, guidance=3.5, seed=5, num_images=2)
-    got = our_images(repos["ref", False], tmp_path, width=64, height=64, steps=2, guidance=3.5, seed=5, num_images=2)
+    want = diffusers_images(repos["ref", False], width=64, height=64, steps=2, guidance=3.5, seed=5,
+                            num_images=2)
+    got = our_images(repos["ref", False], tmp_path, width=64, height=64, steps=2, guidance=3.5, seed=5,
+                     num_images=2)
     assert_same_images(got, want)
     assert np.abs(got[0] - got[1]).max() > 0, "the two images of one run must differ"
 

@@ -7,19 +7,25 @@ import re
 import numpy as np
 import pytest
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler, FluxImg2ImgPipeline, FluxPipeline, FluxTransformer2DModel
+from diffusers import (
+    FlowMatchEulerDiscreteScheduler,
+    FluxImg2ImgPipeline,
+    FluxPipeline,
+    FluxTransformer2DModel,
+)
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
 import sample
 import train
-from tests.test_training import data  # noqa: F401 (a fixture)
 from iclora.panels import canvas_size, joint_caption, panel_boxes, panel_size
 from iclora.references import pin_references, reference_latents
 from minflux.pipeline import from_pil, load_pipeline, to_pil
-from minflux.sampling import (add_noise, denoise, get_noise, image_ids, img2img_start, pack, text_ids,
-                              unpack)
+from minflux.sampling import add_noise, denoise, get_noise, image_ids, img2img_start, pack, text_ids, unpack
+from tests import test_training
 from tests.tiny_repo import write_tiny_repo
+
+data = test_training.data  # a fixture of test_training.py (a toy dataset), used here too
 
 PROMPT = "a small red circle above a blue square, on a yellow background"
 PANELS_PROMPT = "This two-panel image shows a pair; [IMAGE1] a photo; [IMAGE2] the same scene as a drawing"
@@ -45,8 +51,10 @@ def write_iclora_file(path, repo, seed):
     sd = {}
     for name, module in transformer.named_modules():
         if isinstance(module, torch.nn.Linear) and "transformer_blocks." in name:
-            sd[f"transformer.{name}.lora_A.weight"] = (torch.randn(16, module.in_features, generator=g) * 0.1).half()
-            sd[f"transformer.{name}.lora_B.weight"] = (torch.randn(module.out_features, 16, generator=g) * 0.05).half()
+            a = torch.randn(16, module.in_features, generator=g) * 0.1
+            b = torch.randn(module.out_features, 16, generator=g) * 0.05
+            sd[f"transformer.{name}.lora_A.weight"] = a.half()
+            sd[f"transformer.{name}.lora_B.weight"] = b.half()
     save_file(sd, path)
     return path
 
@@ -59,8 +67,9 @@ def loras(repo, tmp_path_factory):
 
 
 def ours(repo, out, *args, size=(64, 48), steps=4, seed=7) -> list[np.ndarray]:
-    paths = sample.main(["--model", str(repo), "--prompt", PROMPT, "--width", str(size[0]), "--height", str(size[1]),
-                         "--steps", str(steps), "--seed", str(seed), "--out", str(out), "--device", "cpu", *args])
+    paths = sample.main(["--model", str(repo), "--prompt", PROMPT, "--width", str(size[0]),
+                         "--height", str(size[1]), "--steps", str(steps), "--seed", str(seed),
+                         "--out", str(out), "--device", "cpu", *args])
     return [np.asarray(Image.open(p), dtype=np.int16) for p in paths]
 
 
@@ -87,10 +96,12 @@ def pixel_diff(label, got, want) -> np.ndarray:
 def test_the_test_lora_has_the_official_iclora_layout(loras):
     sd = load_file(loras[0])
     modules = {k.rsplit(".", 2)[0] for k in sd}
-    assert len(modules) == 14 * 2 + 6 * 2 and len(sd) == 2 * len(modules)  # tiny analogue of 494 modules, 988 tensors
+    # The tiny analogue of 494 modules, 988 tensors.
+    assert len(modules) == 14 * 2 + 6 * 2 and len(sd) == 2 * len(modules)
     assert {v.dtype for v in sd.values()} == {torch.float16} and not any(k.endswith(".alpha") for k in sd)
     assert {v.shape[0] for k, v in sd.items() if "lora_A" in k} == {16}
-    assert {"transformer.transformer_blocks.0.norm1.linear", "transformer.transformer_blocks.1.norm1_context.linear",
+    assert {"transformer.transformer_blocks.0.norm1.linear",
+            "transformer.transformer_blocks.1.norm1_context.linear",
             "transformer.single_transformer_blocks.1.norm.linear"} <= modules
 
 
@@ -111,7 +122,8 @@ def two_loras_in_diffusers(repo, loras):
 
 
 @pytest.mark.parametrize("merge", [True, False], ids=["merged", "unmerged"])
-def test_two_loras_at_once_match_diffusers_merged_or_not(repo, loras, two_loras_in_diffusers, tmp_path, merge):
+def test_two_loras_at_once_match_diffusers_merged_or_not(repo, loras, two_loras_in_diffusers, tmp_path,
+                                                         merge):
     args = ["--lora", str(loras[0]), "--lora", str(loras[1]), "--lora-scale", "1.0", "--lora-scale", "0.6"]
     got = ours(repo, tmp_path / "out.png", *args, *([] if merge else ["--no-merge"]))[0]
     one = ours(repo, tmp_path / "one.png", "--lora", str(loras[0]))[0]
@@ -130,7 +142,8 @@ def test_hub_lora_is_downloaded_as_owner_repo_file(monkeypatch, loras):
     import huggingface_hub
 
     calls = []
-    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda repo, file: calls.append((repo, file)) or loras[0])
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download",
+                        lambda repo, file: calls.append((repo, file)) or loras[0])
     assert sample.resolve_lora("ali-vilab/In-Context-LoRA/film-storyboard.safetensors") == loras[0]
     assert calls == [("ali-vilab/In-Context-LoRA", "film-storyboard.safetensors")]
 
@@ -166,11 +179,13 @@ def test_a_lora_holding_nan_is_refused_before_loading_the_model(tmp_path):
 def test_a_prompt_over_the_t5_limit_is_warned_of_once_with_its_count_and_cut_words(repo, tmp_path):
     long = "a red fox " * 120  # 600 tokens and </s>, over FLUX.1-dev's 512
     with pytest.warns(UserWarning) as caught:
-        sample.main(["--model", str(repo), "--prompt", long, "--prompt", PROMPT, "--num-images", "2", "--steps", "1",
-                     "--width", "16", "--height", "16", "--out", str(tmp_path / "out.png"), "--device", "cpu"])
+        sample.main(["--model", str(repo), "--prompt", long, "--prompt", PROMPT, "--num-images", "2",
+                     "--steps", "1", "--width", "16", "--height", "16", "--out", str(tmp_path / "out.png"),
+                     "--device", "cpu"])
     messages = [str(w.message) for w in caught if "T5 tokens" in str(w.message)]
-    assert messages == ["prompt 'a red fox a red fox a red fox a red fox ' is 601 T5 tokens, over the model's limit "
-                        "of 512; these words are cut off: " + repr("red fox " + long[len("a red fox ") * 103:])]
+    assert messages == ["prompt 'a red fox a red fox a red fox a red fox ' is 601 T5 tokens, over the "
+                        "model's limit of 512; these words are cut off: "
+                        + repr("red fox " + long[len("a red fox ") * 103:])]
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -179,11 +194,14 @@ def test_a_prompt_over_the_t5_limit_is_warned_of_once_with_its_count_and_cut_wor
 
 def test_joint_caption_template():
     assert (joint_caption("a product and its poster", ["the product", "the poster"])
-            == "This two-panel image shows a product and its poster; [IMAGE1] the product; [IMAGE2] the poster")
-    assert joint_caption(None, ["a", "b", "c"]) == "This three-panel image; [IMAGE1] a; [IMAGE2] b; [IMAGE3] c"
+            == "This two-panel image shows a product and its poster; [IMAGE1] the product; "
+               "[IMAGE2] the poster")
+    assert (joint_caption(None, ["a", "b", "c"])
+            == "This three-panel image; [IMAGE1] a; [IMAGE2] b; [IMAGE3] c")
     hand_written = "[MOVIE-SHOTS] a chase, [SCENE-1] a car; [SCENE-2] a bridge"
     assert joint_caption(hand_written, []) == hand_written
-    args = sample.parse_args(["--prompt", "a pair", "--panels", "2", "--panel-prompt", "x", "--panel-prompt", "y"])
+    args = sample.parse_args(["--prompt", "a pair", "--panels", "2", "--panel-prompt", "x",
+                              "--panel-prompt", "y"])
     assert sample.read_prompts(args) == ["This two-panel image shows a pair; [IMAGE1] x; [IMAGE2] y"]
 
 
@@ -191,9 +209,11 @@ def test_grid_of_three_writes_the_joined_image_and_each_panel_at_exact_sizes(rep
     paths = sample.main(["--model", str(repo), "--prompt", PROMPT, "--panels", "3", "--layout", "grid",
                          "--panel-width", "48", "--panel-height", "80", "--steps", "2", "--num-images", "2",
                          "--out", str(tmp_path / "set.png"), "--device", "cpu"])
-    assert [p.name for p in paths] == [f"set-{i}{s}.png" for i in range(2) for s in ["", "-panel1", "-panel2", "-panel3"]]
+    assert [p.name for p in paths] == [f"set-{i}{s}.png" for i in range(2)
+                                       for s in ["", "-panel1", "-panel2", "-panel3"]]
     joined = Image.open(paths[0])
-    assert joined.size == (96, 160)  # 2×2 cells of 48×80 (3×5 tokens each); the fourth cell stays generated
+    # 2×2 cells of 48×80 (3×5 tokens each); the fourth cell stays generated.
+    assert joined.size == (96, 160)
     for k, box in enumerate([(0, 0, 48, 80), (48, 0, 96, 80), (0, 80, 48, 160)], start=1):
         panel = Image.open(paths[k])
         assert panel.size == (48, 80)
@@ -207,12 +227,14 @@ def test_panel_size_defaults_to_the_canvas_split_by_the_grid():
 
 @pytest.mark.parametrize("args,error", [
     (["--panels", "2", "--panel-width", "50", "--panel-height", "64"], r"panel width 50 .*nearest valid: 48"),
-    (["--panels", "3", "--width", "1024", "--height", "512"], r"canvas width of 1024 .* 1008 \(panels 336 px\)"),
+    (["--panels", "3", "--width", "1024",
+      "--height", "512"], r"canvas width of 1024 .* 1008 \(panels 336 px\)"),
     (["--panels", "2", "--panel-width", "64"], "give both --panel-width and --panel-height"),
     (["--width", "100"], r"multiples of 16.*nearest valid size: 96×1024"),
     (["--panels", "2", "--panel-prompt", "only one"], r"1 --panel-prompt\(s\) for --panels 2"),
     (["--ref", "REF"], r"reference images need a panel set"),
-    (["--panels", "2", "--ref", "REF", "--ref-panel", "3"], r"--ref-panel 3 is not a panel of this 2-panel set"),
+    (["--panels", "2", "--ref", "REF",
+      "--ref-panel", "3"], r"--ref-panel 3 is not a panel of this 2-panel set"),
     (["--panels", "2", "--ref", "REF", "--ref", "REF"], r"fix every panel"),
     (["--panels", "2", "--ref", "MISSING"], r"--ref .*missing\.png: no such image file"),
     (["--panels", "2", "--ref", "TEXT"], r"--ref .*notes\.png: not a readable image"),
@@ -228,10 +250,12 @@ def test_bad_arguments_are_refused_before_loading_the_model(tmp_path, args, erro
 
 
 @pytest.mark.parametrize("args,error", [
-    (["--panels", "2", "--ref", "r.png", "--ref-strength", "1.5"], r"--ref-strength: must be in \[0, 1\], got 1.5"),
+    (["--panels", "2", "--ref", "r.png",
+      "--ref-strength", "1.5"], r"--ref-strength: must be in \[0, 1\], got 1.5"),
     (["--init", "i.png", "--strength", "-0.1"], r"--strength: must be in \[0, 1\]"),
     (["--strength", "0.5"], "--strength needs an --init image"),
-    (["--lora", "a.safetensors", "--lora-scale", "1", "--lora-scale", "2"], r"2 --lora-scale value\(s\) for 1"),
+    (["--lora", "a.safetensors", "--lora-scale", "1",
+      "--lora-scale", "2"], r"2 --lora-scale value\(s\) for 1"),
     (["--steps", "0"], "--steps: must be at least 1, got 0"),
     (["--seed", str(2**64)], rf"--seed: must be in \[{-2**63}, {2**64 - 1}\], got {2**64}"),
 ])
@@ -256,8 +280,8 @@ def reference_image(seed, size=(64, 48)) -> Image.Image:
     """A smooth random picture (not flat), larger than the panel and of another aspect, to exercise the
     cover-crop."""
     rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)).resize((size[0] + 16, size[1] + 32),
-                                                                                  Image.Resampling.BICUBIC)
+    return Image.fromarray(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)).resize(
+        (size[0] + 16, size[1] + 32), Image.Resampling.BICUBIC)
 
 
 def sample_latents(pipe, prompt, H, W, timesteps, x, after_step=None) -> torch.Tensor:
@@ -321,7 +345,8 @@ def toy_set_with_reference(tmp_path, scene, seed, prompt_scene=None) -> list[np.
 def toy_scene(i):
     from toy.world import Scene, Shape
 
-    return [Scene("yellow", (Shape("circle", "red", "large", "top left"), Shape("square", "blue", "small", "center"))),
+    return [Scene("yellow", (Shape("circle", "red", "large", "top left"),
+                             Shape("square", "blue", "small", "center"))),
             Scene("green", (Shape("triangle", "white", "small", "bottom right"),))][i]
 
 
@@ -338,7 +363,8 @@ def test_reference_panel_decodes_close_to_the_reference_image(tmp_path):
         _, left, right = toy_set_with_reference(tmp_path, toy_scene(0), seed)
         pinned = pixel_diff(f"seed {seed}: reference panel vs reference", left, ref).mean()
         generated = pixel_diff(f"seed {seed}: generated panel vs reference", right, ref).mean()
-        assert pinned < 2 * alone  # beside a generated panel, at most twice the autoencoder's own round-trip error
+        # Beside a generated panel, at most twice the autoencoder's own round-trip error.
+        assert pinned < 2 * alone
         assert generated > 4 * pinned
 
 
@@ -372,7 +398,8 @@ def test_reference_strength_blends_the_known_tokens_toward_the_noised_reference(
     out = pin_references(known, mask, noise, [1.0, 0.5, 0.3, 0.0], strength=0.25)(x, t)
     assert torch.allclose(out[:, mask], 0.75 * x[:, mask] + 0.25 * target[:, mask], atol=1e-6)
     assert torch.equal(out[:, ~mask], x[:, ~mask])
-    assert torch.equal(pin_references(known, mask, noise, [1.0, 0.0], strength=1.0)(x, 0.0)[:, mask], known[:, mask])
+    assert torch.equal(pin_references(known, mask, noise, [1.0, 0.0], strength=1.0)(x, 0.0)[:, mask],
+                       known[:, mask])
 
 
 def test_reference_stop_leaves_the_last_fraction_of_steps_to_the_model(pipe):
@@ -404,7 +431,7 @@ def init_image(tmp_path_factory):
 def test_img2img_strength_zero_returns_the_input_through_the_vae(repo, pipe, init_image, tmp_path):
     got = ours(repo, tmp_path / "out.png", "--init", str(init_image), "--strength", "0", seed=7)[0]
     latents = pipe.encode_image(from_pil(Image.open(init_image), 48, 64), torch.Generator().manual_seed(7))
-    round_trip = np.asarray(to_pil(pipe.decode(latents))[0])  # the seed's sample of the latent Gaussian, decoded
+    round_trip = np.asarray(to_pil(pipe.decode(latents))[0])  # the seed's latent Gaussian sample, decoded
     assert pixel_diff("img2img strength 0 vs decode(encode(init))", got, round_trip).max() == 0
 
 
@@ -412,7 +439,8 @@ def test_img2img_strength_one_ignores_the_init_image(repo, init_image, tmp_path)
     got = ours(repo, tmp_path / "out.png", "--init", str(init_image), "--strength", "1")[0]
     other = tmp_path / "other.png"
     reference_image(9, size=(64, 48)).save(other)
-    assert np.array_equal(got, ours(repo, tmp_path / "other_out.png", "--init", str(other), "--strength", "1")[0])
+    assert np.array_equal(got, ours(repo, tmp_path / "other_out.png",
+                                    "--init", str(other), "--strength", "1")[0])
 
 
 @pytest.mark.parametrize("strength", [0.6, 1.0])
@@ -420,7 +448,8 @@ def test_sample_py_init_gives_diffusers_img2img_image_for_the_same_seed(repo, in
     want = np.asarray(FluxImg2ImgPipeline.from_pretrained(repo, torch_dtype=torch.float32)(
         PROMPT, image=Image.open(init_image), strength=strength, width=64, height=48, num_inference_steps=5,
         guidance_scale=3.5, generator=torch.Generator().manual_seed(4)).images[0], np.int16)
-    got = ours(repo, tmp_path / "out.png", "--init", str(init_image), "--strength", str(strength), steps=5, seed=4)[0]
+    got = ours(repo, tmp_path / "out.png", "--init", str(init_image), "--strength", str(strength),
+               steps=5, seed=4)[0]
     assert pixel_diff(f"sample.py --init, strength {strength}, vs FluxImg2ImgPipeline", got, want).max() <= 1
 
 
@@ -439,8 +468,9 @@ def test_img2img_matches_diffusers_with_its_sampled_init_latents(repo, pipe, ini
     image."""
     image, seed, steps, strength = Image.open(init_image), 4, 5, 0.6
     ref = FluxImg2ImgPipeline.from_pretrained(repo, torch_dtype=torch.float32)
-    want = np.asarray(ref(PROMPT, image=image, strength=strength, width=64, height=48, num_inference_steps=steps,
-                          guidance_scale=3.5, generator=torch.Generator().manual_seed(seed)).images[0], np.int16)
+    want = np.asarray(ref(PROMPT, image=image, strength=strength, width=64, height=48,
+                          num_inference_steps=steps, guidance_scale=3.5,
+                          generator=torch.Generator().manual_seed(seed)).images[0], np.int16)
     g = torch.Generator().manual_seed(seed)
     init = pipe.encode_image(from_pil(image, 48, 64), generator=g)
     noise = torch.randn(1, 16, 6, 8, generator=g)
@@ -450,13 +480,15 @@ def test_img2img_matches_diffusers_with_its_sampled_init_latents(repo, pipe, ini
     got = np.asarray(to_pil(pipe.decode(latents))[0], np.int16)
     assert pixel_diff(f"img2img strength {strength} vs diffusers FluxImg2ImgPipeline", got, want).max() <= 1
     t2i = sample_latents(pipe, PROMPT, 48, 64, pipe.schedule(48, 64, steps), noise)
-    assert np.abs(got - np.asarray(to_pil(pipe.decode(t2i))[0], np.int16)).mean() > 2, "the init image must matter"
+    assert np.abs(got - np.asarray(to_pil(pipe.decode(t2i))[0], np.int16)).mean() > 2, (
+        "the init image must matter")
 
 
 def test_a_trained_lora_saved_in_fp16_gives_diffusers_the_image_sample_py_draws(repo, data, tmp_path):
     out = train.main(["--model", str(repo), "--data", str(data), "--out", str(tmp_path / "lora.safetensors"),
-                      "--resolution", "48", "--batch-size", "2", "--rank", "4", "--alpha", "4", "--lr", "3e-2",
-                      "--warmup", "1", "--steps", "20", "--ema-decay", "0", "--sample-every", "0", "--device", "cpu"])
+                      "--resolution", "48", "--batch-size", "2", "--rank", "4", "--alpha", "4",
+                      "--lr", "3e-2", "--warmup", "1", "--steps", "20", "--ema-decay", "0",
+                      "--sample-every", "0", "--device", "cpu"])
     assert {v.dtype for v in load_file(out).values()} == {torch.float16}  # train.py's default for FLUX.1-dev
     base = ours(repo, tmp_path / "base.png")[0]
     got = ours(repo, tmp_path / "out.png", "--lora", str(out))[0]

@@ -12,7 +12,11 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 import sample
-from tests.test_generation import PROMPT, reference_image, repo, write_iclora_file  # noqa: F401 (repo: fixture)
+from minflux import png_settings
+from tests import test_generation
+from tests.test_generation import PROMPT, reference_image, write_iclora_file
+
+repo = test_generation.repo  # a fixture of test_generation.py (the tiny model repo), used here too
 
 NEGATIVE = "a green triangle, blurry"
 
@@ -28,22 +32,24 @@ def inputs(repo, tmp_path_factory):
 
 
 def every_setting(repo, inputs) -> list[str]:
-    return ["--model", str(repo), "--prompt", "a pair", "--panels", "2", "--layout", "row", "--panel-width", "32",
-            "--panel-height", "32", "--panel-prompt", "a photo", "--panel-prompt", "a drawing", "--seed", "3", "4",
-            "--steps", "3", "--guidance", "2.5", "--lora", str(inputs["lora"]), "--lora-scale", "0.7", "--no-merge",
-            "--quantize", "fp8", "--dtype", "fp32", "--ref", str(inputs["ref"]), "--ref-panel", "2",
-            "--ref-strength", "0.9", "--ref-stop", "0.34", "--init", str(inputs["init"]), "--strength", "0.8",
+    return ["--model", str(repo), "--prompt", "a pair", "--panels", "2", "--layout", "row",
+            "--panel-width", "32", "--panel-height", "32", "--panel-prompt", "a photo",
+            "--panel-prompt", "a drawing", "--seed", "3", "4", "--steps", "3", "--guidance", "2.5",
+            "--lora", str(inputs["lora"]), "--lora-scale", "0.7", "--no-merge", "--quantize", "fp8",
+            "--dtype", "fp32", "--ref", str(inputs["ref"]), "--ref-panel", "2", "--ref-strength", "0.9",
+            "--ref-stop", "0.34", "--init", str(inputs["init"]), "--strength", "0.8",
             "--negative-prompt", NEGATIVE, "--true-cfg", "2.5", "--device", "cpu"]
 
 
 @pytest.fixture(scope="module")
 def first_run(repo, inputs, tmp_path_factory):
     """Two seeds of a two-panel set with every setting: 2 × (joined image + 2 panels) files."""
-    return sample.main([*every_setting(repo, inputs), "--out", str(tmp_path_factory.mktemp("first") / "out.png")])
+    return sample.main([*every_setting(repo, inputs),
+                        "--out", str(tmp_path_factory.mktemp("first") / "out.png")])
 
 
 def stored(path) -> dict:
-    return json.loads(Image.open(path).info[sample.SETTINGS_KEY])
+    return json.loads(Image.open(path).info[png_settings.SETTINGS_KEY])
 
 
 def pixels(paths) -> list[np.ndarray]:
@@ -52,19 +58,20 @@ def pixels(paths) -> list[np.ndarray]:
 
 def test_every_file_of_a_run_carries_all_its_settings(repo, inputs, first_run):
     assert len(first_run) == 6
-    want = {"model": str(repo), "prompt": ["a pair"], "panel_prompt": ["a photo", "a drawing"], "seed": [3, 4],
-            "num_images": 1, "height": 32, "width": 64, "panels": 2, "layout": "row", "panel_width": 32,
-            "panel_height": 32, "steps": 3, "guidance": 2.5, "negative_prompt": NEGATIVE, "true_cfg": 2.5,
-            "lora": [str(inputs["lora"])], "lora_scale": [0.7], "no_merge": True, "quantize": "fp8",
-            "dtype": "fp32", "transformer": None, "ref": [str(inputs["ref"])], "ref_panel": [2], "ref_strength": 0.9,
-            "ref_stop": 0.34, "init": str(inputs["init"]), "strength": 0.8}
+    want = {"model": str(repo), "prompt": ["a pair"], "panel_prompt": ["a photo", "a drawing"],
+            "seed": [3, 4], "num_images": 1, "height": 32, "width": 64, "panels": 2, "layout": "row",
+            "panel_width": 32, "panel_height": 32, "steps": 3, "guidance": 2.5, "negative_prompt": NEGATIVE,
+            "true_cfg": 2.5, "lora": [str(inputs["lora"])], "lora_scale": [0.7], "no_merge": True,
+            "quantize": "fp8", "dtype": "fp32", "transformer": None, "ref": [str(inputs["ref"])],
+            "ref_panel": [2], "ref_strength": 0.9, "ref_stop": 0.34, "init": str(inputs["init"]),
+            "strength": 0.8}
     for path in first_run:
         assert stored(path) == want, path.name
 
 
 def test_the_settings_read_back_are_the_ones_written(first_run, tmp_path):
     args = sample.parse_args(["--from-image", str(first_run[4]), "--out", str(tmp_path / "again.png")])
-    assert sample.read_settings(first_run[4]) == stored(first_run[4])
+    assert png_settings.read_settings(first_run[4]) == stored(first_run[4])
     assert json.loads(json.dumps(args.settings, default=str)) == stored(first_run[4])
     assert args.ref == [Path(stored(first_run[4])["ref"][0])] and args.seed == [3, 4]  # typed as the flags
 
@@ -72,16 +79,17 @@ def test_the_settings_read_back_are_the_ones_written(first_run, tmp_path):
 def test_from_image_draws_every_file_of_the_run_again_bit_for_bit(first_run, tmp_path):
     again = sample.main(["--from-image", str(first_run[3]), "--out", str(tmp_path / "out.png")])
     assert [p.name for p in again] == [p.name for p in first_run]
-    for a, b in zip(pixels(first_run), pixels(again)):
+    for a, b in zip(pixels(first_run), pixels(again), strict=True):
         assert np.array_equal(a, b)
     assert [stored(p) for p in again] == [stored(p) for p in first_run]
 
 
-def test_local_files_given_relative_are_stored_absolute_so_from_image_runs_from_any_directory(repo, inputs, tmp_path,
-                                                                                            monkeypatch):
+def test_local_files_given_relative_are_stored_absolute_so_from_image_runs_from_any_directory(
+        repo, inputs, tmp_path, monkeypatch):
     monkeypatch.chdir(inputs["lora"].parent)
-    first = sample.main(["--model", str(repo), "--prompt", PROMPT, "--width", "32", "--height", "32", "--steps", "2",
-                         "--lora", "lora.safetensors", "--device", "cpu", "--out", str(tmp_path / "first.png")])
+    first = sample.main(["--model", str(repo), "--prompt", PROMPT, "--width", "32", "--height", "32",
+                         "--steps", "2", "--lora", "lora.safetensors", "--device", "cpu",
+                         "--out", str(tmp_path / "first.png")])
     assert stored(first[0])["lora"] == [str(inputs["lora"].resolve())]
     monkeypatch.chdir(tmp_path)
     again = sample.main(["--from-image", "first.png", "--out", "again.png"])
@@ -91,8 +99,8 @@ def test_local_files_given_relative_are_stored_absolute_so_from_image_runs_from_
 def test_a_hub_id_and_the_toy_model_are_stored_as_given(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "toy").mkdir()  # a folder of that name does not make `toy` a path
-    assert sample.located("toy") == "toy"
-    assert sample.located(["ali-vilab/In-Context-LoRA/film-storyboard.safetensors", None]) == [
+    assert png_settings.located("toy") == "toy"
+    assert png_settings.located(["ali-vilab/In-Context-LoRA/film-storyboard.safetensors", None]) == [
         "ali-vilab/In-Context-LoRA/film-storyboard.safetensors", None]
 
 
@@ -100,7 +108,8 @@ def test_a_flag_given_with_from_image_replaces_the_stored_one(repo, tmp_path):
     common = ["--model", str(repo), "--prompt", PROMPT, "--width", "48", "--height", "32", "--steps", "3",
               "--device", "cpu"]
     [first] = sample.main([*common, "--seed", "1", "--out", str(tmp_path / "first.png")])
-    [changed] = sample.main(["--from-image", str(first), "--seed", "5", "--out", str(tmp_path / "changed.png")])
+    [changed] = sample.main(["--from-image", str(first), "--seed", "5",
+                             "--out", str(tmp_path / "changed.png")])
     [direct] = sample.main([*common, "--seed", "5", "--out", str(tmp_path / "direct.png")])
     got, want, before = pixels([changed, direct, first])
     assert np.array_equal(got, want)
@@ -109,7 +118,8 @@ def test_a_flag_given_with_from_image_replaces_the_stored_one(repo, tmp_path):
 
 
 def test_a_run_at_the_model_default_size_stores_that_size_and_a_new_width_replaces_it(tmp_path):
-    [first] = sample.main(["--model", "toy", "--prompt", "a large red circle at the center, on a blue background",
+    [first] = sample.main(["--model", "toy",
+                           "--prompt", "a large red circle at the center, on a blue background",
                            "--steps", "2", "--out", str(tmp_path / "toy.png"), "--device", "cpu"])
     assert (stored(first)["width"], stored(first)["height"], stored(first)["panel_width"]) == (64, 64, None)
     [again] = sample.main(["--from-image", str(first), "--out", str(tmp_path / "again.png")])
@@ -119,9 +129,9 @@ def test_a_run_at_the_model_default_size_stores_that_size_and_a_new_width_replac
 
 
 def test_a_new_width_and_height_replace_a_stored_panel_size(tmp_path):
-    [first, *_] = sample.main(["--model", "toy", "--panels", "2", "--panel-width", "64", "--panel-height", "64",
-                               "--prompt", "two scenes", "--steps", "2", "--out", str(tmp_path / "two.png"),
-                               "--device", "cpu"])
+    [first, *_] = sample.main(["--model", "toy", "--panels", "2", "--panel-width", "64",
+                               "--panel-height", "64", "--prompt", "two scenes", "--steps", "2",
+                               "--out", str(tmp_path / "two.png"), "--device", "cpu"])
     [wider, *_] = sample.main(["--from-image", str(first), "--width", "256", "--height", "128", "--out",
                                str(tmp_path / "wider.png")])
     assert Image.open(wider).size == (256, 128)
@@ -135,9 +145,8 @@ def test_a_new_width_and_height_replace_a_stored_panel_size(tmp_path):
     (["--prompt-file", "PROMPTS"], {"prompt": ["first", "second"]}),
     (["--true-cfg", "1"], {"true_cfg": 1.0, "negative_prompt": NEGATIVE}),
 ])
-def test_flags_given_replace_stored_ones_and_a_lora_ref_or_prompt_file_drops_what_belonged_to_the_old(first_run,
-                                                                                                      tmp_path, flags,
-                                                                                                      want):
+def test_flags_given_replace_stored_ones_and_a_lora_ref_or_prompt_file_drops_what_belonged_to_the_old(
+        first_run, tmp_path, flags, want):
     (tmp_path / "prompts.txt").write_text("first\n\nsecond\n")
     flags = [str(tmp_path / "prompts.txt") if f == "PROMPTS" else f for f in flags]
     with pytest.warns(UserWarning) if "--true-cfg" in flags else nullcontext():
@@ -182,7 +191,8 @@ def test_a_png_without_our_settings_is_a_clear_error_naming_it_before_any_weight
 
 
 def test_from_image_refuses_to_overwrite_the_image_it_reads(first_run):
-    with pytest.raises(ValueError, match=r"--out .*out\.png would overwrite the --from-image file .*out-1\.png"):
+    with pytest.raises(ValueError,
+                       match=r"--out .*out\.png would overwrite the --from-image file .*out-1\.png"):
         sample.main(["--from-image", str(first_run[3]), "--out", str(first_run[0].with_name("out.png")),
                      "--model", "no-model-needed"])
 

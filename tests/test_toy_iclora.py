@@ -16,7 +16,8 @@ from toy import make_sets
 from toy.score import evaluate, held_out_scenes
 
 SETS, STEPS, LR, HELD_OUT = 16, 300, 3e-3, 12
-MARGIN = 0.08  # conditional over plain ref-mode rule; measured 0.43 - 0.27 = 0.16 (moved), 0.44 - 0.27 (clean)
+# Conditional over plain ref-mode rule; measured 0.43 - 0.27 = 0.16 (moved), 0.44 - 0.27 (clean).
+MARGIN = 0.08
 
 
 @pytest.fixture(scope="module")
@@ -27,8 +28,9 @@ def sets(tmp_path_factory):
 
 
 def run_train(sets, name, *extra):
-    return train.main(["--model", "toy", "--data", str(sets), "--out", str(sets.parent / f"{name}.safetensors"),
-                       "--steps", str(STEPS), "--lr", str(LR), "--sample-every", "0", "--device", "cpu", *extra])
+    return train.main(["--model", "toy", "--data", str(sets),
+                       "--out", str(sets.parent / f"{name}.safetensors"), "--steps", str(STEPS),
+                       "--lr", str(LR), "--sample-every", "0", "--device", "cpu", *extra])
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +71,8 @@ def test_toy_iclora_draws_the_right_panel_the_joint_caption_describes(scores):
     assert tuned["text"]["caption_right"] > base["text"]["caption_right"] + 0.05
 
 
-def test_a_conditional_lora_follows_the_rule_from_the_given_panel_better_than_a_plain_one(scores, conditional_scores):
+def test_a_conditional_lora_follows_the_rule_from_the_given_panel_better_than_a_plain_one(
+        scores, conditional_scores):
     """Given the left panel, the LoRA trained with it given follows the rule better than the text-to-set
     one."""
     _, plain = scores

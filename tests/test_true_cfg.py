@@ -37,7 +37,7 @@ def test_true_cfg_is_two_passes_per_step_combined_by_hand(repo):
                   progress=False)
     x, g = x0.clone(), torch.full((1,), 3.5)
     with torch.no_grad():
-        for t, t_next in zip(timesteps[:-1], timesteps[1:]):
+        for t, t_next in zip(timesteps[:-1], timesteps[1:], strict=True):
             time = torch.full((1,), t)
             v_pos = pipe.flow(x, ids, txt, tids, timesteps=time, y=vec, guidance=g)
             v_neg = pipe.flow(x, ids, neg_txt, tids, timesteps=time, y=neg_vec, guidance=g)
@@ -52,11 +52,11 @@ def test_true_cfg_is_two_passes_per_step_combined_by_hand(repo):
 def test_true_cfg_matches_diffusers_true_cfg_scale(repo, tmp_path):
     size, steps, seed, scale = (64, 48), 4, 7, 4.0
     ref = FluxPipeline.from_pretrained(repo, torch_dtype=torch.float32)
-    want = np.asarray(ref(PROMPT, negative_prompt=NEGATIVE, true_cfg_scale=scale, width=size[0], height=size[1],
-                          num_inference_steps=steps, guidance_scale=3.5,
+    want = np.asarray(ref(PROMPT, negative_prompt=NEGATIVE, true_cfg_scale=scale,
+                          width=size[0], height=size[1], num_inference_steps=steps, guidance_scale=3.5,
                           generator=torch.Generator().manual_seed(seed)).images[0], dtype=np.int16)
-    common = ["--model", str(repo), "--prompt", PROMPT, "--width", str(size[0]), "--height", str(size[1]), "--steps",
-              str(steps), "--seed", str(seed), "--device", "cpu"]
+    common = ["--model", str(repo), "--prompt", PROMPT, "--width", str(size[0]), "--height", str(size[1]),
+              "--steps", str(steps), "--seed", str(seed), "--device", "cpu"]
     [got, plain] = pixels(sample.main([*common, "--negative-prompt", NEGATIVE, "--true-cfg", str(scale),
                                        "--out", str(tmp_path / "cfg.png")])
                           + sample.main([*common, "--out", str(tmp_path / "plain.png")]))

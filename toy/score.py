@@ -1,19 +1,19 @@
-"""Score the toy In-Context LoRA tasks "recolour" and "blind_recolour": generate held-out two-panel sets with
+r"""Score the toy In-Context LoRA tasks "recolour" and "blind_recolour": generate held-out two-panel sets with
 the toy FLUX, with and without a LoRA, read every panel back with toy.world.analyse, and report the
 panel-consistency scores.
 
     python toy/score.py --lora out.safetensors                   # base vs LoRA on 20 held-out sets
     python toy/score.py --lora out.safetensors --sheet sets.png  # ... and a picture: targets, base, LoRA
-    python toy/score.py --lora blind.safetensors --task blind_recolour   # captions that do not describe the
-    scene
+    python toy/score.py --lora blind.safetensors \
+        --task blind_recolour   # captions that do not describe the scene
 
 Each set is generated in two modes (In-Context LoRA, arXiv 2410.23775, §4): "text" from the joint caption
 alone, "ref" with the left panel given (see `evaluate`). "ceiling" is the ref-mode rule of the exact targets
 through the autoencoder (`ceiling`): what a LoRA that hit the target latents exactly would score. The scenes
 have their own seed (--scenes-seed), so they are held out from make_sets.py's training sets; every set uses
 the same noise (--seed) with and without the LoRA. A LoRA trained with `train.py --ref-panel` is sampled in
-ref mode with the reference treatment its metadata records. Shape letters: B sets, Li image tokens, c latent
-channels.
+ref mode with the reference treatment its metadata records.
+Shape letters: B sets, Li image tokens, c latent channels.
 """
 
 import argparse
@@ -28,15 +28,16 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 from iclora.conditional_metadata import read_conditional_metadata  # noqa: E402
 from iclora.lora_files import load_lora  # noqa: E402
+from iclora.panels import join_panels  # noqa: E402
 from iclora.references import image_positions, pin_references, reference_latents  # noqa: E402
 from minflux.cli import USER_ERRORS  # noqa: E402
-from iclora.panels import join_panels  # noqa: E402
 from minflux.pipeline import Pipeline, from_pil, load_pipeline, to_pil  # noqa: E402
 from minflux.quantize import quantize_fp8  # noqa: E402
 from minflux.sampling import get_noise  # noqa: E402
 from toy.world import TASKS, Scene, panel_consistency, random_scene, recolour, render  # noqa: E402
 
 SCORES = ("caption_left", "caption_right", "rule")
+Scores = dict[str, float]  # SCORES' means over the sets
 
 
 def held_out_scenes(count: int, seed: int, max_shapes: int = 2) -> list[Scene]:
@@ -52,34 +53,43 @@ def generate_sets(pipe: Pipeline, scenes: list[Scene], size: int, steps: int, se
     width, height = 2 * size, size
     txt, vec = pipe.encode_prompts([TASKS[task](scene) for scene in scenes])
     noise = get_noise(len(scenes), height, width, seed)                                     # (B, c, h, w)
-    timesteps, hook = pipe.schedule(height, width, steps), None
+    timesteps = pipe.schedule(height, width, steps)
+    hook = None
     if reference:
-        known = [reference_latents(pipe, [(render(s, size), (0, 0, size, size))], height, width) for s in scenes]
-        mask = known[0][1]                                                                  # (Li,)
-        hook = pin_references(torch.cat([k for k, _ in known]), mask, noise, timesteps, mode=ref_mode)
-    ids = image_positions(height, width, 2, "row", [0] if reference else [], ref_mode)            # (1, Li, 3)
-    latents = pipe.sample(txt, vec, height, width, steps, 3.5, seed, progress=False, after_step=hook, img_ids=ids)
+        left = (0, 0, size, size)
+        per_scene = [reference_latents(pipe, [(render(s, size), left)], height, width) for s in scenes]
+        known = torch.cat([scene_known for scene_known, _ in per_scene])                   # (B, Li, 4c)
+        mask = per_scene[0][1]                                                              # (Li,)
+        hook = pin_references(known, mask, noise, timesteps, mode=ref_mode)
+    given = [0] if reference else []
+    ids = image_positions(height, width, 2, "row", given, ref_mode)                       # (1, Li, 3)
+    latents = pipe.sample(txt, vec, height, width, steps, 3.5, seed, progress=False, after_step=hook,
+                          img_ids=ids)
     return to_pil(pipe.decode(latents))
 
 
-def mean_scores(images: list[Image.Image], scenes: list[Scene], given_size: int | None = None) -> dict[str, float]:
+def mean_scores(images: list[Image.Image], scenes: list[Scene], given_size: int | None = None) -> Scores:
     """Mean panel_consistency; with `given_size`, the left panels were given: renders of that size."""
-    per_set = [panel_consistency(image, scene, render(scene, given_size) if given_size else None)
-               for image, scene in zip(images, scenes)]
+    per_set = []
+    for image, scene in zip(images, scenes, strict=True):
+        given = render(scene, given_size) if given_size else None
+        per_set.append(panel_consistency(image, scene, given))
     return {k: round(sum(s[k] for s in per_set) / len(per_set), 4) for k in SCORES}
 
 
 def evaluate(pipe: Pipeline, scenes: list[Scene], size: int = 64, steps: int = 20, seed: int = 0,
-             task: str = "recolour", ref_mode: str = "noised") -> tuple[dict[str, dict[str, float]],
-                                                                       dict[str, list[Image.Image]]]:
+             task: str = "recolour",
+             ref_mode: str = "noised") -> tuple[dict[str, Scores], dict[str, list[Image.Image]]]:
     """Scores and images of both modes, {"text": {...}, "ref": {...}}. text: from the joint caption alone;
     scores: caption match of the left and right panels, and the rule (the right panel is the left one, as it
     was generated, recoloured). ref: the left panel is the scene's render, pinned SDEdit-style as `sample.py
     --ref` does, so only the right panel is generated; scores: caption match of the right panel and the rule
     against the given left panel (the render, not its copy decoded with the generated canvas)."""
-    images = {mode: generate_sets(pipe, scenes, size, steps, seed, mode == "ref", task, ref_mode)
-              for mode in ("text", "ref")}
-    scores = {mode: mean_scores(images[mode], scenes, size if mode == "ref" else None) for mode in images}
+    images = {
+        "text": generate_sets(pipe, scenes, size, steps, seed, False, task, ref_mode),
+        "ref": generate_sets(pipe, scenes, size, steps, seed, True, task, ref_mode),
+    }
+    scores = {"text": mean_scores(images["text"], scenes), "ref": mean_scores(images["ref"], scenes, size)}
     del scores["ref"]["caption_left"]  # the given panel, not generated
     return scores, images
 
@@ -88,22 +98,26 @@ def evaluate(pipe: Pipeline, scenes: list[Scene], size: int = 64, steps: int = 2
 def ceiling(pipe: Pipeline, scenes: list[Scene], size: int = 64) -> float:
     """The ref-mode rule of the exact targets: each set drawn perfectly, through the autoencoder (encoded,
     then decoded as generated sets are) and scored as `evaluate` scores ref mode."""
-    joined = torch.cat([from_pil(join_panels([render(s, size), render(recolour(s), size)], "row"), size, 2 * size)
-                        for s in scenes])                                                    # (B, 3, H, W)
-    images = to_pil(pipe.decode(pipe.encode_image(joined)))
+    targets = []
+    for scene in scenes:
+        target = join_panels([render(scene, size), render(recolour(scene), size)], "row")
+        targets.append(from_pil(target, size, 2 * size))                       # (1, 3, H, W)
+    images = to_pil(pipe.decode(pipe.encode_image(torch.cat(targets))))
     return mean_scores(images, scenes, size)["rule"]
 
 
-def contact_sheet(scenes: list[Scene], rows: list[list[Image.Image]], size: int, columns: int = 8) -> Image.Image:
-    """The first `columns` sets: their targets (renders of both panels) on top, then one row per image
-    list."""
+def contact_sheet(scenes: list[Scene], rows: list[list[Image.Image]], size: int,
+                  columns: int = 8) -> Image.Image:
+    """The first `columns` sets: their targets (renders of both panels) on top, then one row per list of
+    images."""
     targets = []
     for scene in scenes[:columns]:
         joined = Image.new("RGB", (2 * size, size))
         joined.paste(render(scene, size), (0, 0))
         joined.paste(render(recolour(scene), size), (size, 0))
         targets.append(joined)
-    rows, gap = [targets] + [r[:columns] for r in rows], 4
+    rows = [targets] + [row[:columns] for row in rows]
+    gap = 4
     sheet = Image.new("RGB", (len(targets) * (2 * size + gap) - gap, len(rows) * (size + gap) - gap), "gray")
     for j, row in enumerate(rows):
         for i, image in enumerate(row):
@@ -115,18 +129,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--lora", type=Path, help="the IC-LoRA to score (without: the base model alone)")
     p.add_argument("--task", default="recolour", choices=TASKS,
-                   help="the captions of the held-out sets: recolour describes both panels, blind_recolour neither "
-                        "(default: recolour)")
+                   help="the captions of the held-out sets: recolour describes both panels, blind_recolour "
+                        "neither (default: recolour)")
     p.add_argument("--model", default="toy", help="the base model (default: toy)")
     p.add_argument("--quantize", choices=["fp8"],
-                   help="fp8: the transformer's and T5's Linear weights in float8 e4m3fn (per-row scales), as "
-                        "sample.py --quantize; the LoRA is then an adapter on the fp8 layers (default: none)")
+                   help="fp8: the transformer's and T5's Linear weights in float8 e4m3fn (per-row scales), "
+                        "as sample.py --quantize; the LoRA is then an adapter on the fp8 layers "
+                        "(default: none)")
     p.add_argument("--count", type=int, default=20, help="held-out sets (default: 20)")
-    p.add_argument("--scenes-seed", type=int, default=1000, help="seed of the held-out scenes (default: 1000)")
+    p.add_argument("--scenes-seed", type=int, default=1000,
+                   help="seed of the held-out scenes (default: 1000)")
     p.add_argument("--seed", type=int, default=0, help="noise seed (default: 0)")
     p.add_argument("--steps", type=int, default=20, help="sampling steps (default: 20)")
     p.add_argument("--size", type=int, default=64, help="panel side in pixels (default: 64, the toy model's)")
-    p.add_argument("--sheet", type=Path, help="also save a picture: targets, base and LoRA sets, text then ref mode")
+    p.add_argument("--sheet", type=Path,
+                   help="also save a picture: targets, base and LoRA sets, text then ref mode")
     args = p.parse_args(argv)
     if args.count < 1 or args.steps < 1:
         p.error("--count and --steps must be at least 1")
@@ -134,11 +151,15 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--size {args.size}: a panel side must be a positive multiple of 16 (whole latent tokens)")
     if args.lora and not args.lora.is_file():
         p.error(f"--lora {args.lora}: no such file")
+    args.ref_mode = "noised"  # the reference treatment, for ref mode
     meta = read_conditional_metadata(args.lora) if args.lora else None
-    if meta and (meta["panels"], meta["layout"], meta["ref_panels"]) != (2, "row", [1]):
-        p.error(f"--lora {args.lora}: a conditional LoRA of {meta['panels']} panels in a {meta['layout']}, "
-                f"reference panel(s) {meta['ref_panels']}; the toy tasks score 2 panels in a row, the left given")
-    args.ref_mode = (meta or {}).get("ref_mode", "noised")  # the LoRA's reference treatment, for ref mode
+    if meta:  # a conditional LoRA: its geometry must be the toy tasks', its treatment is used
+        geometry = (meta["panels"], meta["layout"], meta["ref_panels"])
+        if geometry != (2, "row", [1]):
+            p.error(f"--lora {args.lora}: a conditional LoRA of {meta['panels']} panels in a "
+                    f"{meta['layout']}, reference panel(s) {meta['ref_panels']}; the toy tasks score "
+                    f"2 panels in a row, the left given")
+        args.ref_mode = meta["ref_mode"]
     return args
 
 
@@ -146,16 +167,20 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     pipe = load_pipeline(args.model)
     if args.quantize == "fp8":
-        quantize_fp8(pipe.flow), quantize_fp8(pipe.t5)
+        quantize_fp8(pipe.flow)
+        quantize_fp8(pipe.t5)
     scenes = held_out_scenes(args.count, args.scenes_seed)
-    results, rows = {}, []
-    for name in ["base"] + (["lora"] if args.lora else []):
+    names = ["base", "lora"] if args.lora else ["base"]
+    results = {}
+    rows = []  # (name, mode, images)
+    for name in names:
         ref_mode = "noised"
         if name == "lora":
             load_lora(pipe.flow, str(args.lora), name="recolour")
             ref_mode = args.ref_mode
         results[name], images = evaluate(pipe, scenes, args.size, args.steps, args.seed, args.task, ref_mode)
-        rows += [(name, mode, images[mode]) for mode in images]
+        for mode in images:
+            rows.append((name, mode, images[mode]))
     results["ceiling"] = {"ref": {"rule": ceiling(pipe, scenes, args.size)}}
     print(json.dumps(results, indent=1))
     if args.sheet:
@@ -169,4 +194,4 @@ if __name__ == "__main__":
     try:
         main()
     except USER_ERRORS as e:
-        raise SystemExit(f"error: {e}")
+        raise SystemExit(f"error: {e}") from None
