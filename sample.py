@@ -28,7 +28,6 @@ import torch
 from PIL import Image
 
 from iclora.conditional_metadata import read_conditional_metadata
-from iclora.data import load_rgb
 from iclora.lora import fold_lora
 from iclora.lora_files import load_lora, read_lora_file
 from iclora.panels import LAYOUTS, canvas_size, joint_caption, panel_boxes, panel_size, split_panels
@@ -37,6 +36,7 @@ from minflux.block_swap import BlockSwap
 from minflux.cli import USER_ERRORS, check_device, ranged
 from minflux.compile import compile_blocks
 from minflux.hub import hub_call
+from minflux.images import open_rgb
 from minflux.pipeline import from_pil, load_pipeline, to_pil
 from minflux.png_settings import RUN_ONLY, flags_given, settings_chunk, stored_defaults
 from minflux.quantize import FP8Linear, quantize_fp8
@@ -334,7 +334,7 @@ def read_image(path: Path, flag: str):
     if not path.is_file():
         raise FileNotFoundError(f"{flag} {path}: no such image file")
     try:
-        return load_rgb(path)
+        return open_rgb(path, flag)  # alpha on white; a decompression bomb or an unconvertible mode refused
     except OSError as error:  # PIL's UnidentifiedImageError, a truncated file
         raise ValueError(f"{flag} {path}: not a readable image ({error})") from None
 

@@ -21,6 +21,8 @@ import torch
 from einops import rearrange
 from PIL import Image, ImageOps
 
+from minflux.images import open_rgb, pixel_limit
+
 from .panels import grid_shape, join_panels, split_panels
 
 IMAGE_SUFFIXES = {suffix for suffix, name in Image.registered_extensions().items() if name in Image.OPEN}
@@ -60,13 +62,9 @@ def fit_own_size(own: tuple[int, int], rows: int, cols: int, resolution: int) ->
 
 
 def load_rgb(path: Path) -> Image.Image:
-    """The image as displayed (EXIF rotation applied), in 8-bit RGB."""
-    with Image.open(path) as image:
-        image = ImageOps.exif_transpose(image)
-        # 16-bit greyscale ("I;16", "I"): 0..65535 scaled to 0..255, which convert alone would clip
-        if image.mode.startswith("I"):
-            image = Image.fromarray(np.clip(np.asarray(image) / 257, 0, 255).round().astype(np.uint8))
-        return image.convert("RGB")
+    """A dataset image as displayed, in 8-bit RGB (minflux/images.py: alpha on white, 16-bit greyscale and
+    [0, 1] float scaled to 8 bits, decompression bombs and unconvertible modes refused)."""
+    return open_rgb(path, "dataset image")
 
 
 @dataclass
@@ -180,9 +178,11 @@ def image_sizes(panels: list[Path], problems: list[str]) -> dict[Path, tuple[int
     sizes = {}
     for panel in panels:
         try:
-            with Image.open(panel) as image:
+            with pixel_limit(panel, "dataset image"), Image.open(panel) as image:
                 image.verify()  # checks the file's structure; load_rgb then decodes every pixel
             sizes[panel] = load_rgb(panel).size
+        except ValueError as error:  # open_rgb's refusals (a decompression bomb, a float image's range, ...)
+            problems.append(str(error))
         except Exception as error:  # PIL raises many types for bad files; each becomes a listed problem
             problems.append(f"{panel}: unreadable image ({type(error).__name__}: {error})")
     return sizes
