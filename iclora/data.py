@@ -11,6 +11,7 @@ is checked when the dataset is built; one ValueError lists every problem.
 """
 
 import math
+import os
 import re
 from collections import Counter
 from dataclasses import dataclass
@@ -94,7 +95,7 @@ class PanelSetDataset(torch.utils.data.Dataset):
             raise ValueError(f"dataset folder {self.root} does not exist")
         self.samples = []
         problems = []
-        folders, images, texts = list_folder(self.root)
+        folders, images, texts = list_folder(self.root, self.root, problems)
         if images and folders:
             raise ValueError(f"{self.root} mixes joined images ({images[0].name}, ...) and set folders "
                              f"({folders[0].name}/, ...); use one layout per dataset folder")
@@ -105,7 +106,7 @@ class PanelSetDataset(torch.utils.data.Dataset):
         for image in images:
             self._add_sample(image, [image], image.with_suffix(".txt"), problems)
         for folder in folders:
-            inner, panel_files, texts = list_folder(folder)
+            inner, panel_files, texts = list_folder(folder, self.root, problems)
             problems += [f"{p}: not a panel image or caption.txt"
                          for p in inner + texts if p.name != "caption.txt"]
             # --panels is there to locate the panels of joined images: a set folder must agree with it
@@ -195,14 +196,28 @@ def natural_key(path: Path):
     return parts, path.name
 
 
-def list_folder(folder: Path) -> tuple[list[Path], list[Path], list[Path]]:
+def list_folder(folder: Path, root: Path, problems: list[str]) -> tuple[list[Path], list[Path], list[Path]]:
     """Sub-folders, images and .txt files, in natural order (2 before 10); other files (caches ...) are left
-    alone, as are hidden ones."""
+    alone, as are hidden ones. A symbolic link that would be read but leads outside the dataset folder `root`
+    is not followed: it is a line in `problems`."""
     entries = sorted((p for p in folder.iterdir() if not p.name.startswith(".")), key=natural_key)
+    entries = [p for p in entries if stays_inside(p, root, problems)]
     folders = [p for p in entries if p.is_dir()]
     images = [p for p in entries if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
     texts = [p for p in entries if p.is_file() and p.suffix.lower() == ".txt"]
     return folders, images, texts
+
+
+def stays_inside(path: Path, root: Path, problems: list[str]) -> bool:
+    """False, with a line in `problems`, for a folder, image or .txt whose real location (symbolic links
+    followed) is outside `root`: a link must not bring a file from elsewhere into the LoRA."""
+    read = path.is_dir() or (path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES | {".txt"})
+    target = Path(os.path.realpath(path))
+    if not read or target.is_relative_to(root.resolve()):
+        return True
+    problems.append(f"{path}: a symbolic link to {target}, outside the dataset folder {root}; not followed "
+                    f"(copy the file into the folder instead)")
+    return False
 
 
 def read_caption(path: Path, problems: list[str]) -> str:

@@ -1,5 +1,6 @@
-"""Hostile or careless image files (issue #24, items 7-8): transparency, float TIFFs and decompression
-bombs, through the dataset (iclora/data.py) and sample.py's --ref / --init (minflux/images.py opens both).
+"""Hostile or careless image files (issue #24, items 6-8): dataset links that leave --data, transparency,
+float TIFFs and decompression bombs, through the dataset (iclora/data.py) and sample.py's --ref / --init
+(minflux/images.py opens both).
 
 Tiny images drawn in tmp_path; the sample tests that reach the model use the toy one with 2 steps, the
 refusals a --model that does not exist (they come before any weight loads).
@@ -31,6 +32,50 @@ def joined_sample(root, name="a", image=None):
     (image or Image.new("RGB", (32, 32), "red")).save(root / f"{name}.png")
     (root / f"{name}.txt").write_text("[SCENE] a joined image")
     return root
+
+
+def test_a_caption_linked_from_outside_data_is_a_listed_problem_not_read(tmp_path):
+    secret = tmp_path / "secret.txt"
+    secret.write_text("the user's password")
+    data = joined_sample(tmp_path / "data")
+    (data / "a.txt").unlink()
+    (data / "a.txt").symlink_to(secret)
+    with pytest.raises(ValueError, match="problem") as refusal:
+        PanelSetDataset(data, resolution=32)
+    assert f"{data / 'a.txt'}: a symbolic link to {secret}, outside the dataset folder" in str(refusal.value)
+    assert "password" not in str(refusal.value)
+
+
+@pytest.mark.parametrize("linked", ["image", "set folder"])
+def test_an_image_or_folder_linked_from_outside_data_is_a_listed_problem(tmp_path, linked):
+    outside = tmp_path / "elsewhere"
+    data = tmp_path / "data"
+    if linked == "image":
+        joined_sample(outside, "photo")
+        joined_sample(data)
+        (data / "b.png").symlink_to(outside / "photo.png")
+        (data / "b.txt").write_text("[SCENE] another")
+        link = data / "b.png"
+        target = outside / "photo.png"
+    else:
+        outside.mkdir()
+        Image.new("RGB", (32, 32), "red").save(outside / "1.png")
+        (outside / "caption.txt").write_text("[SET] one panel")
+        data.mkdir()
+        (data / "s1").symlink_to(outside)
+        link = data / "s1"
+        target = outside
+    with pytest.raises(ValueError, match="problem") as refusal:
+        PanelSetDataset(data, resolution=32)
+    message = str(refusal.value)
+    assert f"{link}: a symbolic link to {target}, outside the dataset folder {data}; not followed" in message
+
+
+def test_links_that_stay_inside_data_still_work(tmp_path):
+    data = joined_sample(tmp_path / "data")
+    (data / "b.png").symlink_to(data / "a.png")
+    (data / "b.txt").symlink_to(data / "a.txt")
+    assert len(PanelSetDataset(data, resolution=32)) == 2
 
 
 @pytest.mark.parametrize("mode", ["RGBA", "LA", "P"])
