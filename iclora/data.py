@@ -65,7 +65,7 @@ def fit_own_size(own: tuple[int, int], rows: int, cols: int, resolution: int) ->
 def load_rgb(path: Path) -> Image.Image:
     """A dataset image as displayed, in 8-bit RGB (minflux/images.py: alpha on white, 16-bit greyscale and
     [0, 1] float scaled to 8 bits, decompression bombs and unconvertible modes refused)."""
-    return open_rgb(path, "dataset image")
+    return open_rgb(path, "dataset image", strict=False)  # not capped: scaled down
 
 
 @dataclass
@@ -179,7 +179,7 @@ def image_sizes(panels: list[Path], problems: list[str]) -> dict[Path, tuple[int
     sizes = {}
     for panel in panels:
         try:
-            with pixel_limit(panel, "dataset image"), Image.open(panel) as image:
+            with pixel_limit(panel, "dataset image", strict=False), Image.open(panel) as image:
                 image.verify()  # checks the file's structure; load_rgb then decodes every pixel
             sizes[panel] = load_rgb(panel).size
         except ValueError as error:  # open_rgb's refusals (a decompression bomb, a float image's range, ...)

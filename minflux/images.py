@@ -7,7 +7,9 @@ RGB, or a ValueError naming the file and the flag it came from.
 - 16-bit greyscale (modes "I;16", "I") is scaled from 0..65535 to 0..255; a 32-bit float image (mode "F") is
   read when its values lie in [0, 1] (scaled by 255) and refused otherwise, as are modes Pillow cannot turn
   into RGB.
-- An image over Pillow's decompression-bomb limit (Image.MAX_IMAGE_PIXELS) is refused, not merely warned of.
+- An image over Pillow's decompression-bomb limit (Image.MAX_IMAGE_PIXELS) is refused, not merely warned of;
+  a dataset's images are not capped by it (a camera's 100-megapixel photo is scaled down as any other), only
+  by Pillow's own refusal at twice that.
 """
 
 import math
@@ -23,23 +25,26 @@ ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")  # "LAB"'s bands are L, A, B: a
 
 
 @contextmanager
-def pixel_limit(path: Path, what: str):
-    """Pillow's decompression-bomb warning (over Image.MAX_IMAGE_PIXELS) and error (over twice that), raised
-    inside the block, as one ValueError naming the file and the limit."""
+def pixel_limit(path: Path, what: str, strict: bool = True):
+    """Pillow's decompression-bomb error (over twice Image.MAX_IMAGE_PIXELS) and, when `strict`, its warning
+    (over Image.MAX_IMAGE_PIXELS), raised inside the block as one ValueError naming the file and the limit."""
+    limit = Image.MAX_IMAGE_PIXELS if strict else 2 * Image.MAX_IMAGE_PIXELS
     with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        if strict:
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
             yield
         except (Image.DecompressionBombWarning, Image.DecompressionBombError):
-            raise ValueError(f"{what} {path}: more than {Image.MAX_IMAGE_PIXELS:,} pixels, Pillow's limit "
-                             f"against decompression bombs (Image.MAX_IMAGE_PIXELS); refused: scale it down "
+            raise ValueError(f"{what} {path}: more than {limit:,} pixels, Pillow's limit against "
+                             f"decompression bombs (Image.MAX_IMAGE_PIXELS); refused: scale it down "
                              f"first") from None
 
 
-def open_rgb(path: Path, what: str) -> Image.Image:
+def open_rgb(path: Path, what: str, strict: bool = True) -> Image.Image:
     """The image at `path` as displayed, in 8-bit RGB; `what` ("--ref", "--init", "dataset image") names it in
-    a refusal. OSError (not an image, a truncated file) is left to the caller."""
-    with pixel_limit(path, what), Image.open(path) as image:
+    a refusal; `strict` as pixel_limit's (False for a dataset). OSError (not an image, a truncated file) is
+    left to the caller."""
+    with pixel_limit(path, what, strict), Image.open(path) as image:
         return to_rgb(ImageOps.exif_transpose(image), path, what)
 
 

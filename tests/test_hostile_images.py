@@ -144,5 +144,12 @@ def test_a_decompression_bomb_in_a_dataset_is_a_listed_problem(tmp_path):
     data = joined_sample(tmp_path / "data", image=Image.new("1", (20000, 20000)))  # a few kB, 400 Mpx
     with pytest.raises(ValueError) as refusal:
         PanelSetDataset(data, resolution=32)
-    limit = f"{Image.MAX_IMAGE_PIXELS:,}"
+    limit = f"{2 * Image.MAX_IMAGE_PIXELS:,}"  # Pillow's own refusal: a dataset is not capped below it
     assert f"dataset image {data / 'a.png'}: more than {limit} pixels" in str(refusal.value)
+
+
+def test_a_large_dataset_photo_below_pillows_refusal_is_read_and_scaled_down(tmp_path, monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 80 * 80)  # 96x96 is over it (a warning), under twice it
+    data = joined_sample(tmp_path / "data", image=Image.new("RGB", (96, 96), "red"))
+    dataset = PanelSetDataset(data, resolution=32)
+    assert dataset[0]["image"].shape[-2:] == (32, 32)
