@@ -44,7 +44,7 @@ from iclora.lora_files import conditional_metadata, load_lora, read_lora_file, s
 from iclora.panels import LAYOUTS, grid_shape
 from iclora.references import pin_references
 from iclora.training import (TIMESTEP_MODES, EncodedSet, check_captions, check_reference_panels, collate,
-                             encode_sets, flow_matching_loss, step_generator)
+                             encode_sets, step_generator, training_loss)
 from minflux.block_swap import BlockSwap
 from minflux.compile import compile_blocks
 from minflux.cli import USER_ERRORS, check_device, ranged
@@ -524,7 +524,7 @@ def train(args: argparse.Namespace) -> Path:
     shown = sets[per_set - 1]  # with --ref-panel, validation is conditioned on the first set's, at its largest size
     for v in val:
         noise, times = get_noise(1, *first, v["seed"]), pipe.schedule(*first, v["steps"])
-        v["hook"], v["ids"] = (pin_references(shown.known[None], ~shown.target, noise, times, mode=REF_MODE),
+        v["hook"], v["ids"] = (pin_references(shown.ref_latents[None], shown.ref_mask, noise, times, mode=REF_MODE),
                                shown.ids[None]) if args.ref_panel else (None, None)
     pipe.t5.to("cpu"), pipe.clip.to("cpu")
 
@@ -646,10 +646,10 @@ def train(args: argparse.Namespace) -> Path:
                 for _ in range(args.grad_accum):
                     # every rank collates the whole micro-batch (its draws), and computes the loss of its part
                     batch = next(batches)
-                    x0, txt, vec, known, target, ids = collate([sets[i] for i in batch], empty, args.caption_dropout,
-                                                               g, args.device)
-                    loss = flow_matching_loss(flow, x0, txt, vec, g, args.guidance, args.timestep_sampling, target,
-                                              known, REF_MODE, part(len(batch)), ids)
+                    x0, txt, vec, refs = collate([sets[i] for i in batch], empty, args.caption_dropout, g,
+                                                 args.device, REF_MODE)
+                    loss = training_loss(flow, x0, txt, vec, g, args.guidance, args.timestep_sampling, refs,
+                                         part(len(batch)))
                     (loss / args.grad_accum).backward()
                     loss_sum += loss.item()
                 loss_sum = sum_gradients(params, loss_sum)  # under torchrun: the ranks' parts added up

@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 
 import train
 from iclora.lora import inject_lora
-from iclora.training import flow_matching_loss
+from iclora.training import References, training_loss
 from minflux.pipeline import load_pipeline
 from tests.test_training import ROOT, repo  # noqa: F401 (fixture)
 
@@ -98,17 +98,17 @@ def test_the_parts_losses_and_gradients_add_up_to_the_whole_batchs_with_and_with
     adapters = [p for p in flow.parameters() if p.requires_grad]
     gen = lambda: torch.Generator().manual_seed(5)  # noqa: E731
     x0, txt, vec = (torch.randn(shape, generator=gen()) for shape in ((3, 16, 8, 16), (3, 7, 64), (3, 64)))
-    mask, known = torch.arange(32) % 3 == 0, torch.randn(3, 32, 64, generator=gen())
-    for target, reference in ((None, None), (mask, known)):
-        whole = flow_matching_loss(flow, x0, txt, vec, gen(), 1.0, "shift", target, reference, "clean")
+    target, known = torch.arange(32) % 3 == 0, torch.randn(3, 32, 64, generator=gen())  # target: in the loss
+    for refs in (None, References(known, ~target, "clean")):
+        whole = training_loss(flow, x0, txt, vec, gen(), 1.0, "shift", refs)
         grads = torch.autograd.grad(whole, adapters)
-        parts = [flow_matching_loss(flow, x0, txt, vec, gen(), 1.0, "shift", target, reference, "clean", rows)
+        parts = [training_loss(flow, x0, txt, vec, gen(), 1.0, "shift", refs, rows)
                  for rows in (slice(0, 0), slice(0, 1), slice(1, 3))]
         summed = [sum(g) for g in zip(*(torch.autograd.grad(p, adapters, allow_unused=True, materialize_grads=True)
                                         for p in parts))]
         loss_diff = (sum(parts) - whole).abs().item()
         grad_diff = max((a - b).abs().max().item() for a, b in zip(summed, grads))
-        print(f"mask {target is not None}: loss diff {loss_diff:.2e}, gradient diff {grad_diff:.2e}")
+        print(f"mask {refs is not None}: loss diff {loss_diff:.2e}, gradient diff {grad_diff:.2e}")
         assert loss_diff <= TOL and grad_diff <= TOL
 
 
