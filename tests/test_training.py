@@ -18,6 +18,8 @@ import train
 from iclora.data import PanelSetDataset
 from iclora.lora import inject_lora, lora_state
 from iclora.lora_files import load_lora, read_lora_file, save_lora
+from iclora.options import parse_val_prompt
+from iclora.resume import start_from_lora
 from iclora.training import TIMESTEP_MODES, EncodedSet, collate, encode_sets, flow_matching_loss, sample_timesteps
 from minflux.pipeline import load_pipeline
 from minflux.sampling import shift_mu, time_shift
@@ -181,6 +183,15 @@ def test_a_broken_dataset_fails_before_the_model_is_loaded(tmp_path):
     (tmp_path / "b.png").write_bytes(b"")
     with pytest.raises(ValueError, match=r"a\.png"):
         train.main(["--model", str(tmp_path / "no-model-needed"), "--data", str(tmp_path), "--device", "cpu"])
+
+
+def test_a_missing_dataset_folder_is_one_line_pointing_at_the_sets_readme(tmp_path):
+    missing = tmp_path / "sets" / "home_decor"  # a fresh clone: the README's dataset is not there yet
+    run = subprocess.run([sys.executable, "train.py", "--data", str(missing)], cwd=ROOT, capture_output=True,
+                         text=True)
+    assert run.returncode != 0
+    assert run.stderr == f"error: dataset folder {missing} does not exist; sets/README.md shows how to lay one out\n"
+    assert not (tmp_path / "sets").exists()
 
 
 def test_config_file_values_are_used_and_flags_override_them(tmp_path):
@@ -374,7 +385,7 @@ def test_init_lora_starts_from_the_files_delta_whatever_the_alpha(tmp_path, alph
     flow = copy.deepcopy(source)
     save_lora(with_random_lora(source, rank=4, alpha=8.0), tmp_path / "init.safetensors")
     inject_lora(flow, rank=4, alpha=alpha)
-    train.start_from_lora(flow, read_lora_file(tmp_path / "init.safetensors"), tmp_path / "init.safetensors", 4)
+    start_from_lora(flow, read_lora_file(tmp_path / "init.safetensors"), tmp_path / "init.safetensors", 4)
     want, got = lora_state(source), lora_state(flow)
     assert got.keys() == want.keys()
     for name, w in got.items():
@@ -398,11 +409,11 @@ def test_each_save_draws_the_loss_curve_next_to_the_csv(repo, data, tmp_path):
 
 
 def test_inline_val_prompt_settings_are_read_and_others_take_the_defaults():
-    v = train.parse_val_prompt("a red fox --w 64 --h 32 --seed 3 --g 2.5 --s 7", 48, 48, 20)
+    v = parse_val_prompt("a red fox --w 64 --h 32 --seed 3 --g 2.5 --s 7", 48, 48, 20)
     assert v == dict(caption="a red fox", height=32, width=64, seed=3, guidance=2.5, steps=7)
-    assert train.parse_val_prompt("a fox --d 5 --l 4", 48, 32, 20) == dict(caption="a fox", height=48, width=32,
+    assert parse_val_prompt("a fox --d 5 --l 4", 48, 32, 20) == dict(caption="a fox", height=48, width=32,
                                                                          seed=5, guidance=4.0, steps=20)
-    assert train.parse_val_prompt("a fox--like dog", 16, 16, 9)["caption"] == "a fox--like dog"
+    assert parse_val_prompt("a fox--like dog", 16, 16, 9)["caption"] == "a fox--like dog"
 
 
 @pytest.mark.parametrize("text, error", [("a fox --x 3", "unknown option --x"), ("a fox --w wide", "--w 'wide' is not"),
