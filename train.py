@@ -3,7 +3,7 @@
     python train.py --data sets/home_decor                       # the paper's settings: out.safetensors
     python train.py --data sets/home_decor --config my_run.json  # values from a JSON file; flags win
     python train.py --model toy --data sets/toy_recolour         # the 12 MB toy FLUX, a few CPU minutes
-    torchrun --nproc_per_node 4 train.py --data sets/home_decor  # 4 GPUs, data parallel (--fsdp: base sharded)
+    torchrun --nproc_per_node 4 train.py --data sets/home_decor  # 4 GPUs, data parallel (--fsdp: shards)
 
 Reads top to bottom: options -> data -> model -> encode the sets once -> LoRA -> training loop -> save. Writes
 next to --out: the LoRA (PEFT/diffusers layout, loads in diffusers and ComfyUI), `<stem>.state.pt` (LoRA +
@@ -24,19 +24,41 @@ from tqdm.auto import tqdm
 
 from iclora.checkpoint import Checkpoint, check_loss, lora_metadata
 from iclora.data import PanelSetDataset, batches_by_bucket
-from iclora.distributed import (gathered, init_distributed, part, rank, read_on_rank0, shard, sum_gradients,
-                                wait_for_rank0)
+from iclora.distributed import (
+    gathered,
+    init_distributed,
+    part,
+    rank,
+    read_on_rank0,
+    shard,
+    sum_gradients,
+    wait_for_rank0,
+)
 from iclora.ema import EMA
 from iclora.lora import inject_lora
 from iclora.lora_files import read_lora_file
 from iclora.loss_log import LossLog
-from iclora.options import (above_zero, check_data_folder, check_options, lora_file, parse_with_config,
-                            validation_prompts)
+from iclora.options import (
+    above_zero,
+    check_data_folder,
+    check_options,
+    lora_file,
+    parse_with_config,
+    validation_prompts,
+)
 from iclora.panels import LAYOUTS
 from iclora.resume import dataset_fingerprint, load_state, resume, start_from_lora
 from iclora.run import StopSignals, holding_lock, run_files, stopping_on_signals
-from iclora.training import (TIMESTEP_MODES, EncodedSet, check_captions, check_reference_panels, collate,
-                             encode_sets, step_generator, training_loss)
+from iclora.training import (
+    TIMESTEP_MODES,
+    EncodedSet,
+    check_captions,
+    check_reference_panels,
+    collate,
+    encode_sets,
+    step_generator,
+    training_loss,
+)
 from iclora.validation import Validation
 from minflux.block_swap import BlockSwap
 from minflux.cli import USER_ERRORS, check_device, ranged
@@ -47,10 +69,11 @@ from minflux.quantize import quantize_fp8
 # The defaults that depend on the model: the paper's and its authors' trainer's for FLUX.1-dev; for --model
 # toy, a run of a few CPU minutes (no gradient checkpointing: the toy is tiny; resolution 96 keeps the 128x64
 # toy sets at their size).
-MODEL_DEFAULTS = {"flux": dict(steps=5000, lr=1e-4, resolution=[512, 768, 1024, 1280, 1536], checkpointing=True,
-                               timestep_sampling="sigmoid", ema_decay=0.99, save_dtype="fp16"),
-                  "toy": dict(steps=1000, lr=1e-3, resolution=[96], checkpointing=False, timestep_sampling="shift",
-                              ema_decay=0.0, save_dtype="fp32")}
+MODEL_DEFAULTS = {"flux": dict(steps=5000, lr=1e-4, resolution=[512, 768, 1024, 1280, 1536],
+                               checkpointing=True, timestep_sampling="sigmoid", ema_decay=0.99,
+                               save_dtype="fp16"),
+                  "toy": dict(steps=1000, lr=1e-3, resolution=[96], checkpointing=False,
+                              timestep_sampling="shift", ema_decay=0.0, save_dtype="fp32")}
 # how a --ref-panel LoRA sees its reference tokens (iclora/references.py); measured on the toy tasks (README)
 REF_MODE = "moved"
 
@@ -60,124 +83,136 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", type=Path, help="JSON file of option values (keys as the flags, with _); "
                                                "flags given on the command line override it")
-    p.add_argument("--data", type=Path, help="dataset folder: joined images with same-named .txt captions, or one "
-                                             "sub-folder of panels + caption.txt per set (see README)")
+    p.add_argument("--data", type=Path, help="dataset folder: joined images with same-named .txt captions, "
+                                             "or one sub-folder of panels + caption.txt per set (see README)")
     p.add_argument("--layout", default="row", choices=LAYOUTS,
                    help="how panels in sub-folders are joined, and how the --panels of joined images sit "
                         "(default: row)")
     p.add_argument("--panels", type=ranged(int, 1),
-                   help="panels in each joined image, so that their edges stay on the token grid and --ref-panel "
-                        "can find them (default: unknown; set folders know their panels)")
+                   help="panels in each joined image, so that their edges stay on the token grid and "
+                        "--ref-panel can find them (default: unknown; set folders know their panels)")
     p.add_argument("--ref-panel", type=ranged(int, 1), action="append", default=[],
-                   help="1-based panel given as input (repeatable), as `sample.py --ref` gives it: the loss is on "
-                        "the other panels only, and the LoRA's metadata records the geometry (default: none, a "
-                        "plain text-to-set IC-LoRA)")
+                   help="1-based panel given as input (repeatable), as `sample.py --ref` gives it: the loss "
+                        "is on the other panels only, and the LoRA's metadata records the geometry (default: "
+                        "none, a plain text-to-set IC-LoRA)")
     p.add_argument("--model", default="black-forest-labs/FLUX.1-dev",
-                   help="HF repo id or local folder in the HF repo layout, or `toy` for the 12 MB toy FLUX in "
-                        "toy/model, which also changes the defaults marked 'toy' (default: %(default)s)")
+                   help="HF repo id or local folder in the HF repo layout, or `toy` for the 12 MB toy FLUX "
+                        "in toy/model, which also changes the defaults marked 'toy' (default: %(default)s)")
     p.add_argument("--transformer", type=Path,
-                   help="a local transformer .safetensors (BFL or diffusers key names, or a ComfyUI checkpoint whose "
-                        "model.diffusion_model.* is read) used instead of --model's: "
-                        "bf16, fp32, an fp8 plain cast or ComfyUI scaled fp8, detected from its tensors; the LoRA "
-                        "then trains on its (dequantized) weights; VAE, text encoders and tokenizers come from "
-                        "--model (default: the --model's own)")
+                   help="a local transformer .safetensors (BFL or diffusers key names, or a ComfyUI "
+                        "checkpoint whose model.diffusion_model.* is read) used instead of --model's: bf16, "
+                        "fp32, an fp8 plain cast or ComfyUI scaled fp8, detected from its tensors; the LoRA "
+                        "then trains on its (dequantized) weights; VAE, text encoders and tokenizers come "
+                        "from --model (default: the --model's own)")
     p.add_argument("--quantize", choices=["fp8"],
-                   help="fp8: store the weight of every Linear in the transformer's and T5's blocks in float8 "
-                        "e4m3fn with one float32 scale per row (1 byte a weight instead of bf16's 2: the paper's "
-                        "recipe then needs about 17 GiB instead of 28, computed; see README); the embedders, norms, "
-                        "biases, CLIP and the VAE stay in the base dtype, compute too (weights dequantized per "
-                        "layer), and the LoRA adapters and optimizer stay fp32 (default: none)")
+                   help="fp8: store the weight of every Linear in the transformer's and T5's blocks in "
+                        "float8 e4m3fn with one float32 scale per row (1 byte a weight instead of bf16's 2: "
+                        "the paper's recipe then needs about 17 GiB instead of 28, computed; see README); "
+                        "the embedders, norms, biases, CLIP and the VAE stay in the base dtype, compute too "
+                        "(weights dequantized per layer), and the LoRA adapters and optimizer stay fp32 "
+                        "(default: none)")
     p.add_argument("--out", type=lora_file, default=Path("out.safetensors"),
                    help="LoRA file, not a folder, outside --data; its other files are written next to it "
                         "(default: out.safetensors)")
-    p.add_argument("--steps", type=ranged(int, 1), help=f"optimizer steps (default: {flux['steps']}, the paper's; "
-                                                          f"toy: {toy['steps']})")
-    p.add_argument("--batch-size", type=ranged(int, 1), default=4, help="examples per step (default: 4, the paper's)")
+    p.add_argument("--steps", type=ranged(int, 1), help=f"optimizer steps (default: {flux['steps']}, the "
+                                                        f"paper's; toy: {toy['steps']})")
+    p.add_argument("--batch-size", type=ranged(int, 1), default=4, help="examples per step (default: 4, the "
+                                                                        "paper's)")
     p.add_argument("--grad-accum", type=ranged(int, 1), default=1,
                    help="micro-batches of --batch-size per optimizer step (default: 1)")
     p.add_argument("--rank", type=ranged(int, 1), default=16, help="LoRA rank (default: 16, the paper's)")
-    p.add_argument("--init-lora", type=Path, help="start the adapters from this LoRA file (any layout sample.py "
-                                                  "loads) instead of from zero: it must cover the same layers at "
-                                                  "the same --rank; its delta is kept whatever --alpha is (A as in "
-                                                  "the file, B divided by --alpha/--rank)")
-    p.add_argument("--alpha", type=above_zero, default=16.0, help="LoRA alpha, above 0; the update is scaled by "
-                                                                  "alpha/rank (0 would train nothing) (default: 16)")
-    p.add_argument("--lr", type=ranged(float, 1e-12), help=f"AdamW learning rate (default: {flux['lr']}; toy: "
-                                                           f"{toy['lr']})")
+    p.add_argument("--init-lora", type=Path, help="start the adapters from this LoRA file (any layout "
+                                                  "sample.py loads) instead of from zero: it must cover the "
+                                                  "same layers at the same --rank; its delta is kept "
+                                                  "whatever --alpha is (A as in the file, B divided by "
+                                                  "--alpha/--rank)")
+    p.add_argument("--alpha", type=above_zero, default=16.0, help="LoRA alpha, above 0; the update is scaled "
+                                                                  "by alpha/rank (0 would train nothing) "
+                                                                  "(default: 16)")
+    p.add_argument("--lr", type=ranged(float, 1e-12), help=f"AdamW learning rate (default: {flux['lr']}; "
+                                                           f"toy: {toy['lr']})")
     p.add_argument("--warmup", type=ranged(int, 0), default=100,
                    help="linear warm-up steps (default: 100, ours; the authors' trainer has none)")
     p.add_argument("--ema-decay", type=ranged(float, 0, 1),
-                   help="exponential moving average of the LoRA weights, updated after every step: the saved LoRA "
-                        "and the validation images use it, as the authors' trainer does; 0 = off, the raw weights "
-                        f"(default: {flux['ema_decay']}, the authors'; toy: {toy['ema_decay']}, not yet measured on "
-                        "the toy task)")
+                   help="exponential moving average of the LoRA weights, updated after every step: the saved "
+                        "LoRA and the validation images use it, as the authors' trainer does; 0 = off, the "
+                        f"raw weights (default: {flux['ema_decay']}, the authors'; toy: {toy['ema_decay']}, "
+                        f"not yet measured on the toy task)")
     p.add_argument("--grad-clip", type=ranged(float, 0), default=1.0,
                    help="max gradient norm, the gradients scaled down to it when over; 0 = no clipping "
                         "(default: 1.0)")
     p.add_argument("--resolution", type=ranged(int, 16), nargs="+",
-                   help="one or more target areas, each as the side of a square: every set is trained at each, in "
-                        "the aspect bucket of about that many pixels squared (sides multiples of 16 per panel), "
-                        "never upscaled: where a bucket is larger than the set, the set's own size, panel sides "
-                        "rounded down to 16 (default: " + " ".join(map(str, flux["resolution"])) + ", the authors'; "
-                        f"toy: {toy['resolution'][0]})")
+                   help="one or more target areas, each as the side of a square: every set is trained at "
+                        "each, in the aspect bucket of about that many pixels squared (sides multiples of 16 "
+                        "per panel), never upscaled: where a bucket is larger than the set, the set's own "
+                        "size, panel sides rounded down to 16 (default: "
+                        + " ".join(map(str, flux["resolution"]))
+                        + f", the authors'; toy: {toy['resolution'][0]})")
     p.add_argument("--caption-dropout", type=ranged(float, 0, 1), default=0.05,
                    help="probability a caption is replaced by the empty one (default: 0.05)")
     p.add_argument("--guidance", type=float, default=1.0, help="distilled-guidance input during training "
                                                                "(default: 1.0)")
     p.add_argument("--timestep-sampling", type=lambda s: "shift" if s == "logit_normal" else s,
                    choices=TIMESTEP_MODES,
-                   help="how the training t is drawn: sigmoid = sigmoid(randn), the authors' recipe (median t 0.5); "
-                        "shift = the same, then moved toward noise by FLUX's resolution shift as the sampler's "
-                        "schedule is (kohya's flux_shift; median t 0.76 at 1024²; `logit_normal` is its old name); "
-                        f"uniform (default: {flux['timestep_sampling']}; toy: {toy['timestep_sampling']})")
+                   help="how the training t is drawn: sigmoid = sigmoid(randn), the authors' recipe (median "
+                        "t 0.5); shift = the same, then moved toward noise by FLUX's resolution shift as the "
+                        "sampler's schedule is (kohya's flux_shift; median t 0.76 at 1024²; `logit_normal` "
+                        f"is its old name); uniform (default: {flux['timestep_sampling']}; toy: "
+                        f"{toy['timestep_sampling']})")
     p.add_argument("--checkpointing", action=argparse.BooleanOptionalAction,
-                   help="gradient checkpointing per block: much less memory, ~30%% slower (default: on; toy: off)")
+                   help="gradient checkpointing per block: much less memory, ~30%% slower (default: on; toy: "
+                        "off)")
     p.add_argument("--blocks-to-swap", type=ranged(int, 0, 57), default=0, metavar="K",
-                   help="keep the frozen weights of the last K of the 19 double + 38 single blocks (single blocks "
-                        "first) in CPU RAM and copy each to the GPU just before it runs, forward and in the backward "
-                        "pass's recomputation: saves K blocks' weights (bf16: 0.68 GB a double block, 0.28 GB a "
-                        "single one) for a slower step (PCIe copies). Needs --checkpointing (default: 0)")
+                   help="keep the frozen weights of the last K of the 19 double + 38 single blocks (single "
+                        "blocks first) in CPU RAM and copy each to the GPU just before it runs, forward and "
+                        "in the backward pass's recomputation: saves K blocks' weights (bf16: 0.68 GB a "
+                        "double block, 0.28 GB a single one) for a slower step (PCIe copies). Needs "
+                        "--checkpointing (default: 0)")
     p.add_argument("--compile", action="store_true",
-                   help="torch.compile each transformer block's forward (regional: one compiled graph per block "
-                        "class, compiled at the first step and again at a new image size and for validation "
-                        "sampling); the same training within float rounding; composes with the LoRA, "
-                        "--checkpointing, --quantize and --blocks-to-swap. Full-size FLUX.1-dev training crashed in "
-                        "its first compiled backward on an H200 with torch 2.11 (bench/RESULTS.md) (default: off)")
+                   help="torch.compile each transformer block's forward (regional: one compiled graph per "
+                        "block class, compiled at the first step and again at a new image size and for "
+                        "validation sampling); the same training within float rounding; composes with the "
+                        "LoRA, --checkpointing, --quantize and --blocks-to-swap. Full-size FLUX.1-dev "
+                        "training crashed in its first compiled backward on an H200 with torch 2.11 "
+                        "(bench/RESULTS.md) (default: off)")
     p.add_argument("--fsdp", action="store_true",
-                   help="under torchrun: shard the frozen base over the ranks with FSDP2, block by block, so that "
-                        "each GPU holds 1/N of its weights (gathering a block's just before it runs); the adapters "
-                        "stay whole and are all-reduced as in plain data parallel (default: off, every rank holds "
-                        "the whole base)")
+                   help="under torchrun: shard the frozen base over the ranks with FSDP2, block by block, so "
+                        "that each GPU holds 1/N of its weights (gathering a block's just before it runs); "
+                        "the adapters stay whole and are all-reduced as in plain data parallel (default: "
+                        "off, every rank holds the whole base)")
     p.add_argument("--save-every", type=ranged(int, 1), default=250,
                    help="write LoRA + training state every N steps (default: 250)")
     p.add_argument("--save-dtype", choices=["fp16", "bf16", "fp32"],
-                   help=f"dtype of the LoRA files; a value beyond fp16's range is written in bf16 with a warning, "
-                        f"never as inf (default: {flux['save_dtype']}, as the released IC-LoRAs; toy: "
-                        f"{toy['save_dtype']}); the training state keeps fp32")
+                   help=f"dtype of the LoRA files; a value beyond fp16's range is written in bf16 with a "
+                        f"warning, never as inf (default: {flux['save_dtype']}, as the released IC-LoRAs; "
+                        f"toy: {toy['save_dtype']}); the training state keeps fp32")
     p.add_argument("--keep-last", type=ranged(int, 0), default=4,
-                   help="also write each save as <stem>-step000250.safetensors and keep the last N of them; the "
-                        "unnumbered --out file is always the latest; 0 = no numbered copies (default: 4)")
+                   help="also write each save as <stem>-step000250.safetensors and keep the last N of them; "
+                        "the unnumbered --out file is always the latest; 0 = no numbered copies (default: 4)")
     p.add_argument("--sample-every", type=ranged(int, 0), default=250,
                    help="validation images every N steps; 0 = never (default: 250)")
     p.add_argument("--val-prompt", action="append", default=[],
-                   help="validation prompt, repeatable, with optional inline settings as in ai-toolkit and kohya: "
-                        "\"a caption --w 1024 --h 1536 --seed 3 --g 3.5 --s 20\" (--d and --l also mean seed and "
-                        "guidance); unset ones: the first set's size, seed 42, guidance 3.5, --sample-steps. Each "
-                        "--sample-every, and before the first step, the images go side by side into "
-                        "<stem>_samples/step000250.png (default: the first training caption)")
+                   help="validation prompt, repeatable, with optional inline settings as in ai-toolkit and "
+                        "kohya: \"a caption --w 1024 --h 1536 --seed 3 --g 3.5 --s 20\" (--d and --l also "
+                        "mean seed and guidance); unset ones: the first set's size, seed 42, guidance 3.5, "
+                        "--sample-steps. Each --sample-every, and before the first step, the images go side "
+                        "by side into <stem>_samples/step000250.png (default: the first training caption)")
     p.add_argument("--strict-captions", action="store_true", help="refuse captions and --val-prompt's longer "
-                   "than T5 reads (512 tokens for dev, 256 for schnell) instead of warning that their end is cut")
+                                                                  "than T5 reads (512 tokens for dev, 256 "
+                                                                  "for schnell) instead of warning that "
+                                                                  "their end is cut")
     p.add_argument("--sample-steps", type=ranged(int, 1), default=20,
                    help="steps for validation images (default: 20)")
-    p.add_argument("--seed", type=int, default=42, help="seed for data order, noise, t and dropout (default: 42)")
+    p.add_argument("--seed", type=int, default=42, help="seed for data order, noise, t and dropout (default: "
+                                                        "42)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--dtype", default=None, choices=["bf16", "fp32"],
-                   help="base-model dtype (default: bf16 on GPU, the stored dtype on CPU); the LoRA's parameters "
-                        "and optimizer state are fp32, its arithmetic in this dtype")
+                   help="base-model dtype (default: bf16 on GPU, the stored dtype on CPU); the LoRA's "
+                        "parameters and optimizer state are fp32, its arithmetic in this dtype")
     p.add_argument("--resume", action="store_true",
-                   help="continue from <out stem>.state.pt (bit for bit on CPU; on a GPU, nondeterministic kernels "
-                        "such as attention's backward can add tiny differences)")
+                   help="continue from <out stem>.state.pt (bit for bit on CPU; on a GPU, nondeterministic "
+                        "kernels such as attention's backward can add tiny differences)")
     return p
 
 
@@ -197,14 +232,15 @@ def main(argv=None) -> Path:
     """Runs `train` holding `<out stem>.lock`, which is removed however the run ends."""
     args = parse_args(argv)
     check_data_folder(args.data)
-    args.device = init_distributed(args.device)  # under torchrun: this rank joins the others; its GPU is cuda:LOCAL_RANK
+    # under torchrun: this rank joins the others; its GPU is cuda:LOCAL_RANK
+    args.device = init_distributed(args.device)
     with holding_lock(run_files(args.out)), stopping_on_signals():
         return train(args)
 
 
 def train(args: argparse.Namespace) -> Path:  # noqa: C901 (the recipe reads top to bottom; tools/reading_path.py holds it to 20)
     files = run_files(args.out)
-    if files.state.exists() and not args.resume:  # a finished or stopped run: its LoRA, state and log would be lost
+    if files.state.exists() and not args.resume:  # a finished or stopped run: its files would be lost
         raise SystemExit(f"error: {files.state} exists: --resume to continue it, another --out, or delete it")
     check_device(args.device)
 
@@ -212,12 +248,13 @@ def train(args: argparse.Namespace) -> Path:  # noqa: C901 (the recipe reads top
     dataset = PanelSetDataset(args.data, resolution=args.resolution, layout=args.layout, panels=args.panels)
     panels = check_reference_panels(dataset, args.ref_panel) if args.ref_panel else None
     per_set = len(dataset.resolutions)
-    print(f"{len(dataset) // per_set} training sets from {args.data}, {len(dataset)} samples: each at resolution "
-          f"{', '.join(map(str, dataset.resolutions))} (at its own size where that is smaller)", file=sys.stderr)
+    print(f"{len(dataset) // per_set} training sets from {args.data}, {len(dataset)} samples: each at "
+          f"resolution {', '.join(map(str, dataset.resolutions))} (at its own size where that is smaller)",
+          file=sys.stderr)
     fingerprint = dataset_fingerprint(dataset)
     state = read_on_rank0(load_state, files.state, args, fingerprint, REF_MODE) if args.resume else None
     init_lora = read_lora_file(args.init_lora) if args.init_lora else None  # read (and so checked) now
-    first = dataset.samples[per_set - 1].bucket  # the first set's largest (H, W): the validation images' default
+    first = dataset.samples[per_set - 1].bucket  # the first set's largest (H, W): validation's default size
     val = validation_prompts(args, first, dataset.samples[0].caption)
     # Captions T5 would cut are reported now, from the tokenizer alone, before any weight loads.
     check_captions(load_t5_tokenizer(str(args.model), args.transformer), dataset,
@@ -229,9 +266,10 @@ def train(args: argparse.Namespace) -> Path:  # noqa: C901 (the recipe reads top
     if args.quantize == "fp8":  # on the CPU, before T5 encodes and before the LoRA wraps the flow's Linears
         quantize_fp8(pipe.t5)
         quantize_fp8(pipe.flow)
-    sets = gathered(encode_sets(pipe, dataset, args.ref_panel, REF_MODE, part(len(dataset))))  # each rank: its part
+    # each rank encodes its part of the samples, and every rank gets them all
+    sets = gathered(encode_sets(pipe, dataset, args.ref_panel, REF_MODE, part(len(dataset))))
     empty = EncodedSet(None, *(x[0].cpu() for x in pipe.encode_prompts([""])))     # for caption dropout
-    shown = sets[per_set - 1] if args.ref_panel else None  # with --ref-panel, the first set's references, largest
+    shown = sets[per_set - 1] if args.ref_panel else None  # --ref-panel: the first set's, largest, conditions
     validate = Validation(pipe, val, first, shown, REF_MODE, files.samples)
     pipe.t5.to("cpu")
     pipe.clip.to("cpu")
@@ -248,15 +286,16 @@ def train(args: argparse.Namespace) -> Path:  # noqa: C901 (the recipe reads top
         print(f"--fsdp: rank {rank()} holds {held:,} of the base's {base:,} weights", file=sys.stderr)
     if args.compile:
         if torch.device(args.device).type == "cuda":
-            warnings.warn("--compile: compiled training crashed on an H200 with torch 2.11 (an illegal memory access "
-                          "in an inductor kernel, bench/RESULTS.md); if it fails, train without --compile")
+            warnings.warn("--compile: compiled training crashed on an H200 with torch 2.11 (an illegal "
+                          "memory access in an inductor kernel, bench/RESULTS.md); if it fails, train "
+                          "without --compile", stacklevel=2)
         compile_blocks(pipe.flow)
     flow = pipe.on_device(pipe.flow)
     named = {n: p for n, p in flow.named_parameters() if p.requires_grad}  # the adapters
     params = list(named.values())
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
     start = resume(state, named, optimizer, files.state) if state else 0
-    ema = EMA(named, args.ema_decay, state)  # what is saved and sampled; the state keeps it and the raw weights
+    ema = EMA(named, args.ema_decay, state)  # saved and sampled; the state keeps it and the raw weights
     metadata = lora_metadata(args, val[0]["caption"], panels, first, REF_MODE)
     checkpoint = Checkpoint(files, args, fingerprint, REF_MODE, metadata, flow, optimizer, ema)
     log = LossLog(files.log, start)
@@ -264,7 +303,7 @@ def train(args: argparse.Namespace) -> Path:  # noqa: C901 (the recipe reads top
     # 5. The loop. The data order is a pure function of the seed: epoch e is batches_by_bucket(seed + e).
     order = itertools.chain.from_iterable(batches_by_bucket(dataset, args.batch_size, args.seed + epoch)
                                           for epoch in itertools.count())
-    batches = itertools.islice(order, start * args.grad_accum, None)  # on resume, skip the batches already seen
+    batches = itertools.islice(order, start * args.grad_accum, None)  # on resume, skip the batches seen
     done = start  # optimizer steps applied
     stop = StopSignals()
     with log:
@@ -273,9 +312,10 @@ def train(args: argparse.Namespace) -> Path:  # noqa: C901 (the recipe reads top
         flow.train()
         log.start_clock()  # on --resume the clock goes on
         try:
-            bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="training", disable=rank() > 0)
+            bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="training",
+                       disable=rank() > 0)
             for step in bar:
-                if any(gathered([bool(stop.received)])):  # torchrun signals every rank: all stop at the same step
+                if any(gathered([bool(stop.received)])):  # torchrun signals every rank: all stop at one step
                     raise KeyboardInterrupt
                 g = step_generator(args.seed, step)
                 lr = args.lr * min(1.0, (step + 1) / max(1, args.warmup))  # linear warm-up, then constant
@@ -308,8 +348,8 @@ def train(args: argparse.Namespace) -> Path:  # noqa: C901 (the recipe reads top
         except KeyboardInterrupt:
             checkpoint.save(done, log.losses)
             wait_for_rank0()
-            raise SystemExit(f"interrupted ({stop.name()}): saved the LoRA and training state at step {done} to "
-                             f"{args.out}, {files.state}; --resume continues")
+            raise SystemExit(f"interrupted ({stop.name()}): saved the LoRA and training state at step {done} "
+                             f"to {args.out}, {files.state}; --resume continues") from None
     if start >= args.steps:
         checkpoint.save(start, log.losses)
     wait_for_rank0()
@@ -322,9 +362,9 @@ if __name__ == "__main__":
     try:
         main()
     except USER_ERRORS as e:
-        raise SystemExit(f"error: {e}")
+        raise SystemExit(f"error: {e}") from None
     except KeyboardInterrupt:
-        raise SystemExit("interrupted before training started: nothing was saved")
+        raise SystemExit("interrupted before training started: nothing was saved") from None
     finally:
         if torch.distributed.is_initialized():  # under torchrun
             torch.distributed.destroy_process_group()

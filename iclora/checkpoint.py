@@ -10,8 +10,8 @@ import torch
 from iclora.atomic_files import atomic_writes
 from iclora.distributed import rank
 from iclora.ema import EMA
-from iclora.loss_log import draw_loss
 from iclora.lora_files import conditional_metadata, save_lora
+from iclora.loss_log import draw_loss
 from iclora.panels import grid_shape
 from iclora.run import RunFiles
 

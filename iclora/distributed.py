@@ -17,7 +17,8 @@ def init_distributed(device: str) -> str:
     if "WORLD_SIZE" in os.environ and not dist.is_initialized():
         dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
     if "LOCAL_RANK" in os.environ and torch.device(device).type == "cuda":
-        torch.cuda.set_device(device := f"cuda:{os.environ['LOCAL_RANK']}")
+        device = f"cuda:{os.environ['LOCAL_RANK']}"
+        torch.cuda.set_device(device)
     return device
 
 
@@ -48,7 +49,8 @@ def sum_gradients(params: list[torch.Tensor], loss: float) -> float:
         return loss
     flat = torch.cat([p.grad.flatten() for p in params] + [torch.tensor([loss], device=params[0].device)])
     dist.all_reduce(flat)
-    for p, g in zip(params, flat.split([p.numel() for p in params] + [1])):  # the last: the loss
+    parts = flat.split([p.numel() for p in params] + [1])  # the last: the loss
+    for p, g in zip(params, parts, strict=False):
         p.grad = g.view_as(p)
     return flat[-1].item()
 

@@ -44,11 +44,11 @@ class LossLog:
 def draw_loss(losses: list[float], path, width: int = 640, height: int = 320):
     """The loss of every step (grey) and its moving average (blue) as a PNG, drawn with pillow."""
     losses = losses * 2 if len(losses) == 1 else losses  # a line needs two points
-    decay = min(0.98, max(0.0, 1 - 10 / len(losses)))  # a window of about a tenth of the run, at most ~50 steps
+    decay = min(0.98, max(0.0, 1 - 10 / len(losses)))  # a window of a tenth of the run, at most ~50 steps
     smooth, average = [], 0.0
     for i, v in enumerate(losses, 1):
         average = decay * average + (1 - decay) * v
-        smooth.append(average / (1 - decay**i))  # bias-corrected, as Adam's moments: no pull toward the zero start
+        smooth.append(average / (1 - decay**i))  # bias-corrected as Adam's moments: no pull toward 0
     image = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(image)
     left, top, right, bottom = 60, 24, width - 12, height - 28

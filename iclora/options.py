@@ -12,7 +12,8 @@ from minflux.sampling import check_size
 
 VAL_SEED = 42  # the noise of every validation image, so that they differ only by the training they show
 # the inline settings of a --val-prompt (kohya's --d seed and --l guidance)
-VAL_OPTIONS = {"w": "width", "h": "height", "seed": "seed", "d": "seed", "g": "guidance", "l": "guidance", "s": "steps"}
+VAL_OPTIONS = {"w": "width", "h": "height", "seed": "seed", "d": "seed", "g": "guidance", "l": "guidance",
+               "s": "steps"}
 
 
 def above_zero(text: str) -> float:
@@ -77,19 +78,19 @@ def check_options(p: argparse.ArgumentParser, args: argparse.Namespace):
     if args.data is None:
         p.error("--data is required (or set \"data\" in the --config file)")
     if args.out.resolve().is_relative_to(args.data.resolve()):
-        p.error(f"--out {args.out} is inside --data {args.data}: its loss curve and samples would become training "
-                f"images on the next run; write it outside the dataset")
+        p.error(f"--out {args.out} is inside --data {args.data}: its loss curve and samples would become "
+                f"training images on the next run; write it outside the dataset")
     if args.ema_decay >= 1:
         p.error(f"--ema-decay {args.ema_decay}: must be below 1 (1 would never move from the initial LoRA)")
     if args.blocks_to_swap and not args.checkpointing:
-        p.error("--blocks-to-swap needs --checkpointing: without it autograd keeps every block's weights until the "
-                "backward pass, so nothing would be saved")
+        p.error("--blocks-to-swap needs --checkpointing: without it autograd keeps every block's weights "
+                "until the backward pass, so nothing would be saved")
     if args.fsdp and "WORLD_SIZE" not in os.environ:
-        p.error("--fsdp shards the base over torchrun's processes: start the run with torchrun --nproc_per_node N "
-                "train.py ... (see README)")
+        p.error("--fsdp shards the base over torchrun's processes: start the run with torchrun "
+                "--nproc_per_node N train.py ... (see README)")
     if args.fsdp and args.blocks_to_swap:
-        p.error("--fsdp and --blocks-to-swap do not compose (both would own the blocks' weights); choose one: "
-                "--fsdp divides the base over N GPUs, --blocks-to-swap keeps part of it in CPU RAM")
+        p.error("--fsdp and --blocks-to-swap do not compose (both would own the blocks' weights); choose "
+                "one: --fsdp divides the base over N GPUs, --blocks-to-swap keeps part of it in CPU RAM")
 
 
 def check_data_folder(data: Path):
@@ -102,21 +103,24 @@ def parse_val_prompt(text: str, height: int, width: int, steps: int) -> dict:
     """`a caption --w 1024 --h 1536 --seed 3 --g 3.5 --s 20` -> the caption and its settings; the ones it does
     not give are the first set's size, VAL_SEED, guidance 3.5 and --sample-steps."""
     caption, *options = re.split(r"\s+--(?=[a-z]+\s)", " " + text.strip())
-    found = dict(caption=caption.strip(), height=height, width=width, seed=VAL_SEED, guidance=3.5, steps=steps)
+    found = dict(caption=caption.strip(), height=height, width=width, seed=VAL_SEED, guidance=3.5,
+                 steps=steps)
     for option in options:
         name, _, value = option.partition(" ")
         if name not in VAL_OPTIONS:
-            raise ValueError(f"--val-prompt {text[:40]!r}: unknown option --{name}; use --w, --h, --seed (--d), "
-                             f"--g (--l) or --s")
+            raise ValueError(f"--val-prompt {text[:40]!r}: unknown option --{name}; use --w, --h, --seed "
+                             f"(--d), --g (--l) or --s")
         kind = float if VAL_OPTIONS[name] == "guidance" else int
         try:
             found[VAL_OPTIONS[name]] = kind(value.strip())
         except ValueError:
-            raise ValueError(f"--val-prompt {text[:40]!r}: --{name} {value.strip()!r} is not a number") from None
+            raise ValueError(f"--val-prompt {text[:40]!r}: --{name} {value.strip()!r} is not a "
+                             f"number") from None
     stray = re.search(r"(?:^|\s)(--[A-Za-z]\S*)", found["caption"])  # --W 64, --seed=3, a trailing --s
     if stray:
-        raise ValueError(f"--val-prompt {text[:40]!r}: {stray[1]!r} is not a setting with its value (they follow "
-                         f"the caption in lower case, as '--s 20'): use --w, --h, --seed (--d), --g (--l) or --s")
+        raise ValueError(f"--val-prompt {text[:40]!r}: {stray[1]!r} is not a setting with its value (they "
+                         f"follow the caption in lower case, as '--s 20'): use --w, --h, --seed (--d), --g "
+                         f"(--l) or --s")
     if found["steps"] < 1 or not math.isfinite(found["guidance"]):
         raise ValueError(f"--val-prompt {text[:40]!r}: --s must be at least 1 and --g a finite number")
     check_size(found["height"], found["width"])
@@ -131,6 +135,6 @@ def validation_prompts(args: argparse.Namespace, size: tuple[int, int], caption:
         val = [parse_val_prompt("", *size, args.sample_steps) | {"caption": caption}]
     odd = [v["caption"] for v in val if (v["height"], v["width"]) != size]
     if args.ref_panel and odd:
-        raise ValueError(f"--val-prompt {odd[0][:40]!r}: with --ref-panel, validation images take the first set's "
-                         f"size, {size[1]}x{size[0]}; drop its --w/--h")
+        raise ValueError(f"--val-prompt {odd[0][:40]!r}: with --ref-panel, validation images take the first "
+                         f"set's size, {size[1]}x{size[0]}; drop its --w/--h")
     return val

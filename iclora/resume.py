@@ -16,8 +16,8 @@ from iclora.lora_files import load_lora
 # (--data's path is not one: the dataset's fingerprint checks its files, wherever the folder is and however it
 # is spelled)
 RESUME_MUST_MATCH = ("layout", "model", "batch_size", "grad_accum", "rank", "alpha", "lr", "warmup",
-                     "grad_clip", "resolution", "caption_dropout", "guidance", "timestep_sampling", "seed", "dtype",
-                     "transformer", "quantize", "panels", "ref_panel", "ema_decay")
+                     "grad_clip", "resolution", "caption_dropout", "guidance", "timestep_sampling", "seed",
+                     "dtype", "transformer", "quantize", "panels", "ref_panel", "ema_decay")
 
 
 def dataset_fingerprint(dataset: PanelSetDataset) -> dict:
@@ -44,14 +44,16 @@ def read_state(path: Path) -> dict:
     """The training state at `path`, or one clear error if there is none or it is not one."""
     if not path.exists():
         raise SystemExit(f"error: --resume: no training state at {path}")
-    expected = f"expected the training state train.py writes next to --out (a dict of {', '.join(STATE_KEYS)})"
+    expected = ("expected the training state train.py writes next to --out (a dict of "
+                f"{', '.join(STATE_KEYS)})")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises many types for a truncated or foreign file
-        raise SystemExit(f"error: --resume: {path} cannot be read ({type(error).__name__}; truncated by a crash "
-                         f"or a full disk?): {expected}. Delete it to start over.") from None
+        raise SystemExit(f"error: --resume: {path} cannot be read ({type(error).__name__}; truncated by a "
+                         f"crash or a full disk?): {expected}. Delete it to start over.") from None
     if not isinstance(state, dict) or not all(k in state for k in STATE_KEYS):
-        raise SystemExit(f"error: --resume: {path} is not a training state: {expected}. Delete it to start over.")
+        raise SystemExit(f"error: --resume: {path} is not a training state: {expected}. Delete it to start "
+                         f"over.")
     return state
 
 
@@ -77,17 +79,18 @@ def load_state(path: Path, args, fingerprint: dict, ref_mode: str) -> dict:
             f"--{k.replace('_', '-')} {saved_args.get(k)} -> {getattr(args, k)}" for k in changed))
     mode = state.get("ref_mode", "clean")  # "clean" before "ref_mode" was kept
     if args.ref_panel and mode != ref_mode:
-        raise SystemExit(f"error: --resume: {path} was trained with reference treatment {mode!r} and this train.py "
-                         f"trains {ref_mode!r}; train from the start without --resume (or choose another --out)")
+        raise SystemExit(f"error: --resume: {path} was trained with reference treatment {mode!r} and this "
+                         f"train.py trains {ref_mode!r}; train from the start without --resume (or choose "
+                         f"another --out)")
     saved = state["dataset"]
     edited = {k for k in saved.keys() & fingerprint.keys() if not unchanged(saved[k], fingerprint[k])}
     changes = {"added": fingerprint.keys() - saved.keys(), "removed": saved.keys() - fingerprint.keys(),
                "edited": edited}
     if any(changes.values()):
         listed = "; ".join(f"{what}: {', '.join(sorted(names))}" for what, names in changes.items() if names)
-        raise SystemExit(f"error: --resume: the dataset {args.data} changed since {path} was saved ({listed}). "
-                         f"Restore it, or train from the start without --resume (delete the state or choose "
-                         f"another --out).")
+        raise SystemExit(f"error: --resume: the dataset {args.data} changed since {path} was saved "
+                         f"({listed}). Restore it, or train from the start without --resume (delete the "
+                         f"state or choose another --out).")
     return state
 
 
@@ -114,10 +117,12 @@ def start_from_lora(flow, tensors: dict, path: Path, rank: int):
     for name, m in fresh.items():
         r = m.lora_A["init"].out_features
         if r != rank:
-            raise ValueError(f"--init-lora {path}: {name} has rank {r}; this run trains rank {rank} (give --rank {r})")
+            raise ValueError(f"--init-lora {path}: {name} has rank {r}; this run trains rank {rank} (give "
+                             f"--rank {r})")
         if m.lora_B["init"].bias is not None:
             raise ValueError(f"--init-lora {path}: {name} has a LoRA bias, which this trainer does not train")
+        rescale = m.scaling["init"] / m.scaling["default"]
         with torch.no_grad():
             m.lora_A["default"].weight.copy_(m.lora_A["init"].weight)
-            m.lora_B["default"].weight.copy_(m.lora_B["init"].weight * (m.scaling["init"] / m.scaling["default"]))
+            m.lora_B["default"].weight.copy_(m.lora_B["init"].weight * rescale)
     remove_lora(flow, "init")

@@ -11,7 +11,8 @@ from pathlib import Path
 
 from iclora.distributed import rank
 
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # Ctrl-C; preemption, `timeout`; a closed terminal
+# Ctrl-C; preemption or `timeout`; a closed terminal
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 @dataclass(frozen=True)

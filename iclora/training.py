@@ -1,11 +1,10 @@
 """Flow-matching LoRA training, the pieces `train.py` strings together (In-Context LoRA, arXiv 2410.23775 §3).
 
-The ordinary rectified-flow objective on joined panel images, with the project's one convention (t = 1 is
-noise):
+The ordinary rectified-flow objective on joined panel images, with the project's one convention, t = 1 noise:
     x_t = (1 − t)·x0 + t·ε,   the model is trained to predict v = ε − x0   (mean squared error).
 t is drawn logit-normal (SD3 §3.1; `sigmoid`, the authors' recipe), optionally shifted toward noise as the
 sampler's schedule is for that image size (`shift`), or uniform. Every random draw of step s comes from a
-generator seeded with (seed, s), so a resumed run continues bit for bit without stored RNG state. A
+generator seeded with (seed, s), so that a resumed run continues bit for bit without stored RNG state. A
 conditional IC-LoRA (`--ref-panel K`) gives the model its reference panels' tokens as sampling with `--ref`
 gives them (iclora/references.py, same function) and takes the loss on the other panels' tokens only.
 
@@ -21,21 +20,21 @@ from tqdm.auto import tqdm
 
 from iclora.panels import panel_boxes, split_panels
 from iclora.references import image_positions, reference_latents, reference_panels, reference_tokens
-from minflux.pipeline import to_pil
 from minflux.module_tree import compute_dtype
+from minflux.pipeline import to_pil
 from minflux.sampling import add_noise, image_ids, pack, shift_mu, text_ids, time_shift
 from minflux.tokenizers import overlong
 
 
 def check_captions(t5_tokenizer, dataset, val_prompts: list[str], strict: bool = False):
-    """Warns of each training caption and validation prompt that T5 reads only in part; `strict` refuses
-    them."""
+    """Warns of each training caption and validation prompt that T5 reads only in part (`strict`: refuses
+    them)."""
     named = [(f"the caption of {s.path}", s.caption) for s in dataset.samples[::len(dataset.resolutions)]]
     messages = overlong(t5_tokenizer, named + [(f"--val-prompt {p[:40]!r}", p) for p in val_prompts])
     if messages and strict:
         raise ValueError("--strict-captions: " + "\n".join(messages))
     for message in messages:
-        warnings.warn(message)
+        warnings.warn(message, stacklevel=2)
 
 
 def step_generator(seed: int, step: int) -> torch.Generator:
@@ -80,9 +79,9 @@ def predict_velocity(flow, x_t: Tensor, t: Tensor, img_ids: Tensor, txt: Tensor,
                      guidance: float) -> Tensor:
     """The flow's v (B, Li, 4c) for x_t (B, Li, 4c) at t (B,), computed in the flow's dtype."""
     B, dtype, device = x_t.shape[0], compute_dtype(flow), x_t.device
+    guidance = torch.full((B,), guidance, dtype=dtype, device=device)             # (B,)
     return flow(x_t.to(dtype), img_ids.to(device), txt.to(dtype), text_ids(B, txt.shape[1]).to(device),
-                timesteps=t.to(dtype), y=vec.to(dtype), guidance=torch.full((B,), guidance, dtype=dtype,
-                                                                            device=device))
+                timesteps=t.to(dtype), y=vec.to(dtype), guidance=guidance)
 
 
 def flow_matching_loss(flow, x0: Tensor, txt: Tensor, vec: Tensor, g: torch.Generator, guidance: float = 1.0,
@@ -125,23 +124,26 @@ class EncodedSet:
     latents: Tensor  # (c, h, w) the joined image
     txt: Tensor      # (Lt, 4096) T5 states of its caption
     vec: Tensor      # (768,) CLIP pooled
-    ref_latents: Tensor | None = None  # (Li, 4c) packed latents of the reference panels (`train.py --ref-panel`)
+    # with `train.py --ref-panel`:
+    ref_latents: Tensor | None = None  # (Li, 4c) packed latents of the reference panels
     ref_mask: Tensor | None = None     # (Li,) True on the reference tokens
-    ids: Tensor | None = None          # (Li, 3) the tokens' positions for this reference mode (image_positions)
+    ids: Tensor | None = None          # (Li, 3) the tokens' positions in this mode (image_positions)
 
 
 def check_reference_panels(dataset, ref_panels: list[int]) -> int:
     """The panel count of every set, checked before any weight loads: each set's panels are located (set
     folders, or joined images with `panels`), all sets have one count, and it holds every 1-based reference
     panel."""
-    if unknown := [s.path.name for s in dataset.samples[::len(dataset.resolutions)] if s.count is None]:
-        raise ValueError(f"--ref-panel needs to know where the panels are, but {dataset.root} holds joined images "
-                         f"({', '.join(unknown[:3])}, ...): give --panels N (and --layout) for the panels in each")
+    unknown = [s.path.name for s in dataset.samples[::len(dataset.resolutions)] if s.count is None]
+    if unknown:
+        raise ValueError(f"--ref-panel needs to know where the panels are, but {dataset.root} holds joined "
+                         f"images ({', '.join(unknown[:3])}, ...): give --panels N (and --layout) for the "
+                         f"panels in each")
     counts = {s.count for s in dataset.samples}
     if len(counts) > 1:
         raise ValueError(f"--ref-panel: the sets of {dataset.root} hold different numbers of panels "
                          f"({sorted(counts)}); a conditional LoRA is trained on one panel count")
-    reference_panels(len(ref_panels), ref_panels, counts.pop())  # a panel that does not exist, or nothing to generate
+    reference_panels(len(ref_panels), ref_panels, counts.pop())  # a panel not there, or nothing to generate
     return dataset.samples[0].count
 
 
@@ -154,12 +156,14 @@ def encode_sets(pipe, dataset, ref_panels: list[int] = (), ref_mode: str = "nois
     positions in `ref_mode`."""
     encoded, done = [], {}
     for i in tqdm(range(len(dataset))[part], desc="encoding images and captions"):
-        if (key := (dataset.samples[i].path, dataset.samples[i].bucket)) in done:
+        key = (dataset.samples[i].path, dataset.samples[i].bucket)
+        if key in done:
             encoded.append(done[key])
             continue
         item = dataset[i]
         latents = pipe.encode_image(item["image"][None])[0].cpu()
-        if (caption := item["caption"]) not in done:  # a caption is encoded once, whatever its number of buckets
+        caption = item["caption"]
+        if caption not in done:  # a caption is encoded once, whatever its number of buckets
             done[caption] = [x[0].cpu() for x in pipe.encode_prompts([caption])]   # (Lt, 4096), (768,)
         txt, vec = done[caption]
         ref_latents = ref_mask = ids = None
@@ -167,10 +171,10 @@ def encode_sets(pipe, dataset, ref_panels: list[int] = (), ref_mode: str = "nois
             (H, W), n = item["bucket"], dataset.samples[i].count
             panels = split_panels(to_pil(item["image"][None])[0], n, dataset.layout)
             boxes = panel_boxes(H, W, n, dataset.layout)
-            refs = [(panels[k - 1], boxes[k - 1]) for k in ref_panels]
-            ref_latents, ref_mask = reference_latents(pipe, refs, H, W)           # (1, Li, 4c), (Li,)
-            ref_latents = ref_latents[0]                                          # (Li, 4c)
-            ids = image_positions(H, W, n, dataset.layout, [k - 1 for k in ref_panels], ref_mode)[0]  # (Li, 3)
+            given = [k - 1 for k in ref_panels]                                   # 0-based
+            ref_latents, ref_mask = reference_latents(pipe, [(panels[k], boxes[k]) for k in given], H, W)
+            ref_latents = ref_latents[0]                                          # (Li, 4c), ref_mask (Li,)
+            ids = image_positions(H, W, n, dataset.layout, given, ref_mode)[0]    # (Li, 3)
         encoded.append(done.setdefault(key, EncodedSet(latents, txt, vec, ref_latents, ref_mask, ids)))
     return encoded
 

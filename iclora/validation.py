@@ -26,7 +26,8 @@ class Validation:
         if shown is not None:
             for i, v in enumerate(prompts):
                 noise, times = get_noise(1, *size, v["seed"]), pipe.schedule(*size, v["steps"])
-                self.hooks[i] = pin_references(shown.ref_latents[None], shown.ref_mask, noise, times, mode=ref_mode)
+                self.hooks[i] = pin_references(shown.ref_latents[None], shown.ref_mask, noise, times,
+                                               mode=ref_mode)
                 self.ids[i] = shown.ids[None]
 
     def __call__(self, flow, ema: EMA, step: int):
@@ -37,7 +38,8 @@ class Validation:
         with ema.applied():
             for i, v in enumerate(self.prompts):
                 latents = self.pipe.sample(self.txt[i : i + 1], self.vec[i : i + 1], v["height"], v["width"],
-                                           v["steps"], v["guidance"], v["seed"], False, self.hooks[i], self.ids[i])
+                                           v["steps"], v["guidance"], v["seed"], False, self.hooks[i],
+                                           self.ids[i])
                 images.append(to_pil(self.pipe.decode(latents))[0])
         flow.train()
         if rank() == 0:

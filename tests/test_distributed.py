@@ -26,8 +26,10 @@ import train
 from iclora.lora import inject_lora
 from iclora.training import References, training_loss
 from minflux.pipeline import load_pipeline
-from tests.test_training import ROOT, repo  # noqa: F401 (fixture)
+from tests import test_training
 
+ROOT = test_training.ROOT
+repo = test_training.repo  # the tiny random FLUX, a fixture
 TOL = 1e-5
 SETTINGS = ["--resolution", "48", "--batch-size", "4", "--rank", "4", "--alpha", "4", "--lr", "3e-3", "--warmup",
             "1", "--caption-dropout", "0.3", "--sample-every", "0", "--device", "cpu"]
@@ -105,9 +107,9 @@ def test_the_parts_losses_and_gradients_add_up_to_the_whole_batchs_with_and_with
         parts = [training_loss(flow, x0, txt, vec, gen(), 1.0, "shift", refs, rows)
                  for rows in (slice(0, 0), slice(0, 1), slice(1, 3))]
         summed = [sum(g) for g in zip(*(torch.autograd.grad(p, adapters, allow_unused=True, materialize_grads=True)
-                                        for p in parts))]
+                                        for p in parts), strict=True)]
         loss_diff = (sum(parts) - whole).abs().item()
-        grad_diff = max((a - b).abs().max().item() for a, b in zip(summed, grads))
+        grad_diff = max((a - b).abs().max().item() for a, b in zip(summed, grads, strict=True))
         print(f"mask {refs is not None}: loss diff {loss_diff:.2e}, gradient diff {grad_diff:.2e}")
         assert loss_diff <= TOL and grad_diff <= TOL
 
@@ -119,8 +121,9 @@ def single(repo, data, tmp_path_factory):
 
 def test_two_processes_train_the_lora_of_one_process_at_the_same_global_batch(single, two):
     diff = max_difference(single, two["ddp"])
-    loss_diff = max(abs(a - b) for a, b in zip(losses(single), losses(two["ddp"])))
-    print(f"DDP 2 processes vs 1, 4 steps at batch 4: adapters max abs diff {diff:.2e}, logged loss {loss_diff:.2e}")
+    loss_diff = max(abs(a - b) for a, b in zip(losses(single), losses(two["ddp"]), strict=True))
+    print(f"DDP 2 processes vs 1, 4 steps at batch 4: adapters max abs diff {diff:.2e}, logged loss "
+          f"{loss_diff:.2e}")
     assert diff <= TOL and loss_diff <= TOL and len(losses(two["ddp"])) == 4
 
 
@@ -153,7 +156,7 @@ def test_block_swap_composes_with_data_parallel(single, two):
 @pytest.mark.parametrize("name", ["fsdp", "fsdp_fp8"])
 def test_fsdp_shards_give_the_losses_and_the_lora_of_one_process(repo, data, two, tmp_path, name):
     one = one_process(repo, data, tmp_path / "lora.safetensors", *[f for f in RUNS[name][0] if f != "--fsdp"])
-    diff, loss_diff = max_difference(one, two[name]), max(abs(a - b) for a, b in zip(losses(one), losses(two[name])))
+    diff, loss_diff = max_difference(one, two[name]), max(abs(a - b) for a, b in zip(losses(one), losses(two[name]), strict=True))
     print(f"{name} 2 processes vs 1: adapters max abs diff {diff:.2e}, logged losses {loss_diff:.2e}")
     assert diff <= TOL and loss_diff <= TOL
 
@@ -183,7 +186,7 @@ def test_fsdp_gives_each_rank_half_of_the_frozen_weights(two):
     held = re.findall(r"--fsdp: rank (\d) holds ([\d,]+) of the base's ([\d,]+) weights",
                       two["ddp"].parents[1].joinpath("stderr.txt").read_text())
     assert len(held) == 4  # two ranks, two runs
-    for (_, a, total), (_, b, _) in zip(held[::2], held[1::2]):
+    for (_, a, total), (_, b, _) in zip(held[::2], held[1::2], strict=True):
         a, b, total = (int(x.replace(",", "")) for x in (a, b, total))
         print(f"rank 0 holds {a:,}, rank 1 {b:,} of {total:,} frozen weights")
         assert a + b == total and max(a, b) < 0.55 * total

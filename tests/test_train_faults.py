@@ -16,7 +16,11 @@ from safetensors.torch import load_file
 
 import iclora.lora_files
 import train
-from tests.test_training import ROOT, data, repo, run_train  # noqa: F401 (fixtures)
+from tests import test_training
+from tests.test_training import ROOT, run_train
+
+data = test_training.data  # the fixtures: two joined two-panel sets,
+repo = test_training.repo  # and the tiny random FLUX
 
 
 def test_sigterm_saves_the_steps_done_and_resume_matches_an_uninterrupted_run(repo, data, tmp_path):

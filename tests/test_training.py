@@ -20,7 +20,14 @@ from iclora.lora import inject_lora, lora_state
 from iclora.lora_files import load_lora, read_lora_file, save_lora
 from iclora.options import parse_val_prompt
 from iclora.resume import start_from_lora
-from iclora.training import TIMESTEP_MODES, EncodedSet, collate, encode_sets, flow_matching_loss, sample_timesteps
+from iclora.training import (
+    TIMESTEP_MODES,
+    EncodedSet,
+    collate,
+    encode_sets,
+    flow_matching_loss,
+    sample_timesteps,
+)
 from minflux.pipeline import load_pipeline
 from minflux.sampling import shift_mu, time_shift
 from tests.test_lora_files import trained as with_random_lora
@@ -43,7 +50,7 @@ def data(tmp_path_factory):
     folder = tmp_path_factory.mktemp("sets") / "twins"
     folder.mkdir()
     colours = [((220, 30, 30), (30, 30, 220)), ((30, 200, 30), (230, 220, 20))]
-    for i, ((left, right), caption) in enumerate(zip(colours, CAPTIONS)):
+    for i, ((left, right), caption) in enumerate(zip(colours, CAPTIONS, strict=True)):
         img = np.zeros((32, 64, 3), np.uint8)
         img[:, :32], img[:, 32:] = left, right
         img[8:24, 8:24], img[8:24, 40:56] = 255, 255
@@ -416,8 +423,11 @@ def test_inline_val_prompt_settings_are_read_and_others_take_the_defaults():
     assert parse_val_prompt("a fox--like dog", 16, 16, 9)["caption"] == "a fox--like dog"
 
 
-@pytest.mark.parametrize("text, error", [("a fox --x 3", "unknown option --x"), ("a fox --w wide", "--w 'wide' is not"),
-                                         ("a fox --w 50", "multiples of 16"), ("a fox --s 0", "--s must be at least 1"),
+@pytest.mark.parametrize("text, error", [("a fox --x 3", "unknown option --x"), ("a fox --w wide", "--w "
+                                                                                                   "'wide' "
+                                                                                                   "is not"),
+                                         ("a fox --w 50", "multiples of 16"), ("a fox --s 0", "--s must be "
+                                                                                              "at least 1"),
                                          ("a fox --s -2", "--s must be at least 1"), ("a fox --g nan", "finite"),
                                          ("a fox --W 64", "'--W' is not a setting with its value"),
                                          ("a fox --seed=3", "'--seed=3' is not a setting"),
@@ -429,7 +439,8 @@ def test_a_bad_val_prompt_option_is_refused_before_the_weights_load(broken_weigh
 
 def test_validation_images_go_side_by_side_into_one_picture_per_step_with_a_step_0_baseline(repo, data, tmp_path):
     run_train(repo, data, tmp_path / "lora.safetensors", "--steps", "2", "--sample-every", "2", "--sample-steps", "2",
-              "--val-prompt", "a red square --w 32 --h 32", "--val-prompt", "a green square --w 48 --h 16 --seed 1")
+              "--val-prompt", "a red square --w 32 --h 32", "--val-prompt", "a green square --w 48 --h 16 "
+                                                                            "--seed 1")
     pictures = sorted((tmp_path / "lora_samples").iterdir())
     assert [p.name for p in pictures] == ["step000000.png", "step000002.png"]
     assert Image.open(pictures[0]).size == (32 + 4 + 48, 32)
