@@ -114,23 +114,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=lora_file, default=Path("out.safetensors"),
                    help="LoRA file, not a folder, outside --data; its other files are written next to it "
                         "(default: out.safetensors)")
-    p.add_argument("--steps", type=ranged(int, 1), help=f"optimizer steps (default: {flux['steps']}, the "
-                                                        f"paper's; toy: {toy['steps']})")
-    p.add_argument("--batch-size", type=ranged(int, 1), default=4, help="examples per step (default: 4, the "
-                                                                        "paper's)")
+    p.add_argument("--steps", type=ranged(int, 1),
+                   help=f"optimizer steps (default: {flux['steps']}, the paper's; toy: {toy['steps']})")
+    p.add_argument("--batch-size", type=ranged(int, 1), default=4,
+                   help="examples per step (default: 4, the paper's)")
     p.add_argument("--grad-accum", type=ranged(int, 1), default=1,
                    help="micro-batches of --batch-size per optimizer step (default: 1)")
     p.add_argument("--rank", type=ranged(int, 1), default=16, help="LoRA rank (default: 16, the paper's)")
-    p.add_argument("--init-lora", type=Path, help="start the adapters from this LoRA file (any layout "
-                                                  "sample.py loads) instead of from zero: it must cover the "
-                                                  "same layers at the same --rank; its delta is kept "
-                                                  "whatever --alpha is (A as in the file, B divided by "
-                                                  "--alpha/--rank)")
-    p.add_argument("--alpha", type=above_zero, default=16.0, help="LoRA alpha, above 0; the update is scaled "
-                                                                  "by alpha/rank (0 would train nothing) "
-                                                                  "(default: 16)")
-    p.add_argument("--lr", type=ranged(float, 1e-12), help=f"AdamW learning rate (default: {flux['lr']}; "
-                                                           f"toy: {toy['lr']})")
+    p.add_argument("--init-lora", type=Path,
+                   help="start the adapters from this LoRA file (any layout sample.py loads) instead of from "
+                        "zero: it must cover the same layers at the same --rank; its delta is kept whatever "
+                        "--alpha is (A as in the file, B divided by --alpha/--rank)")
+    p.add_argument("--alpha", type=above_zero, default=16.0,
+                   help="LoRA alpha, above 0; the update is scaled by alpha/rank (0 would train nothing) "
+                        "(default: 16)")
+    p.add_argument("--lr", type=ranged(float, 1e-12),
+                   help=f"AdamW learning rate (default: {flux['lr']}; toy: {toy['lr']})")
     p.add_argument("--warmup", type=ranged(int, 0), default=100,
                    help="linear warm-up steps (default: 100, ours; the authors' trainer has none)")
     p.add_argument("--ema-decay", type=ranged(float, 0, 1),
@@ -197,14 +196,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "mean seed and guidance); unset ones: the first set's size, seed 42, guidance 3.5, "
                         "--sample-steps. Each --sample-every, and before the first step, the images go side "
                         "by side into <stem>_samples/step000250.png (default: the first training caption)")
-    p.add_argument("--strict-captions", action="store_true", help="refuse captions and --val-prompt's longer "
-                                                                  "than T5 reads (512 tokens for dev, 256 "
-                                                                  "for schnell) instead of warning that "
-                                                                  "their end is cut")
+    p.add_argument("--strict-captions", action="store_true",
+                   help="refuse captions and --val-prompt's longer than T5 reads (512 tokens for dev, 256 "
+                        "for schnell) instead of warning that their end is cut")
     p.add_argument("--sample-steps", type=ranged(int, 1), default=20,
                    help="steps for validation images (default: 20)")
-    p.add_argument("--seed", type=int, default=42, help="seed for data order, noise, t and dropout (default: "
-                                                        "42)")
+    p.add_argument("--seed", type=int, default=42,
+                   help="seed for data order, noise, t and dropout (default: 42)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--dtype", default=None, choices=["bf16", "fp32"],

@@ -31,8 +31,8 @@ from tests import test_training
 ROOT = test_training.ROOT
 repo = test_training.repo  # the tiny random FLUX, a fixture
 TOL = 1e-5
-SETTINGS = ["--resolution", "48", "--batch-size", "4", "--rank", "4", "--alpha", "4", "--lr", "3e-3", "--warmup",
-            "1", "--caption-dropout", "0.3", "--sample-every", "0", "--device", "cpu"]
+SETTINGS = ["--resolution", "48", "--batch-size", "4", "--rank", "4", "--alpha", "4", "--lr", "3e-3",
+            "--warmup", "1", "--caption-dropout", "0.3", "--sample-every", "0", "--device", "cpu"]
 
 
 @pytest.fixture(scope="module")
@@ -70,8 +70,9 @@ def two(repo, data, tmp_path_factory) -> dict[str, Path]:
     argvs = [["--model", str(repo), "--data", str(data), "--out", str(outs[name]), *SETTINGS, *extra]
              for name, runs in RUNS.items() for extra in runs]
     (root / "runs.json").write_text(json.dumps(argvs))
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          "tests/torchrun_train.py", str(root / "runs.json")], cwd=ROOT, capture_output=True, text=True,
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                          "2", "tests/torchrun_train.py", str(root / "runs.json")],
+                         cwd=ROOT, capture_output=True, text=True,
                          env=os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
     (root / "stderr.txt").write_text(run.stderr)  # read by the tests too
     errors = "\n".join(line for line in run.stderr.splitlines() if "Error" in line)
@@ -91,7 +92,8 @@ def max_difference(a: Path, b: Path) -> float:
 
 
 def losses(out: Path) -> list[float]:
-    return [float(r.split(",")[1]) for r in out.with_name(f"{out.stem}.loss.csv").read_text().splitlines()[1:]]
+    rows = out.with_name(f"{out.stem}.loss.csv").read_text().splitlines()[1:]
+    return [float(r.split(",")[1]) for r in rows]
 
 
 def test_the_parts_losses_and_gradients_add_up_to_the_whole_batchs_with_and_without_a_target_mask():
@@ -106,7 +108,8 @@ def test_the_parts_losses_and_gradients_add_up_to_the_whole_batchs_with_and_with
         grads = torch.autograd.grad(whole, adapters)
         parts = [training_loss(flow, x0, txt, vec, gen(), 1.0, "shift", refs, rows)
                  for rows in (slice(0, 0), slice(0, 1), slice(1, 3))]
-        summed = [sum(g) for g in zip(*(torch.autograd.grad(p, adapters, allow_unused=True, materialize_grads=True)
+        summed = [sum(g) for g in zip(*(torch.autograd.grad(p, adapters, allow_unused=True,
+                                                            materialize_grads=True)
                                         for p in parts), strict=True)]
         loss_diff = (sum(parts) - whole).abs().item()
         grad_diff = max((a - b).abs().max().item() for a, b in zip(summed, grads, strict=True))
@@ -134,7 +137,8 @@ def test_two_processes_with_grad_accum_train_the_lora_of_one_process(repo, data,
     assert diff <= TOL
 
 
-def test_two_processes_train_the_lora_of_one_process_with_the_loss_on_the_target_panel_only(repo, data, two, tmp_path):
+def test_two_processes_train_the_lora_of_one_process_with_the_loss_on_the_target_panel_only(repo, data, two,
+                                                                                            tmp_path):
     one = one_process(repo, data, tmp_path / "lora.safetensors", *RUNS["ref_panel"][0])
     diff = max_difference(one, two["ref_panel"])
     print(f"DDP 2 processes vs 1, --ref-panel 1 (masked loss): adapters max abs diff {diff:.2e}")
@@ -156,16 +160,17 @@ def test_block_swap_composes_with_data_parallel(single, two):
 @pytest.mark.parametrize("name", ["fsdp", "fsdp_fp8"])
 def test_fsdp_shards_give_the_losses_and_the_lora_of_one_process(repo, data, two, tmp_path, name):
     one = one_process(repo, data, tmp_path / "lora.safetensors", *[f for f in RUNS[name][0] if f != "--fsdp"])
-    diff, loss_diff = max_difference(one, two[name]), max(abs(a - b) for a, b in zip(losses(one), losses(two[name]), strict=True))
+    diff = max_difference(one, two[name])
+    loss_diff = max(abs(a - b) for a, b in zip(losses(one), losses(two[name]), strict=True))
     print(f"{name} 2 processes vs 1: adapters max abs diff {diff:.2e}, logged losses {loss_diff:.2e}")
     assert diff <= TOL and loss_diff <= TOL
 
 
 def test_sigterm_to_torchrun_stops_every_rank_at_one_step_and_rank_0_saves_it(repo, data, tmp_path):
     out = tmp_path / "lora.safetensors"
-    run = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                            "train.py", "--model", str(repo), "--data", str(data), "--out", str(out), *SETTINGS,
-                            "--steps", "100000", "--save-every", "100000"],
+    run = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                            "2", "train.py", "--model", str(repo), "--data", str(data), "--out", str(out),
+                            *SETTINGS, "--steps", "100000", "--save-every", "100000"],
                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                            env=os.environ | {"OMP_NUM_THREADS": "1"})
     log, deadline = out.with_name("lora.loss.csv"), time.monotonic() + 60
@@ -176,7 +181,8 @@ def test_sigterm_to_torchrun_stops_every_rank_at_one_step_and_rank_0_saves_it(re
         time.sleep(0.05)
     run.send_signal(signal.SIGTERM)
     _, stderr = run.communicate(timeout=60)  # torchrun passes the signal on to both ranks
-    assert run.returncode != 0 and stderr.count("interrupted (SIGTERM)") == 2 and "[rank" not in stderr  # no traceback
+    # no traceback
+    assert run.returncode != 0 and stderr.count("interrupted (SIGTERM)") == 2 and "[rank" not in stderr
     saved = torch.load(out.with_name("lora.state.pt"), weights_only=True)["step"]
     assert saved >= 2 and len(losses(out)) == saved and load_file(out).keys()
     assert not out.with_name("lora.lock").exists()
