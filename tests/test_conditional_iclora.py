@@ -52,7 +52,9 @@ def encoded(pipe, sets):
 def batch(encoded):
     x0 = torch.stack([e.latents for e in encoded])
     txt, vec = torch.stack([e.txt for e in encoded]), torch.stack([e.vec for e in encoded])
-    return x0, txt, vec, torch.stack([e.ref_latents for e in encoded]), torch.stack([e.ref_mask for e in encoded])
+    ref_latents = torch.stack([e.ref_latents for e in encoded])
+    ref_mask = torch.stack([e.ref_mask for e in encoded])
+    return x0, txt, vec, ref_latents, ref_mask
 
 
 def moved_by_hand(B: int) -> torch.Tensor:
@@ -127,8 +129,10 @@ def test_training_reference_latents_are_what_sample_py_ref_encodes_from_the_pane
     dataset, sets_encoded = encoded
     panel = split_panels(load_rgb(sets / "set_000.png"), 2, "row")[0]  # the file's left panel, 64x64
     ref_latents, ref_mask = reference_latents(pipe, [(panel, panel_boxes(64, 128, 2, "row")[0])], 64, 128)
-    assert torch.equal(sets_encoded[0].ref_latents, ref_latents[0]) and torch.equal(sets_encoded[0].ref_mask, ref_mask)
-    assert ref_mask.sum() == ref_mask.numel() // 2 and ref_mask.reshape(4, 8)[:, :4].all()  # the left half of the tokens
+    assert torch.equal(sets_encoded[0].ref_latents, ref_latents[0])
+    assert torch.equal(sets_encoded[0].ref_mask, ref_mask)
+    # the left half of the tokens
+    assert ref_mask.sum() == ref_mask.numel() // 2 and ref_mask.reshape(4, 8)[:, :4].all()
 
 
 def test_moved_positions_put_the_reference_panel_on_the_panel_to_generate_with_first_axis_one():
