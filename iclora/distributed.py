@@ -17,7 +17,8 @@ def init_distributed(device: str) -> str:
     if "WORLD_SIZE" in os.environ and not dist.is_initialized():
         dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
     if "LOCAL_RANK" in os.environ and torch.device(device).type == "cuda":
-        torch.cuda.set_device(device := f"cuda:{os.environ['LOCAL_RANK']}")
+        device = f"cuda:{os.environ['LOCAL_RANK']}"
+        torch.cuda.set_device(device)
     return device
 
 
@@ -48,14 +49,29 @@ def sum_gradients(params: list[torch.Tensor], loss: float) -> float:
         return loss
     flat = torch.cat([p.grad.flatten() for p in params] + [torch.tensor([loss], device=params[0].device)])
     dist.all_reduce(flat)
-    for p, g in zip(params, flat.split([p.numel() for p in params] + [1])):  # the last: the loss
+    parts = flat.split([p.numel() for p in params] + [1])  # the last: the loss
+    for p, g in zip(params, parts, strict=False):
         p.grad = g.view_as(p)
     return flat[-1].item()
 
 
-def shard(flow: torch.nn.Module):
+def shard(flow: torch.nn.Module) -> tuple[int, int]:
     """--fsdp: the frozen weights of each block, then the rest, split over the ranks; the adapters stay
-    whole."""
+    whole. The number of frozen weights this rank holds, and of all."""
+    base = sum(p.numel() for p in flow.parameters() if not p.requires_grad)
     adapters = {p for p in flow.parameters() if p.requires_grad}
     for module in [*flow.double_blocks, *flow.single_blocks, flow]:
         fully_shard(module, ignored_params=adapters)
+    held = sum(p.to_local().numel() for p in flow.parameters() if not p.requires_grad)
+    return held, base
+
+
+def read_on_rank0(read, *args):
+    """read(*args) on rank 0 alone (only its machine holds --out's folder); every rank gets a copy."""
+    return gathered([read(*args)] if rank() == 0 else [])[0]
+
+
+def wait_for_rank0():
+    """Under torchrun, the other ranks wait here until rank 0 has written its files."""
+    if dist.is_initialized():
+        dist.barrier()

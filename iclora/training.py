@@ -1,11 +1,10 @@
 """Flow-matching LoRA training, the pieces `train.py` strings together (In-Context LoRA, arXiv 2410.23775 §3).
 
-The ordinary rectified-flow objective on joined panel images, with the project's one convention (t = 1 is
-noise):
+The ordinary rectified-flow objective on joined panel images, with the project's one convention, t = 1 noise:
     x_t = (1 − t)·x0 + t·ε,   the model is trained to predict v = ε − x0   (mean squared error).
 t is drawn logit-normal (SD3 §3.1; `sigmoid`, the authors' recipe), optionally shifted toward noise as the
 sampler's schedule is for that image size (`shift`), or uniform. Every random draw of step s comes from a
-generator seeded with (seed, s), so a resumed run continues bit for bit without stored RNG state. A
+generator seeded with (seed, s), so that a resumed run continues bit for bit without stored RNG state. A
 conditional IC-LoRA (`--ref-panel K`) gives the model its reference panels' tokens as sampling with `--ref`
 gives them (iclora/references.py, same function) and takes the loss on the other panels' tokens only.
 
@@ -21,21 +20,21 @@ from tqdm.auto import tqdm
 
 from iclora.panels import panel_boxes, split_panels
 from iclora.references import image_positions, reference_latents, reference_panels, reference_tokens
-from minflux.pipeline import to_pil
 from minflux.module_tree import compute_dtype
+from minflux.pipeline import to_pil
 from minflux.sampling import add_noise, image_ids, pack, shift_mu, text_ids, time_shift
 from minflux.tokenizers import overlong
 
 
 def check_captions(t5_tokenizer, dataset, val_prompts: list[str], strict: bool = False):
-    """Warns of each training caption and validation prompt that T5 reads only in part; `strict` refuses
-    them."""
+    """Warns of each training caption and validation prompt that T5 reads only in part (`strict`: refuses
+    them)."""
     named = [(f"the caption of {s.path}", s.caption) for s in dataset.samples[::len(dataset.resolutions)]]
     messages = overlong(t5_tokenizer, named + [(f"--val-prompt {p[:40]!r}", p) for p in val_prompts])
     if messages and strict:
         raise ValueError("--strict-captions: " + "\n".join(messages))
     for message in messages:
-        warnings.warn(message)
+        warnings.warn(message, stacklevel=2)
 
 
 def step_generator(seed: int, step: int) -> torch.Generator:
@@ -59,32 +58,64 @@ def sample_timesteps(batch: int, image_tokens: int, g: torch.Generator, mode: st
     return time_shift(shift_mu(image_tokens), t) if mode == "shift" else t
 
 
+@dataclass
+class References:
+    """The reference panels of a batch (`train.py --ref-panel`): the model sees their tokens as sampling with
+    `--ref` gives them (iclora/references.py), and the loss leaves them out."""
+    latents: Tensor            # (B, Li, 4c) packed latents of the reference panels
+    mask: Tensor               # (B, Li) or (Li,) ref_mask: True on the reference tokens
+    mode: str = "noised"       # REF_MODES: what the model sees there
+    ids: Tensor | None = None  # (B, Li, 3) the tokens' positions in this mode, if not the canvas's
+
+
+def draw_noise_and_times(x0: Tensor, g: torch.Generator, timestep_mode: str) -> tuple[Tensor, Tensor]:
+    """ε (B, Li, 4c) and t (B,) for packed latents x0, drawn from g in this order."""
+    noise = torch.randn(x0.shape, generator=g).to(x0)                             # (B, Li, 4c)
+    t = sample_timesteps(x0.shape[0], x0.shape[1], g, timestep_mode).to(x0)       # (B,)
+    return noise, t
+
+
+def predict_velocity(flow, x_t: Tensor, t: Tensor, img_ids: Tensor, txt: Tensor, vec: Tensor,
+                     guidance: float) -> Tensor:
+    """The flow's v (B, Li, 4c) for x_t (B, Li, 4c) at t (B,), computed in the flow's dtype."""
+    B, dtype, device = x_t.shape[0], compute_dtype(flow), x_t.device
+    guidance = torch.full((B,), guidance, dtype=dtype, device=device)             # (B,)
+    return flow(x_t.to(dtype), img_ids.to(device), txt.to(dtype), text_ids(B, txt.shape[1]).to(device),
+                timesteps=t.to(dtype), y=vec.to(dtype), guidance=guidance)
+
+
 def flow_matching_loss(flow, x0: Tensor, txt: Tensor, vec: Tensor, g: torch.Generator, guidance: float = 1.0,
-                       timestep_mode: str = "shift", target_mask: Tensor | None = None,
-                       known: Tensor | None = None, ref_mode: str = "noised", rows: slice = slice(None),
-                       img_ids: Tensor | None = None) -> Tensor:
-    """MSE between the predicted and the true velocity ε − x0 at a random point of the noise-data line. With
-    `target_mask` (B, Li) or (Li,), True on the tokens to generate: the others become the reference tokens
-    reference_tokens(known (B, Li, 4c), ε, t, ref_mode) before the forward, and the MSE is over the target
-    tokens. `rows` (iclora/distributed.py): all draws for the whole batch, the loss of these examples as their
-    share of it. `img_ids` (B, Li, 3): the tokens' positions, if not the canvas's (image_positions)."""
+                       timestep_mode: str = "shift") -> Tensor:
+    """MSE between the predicted and the true velocity ε − x0 at a random point t of the noise-data line."""
     B, _, h, w = x0.shape
     x0 = pack(x0)                                                                 # (B, Li, 4c)
-    noise = torch.randn(x0.shape, generator=g).to(x0)
-    t = sample_timesteps(B, x0.shape[1], g, timestep_mode).to(x0)                 # (B,)
-    mask = torch.ones_like(x0, dtype=torch.bool) if target_mask is None else \
-        target_mask.to(x0.device).expand(B, x0.shape[1])[..., None].expand_as(x0)  # (B, Li, 4c) True: in the loss
-    count = mask.sum()  # the whole batch's, whatever `rows` is
-    img_ids = image_ids(B, 8 * h, 8 * w) if img_ids is None else img_ids          # (B, Li, 3)
-    x0, noise, t, txt, vec, mask, img_ids = (x[rows] for x in (x0, noise, t, txt, vec, mask, img_ids))
-    B = x0.shape[0]  # from here on, the examples of `rows`
+    noise, t = draw_noise_and_times(x0, g, timestep_mode)                         # (B, Li, 4c), (B,)
     x_t = add_noise(x0, noise, t[:, None, None])                                  # (B, Li, 4c)
-    if target_mask is not None:
-        x_t = torch.where(mask, x_t, reference_tokens(known[rows].to(x0), noise, t[:, None, None], ref_mode))
-    dtype, device = compute_dtype(flow), x0.device
-    v = flow(x_t.to(dtype), img_ids.to(device), txt.to(dtype), text_ids(B, txt.shape[1]).to(device),
-             timesteps=t.to(dtype), y=vec.to(dtype), guidance=torch.full((B,), guidance, dtype=dtype, device=device))
-    return (v.float() - (noise - x0).float())[mask].square().sum() / count
+    v = predict_velocity(flow, x_t, t, image_ids(B, 8 * h, 8 * w), txt, vec, guidance)
+    return (v.float() - (noise - x0).float()).square().mean()
+
+
+def training_loss(flow, x0: Tensor, txt: Tensor, vec: Tensor, g: torch.Generator, guidance: float = 1.0,
+                  timestep_mode: str = "shift", refs: References | None = None,
+                  rows: slice = slice(None)) -> Tensor:
+    """flow_matching_loss as train.py takes it. With `refs`, their tokens become reference_tokens before the
+    forward and the MSE is over the other tokens, at `refs.ids` if given. `rows` (iclora/distributed.py):
+    all draws for the whole batch, the loss of these examples as their share of it."""
+    B, _, h, w = x0.shape
+    x0 = pack(x0)                                                                 # (B, Li, 4c)
+    noise, t = draw_noise_and_times(x0, g, timestep_mode)                         # (B, Li, 4c), (B,)
+    in_loss = torch.ones_like(x0, dtype=torch.bool)                               # (B, Li, 4c)
+    if refs is not None:
+        in_loss = (~refs.mask).to(x0.device).expand(B, x0.shape[1])[..., None].expand_as(x0)
+    count = in_loss.sum()  # the whole batch's, whatever `rows` is
+    img_ids = image_ids(B, 8 * h, 8 * w) if refs is None or refs.ids is None else refs.ids    # (B, Li, 3)
+    x0, noise, t, txt, vec, in_loss, img_ids = (x[rows] for x in (x0, noise, t, txt, vec, in_loss, img_ids))
+    x_t = add_noise(x0, noise, t[:, None, None])                                  # (B, Li, 4c)
+    if refs is not None:
+        given = reference_tokens(refs.latents[rows].to(x0), noise, t[:, None, None], refs.mode)
+        x_t = torch.where(in_loss, x_t, given)
+    v = predict_velocity(flow, x_t, t, img_ids, txt, vec, guidance)               # (B, Li, 4c)
+    return (v.float() - (noise - x0).float())[in_loss].square().sum() / count
 
 
 @dataclass
@@ -93,23 +124,26 @@ class EncodedSet:
     latents: Tensor  # (c, h, w) the joined image
     txt: Tensor      # (Lt, 4096) T5 states of its caption
     vec: Tensor      # (768,) CLIP pooled
-    known: Tensor | None = None   # (Li, 4c) packed latents of the reference panels (`train.py --ref-panel`)
-    target: Tensor | None = None  # (Li,) True on the tokens to generate
-    ids: Tensor | None = None     # (Li, 3) the tokens' positions for this reference mode (image_positions)
+    # with `train.py --ref-panel`:
+    ref_latents: Tensor | None = None  # (Li, 4c) packed latents of the reference panels
+    ref_mask: Tensor | None = None     # (Li,) True on the reference tokens
+    ids: Tensor | None = None          # (Li, 3) the tokens' positions in this mode (image_positions)
 
 
 def check_reference_panels(dataset, ref_panels: list[int]) -> int:
     """The panel count of every set, checked before any weight loads: each set's panels are located (set
     folders, or joined images with `panels`), all sets have one count, and it holds every 1-based reference
     panel."""
-    if unknown := [s.path.name for s in dataset.samples[::len(dataset.resolutions)] if s.count is None]:
-        raise ValueError(f"--ref-panel needs to know where the panels are, but {dataset.root} holds joined images "
-                         f"({', '.join(unknown[:3])}, ...): give --panels N (and --layout) for the panels in each")
+    unknown = [s.path.name for s in dataset.samples[::len(dataset.resolutions)] if s.count is None]
+    if unknown:
+        raise ValueError(f"--ref-panel needs to know where the panels are, but {dataset.root} holds joined "
+                         f"images ({', '.join(unknown[:3])}, ...): give --panels N (and --layout) for the "
+                         f"panels in each")
     counts = {s.count for s in dataset.samples}
     if len(counts) > 1:
         raise ValueError(f"--ref-panel: the sets of {dataset.root} hold different numbers of panels "
                          f"({sorted(counts)}); a conditional LoRA is trained on one panel count")
-    reference_panels(len(ref_panels), ref_panels, counts.pop())  # a panel that does not exist, or nothing to generate
+    reference_panels(len(ref_panels), ref_panels, counts.pop())  # a panel not there, or nothing to generate
     return dataset.samples[0].count
 
 
@@ -118,37 +152,44 @@ def encode_sets(pipe, dataset, ref_panels: list[int] = (), ref_mode: str = "nois
                 part: slice = slice(None)) -> list[EncodedSet]:
     """Each sample's latents and caption states (of the samples `part` of the list only), each (set, bucket)
     and each caption encoded once; with 1-based `ref_panels`, its reference panels, cut from the resized set,
-    encoded by reference_latents (as `sample.py --ref` encodes a reference image), the target mask and the
-    tokens' positions in `ref_mode`."""
+    encoded by reference_latents (as `sample.py --ref` encodes a reference image), ref_mask and the tokens'
+    positions in `ref_mode`."""
     encoded, done = [], {}
     for i in tqdm(range(len(dataset))[part], desc="encoding images and captions"):
-        if (key := (dataset.samples[i].path, dataset.samples[i].bucket)) in done:
+        key = (dataset.samples[i].path, dataset.samples[i].bucket)
+        if key in done:
             encoded.append(done[key])
             continue
         item = dataset[i]
         latents = pipe.encode_image(item["image"][None])[0].cpu()
-        if (caption := item["caption"]) not in done:  # a caption is encoded once, whatever its number of buckets
+        caption = item["caption"]
+        if caption not in done:  # a caption is encoded once, whatever its number of buckets
             done[caption] = [x[0].cpu() for x in pipe.encode_prompts([caption])]   # (Lt, 4096), (768,)
         txt, vec = done[caption]
-        known = target = ids = None
+        ref_latents = ref_mask = ids = None
         if ref_panels:
             (H, W), n = item["bucket"], dataset.samples[i].count
             panels = split_panels(to_pil(item["image"][None])[0], n, dataset.layout)
             boxes = panel_boxes(H, W, n, dataset.layout)
-            known, mask = reference_latents(pipe, [(panels[k - 1], boxes[k - 1]) for k in ref_panels], H, W)
-            known, target = known[0], ~mask                                       # (Li, 4c), (Li,)
-            ids = image_positions(H, W, n, dataset.layout, [k - 1 for k in ref_panels], ref_mode)[0]  # (Li, 3)
-        encoded.append(done.setdefault(key, EncodedSet(latents, txt, vec, known, target, ids)))
+            given = [k - 1 for k in ref_panels]                                   # 0-based
+            ref_latents, ref_mask = reference_latents(pipe, [(panels[k], boxes[k]) for k in given], H, W)
+            ref_latents = ref_latents[0]                                          # (Li, 4c), ref_mask (Li,)
+            ids = image_positions(H, W, n, dataset.layout, given, ref_mode)[0]    # (Li, 3)
+        encoded.append(done.setdefault(key, EncodedSet(latents, txt, vec, ref_latents, ref_mask, ids)))
     return encoded
 
 
-def collate(sets: list[EncodedSet], empty: EncodedSet, dropout: float, g: torch.Generator, device) -> tuple:
-    """Stacks a batch: latents, caption states, pooled vectors, and (None without reference panels) the
-    reference latents, target masks and positions. Each caption is replaced by the empty caption with
-    probability `dropout`."""
+def collate(sets: list[EncodedSet], empty: EncodedSet, dropout: float, g: torch.Generator, device,
+            ref_mode: str = "noised") -> tuple[Tensor, Tensor, Tensor, References | None]:
+    """Stacks a batch: latents, caption states, pooled vectors, and its References (in `ref_mode`; None
+    without reference panels). Each caption is replaced by the empty caption with probability `dropout`."""
     drop = (torch.rand(len(sets), generator=g) < dropout).tolist()
-    texts = [empty if d else s for d, s in zip(drop, sets)]
-    refs = [torch.stack([getattr(s, k) for s in sets]).to(device) for k in ("known", "target", "ids")] \
-        if sets[0].known is not None else [None, None, None]
+    texts = [empty if d else s for d, s in zip(drop, sets, strict=True)]
+    refs = None
+    if sets[0].ref_latents is not None:
+        ref_latents = torch.stack([s.ref_latents for s in sets]).to(device)      # (B, Li, 4c)
+        ref_mask = torch.stack([s.ref_mask for s in sets]).to(device)            # (B, Li)
+        ids = torch.stack([s.ids for s in sets]).to(device)                      # (B, Li, 3)
+        refs = References(ref_latents, ref_mask, ref_mode, ids)
     return (torch.stack([s.latents for s in sets]).to(device), torch.stack([s.txt for s in texts]).to(device),
-            torch.stack([s.vec for s in texts]).to(device), *refs)
+            torch.stack([s.vec for s in texts]).to(device), refs)

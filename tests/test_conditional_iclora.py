@@ -20,7 +20,7 @@ from iclora.lora import inject_lora
 from iclora.lora_files import load_lora, save_lora
 from iclora.panels import panel_boxes, split_panels
 from iclora.references import image_positions, pin_references, reference_latents, reference_tokens
-from iclora.training import encode_sets, flow_matching_loss, sample_timesteps
+from iclora.training import References, encode_sets, flow_matching_loss, sample_timesteps, training_loss
 from minflux.pipeline import load_pipeline, to_pil
 from minflux.sampling import get_noise, image_ids, pack, text_ids, unpack
 from toy import score
@@ -53,7 +53,9 @@ def encoded(pipe, sets):
 def batch(encoded):
     x0 = torch.stack([e.latents for e in encoded])
     txt, vec = torch.stack([e.txt for e in encoded]), torch.stack([e.vec for e in encoded])
-    return x0, txt, vec, torch.stack([e.known for e in encoded]), torch.stack([e.target for e in encoded])
+    ref_latents = torch.stack([e.ref_latents for e in encoded])
+    ref_mask = torch.stack([e.ref_mask for e in encoded])
+    return x0, txt, vec, ref_latents, ref_mask
 
 
 def moved_by_hand(B: int) -> torch.Tensor:
@@ -67,34 +69,34 @@ def moved_by_hand(B: int) -> torch.Tensor:
 
 @pytest.mark.parametrize("mode", ["noised", "clean", "moved"])
 def test_masked_loss_is_the_plain_loss_on_the_target_tokens_with_reference_tokens_given(pipe, encoded, mode):
-    x0, txt, vec, known, target = batch(encoded[1])
+    x0, txt, vec, ref_latents, ref_mask = batch(encoded[1])
     B = x0.shape[0]
     with torch.no_grad():
-        got = flow_matching_loss(pipe.flow, x0, txt, vec, torch.Generator().manual_seed(3), 1.0, "logit_normal",
-                                 target, known, mode,
-                                 img_ids=image_positions(64, 128, 2, "row", [0], mode).expand(B, -1, -1))
+        got = training_loss(pipe.flow, x0, txt, vec, torch.Generator().manual_seed(3), 1.0, "logit_normal",
+                            References(ref_latents, ref_mask, mode,
+                                       image_positions(64, 128, 2, "row", [0], mode).expand(B, -1, -1)))
         # by hand, with the same draws in the same order
         g, (h, w) = torch.Generator().manual_seed(3), x0.shape[2:]
         clean = pack(x0)
         noise = torch.randn(clean.shape, generator=g)
         t = sample_timesteps(B, clean.shape[1], g)[:, None, None]
         x_t = (1 - t) * clean + t * noise
-        ref = (1 - t) * known + t * noise if mode == "noised" else known
-        x_t[~target] = ref[~target]
+        ref = (1 - t) * ref_latents + t * noise if mode == "noised" else ref_latents
+        x_t[ref_mask] = ref[ref_mask]
         ids = moved_by_hand(B) if mode == "moved" else image_ids(B, 8 * h, 8 * w)
         v = pipe.flow(x_t, ids, txt, text_ids(B, txt.shape[1]), timesteps=t[:, 0, 0], y=vec,
                       guidance=torch.ones(B))
-        want = ((v - (noise - clean))[target] ** 2).mean()
+        want = ((v - (noise - clean))[~ref_mask] ** 2).mean()
     print(f"{mode}: masked loss {got.item():.6f}, by hand {want.item():.6f}")
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
 
 
 def test_an_all_true_target_mask_is_the_plain_loss(pipe, encoded):
-    x0, txt, vec, known, target = batch(encoded[1])
+    x0, txt, vec, ref_latents, ref_mask = batch(encoded[1])
     with torch.no_grad():
         plain = flow_matching_loss(pipe.flow, x0, txt, vec, torch.Generator().manual_seed(5))
-        masked = flow_matching_loss(pipe.flow, x0, txt, vec, torch.Generator().manual_seed(5), target_mask=
-                                    torch.ones_like(target), known=known)
+        masked = training_loss(pipe.flow, x0, txt, vec, torch.Generator().manual_seed(5),
+                               refs=References(ref_latents, torch.zeros_like(ref_mask)))
     assert torch.equal(plain, masked)
 
 
@@ -108,14 +110,14 @@ def test_what_the_reference_panel_holds_in_the_training_image_does_not_change_th
     inject_lora(flow, rank=4, alpha=4, seed=0)
     for p in (p for p in flow.parameters() if p.requires_grad):  # nonzero B so that A gets a gradient
         torch.nn.init.normal_(p, std=0.01)
-    x0, txt, vec, known, target = batch(encoded[1])
+    x0, txt, vec, ref_latents, ref_mask = batch(encoded[1])
     other = pack(x0).clone()
-    other[~target] = torch.randn_like(other[~target]) * 3
+    other[ref_mask] = torch.randn_like(other[ref_mask]) * 3
 
     def loss_and_grads(x):
         flow.zero_grad()
-        loss = flow_matching_loss(flow, x, txt, vec, torch.Generator().manual_seed(1), target_mask=target,
-                                  known=known, ref_mode="clean")
+        loss = training_loss(flow, x, txt, vec, torch.Generator().manual_seed(1),
+                             refs=References(ref_latents, ref_mask, "clean"))
         loss.backward()
         return loss.detach(), [p.grad.clone() for p in flow.parameters() if p.requires_grad]
 
@@ -129,9 +131,11 @@ def test_what_the_reference_panel_holds_in_the_training_image_does_not_change_th
 def test_training_reference_latents_are_what_sample_py_ref_encodes_from_the_panel_image(pipe, sets, encoded):
     dataset, sets_encoded = encoded
     panel = split_panels(load_rgb(sets / "set_000.png"), 2, "row")[0]  # the file's left panel, 64x64
-    known, mask = reference_latents(pipe, [(panel, panel_boxes(64, 128, 2, "row")[0])], 64, 128)
-    assert torch.equal(sets_encoded[0].known, known[0]) and torch.equal(sets_encoded[0].target, ~mask)
-    assert mask.sum() == mask.numel() // 2 and mask.reshape(4, 8)[:, :4].all()  # the left half of the tokens
+    ref_latents, ref_mask = reference_latents(pipe, [(panel, panel_boxes(64, 128, 2, "row")[0])], 64, 128)
+    assert torch.equal(sets_encoded[0].ref_latents, ref_latents[0])
+    assert torch.equal(sets_encoded[0].ref_mask, ref_mask)
+    # the left half of the tokens
+    assert ref_mask.sum() == ref_mask.numel() // 2 and ref_mask.reshape(4, 8)[:, :4].all()
 
 
 def test_moved_positions_put_the_reference_panel_on_the_panel_to_generate_with_first_axis_one():

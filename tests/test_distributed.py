@@ -24,13 +24,15 @@ from safetensors.torch import load_file
 
 import train
 from iclora.lora import inject_lora
-from iclora.training import flow_matching_loss
+from iclora.training import References, training_loss
 from minflux.pipeline import load_pipeline
-from tests.test_training import ROOT, repo  # noqa: F401 (fixture)
+from tests import test_training
 
+ROOT = test_training.ROOT
+repo = test_training.repo  # the tiny random FLUX, a fixture
 TOL = 1e-5
-SETTINGS = ["--resolution", "48", "--batch-size", "4", "--rank", "4", "--alpha", "4", "--lr", "3e-3", "--warmup",
-            "1", "--caption-dropout", "0.3", "--sample-every", "0", "--device", "cpu"]
+SETTINGS = ["--resolution", "48", "--batch-size", "4", "--rank", "4", "--alpha", "4", "--lr", "3e-3",
+            "--warmup", "1", "--caption-dropout", "0.3", "--sample-every", "0", "--device", "cpu"]
 
 
 @pytest.fixture(scope="module")
@@ -68,8 +70,9 @@ def two(repo, data, tmp_path_factory) -> dict[str, Path]:
     argvs = [["--model", str(repo), "--data", str(data), "--out", str(outs[name]), *SETTINGS, *extra]
              for name, runs in RUNS.items() for extra in runs]
     (root / "runs.json").write_text(json.dumps(argvs))
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          "tests/torchrun_train.py", str(root / "runs.json")], cwd=ROOT, capture_output=True, text=True,
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                          "2", "tests/torchrun_train.py", str(root / "runs.json")],
+                         cwd=ROOT, capture_output=True, text=True,
                          env=os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
     (root / "stderr.txt").write_text(run.stderr)  # read by the tests too
     errors = "\n".join(line for line in run.stderr.splitlines() if "Error" in line)
@@ -89,7 +92,8 @@ def max_difference(a: Path, b: Path) -> float:
 
 
 def losses(out: Path) -> list[float]:
-    return [float(r.split(",")[1]) for r in out.with_name(f"{out.stem}.loss.csv").read_text().splitlines()[1:]]
+    rows = out.with_name(f"{out.stem}.loss.csv").read_text().splitlines()[1:]
+    return [float(r.split(",")[1]) for r in rows]
 
 
 def test_the_parts_losses_and_gradients_add_up_to_the_whole_batchs_with_and_without_a_target_mask():
@@ -98,17 +102,18 @@ def test_the_parts_losses_and_gradients_add_up_to_the_whole_batchs_with_and_with
     adapters = [p for p in flow.parameters() if p.requires_grad]
     gen = lambda: torch.Generator().manual_seed(5)  # noqa: E731
     x0, txt, vec = (torch.randn(shape, generator=gen()) for shape in ((3, 16, 8, 16), (3, 7, 64), (3, 64)))
-    mask, known = torch.arange(32) % 3 == 0, torch.randn(3, 32, 64, generator=gen())
-    for target, reference in ((None, None), (mask, known)):
-        whole = flow_matching_loss(flow, x0, txt, vec, gen(), 1.0, "shift", target, reference, "clean")
+    target, known = torch.arange(32) % 3 == 0, torch.randn(3, 32, 64, generator=gen())  # target: in the loss
+    for refs in (None, References(known, ~target, "clean")):
+        whole = training_loss(flow, x0, txt, vec, gen(), 1.0, "shift", refs)
         grads = torch.autograd.grad(whole, adapters)
-        parts = [flow_matching_loss(flow, x0, txt, vec, gen(), 1.0, "shift", target, reference, "clean", rows)
+        parts = [training_loss(flow, x0, txt, vec, gen(), 1.0, "shift", refs, rows)
                  for rows in (slice(0, 0), slice(0, 1), slice(1, 3))]
-        summed = [sum(g) for g in zip(*(torch.autograd.grad(p, adapters, allow_unused=True, materialize_grads=True)
-                                        for p in parts))]
+        summed = [sum(g) for g in zip(*(torch.autograd.grad(p, adapters, allow_unused=True,
+                                                            materialize_grads=True)
+                                        for p in parts), strict=True)]
         loss_diff = (sum(parts) - whole).abs().item()
-        grad_diff = max((a - b).abs().max().item() for a, b in zip(summed, grads))
-        print(f"mask {target is not None}: loss diff {loss_diff:.2e}, gradient diff {grad_diff:.2e}")
+        grad_diff = max((a - b).abs().max().item() for a, b in zip(summed, grads, strict=True))
+        print(f"mask {refs is not None}: loss diff {loss_diff:.2e}, gradient diff {grad_diff:.2e}")
         assert loss_diff <= TOL and grad_diff <= TOL
 
 
@@ -119,8 +124,9 @@ def single(repo, data, tmp_path_factory):
 
 def test_two_processes_train_the_lora_of_one_process_at_the_same_global_batch(single, two):
     diff = max_difference(single, two["ddp"])
-    loss_diff = max(abs(a - b) for a, b in zip(losses(single), losses(two["ddp"])))
-    print(f"DDP 2 processes vs 1, 4 steps at batch 4: adapters max abs diff {diff:.2e}, logged loss {loss_diff:.2e}")
+    loss_diff = max(abs(a - b) for a, b in zip(losses(single), losses(two["ddp"]), strict=True))
+    print(f"DDP 2 processes vs 1, 4 steps at batch 4: adapters max abs diff {diff:.2e}, logged loss "
+          f"{loss_diff:.2e}")
     assert diff <= TOL and loss_diff <= TOL and len(losses(two["ddp"])) == 4
 
 
@@ -131,7 +137,8 @@ def test_two_processes_with_grad_accum_train_the_lora_of_one_process(repo, data,
     assert diff <= TOL
 
 
-def test_two_processes_train_the_lora_of_one_process_with_the_loss_on_the_target_panel_only(repo, data, two, tmp_path):
+def test_two_processes_train_the_lora_of_one_process_with_the_loss_on_the_target_panel_only(repo, data, two,
+                                                                                            tmp_path):
     one = one_process(repo, data, tmp_path / "lora.safetensors", *RUNS["ref_panel"][0])
     diff = max_difference(one, two["ref_panel"])
     print(f"DDP 2 processes vs 1, --ref-panel 1 (masked loss): adapters max abs diff {diff:.2e}")
@@ -153,16 +160,17 @@ def test_block_swap_composes_with_data_parallel(single, two):
 @pytest.mark.parametrize("name", ["fsdp", "fsdp_fp8"])
 def test_fsdp_shards_give_the_losses_and_the_lora_of_one_process(repo, data, two, tmp_path, name):
     one = one_process(repo, data, tmp_path / "lora.safetensors", *[f for f in RUNS[name][0] if f != "--fsdp"])
-    diff, loss_diff = max_difference(one, two[name]), max(abs(a - b) for a, b in zip(losses(one), losses(two[name])))
+    diff = max_difference(one, two[name])
+    loss_diff = max(abs(a - b) for a, b in zip(losses(one), losses(two[name]), strict=True))
     print(f"{name} 2 processes vs 1: adapters max abs diff {diff:.2e}, logged losses {loss_diff:.2e}")
     assert diff <= TOL and loss_diff <= TOL
 
 
 def test_sigterm_to_torchrun_stops_every_rank_at_one_step_and_rank_0_saves_it(repo, data, tmp_path):
     out = tmp_path / "lora.safetensors"
-    run = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                            "train.py", "--model", str(repo), "--data", str(data), "--out", str(out), *SETTINGS,
-                            "--steps", "100000", "--save-every", "100000"],
+    run = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                            "2", "train.py", "--model", str(repo), "--data", str(data), "--out", str(out),
+                            *SETTINGS, "--steps", "100000", "--save-every", "100000"],
                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                            env=os.environ | {"OMP_NUM_THREADS": "1"})
     log, deadline = out.with_name("lora.loss.csv"), time.monotonic() + 60
@@ -173,7 +181,8 @@ def test_sigterm_to_torchrun_stops_every_rank_at_one_step_and_rank_0_saves_it(re
         time.sleep(0.05)
     run.send_signal(signal.SIGTERM)
     _, stderr = run.communicate(timeout=60)  # torchrun passes the signal on to both ranks
-    assert run.returncode != 0 and stderr.count("interrupted (SIGTERM)") == 2 and "[rank" not in stderr  # no traceback
+    # no traceback
+    assert run.returncode != 0 and stderr.count("interrupted (SIGTERM)") == 2 and "[rank" not in stderr
     saved = torch.load(out.with_name("lora.state.pt"), weights_only=True)["step"]
     assert saved >= 2 and len(losses(out)) == saved and load_file(out).keys()
     assert not out.with_name("lora.lock").exists()
@@ -183,7 +192,7 @@ def test_fsdp_gives_each_rank_half_of_the_frozen_weights(two):
     held = re.findall(r"--fsdp: rank (\d) holds ([\d,]+) of the base's ([\d,]+) weights",
                       two["ddp"].parents[1].joinpath("stderr.txt").read_text())
     assert len(held) == 4  # two ranks, two runs
-    for (_, a, total), (_, b, _) in zip(held[::2], held[1::2]):
+    for (_, a, total), (_, b, _) in zip(held[::2], held[1::2], strict=True):
         a, b, total = (int(x.replace(",", "")) for x in (a, b, total))
         print(f"rank 0 holds {a:,}, rank 1 {b:,} of {total:,} frozen weights")
         assert a + b == total and max(a, b) < 0.55 * total

@@ -16,16 +16,21 @@ from safetensors.torch import load_file
 
 import iclora.lora_files
 import train
-from tests.test_training import ROOT, data, repo, run_train  # noqa: F401 (fixtures)
+from tests import test_training
+from tests.test_training import ROOT, run_train
+
+data = test_training.data  # the fixtures: two joined two-panel sets,
+repo = test_training.repo  # and the tiny random FLUX
 
 
 def test_sigterm_saves_the_steps_done_and_resume_matches_an_uninterrupted_run(repo, data, tmp_path):
     out = tmp_path / "term" / "lora.safetensors"
     log = out.with_name("lora.loss.csv")
-    run = subprocess.Popen([sys.executable, "train.py", "--model", str(repo), "--data", str(data), "--out", str(out),
-                            "--resolution", "48", "--batch-size", "2", "--rank", "4", "--alpha", "4", "--lr", "3e-3",
-                            "--warmup", "1", "--caption-dropout", "0", "--sample-every", "0", "--device", "cpu",
-                            "--steps", "100000", "--save-every", "100000"],
+    run = subprocess.Popen([sys.executable, "train.py", "--model", str(repo), "--data", str(data),
+                            "--out", str(out), "--resolution", "48", "--batch-size", "2", "--rank", "4",
+                            "--alpha", "4", "--lr", "3e-3", "--warmup", "1", "--caption-dropout", "0",
+                            "--sample-every", "0", "--device", "cpu", "--steps", "100000",
+                            "--save-every", "100000"],
                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 60
     while not (log.exists() and len(log.read_text().splitlines()) > 2):  # header + step 1 + step 2
@@ -72,7 +77,8 @@ def test_resume_from_a_foreign_state_names_it_and_says_delete_it(repo, saved_run
     copy, out = saved_run
     state = out.with_name("lora.state.pt")
     torch.save({"model": torch.zeros(2)}, state)
-    with pytest.raises(SystemExit, match=rf"{state} is not a training state.*expected.*step, lora, optimizer, "
+    with pytest.raises(SystemExit,
+                       match=rf"{state} is not a training state.*expected.*step, lora, optimizer, "
                                          r"args, dataset.*Delete it to start over"):
         run_train(repo, copy, out, "--steps", "4", "--resume")
 
@@ -96,7 +102,8 @@ def test_a_run_is_refused_while_a_live_process_holds_the_lock_on_its_out(repo, d
     out = tmp_path / "lora.safetensors"
     lock = tmp_path / "lora.lock"
     lock.write_text(f"{socket.gethostname()} {os.getpid()}\n")  # this very process: alive
-    with pytest.raises(SystemExit, match=rf"another run \(pid {os.getpid()}\) is writing {out} \(lock {lock}\)"):
+    with pytest.raises(SystemExit,
+                       match=rf"another run \(pid {os.getpid()}\) is writing {out} \(lock {lock}\)"):
         run_train(repo, data, out, "--steps", "1")
     assert lock.exists() and not out.exists()
 
@@ -108,9 +115,11 @@ def test_a_lock_from_another_host_is_refused_saying_how_to_remove_it(repo, data,
         run_train(repo, data, out, "--steps", "1")
 
 
-def test_a_lock_left_by_a_finished_process_is_taken_over_with_a_note_and_removed_at_the_end(repo, data, tmp_path,
+def test_a_lock_left_by_a_finished_process_is_taken_over_with_a_note_and_removed_at_the_end(repo, data,
+                                                                                            tmp_path,
                                                                                              capsys):
-    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True)
     pid = int(finished.stdout)
     out, lock = tmp_path / "lora.safetensors", tmp_path / "lora.lock"
     lock.write_text(f"{socket.gethostname()} {pid}\n")
@@ -133,7 +142,8 @@ def test_the_lock_is_held_while_the_run_works_and_removed_when_it_stops_on_an_er
     assert seen == [f"{socket.gethostname()} {os.getpid()}\n"] and not lock.exists()
 
 
-def test_a_failed_save_stops_clearly_and_leaves_the_previous_lora_and_state_byte_identical(repo, data, tmp_path,
+def test_a_failed_save_stops_clearly_and_leaves_the_previous_lora_and_state_byte_identical(repo, data,
+                                                                                           tmp_path,
                                                                                           monkeypatch):
     out = tmp_path / "lora.safetensors"
     state = tmp_path / "lora.state.pt"
@@ -144,7 +154,8 @@ def test_a_failed_save_stops_clearly_and_leaves_the_previous_lora_and_state_byte
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(iclora.lora_files, "save_file", disk_full)
-    with pytest.raises(SystemExit, match=r"could not save step 4 .*No space left on device.*still hold the previous"):
+    with pytest.raises(SystemExit,
+                       match=r"could not save step 4 .*No space left on device.*still hold the previous"):
         run_train(repo, data, out, "--steps", "4", "--save-every", "2", "--resume")
     assert (out.read_bytes(), state.read_bytes()) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["lora-step000002.safetensors", "lora.loss.csv",
@@ -152,16 +163,21 @@ def test_a_failed_save_stops_clearly_and_leaves_the_previous_lora_and_state_byte
                                                           "lora.state.pt"]  # no step 4, no temporary file
 
 
-def test_a_rerun_without_resume_is_refused_before_anything_loads_and_leaves_the_run_untouched(repo, data, tmp_path):
-    out = run_train(repo, data, tmp_path / "lora.safetensors", "--steps", "2", "--save-every", "1", "--keep-last", "2")
+def test_a_rerun_without_resume_is_refused_before_anything_loads_and_leaves_the_run_untouched(repo, data,
+                                                                                              tmp_path):
+    out = run_train(repo, data, tmp_path / "lora.safetensors", "--steps", "2", "--save-every", "1",
+                    "--keep-last", "2")
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
     state = tmp_path / "lora.state.pt"
-    with pytest.raises(SystemExit, match=rf"{state} exists: --resume to continue it, another --out, or delete it"):
-        run_train(tmp_path / "no-model-needed", data, out, "--steps", "1", "--save-every", "1", "--keep-last", "2")
+    with pytest.raises(SystemExit,
+                       match=rf"{state} exists: --resume to continue it, another --out, or delete it"):
+        run_train(tmp_path / "no-model-needed", data, out, "--steps", "1", "--save-every", "1",
+                  "--keep-last", "2")
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
 
 
-def test_pruning_keeps_this_runs_newest_steps_and_leaves_numbered_files_of_later_steps_alone(repo, data, tmp_path):
+def test_pruning_keeps_this_runs_newest_steps_and_leaves_numbered_files_of_later_steps_alone(repo, data,
+                                                                                             tmp_path):
     out = run_train(repo, data, tmp_path / "lora.safetensors", "--steps", "3", "--save-every", "3")
     out.with_name("lora.state.pt").unlink()  # a new run on the same --out, as the refusal above suggests
     run_train(repo, data, out, "--steps", "2", "--save-every", "1", "--keep-last", "2")
@@ -174,13 +190,15 @@ def test_a_failed_first_save_says_there_is_no_earlier_save_to_resume(repo, data,
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(iclora.lora_files, "save_file", disk_full)
-    with pytest.raises(SystemExit, match=r"could not save step 1 .*No space left.*Nothing was saved before \(no "
+    with pytest.raises(SystemExit,
+                       match=r"could not save step 1 .*No space left.*Nothing was saved before \(no "
                                          r"state to resume\): free space and start again") as caught:
         run_train(repo, data, tmp_path / "lora.safetensors", "--steps", "1")
     assert "previous save" not in str(caught.value) and not (tmp_path / "lora.state.pt").exists()
 
 
-def test_resume_on_a_dataset_with_an_image_edited_to_the_same_byte_size_is_refused_naming_it(repo, data, tmp_path):
+def test_resume_on_a_dataset_with_an_image_edited_to_the_same_byte_size_is_refused_naming_it(repo, data,
+                                                                                             tmp_path):
     copy = shutil.copytree(data, tmp_path / "twins")
     image = Image.open(copy / "set0.png").convert("RGB")
     image.save(copy / "set0.png", compress_level=0)  # stored uncompressed: any edit of a pixel keeps the size
@@ -203,7 +221,8 @@ def test_a_state_saved_before_images_were_hashed_resumes_checking_their_sizes(re
     copy, out = saved_run
     path = out.with_name("lora.state.pt")
     state = torch.load(path, weights_only=True)
-    state["dataset"] = {k: v if k.endswith(".txt") else (copy / k).stat().st_size for k, v in state["dataset"].items()}
+    state["dataset"] = {k: v if k.endswith(".txt") else (copy / k).stat().st_size
+                        for k, v in state["dataset"].items()}
     torch.save(state, path)  # as train.py saved it before: each image's size alone
     original = (copy / "set0.png").read_bytes()
     shutil.copy(copy / "set1.png", copy / "set0.png")

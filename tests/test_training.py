@@ -18,7 +18,16 @@ import train
 from iclora.data import PanelSetDataset
 from iclora.lora import inject_lora, lora_state
 from iclora.lora_files import load_lora, read_lora_file, save_lora
-from iclora.training import TIMESTEP_MODES, EncodedSet, collate, encode_sets, flow_matching_loss, sample_timesteps
+from iclora.options import parse_val_prompt
+from iclora.resume import start_from_lora
+from iclora.training import (
+    TIMESTEP_MODES,
+    EncodedSet,
+    collate,
+    encode_sets,
+    flow_matching_loss,
+    sample_timesteps,
+)
 from minflux.pipeline import load_pipeline
 from minflux.sampling import shift_mu, time_shift
 from tests.test_lora_files import trained as with_random_lora
@@ -41,7 +50,7 @@ def data(tmp_path_factory):
     folder = tmp_path_factory.mktemp("sets") / "twins"
     folder.mkdir()
     colours = [((220, 30, 30), (30, 30, 220)), ((30, 200, 30), (230, 220, 20))]
-    for i, ((left, right), caption) in enumerate(zip(colours, CAPTIONS)):
+    for i, ((left, right), caption) in enumerate(zip(colours, CAPTIONS, strict=True)):
         img = np.zeros((32, 64, 3), np.uint8)
         img[:, :32], img[:, 32:] = left, right
         img[8:24, 8:24], img[8:24, 40:56] = 255, 255
@@ -119,7 +128,8 @@ def test_resume_with_several_resolutions_continues_bit_for_bit(repo, data, tmp_p
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_a_state_saved_with_one_resolution_number_resumes_as_that_list_and_refuses_another(repo, data, tmp_path):
+def test_a_state_saved_with_one_resolution_number_resumes_as_that_list_and_refuses_another(repo, data,
+                                                                                           tmp_path):
     out = run_train(repo, data, tmp_path / "lora.safetensors", "--steps", "2")
     state_path = out.with_name("lora.state.pt")
     state = torch.load(state_path, weights_only=True)
@@ -145,7 +155,8 @@ def test_encode_sets_encodes_each_set_once_per_bucket(repo, data):
 def test_resume_keeps_the_loss_log_rows_up_to_the_saved_step_and_closes_the_file(repo, data, tmp_path):
     """Rows after the last save were lost with the run that wrote them: the resumed log has each step once."""
     out = tmp_path / "lora.safetensors"
-    run_train(repo, data, out, "--steps", "5", "--save-every", "3")  # saved at 3 and 5; pretend 4 and 5 were lost
+    # saved at 3 and 5; pretend 4 and 5 were lost
+    run_train(repo, data, out, "--steps", "5", "--save-every", "3")
     state = torch.load(out.with_name("lora.state.pt"), weights_only=True)
     state["step"] = 3
     torch.save(state, out.with_name("lora.state.pt"))
@@ -155,13 +166,16 @@ def test_resume_keeps_the_loss_log_rows_up_to_the_saved_step_and_closes_the_file
         gc.collect()
     assert not [w for w in caught if issubclass(w.category, ResourceWarning) and "loss.csv" in str(w.message)]
     rows = out.with_name("lora.loss.csv").read_text().splitlines()
-    assert rows[0] == "step,loss,lr,seconds" and [int(r.split(",")[0]) for r in rows[1:]] == [1, 2, 3, 4, 5, 6]
+    assert rows[0] == "step,loss,lr,seconds"
+    assert [int(r.split(",")[0]) for r in rows[1:]] == [1, 2, 3, 4, 5, 6]
 
 
-def test_a_nan_loss_stops_with_a_clear_message_naming_its_step_and_keeps_the_last_checkpoint(repo, data, tmp_path):
+def test_a_nan_loss_stops_with_a_clear_message_naming_its_step_and_keeps_the_last_checkpoint(repo, data,
+                                                                                             tmp_path):
     out = tmp_path / "nan.safetensors"
     with pytest.raises(SystemExit, match=r"loss is (nan|inf) at step \d+: training stopped") as caught:
-        run_train(repo, data, out, "--steps", "50", "--save-every", "1", "--lr", "1e30", "--grad-clip", "1e30")
+        run_train(repo, data, out, "--steps", "50", "--save-every", "1", "--lr", "1e30",
+                  "--grad-clip", "1e30")
     state = torch.load(out.with_name("nan.state.pt"), weights_only=True)
     assert state["step"] >= 1
     rows = out.with_name("nan.loss.csv").read_text().splitlines()[1:]  # as the bar, steps count from 1
@@ -172,7 +186,8 @@ def test_a_nan_loss_stops_with_a_clear_message_naming_its_step_and_keeps_the_las
 def test_a_nan_loss_before_the_first_save_says_nothing_was_saved(repo, data, tmp_path):
     out = tmp_path / "nan.safetensors"
     with pytest.raises(SystemExit, match=r"at step \d+: training stopped. Nothing was saved") as caught:
-        run_train(repo, data, out, "--steps", "50", "--save-every", "1000", "--lr", "1e30", "--grad-clip", "0")
+        run_train(repo, data, out, "--steps", "50", "--save-every", "1000", "--lr", "1e30",
+                  "--grad-clip", "0")
     assert "checkpoint" not in str(caught.value) and not out.with_name("nan.state.pt").exists()
 
 
@@ -181,6 +196,16 @@ def test_a_broken_dataset_fails_before_the_model_is_loaded(tmp_path):
     (tmp_path / "b.png").write_bytes(b"")
     with pytest.raises(ValueError, match=r"a\.png"):
         train.main(["--model", str(tmp_path / "no-model-needed"), "--data", str(tmp_path), "--device", "cpu"])
+
+
+def test_a_missing_dataset_folder_is_one_line_pointing_at_the_sets_readme(tmp_path):
+    missing = tmp_path / "sets" / "home_decor"  # a fresh clone: the README's dataset is not there yet
+    run = subprocess.run([sys.executable, "train.py", "--data", str(missing)], cwd=ROOT, capture_output=True,
+                         text=True)
+    assert run.returncode != 0
+    want = f"error: dataset folder {missing} does not exist; sets/README.md shows how to lay one out\n"
+    assert run.stderr == want
+    assert not (tmp_path / "sets").exists()
 
 
 def test_config_file_values_are_used_and_flags_override_them(tmp_path):
@@ -193,13 +218,15 @@ def test_config_file_values_are_used_and_flags_override_them(tmp_path):
 def test_train_py_help_explains_every_flag():
     run = subprocess.run([sys.executable, "train.py", "--help"], cwd=ROOT, capture_output=True, text=True)
     assert run.returncode == 0
-    for flag in ("--data", "--model", "--out", "--steps", "--batch-size", "--rank", "--alpha", "--lr", "--resolution",
+    for flag in ("--data", "--model", "--out", "--steps", "--batch-size", "--rank", "--alpha", "--lr",
+                 "--resolution",
                  "--seed", "--device", "--dtype", "--resume", "--config", "--grad-accum", "--save-every"):
         assert flag in run.stdout
 
 
 def test_caption_dropout_swaps_in_the_empty_caption_reproducibly_at_rate_p():
-    sets = [EncodedSet(torch.zeros(16, 2, 2), torch.full((3, 4), float(i + 1)), torch.ones(4)) for i in range(8)]
+    sets = [EncodedSet(torch.zeros(16, 2, 2), torch.full((3, 4), float(i + 1)), torch.ones(4))
+            for i in range(8)]
     empty = EncodedSet(None, torch.zeros(3, 4), torch.zeros(4))
 
     def drops(seed):
@@ -263,7 +290,8 @@ def with_first_caption(data, folder: Path, caption: str) -> Path:
 def test_a_caption_over_the_t5_limit_is_reported_with_its_count_and_cut_words_before_the_weights_load(
         broken_weights_repo, data, tmp_path):
     sets = with_first_caption(data, tmp_path / "sets", LONG_CAPTION)
-    with pytest.warns(UserWarning, match=r"the caption of .*set0\.png is 601 T5 tokens, over the model's limit of "
+    with pytest.warns(UserWarning,
+                      match=r"the caption of .*set0\.png is 601 T5 tokens, over the model's limit of "
                                          r"512; these words are cut off: 'red fox a red fox") as caught:
         with pytest.raises(ValueError, match=r"flux1-dev\.safetensors: unreadable safetensors file"):
             run_train(broken_weights_repo, sets, tmp_path / "lora.safetensors")
@@ -283,7 +311,8 @@ def test_a_long_validation_prompt_is_reported_too(broken_weights_repo, data, tmp
 
 
 def test_short_captions_give_no_t5_warning(broken_weights_repo, data, tmp_path):
-    with warnings.catch_warnings(record=True) as caught, pytest.raises(ValueError, match="unreadable safetensors file"):
+    with warnings.catch_warnings(record=True) as caught, pytest.raises(ValueError,
+                                                                       match="unreadable safetensors file"):
         warnings.simplefilter("always")
         run_train(broken_weights_repo, data, tmp_path / "lora.safetensors", "--strict-captions")
     assert not [w for w in caught if "T5 tokens" in str(w.message)]
@@ -293,7 +322,8 @@ def test_short_captions_give_no_t5_warning(broken_weights_repo, data, tmp_path):
 def test_each_timestep_mode_draws_the_distribution_it_names(mode):
     tokens, q = 4096, torch.tensor([0.1, 0.25, 0.5, 0.75, 0.9])
     t = sample_timesteps(400_000, tokens, torch.Generator().manual_seed(0), mode)
-    logit_normal = torch.sigmoid(torch.distributions.Normal(0.0, 1.0).icdf(q))  # sigmoid(z) at the normal's quantiles
+    # sigmoid(z) at the normal's quantiles
+    logit_normal = torch.sigmoid(torch.distributions.Normal(0.0, 1.0).icdf(q))
     want = {"sigmoid": logit_normal, "shift": time_shift(shift_mu(tokens), logit_normal), "uniform": q}[mode]
     torch.testing.assert_close(torch.quantile(t, q), want, atol=3e-3, rtol=0)
     if mode == "shift":
@@ -302,8 +332,10 @@ def test_each_timestep_mode_draws_the_distribution_it_names(mode):
 
 def test_logit_normal_is_read_as_shift_in_flags_and_in_old_states(repo, data, tmp_path):
     g = lambda: torch.Generator().manual_seed(1)  # noqa: E731
-    assert torch.equal(sample_timesteps(64, 256, g(), "logit_normal"), sample_timesteps(64, 256, g(), "shift"))
-    out = run_train(repo, data, tmp_path / "lora.safetensors", "--steps", "2", "--timestep-sampling", "logit_normal")
+    assert torch.equal(sample_timesteps(64, 256, g(), "logit_normal"),
+                       sample_timesteps(64, 256, g(), "shift"))
+    out = run_train(repo, data, tmp_path / "lora.safetensors", "--steps", "2",
+                    "--timestep-sampling", "logit_normal")
     state_path = out.with_name("lora.state.pt")
     state = torch.load(state_path, weights_only=True)
     assert state["args"]["timestep_sampling"] == "shift"
@@ -323,7 +355,8 @@ def test_the_ema_follows_its_closed_form_and_is_what_the_lora_file_holds(repo, d
     for name in (n for n in ema if ".lora_B." in n):  # B starts at zero: ema_3 = (1 − d)·(d²·B1 + d·B2 + B3)
         b1, b2, b3 = (r["lora"][name] for r in raw)
         torch.testing.assert_close(ema[name], (1 - decay) * (decay**2 * b1 + decay * b2 + b3), rtol=1e-6,
-                                   atol=1e-9)  # float32 rounding: lerp and the closed form add in another order
+                                   # float32 rounding: lerp and the closed form add in another order
+                                   atol=1e-9)
     flow = load_pipeline(str(repo)).flow
     load_lora(flow, str(out))
     for module, w in lora_state(flow).items():
@@ -338,11 +371,13 @@ def test_without_ema_the_lora_file_holds_the_raw_weights(repo, data, tmp_path):
     assert "ema" not in state
     flow = load_pipeline(str(repo)).flow
     load_lora(flow, str(out))
-    assert all(torch.equal(w.B, state["lora"][f"{m}.lora_B.default.weight"]) for m, w in lora_state(flow).items())
+    assert all(torch.equal(w.B, state["lora"][f"{m}.lora_B.default.weight"])
+               for m, w in lora_state(flow).items())
 
 
 def test_each_save_leaves_a_numbered_copy_and_only_the_last_n_are_kept(repo, data, tmp_path):
-    out = run_train(repo, data, tmp_path / "lora.safetensors", "--steps", "5", "--save-every", "1", "--keep-last", "2")
+    out = run_train(repo, data, tmp_path / "lora.safetensors", "--steps", "5", "--save-every", "1",
+                    "--keep-last", "2")
     copies = sorted(tmp_path.glob("lora-step*.safetensors"))
     assert [p.name for p in copies] == ["lora-step000004.safetensors", "lora-step000005.safetensors"]
     latest, last = load_file(out), load_file(copies[-1])
@@ -350,7 +385,8 @@ def test_each_save_leaves_a_numbered_copy_and_only_the_last_n_are_kept(repo, dat
 
 
 def test_keep_last_0_writes_no_numbered_copies(repo, data, tmp_path):
-    run_train(repo, data, tmp_path / "lora.safetensors", "--steps", "2", "--save-every", "1", "--keep-last", "0")
+    run_train(repo, data, tmp_path / "lora.safetensors", "--steps", "2", "--save-every", "1",
+              "--keep-last", "0")
     assert not list(tmp_path.glob("lora-step*"))
 
 
@@ -374,12 +410,13 @@ def test_init_lora_starts_from_the_files_delta_whatever_the_alpha(tmp_path, alph
     flow = copy.deepcopy(source)
     save_lora(with_random_lora(source, rank=4, alpha=8.0), tmp_path / "init.safetensors")
     inject_lora(flow, rank=4, alpha=alpha)
-    train.start_from_lora(flow, read_lora_file(tmp_path / "init.safetensors"), tmp_path / "init.safetensors", 4)
+    start_from_lora(flow, read_lora_file(tmp_path / "init.safetensors"), tmp_path / "init.safetensors", 4)
     want, got = lora_state(source), lora_state(flow)
     assert got.keys() == want.keys()
     for name, w in got.items():
         assert w.alpha == alpha
-        torch.testing.assert_close(alpha / 4 * w.B @ w.A, 8.0 / 4 * want[name].B @ want[name].A, rtol=0, atol=1e-6)
+        torch.testing.assert_close(alpha / 4 * w.B @ w.A, 8.0 / 4 * want[name].B @ want[name].A, rtol=0,
+                                   atol=1e-6)
 
 
 def test_init_lora_of_another_rank_is_refused_naming_the_rank_to_give(repo, data, tmp_path):
@@ -398,27 +435,34 @@ def test_each_save_draws_the_loss_curve_next_to_the_csv(repo, data, tmp_path):
 
 
 def test_inline_val_prompt_settings_are_read_and_others_take_the_defaults():
-    v = train.parse_val_prompt("a red fox --w 64 --h 32 --seed 3 --g 2.5 --s 7", 48, 48, 20)
+    v = parse_val_prompt("a red fox --w 64 --h 32 --seed 3 --g 2.5 --s 7", 48, 48, 20)
     assert v == dict(caption="a red fox", height=32, width=64, seed=3, guidance=2.5, steps=7)
-    assert train.parse_val_prompt("a fox --d 5 --l 4", 48, 32, 20) == dict(caption="a fox", height=48, width=32,
+    assert parse_val_prompt("a fox --d 5 --l 4", 48, 32, 20) == dict(caption="a fox", height=48, width=32,
                                                                          seed=5, guidance=4.0, steps=20)
-    assert train.parse_val_prompt("a fox--like dog", 16, 16, 9)["caption"] == "a fox--like dog"
+    assert parse_val_prompt("a fox--like dog", 16, 16, 9)["caption"] == "a fox--like dog"
 
 
-@pytest.mark.parametrize("text, error", [("a fox --x 3", "unknown option --x"), ("a fox --w wide", "--w 'wide' is not"),
-                                         ("a fox --w 50", "multiples of 16"), ("a fox --s 0", "--s must be at least 1"),
-                                         ("a fox --s -2", "--s must be at least 1"), ("a fox --g nan", "finite"),
+@pytest.mark.parametrize("text, error", [("a fox --x 3", "unknown option --x"),
+                                         ("a fox --w wide", "--w 'wide' is not"),
+                                         ("a fox --w 50", "multiples of 16"),
+                                         ("a fox --s 0", "--s must be at least 1"),
+                                         ("a fox --s -2", "--s must be at least 1"),
+                                         ("a fox --g nan", "finite"),
                                          ("a fox --W 64", "'--W' is not a setting with its value"),
                                          ("a fox --seed=3", "'--seed=3' is not a setting"),
                                          ("a fox --s", "'--s' is not a setting")])
-def test_a_bad_val_prompt_option_is_refused_before_the_weights_load(broken_weights_repo, data, tmp_path, text, error):
+def test_a_bad_val_prompt_option_is_refused_before_the_weights_load(broken_weights_repo, data, tmp_path,
+                                                                    text, error):
     with pytest.raises(ValueError, match=error):
-        run_train(broken_weights_repo, data, tmp_path / "lora.safetensors", "--val-prompt", text, "--steps", "1")
+        run_train(broken_weights_repo, data, tmp_path / "lora.safetensors", "--val-prompt", text,
+                  "--steps", "1")
 
 
-def test_validation_images_go_side_by_side_into_one_picture_per_step_with_a_step_0_baseline(repo, data, tmp_path):
-    run_train(repo, data, tmp_path / "lora.safetensors", "--steps", "2", "--sample-every", "2", "--sample-steps", "2",
-              "--val-prompt", "a red square --w 32 --h 32", "--val-prompt", "a green square --w 48 --h 16 --seed 1")
+def test_validation_images_go_side_by_side_into_one_picture_per_step_with_a_step_0_baseline(repo, data,
+                                                                                            tmp_path):
+    run_train(repo, data, tmp_path / "lora.safetensors", "--steps", "2", "--sample-every", "2",
+              "--sample-steps", "2", "--val-prompt", "a red square --w 32 --h 32",
+              "--val-prompt", "a green square --w 48 --h 16 --seed 1")
     pictures = sorted((tmp_path / "lora_samples").iterdir())
     assert [p.name for p in pictures] == ["step000000.png", "step000002.png"]
     assert Image.open(pictures[0]).size == (32 + 4 + 48, 32)
@@ -426,7 +470,8 @@ def test_validation_images_go_side_by_side_into_one_picture_per_step_with_a_step
 
 def test_grad_clip_0_means_no_clipping_the_same_training_as_an_unreachable_clip(repo, data, tmp_path):
     fp32 = ("--steps", "2", "--ema-decay", "0", "--save-dtype", "fp32")
-    unclipped = load_file(run_train(repo, data, tmp_path / "a" / "lora.safetensors", *fp32, "--grad-clip", "0"))
+    unclipped = load_file(run_train(repo, data, tmp_path / "a" / "lora.safetensors", *fp32,
+                                    "--grad-clip", "0"))
     huge = load_file(run_train(repo, data, tmp_path / "b" / "lora.safetensors", *fp32, "--grad-clip", "1e30"))
     assert unclipped.keys() == huge.keys() and all(torch.equal(unclipped[k], huge[k]) for k in huge)
     assert all(v.abs().max() > 0 for k, v in unclipped.items() if "lora_B" in k)  # it trained
@@ -468,7 +513,8 @@ def test_a_single_value_for_a_repeatable_flag_in_the_config_file_is_a_list_of_it
 
 
 @pytest.mark.parametrize("key, value", [("checkpointing", '"false"'), ("compile", "1"), ("ref_panel", "[0]"),
-                                        ("resolution", '[48, "big"]'), ("layout", '"diagonal"'), ("rank", "[4]")])
+                                        ("resolution", '[48, "big"]'), ("layout", '"diagonal"'),
+                                        ("rank", "[4]")])
 def test_config_values_a_flag_would_refuse_are_refused_naming_the_file_and_key(tmp_path, key, value, capsys):
     (tmp_path / "run.json").write_text(f'{{"data": "d", "{key}": {value}}}')
     with pytest.raises(SystemExit):
@@ -480,7 +526,8 @@ def test_the_loss_logs_seconds_go_on_from_the_last_kept_row_after_resume(repo, d
     out = run_train(repo, data, tmp_path / "lora.safetensors", "--steps", "2")
     log = out.with_name("lora.loss.csv")
     rows = log.read_text().splitlines()
-    log.write_text("\n".join(rows[:-1] + [rows[-1].rsplit(",", 1)[0] + ",1000.00"]) + "\n")  # a long first run
+    # a long first run
+    log.write_text("\n".join(rows[:-1] + [rows[-1].rsplit(",", 1)[0] + ",1000.00"]) + "\n")
     run_train(repo, data, out, "--steps", "3", "--resume")
     seconds = [float(r.split(",")[3]) for r in log.read_text().splitlines()[1:]]
     assert seconds[1] == 1000.0 and seconds[2] > 1000.0

@@ -1,0 +1,43 @@
+"""--ema-decay: an exponential moving average of the LoRA weights, updated after every optimizer step, as the
+In-Context LoRA authors' trainer keeps it; the saved LoRA and the validation images use it."""
+
+import contextlib
+
+import torch
+from torch import Tensor
+
+
+class EMA:
+    """ema ← decay·ema + (1 − decay)·weights for the adapters `params`; decay 0: off, the raw weights serve.
+    A --resume `state` gives the average saved with it."""
+
+    def __init__(self, params: dict[str, Tensor], decay: float, state: dict | None = None):
+        self.params, self.decay = params, decay
+        self.values = None
+        if decay:
+            self.values = {n: (state["ema"][n] if state else p.detach()).to(p.device, copy=True)
+                           for n, p in params.items()}
+
+    def update(self):
+        if self.values:
+            with torch.no_grad():
+                for n, p in self.params.items():
+                    self.values[n].lerp_(p, 1 - self.decay)
+
+    def state(self) -> dict:
+        """What the training state keeps of it (nothing when off)."""
+        return {"ema": {n: v.cpu() for n, v in self.values.items()}} if self.values else {}
+
+    @contextlib.contextmanager
+    def applied(self):
+        """Inside the block the adapters hold the average (when on), their own weights again after."""
+        own = {n: p.detach().clone() for n, p in self.params.items()} if self.values is not None else {}
+        with torch.no_grad():
+            for n, v in self.values.items() if self.values is not None else ():
+                self.params[n].copy_(v)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for n, v in own.items():
+                    self.params[n].copy_(v)

@@ -1,0 +1,140 @@
+"""train.py's options beyond argparse: the --config file under the flags, the checks of option pairs, and the
+settings a --val-prompt carries inline (as ai-toolkit and kohya users write them)."""
+
+import argparse
+import json
+import math
+import os
+import re
+from pathlib import Path
+
+from minflux.sampling import check_size
+
+VAL_SEED = 42  # the noise of every validation image, so that they differ only by the training they show
+# the inline settings of a --val-prompt (kohya's --d seed and --l guidance)
+VAL_OPTIONS = {"w": "width", "h": "height", "seed": "seed", "d": "seed", "g": "guidance", "l": "guidance",
+               "s": "steps"}
+
+
+def above_zero(text: str) -> float:
+    """An argparse type: a finite float above 0."""
+    if not 0 < float(text) < math.inf:
+        raise argparse.ArgumentTypeError(f"must be above 0, got {text}")
+    return float(text)
+
+
+def lora_file(text: str) -> Path:
+    """An argparse type: a file path (the run's other files go next to it), not a folder."""
+    if text.endswith(("/", os.sep)) or Path(text).is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a folder; name the LoRA file, e.g. "
+                                         f"{Path(text) / 'lora.safetensors'}")
+    return Path(text)
+
+
+def parse_with_config(p: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
+    """The flags of `argv`; with --config, the JSON file's values (keys as the flags, with _) where a flag is
+    not given. A repeatable flag given replaces the file's list, not extends it."""
+    args = p.parse_args(argv)
+    if not args.config:
+        return args
+    config = json.loads(args.config.read_text())
+    unknown = set(config) - set(vars(args))
+    if unknown:
+        p.error(f"{args.config}: unknown options {', '.join(sorted(unknown))}")
+    actions = {a.dest: a for a in p._actions}
+    p.set_defaults(**{k: config_value(p, actions[k], v, f"{args.config}: {k!r}") for k, v in config.items()})
+    given, args = args, p.parse_args(argv)
+    for k, v in vars(given).items():
+        if isinstance(v, list) and v:
+            setattr(args, k, v)
+    return args
+
+
+def config_value(p: argparse.ArgumentParser, action: argparse.Action, value, where: str):
+    """A --config value checked and converted as its flag's would be: true or false for a boolean flag; for a
+    repeatable one (or one of several values) a list or a single value, each item through the flag's type."""
+    if value is None:
+        return None
+    if action.nargs == 0:  # --checkpointing, --compile, --resume, ...
+        if not isinstance(value, bool):
+            p.error(f"{where}: {value!r} is not true or false")
+        return value
+    many = action.nargs in ("+", "*") or isinstance(action.default, list)
+    if isinstance(value, list) and not many:
+        p.error(f"{where}: takes one value, not a list")
+    items = []
+    for v in value if isinstance(value, list) else [value]:
+        try:
+            items.append(action.type(str(v)) if action.type else str(v))
+        except (ValueError, TypeError, argparse.ArgumentTypeError) as error:
+            p.error(f"{where}: {v!r}: {error}")
+        if action.choices and items[-1] not in action.choices:
+            p.error(f"{where}: {v!r} is not one of {', '.join(map(str, action.choices))}")
+    return items if many else items[0]
+
+
+def check_options(p: argparse.ArgumentParser, args: argparse.Namespace):
+    """The checks no single flag's type makes: each failure is `p.error`, before anything loads."""
+    if args.data is None:
+        p.error("--data is required (or set \"data\" in the --config file)")
+    if args.out.resolve().is_relative_to(args.data.resolve()):
+        p.error(f"--out {args.out} is inside --data {args.data}: its loss curve and samples would become "
+                f"training images on the next run; write it outside the dataset")
+    if args.ema_decay >= 1:
+        p.error(f"--ema-decay {args.ema_decay}: must be below 1 (1 would never move from the initial LoRA)")
+    if args.blocks_to_swap and not args.checkpointing:
+        p.error("--blocks-to-swap needs --checkpointing: without it autograd keeps every block's weights "
+                "until the backward pass, so nothing would be saved")
+    if args.fsdp and "WORLD_SIZE" not in os.environ:
+        p.error("--fsdp shards the base over torchrun's processes: start the run with torchrun "
+                "--nproc_per_node N train.py ... (see README)")
+    if args.fsdp and args.blocks_to_swap:
+        p.error("--fsdp and --blocks-to-swap do not compose (both would own the blocks' weights); choose "
+                "one: --fsdp divides the base over N GPUs, --blocks-to-swap keeps part of it in CPU RAM")
+
+
+def check_data_folder(data: Path):
+    """--data exists: on a fresh clone, a dataset named in the README is not there yet."""
+    if not data.exists():
+        raise ValueError(f"dataset folder {data} does not exist; sets/README.md shows how to lay one out")
+
+
+def parse_val_prompt(text: str, height: int, width: int, steps: int) -> dict:
+    """`a caption --w 1024 --h 1536 --seed 3 --g 3.5 --s 20` -> the caption and its settings; the ones it does
+    not give are the first set's size, VAL_SEED, guidance 3.5 and --sample-steps."""
+    caption, *options = re.split(r"\s+--(?=[a-z]+\s)", " " + text.strip())
+    found = dict(caption=caption.strip(), height=height, width=width, seed=VAL_SEED, guidance=3.5,
+                 steps=steps)
+    for option in options:
+        name, _, value = option.partition(" ")
+        if name not in VAL_OPTIONS:
+            raise ValueError(f"--val-prompt {text[:40]!r}: unknown option --{name}; use --w, --h, --seed "
+                             f"(--d), --g (--l) or --s")
+        kind = float if VAL_OPTIONS[name] == "guidance" else int
+        try:
+            found[VAL_OPTIONS[name]] = kind(value.strip())
+        except ValueError:
+            raise ValueError(f"--val-prompt {text[:40]!r}: --{name} {value.strip()!r} is not a "
+                             f"number") from None
+    stray = re.search(r"(?:^|\s)(--[A-Za-z]\S*)", found["caption"])  # --W 64, --seed=3, a trailing --s
+    if stray:
+        raise ValueError(f"--val-prompt {text[:40]!r}: {stray[1]!r} is not a setting with its value (they "
+                         f"follow the caption in lower case, as '--s 20'): use --w, --h, --seed (--d), --g "
+                         f"(--l) or --s")
+    if found["steps"] < 1 or not math.isfinite(found["guidance"]):
+        raise ValueError(f"--val-prompt {text[:40]!r}: --s must be at least 1 and --g a finite number")
+    check_size(found["height"], found["width"])
+    return found
+
+
+def validation_prompts(args: argparse.Namespace, size: tuple[int, int], caption: str) -> list[dict]:
+    """Each --val-prompt with its settings, or else the first training `caption` as written; the default size
+    is the first set's, `size` (H, W), which a conditional LoRA's validation images must keep."""
+    val = [parse_val_prompt(p, *size, args.sample_steps) for p in args.val_prompt]
+    if not val:
+        val = [parse_val_prompt("", *size, args.sample_steps) | {"caption": caption}]
+    odd = [v["caption"] for v in val if (v["height"], v["width"]) != size]
+    if args.ref_panel and odd:
+        raise ValueError(f"--val-prompt {odd[0][:40]!r}: with --ref-panel, validation images take the first "
+                         f"set's size, {size[1]}x{size[0]}; drop its --w/--h")
+    return val

@@ -1,0 +1,56 @@
+"""A training run's validation images: each --val-prompt sampled with the weights of the step (the EMA's
+when on), side by side in `<stem>_samples/step000250.png`. A conditional LoRA's are given the first set's
+reference panels, as `sample.py --ref` gives them."""
+
+from pathlib import Path
+
+from PIL import Image
+
+from iclora.distributed import rank
+from iclora.ema import EMA
+from iclora.references import pin_references
+from iclora.training import EncodedSet
+from minflux.pipeline import to_pil
+from minflux.sampling import get_noise
+
+
+class Validation:
+    """`prompts`: options.validation_prompts's; `shown`: the encoded set whose reference panels condition
+    them (None: a plain LoRA), at `size` (H, W)."""
+
+    def __init__(self, pipe, prompts: list[dict], size: tuple[int, int], shown: EncodedSet | None,
+                 ref_mode: str, folder: Path):
+        self.pipe, self.prompts, self.folder = pipe, prompts, folder
+        self.txt, self.vec = pipe.encode_prompts([v["caption"] for v in prompts])
+        self.hooks, self.ids = [None] * len(prompts), [None] * len(prompts)
+        if shown is not None:
+            for i, v in enumerate(prompts):
+                noise, times = get_noise(1, *size, v["seed"]), pipe.schedule(*size, v["steps"])
+                self.hooks[i] = pin_references(shown.ref_latents[None], shown.ref_mask, noise, times,
+                                               mode=ref_mode)
+                self.ids[i] = shown.ids[None]
+
+    def __call__(self, flow, ema: EMA, step: int):
+        """This step's images. Every rank samples (under --fsdp each holds a part of every block); rank 0
+        writes."""
+        flow.eval()
+        images = []
+        with ema.applied():
+            for i, v in enumerate(self.prompts):
+                latents = self.pipe.sample(self.txt[i : i + 1], self.vec[i : i + 1], v["height"], v["width"],
+                                           v["steps"], v["guidance"], v["seed"], False, self.hooks[i],
+                                           self.ids[i])
+                images.append(to_pil(self.pipe.decode(latents))[0])
+        flow.train()
+        if rank() == 0:
+            self.folder.mkdir(exist_ok=True)
+            side_by_side(images).save(self.folder / f"step{step:06d}.png")
+
+
+def side_by_side(images: list[Image.Image], gap: int = 4) -> Image.Image:
+    """The images in one row on grey, top-aligned."""
+    width = sum(i.width for i in images) + gap * (len(images) - 1)
+    row = Image.new("RGB", (width, max(i.height for i in images)), "grey")
+    for i, image in enumerate(images):
+        row.paste(image, (sum(j.width + gap for j in images[:i]), 0))
+    return row
