@@ -12,6 +12,8 @@ Shape letters: r rank, R fused rank, I in features, O out features.
 import json
 import math
 import re
+import string
+import sys
 import warnings
 from collections import defaultdict
 from pathlib import Path
@@ -30,6 +32,14 @@ from .lora_layouts import Layout, foreign_layouts
 PEFT_ROLES = {".lora_A.weight": "A", ".lora_B.weight": "B", ".lora_B.bias": "bias", ".lora_down.weight": "A",
               ".lora_up.weight": "B", ".lora_A": "A", ".lora_B": "B", ".alpha": "alpha"}
 TEXT_ENCODER_KEY = re.compile(r"text_encoder|lora_te")
+# down (A) weight suffix -> up (B) weight suffix, in every layout we read
+DOWN_UP = {".lora_A.weight": ".lora_B.weight", ".lora_down.weight": ".lora_up.weight",
+           ".down.weight": ".up.weight", ".lora_A": ".lora_B"}
+LORA_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # float64 is read as float32
+# bf16's largest value is 3.39e38 (float32's 3.40e38), and the norms after a layer square its outputs: the
+# largest value a LoRA may give for inputs of size 1 is the square root of that
+LARGEST_OUTPUT = math.sqrt(torch.finfo(torch.bfloat16).max)
+NAME_CHARACTERS = set(string.ascii_letters + string.digits + "_")  # of a module name's dotted parts
 
 
 def module_table(model: nn.Module, keys=()) -> dict[str, tuple[str, Rows]]:
@@ -111,19 +121,15 @@ def check_finite(sd: dict[str, Tensor], source: str):
 
 
 def read_lora_file(path) -> dict[str, Tensor]:
-    """The tensors of a LoRA file, with a clear error for a file that is not safetensors. Newer diffusers
-    saves keep alpha in their `lora_adapter_metadata` JSON instead of in `.alpha` keys: those alphas become
-    `.alpha` keys."""
+    """The tensors of a LoRA file, checked (`check_tensors`, `check_deltas`), with a clear error for a file
+    that is not safetensors. Newer diffusers saves keep alpha in their `lora_adapter_metadata` JSON instead of
+    in `.alpha` keys: those alphas become `.alpha` keys."""
     with open_safetensors(path, "not a readable safetensors LoRA file") as f:
         sd = {k: f.get_tensor(k) for k in f.keys()}
         meta = f.metadata() or {}
-    check_finite(sd, str(path))
-    config = json.loads(meta.get("lora_adapter_metadata") or "{}")
-    alphas = config_values(config, "lora_alpha")
-    alpha = alphas[0] if alphas else None
-    patterns = config_values(config, "alpha_pattern")
-    alpha_pattern = (patterns[0] if patterns else None) or {}
-    rslora = any(config_values(config, "use_rslora"))
+    source = str(path)
+    check_tensors(sd, source)
+    alpha, alpha_pattern, rslora = adapter_config(meta, source)
     down_keys = [k for k in sd if k.endswith((".lora_A.weight", ".lora_down.weight"))]
     for key in down_keys:
         module = key.rsplit(".", 2)[0]
@@ -132,8 +138,127 @@ def read_lora_file(path) -> dict[str, Tensor]:
         value = module_alpha(module.removeprefix("transformer."), alpha_pattern, alpha)
         if rslora:  # rank-stabilised LoRA scales by alpha / sqrt(r) instead of alpha / r
             value *= math.sqrt(sd[key].shape[0])
-        sd[f"{module}.alpha"] = torch.tensor(value)
+        sd[f"{module}.alpha"] = torch.tensor(value, dtype=torch.float64)  # as given: check_deltas judges it
+    check_deltas(sd, source)
     return sd
+
+
+def check_tensors(sd: dict[str, Tensor], source: str):
+    """A ValueError naming the file and the first tensor that no LoRA holds: a dtype other than float16,
+    bfloat16, float32 or float64 within float32's range (alphas may be integers), NaN or inf, an alpha of
+    more than one number, a down weight of rank 0."""
+    for key, tensor in sd.items():
+        alpha = key.endswith(".alpha")
+        integer = not (tensor.is_floating_point() or tensor.is_complex() or tensor.dtype == torch.bool)
+        if tensor.dtype not in LORA_DTYPES and not (alpha and integer):
+            dtype = str(tensor.dtype).removeprefix("torch.")
+            raise ValueError(f"{source}: {key} is {dtype}; a LoRA's tensors are float16, bfloat16 or float32 "
+                             f"(float64 is read as float32)")
+        if tensor.dtype == torch.float64 and not alpha and beyond(tensor, torch.finfo(torch.float32).max):
+            raise ValueError(f"{source}: {key} is float64 and holds values beyond float32's range (3.4e38), "
+                             f"in which adapters are kept")
+    check_finite(sd, source)
+    for key, tensor in sd.items():
+        if key.endswith(".alpha") and tensor.numel() != 1:
+            raise ValueError(f"{source}: {key} has shape {tuple(tensor.shape)}, but an alpha is one number")
+        if key.endswith(tuple(DOWN_UP)) and tensor.ndim == 0:
+            raise ValueError(f"{source}: {key} is a single number; a down (A) weight is (rank, in features)")
+        if key.endswith(tuple(DOWN_UP)) and tensor.shape[0] == 0:
+            raise ValueError(f"{source}: {key} has rank 0 (shape {tuple(tensor.shape)}): an adapter without "
+                             f"rows changes nothing and its alpha / rank is undefined")
+
+
+def beyond(tensor: Tensor, limit: float) -> bool:
+    """Whether any value of the tensor is larger than `limit` in size (inf included, NaN not)."""
+    return tensor.numel() > 0 and not tensor.is_meta and bool(tensor.abs().max() > limit)
+
+
+def check_deltas(sd: dict[str, Tensor], source: str):
+    """A ValueError naming the file and the first adapter whose values a run cannot hold, checked like NaN:
+    for inputs of size 1 (|x_j| <= 1), neither its hidden values scale·A·x nor its output scale·(B·A·x + bias)
+    may pass LARGEST_OUTPUT. Both are bounded by the largest row sums of |A| and |B|, a cheap bound that is
+    exact for the hidden values."""
+    for module, key_a, key_b in lora_pairs(sd):
+        A = sd[key_a].double()                                                    # (r, I)
+        B = sd[key_b].double()                                                    # (O, r)
+        if A.ndim != 2 or B.ndim != 2 or B.shape[1] != A.shape[0]:
+            continue  # wrong shapes are refused on loading, naming both
+        if A.is_meta or B.is_meta:  # no values to bound
+            continue
+        r = A.shape[0]
+        alpha = float(sd[f"{module}.alpha"]) if f"{module}.alpha" in sd else float(r)
+        scale = abs(alpha) / r
+        hidden = scale * float(A.abs().sum(1).max())                            # max |scale·A·x|
+        output = hidden * float(B.abs().sum(1).max()) if B.numel() else 0.0     # max |scale·B·A·x|
+        bias = sd.get(f"{module}.lora_B.bias")
+        if bias is not None and bias.numel():
+            output += scale * float(bias.double().abs().max())
+        if not max(hidden, output) <= LARGEST_OUTPUT:
+            raise ValueError(f"{source}: {key_b} (with {key_a}, alpha {alpha:.3g}, rank {r}) gives values "
+                             f"up to {max(hidden, output):.3g} for inputs of size 1, beyond "
+                             f"{LARGEST_OUTPUT:.2g} (the square root of bf16's and float32's largest value; "
+                             f"norms square a layer's outputs): such a LoRA only makes noise")
+
+
+def lora_pairs(sd: dict[str, Tensor]) -> list[tuple[str, str, str]]:
+    """(module, down key, up key) of every module in sd with both weights, in any layout we read."""
+    pairs = []
+    for key in sd:
+        for down, up in DOWN_UP.items():
+            module = key.removesuffix(down)
+            if key.endswith(down) and module + up in sd:
+                pairs.append((module, key, module + up))
+    return pairs
+
+
+def adapter_config(meta: dict[str, str], source: str) -> tuple[float | None, dict[str, float], bool]:
+    """(lora_alpha or None, alpha_pattern, use_rslora) of the adapter config that newer diffusers saves keep
+    in a file's `lora_adapter_metadata` JSON, each checked: a ValueError names the file and the entry."""
+    where = f"{source}: lora_adapter_metadata"
+    text = meta.get("lora_adapter_metadata") or "{}"
+    try:
+        config = json.loads(text)
+    except (ValueError, RecursionError) as e:  # RecursionError: nested deeper than Python's stack
+        raise ValueError(f"{where} is not JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{where} should be a JSON object (an adapter config), not {text[:40]!r}")
+    alphas = config_values(config, "lora_alpha")
+    alpha = number(alphas[0], f"{where}: lora_alpha") if alphas else None
+    patterns = config_values(config, "alpha_pattern")
+    given = (patterns[0] if patterns else None) or {}
+    if not isinstance(given, dict):
+        raise ValueError(f"{where}: alpha_pattern should be a JSON object (module name -> alpha), "
+                         f"not {given!r:.40}")
+    alpha_pattern = {}
+    for key, value in given.items():
+        name = module_name(key, f"{where}: alpha_pattern key")
+        alpha_pattern[name] = number(value, f"{where}: alpha_pattern[{key!r}]")
+    rslora = config_values(config, "use_rslora")
+    for value in rslora:
+        if not isinstance(value, bool):
+            raise ValueError(f"{where}: use_rslora is {value!r}, not true or false")
+    return alpha, alpha_pattern, any(rslora)
+
+
+def number(value, what: str) -> float:
+    """A metadata value as a float, or a ValueError naming `what` if it is no finite number."""
+    # NaN, inf and ints beyond any float fail the comparison (an int is compared exactly, never converted)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not abs(value) <= sys.float_info.max:
+        raise ValueError(f"{what} is {value!r:.40}, not a finite number")
+    return float(value)
+
+
+def module_name(key: str, what: str) -> str:
+    """An alpha_pattern key as the module name (or end of one) it stands for, `\\.` read as a dot; anything
+    else, a regular expression above all, is refused, never run: a crafted pattern could take hours to match
+    (catastrophic backtracking) or fail to compile."""
+    name = key.replace("\\.", ".")
+    parts = name.split(".")
+    if not all(part and set(part) <= NAME_CHARACTERS for part in parts):
+        raise ValueError(f"{what} {key!r:.60} is not a module name (letters, digits and _, joined by "
+                         f"dots, as in 'transformer_blocks.0.attn.to_q' or 'attn.to_q'): keys are matched "
+                         f"as names, not run as patterns")
+    return name
 
 
 def config_values(config: dict, name: str) -> list:
@@ -142,13 +267,14 @@ def config_values(config: dict, name: str) -> list:
     return [value for key, value in config.items() if key.split(".")[-1] == name]
 
 
-def module_alpha(module: str, alpha_pattern: dict, alpha) -> float:
-    """A module's alpha in a peft config: that of the first alpha_pattern entry matching the end of its
-    name, else lora_alpha."""
-    for pattern, value in alpha_pattern.items():
-        if re.fullmatch(rf"(.*\.)?{pattern}", module):
-            return float(value)
-    return float(alpha)
+def module_alpha(module: str, alpha_pattern: dict[str, float], alpha: float) -> float:
+    """A module's alpha in a peft config: that of the first alpha_pattern entry naming it or the end of its
+    name in whole dotted parts (PEFT's `(.*\\.)?<key>$` with the key read as a name: `attn.to_q` matches
+    `transformer_blocks.0.attn.to_q`, not `attn.to_qk`), else lora_alpha."""
+    for name, value in alpha_pattern.items():
+        if module == name or module.endswith("." + name):
+            return value
+    return alpha
 
 
 def layouts(model: nn.Module, keys) -> list[Layout]:
@@ -284,12 +410,13 @@ def load_lora(model: nn.Module, path_or_state_dict, name: str = "default", multi
 
 
 def transformer_tensors(path_or_state_dict, source: str | None) -> tuple[dict[str, Tensor], str]:
-    """The tensors of a LoRA file or state dict, checked finite, less any text-encoder tensors (skipped with
-    a warning), and the source's name for messages."""
+    """The tensors of a LoRA file or state dict, checked (`check_tensors`, `check_deltas`), less any
+    text-encoder tensors (skipped with a warning), and the source's name for messages."""
     if isinstance(path_or_state_dict, dict):
         sd = dict(path_or_state_dict)
         source = source or "LoRA state dict"
-        check_finite(sd, source)
+        check_tensors(sd, source)
+        check_deltas(sd, source)
     else:
         sd = read_lora_file(path_or_state_dict)
         source = str(path_or_state_dict)
