@@ -6,8 +6,8 @@ file-name order in a `layout` (iclora/panels.py). A joined image's panels are lo
 one as a set folder's are, only when `panels` says how many it holds. A set is one sample per resolution, in
 the aspect bucket nearest its own (1:4 to 4:1, area <= resolution², sides multiples of 16 per panel), its
 panels cover-resized. A set that bucket would upscale or crop (beyond 1:4-4:1) keeps its own size instead,
-panel sides rounded down to 16 and scaled down to at most resolution² (README, "Dataset layout"). Every file
-is checked when the dataset is built; one ValueError lists every problem.
+panel sides rounded down to 16 and scaled down to at most resolution² (docs/training.md, "Dataset layout").
+Every file is checked when the dataset is built; one ValueError lists every problem.
 """
 
 import math

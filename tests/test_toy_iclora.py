@@ -4,7 +4,7 @@ that the trainer learns, not only that it runs. Measured at this size (CPU, 80 s
 the caption and 0 -> 0.27 with the left panel given (checked against the given panel); right-panel caption
 match 0.16 -> 0.29 and 0.05 -> 0.31. A conditional LoRA (`--ref-panel 1`, same sets and settings) follows the
 rule from the given left panel better: 0.43 with its default "moved" reference (0.44 "clean", 0.43 "noised").
-The README's runs (60 sets, 1000 steps) go further."""
+The runs of docs/toy.md (60 sets, 1000 steps) go further."""
 
 import pytest
 
