@@ -53,7 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "text chunk: the whole run, every prompt and seed); flags given as well replace the "
                         "stored ones, a --lora also the stored --lora-scale, a --ref the --ref-panel, a "
                         "--prompt-file the prompts. --out, --device, --offload and --blocks-to-swap are not "
-                        "stored (default: none)")
+                        "stored, and a PNG holding them is refused; the files and hub ids it names are "
+                        "printed, and used only inside its folder or the working folder, or with "
+                        "--trust-settings (default: none)")
+    p.add_argument("--trust-settings", action="store_true",
+                   help="with --from-image: use the local files outside the PNG's folder and the working "
+                        "folder, and the hub downloads, that its settings name (default: refused)")
     p.add_argument("--model", default="black-forest-labs/FLUX.1-dev",
                    help="HF repo id (downloads only the files needed; honours HF_TOKEN and the HF cache), a "
                         "local folder in the HF repo layout, or `toy`: the 12 MB toy FLUX in toy/model, "
