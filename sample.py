@@ -20,6 +20,8 @@ size; with --ref they are taken from it.
 """
 
 import argparse
+import math
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -40,10 +42,34 @@ from minflux.images import open_rgb
 from minflux.pipeline import from_pil, load_pipeline, to_pil
 from minflux.png_settings import RUN_ONLY, flags_given, settings_chunk, stored_defaults
 from minflux.quantize import FP8Linear, quantize_fp8
-from minflux.sampling import add_noise, check_size, denoise, get_noise, img2img_start, pack, text_ids, unpack
+from minflux.sampling import (
+    MAX_IMAGES,
+    MAX_PANELS,
+    MAX_SIDE,
+    add_noise,
+    check_size,
+    denoise,
+    get_noise,
+    img2img_start,
+    pack,
+    text_ids,
+    unpack,
+)
 from minflux.tokenizers import overlong
 
 TOY_SIZE = 64  # the toy model draws 64×64 scenes (per panel)
+SIDE = ranged(int, 16, MAX_SIDE)  # the type of the size flags: limits in minflux/sampling.py
+
+
+def finite(parse=float):
+    """An argparse type: `parse`'s number, refused when it is infinite or NaN (which would draw a black
+    image, not fail)."""
+    def parse_finite(text: str) -> float:
+        value = parse(text)
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+        return value
+    return parse_finite
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,7 +79,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "text chunk: the whole run, every prompt and seed); flags given as well replace the "
                         "stored ones, a --lora also the stored --lora-scale, a --ref the --ref-panel, a "
                         "--prompt-file the prompts. --out, --device, --offload and --blocks-to-swap are not "
-                        "stored (default: none)")
+                        "stored, and a PNG holding them is refused; the files and hub ids it names are "
+                        "printed, and used only inside its folder or the working folder, or with "
+                        "--trust-settings (default: none)")
+    p.add_argument("--trust-settings", action="store_true",
+                   help="with --from-image: use the local files outside the PNG's folder and the working "
+                        "folder, and the hub downloads, that its settings name (default: refused)")
     p.add_argument("--model", default="black-forest-labs/FLUX.1-dev",
                    help="HF repo id (downloads only the files needed; honours HF_TOKEN and the HF cache), a "
                         "local folder in the HF repo layout, or `toy`: the 12 MB toy FLUX in toy/model, "
@@ -64,27 +95,27 @@ def build_parser() -> argparse.ArgumentParser:
                         "summary of the whole set; without, it is used unchanged")
     p.add_argument("--prompt-file", type=Path, help="a text file with one prompt per line (blank lines "
                                                     "skipped)")
-    p.add_argument("--width", type=int, help="image width in pixels, a multiple of 16 (default: 1024; toy: "
-                                             "64)")
-    p.add_argument("--height", type=int, help="image height in pixels, a multiple of 16 (default: 1024; toy: "
-                                              "64)")
+    p.add_argument("--width", type=SIDE, help=f"image width in pixels, a multiple of 16 up to {MAX_SIDE} "
+                                              f"(default: 1024; toy: 64)")
+    p.add_argument("--height", type=SIDE, help=f"image height in pixels, a multiple of 16 up to {MAX_SIDE} "
+                                               f"(default: 1024; toy: 64)")
     p.add_argument("--steps", type=ranged(int, 1), help="sampling steps (default: 28 for dev, 4 for schnell)")
-    p.add_argument("--guidance", type=float, default=3.5,
+    p.add_argument("--guidance", type=finite(), default=3.5,
                    help="distilled guidance strength fed to FLUX.1-dev; ignored by schnell (default: 3.5)")
     p.add_argument("--negative-prompt", metavar="TEXT",
                    help="what the image should not show, for true classifier-free guidance (--true-cfg): "
                         "each step runs the model on the prompt and on this text, both with the distilled "
                         "--guidance, as diffusers' FluxPipeline negative_prompt; twice the time per step "
                         "(default: none)")
-    p.add_argument("--true-cfg", type=ranged(float, 1), default=1.0, metavar="S",
+    p.add_argument("--true-cfg", type=finite(ranged(float, 1)), default=1.0, metavar="S",
                    help="scale S of true classifier-free guidance, v = v_neg + S·(v_pos − v_neg), as "
                         "diffusers' true_cfg_scale; applies when S > 1, and then needs a --negative-prompt "
                         "(1 = off, one model pass per step) (default: 1.0)")
     p.add_argument("--seed", type=ranged(int, -2**63, 2**64 - 1), nargs="+", default=[0],
                    help="noise seed(s), one run per seed (--seed 1 2 3); image i of a run uses the same draw "
                         "as diffusers with generator.manual_seed(seed) (default: 0)")
-    p.add_argument("--num-images", type=ranged(int, 1), default=1, help="images per prompt and seed "
-                                                                        "(default: 1)")
+    p.add_argument("--num-images", type=ranged(int, 1, MAX_IMAGES), default=1,
+                   help=f"images per prompt and seed, at most {MAX_IMAGES} (default: 1)")
     p.add_argument("--out", type=Path, default=Path("out.png"),
                    help="output file; with several images an index is appended: out-0.png, out-1.png, ...; "
                         "panels get -panel1, -panel2, ...: out-panel1.png or out-0-panel1.png; its extension "
@@ -128,22 +159,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a LoRA file (PEFT/diffusers, kohya, BFL or XLabs layout): a local path or "
                         "owner/repo/file.safetensors on the HF hub, e.g. "
                         "ali-vilab/In-Context-LoRA/film-storyboard.safetensors; repeat for several")
-    g.add_argument("--lora-scale", type=float, action="append", default=[],
+    g.add_argument("--lora-scale", type=finite(), action="append", default=[],
                    help="multiplier of each --lora, one per --lora in the same order (default: 1.0 for all)")
     g.add_argument("--no-merge", action="store_true",
                    help="keep the LoRAs as separate adapters instead of adding them into the weights "
                         "(slower per step; merging is the default)")
 
     g = p.add_argument_group("panel sets (In-Context LoRA)")
-    g.add_argument("--panels", type=ranged(int, 1),
-                   help="number of panels on the canvas (default: 1; with --ref, a conditional LoRA's)")
+    g.add_argument("--panels", type=ranged(int, 1, MAX_PANELS),
+                   help=f"number of panels on the canvas, at most {MAX_PANELS} (default: 1; with --ref, a "
+                        f"conditional LoRA's)")
     g.add_argument("--layout", choices=LAYOUTS, help="panels side by side, stacked, or in a grid of "
                                                      "ceil(sqrt(N)) columns (default: row; with --ref, a "
                                                      "conditional LoRA's)")
-    g.add_argument("--panel-width", type=int,
+    g.add_argument("--panel-width", type=SIDE,
                    help="width of each panel, a multiple of 16; with --panel-height it sets the canvas size, "
                         "overriding --width/--height (default: --width split evenly among the columns)")
-    g.add_argument("--panel-height", type=int,
+    g.add_argument("--panel-height", type=SIDE,
                    help="height of each panel, a multiple of 16 (default: --height split evenly among the "
                         "rows)")
     g.add_argument("--panel-prompt", action="append", default=[],
@@ -196,9 +228,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.out.suffix.lower() != ".png":
         warnings.warn(f"--out {args.out}: the settings (for --from-image) are stored only in .png files",
                       stacklevel=1)
+    check_out(args.out)
     if args.prompt_file:  # its lines join the prompts, so that the stored settings hold every prompt
-        lines = [line.strip() for line in args.prompt_file.read_text().splitlines()]
-        args.prompt = args.prompt + [line for line in lines if line]
+        args.prompt = args.prompt + read_prompt_file(args.prompt_file)
     if args.quantize and args.dtype is None and torch.device(args.device).type == "cuda":
         args.dtype = "bf16"  # the rest of the model with the fp8 weights, not the VAE file's fp32
     args.settings = {k: v for k, v in vars(args).items() if k not in RUN_ONLY}  # as given; main adds RESOLVED
@@ -208,12 +240,43 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.model == "toy" and not args.sized:
         args.panel_width = args.panel_height = TOY_SIZE
     side = TOY_SIZE if args.model == "toy" else 1024
-    args.width = args.width or side
-    args.height = args.height or side
+    args.width = side if args.width is None else args.width
+    args.height = side if args.height is None else args.height
     if args.init and args.strength is None:
         args.strength = 0.6
     args.lora_scale = args.lora_scale or [1.0] * len(args.lora)
     return args
+
+
+def check_out(out: Path):
+    """--out names a file (not a folder) in a folder that exists or can be made, and that may be written."""
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a folder; give a file name, e.g. {out / 'out.png'}")
+    folder = out.absolute().parent
+    while not folder.exists():  # main makes the missing folders
+        folder = folder.parent
+    if not folder.is_dir():
+        raise ValueError(f"--out {out}: {folder} is a file, not a folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise PermissionError(f"--out {out}: the folder {folder} is not writable")
+
+
+def read_prompt_file(path: Path) -> list[str]:
+    """The prompts of a --prompt-file: its lines, stripped, blank ones skipped; it must be UTF-8 text."""
+    if not path.is_file():
+        raise FileNotFoundError(f"--prompt-file {path}: no such file")
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except OSError as e:
+        raise ValueError(f"--prompt-file {path}: cannot be read ({e.strerror})") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"--prompt-file {path}: not UTF-8 text ({e.reason} at byte {e.start}); give a text "
+                         f"file with one prompt per line") from None
+    if "\x00" in text:
+        raise ValueError(f"--prompt-file {path}: a binary file (it holds NUL bytes), not text with one "
+                         f"prompt per line")
+    lines = [line.strip() for line in text.splitlines()]
+    return [line for line in lines if line]
 
 
 def true_cfg(flow, negative: tuple[torch.Tensor, torch.Tensor] | None, scale: float):
@@ -236,11 +299,12 @@ def geometry(meta: dict) -> list:
     return [meta[k] for k in ("panels", "layout", "ref_panels", "ref_mode")]
 
 
-def conditional_lora(loras: list, refs: list[Path]) -> tuple[Path, dict] | None:
-    """The first conditional IC-LoRA among `loras`, with its metadata; None if there is none, or (after a
-    warning) if no --ref gives its input images. Conditional LoRAs of another `geometry` are an error."""
+def conditional_lora(loras: list[Path], refs: list[Path]) -> tuple[Path, dict] | None:
+    """The first conditional IC-LoRA among the files `loras`, with its metadata (read from the file's header
+    only); None if there is none, or (after a warning) if no --ref gives its input images. Conditional LoRAs
+    of another `geometry` are an error."""
     conditional = []
-    for path, _ in loras:
+    for path in loras:
         meta = read_conditional_metadata(path)
         if meta:
             conditional.append((path, meta))
@@ -301,7 +365,12 @@ def canvas(args) -> tuple[int, int]:
         return canvas_size(args.panels, args.layout, panel_height, panel_width)
     if args.panel_width is None or args.panel_height is None:
         raise ValueError("give both --panel-width and --panel-height (or neither, to split --width/--height)")
-    return canvas_size(args.panels, args.layout, args.panel_height, args.panel_width)
+    height, width = canvas_size(args.panels, args.layout, args.panel_height, args.panel_width)
+    if max(height, width) > MAX_SIDE:
+        raise ValueError(f"{args.panels} panels of {args.panel_width}×{args.panel_height} px (W×H) in a "
+                         f"{args.layout} make a {width}×{height} canvas, over the limit of {MAX_SIDE} px a "
+                         f"side; give smaller panels")
+    return height, width
 
 
 def resolve_lora(spec: str) -> Path:
@@ -339,9 +408,25 @@ def read_image(path: Path, flag: str):
         raise ValueError(f"{flag} {path}: not a readable image ({error})") from None
 
 
-def output_paths(out: Path, n: int, panels: int, source: Path | None = None) -> list[list[Path]]:
-    """Per image: [joined image, panel 1, ..., panel N] (panel files only for N >= 2); none may be `source`,
-    the --from-image file."""
+def input_files(args, loras: list[Path]) -> list[tuple[str, Path]]:
+    """(flag, path) of every file the run reads: no output may overwrite one."""
+    named = [("--from-image", args.from_image), ("--prompt-file", args.prompt_file), ("--init", args.init),
+             ("--transformer", args.transformer)]
+    named += [("--ref", path) for path in args.ref]
+    named += [("--lora", path) for path in loras]
+    return [(flag, path) for flag, path in named if path is not None]
+
+
+def same_file(a: Path, b: Path) -> bool:
+    """Whether two paths name one file: os.path.samefile (links and hard links) where both exist."""
+    if a.exists() and b.exists():
+        return os.path.samefile(a, b)
+    return a.resolve() == b.resolve()
+
+
+def output_paths(out: Path, n: int, panels: int, inputs: list[tuple[str, Path]] = ()) -> list[list[Path]]:
+    """Per image: [joined image, panel 1, ..., panel N] (panel files only for N >= 2); none may be a folder
+    or one of the `inputs` (flag, path), the files the run reads."""
     stems = [out.stem] if n == 1 else [f"{out.stem}-{i}" for i in range(n)]
     files = []
     for stem in stems:
@@ -349,10 +434,14 @@ def output_paths(out: Path, n: int, panels: int, source: Path | None = None) -> 
         if panels > 1:
             paths += [out.with_name(f"{stem}-panel{k}{out.suffix}") for k in range(1, panels + 1)]
         files.append(paths)
-    for paths in files:
-        if source and source.resolve() in [path.resolve() for path in paths]:
-            raise ValueError(f"--out {out} would overwrite the --from-image file {source}; "
-                             f"give another --out")
+    for path in [path for paths in files for path in paths]:
+        if path.is_dir():
+            raise ValueError(f"--out {out}: its output {path} is a folder; give another --out")
+        for flag, source in inputs:
+            if same_file(path, source):
+                as_output = "" if path == out else f" (as its output {path.name})"
+                raise ValueError(f"--out {out} would overwrite the {flag} file {source}{as_output}; give "
+                                 f"another --out")
     return files
 
 
@@ -370,8 +459,8 @@ def main(argv=None) -> list[Path]:  # noqa: C901 (the recipe reads as numbered s
     args = parse_args(argv)
     # Everything that needs no model is read (and so checked) first.
     check_device(args.device)
-    loras = [(path, read_lora_file(path)) for path in map(resolve_lora, args.lora)]
-    conditional = conditional_lora(loras, args.ref)
+    lora_paths = [resolve_lora(spec) for spec in args.lora]
+    conditional = conditional_lora(lora_paths, args.ref)
     if conditional:
         path, meta = conditional
         take_geometry(args, meta, path)
@@ -380,11 +469,12 @@ def main(argv=None) -> list[Path]:  # noqa: C901 (the recipe reads as numbered s
     prompts = [p for p in read_prompts(args) for _ in range(args.num_images)]
     height, width = canvas(args)
     args.height, args.width = height, width  # stored as used
-    files = output_paths(args.out, len(prompts) * len(args.seed), args.panels, args.from_image)
+    files = output_paths(args.out, len(prompts) * len(args.seed), args.panels, input_files(args, lora_paths))
     boxes = panel_boxes(height, width, args.panels, args.layout)
     given = reference_panels(len(args.ref), args.ref_panel, args.panels)  # 0-based panel of each --ref
     refs = [(read_image(path, "--ref"), boxes[k]) for path, k in zip(args.ref, given, strict=True)]
     init = read_image(args.init, "--init") if args.init else None
+    loras = [(path, read_lora_file(path)) for path in lora_paths]
 
     # 1. Load the models (T5, CLIP, the flow transformer, the autoencoder) to the CPU, then the LoRAs: merged
     # into the full-precision weights before --quantize; as adapters (--no-merge, or an fp8 file) after it.

@@ -6,6 +6,7 @@ it was trained. safetensors metadata maps str to str; the values are checked whe
 """
 
 from minflux.loading import open_safetensors
+from minflux.sampling import MAX_PANELS, MAX_SIDE
 
 from .panels import LAYOUTS
 from .references import REF_MODES
@@ -42,4 +43,14 @@ def read_conditional_metadata(path) -> dict | None:
         raise ValueError(f"{path}: broken conditional IC-LoRA metadata: ref_mode {found['ref_mode']!r}, "
                          f"layout {found['layout']!r}, panel size {sizes[1]}x{sizes[0]}; expected one of "
                          f"{REF_MODES}, one of {LAYOUTS}, sides multiples of 16")
+    check_limits(found, path)
     return found
+
+
+def check_limits(found: dict, path):
+    """The panel count and size a LoRA file asks for, within what one sampling run may allocate."""
+    panels, sizes = found["panels"], (found["panel_height"], found["panel_width"])
+    if not 1 <= panels <= MAX_PANELS or max(sizes) > MAX_SIDE:
+        raise ValueError(f"{path}: conditional IC-LoRA metadata asks for {panels} panel(s) of {sizes[1]}x"
+                         f"{sizes[0]} px; the limit is 1 to {MAX_PANELS} panels of at most {MAX_SIDE} px a "
+                         f"side")

@@ -18,13 +18,24 @@ from einops import rearrange, repeat
 from torch import Tensor
 from tqdm.auto import tqdm
 
+# Limits on what one sampling run may ask for (flags, a PNG's settings, a LoRA's metadata), checked before
+# anything is allocated, so that an absurd request is refused with a message instead of dying in the
+# allocator. 4096 px a side is 4× the 1024 px FLUX.1 was trained at: 65536 image tokens.
+MAX_SIDE = 4096  # pixels, each side of the canvas and of each panel
+MAX_PANELS = 16  # panels of one set
+MAX_IMAGES = 64  # --num-images: images per prompt and seed, drawn in one batch
+
 
 def check_size(height: int, width: int):
+    """A canvas of height×width pixels: both sides positive multiples of 16, and at most MAX_SIDE."""
     if width % 16 or height % 16 or width <= 0 or height <= 0:
         nearest_width, nearest_height = 16 * max(1, round(width / 16)), 16 * max(1, round(height / 16))
         raise ValueError(f"width and height must be positive multiples of 16 (the VAE's 8× times the 2×2 "
                          f"patch), got {width}×{height} (W×H); nearest valid size: "
                          f"{nearest_width}×{nearest_height}")
+    if width > MAX_SIDE or height > MAX_SIDE:
+        raise ValueError(f"a {width}×{height} (W×H) image is over the limit of {MAX_SIDE} px a side; give a "
+                         f"smaller size")
 
 
 def get_noise(num: int, height: int, width: int, seed: int, g: torch.Generator | None = None) -> Tensor:

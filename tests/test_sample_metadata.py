@@ -70,14 +70,16 @@ def test_every_file_of_a_run_carries_all_its_settings(repo, inputs, first_run):
 
 
 def test_the_settings_read_back_are_the_ones_written(first_run, tmp_path):
-    args = sample.parse_args(["--from-image", str(first_run[4]), "--out", str(tmp_path / "again.png")])
+    args = sample.parse_args(["--trust-settings", "--from-image", str(first_run[4]),
+                              "--out", str(tmp_path / "again.png")])
     assert png_settings.read_settings(first_run[4]) == stored(first_run[4])
     assert json.loads(json.dumps(args.settings, default=str)) == stored(first_run[4])
     assert args.ref == [Path(stored(first_run[4])["ref"][0])] and args.seed == [3, 4]  # typed as the flags
 
 
 def test_from_image_draws_every_file_of_the_run_again_bit_for_bit(first_run, tmp_path):
-    again = sample.main(["--from-image", str(first_run[3]), "--out", str(tmp_path / "out.png")])
+    again = sample.main(["--trust-settings", "--from-image", str(first_run[3]),
+                         "--out", str(tmp_path / "out.png")])
     assert [p.name for p in again] == [p.name for p in first_run]
     for a, b in zip(pixels(first_run), pixels(again), strict=True):
         assert np.array_equal(a, b)
@@ -92,7 +94,7 @@ def test_local_files_given_relative_are_stored_absolute_so_from_image_runs_from_
                          "--out", str(tmp_path / "first.png")])
     assert stored(first[0])["lora"] == [str(inputs["lora"].resolve())]
     monkeypatch.chdir(tmp_path)
-    again = sample.main(["--from-image", "first.png", "--out", "again.png"])
+    again = sample.main(["--trust-settings", "--from-image", "first.png", "--out", "again.png"])
     assert np.array_equal(*pixels([first[0], again[0]]))
 
 
@@ -108,7 +110,7 @@ def test_a_flag_given_with_from_image_replaces_the_stored_one(repo, tmp_path):
     common = ["--model", str(repo), "--prompt", PROMPT, "--width", "48", "--height", "32", "--steps", "3",
               "--device", "cpu"]
     [first] = sample.main([*common, "--seed", "1", "--out", str(tmp_path / "first.png")])
-    [changed] = sample.main(["--from-image", str(first), "--seed", "5",
+    [changed] = sample.main(["--trust-settings", "--from-image", str(first), "--seed", "5",
                              "--out", str(tmp_path / "changed.png")])
     [direct] = sample.main([*common, "--seed", "5", "--out", str(tmp_path / "direct.png")])
     got, want, before = pixels([changed, direct, first])
@@ -150,7 +152,7 @@ def test_flags_given_replace_stored_ones_and_a_lora_ref_or_prompt_file_drops_wha
     (tmp_path / "prompts.txt").write_text("first\n\nsecond\n")
     flags = [str(tmp_path / "prompts.txt") if f == "PROMPTS" else f for f in flags]
     with pytest.warns(UserWarning) if "--true-cfg" in flags else nullcontext():
-        args = sample.parse_args(["--from-image", str(first_run[0]), *flags])
+        args = sample.parse_args(["--trust-settings", "--from-image", str(first_run[0]), *flags])
     for key, value in want.items():
         assert getattr(args, key) == ([Path(v) for v in value] if key == "ref" else value), key
 
@@ -193,8 +195,8 @@ def test_a_png_without_our_settings_is_a_clear_error_naming_it_before_any_weight
 def test_from_image_refuses_to_overwrite_the_image_it_reads(first_run):
     with pytest.raises(ValueError,
                        match=r"--out .*out\.png would overwrite the --from-image file .*out-1\.png"):
-        sample.main(["--from-image", str(first_run[3]), "--out", str(first_run[0].with_name("out.png")),
-                     "--model", "no-model-needed"])
+        sample.main(["--trust-settings", "--from-image", str(first_run[3]),
+                     "--out", str(first_run[0].with_name("out.png")), "--model", "no-model-needed"])
 
 
 @pytest.mark.parametrize("out", ["out", "out.foo"])
