@@ -23,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from iclora.checkpoint import Checkpoint, check_loss, lora_metadata
-from iclora.data import PanelSetDataset, batches_by_bucket
+from iclora.data import PanelSetDataset, batches_by_bucket, check_captions, check_reference_panels
 from iclora.distributed import (
     gathered,
     init_distributed,
@@ -52,8 +52,6 @@ from iclora.run import StopSignals, holding_lock, run_files, stopping_on_signals
 from iclora.training import (
     TIMESTEP_MODES,
     EncodedSet,
-    check_captions,
-    check_reference_panels,
     collate,
     encode_sets,
     step_generator,

@@ -13,6 +13,7 @@ Every file is checked when the dataset is built; one ValueError lists every prob
 import math
 import os
 import re
+import warnings
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,9 +23,10 @@ import torch
 from einops import rearrange
 from PIL import Image, ImageOps
 
+from iclora.panels import grid_shape, join_panels, split_panels
+from iclora.references import reference_panels
 from minflux.images import open_rgb, pixel_limit
-
-from .panels import grid_shape, join_panels, split_panels
+from minflux.tokenizers import overlong
 
 IMAGE_SUFFIXES = {suffix for suffix, name in Image.registered_extensions().items() if name in Image.OPEN}
 
@@ -252,3 +254,33 @@ def batches_by_bucket(dataset: PanelSetDataset, batch_size: int, seed: int):
             batches.append(shuffled[k : k + batch_size])
     order = rng.permutation(len(batches))
     return iter([batches[k] for k in order])
+
+
+# The checks of a built dataset against the run's flags, made before any weight loads.
+
+
+def check_captions(t5_tokenizer, dataset, val_prompts: list[str], strict: bool = False):
+    """Warns of each training caption and validation prompt that T5 reads only in part; with `strict`,
+    refuses them instead."""
+    named = [(f"the caption of {s.path}", s.caption) for s in dataset.samples[::len(dataset.resolutions)]]
+    messages = overlong(t5_tokenizer, named + [(f"--val-prompt {p[:40]!r}", p) for p in val_prompts])
+    if messages and strict:
+        raise ValueError("--strict-captions: " + "\n".join(messages))
+    for message in messages:
+        warnings.warn(message, stacklevel=2)
+
+
+def check_reference_panels(dataset, ref_panels: list[int]) -> int:
+    """The panel count of every set: each set's panels are located (set folders, or joined images with
+    `panels`), all sets have one count, and that count holds every 1-based reference panel."""
+    unknown = [s.path.name for s in dataset.samples[::len(dataset.resolutions)] if s.count is None]
+    if unknown:
+        raise ValueError(f"--ref-panel needs to know where the panels are, but {dataset.root} holds joined "
+                         f"images ({', '.join(unknown[:3])}, ...): give --panels N (and --layout) for the "
+                         f"panels in each")
+    counts = {s.count for s in dataset.samples}
+    if len(counts) > 1:
+        raise ValueError(f"--ref-panel: the sets of {dataset.root} hold different numbers of panels "
+                         f"({sorted(counts)}); a conditional LoRA is trained on one panel count")
+    reference_panels(len(ref_panels), ref_panels, counts.pop())  # a panel not there, or nothing to generate
+    return dataset.samples[0].count

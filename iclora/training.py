@@ -11,7 +11,6 @@ gives them (iclora/references.py, same function) and takes the loss on the other
 Shape letters: B batch, Li image tokens, Lt text tokens, c latent channels, h/w latent height/width.
 """
 
-import warnings
 from dataclasses import dataclass
 
 import torch
@@ -19,22 +18,10 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from iclora.panels import panel_boxes, split_panels
-from iclora.references import image_positions, reference_latents, reference_panels, reference_tokens
+from iclora.references import image_positions, reference_latents, reference_tokens
 from minflux.module_tree import compute_dtype
 from minflux.pipeline import to_pil
 from minflux.sampling import add_noise, image_ids, pack, shift_mu, text_ids, time_shift
-from minflux.tokenizers import overlong
-
-
-def check_captions(t5_tokenizer, dataset, val_prompts: list[str], strict: bool = False):
-    """Warns of each training caption and validation prompt that T5 reads only in part (`strict`: refuses
-    them)."""
-    named = [(f"the caption of {s.path}", s.caption) for s in dataset.samples[::len(dataset.resolutions)]]
-    messages = overlong(t5_tokenizer, named + [(f"--val-prompt {p[:40]!r}", p) for p in val_prompts])
-    if messages and strict:
-        raise ValueError("--strict-captions: " + "\n".join(messages))
-    for message in messages:
-        warnings.warn(message, stacklevel=2)
 
 
 def step_generator(seed: int, step: int) -> torch.Generator:
@@ -63,7 +50,7 @@ class References:
     """The reference panels of a batch (`train.py --ref-panel`): the model sees their tokens as sampling with
     `--ref` gives them (iclora/references.py), and the loss leaves them out."""
     latents: Tensor            # (B, Li, 4c) packed latents of the reference panels
-    mask: Tensor               # (B, Li) or (Li,) ref_mask: True on the reference tokens
+    ref_mask: Tensor           # (B, Li) or (Li,) True on the reference tokens
     mode: str = "noised"       # REF_MODES: what the model sees there
     ids: Tensor | None = None  # (B, Li, 3) the tokens' positions in this mode, if not the canvas's
 
@@ -78,7 +65,9 @@ def draw_noise_and_times(x0: Tensor, g: torch.Generator, timestep_mode: str) -> 
 def predict_velocity(flow, x_t: Tensor, t: Tensor, img_ids: Tensor, txt: Tensor, vec: Tensor,
                      guidance: float) -> Tensor:
     """The flow's v (B, Li, 4c) for x_t (B, Li, 4c) at t (B,), computed in the flow's dtype."""
-    B, dtype, device = x_t.shape[0], compute_dtype(flow), x_t.device
+    B = x_t.shape[0]
+    dtype = compute_dtype(flow)
+    device = x_t.device
     guidance = torch.full((B,), guidance, dtype=dtype, device=device)             # (B,)
     return flow(x_t.to(dtype), img_ids.to(device), txt.to(dtype), text_ids(B, txt.shape[1]).to(device),
                 timesteps=t.to(dtype), y=vec.to(dtype), guidance=guidance)
@@ -98,18 +87,27 @@ def flow_matching_loss(flow, x0: Tensor, txt: Tensor, vec: Tensor, g: torch.Gene
 def training_loss(flow, x0: Tensor, txt: Tensor, vec: Tensor, g: torch.Generator, guidance: float = 1.0,
                   timestep_mode: str = "shift", refs: References | None = None,
                   rows: slice = slice(None)) -> Tensor:
-    """flow_matching_loss as train.py takes it. With `refs`, their tokens become reference_tokens before the
-    forward and the MSE is over the other tokens, at `refs.ids` if given. `rows` (iclora/distributed.py):
-    all draws for the whole batch, the loss of these examples as their share of it."""
+    """The same objective as flow_matching_loss, with two options train.py uses. With `refs`, their tokens
+    become reference_tokens before the forward and the MSE is over the other tokens, at `refs.ids` if given.
+    With `rows` (iclora/distributed.py), every draw is made for the whole batch and the loss is that of these
+    examples only, as their share of the batch's."""
     B, _, h, w = x0.shape
     x0 = pack(x0)                                                                 # (B, Li, 4c)
     noise, t = draw_noise_and_times(x0, g, timestep_mode)                         # (B, Li, 4c), (B,)
     in_loss = torch.ones_like(x0, dtype=torch.bool)                               # (B, Li, 4c)
     if refs is not None:
-        in_loss = (~refs.mask).to(x0.device).expand(B, x0.shape[1])[..., None].expand_as(x0)
+        in_loss = (~refs.ref_mask).to(x0.device).expand(B, x0.shape[1])          # (B, Li)
+        in_loss = in_loss[..., None].expand_as(x0)                                # (B, Li, 4c)
     count = in_loss.sum()  # the whole batch's, whatever `rows` is
     img_ids = image_ids(B, 8 * h, 8 * w) if refs is None or refs.ids is None else refs.ids    # (B, Li, 3)
-    x0, noise, t, txt, vec, in_loss, img_ids = (x[rows] for x in (x0, noise, t, txt, vec, in_loss, img_ids))
+    # from here on, only this process's rows of the batch (B is their number)
+    x0 = x0[rows]                                                                 # (B, Li, 4c)
+    noise = noise[rows]                                                           # (B, Li, 4c)
+    t = t[rows]                                                                   # (B,)
+    txt = txt[rows]                                                               # (B, Lt, 4096)
+    vec = vec[rows]                                                               # (B, 768)
+    in_loss = in_loss[rows]                                                       # (B, Li, 4c)
+    img_ids = img_ids[rows]                                                       # (B, Li, 3)
     x_t = add_noise(x0, noise, t[:, None, None])                                  # (B, Li, 4c)
     if refs is not None:
         given = reference_tokens(refs.latents[rows].to(x0), noise, t[:, None, None], refs.mode)
@@ -130,23 +128,6 @@ class EncodedSet:
     ids: Tensor | None = None          # (Li, 3) the tokens' positions in this mode (image_positions)
 
 
-def check_reference_panels(dataset, ref_panels: list[int]) -> int:
-    """The panel count of every set, checked before any weight loads: each set's panels are located (set
-    folders, or joined images with `panels`), all sets have one count, and it holds every 1-based reference
-    panel."""
-    unknown = [s.path.name for s in dataset.samples[::len(dataset.resolutions)] if s.count is None]
-    if unknown:
-        raise ValueError(f"--ref-panel needs to know where the panels are, but {dataset.root} holds joined "
-                         f"images ({', '.join(unknown[:3])}, ...): give --panels N (and --layout) for the "
-                         f"panels in each")
-    counts = {s.count for s in dataset.samples}
-    if len(counts) > 1:
-        raise ValueError(f"--ref-panel: the sets of {dataset.root} hold different numbers of panels "
-                         f"({sorted(counts)}); a conditional LoRA is trained on one panel count")
-    reference_panels(len(ref_panels), ref_panels, counts.pop())  # a panel not there, or nothing to generate
-    return dataset.samples[0].count
-
-
 @torch.no_grad()
 def encode_sets(pipe, dataset, ref_panels: list[int] = (), ref_mode: str = "noised",
                 part: slice = slice(None)) -> list[EncodedSet]:
@@ -154,28 +135,35 @@ def encode_sets(pipe, dataset, ref_panels: list[int] = (), ref_mode: str = "nois
     and each caption encoded once; with 1-based `ref_panels`, its reference panels, cut from the resized set,
     encoded by reference_latents (as `sample.py --ref` encodes a reference image), ref_mask and the tokens'
     positions in `ref_mode`."""
-    encoded, done = [], {}
+    encoded = []
+    by_sample = {}   # (set path, bucket) -> its EncodedSet
+    by_caption = {}  # caption -> its T5 states and CLIP vector
     for i in tqdm(range(len(dataset))[part], desc="encoding images and captions"):
         key = (dataset.samples[i].path, dataset.samples[i].bucket)
-        if key in done:
-            encoded.append(done[key])
+        if key in by_sample:
+            encoded.append(by_sample[key])
             continue
         item = dataset[i]
-        latents = pipe.encode_image(item["image"][None])[0].cpu()
+        latents = pipe.encode_image(item["image"][None])[0].cpu()                 # (c, h, w)
         caption = item["caption"]
-        if caption not in done:  # a caption is encoded once, whatever its number of buckets
-            done[caption] = [x[0].cpu() for x in pipe.encode_prompts([caption])]   # (Lt, 4096), (768,)
-        txt, vec = done[caption]
-        ref_latents = ref_mask = ids = None
+        if caption not in by_caption:  # a caption is encoded once, whatever its number of buckets
+            by_caption[caption] = [x[0].cpu() for x in pipe.encode_prompts([caption])]  # (Lt, 4096), (768,)
+        txt, vec = by_caption[caption]
+        ref_latents = None
+        ref_mask = None
+        ids = None
         if ref_panels:
-            (H, W), n = item["bucket"], dataset.samples[i].count
+            H, W = item["bucket"]
+            n = dataset.samples[i].count
             panels = split_panels(to_pil(item["image"][None])[0], n, dataset.layout)
             boxes = panel_boxes(H, W, n, dataset.layout)
             given = [k - 1 for k in ref_panels]                                   # 0-based
             ref_latents, ref_mask = reference_latents(pipe, [(panels[k], boxes[k]) for k in given], H, W)
             ref_latents = ref_latents[0]                                          # (Li, 4c), ref_mask (Li,)
             ids = image_positions(H, W, n, dataset.layout, given, ref_mode)[0]    # (Li, 3)
-        encoded.append(done.setdefault(key, EncodedSet(latents, txt, vec, ref_latents, ref_mask, ids)))
+        encoded_set = EncodedSet(latents, txt, vec, ref_latents, ref_mask, ids)
+        by_sample[key] = encoded_set
+        encoded.append(encoded_set)
     return encoded
 
 
