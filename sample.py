@@ -2,24 +2,17 @@ r"""Generate images with FLUX.1 (dev or schnell): text to image, with LoRAs, In-
 reference panels and image-to-image. `main` is BFL's cli.py recipe in order, then one block per option.
 
     python sample.py --prompt "a red fox in the snow, watercolor" --width 1024 --height 768
-    python sample.py --model black-forest-labs/FLUX.1-schnell --prompt-file prompts.txt --num-images 2
     python sample.py --lora ali-vilab/In-Context-LoRA/film-storyboard.safetensors --panels 3 --layout column \
         --panel-width 1024 --panel-height 512 \
         --prompt "[MOVIE-SHOTS] ... [SCENE-1] ... [SCENE-2] ... [SCENE-3] ..."
-    python sample.py --lora out.safetensors --panels 2 --panel-width 512 --panel-height 512 --ref photo.png \
-        --prompt "a product shot and its poster" --panel-prompt "the photo" --panel-prompt "the poster" \
-        --seed 1 2 3
-    python sample.py --lora sketch2render.safetensors --ref sketch.png --prompt "..."  # a conditional IC-LoRA
-    python sample.py --init photo.png --strength 0.6 --prompt "the same street in winter"
-    python sample.py --prompt "a portrait" --negative-prompt "blurry, text" \
-        --true-cfg 4   # true CFG, 2 passes a step
     python sample.py --from-image out.png --seed 5 --out again.png   # out.png's settings, another seed
-Every PNG written carries the run's settings as JSON (text chunk "minflux"), read back by --from-image.
-A conditional IC-LoRA (`train.py --ref-panel`) records its panels, layout, reference panels and trained panel
-size; with --ref they are taken from it.
+Every PNG written carries the run's settings, read back by --from-image. With --ref, a conditional IC-LoRA
+(one trained with `train.py --ref-panel`) sets the panel count, layout, reference panels and panel size.
+More examples, and every flag: docs/sampling.md.
 """
 
 import argparse
+import itertools
 import math
 import os
 import sys
@@ -238,7 +231,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     # How references are pinned (iclora/references.py); a conditional LoRA may say "clean".
     args.ref_mode = "noised"
     if args.model == "toy" and not args.sized:
-        args.panel_width = args.panel_height = TOY_SIZE
+        args.panel_width = TOY_SIZE
+        args.panel_height = TOY_SIZE
     side = TOY_SIZE if args.model == "toy" else 1024
     args.width = side if args.width is None else args.width
     args.height = side if args.height is None else args.height
@@ -325,9 +319,9 @@ def conditional_lora(loras: list[Path], refs: list[Path]) -> tuple[Path, dict] |
 
 
 def take_geometry(args, meta: dict, source: Path):
-    """--ref with a conditional IC-LoRA: --panels, --layout and --ref-panel from its metadata (a different
-    value given is an error), the panel size from the flags or else the trained size, and its reference
-    treatment."""
+    """--ref with a conditional IC-LoRA: --panels, --layout and --ref-panel come from its metadata (a
+    different value given is an error), and so does its reference treatment; the panel size from the flags,
+    or else the trained size."""
     if len(args.ref) != len(meta["ref_panels"]):
         raise ValueError(f"the conditional LoRA {source.name} takes {len(meta['ref_panels'])} reference "
                          f"image(s), for panel(s) {meta['ref_panels']}; got {len(args.ref)} --ref")
@@ -434,7 +428,7 @@ def output_paths(out: Path, n: int, panels: int, inputs: list[tuple[str, Path]] 
         if panels > 1:
             paths += [out.with_name(f"{stem}-panel{k}{out.suffix}") for k in range(1, panels + 1)]
         files.append(paths)
-    for path in [path for paths in files for path in paths]:
+    for path in itertools.chain.from_iterable(files):
         if path.is_dir():
             raise ValueError(f"--out {out}: its output {path} is a folder; give another --out")
         for flag, source in inputs:
@@ -518,8 +512,11 @@ def main(argv=None) -> list[Path]:  # noqa: C901 (the recipe reads as numbered s
 
     # --ref (reference panels, paper §4.2): their latents, pinned after every step by `after_step`.
     if refs:
-        known, mask = reference_latents(pipe, refs, height, width)                  # (1, Li, 4c), (Li,)
+        ref_latents, ref_mask = reference_latents(pipe, refs, height, width)        # (1, Li, 4c), (Li,)
 
+    # The same for every seed: the flow (guided, with --true-cfg) and the tokens' positions.
+    flow = true_cfg(pipe.flow, negative, args.true_cfg)
+    img_ids = image_positions(height, width, args.panels, args.layout, given, args.ref_mode)  # (1, Li, 3)
     images = []
     for seed in args.seed:
         # 4. Noise, packed into 2×2 patches; 5. Euler steps of the flow; 6. unpack, decode to pixels.
@@ -530,11 +527,10 @@ def main(argv=None) -> list[Path]:  # noqa: C901 (the recipe reads as numbered s
         x = noise if init is None else add_noise(init_latents, noise, timesteps[0])
         after_step = None
         if refs:
-            after_step = pin_references(known, mask, noise, timesteps, args.ref_strength, args.ref_stop,
-                                        args.ref_mode)
+            after_step = pin_references(ref_latents, ref_mask, noise, timesteps, args.ref_strength,
+                                        args.ref_stop, args.ref_mode)
         x = pack(x).to(pipe.device, pipe.dtype)                                     # (B, Li, 4c)
-        flow = true_cfg(pipe.on_device(pipe.flow), negative, args.true_cfg)
-        img_ids = image_positions(height, width, args.panels, args.layout, given, args.ref_mode)  # (1, Li, 3)
+        pipe.on_device(pipe.flow)  # the flow to the device; with --offload, the autoencoder to the CPU
         x = denoise(flow, x, img_ids.expand(B, -1, -1), txt, text_ids(B, Lt), vec, timesteps, args.guidance,
                     after_step)                                                     # (B, Li, 4c) at t = 0
         images += to_pil(pipe.decode(unpack(x, height, width)))
