@@ -192,8 +192,8 @@ def image_sizes(panels: list[Path], problems: list[str]) -> dict[Path, tuple[int
 
 
 def natural_key(path: Path):
-    """Sorts file names in natural order: digit runs compare as numbers (2 before 10), the rest ignoring
-    case."""
+    """Sorts file names in natural order: runs of digits compare as numbers (2 before 10), and the rest
+    ignoring case."""
     parts = [int(s) if s.isdigit() else s.lower() for s in re.split(r"(\d+)", path.name)]
     return parts, path.name
 

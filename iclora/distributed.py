@@ -1,9 +1,12 @@
 """train.py on the processes `torchrun` starts: data parallel, and with `--fsdp` the frozen base sharded block
 by block over the ranks (FSDP2). Each rank draws the values of the whole micro-batch and computes its `part`'s
 share of the loss (iclora/training.py), so the gradients summed over the ranks are one process's. Only the
-adapters communicate; they stay whole on every rank. Without torchrun there is one rank and nothing here
-communicates."""
+adapters communicate; they stay whole on every rank.
 
+Without torchrun there is one rank, and nothing here communicates.
+"""
+
+import itertools
 import os
 
 import torch
@@ -12,8 +15,8 @@ from torch.distributed.fsdp import fully_shard
 
 
 def init_distributed(device: str) -> str:
-    """Under torchrun: joins the ranks once (gloo for CPU tensors and objects, NCCL for CUDA's); this rank's
-    device."""
+    """This rank's device; under torchrun, joins the ranks first, once (gloo for CPU tensors and objects,
+    NCCL for CUDA's)."""
     if "WORLD_SIZE" in os.environ and not dist.is_initialized():
         dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
     if "LOCAL_RANK" in os.environ and torch.device(device).type == "cuda":
@@ -40,7 +43,7 @@ def gathered(items: list) -> list:
     parts = [items] * world()
     if world() > 1:
         dist.all_gather_object(parts, items)
-    return [x for p in parts for x in p]
+    return list(itertools.chain.from_iterable(parts))
 
 
 def sum_gradients(params: list[torch.Tensor], loss: float) -> float:

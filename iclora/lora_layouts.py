@@ -1,5 +1,5 @@
-"""How other trainers name the tensors of a FLUX LoRA: kohya sd-scripts (and ComfyUI), BFL (and fal) and
-XLabs x-flux.
+"""How other trainers name the tensors of a FLUX LoRA: kohya sd-scripts (and ComfyUI), BFL (and fal), and
+XLabs' x-flux.
 
 A `Layout` is two tables: which key suffix holds which tensor, and which BFL linear (and rows of it) the
 rest of the key names. The PEFT/diffusers layout, the one we save, is in `iclora/lora_files.py`; every
@@ -60,6 +60,10 @@ def xlabs_targets(bfl_names, hidden_size: int) -> dict[str, tuple[str, Rows]]:
 
 
 def prefixed(targets: dict, *prefixes: str) -> dict:
-    """The same targets under each prefix (ComfyUI's `diffusion_model.`, `base_model.model.` of fal's
-    Kontext trainer)."""
-    return {p + k: v for p in prefixes for k, v in targets.items()}
+    """The same targets under each prefix (ComfyUI's `diffusion_model.`, or the `base_model.model.` of
+    fal's Kontext trainer)."""
+    renamed = {}
+    for prefix in prefixes:
+        for key, target in targets.items():
+            renamed[prefix + key] = target
+    return renamed

@@ -51,8 +51,8 @@ class Pipeline:
         return compute_dtype(self.flow)
 
     def on_device(self, model: nn.Module) -> nn.Module:
-        """Moves `model` to the device (a no-op once there); with offload, the other models first go back to
-        the CPU."""
+        """Moves `model` to the device (a no-op once there). With offload, the other models go back to the
+        CPU first."""
         if self.offload:
             for other in (self.flow, self.ae, self.t5, self.clip):
                 if other is not model:
@@ -61,8 +61,8 @@ class Pipeline:
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
-        """T5 hidden states (B, Lt, 4096) for every token (pads too, no mask), and CLIP's pooled vector
-        (B, 768)."""
+        """T5's hidden states (B, Lt, 4096) for every token (pads too: no mask), and CLIP's pooled vectors
+        (B, 768), one of each per prompt."""
         txt = self.on_device(self.t5)(self.t5_tokenizer(prompts).to(self.device))           # (B, Lt, 4096)
         vec = self.on_device(self.clip)(self.clip_tokenizer(prompts).to(self.device))       # (B, 768)
         return txt, vec
@@ -106,8 +106,8 @@ class Pipeline:
 
 
 def from_pil(image: Image.Image, height: int, width: int) -> Tensor:
-    """An image cover-resized and center-cropped to height×width (never stretched) -> (1, 3, H, W) in
-    [-1, 1]."""
+    """An image cover-resized and center-cropped to height×width, never stretched: (1, 3, H, W) in the
+    range [-1, 1]."""
     image = ImageOps.fit(image.convert("RGB"), (width, height), Image.Resampling.LANCZOS)
     x = torch.from_numpy(np.array(image)).float() / 127.5 - 1.0                          # (H, W, 3)
     return rearrange(x, "h w c -> 1 c h w")
