@@ -460,7 +460,9 @@ def main(argv=None) -> list[Path]:  # noqa: C901 (the recipe reads as numbered s
         take_geometry(args, meta, path)
     args.panels = args.panels or 1
     args.layout = args.layout or "row"
-    prompts = [p for p in read_prompts(args) for _ in range(args.num_images)]
+    prompts = []
+    for prompt in read_prompts(args):
+        prompts += [prompt] * args.num_images
     height, width = canvas(args)
     args.height, args.width = height, width  # stored as used
     files = output_paths(args.out, len(prompts) * len(args.seed), args.panels, input_files(args, lora_paths))

@@ -231,8 +231,9 @@ def sample_size_rows(args, device, dtype, peak, ours, ref, size: tuple[int, int]
         models["diffusers"] = diffusers_step
     variants = {}
     own = {}  # each variant's model's weights
+    modes = (False, True) if gpu else (False,)  # compiled or not: torch.compile only on a GPU
     for name, call in models.items():
-        for compiled in ((False, True) if gpu else (False,)):
+        for compiled in modes:
             key = f"{name} {'compiled' if compiled else 'eager'}"
             variants[key] = (partial(switch, fast, name if compiled else None), call)
             own[key] = weights_bytes(ours if name == "ours" else ref)

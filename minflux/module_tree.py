@@ -1,5 +1,6 @@
-"""Two small operations on a model's tree of modules, used by the modules that rewrite a model in place
-(minflux/quantize.py swaps Linears for fp8 ones, iclora/lora.py wraps them with adapters).
+"""Two small operations on a model's tree of modules: `replace` puts a module in place of another (as
+minflux/quantize.py swaps Linears for fp8 ones, and iclora/lora.py wraps them with adapters), and
+`compute_dtype` reads the dtype a model computes in (minflux/pipeline.py, iclora/training.py).
 """
 
 import torch
@@ -17,4 +18,7 @@ def replace(model: nn.Module, name: str, module: nn.Module):
 def compute_dtype(model: nn.Module) -> torch.dtype:
     """The dtype a model computes in: that of its first parameter that is not fp8 (fp8 weights are
     dequantized to it)."""
-    return next(p.dtype for p in model.parameters() if p.dtype not in FP8_DTYPES)
+    for p in model.parameters():
+        if p.dtype not in FP8_DTYPES:
+            return p.dtype
+    raise ValueError("every parameter of the model is fp8: it has no dtype to compute in")

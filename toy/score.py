@@ -58,9 +58,9 @@ def generate_sets(pipe: Pipeline, scenes: list[Scene], size: int, steps: int, se
     if reference:
         left = (0, 0, size, size)
         per_scene = [reference_latents(pipe, [(render(s, size), left)], height, width) for s in scenes]
-        known = torch.cat([scene_known for scene_known, _ in per_scene])                   # (B, Li, 4c)
-        mask = per_scene[0][1]                                                              # (Li,)
-        hook = pin_references(known, mask, noise, timesteps, mode=ref_mode)
+        ref_latents = torch.cat([scene_latents for scene_latents, _ in per_scene])         # (B, Li, 4c)
+        ref_mask = per_scene[0][1]                                                          # (Li,)
+        hook = pin_references(ref_latents, ref_mask, noise, timesteps, mode=ref_mode)
     given = [0] if reference else []
     ids = image_positions(height, width, 2, "row", given, ref_mode)                       # (1, Li, 3)
     latents = pipe.sample(txt, vec, height, width, steps, 3.5, seed, progress=False, after_step=hook,
@@ -74,7 +74,10 @@ def mean_scores(images: list[Image.Image], scenes: list[Scene], given_size: int 
     for image, scene in zip(images, scenes, strict=True):
         given = render(scene, given_size) if given_size else None
         per_set.append(panel_consistency(image, scene, given))
-    return {k: round(sum(s[k] for s in per_set) / len(per_set), 4) for k in SCORES}
+    means = {}
+    for k in SCORES:
+        means[k] = round(sum(s[k] for s in per_set) / len(per_set), 4)
+    return means
 
 
 def evaluate(pipe: Pipeline, scenes: list[Scene], size: int = 64, steps: int = 20, seed: int = 0,
