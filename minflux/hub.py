@@ -11,8 +11,9 @@ import re
 import sys
 from pathlib import Path
 
-from .loading import LAYOUT_HELP
-
+# what a model folder holds, said by every error about a file not found there (here and in minflux/loading.py)
+LAYOUT_HELP = ("a FLUX repo has flux1-*.safetensors + ae.safetensors at its root, or transformer/ and vae/ "
+               "folders, plus text_encoder/, text_encoder_2/, tokenizer/ and tokenizer_2/")
 TOY_MODEL = Path(__file__).resolve().parents[1] / "toy" / "model"
 TOY_HINT = (" To try everything without the real weights, use --model toy (a 12 MB FLUX that ships in "
             "toy/model).")

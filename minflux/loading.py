@@ -20,14 +20,11 @@ from torch import nn
 from .autoencoder import AutoEncoder, AutoEncoderParams
 from .clip import CLIPConfig, CLIPTextModel
 from .convert import transformer_from_diffusers, vae_from_diffusers
+from .hub import LAYOUT_HELP
 from .model import Flux, FluxParams
 from .quantize import fp8_layers, is_fp8
 from .t5 import T5Config, T5Encoder
 from .tokenizers import CLIPTokenizer, T5Tokenizer
-
-LAYOUT_HELP = ("a FLUX repo has flux1-*.safetensors + ae.safetensors at its root, or transformer/ and vae/ "
-               "folders, plus text_encoder/, text_encoder_2/, tokenizer/ and tokenizer_2/")
-
 
 SUPPORTED = "bf16/fp32 official files, and for the transformer fp8 plain casts or ComfyUI scaled fp8"
 
