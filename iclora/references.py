@@ -1,18 +1,13 @@
 """Reference panels (In-Context LoRA, arXiv 2410.23775 §4.2): given panels condition the generated ones.
 
-One mask throughout the project, `ref_mask` (Li,): True on the reference tokens, the ones given; the model
-generates the others, `~ref_mask`, and the training loss is taken on those alone.
-
-SDEdit/RePaint-style masking in latent space: before the first step and after every Euler step (ending at
-t_next) the reference tokens are pulled toward r(t_next), x[ref_mask] ← (1 − s)·x[ref_mask] + s·r(t_next);
-s = 1 replaces them (RePaint), s = 0 ignores them; with `stop` F the last round(F·steps) steps leave them to
-the model, to smooth the seams. r(t) (`reference_tokens`, `image_positions`; the training loss uses them too,
-so training sees what sampling sees): "noised" (1 − t)·x_ref + t·ε, ε the run's initial noise of those
-tokens (the paper's); "clean" x_ref; "moved" x_ref with the reference tokens' RoPE positions moved onto the
-first panel to generate, first axis r for the r-th reference (as FLUX.1 Kontext), so that a generated token
-finds its reference at the same (row, col). The last two are for LoRAs trained with them (`train.py
---ref-panel`; the mode is in their metadata).
-
+One mask throughout the project, `ref_mask` (Li,): True on the reference tokens, the given ones; the model
+generates the others, and the training loss is taken on those alone. Before the first step and after every
+Euler step (to t_next), SDEdit/RePaint-style, x[ref_mask] ← (1 − s)·x[ref_mask] + s·r(t_next): s = 1 replaces
+them; with `stop` F, the last round(F·steps) steps leave them to the model to smooth the seams. r(t), which
+training gives the model too (`reference_tokens`, `image_positions`): "noised" (1 − t)·x_ref + t·ε, with the
+run's initial noise ε (the paper's); "clean" x_ref; "moved" x_ref at the RoPE positions of the first generated
+panel, first axis r for the r-th reference (as FLUX.1 Kontext), so a token finds its reference at its own
+(row, col). Only LoRAs trained so (`train.py --ref-panel`, which records the mode) use the last two.
 Shape letters: B images, Li image tokens, c latent channels (16), h/w latent height/width.
 """
 
@@ -67,8 +62,8 @@ REF_MODES = ("noised", "clean", "moved")
 
 
 def reference_tokens(ref_latents: Tensor, eps: Tensor, t: float | Tensor, mode: str = "noised") -> Tensor:
-    """r(t) of the module docstring for packed reference latents and noise (B, Li, 4c); t a float or (B, 1,
-    1)."""
+    """r(t) of the module docstring for packed reference latents and noise, both (B, Li, 4c); t is a float
+    or (B, 1, 1)."""
     if mode == "noised":
         return add_noise(ref_latents, eps, t)                                       # (B, Li, 4c)
     if mode in ("clean", "moved"):
@@ -104,13 +99,14 @@ def pin_references(ref_latents: Tensor, ref_mask: Tensor, noise: Tensor, timeste
     steps = len(timesteps) - 1
     # after step k (t_next = timesteps[k + 1]) the references are pinned iff t_next >= t_stop
     t_stop = timesteps[steps - round(stop * steps)]
-    eps, keep = pack(noise.float().cpu()), rearrange(ref_mask, "n -> n 1")         # (B, Li, 4c), (Li, 1)
+    eps = pack(noise.float().cpu())                                                # (B, Li, 4c)
+    pinned = rearrange(ref_mask, "n -> n 1")                                       # (Li, 1) ref_mask
 
     def after_step(x: Tensor, t_next: float) -> Tensor:
         if t_next < t_stop:
             return x
         target = reference_tokens(ref_latents, eps, t_next, mode).to(x.device)     # (B, Li, 4c)
         pulled = torch.lerp(x.float(), target, strength)  # lerp is exact at 0 and 1
-        return torch.where(keep.to(x.device), pulled, x.float()).to(x.dtype)       # (B, Li, 4c)
+        return torch.where(pinned.to(x.device), pulled, x.float()).to(x.dtype)     # (B, Li, 4c)
 
     return after_step
