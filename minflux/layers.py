@@ -88,7 +88,7 @@ class MLPEmbedder(nn.Module):
         self.out_layer = nn.Linear(hidden_dim, hidden_dim)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.out_layer(F.silu(self.in_layer(x)))                          # (B, in) -> (B, C)
+        return self.out_layer(F.silu(self.in_layer(x)))                           # (B, in) -> (B, C)
 
 
 class Modulation(nn.Module):
@@ -133,7 +133,7 @@ class QKNorm(nn.Module):
         self.key_norm = RMSNorm(dim)
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        return self.query_norm(q).to(v), self.key_norm(k).to(v)                 # (B, L, H, D) each, v's dtype
+        return self.query_norm(q).to(v), self.key_norm(k).to(v)                   # (B, L, H, D), in v's dtype
 
 
 def split_qkv(qkv: Tensor, num_heads: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -209,8 +209,8 @@ class SingleStreamBlock(nn.Module):
         super().__init__()
         self.num_heads = num_heads
         self.mlp_hidden = int(hidden_size * mlp_ratio)
-        self.linear1 = nn.Linear(hidden_size, hidden_size * 3 + self.mlp_hidden)     # qkv and mlp-in, fused
-        self.linear2 = nn.Linear(hidden_size + self.mlp_hidden, hidden_size)     # attn-out and mlp-out, fused
+        self.linear1 = nn.Linear(hidden_size, hidden_size * 3 + self.mlp_hidden)  # qkv, mlp-in, fused
+        self.linear2 = nn.Linear(hidden_size + self.mlp_hidden, hidden_size)      # attn-out, mlp-out, fused
         self.norm = QKNorm(hidden_size // num_heads)
         self.pre_norm = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.mlp_act = nn.GELU(approximate="tanh")
