@@ -1,18 +1,13 @@
-"""The reading-path rule (docs/contributing.md): prints the counts it checks and exits 1 when one is over its
-limit.
+"""The reading-path rule (docs/contributing.md): prints the counts it checks, and exits 1 when one is over.
 
     python tools/reading_path.py          # the two reading-path counts, the longest functions, any violation
 
-1. The reading path stays small, counted as code lines (docstrings, comments and blank lines excluded): the
-model
-   math and the IC-LoRA core, each under its own budget. Everything else is judged by clarity, not by length.
-2. Every function outside tests/ is at most 50 lines from `def` to its last line (a nested function counts in
-its
-   parent) and takes at most 10 parameters; the two recipes a reader follows step by step may be longer, and
-   so may an argument parser that is nothing but `add_argument` calls (three quarters of its statements at
-   least).
-3. ruff's C901 holds every function to complexity 12; the two recipes carry a `noqa: C901` and are held to 20
-here.
+1. The reading path stays small: the model math and the IC-LoRA core each have a budget of code lines
+   (docstrings, comments and blank lines excluded). Everything else is judged by clarity, not by length.
+2. Every function outside tests/ is at most 50 lines from `def` to its last line (a nested function counts
+   in its parent) and takes at most 10 parameters. The two recipes a reader follows step by step may be
+   longer, and so may an argument parser made of `add_argument` calls (at least 3/4 of its statements).
+3. ruff's C901 holds every function to complexity 12; the two recipes carry a `noqa: C901`, held to 20 here.
 """
 
 import ast
