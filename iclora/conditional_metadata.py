@@ -5,11 +5,10 @@ of iclora/references.py) and the trained panel size: sample.py and toy/score.py 
 it was trained. safetensors metadata maps str to str; the values are checked when they are read.
 """
 
+from iclora.panels import LAYOUTS
+from iclora.references import REF_MODES
 from minflux.loading import open_safetensors
 from minflux.sampling import MAX_PANELS, MAX_SIDE
-
-from .panels import LAYOUTS
-from .references import REF_MODES
 
 CONDITIONAL_KEYS = ("ref_panels", "panels", "layout", "ref_mode", "panel_height", "panel_width")
 

@@ -22,12 +22,11 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from iclora.atomic_files import atomic_write
+from iclora.lora import LoRALinear, LoRAWeights, linears, lora_linear_at, lora_state, set_lora_scale
+from iclora.lora_layouts import Layout, foreign_layouts
 from minflux.convert import Rows, transformer_table
 from minflux.loading import open_safetensors
-
-from .atomic_files import atomic_write
-from .lora import LoRALinear, LoRAWeights, linears, lora_linear_at, lora_state, set_lora_scale
-from .lora_layouts import Layout, foreign_layouts
 
 PEFT_ROLES = {".lora_A.weight": "A", ".lora_B.weight": "B", ".lora_B.bias": "bias", ".lora_down.weight": "A",
               ".lora_up.weight": "B", ".lora_A": "A", ".lora_B": "B", ".alpha": "alpha"}

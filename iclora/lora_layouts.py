@@ -11,9 +11,8 @@ from typing import NamedTuple
 
 from torch import nn
 
+from iclora.lora import linears
 from minflux.convert import Rows
-
-from .lora import linears
 
 
 class Layout(NamedTuple):
