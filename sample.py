@@ -28,7 +28,6 @@ from iclora.lora_files import load_lora, read_lora_file
 from iclora.panels import LAYOUTS, canvas_size, joint_caption, panel_boxes, panel_size, split_panels
 from iclora.references import image_positions, pin_references, reference_latents, reference_panels
 from minflux.block_swap import BlockSwap
-from minflux.cli import USER_ERRORS, check_device, ranged
 from minflux.compile import compile_blocks
 from minflux.hub import hub_call
 from minflux.images import open_rgb
@@ -49,6 +48,7 @@ from minflux.sampling import (
     unpack,
 )
 from minflux.tokenizers import overlong
+from minflux.user_input import USER_ERRORS, check_device, ranged
 
 TOY_SIZE = 64  # the toy model draws 64×64 scenes (per panel)
 SIDE = ranged(int, 16, MAX_SIDE)  # the type of the size flags: limits in minflux/sampling.py

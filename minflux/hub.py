@@ -2,7 +2,7 @@
 
 `Repo` lists the files of a local folder in the HF repo layout, or of a HF hub repo (downloaded on first use
 into the HF cache); `minflux.loading` builds the models from them. `hub_call` turns the hub's errors into one
-sentence that the scripts print as `error: <message>` (minflux/cli.py).
+sentence that the scripts print as `error: <message>` (minflux/user_input.py).
 """
 
 import functools

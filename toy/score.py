@@ -30,10 +30,10 @@ from iclora.conditional_metadata import read_conditional_metadata  # noqa: E402 
 from iclora.lora_files import load_lora  # noqa: E402 (after sys.path.insert)
 from iclora.panels import join_panels  # noqa: E402 (after sys.path.insert)
 from iclora.references import image_positions, pin_references, reference_latents  # noqa: E402 (after sys.path.insert)
-from minflux.cli import USER_ERRORS  # noqa: E402 (after sys.path.insert)
 from minflux.pipeline import Pipeline, from_pil, load_pipeline, to_pil  # noqa: E402 (after sys.path.insert)
 from minflux.quantize import quantize_fp8  # noqa: E402 (after sys.path.insert)
 from minflux.sampling import get_noise  # noqa: E402 (after sys.path.insert)
+from minflux.user_input import USER_ERRORS  # noqa: E402 (after sys.path.insert)
 from toy.world import TASKS, Scene, panel_consistency, random_scene, recolour, render  # noqa: E402 (after sys.path.insert)
 
 SCORES = ("caption_left", "caption_right", "rule")
