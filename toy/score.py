@@ -1,19 +1,14 @@
 r"""Score the toy In-Context LoRA tasks "recolour" and "blind_recolour": generate held-out two-panel sets with
-the toy FLUX, with and without a LoRA, read every panel back with toy.world.analyse, and report the
-panel-consistency scores.
+the toy FLUX, with and without a LoRA, read every panel back with toy.world.analyse, and report the scores.
 
     python toy/score.py --lora out.safetensors                   # base vs LoRA on 20 held-out sets
     python toy/score.py --lora out.safetensors --sheet sets.png  # ... and a picture: targets, base, LoRA
-    python toy/score.py --lora blind.safetensors \
-        --task blind_recolour   # captions that do not describe the scene
+    python toy/score.py --lora blind.safetensors --task blind_recolour  # captions that do not describe it
 
-Each set is generated in two modes (In-Context LoRA, arXiv 2410.23775, §4): "text" from the joint caption
-alone, "ref" with the left panel given (see `evaluate`). "ceiling" is the ref-mode rule of the exact targets
-through the autoencoder (`ceiling`): what a LoRA that hit the target latents exactly would score. The scenes
-have their own seed (--scenes-seed), so they are held out from make_sets.py's training sets; every set uses
-the same noise (--seed) with and without the LoRA. A LoRA trained with `train.py --ref-panel` is sampled in
-ref mode with the reference treatment its metadata records.
-Shape letters: B sets, Li image tokens, c latent channels.
+`evaluate` generates each set in two modes (arXiv 2410.23775 §4): "text" from the caption alone, "ref" with
+the left panel given (as a `train.py --ref-panel` LoRA's metadata says); "ceiling" is what exact target
+latents would score. Scenes have their own seed (--scenes-seed), not make_sets.py's; a set gets the same
+noise (--seed) with and without the LoRA. Shape letters: B sets, Li image tokens, c latent channels.
 """
 
 import argparse
