@@ -59,10 +59,10 @@ from iclora.training import (
 )
 from iclora.validation import Validation
 from minflux.block_swap import BlockSwap
-from minflux.cli import USER_ERRORS, check_device, ranged
 from minflux.compile import compile_blocks
 from minflux.pipeline import load_pipeline, load_t5_tokenizer
 from minflux.quantize import quantize_fp8
+from minflux.user_input import USER_ERRORS, check_device, ranged
 
 # The defaults that depend on the model: the paper's and its authors' trainer's for FLUX.1-dev; for --model
 # toy, a run of a few CPU minutes (no gradient checkpointing: the toy is tiny; resolution 96 keeps the 128x64
