@@ -1,6 +1,8 @@
 """The reading-path rule (docs/contributing.md) holds for the repository, and tools/reading_path.py measures
 what it says: code lines without docstrings or comments, functions with their nested functions inside."""
 
+import ast
+import re
 import subprocess
 import sys
 import textwrap
@@ -78,3 +80,14 @@ def test_a_parser_of_add_argument_calls_is_recognised(tmp_path):
         """)
     found = {name: parser for name, _, _, parser in reading_path.functions(path)}
     assert found == {"build_parser": True, "not_a_parser": False}
+
+
+def test_the_reading_guides_line_ranges_are_the_functions_they_name():
+    guide = (ROOT / "docs" / "reading-guide.md").read_text()
+    ranges = re.findall(r"`([\w/]+\.py)` lines (\d+)–(\d+)", guide)
+    assert len(ranges) >= 4, "the guide gives the recipes' and the loss's line ranges"
+    for file, first, last in ranges:
+        tree = ast.parse((ROOT / file).read_text())
+        spans = [(node.lineno, node.end_lineno) for node in ast.walk(tree)
+                 if isinstance(node, (ast.FunctionDef, ast.ClassDef))]
+        assert (int(first), int(last)) in spans, f"{file} lines {first}–{last} is not one function"
