@@ -15,6 +15,7 @@ loss is on the other panels only; the LoRA file's metadata records the geometry,
 
 import argparse
 import itertools
+import math
 import sys
 import warnings
 from pathlib import Path
@@ -149,8 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
                         + f", the authors'; toy: {toy['resolution'][0]})")
     p.add_argument("--caption-dropout", type=ranged(float, 0, 1), default=0.05,
                    help="probability a caption is replaced by the empty one (default: 0.05)")
-    p.add_argument("--guidance", type=float, default=1.0, help="distilled-guidance input during training "
-                                                               "(default: 1.0)")
+    p.add_argument("--guidance", type=ranged(float, -math.inf), default=1.0,
+                   help="distilled-guidance input during training, a finite number (default: 1.0)")
     p.add_argument("--timestep-sampling", type=lambda s: "shift" if s == "logit_normal" else s,
                    choices=TIMESTEP_MODES,
                    help="how the training t is drawn: sigmoid = sigmoid(randn), the authors' recipe (median "
