@@ -15,6 +15,7 @@ loss is on the other panels only; the LoRA file's metadata records the geometry,
 
 import argparse
 import itertools
+import math
 import sys
 import warnings
 from pathlib import Path
@@ -42,13 +43,14 @@ from iclora.options import (
     above_zero,
     check_data_folder,
     check_options,
+    input_files,
     lora_file,
     parse_with_config,
     validation_prompts,
 )
 from iclora.panels import LAYOUTS
 from iclora.resume import dataset_fingerprint, load_state, resume, start_from_lora
-from iclora.run import StopSignals, holding_lock, run_files, stopping_on_signals
+from iclora.run import StopSignals, check_outputs, holding_lock, run_files, stopping_on_signals
 from iclora.training import (
     TIMESTEP_MODES,
     EncodedSet,
@@ -147,8 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
                         + f", the authors'; toy: {toy['resolution'][0]})")
     p.add_argument("--caption-dropout", type=ranged(float, 0, 1), default=0.05,
                    help="probability a caption is replaced by the empty one (default: 0.05)")
-    p.add_argument("--guidance", type=float, default=1.0, help="distilled-guidance input during training "
-                                                               "(default: 1.0)")
+    p.add_argument("--guidance", type=ranged(float, -math.inf), default=1.0,
+                   help="distilled-guidance input during training, a finite number (default: 1.0)")
     p.add_argument("--timestep-sampling", type=lambda s: "shift" if s == "logit_normal" else s,
                    choices=TIMESTEP_MODES,
                    help="how the training t is drawn: sigmoid = sigmoid(randn), the authors' recipe (median "
@@ -199,8 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "for schnell) instead of warning that their end is cut")
     p.add_argument("--sample-steps", type=ranged(int, 1), default=20,
                    help="steps for validation images (default: 20)")
-    p.add_argument("--seed", type=int, default=42,
-                   help="seed for data order, noise, t and dropout (default: 42)")
+    p.add_argument("--seed", type=ranged(int, 0), default=42,
+                   help="seed for data order, noise, t and dropout, at least 0 (default: 42)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--dtype", default=None, choices=["bf16", "fp32"],
@@ -228,6 +230,7 @@ def main(argv=None) -> Path:
     """Runs `train` holding `<out stem>.lock`, which is removed however the run ends."""
     args = parse_args(argv)
     check_data_folder(args.data)
+    check_outputs(run_files(args.out), input_files(args))  # no input is overwritten, before anything loads
     # under torchrun: this rank joins the others; its GPU is cuda:LOCAL_RANK
     args.device = init_distributed(args.device)
     with holding_lock(run_files(args.out)), stopping_on_signals():
@@ -294,6 +297,7 @@ def train(args: argparse.Namespace) -> Path:  # noqa: C901 (the recipe reads top
     ema = EMA(named, args.ema_decay, state)  # saved and sampled; the state keeps it and the raw weights
     metadata = lora_metadata(args, val[0]["caption"], panels, first, REF_MODE)
     checkpoint = Checkpoint(files, args, fingerprint, REF_MODE, metadata, flow, optimizer, ema)
+    checkpoint.match_state(state)  # --resume after a crash between the LoRA's save and the state's: repaired
     log = LossLog(files.log, start)
 
     # 5. The loop. The data order is a pure function of the seed: epoch e is batches_by_bucket(seed + e).

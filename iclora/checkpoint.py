@@ -1,20 +1,23 @@
-"""A training run's saves: the LoRA file (PEFT/diffusers layout, with the run's metadata), the training state
-for --resume, the numbered copies --keep-last keeps and the loss curve, all written or none."""
+"""A training run's saves: the LoRA file (PEFT/diffusers layout, with the run's metadata), the numbered copies
+--keep-last keeps and the training state for --resume, all written or none (the state last: the commit
+point); then the loss curve, whose failure is only a warning."""
 
 import math
-import re
+import sys
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 
-from iclora.atomic_files import atomic_writes
+from iclora.atomic_files import atomic_writes, write_or_warn
 from iclora.conditional_metadata import conditional_metadata
 from iclora.distributed import rank
 from iclora.ema import EMA
 from iclora.lora_files import save_lora
 from iclora.loss_log import draw_loss
+from iclora.options import input_files
 from iclora.panels import grid_shape
-from iclora.run import RunFiles
+from iclora.run import RunFiles, identities, input_at, numbered_step
 
 SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 STATE_KEYS = ("step", "lora", "optimizer", "args", "dataset")  # what every training state holds
@@ -40,9 +43,20 @@ class Checkpoint:
                  optimizer: torch.optim.Optimizer, ema: EMA):
         self.files, self.args, self.fingerprint, self.ref_mode = files, args, fingerprint, ref_mode
         self.metadata, self.flow, self.optimizer, self.ema = metadata, flow, optimizer, ema
+        self.inputs = identities(input_files(args))  # never written nor pruned, whatever their names
+
+    def write_lora(self, step: int):
+        """A writer of the LoRA file at `step` (the EMA's weights when on), for atomic_writes."""
+        def write(tmp: Path):
+            with self.ema.applied():
+                save_lora(self.flow, tmp, metadata=self.metadata | {"step": str(step)},
+                          dtype=SAVE_DTYPES[self.args.save_dtype])
+        return write
 
     def save(self, step: int, losses: list[float]):
-        """The training state and the LoRA: both written to temporary files, then both renamed (by rank 0)."""
+        """The LoRA (and its numbered copy), then the training state: all written to temporary files, then
+        renamed in that order by rank 0, so that the state, renamed last, is the commit point: a crash before
+        it leaves the previous state, whose LoRA --resume rewrites (match_state). Then the loss curve."""
         if rank() != 0:
             return
         files, keep_last = self.files, self.args.keep_last
@@ -50,17 +64,13 @@ class Checkpoint:
         state = {"step": step, "lora": adapters, "optimizer": self.optimizer.state_dict(),
                  "args": {k: str(v) for k, v in vars(self.args).items()}, "dataset": self.fingerprint,
                  "ref_mode": self.ref_mode} | self.ema.state()
-
-        def write_lora(tmp: Path):
-            with self.ema.applied():
-                save_lora(self.flow, tmp, metadata=self.metadata | {"step": str(step)},
-                          dtype=SAVE_DTYPES[self.args.save_dtype])
-
-        writes = {files.state: lambda tmp: torch.save(state, tmp), files.out: write_lora}
-        if keep_last:
-            writes[files.numbered(step)] = write_lora
-        if losses:
-            writes[files.curve] = lambda tmp: draw_loss(losses, tmp)
+        writes = {files.out: self.write_lora(step)}
+        numbered = files.numbered(step)
+        if keep_last and input_at(numbered, self.inputs):
+            print(f"note: {numbered} not written: it is {input_at(numbered, self.inputs)}", file=sys.stderr)
+        elif keep_last:
+            writes[numbered] = self.write_lora(step)
+        writes[files.state] = lambda tmp: torch.save(state, tmp)  # last: the commit point
         if files.state.exists():
             earlier = "Both files still hold the previous save; free space and --resume"
         else:
@@ -71,17 +81,49 @@ class Checkpoint:
             raise SystemExit(f"error: could not save step {step} to {files.out}, {files.state} ({error}): "
                              f"training stopped. {earlier}.") from None
         if keep_last:
-            prune_numbered(files.out, step, keep_last)
+            prune_numbered(files, step, keep_last, self.inputs)
+        if losses:
+            write_or_warn(files.curve, lambda tmp: draw_loss(losses, tmp), "the loss curve")
+
+    def match_state(self, state: dict | None):
+        """--resume: the LoRA file made to hold the state's step. A crash between a save's renames leaves it a
+        save ahead of the state (or, on a first save, missing): it is rewritten from the state (with its EMA,
+        as a save writes it), with a note."""
+        if state is None or rank() != 0:
+            return
+        step, out = state["step"], self.files.out
+        found = lora_step(out)
+        if found == str(step):
+            return
+        try:
+            atomic_writes({out: self.write_lora(step)})
+        except Exception as error:  # as in save
+            raise SystemExit(f"error: could not rewrite {out} from {self.files.state} ({error})") from None
+        was = "was missing" if found is None else f"held step {found}"
+        print(f"note: {out} {was} (a run stopped while saving); rewrote it from {self.files.state} at step "
+              f"{step}", file=sys.stderr)
 
 
-def prune_numbered(out: Path, step: int, keep_last: int):
-    """This run's numbered copies of `out` before the last `keep_last` up to `step` go, by step number."""
-    pattern = re.compile(re.escape(out.stem) + r"-step(\d+)" + re.escape(out.suffix))
+def lora_step(path: Path) -> str | None:
+    """The step a LoRA file's metadata records ("?" if it records none or cannot be read); None if there is
+    no file."""
+    if not path.exists():
+        return None
+    try:
+        with safe_open(str(path), "pt") as f:
+            return (f.metadata() or {}).get("step", "?")
+    except Exception:  # safetensors raises its own types for a truncated or foreign file: rewritten anyway
+        return "?"
+
+
+def prune_numbered(files: RunFiles, step: int, keep_last: int, inputs: dict):
+    """This run's numbered copies of --out before the last `keep_last` up to `step` go, by step number; a file
+    the run was given as input (`inputs`, run.identities) is never one of them."""
     copies = []
-    for path in out.parent.iterdir():
-        match = pattern.fullmatch(path.name)
-        if match:
-            copies.append((int(match[1]), path))
+    for path in files.out.parent.iterdir():
+        number = numbered_step(files, path)
+        if number is not None and not input_at(path, inputs):
+            copies.append((number, path))
     for _, old in [c for c in sorted(copies) if c[0] <= step][:-keep_last]:
         old.unlink()
 

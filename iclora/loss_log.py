@@ -1,8 +1,10 @@
 """A training run's loss log, `<stem>.loss.csv` (step, loss, learning rate, seconds), and its curve,
 `<stem>.loss.png`, drawn at each save."""
 
+import contextlib
 import csv
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -30,15 +32,26 @@ class LossLog:
         return self
 
     def __exit__(self, *exception):
-        self.file.close()
+        with contextlib.suppress(OSError):  # reported by add
+            self.file.close()
 
     def start_clock(self):
         self.begin = time.perf_counter() - (float(self.kept[-1][3]) if self.kept else 0.0)
 
     def add(self, step: int, loss: float, lr: float):
+        """One step's row; a failure to write it (disk full) is a warning, once, and the log stops there:
+        training goes on, and the curve still gets every step's loss."""
         self.losses.append(loss)
-        self.writer.writerow([step, f"{loss:.6f}", f"{lr:.3g}", f"{time.perf_counter() - self.begin:.2f}"])
-        self.file.flush()
+        if self.writer is None:
+            return
+        try:
+            seconds = time.perf_counter() - self.begin
+            self.writer.writerow([step, f"{loss:.6f}", f"{lr:.3g}", f"{seconds:.2f}"])
+            self.file.flush()
+        except OSError as error:
+            print(f"warning: could not write the loss log {self.path} at step {step} ({error.strerror}): "
+                  f"it stops there; training goes on", file=sys.stderr)
+            self.writer = None
 
 
 def draw_loss(losses: list[float], path, width: int = 640, height: int = 320):

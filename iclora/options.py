@@ -8,6 +8,8 @@ import os
 import re
 from pathlib import Path
 
+from iclora.training import step_generator
+from minflux.hub import TOY_MODEL
 from minflux.sampling import check_size
 
 VAL_SEED = 42  # the noise of every validation image, so that they differ only by the training they show
@@ -37,7 +39,7 @@ def parse_with_config(p: argparse.ArgumentParser, argv=None) -> argparse.Namespa
     args = p.parse_args(argv)
     if not args.config:
         return args
-    config = json.loads(args.config.read_text())
+    config = read_config(p, args.config)
     unknown = set(config) - set(vars(args))
     if unknown:
         p.error(f"{args.config}: unknown options {', '.join(sorted(unknown))}")
@@ -48,6 +50,22 @@ def parse_with_config(p: argparse.ArgumentParser, argv=None) -> argparse.Namespa
         if isinstance(v, list) and v:
             setattr(args, k, v)
     return args
+
+
+def read_config(p: argparse.ArgumentParser, path: Path) -> dict:
+    """The --config file's JSON object, or `p.error` naming the file (and where its JSON breaks)."""
+    try:
+        config = json.loads(path.read_text())
+    except OSError as error:
+        p.error(f"--config {path}: cannot be read: {error.strerror}")
+    except UnicodeDecodeError:
+        p.error(f"--config {path}: not a text file (expected a JSON object of option values)")
+    except json.JSONDecodeError as error:
+        p.error(f"--config {path}: not valid JSON: {error.msg} at line {error.lineno} column {error.colno}")
+    if not isinstance(config, dict):
+        p.error(f"--config {path}: expected a JSON object of option values ({{\"steps\": 500, ...}}), got a "
+                f"{type(config).__name__}")
+    return config
 
 
 def config_value(p: argparse.ArgumentParser, action: argparse.Action, value, where: str):
@@ -80,6 +98,7 @@ def check_options(p: argparse.ArgumentParser, args: argparse.Namespace):
     if args.out.resolve().is_relative_to(args.data.resolve()):
         p.error(f"--out {args.out} is inside --data {args.data}: its loss curve and samples would become "
                 f"training images on the next run; write it outside the dataset")
+    check_seed(p, args.seed, args.steps)
     if args.ema_decay >= 1:
         p.error(f"--ema-decay {args.ema_decay}: must be below 1 (1 would never move from the initial LoRA)")
     if args.blocks_to_swap and not args.checkpointing:
@@ -91,6 +110,31 @@ def check_options(p: argparse.ArgumentParser, args: argparse.Namespace):
     if args.fsdp and args.blocks_to_swap:
         p.error("--fsdp and --blocks-to-swap do not compose (both would own the blocks' weights); choose "
                 "one: --fsdp divides the base over N GPUs, --blocks-to-swap keeps part of it in CPU RAM")
+
+
+def check_seed(p: argparse.ArgumentParser, seed: int, steps: int):
+    """--seed (at least 0, as numpy's data order needs) also seeds every step's torch generator, which takes
+    seeds below 2^64: refused now if the last step's would not, rather than at that step."""
+    try:
+        step_generator(seed, steps)
+    except (ValueError, RuntimeError):
+        p.error(f"--seed {seed}: too large for the generator of each step, which is seeded with seed × "
+                f"1,000,003 + step below 2^64; use a seed below 2^32, as most tools do")
+
+
+def input_files(args: argparse.Namespace) -> list[tuple[str, Path]]:
+    """The files the run reads that exist, each with the flag that names it: --init-lora, --config,
+    --transformer, every file in --data and in a local --model folder. None of them may be written or deleted
+    (run.check_outputs)."""
+    named = [(f"{flag} {path}", path) for flag, path in (("--init-lora", args.init_lora),
+                                                          ("--config", args.config),
+                                                          ("--transformer", args.transformer)) if path]
+    model = TOY_MODEL if args.model == "toy" else Path(str(args.model))
+    for flag, folder in (("--data", args.data), ("--model", model)):
+        for parent, _, names in os.walk(folder):  # nothing for a hub id
+            named.extend((f"{Path(parent) / name}, a file of {flag} {folder}", Path(parent) / name)
+                         for name in names)
+    return [(what, path) for what, path in named if path.exists()]
 
 
 def check_data_folder(data: Path):

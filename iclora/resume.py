@@ -54,7 +54,33 @@ def read_state(path: Path) -> dict:
     if not isinstance(state, dict) or not all(k in state for k in STATE_KEYS):
         raise SystemExit(f"error: --resume: {path} is not a training state: {expected}. Delete it to start "
                          f"over.")
+    wrong = wrong_part(state)
+    if wrong:
+        raise SystemExit(f"error: --resume: {path}: {wrong} (edited by hand or written by another program?). "
+                         f"Delete it to start over.")
     return state
+
+
+def tensors(value) -> bool:
+    return isinstance(value, dict) and all(isinstance(v, torch.Tensor) for v in value.values())
+
+
+def wrong_part(state: dict) -> str | None:
+    """What in a training state is not as train.py writes it, naming the key; None if all is."""
+    step = state["step"]
+    if type(step) is not int or step < 0:
+        return f"'step' is {step!r}, expected a step number (an int, at least 0)"
+    expected = {"lora": (tensors, "a dict of tensors"),
+                "optimizer": (lambda v: isinstance(v, dict), "a dict (AdamW's state)"),
+                "args": (lambda v: isinstance(v, dict) and all(isinstance(x, str) for x in v.values()),
+                         "a dict of option names to str"),
+                "dataset": (lambda v: isinstance(v, dict), "a dict of the dataset's files"),
+                "ema": (tensors, "a dict of tensors"),
+                "ref_mode": (lambda v: isinstance(v, str), "a str")}
+    for key, (fits, what) in expected.items():
+        if key in state and not fits(state[key]):
+            return f"{key!r} is a {type(state[key]).__name__}, expected {what}"
+    return None
 
 
 def saved_settings(state: dict) -> dict:
@@ -96,12 +122,28 @@ def load_state(path: Path, args, fingerprint: dict, ref_mode: str) -> dict:
 
 def resume(state: dict, params: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer, path: Path) -> int:
     """The adapters `params` and their optimizer as `state` (read from `path`) holds them; its step."""
+    check_adapters(state, params, path)
     with torch.no_grad():
         for n, p in params.items():
             p.copy_(state["lora"][n])
-    optimizer.load_state_dict(state["optimizer"])
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+    except (ValueError, KeyError, TypeError, RuntimeError) as error:
+        raise SystemExit(f"error: --resume: {path}: 'optimizer' does not fit this run's adapters ({error}). "
+                         f"Delete it to start over.") from None
     print(f"resumed from {path} at step {state['step']}", file=sys.stderr)
     return state["step"]
+
+
+def check_adapters(state: dict, params: dict[str, torch.Tensor], path: Path):
+    """The state's adapters (and their EMA) are this run's, by name and shape, or one clear error."""
+    for key in ("lora", "ema") if "ema" in state else ("lora",):
+        saved = state[key]
+        for name, p in params.items():
+            if name not in saved or saved[name].shape != p.shape:
+                held = f"shape {tuple(saved[name].shape)}" if name in saved else "nothing"
+                raise SystemExit(f"error: --resume: {path}: {key!r} does not fit this run's adapters: for "
+                                 f"{name} {tuple(p.shape)} it holds {held}. Delete it to start over.")
 
 
 def start_from_lora(flow, tensors: dict, path: Path, rank: int):

@@ -1,8 +1,10 @@
-"""A training run's place on disk and its life: the files it writes next to --out, the lock that keeps a
-second run off them, and the signals that stop it (Ctrl-C, SIGTERM, SIGHUP: the steps done are saved)."""
+"""A training run's place on disk and its life: the files it writes next to --out (none of them one of its
+inputs), the lock that keeps a second run off them, the temporary files a killed save left, and the signals
+that stop it (Ctrl-C, SIGTERM, SIGHUP: the steps done are saved)."""
 
 import contextlib
 import os
+import re
 import signal
 import socket
 import sys
@@ -35,6 +37,56 @@ def run_files(out: Path) -> RunFiles:
     return RunFiles(out, *(out.with_name(f"{out.stem}{ending}") for ending in endings))
 
 
+def numbered_step(files: RunFiles, path: Path) -> int | None:
+    """The step of `path` if it is named as one of the run's numbered copies (files.numbered), else None."""
+    pattern = re.escape(files.out.stem) + r"-step(\d+)" + re.escape(files.out.suffix)
+    match = re.fullmatch(pattern, path.name)
+    return int(match[1]) if match and path.parent.resolve() == files.out.parent.resolve() else None
+
+
+def identities(inputs: list[tuple[str, Path]]) -> dict[tuple[int, int], str]:
+    """Each existing input file's (device, inode), the identity os.path.samefile compares -> its description:
+    a link or another spelling of a path is the same file."""
+    found = {}
+    for what, path in inputs:
+        with contextlib.suppress(OSError):
+            st = path.stat()
+            found[(st.st_dev, st.st_ino)] = what
+    return found
+
+
+def input_at(path: Path, inputs: dict[tuple[int, int], str]) -> str | None:
+    """The description of the input file that `path` is (identities' keys), or None."""
+    try:
+        st = path.stat()
+    except OSError:  # not there (yet): not an input
+        return None
+    return inputs.get((st.st_dev, st.st_ino))
+
+
+def check_outputs(files: RunFiles, inputs: list[tuple[str, Path]]):
+    """A ValueError if the run would write or delete one of its `inputs` ((description, path), options.
+    input_files): --out itself, its state, loss log and curve, lock and samples folder must be none of them.
+    A numbered copy's name may be an input (an earlier run's --init-lora out-step000250.safetensors): that
+    copy is neither written nor pruned (Checkpoint)."""
+    known = identities(inputs)
+    named = {"LoRA": files.out, "training state": files.state, "loss log": files.log,
+             "loss curve": files.curve, "lock": files.lock}
+    for what, path in named.items():
+        found = input_at(path, known)
+        if found and path == files.out:
+            raise ValueError(f"--out {path} is {found}: the run would overwrite its input; choose another "
+                             f"--out")
+        if found:
+            raise ValueError(f"--out {files.out} writes its {what} to {path}, which is {found}: the run "
+                             f"would overwrite its input; choose another --out")
+    samples = files.samples.resolve()
+    for what, path in inputs:
+        if path.resolve().is_relative_to(samples):
+            raise ValueError(f"--out {files.out} writes its validation images into {files.samples}, which "
+                             f"holds {what}; choose another --out")
+
+
 def take_lock(lock: Path, out: Path):
     """Creates `lock` holding this host and PID, or refuses: another run is writing `out`. A lock whose
     process is gone (same host) is taken over. Creating it also checks that --out's folder is writable."""
@@ -54,20 +106,80 @@ def take_lock(lock: Path, out: Path):
 
 
 def refuse_or_take_over(lock: Path, out: Path, here: str):
-    """An existing `lock`: refused while its process runs (or may run, on another host); removed if not."""
+    """An existing `lock`: refused while its process runs a training (or may, on another host); removed if its
+    process is gone, or if its PID now belongs to another program (reused by the OS)."""
     host, _, pid = lock.read_text().strip().rpartition(" ")
     if host != here or not pid.isdigit():
         raise SystemExit(f"error: {lock} says a run on {host or '?'} (pid {pid or '?'}) is writing {out}. "
                          f"If it is not running, delete {lock}; or choose another --out.") from None
     try:
         os.kill(int(pid), 0)  # signal 0: only asks whether the process exists
-        raise SystemExit(f"error: another run (pid {pid}) is writing {out} (lock {lock}); wait for it, "
-                         f"stop it, or choose another --out")
+        other_user = False
     except ProcessLookupError:
         print(f"note: taking over {lock}, left by pid {pid}, which is no longer running", file=sys.stderr)
         lock.unlink(missing_ok=True)
+        return
     except PermissionError:  # it exists, owned by another user
-        raise SystemExit(f"error: another user's run (pid {pid}) is writing {out} (lock {lock})") from None
+        other_user = True
+    if not is_a_training_run(int(pid)):
+        shown = " ".join(command_line(int(pid)) or [])[:80]
+        print(f"note: taking over {lock}, left by pid {pid}: that PID now runs another program ({shown!r}), "
+              f"not train.py, so the run that left the lock is gone", file=sys.stderr)
+        lock.unlink(missing_ok=True)
+        return
+    if other_user:
+        raise SystemExit(f"error: another user's run (pid {pid}) is writing {out} (lock {lock})")
+    raise SystemExit(f"error: another run (pid {pid}) is writing {out} (lock {lock}); wait for it, stop it, "
+                     f"or choose another --out")
+
+
+def command_line(pid: int) -> list[str] | None:
+    """The command line of process `pid` where the OS shows it (Linux's /proc/<pid>/cmdline), else None."""
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return None
+    return [word.decode(errors="replace") for word in raw.split(b"\0") if word]
+
+
+def is_a_training_run(pid: int) -> bool:
+    """Whether process `pid` looks like a train.py run: its command line runs train.py (`python train.py`,
+    torchrun's workers) or the module (`python -m train`). This process is one (it is running train); where
+    the OS does not show command lines, any live process is taken for one, as before."""
+    words = command_line(pid)
+    if pid == os.getpid() or words is None:
+        return True
+    runs_module = any(a == "-m" and b == "train" for a, b in zip(words, words[1:], strict=False))
+    return runs_module or any(word.endswith("train.py") for word in words)
+
+
+def temporary_of(name: str) -> str | None:
+    """The file name a temporary file's `name` stands for (atomic_files writes `.<name>.tmp`, and
+    `..<name>.tmp.tmp` where a writer inside writes atomically too), or None for other names."""
+    for depth in (2, 1):
+        if name.startswith("." * depth) and name.endswith(".tmp" * depth) and len(name) > 5 * depth:
+            return name[depth : -4 * depth]
+    return None
+
+
+def remove_stale_temporaries(files: RunFiles):
+    """The temporary files of a save that a killed run left beside --out and in its samples folder (a kill
+    skips their removal) are removed, each with a note. Called holding the lock: no live run writes them."""
+    ours = {files.out.name, files.state.name, files.log.name, files.curve.name}
+    stale = []
+    for path in files.out.parent.iterdir():
+        target = temporary_of(path.name)
+        if target and (target in ours or numbered_step(files, files.out.with_name(target)) is not None):
+            stale.append(path)
+    if files.samples.is_dir():
+        for path in files.samples.iterdir():
+            if re.fullmatch(r"step\d+\.png", temporary_of(path.name) or ""):
+                stale.append(path)
+    for path in stale:
+        if path.is_file():
+            path.unlink()
+            print(f"note: removed {path}, a temporary file left by a run stopped while saving",
+                  file=sys.stderr)
 
 
 @contextlib.contextmanager
@@ -75,8 +187,13 @@ def holding_lock(files: RunFiles):
     """Inside the block rank 0, which alone writes the run's files, holds their lock; it is removed however
     the block ends."""
     if rank() == 0:
-        files.out.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            files.out.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as error:  # a file where a folder should be; no permission
+            raise SystemExit(f"error: cannot create {files.out.parent}, the folder of --out {files.out}: "
+                             f"{error.strerror}") from None
         take_lock(files.lock, files.out)
+        remove_stale_temporaries(files)
     try:
         yield
     finally:

@@ -1,11 +1,13 @@
 """A training run's validation images: each --val-prompt sampled with the weights of the step (the EMA's
 when on), side by side in `<stem>_samples/step000250.png`. A conditional LoRA's are given the first set's
-reference panels, as `sample.py --ref` gives them."""
+reference panels, as `sample.py --ref` gives them. A failure to write them (disk full) is a warning, and
+training goes on: the steps are saved by the checkpoints, not by these images."""
 
 from pathlib import Path
 
 from PIL import Image
 
+from iclora.atomic_files import write_or_warn
 from iclora.distributed import rank
 from iclora.ema import EMA
 from iclora.references import pin_references
@@ -43,8 +45,8 @@ class Validation:
                 images.append(to_pil(self.pipe.decode(latents))[0])
         flow.train()
         if rank() == 0:
-            self.folder.mkdir(exist_ok=True)
-            side_by_side(images).save(self.folder / f"step{step:06d}.png")
+            write_or_warn(self.folder / f"step{step:06d}.png",
+                          lambda tmp: side_by_side(images).save(tmp, format="PNG"), "the validation images")
 
 
 def side_by_side(images: list[Image.Image], gap: int = 4) -> Image.Image:

@@ -27,11 +27,15 @@ def check_device(name: str) -> torch.device:
 
 
 def ranged(kind, low: float, high: float = math.inf):
-    """An argparse type: a `kind` (int or float) in [low, high], refused with what was expected."""
+    """An argparse type: a finite `kind` (int or float) in [low, high], refused with what was expected (nan
+    and inf mean nothing for a flag: a learning rate or a scale of inf gives NaN weights or a black image)."""
     def parse(text: str):
-        if not low <= kind(text) <= high:
+        value = kind(text)
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+        if not low <= value <= high:
             if high == math.inf:
                 raise argparse.ArgumentTypeError(f"must be at least {low}, got {text}")
             raise argparse.ArgumentTypeError(f"must be in [{low}, {high}], got {text}")
-        return kind(text)
+        return value
     return parse
