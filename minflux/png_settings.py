@@ -20,6 +20,8 @@ from pathlib import Path
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
+from minflux.images import pixel_limit
+
 SETTINGS_KEY = "minflux"  # the PNG text chunk holding a run's settings, as JSON
 # How the run goes, not what it draws: not stored, and refused in a PNG (a prompt file is a file to read, and
 # --trust-settings is the user's word, never the PNG's own).
@@ -42,7 +44,7 @@ def read_settings(path: Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"--from-image {path}: no such file")
     try:
-        with Image.open(path) as image:
+        with pixel_limit(path, "--from-image"), Image.open(path) as image:  # a bomb: refused, not opened
             text = image.info.get(SETTINGS_KEY)
     except (OSError, SyntaxError) as e:  # not an image, or a broken PNG chunk
         raise ValueError(f"--from-image {path}: cannot be read as an image ({e})") from None

@@ -140,6 +140,14 @@ def test_a_decompression_bomb_is_refused_naming_file_flag_and_limit(tmp_path, mo
                                          f"limit against decompression bombs")
 
 
+def test_a_decompression_bomb_as_from_image_is_refused_naming_the_file(tmp_path, monkeypatch):
+    Image.new("1", (80, 80)).save(tmp_path / "bomb.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 64 * 64)
+    with pytest.raises(ValueError) as refusal:
+        sample.main(["--from-image", str(tmp_path / "bomb.png")])
+    assert str(refusal.value).startswith(f"--from-image {tmp_path / 'bomb.png'}: more than 4,096 pixels")
+
+
 def test_a_decompression_bomb_in_a_dataset_is_a_listed_problem(tmp_path):
     data = joined_sample(tmp_path / "data", image=Image.new("1", (20000, 20000)))  # a few kB, 400 Mpx
     with pytest.raises(ValueError) as refusal:
