@@ -5,12 +5,10 @@
     python train.py --model toy --data sets/toy_recolour         # the 12 MB toy FLUX, a few CPU minutes
     torchrun --nproc_per_node 4 train.py --data sets/home_decor  # 4 GPUs, data parallel (--fsdp: shards)
 
-Reads top to bottom: options -> data -> model -> encode the sets once -> LoRA -> training loop -> save. Writes
-next to --out: the LoRA (PEFT/diffusers layout, loads in diffusers and ComfyUI), `<stem>.state.pt` (LoRA +
-optimizer + step, for --resume), `<stem>.loss.csv` and `<stem>_samples/` (validation images), and holds
-`<stem>.lock` while it runs. Ctrl-C, SIGTERM and SIGHUP save the steps done so far; --resume continues from
-there. With --ref-panel K the LoRA is conditional: panel K is given (as `sample.py --ref` gives it) and the
-loss is on the other panels only; the LoRA file's metadata records the geometry, which sample.py then reads.
+Reads top to bottom: options -> data -> model -> encode the sets once -> LoRA -> training loop -> save. The
+LoRA loads in diffusers and ComfyUI; next to it go `<stem>.state.pt` (for --resume), `<stem>.loss.csv` and
+`<stem>_samples/`. Ctrl-C, SIGTERM and SIGHUP save the steps done so far. With --ref-panel K the LoRA is
+conditional: panel K is given, as `sample.py --ref` gives it (docs/training.md, docs/conditional.md).
 """
 
 import argparse

@@ -12,7 +12,8 @@ class EMA:
     A --resume `state` gives the average saved with it."""
 
     def __init__(self, params: dict[str, Tensor], decay: float, state: dict | None = None):
-        self.params, self.decay = params, decay
+        self.params = params
+        self.decay = decay
         self.values = None
         if decay:
             self.values = {n: (state["ema"][n] if state else p.detach()).to(p.device, copy=True)

@@ -131,8 +131,8 @@ def check_seed(p: argparse.ArgumentParser, seed: int, steps: int):
 
 def input_files(args: argparse.Namespace) -> list[tuple[str, Path]]:
     """The files the run reads that exist, each with the flag that names it: --init-lora, --config,
-    --transformer, every file in --data and in a local --model folder. None of them may be written or deleted
-    (run.check_outputs)."""
+    --transformer, every file in --data and in a local --model folder. run.check_outputs makes sure that
+    none of them is written or deleted."""
     named = [(f"{flag} {path}", path) for flag, path in (("--init-lora", args.init_lora),
                                                           ("--config", args.config),
                                                           ("--transformer", args.transformer)) if path]
