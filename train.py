@@ -5,12 +5,10 @@
     python train.py --model toy --data sets/toy_recolour         # the 12 MB toy FLUX, a few CPU minutes
     torchrun --nproc_per_node 4 train.py --data sets/home_decor  # 4 GPUs, data parallel (--fsdp: shards)
 
-Reads top to bottom: options -> data -> model -> encode the sets once -> LoRA -> training loop -> save. Writes
-next to --out: the LoRA (PEFT/diffusers layout, loads in diffusers and ComfyUI), `<stem>.state.pt` (LoRA +
-optimizer + step, for --resume), `<stem>.loss.csv` and `<stem>_samples/` (validation images), and holds
-`<stem>.lock` while it runs. Ctrl-C, SIGTERM and SIGHUP save the steps done so far; --resume continues from
-there. With --ref-panel K the LoRA is conditional: panel K is given (as `sample.py --ref` gives it) and the
-loss is on the other panels only; the LoRA file's metadata records the geometry, which sample.py then reads.
+Reads top to bottom: options -> data -> model -> encode the sets once -> LoRA -> training loop -> save. The
+LoRA loads in diffusers and ComfyUI; next to it go `<stem>.state.pt` (for --resume), `<stem>.loss.csv` and
+`<stem>_samples/`. Ctrl-C, SIGTERM and SIGHUP save the steps done so far. With --ref-panel K the LoRA is
+conditional: panel K is given, as `sample.py --ref` gives it (docs/training.md, docs/conditional.md).
 """
 
 import argparse
@@ -46,6 +44,7 @@ from iclora.options import (
     input_files,
     lora_file,
     parse_with_config,
+    timestep_mode,
     validation_prompts,
 )
 from iclora.panels import LAYOUTS
@@ -74,17 +73,20 @@ MODEL_DEFAULTS = {"flux": dict(steps=5000, lr=1e-4, resolution=[512, 768, 1024, 
                                save_dtype="fp16"),
                   "toy": dict(steps=1000, lr=1e-3, resolution=[96], checkpointing=False,
                               timestep_sampling="shift", ema_decay=0.0, save_dtype="fp32")}
-# how a --ref-panel LoRA sees its reference tokens (iclora/references.py); measured on the toy tasks (README)
+# how a --ref-panel LoRA sees its reference tokens (iclora/references.py); measured on the toy tasks
+# (docs/conditional.md)
 REF_MODE = "moved"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    flux, toy = MODEL_DEFAULTS["flux"], MODEL_DEFAULTS["toy"]
+    flux = MODEL_DEFAULTS["flux"]
+    toy = MODEL_DEFAULTS["toy"]
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", type=Path, help="JSON file of option values (keys as the flags, with _); "
                                                "flags given on the command line override it")
     p.add_argument("--data", type=Path, help="dataset folder: joined images with same-named .txt captions, "
-                                             "or one sub-folder of panels + caption.txt per set (see README)")
+                                             "or one sub-folder of panels + caption.txt per set (see "
+                                             "sets/README.md)")
     p.add_argument("--layout", default="row", choices=LAYOUTS,
                    help="how panels in sub-folders are joined, and how the --panels of joined images sit "
                         "(default: row)")
@@ -107,10 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quantize", choices=["fp8"],
                    help="fp8: store the weight of every Linear in the transformer's and T5's blocks in "
                         "float8 e4m3fn with one float32 scale per row (1 byte a weight instead of bf16's 2: "
-                        "the paper's recipe then needs about 17 GiB instead of 28, computed; see README); "
-                        "the embedders, norms, biases, CLIP and the VAE stay in the base dtype, compute too "
-                        "(weights dequantized per layer), and the LoRA adapters and optimizer stay fp32 "
-                        "(default: none)")
+                        "the paper's recipe then needs about 17 GiB instead of 28, computed; see "
+                        "docs/memory-and-speed.md); the embedders, norms, biases, CLIP and the VAE stay in "
+                        "the base dtype, compute too (weights dequantized per layer), and the LoRA adapters "
+                        "and optimizer stay fp32 (default: none)")
     p.add_argument("--out", type=lora_file, default=Path("out.safetensors"),
                    help="LoRA file, not a folder, outside --data; its other files are written next to it "
                         "(default: out.safetensors)")
@@ -151,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="probability a caption is replaced by the empty one (default: 0.05)")
     p.add_argument("--guidance", type=ranged(float, -math.inf), default=1.0,
                    help="distilled-guidance input during training, a finite number (default: 1.0)")
-    p.add_argument("--timestep-sampling", type=lambda s: "shift" if s == "logit_normal" else s,
+    p.add_argument("--timestep-sampling", type=timestep_mode,
                    choices=TIMESTEP_MODES,
                    help="how the training t is drawn: sigmoid = sigmoid(randn), the authors' recipe (median "
                         "t 0.5); shift = the same, then moved toward noise by FLUX's resolution shift as the "
@@ -253,11 +255,11 @@ def train(args: argparse.Namespace) -> Path:  # noqa: C901 (the recipe reads top
     fingerprint = dataset_fingerprint(dataset)
     state = read_on_rank0(load_state, files.state, args, fingerprint, REF_MODE) if args.resume else None
     init_lora = read_lora_file(args.init_lora) if args.init_lora else None  # read (and so checked) now
-    first = dataset.samples[per_set - 1].bucket  # the first set's largest (H, W): validation's default size
-    val = validation_prompts(args, first, dataset.samples[0].caption)
+    val_size = dataset.samples[per_set - 1].bucket  # the first set's largest (H, W): validation images' size
+    val_prompts = validation_prompts(args, val_size, dataset.samples[0].caption)
     # Captions T5 would cut are reported now, from the tokenizer alone, before any weight loads.
     check_captions(load_t5_tokenizer(str(args.model), args.transformer), dataset,
-                   [v["caption"] for v in val] if args.val_prompt else [], args.strict_captions)
+                   [v["caption"] for v in val_prompts] if args.val_prompt else [], args.strict_captions)
 
     # 2. Model; 3. encode every set and caption once, then the text encoders leave the device.
     dtype = args.dtype or ("bf16" if torch.device(args.device).type == "cuda" else None)
@@ -267,9 +269,10 @@ def train(args: argparse.Namespace) -> Path:  # noqa: C901 (the recipe reads top
         quantize_fp8(pipe.flow)
     # each rank encodes its part of the samples, and every rank gets them all
     sets = gathered(encode_sets(pipe, dataset, args.ref_panel, REF_MODE, part(len(dataset))))
-    empty = EncodedSet(None, *(x[0].cpu() for x in pipe.encode_prompts([""])))     # for caption dropout
-    shown = sets[per_set - 1] if args.ref_panel else None  # --ref-panel: the first set's, largest, conditions
-    validate = Validation(pipe, val, first, shown, REF_MODE, files.samples)
+    empty_txt, empty_vec = pipe.encode_prompts([""])
+    empty = EncodedSet(None, empty_txt[0].cpu(), empty_vec[0].cpu())  # for caption dropout
+    val_refs = sets[per_set - 1] if args.ref_panel else None  # --ref-panel: the first set's, largest
+    validate = Validation(pipe, val_prompts, val_size, val_refs, REF_MODE, files.samples)
     pipe.t5.to("cpu")
     pipe.clip.to("cpu")
 
@@ -290,12 +293,12 @@ def train(args: argparse.Namespace) -> Path:  # noqa: C901 (the recipe reads top
                           "without --compile", stacklevel=2)
         compile_blocks(pipe.flow)
     flow = pipe.on_device(pipe.flow)
-    named = {n: p for n, p in flow.named_parameters() if p.requires_grad}  # the adapters
-    params = list(named.values())
+    adapters = {n: p for n, p in flow.named_parameters() if p.requires_grad}
+    params = list(adapters.values())
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
-    start = resume(state, named, optimizer, files.state) if state else 0
-    ema = EMA(named, args.ema_decay, state)  # saved and sampled; the state keeps it and the raw weights
-    metadata = lora_metadata(args, val[0]["caption"], panels, first, REF_MODE)
+    start = resume(state, adapters, optimizer, files.state) if state else 0
+    ema = EMA(adapters, args.ema_decay, state)  # saved and sampled; the state keeps it and the raw weights
+    metadata = lora_metadata(args, val_prompts[0]["caption"], panels, val_size, REF_MODE)
     checkpoint = Checkpoint(files, args, fingerprint, REF_MODE, metadata, flow, optimizer, ema)
     checkpoint.match_state(state)  # --resume after a crash between the LoRA's save and the state's: repaired
     log = LossLog(files.log, start)
@@ -337,8 +340,8 @@ def train(args: argparse.Namespace) -> Path:  # noqa: C901 (the recipe reads top
                     torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
                 optimizer.step()
                 ema.update()
-                done = step + 1
                 optimizer.zero_grad(set_to_none=True)
+                done = step + 1
                 log.add(done, loss_sum / args.grad_accum, lr)
                 bar.set_postfix(loss=f"{loss_sum / args.grad_accum:.4f}")
                 if done % args.save_every == 0 or done == args.steps:

@@ -41,8 +41,14 @@ class Checkpoint:
 
     def __init__(self, files: RunFiles, args, fingerprint: dict, ref_mode: str, metadata: dict, flow,
                  optimizer: torch.optim.Optimizer, ema: EMA):
-        self.files, self.args, self.fingerprint, self.ref_mode = files, args, fingerprint, ref_mode
-        self.metadata, self.flow, self.optimizer, self.ema = metadata, flow, optimizer, ema
+        self.files = files
+        self.args = args
+        self.fingerprint = fingerprint
+        self.ref_mode = ref_mode
+        self.metadata = metadata
+        self.flow = flow
+        self.optimizer = optimizer
+        self.ema = ema
         self.inputs = identities(input_files(args))  # never written nor pruned, whatever their names
 
     def write_lora(self, step: int):
@@ -59,7 +65,8 @@ class Checkpoint:
         it leaves the previous state, whose LoRA --resume rewrites (match_state). Then the loss curve."""
         if rank() != 0:
             return
-        files, keep_last = self.files, self.args.keep_last
+        files = self.files
+        keep_last = self.args.keep_last
         adapters = {n: p.detach().cpu() for n, p in self.flow.named_parameters() if p.requires_grad}
         state = {"step": step, "lora": adapters, "optimizer": self.optimizer.state_dict(),
                  "args": {k: str(v) for k, v in vars(self.args).items()}, "dataset": self.fingerprint,
@@ -91,7 +98,8 @@ class Checkpoint:
         as a save writes it), with a note."""
         if state is None or rank() != 0:
             return
-        step, out = state["step"], self.files.out
+        step = state["step"]
+        out = self.files.out
         found = lora_step(out)
         if found == str(step):
             return
@@ -105,8 +113,8 @@ class Checkpoint:
 
 
 def lora_step(path: Path) -> str | None:
-    """The step a LoRA file's metadata records ("?" if it records none or cannot be read); None if there is
-    no file."""
+    """The step a LoRA file's metadata records; "?" where it records none or the file cannot be read, and
+    None where there is no file at all."""
     if not path.exists():
         return None
     try:
@@ -124,8 +132,9 @@ def prune_numbered(files: RunFiles, step: int, keep_last: int, inputs: dict):
         number = numbered_step(files, path)
         if number is not None and not input_at(path, inputs):
             copies.append((number, path))
-    for _, old in [c for c in sorted(copies) if c[0] <= step][:-keep_last]:
-        old.unlink()
+    older = [(number, path) for number, path in sorted(copies) if number <= step][:-keep_last]
+    for _, path in older:
+        path.unlink()
 
 
 def check_loss(loss: float, step: int, files: RunFiles):

@@ -19,7 +19,9 @@ class LossLog:
     clock goes on from the last of them. `losses`: every step's, for the curve."""
 
     def __init__(self, path: Path, start: int):
-        self.path, self.kept = path, []
+        self.path = path
+        self.kept = []
+        self.begin = None  # set by start_clock, when the steps start
         if start and path.exists():
             with open(path, newline="") as f:
                 self.kept = [r for r in csv.reader(f) if r and r[0].isdigit() and int(r[0]) <= start]
@@ -58,7 +60,8 @@ def draw_loss(losses: list[float], path, width: int = 640, height: int = 320):
     """The loss of every step (grey) and its moving average (blue) as a PNG, drawn with pillow."""
     losses = losses * 2 if len(losses) == 1 else losses  # a line needs two points
     decay = min(0.98, max(0.0, 1 - 10 / len(losses)))  # a window of a tenth of the run, at most ~50 steps
-    smooth, average = [], 0.0
+    smooth = []
+    average = 0.0
     for i, v in enumerate(losses, 1):
         average = decay * average + (1 - decay) * v
         smooth.append(average / (1 - decay**i))  # bias-corrected as Adam's moments: no pull toward 0

@@ -25,6 +25,11 @@ def above_zero(text: str) -> float:
     return float(text)
 
 
+def timestep_mode(text: str) -> str:
+    """An argparse type for --timestep-sampling: `logit_normal` is the old name of `shift`."""
+    return "shift" if text == "logit_normal" else text
+
+
 def lora_file(text: str) -> Path:
     """An argparse type: a file path (the run's other files go next to it), not a folder."""
     if text.endswith(("/", os.sep)) or Path(text).is_dir():
@@ -45,7 +50,8 @@ def parse_with_config(p: argparse.ArgumentParser, argv=None) -> argparse.Namespa
         p.error(f"{args.config}: unknown options {', '.join(sorted(unknown))}")
     actions = {a.dest: a for a in p._actions}
     p.set_defaults(**{k: config_value(p, actions[k], v, f"{args.config}: {k!r}") for k, v in config.items()})
-    given, args = args, p.parse_args(argv)
+    given = args
+    args = p.parse_args(argv)
     for k, v in vars(given).items():
         if isinstance(v, list) and v:
             setattr(args, k, v)
@@ -80,8 +86,9 @@ def config_value(p: argparse.ArgumentParser, action: argparse.Action, value, whe
     many = action.nargs in ("+", "*") or isinstance(action.default, list)
     if isinstance(value, list) and not many:
         p.error(f"{where}: takes one value, not a list")
+    values = value if isinstance(value, list) else [value]
     items = []
-    for v in value if isinstance(value, list) else [value]:
+    for v in values:
         try:
             items.append(action.type(str(v)) if action.type else str(v))
         except (ValueError, TypeError, argparse.ArgumentTypeError) as error:
@@ -106,7 +113,7 @@ def check_options(p: argparse.ArgumentParser, args: argparse.Namespace):
                 "until the backward pass, so nothing would be saved")
     if args.fsdp and "WORLD_SIZE" not in os.environ:
         p.error("--fsdp shards the base over torchrun's processes: start the run with torchrun "
-                "--nproc_per_node N train.py ... (see README)")
+                "--nproc_per_node N train.py ... (see docs/training.md, Several GPUs)")
     if args.fsdp and args.blocks_to_swap:
         p.error("--fsdp and --blocks-to-swap do not compose (both would own the blocks' weights); choose "
                 "one: --fsdp divides the base over N GPUs, --blocks-to-swap keeps part of it in CPU RAM")
@@ -124,8 +131,8 @@ def check_seed(p: argparse.ArgumentParser, seed: int, steps: int):
 
 def input_files(args: argparse.Namespace) -> list[tuple[str, Path]]:
     """The files the run reads that exist, each with the flag that names it: --init-lora, --config,
-    --transformer, every file in --data and in a local --model folder. None of them may be written or deleted
-    (run.check_outputs)."""
+    --transformer, every file in --data and in a local --model folder. run.check_outputs makes sure that
+    none of them is written or deleted."""
     named = [(f"{flag} {path}", path) for flag, path in (("--init-lora", args.init_lora),
                                                           ("--config", args.config),
                                                           ("--transformer", args.transformer)) if path]

@@ -22,8 +22,8 @@ RESUME_MUST_MATCH = ("layout", "model", "batch_size", "grad_accum", "rank", "alp
 
 def dataset_fingerprint(dataset: PanelSetDataset) -> dict:
     """Each image file (relative to --data) -> "<size in bytes> <SHA-1 of its bytes>", each caption file ->
-    its text: --resume checks it. (States saved before the hash hold the size alone, an int: `unchanged`
-    compares that.)"""
+    its text: --resume checks it. States saved before the hash hold the size alone, an int, and `unchanged`
+    compares only the size for them."""
     found = {}
     for s in dataset.samples:
         for panel in s.panels:
@@ -35,9 +35,13 @@ def dataset_fingerprint(dataset: PanelSetDataset) -> dict:
 
 
 def unchanged(saved, now: str) -> bool:
-    """One fingerprint entry as saved against its value now; an old state's int entry (a size) checks the
-    size."""
-    return saved == now or isinstance(saved, int) and now.startswith(f"{saved} ")
+    """Whether one fingerprint entry as saved still holds now (an old state's int entry, a size: whether the
+    file still has that size)."""
+    if saved == now:
+        return True
+    if isinstance(saved, int):  # a state saved before the hash: the size alone
+        return now.startswith(f"{saved} ")
+    return False
 
 
 def read_state(path: Path) -> dict:
@@ -95,8 +99,8 @@ def saved_settings(state: dict) -> dict:
 
 
 def load_state(path: Path, args, fingerprint: dict, ref_mode: str) -> dict:
-    """The training state to resume from, checked: readable, same settings, same dataset; else one clear
-    error."""
+    """The training state to resume from, checked: it is readable, and its settings and dataset are this
+    run's; otherwise one clear error."""
     state = read_state(path)
     saved_args = saved_settings(state)
     changed = [k for k in RESUME_MUST_MATCH if saved_args.get(k) != str(getattr(args, k))]
@@ -148,10 +152,11 @@ def check_adapters(state: dict, params: dict[str, torch.Tensor], path: Path):
 
 def start_from_lora(flow, tensors: dict, path: Path, rank: int):
     """--init-lora: the file becomes adapter "init", which must cover exactly the trained layers at the same
-    rank; the fresh adapter takes its A and its B (rescaled so that scaling·B·A is the file's), and "init"
-    goes."""
+    rank; the fresh adapter takes its A and its B (rescaled so that scaling·B·A is the file's), and the
+    "init" adapter is removed."""
     load_lora(flow, tensors, name="init", source=str(path))
-    fresh, loaded = lora_layers(flow, "default"), lora_layers(flow, "init")
+    fresh = lora_layers(flow, "default")
+    loaded = lora_layers(flow, "init")
     if fresh.keys() != loaded.keys():
         differ = sorted(fresh.keys() ^ loaded.keys())
         raise ValueError(f"--init-lora {path}: covers other layers than this run trains ({len(loaded)} vs "

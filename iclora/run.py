@@ -33,8 +33,12 @@ class RunFiles:
 
 
 def run_files(out: Path) -> RunFiles:
-    endings = (".state.pt", ".loss.csv", ".loss.png", "_samples", ".lock")
-    return RunFiles(out, *(out.with_name(f"{out.stem}{ending}") for ending in endings))
+    return RunFiles(out=out,
+                    state=out.with_name(f"{out.stem}.state.pt"),
+                    log=out.with_name(f"{out.stem}.loss.csv"),
+                    curve=out.with_name(f"{out.stem}.loss.png"),
+                    samples=out.with_name(f"{out.stem}_samples"),
+                    lock=out.with_name(f"{out.stem}.lock"))
 
 
 def numbered_step(files: RunFiles, path: Path) -> int | None:
@@ -184,8 +188,8 @@ def remove_stale_temporaries(files: RunFiles):
 
 @contextlib.contextmanager
 def holding_lock(files: RunFiles):
-    """Inside the block rank 0, which alone writes the run's files, holds their lock; it is removed however
-    the block ends."""
+    """Inside the block rank 0, which alone writes the run's files, holds their lock, which is removed
+    however the block ends."""
     if rank() == 0:
         try:
             files.out.parent.mkdir(parents=True, exist_ok=True)

@@ -22,26 +22,30 @@ class Validation:
 
     def __init__(self, pipe, prompts: list[dict], size: tuple[int, int], shown: EncodedSet | None,
                  ref_mode: str, folder: Path):
-        self.pipe, self.prompts, self.folder = pipe, prompts, folder
+        self.pipe = pipe
+        self.prompts = prompts
+        self.folder = folder
         self.txt, self.vec = pipe.encode_prompts([v["caption"] for v in prompts])
-        self.hooks, self.ids = [None] * len(prompts), [None] * len(prompts)
+        self.hooks = [None] * len(prompts)
+        self.ids = [None] * len(prompts)
         if shown is not None:
             for i, v in enumerate(prompts):
-                noise, times = get_noise(1, *size, v["seed"]), pipe.schedule(*size, v["steps"])
+                noise = get_noise(1, *size, v["seed"])
+                times = pipe.schedule(*size, v["steps"])
                 self.hooks[i] = pin_references(shown.ref_latents[None], shown.ref_mask, noise, times,
                                                mode=ref_mode)
                 self.ids[i] = shown.ids[None]
 
     def __call__(self, flow, ema: EMA, step: int):
-        """This step's images. Every rank samples (under --fsdp each holds a part of every block); rank 0
-        writes."""
+        """This step's images: every rank samples them (under --fsdp each holds a part of every block), and
+        rank 0 writes them."""
         flow.eval()
         images = []
         with ema.applied():
             for i, v in enumerate(self.prompts):
                 latents = self.pipe.sample(self.txt[i : i + 1], self.vec[i : i + 1], v["height"], v["width"],
-                                           v["steps"], v["guidance"], v["seed"], False, self.hooks[i],
-                                           self.ids[i])
+                                           steps=v["steps"], guidance=v["guidance"], seed=v["seed"],
+                                           progress=False, after_step=self.hooks[i], img_ids=self.ids[i])
                 images.append(to_pil(self.pipe.decode(latents))[0])
         flow.train()
         if rank() == 0:
