@@ -154,7 +154,7 @@ def is_a_training_run(pid: int) -> bool:
     if pid == os.getpid() or words is None:
         return True
     runs_module = any(a == "-m" and b == "train" for a, b in zip(words, words[1:], strict=False))
-    return runs_module or any(word.endswith("train.py") for word in words)
+    return runs_module or any(Path(word).name == "train.py" for word in words)  # not test_train.py
 
 
 def temporary_of(name: str) -> str | None:

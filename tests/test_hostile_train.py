@@ -8,6 +8,7 @@ import os
 import shutil
 import socket
 import subprocess
+import time
 
 import pytest
 import torch
@@ -17,6 +18,7 @@ from safetensors.torch import load_file
 
 import iclora.checkpoint
 import train
+from iclora.run import command_line
 from tests import test_training as base
 
 data = base.data  # the fixture: two joined two-panel sets (64x32) with captions
@@ -264,6 +266,9 @@ def test_an_out_whose_folder_cannot_be_made_is_refused_naming_out(data, tmp_path
 def test_a_lock_whose_pid_now_runs_another_program_is_taken_over_with_a_note(data, tmp_path, monkeypatch,
                                                                              capsys):
     other = subprocess.Popen(["sleep", "60"])  # alive, and not train.py: the lock's PID was reused
+    started = time.monotonic()
+    while command_line(other.pid) != ["sleep", "60"] and time.monotonic() - started < 10:
+        time.sleep(0.01)  # until the child has exec'd sleep (before that it shows pytest's command line)
     try:
         lock = tmp_path / "lora.lock"
         lock.write_text(f"{socket.gethostname()} {other.pid}\n")
