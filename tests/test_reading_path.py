@@ -84,7 +84,7 @@ def test_a_parser_of_add_argument_calls_is_recognised(tmp_path):
 
 def test_the_reading_guides_line_ranges_are_the_functions_they_name():
     guide = (ROOT / "docs" / "reading-guide.md").read_text()
-    ranges = re.findall(r"`([\w/]+\.py)` lines (\d+)–(\d+)", guide)
+    ranges = re.findall(r"`([\w/]+\.py)` lines\s+(\d+)–(\d+)", guide)
     assert len(ranges) >= 4, "the guide gives the recipes' and the loss's line ranges"
     for file, first, last in ranges:
         tree = ast.parse((ROOT / file).read_text())
