@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from .convert import count_numbered
+from .model import count_numbered
 
 
 @dataclass

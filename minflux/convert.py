@@ -4,7 +4,7 @@ The HF repos ship the transformer and the autoencoder twice: as BFL single files
 diffusers layout (`transformer/`, `vae/`). diffusers splits BFL's fused linears (qkv, single-block `linear1`)
 into separate q/k/v/mlp linears and stores the final adaLN (shift, scale) halves swapped. Both facts are
 captured by one table: each diffusers linear lands in a set of *rows* of one BFL linear. The LoRA converters
-in `iclora/` reuse it. `count_numbered` reads the block counts off the key names of any layout.
+in `iclora/` reuse it. The block counts come off the key names through `model.count_numbered`.
 """
 
 import re
@@ -13,20 +13,9 @@ from collections import defaultdict
 import torch
 from torch import Tensor
 
+from .model import count_numbered
+
 Rows = slice | Tensor | None  # which output rows of the BFL tensor a diffusers tensor fills (None = all)
-
-
-def count_numbered(sd: dict, prefix: str) -> int:
-    """How many numbered children `prefix.0.`, `prefix.1.`, ... the keys of a state dict name (1 + the
-    largest index, 0 if none): the block and level counts of every layout. It lives here, with the other code
-    that reads checkpoint key names, so that model.py and autoencoder.py use it without importing a loader."""
-    pattern = re.compile(rf"{re.escape(prefix)}\.(\d+)\.")
-    largest = -1
-    for key in sd:
-        match = pattern.match(key)
-        if match:
-            largest = max(largest, int(match[1]))
-    return largest + 1
 
 
 def transformer_table(depth: int, depth_single: int, hidden: int,

@@ -10,13 +10,26 @@ Shape letters: B batch, Lt text tokens, Li image tokens, L = Lt + Li, C hidden s
 A position axes (3).
 """
 
+import re
 from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor, nn
 
-from .convert import count_numbered
 from .layers import DoubleStreamBlock, EmbedND, LastLayer, MLPEmbedder, SingleStreamBlock, timestep_embedding
+
+
+def count_numbered(sd: dict, prefix: str) -> int:
+    """How many numbered children `prefix.0.`, `prefix.1.`, ... the keys of a state dict name (1 + the
+    largest index, 0 if none): the block and level counts of every layout. It lives in the model math, beside
+    FluxParams.from_state_dict, so that autoencoder.py and convert.py share it and no math file imports IO."""
+    pattern = re.compile(rf"{re.escape(prefix)}\.(\d+)\.")
+    largest = -1
+    for key in sd:
+        match = pattern.match(key)
+        if match:
+            largest = max(largest, int(match[1]))
+    return largest + 1
 
 
 @dataclass
