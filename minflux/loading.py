@@ -120,9 +120,9 @@ def load_flow(repo, dtype: torch.dtype | None = None, transformer: Path | None =
         sd = transformer_from_diffusers(sd, source)
     axes_dim = tuple(config.get("axes_dims_rope", (16, 56, 56)))
     params = FluxParams.from_state_dict(sd, axes_dim, source=source)
-    if params.in_channels != 64:
-        raise ValueError(f"{source}: a FLUX variant with {params.in_channels} input channels (Fill, Canny or "
-                         f"Depth); only the text-to-image models (64 channels) are supported")
+    if params.in_channels not in (64, 384):  # minflux/variants.py says which model it is before this
+        raise ValueError(f"{source}: a FLUX variant with {params.in_channels} input channels; supported: 64 "
+                         f"(dev, schnell, Kontext) and 384 (Fill)")
     with torch.device("meta"):
         model = Flux(params)
     return assign(model, fp8_layers(model, sd, source, dtype), source)
