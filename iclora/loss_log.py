@@ -180,9 +180,9 @@ def vertical_text(image: Image.Image, text: str, centre: tuple[float, float], fo
 
 
 def draw_loss(losses: list[float], lrs: list[float], path, width: int = 800, height: int = 400):
-    """The loss of every step (faint grey) and its centred average (blue; `centred_average`, up to a fortieth
-    of the run on each side), on a log axis when the losses span ten times or more, and below them the
-    learning rate, as a PNG drawn with pillow. The title holds the mean of the last 100 steps."""
+    """The loss of every step (faint grey) and its centred average (blue; `centred_average`, a fortieth of the
+    run on each side, one step at least), on a log axis when the losses span ten times or more, and below them
+    the learning rate, as a PNG drawn with pillow. The title holds the mean of the last 100 steps."""
     steps = len(losses)
     low, high, log = loss_range(losses)
     loss_axes = Axes((70, 46, width - 20, height - 118), steps, low, high, log)
@@ -193,7 +193,7 @@ def draw_loss(losses: list[float], lrs: list[float], path, width: int = 800, hei
     draw_y_ticks(draw, loss_axes, log_ticks(low, high) if log else round_ticks(low, high), font)
     draw_y_ticks(draw, lr_axes, [0.0, max(lrs)], font)
     draw_x_ticks(draw, [loss_axes, lr_axes], steps, font)
-    half = steps // 40
+    half = max(1, steps // 40)
     draw_curve(draw, loss_axes, losses, RAW, 1)
     draw_curve(draw, loss_axes, centred_average(losses, half), AVERAGE, 2)
     draw_curve(draw, lr_axes, lrs, LR, 2)
@@ -202,11 +202,11 @@ def draw_loss(losses: list[float], lrs: list[float], path, width: int = 800, hei
     draw.text(((70 + width - 20) / 2, height - 8), "step", fill="black", font=font, anchor="ms")
     last = losses[-100:]
     title = f"loss {sum(last) / len(last):.4g}: the mean of the last {len(last)} steps, of {steps}"
-    draw.text((70, 8), title, fill="black", font=ImageFont.load_default(size=15))
+    draw.text((70, 6), title, fill="black", font=ImageFont.load_default(size=15))
     legend = [("each step", (150, 150, 150)), (f"centred mean of {2 * half + 1}", AVERAGE),
               ("learning rate", LR)]
     x = width - 20
     for text, colour in reversed(legend):
-        draw.text((x, 30), text, fill=colour, font=font, anchor="rs")
+        draw.text((x, 40), text, fill=colour, font=font, anchor="rs")  # under the title
         x -= font.getlength(text) + 16
     image.save(path, format="PNG")
