@@ -345,16 +345,16 @@ def train(args: argparse.Namespace) -> Path:  # noqa: C901 (the recipe reads top
                 log.add(done, loss_sum / args.grad_accum, lr)
                 bar.set_postfix(loss=f"{loss_sum / args.grad_accum:.4f}")
                 if done % args.save_every == 0 or done == args.steps:
-                    checkpoint.save(done, log.losses)
+                    checkpoint.save(done, log.losses, log.lrs)
                 if args.sample_every and done % args.sample_every == 0:
                     validate(flow, ema, done)
         except KeyboardInterrupt:
-            checkpoint.save(done, log.losses)
+            checkpoint.save(done, log.losses, log.lrs)
             wait_for_rank0()
             raise SystemExit(f"interrupted ({stop.name()}): saved the LoRA and training state at step {done} "
                              f"to {args.out}, {files.state}; --resume continues") from None
     if start >= args.steps:
-        checkpoint.save(start, log.losses)
+        checkpoint.save(start, log.losses, log.lrs)
     wait_for_rank0()
     if rank() == 0:
         print(args.out)

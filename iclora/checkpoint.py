@@ -59,7 +59,7 @@ class Checkpoint:
                           dtype=SAVE_DTYPES[self.args.save_dtype])
         return write
 
-    def save(self, step: int, losses: list[float]):
+    def save(self, step: int, losses: list[float], lrs: list[float]):
         """The LoRA (and its numbered copy), then the training state: all written to temporary files, then
         renamed in that order by rank 0, so that the state, renamed last, is the commit point: a crash before
         it leaves the previous state, whose LoRA --resume rewrites (match_state). Then the loss curve."""
@@ -90,7 +90,7 @@ class Checkpoint:
         if keep_last:
             prune_numbered(files, step, keep_last, self.inputs)
         if losses:
-            write_or_warn(files.curve, lambda tmp: draw_loss(losses, tmp), "the loss curve")
+            write_or_warn(files.curve, lambda tmp: draw_loss(losses, lrs, tmp), "the loss curve")
 
     def match_state(self, state: dict | None):
         """--resume: the LoRA file made to hold the state's step. A crash between a save's renames leaves it a

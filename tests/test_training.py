@@ -429,9 +429,10 @@ def test_init_lora_of_another_rank_is_refused_naming_the_rank_to_give(repo, data
 def test_each_save_draws_the_loss_curve_next_to_the_csv(repo, data, tmp_path):
     out = run_train(repo, data, tmp_path / "lora.safetensors", "--steps", "6", "--save-every", "3")
     curve = np.asarray(Image.open(out.with_name("lora.loss.png")))
-    assert curve.shape == (320, 640, 3)
-    assert ((curve == (30, 90, 200)).all(-1).sum() > 100)  # the moving average's line
-    assert ((curve == (190, 190, 190)).all(-1).sum() > 50)  # the loss of every step
+    assert curve.shape == (400, 800, 3)
+    assert ((curve == (30, 90, 200)).all(-1).sum() > 100)  # the centred average's line
+    assert ((curve == (200, 200, 200)).all(-1).sum() > 50)  # the loss of every step
+    assert ((curve == (220, 120, 30)).all(-1).sum() > 50)  # the learning rate
 
 
 def test_inline_val_prompt_settings_are_read_and_others_take_the_defaults():
