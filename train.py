@@ -49,7 +49,7 @@ from iclora.options import (
 )
 from iclora.panels import LAYOUTS
 from iclora.resume import dataset_fingerprint, load_state, resume, start_from_lora
-from iclora.run import StopSignals, check_outputs, holding_lock, run_files, stopping_on_signals
+from iclora.run import StopSignals, check_outputs, finished, holding_lock, run_files, stopping_on_signals
 from iclora.training import (
     TIMESTEP_MODES,
     EncodedSet,
@@ -335,8 +335,7 @@ def train(args: argparse.Namespace) -> Path:  # noqa: C901 (the recipe reads top
     if start >= args.steps:
         checkpoint.save(start, log.losses)
     wait_for_rank0()
-    if rank() == 0:
-        print(args.out)
+    finished(args, files, done, log.losses, dataset.samples[per_set - 1], val_prompts[0]["caption"])
     return args.out
 
 
