@@ -255,10 +255,12 @@ def finished(args, files: RunFiles, steps: int, losses: list[float], first_set, 
     with contextlib.suppress(OSError):  # no lock: train() was called without main()
         took = f" in {duration(time.time() - files.lock.stat().st_mtime)}"
     last = losses[-100:]
-    loss = f"final loss {sum(last) / len(last):.4f} (the mean of the last {len(last)} steps)"
-    lines = [f"finished: {steps} steps{took}, {loss if last else 'no loss logged'}", "wrote:"]
+    loss = "no loss logged"
+    if last:
+        loss = f"final loss {sum(last) / len(last):.4f} (the mean of the last {len(last)} steps)"
+    lines = [f"finished: {steps} steps{took}, {loss}", "wrote:"]
     files_written = written(files)
-    width = max(len(shown) for shown, _ in files_written)
+    width = max((len(shown) for shown, _ in files_written), default=0)
     lines += [f"  {shown:<{width}}  {what}" for shown, what in files_written]
     lines += ["sample with it:", f"  {sample_command(args, first_set, caption)}"]
     if args.ref_panel:
