@@ -5,9 +5,10 @@ reference panels and image-to-image. `main` is BFL's cli.py recipe in order, the
     python sample.py --lora ali-vilab/In-Context-LoRA/film-storyboard.safetensors --panels 3 --layout column \
         --panel-width 1024 --panel-height 512 \
         --prompt "[MOVIE-SHOTS] ... [SCENE-1] ... [SCENE-2] ... [SCENE-3] ..."
-    python sample.py --from-image out.png --seed 5 --out again.png   # out.png's settings, another seed
-Every PNG written carries the run's settings, read back by --from-image. With --ref, a conditional IC-LoRA
-(one trained with `train.py --ref-panel`) sets the panel count, layout, reference panels and panel size.
+    python sample.py --from-image outputs/00001.png --seed 5   # that image's settings, another seed
+Without --out, each run writes the next free number in outputs/ (00001.png, 00002.png, ...), never an existing
+file; every PNG carries the run's settings, read back by --from-image. With --ref, a conditional IC-LoRA (one
+trained with `train.py --ref-panel`) sets the panel count, layout, reference panels and panel size.
 More examples, and every flag: docs/sampling.md.
 """
 
@@ -15,6 +16,7 @@ import argparse
 import itertools
 import math
 import os
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -31,7 +33,7 @@ from minflux.block_swap import BlockSwap
 from minflux.compile import compile_blocks
 from minflux.hub import hub_call
 from minflux.images import open_rgb
-from minflux.pipeline import from_pil, load_pipeline, to_pil
+from minflux.pipeline import Pipeline, from_pil, load_pipeline, to_pil
 from minflux.png_settings import RUN_ONLY, flags_given, settings_chunk, stored_defaults
 from minflux.quantize import FP8Linear, quantize_fp8
 from minflux.sampling import (
@@ -51,6 +53,7 @@ from minflux.tokenizers import overlong
 from minflux.user_input import USER_ERRORS, check_device, ranged
 
 TOY_SIZE = 64  # the toy model draws 64×64 scenes (per panel)
+OUTPUTS = Path("outputs")  # without --out, images go to the next free number here: outputs/00001.png, ...
 SIDE = ranged(int, 16, MAX_SIDE)  # the type of the size flags: limits in minflux/sampling.py
 
 
@@ -66,134 +69,110 @@ def finite(parse=float):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--from-image", type=Path, metavar="PNG",
-                   help="run again with the settings stored in a PNG that sample.py wrote (its \"minflux\" "
-                        "text chunk: the whole run, every prompt and seed); flags given as well replace the "
-                        "stored ones, a --lora also the stored --lora-scale, a --ref the --ref-panel, a "
-                        "--prompt-file the prompts. --out, --device, --offload and --blocks-to-swap are not "
-                        "stored, and a PNG holding them is refused; the files and hub ids it names are "
-                        "printed, and used only inside its folder or the working folder, or with "
-                        "--trust-settings (default: none)")
-    p.add_argument("--trust-settings", action="store_true",
-                   help="with --from-image: use the local files outside the PNG's folder and the working "
-                        "folder, and the hub downloads, that its settings name (default: refused)")
-    p.add_argument("--model", default="black-forest-labs/FLUX.1-dev",
-                   help="HF repo id (downloads only the files needed; honours HF_TOKEN and the HF cache), a "
-                        "local folder in the HF repo layout, or `toy`: the 12 MB toy FLUX in toy/model, "
-                        f"which draws {TOY_SIZE}x{TOY_SIZE} scenes (per panel) by default "
-                        "(default: %(default)s)")
-    p.add_argument("--prompt", action="append", default=[],
-                   help="text prompt; repeat the flag for several prompts. With --panel-prompt it is the "
-                        "summary of the whole set; without, it is used unchanged")
-    p.add_argument("--prompt-file", type=Path, help="a text file with one prompt per line (blank lines "
-                                                    "skipped)")
-    p.add_argument("--width", type=SIDE, help=f"image width in pixels, a multiple of 16 up to {MAX_SIDE} "
-                                              f"(default: 1024; toy: 64)")
-    p.add_argument("--height", type=SIDE, help=f"image height in pixels, a multiple of 16 up to {MAX_SIDE} "
-                                               f"(default: 1024; toy: 64)")
-    p.add_argument("--steps", type=ranged(int, 1), help="sampling steps (default: 28 for dev, 4 for schnell)")
-    p.add_argument("--guidance", type=finite(), default=3.5,
-                   help="distilled guidance strength fed to FLUX.1-dev; ignored by schnell (default: 3.5)")
-    p.add_argument("--negative-prompt", metavar="TEXT",
-                   help="what the image should not show, for true classifier-free guidance (--true-cfg): "
-                        "each step runs the model on the prompt and on this text, both with the distilled "
-                        "--guidance, as diffusers' FluxPipeline negative_prompt; twice the time per step "
-                        "(default: none)")
-    p.add_argument("--true-cfg", type=finite(ranged(float, 1)), default=1.0, metavar="S",
-                   help="scale S of true classifier-free guidance, v = v_neg + S·(v_pos − v_neg), as "
-                        "diffusers' true_cfg_scale; applies when S > 1, and then needs a --negative-prompt "
-                        "(1 = off, one model pass per step) (default: 1.0)")
-    p.add_argument("--seed", type=ranged(int, -2**63, 2**64 - 1), nargs="+", default=[0],
-                   help="noise seed(s), one run per seed (--seed 1 2 3); image i of a run uses the same draw "
-                        "as diffusers with generator.manual_seed(seed) (default: 0)")
-    p.add_argument("--num-images", type=ranged(int, 1, MAX_IMAGES), default=1,
-                   help=f"images per prompt and seed, at most {MAX_IMAGES} (default: 1)")
-    p.add_argument("--out", type=Path, default=Path("out.png"),
-                   help="output file; with several images an index is appended: out-0.png, out-1.png, ...; "
-                        "panels get -panel1, -panel2, ...: out-panel1.png or out-0-panel1.png; its extension "
-                        "is the format, and only .png keeps the settings for --from-image (default: out.png)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="torch device (default: cuda if available, else cpu)")
-    p.add_argument("--dtype", default=None, choices=["bf16", "fp32"],
-                   help="cast all weights to this dtype (default: keep each file's stored dtype, but fp16 "
-                        "becomes bf16; no fp16: T5 and the FLUX blocks overflow in it)")
-    p.add_argument("--transformer", type=Path,
-                   help="a local transformer .safetensors (BFL or diffusers key names, or a ComfyUI "
-                        "checkpoint whose model.diffusion_model.* is read) used instead of the one in "
-                        "--model: bf16, fp32, an fp8 plain cast (flux1-dev-fp8) or ComfyUI scaled fp8, "
-                        "detected from its tensors; the VAE, text encoders and tokenizers still come from "
-                        "--model (default: the --model's own)")
-    p.add_argument("--quantize", choices=["fp8"],
-                   help="fp8: store the weight of every Linear in the transformer's and T5's blocks in "
-                        "float8 e4m3fn with one float32 scale per row (1 byte a weight instead of bf16's 2: "
-                        "FLUX.1-dev sampling at 1024² then needs about 14 GiB instead of 26, computed); the "
-                        "embedders, norms, biases, CLIP and the VAE stay unquantized, in bf16 on a GPU "
-                        "unless --dtype says otherwise, and compute runs in that dtype (weights are "
-                        "dequantized layer by layer). --lora files are merged into the full-precision "
-                        "weights before quantizing (with --no-merge they are kept as adapters on the fp8 "
-                        "layers) (default: none)")
-    p.add_argument("--offload", action="store_true",
-                   help="keep models in CPU RAM and move each to the GPU only while it runs (T5 -> CLIP -> "
-                        "transformer -> VAE); FLUX.1-dev then fits a 40 GB card in bf16")
-    p.add_argument("--blocks-to-swap", type=ranged(int, 0, 57), default=0, metavar="K",
-                   help="keep the weights of the last K of the transformer's 19 double + 38 single blocks "
-                        "(single blocks first) in CPU RAM and copy each to the GPU just before it runs: "
-                        "saves K blocks' weights (bf16: 0.68 GB a double block, 0.28 GB a single one) for a "
-                        "slower step (PCIe copies); combines with --offload (default: 0)")
-    p.add_argument("--compile", action="store_true",
-                   help="torch.compile each transformer block's forward (regional: the 19 double blocks "
-                        "share one compiled graph, the 38 single blocks another, so two blocks are compiled, "
-                        "by the first step), for speed on a GPU (bench/gpu.py measures it); the same image "
-                        "within float rounding (default: off)")
-
-    g = p.add_argument_group("LoRA")
-    g.add_argument("--lora", action="append", default=[],
-                   help="a LoRA file (PEFT/diffusers, kohya, BFL or XLabs layout): a local path or "
-                        "owner/repo/file.safetensors on the HF hub, e.g. "
-                        "ali-vilab/In-Context-LoRA/film-storyboard.safetensors; repeat for several")
-    g.add_argument("--lora-scale", type=finite(), action="append", default=[],
-                   help="multiplier of each --lora, one per --lora in the same order (default: 1.0 for all)")
-    g.add_argument("--no-merge", action="store_true",
-                   help="keep the LoRAs as separate adapters instead of adding them into the weights "
-                        "(slower per step; merging is the default)")
-
-    g = p.add_argument_group("panel sets (In-Context LoRA)")
-    g.add_argument("--panels", type=ranged(int, 1, MAX_PANELS),
-                   help=f"number of panels on the canvas, at most {MAX_PANELS} (default: 1; with --ref, a "
-                        f"conditional LoRA's)")
-    g.add_argument("--layout", choices=LAYOUTS, help="panels side by side, stacked, or in a grid of "
-                                                     "ceil(sqrt(N)) columns (default: row; with --ref, a "
-                                                     "conditional LoRA's)")
-    g.add_argument("--panel-width", type=SIDE,
-                   help="width of each panel, a multiple of 16; with --panel-height it sets the canvas size, "
-                        "overriding --width/--height (default: --width split evenly among the columns)")
-    g.add_argument("--panel-height", type=SIDE,
-                   help="height of each panel, a multiple of 16 (default: --height split evenly among the "
-                        "rows)")
-    g.add_argument("--panel-prompt", action="append", default=[],
-                   help="description of one panel, one flag per panel in order; joined with --prompt into "
-                        "\"This N-panel image shows <prompt>; [IMAGE1] <panel 1>; [IMAGE2] <panel 2>; ...\"")
-    g.add_argument("--ref", type=Path, action="append", default=[],
-                   help="reference image that fixes a panel (the i-th --ref fixes panel i, or see "
-                        "--ref-panel); cover-resized and center-cropped to the panel size")
-    g.add_argument("--ref-panel", type=int, action="append", default=[],
-                   help="1-based panel fixed by each --ref, one per --ref in the same order (default: panel "
-                        "i for the i-th --ref; with a conditional LoRA, its reference panels)")
-    g.add_argument("--ref-strength", type=ranged(float, 0, 1), default=1.0,
-                   help="s in [0, 1]: after each step the reference panel's latents become (1 - s)·x + "
-                        "s·x_ref(t); 1 pins them to the reference, 0 ignores it (default: 1.0)")
-    g.add_argument("--ref-stop", type=ranged(float, 0, 1), default=0.0,
-                   help="F in [0, 1]: leave the reference panels to the model for the last round(F·steps) "
-                        "steps, to smooth the seams (default: 0, pinned through the last step)")
-
-    g = p.add_argument_group("image-to-image")
-    g.add_argument("--init", type=Path,
-                   help="start from this image (cover-resized and center-cropped to the canvas) instead of "
-                        "noise; a seed gives diffusers' FluxImg2ImgPipeline's image")
-    g.add_argument("--strength", type=ranged(float, 0, 1),
-                   help="how much of the schedule to run from --init: 0 returns the image, 1 ignores it "
-                        "(diffusers' rule; default: 0.6)")
+    """The flags in groups, the ones most people need first, each explained in one sentence (docs/sampling.md
+    explains them in full). They are added in their historical order, the order of the stored settings."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                usage="python sample.py [--model M] [--prompt TEXT] [--lora FILE] [options]",
+                                epilog="Every option in detail: docs/sampling.md, Options in detail.")
+    most = p.add_argument_group("the options most people need")
+    sampling = p.add_argument_group("sampling")
+    memory = p.add_argument_group("memory and speed")
+    sets = p.add_argument_group("LoRA and panels (In-Context LoRA)")
+    img2img = p.add_argument_group("image-to-image")
+    replay = p.add_argument_group("settings (every PNG stores its run's, to run it again)")
+    replay.add_argument("--from-image", type=Path, metavar="PNG",
+                        help="run again with the settings a PNG of sample.py stores, flags given replacing "
+                             "the stored ones (default: none)")
+    replay.add_argument("--trust-settings", action="store_true",
+                        help="with --from-image, use the files and downloads its settings name outside the "
+                             "PNG's and the working folder (default: refused)")
+    most.add_argument("--model", default="black-forest-labs/FLUX.1-dev", metavar="M",
+                      help="HF repo id, a local folder in the HF repo layout, or `toy` for the 12 MB toy "
+                           "FLUX of toy/model (default: %(default)s)")
+    most.add_argument("--prompt", action="append", default=[], metavar="TEXT",
+                      help="text prompt, repeatable, which with --panel-prompt sums up the whole set")
+    sampling.add_argument("--prompt-file", type=Path, metavar="FILE",
+                          help="a text file of prompts, one per line")
+    most.add_argument("--width", type=SIDE, metavar="PX",
+                      help=f"image width in pixels, a multiple of 16 up to {MAX_SIDE} (default: 1024; toy: "
+                           f"{TOY_SIZE})")
+    most.add_argument("--height", type=SIDE, metavar="PX",
+                      help=f"image height in pixels, a multiple of 16 up to {MAX_SIDE} (default: 1024; toy: "
+                           f"{TOY_SIZE})")
+    sampling.add_argument("--steps", type=ranged(int, 1), metavar="N",
+                          help="sampling steps (default: 28 for dev, 4 for schnell)")
+    sampling.add_argument("--guidance", type=finite(), default=3.5, metavar="G",
+                          help="distilled guidance strength, which schnell ignores (default: 3.5)")
+    sampling.add_argument("--negative-prompt", metavar="TEXT",
+                          help="what the image should not show, used by --true-cfg (default: none)")
+    sampling.add_argument("--true-cfg", type=finite(ranged(float, 1)), default=1.0, metavar="S",
+                          help="true classifier-free guidance scale, above 1 with a --negative-prompt, at "
+                               "twice the time per step (default: 1.0, off)")
+    most.add_argument("--seed", type=ranged(int, -2**63, 2**64 - 1), nargs="+", default=[0], metavar="SEED",
+                      help="noise seed(s), one run per seed, drawn as diffusers' generator.manual_seed(seed) "
+                           "draws (default: 0)")
+    sampling.add_argument("--num-images", type=ranged(int, 1, MAX_IMAGES), default=1, metavar="N",
+                          help=f"images per prompt and seed, at most {MAX_IMAGES} (default: 1)")
+    most.add_argument("--out", type=Path, metavar="FILE",
+                      help="output file, replaced if it exists, with -1, -2, ... and -panel1, ... added for "
+                           "several images and panels (default: the next free outputs/NNNNN.png)")
+    memory.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="torch device (default: cuda if available, else cpu)")
+    memory.add_argument("--dtype", default=None, choices=["bf16", "fp32"],
+                        help="cast all weights to this dtype (default: each file's own, fp16 read as bf16)")
+    memory.add_argument("--transformer", type=Path, metavar="FILE",
+                        help="a local transformer .safetensors (BFL, diffusers or ComfyUI; bf16, fp32 or "
+                             "fp8) used instead of --model's (default: --model's own)")
+    memory.add_argument("--quantize", choices=["fp8"],
+                        help="store the weights of the transformer's and T5's blocks in fp8, half of bf16's "
+                             "memory (default: none)")
+    memory.add_argument("--offload", action="store_true",
+                        help="keep the models in CPU RAM, each moved to the GPU only while it runs "
+                             "(default: off)")
+    memory.add_argument("--blocks-to-swap", type=ranged(int, 0, 57), default=0, metavar="K",
+                        help="keep the last K of the 57 transformer blocks in CPU RAM, each copied to the "
+                             "GPU as it runs (default: 0)")
+    memory.add_argument("--compile", action="store_true",
+                        help="torch.compile each transformer block, for speed on a GPU (default: off)")
+    most.add_argument("--lora", action="append", default=[], metavar="FILE",
+                      help="a LoRA file, local or owner/repo/file.safetensors on the HF hub, repeatable "
+                           "(default: none)")
+    sets.add_argument("--lora-scale", type=finite(), action="append", default=[], metavar="S",
+                      help="multiplier of each --lora, one per --lora in order (default: 1.0)")
+    sets.add_argument("--no-merge", action="store_true",
+                      help="keep the LoRAs as adapters instead of merging them into the weights (default: "
+                           "merged)")
+    sets.add_argument("--panels", type=ranged(int, 1, MAX_PANELS), metavar="N",
+                      help=f"number of panels on the canvas, at most {MAX_PANELS} (default: 1; with --ref, a "
+                           f"conditional LoRA's)")
+    sets.add_argument("--layout", choices=LAYOUTS,
+                      help="panels in a row, a column or a grid (default: row; with --ref, a conditional "
+                           "LoRA's)")
+    sets.add_argument("--panel-width", type=SIDE, metavar="PX",
+                      help="width of each panel, which with --panel-height sets the canvas size (default: "
+                           "--width split among the columns)")
+    sets.add_argument("--panel-height", type=SIDE, metavar="PX",
+                      help="height of each panel (default: --height split among the rows)")
+    sets.add_argument("--panel-prompt", action="append", default=[], metavar="TEXT",
+                      help="description of one panel, one flag per panel in order, joined with --prompt into "
+                           "the paper's caption")
+    most.add_argument("--ref", type=Path, action="append", default=[], metavar="IMAGE",
+                      help="reference image that fixes a panel, the i-th --ref panel i unless --ref-panel "
+                           "says another (default: none)")
+    sets.add_argument("--ref-panel", type=int, action="append", default=[], metavar="K",
+                      help="1-based panel fixed by each --ref, in order (default: panel i for the i-th "
+                           "--ref, or a conditional LoRA's)")
+    sets.add_argument("--ref-strength", type=ranged(float, 0, 1), default=1.0, metavar="S",
+                      help="how strongly the reference panels are pinned after each step, from 0 (ignored) "
+                           "to 1 (default: 1.0)")
+    sets.add_argument("--ref-stop", type=ranged(float, 0, 1), default=0.0, metavar="F",
+                      help="the last fraction F of the steps, in which the reference panels are left free to "
+                           "smooth the seams (default: 0)")
+    img2img.add_argument("--init", type=Path, metavar="IMAGE",
+                         help="start from this image instead of noise (default: none)")
+    img2img.add_argument("--strength", type=ranged(float, 0, 1), metavar="S",
+                         help="how much of the schedule to run from --init, from 0 (the image) to 1 (ignores "
+                              "it) (default: 0.6)")
     return p
 
 
@@ -215,13 +194,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.negative_prompt is not None and args.true_cfg == 1:
         warnings.warn("--negative-prompt has no effect at --true-cfg 1 (off); give --true-cfg > 1, e.g. 4",
                       stacklevel=1)
-    if args.out.suffix.lower() not in Image.registered_extensions():
-        p.error(f"--out {args.out}: give a file name with an image extension (.png keeps the settings; "
-                f".jpg, .webp, ... do not)")
-    if args.out.suffix.lower() != ".png":
-        warnings.warn(f"--out {args.out}: the settings (for --from-image) are stored only in .png files",
-                      stacklevel=1)
-    check_out(args.out)
+    check_out(p, args.out)
     if args.prompt_file:  # its lines join the prompts, so that the stored settings hold every prompt
         args.prompt = args.prompt + read_prompt_file(args.prompt_file)
     if args.quantize and args.dtype is None and torch.device(args.device).type == "cuda":
@@ -242,17 +215,40 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def check_out(out: Path):
-    """--out names a file (not a folder) in a folder that exists or can be made, and that may be written."""
+def check_out(p: argparse.ArgumentParser, out: Path | None):
+    """--out names an image file (not a folder) in a folder that exists or can be made, and that may be
+    written; without --out, the same holds for the numbered file in OUTPUTS."""
+    named = f"--out {out}"
+    if out is None:
+        out = numbered_output()
+        named = f"{out} (where images go without --out)"
+    elif out.suffix.lower() not in Image.registered_extensions():
+        p.error(f"--out {out}: give a file name with an image extension (.png keeps the settings; .jpg, "
+                f".webp, ... do not)")
+    elif out.suffix.lower() != ".png":
+        warnings.warn(f"--out {out}: the settings (for --from-image) are stored only in .png files",
+                      stacklevel=1)
     if out.is_dir():
-        raise ValueError(f"--out {out} is a folder; give a file name, e.g. {out / 'out.png'}")
+        raise ValueError(f"{named} is a folder; give a file name, e.g. {out / 'out.png'}")
     folder = out.absolute().parent
     while not folder.exists():  # main makes the missing folders
         folder = folder.parent
     if not folder.is_dir():
-        raise ValueError(f"--out {out}: {folder} is a file, not a folder")
+        raise ValueError(f"{named}: {folder} is a file, not a folder")
     if not os.access(folder, os.W_OK | os.X_OK):
-        raise PermissionError(f"--out {out}: the folder {folder} is not writable")
+        raise PermissionError(f"{named}: the folder {folder} is not writable")
+
+
+def numbered_output(folder: Path = OUTPUTS) -> Path:
+    """folder/NNNNN.png, numbered one past the highest number that a name in `folder` starts with (00001.png
+    in a new folder), so that a run without --out never replaces an earlier image or its panels."""
+    highest = 0
+    if folder.is_dir():
+        for path in folder.iterdir():
+            number = re.match(r"\d+", path.name)
+            if number:
+                highest = max(highest, int(number[0]))
+    return folder / f"{highest + 1:05d}.png"
 
 
 def read_prompt_file(path: Path) -> list[str]:
@@ -449,31 +445,10 @@ def add_loras(flow, loras: list, scales: list[float], merge: bool):
               file=sys.stderr)
 
 
-def main(argv=None) -> list[Path]:  # noqa: C901 (the recipe reads as numbered steps; tools/reading_path.py holds it to 20)
-    args = parse_args(argv)
-    # Everything that needs no model is read (and so checked) first.
-    check_device(args.device)
-    lora_paths = [resolve_lora(spec) for spec in args.lora]
-    conditional = conditional_lora(lora_paths, args.ref)
-    if conditional:
-        path, meta = conditional
-        take_geometry(args, meta, path)
-    args.panels = args.panels or 1
-    args.layout = args.layout or "row"
-    prompts = []
-    for prompt in read_prompts(args):
-        prompts += [prompt] * args.num_images
-    height, width = canvas(args)
-    args.height, args.width = height, width  # stored as used
-    files = output_paths(args.out, len(prompts) * len(args.seed), args.panels, input_files(args, lora_paths))
-    boxes = panel_boxes(height, width, args.panels, args.layout)
-    given = reference_panels(len(args.ref), args.ref_panel, args.panels)  # 0-based panel of each --ref
-    refs = [(read_image(path, "--ref"), boxes[k]) for path, k in zip(args.ref, given, strict=True)]
-    init = read_image(args.init, "--init") if args.init else None
-    loras = [(path, read_lora_file(path)) for path in lora_paths]
-
-    # 1. Load the models (T5, CLIP, the flow transformer, the autoencoder) to the CPU, then the LoRAs: merged
-    # into the full-precision weights before --quantize; as adapters (--no-merge, or an fp8 file) after it.
+def load_models(args, loras: list) -> Pipeline:
+    """The models (T5, CLIP, the flow transformer, the autoencoder) on the CPU, then the `loras` (path,
+    tensors): merged into the full-precision weights before --quantize; as adapters (--no-merge, or an fp8
+    file) after it. Then --blocks-to-swap and --compile, which come after every change to the blocks."""
     pipe = load_pipeline(args.model, args.device, args.dtype, args.offload, args.transformer)
     fp8_file = any(isinstance(m, FP8Linear) for m in pipe.flow.modules())
     if fp8_file and loras and not args.no_merge:
@@ -490,6 +465,56 @@ def main(argv=None) -> list[Path]:  # noqa: C901 (the recipe reads as numbered s
     BlockSwap(pipe.flow, args.blocks_to_swap, args.device)  # last: before the flow first goes to the device
     if args.compile:  # after every change to the blocks' layers
         compile_blocks(pipe.flow)
+    return pipe
+
+
+def save_images(images: list[Image.Image], files: list[list[Path]], args) -> list[Path]:
+    """Each image to its `files` (output_paths'), and each of its panels, all with the run's settings in a PNG
+    text chunk; the paths written, each printed. Without --out, the number in outputs/ is taken now, so that a
+    run that finished meanwhile keeps its own."""
+    if args.out is None:
+        files = output_paths(numbered_output(), len(files), args.panels)
+    chunk = settings_chunk(args)
+    written = []
+    for image, paths in zip(images, files, strict=True):
+        paths[0].parent.mkdir(parents=True, exist_ok=True)
+        panels = split_panels(image, args.panels, args.layout) if args.panels > 1 else []
+        for picture, path in zip([image, *panels], paths, strict=True):
+            picture.save(path, pnginfo=chunk)
+            print(path)
+            written.append(path)
+    if written[0].suffix.lower() == ".png":
+        print(f"The settings of this run are stored in each PNG (its \"minflux\" text chunk); run it again "
+              f"with: python sample.py --from-image {written[0]}", file=sys.stderr)
+    return written
+
+
+def main(argv=None) -> list[Path]:  # noqa: C901 (the recipe reads as numbered steps; tools/reading_path.py holds it to 20)
+    args = parse_args(argv)
+    # Everything that needs no model is read (and so checked) first.
+    check_device(args.device)
+    lora_paths = [resolve_lora(spec) for spec in args.lora]
+    conditional = conditional_lora(lora_paths, args.ref)
+    if conditional:
+        path, meta = conditional
+        take_geometry(args, meta, path)
+    args.panels = args.panels or 1
+    args.layout = args.layout or "row"
+    prompts = []
+    for prompt in read_prompts(args):
+        prompts += [prompt] * args.num_images
+    height, width = canvas(args)
+    args.height, args.width = height, width  # stored as used
+    out = args.out or numbered_output()  # without --out: numbered again when saving (save_images)
+    files = output_paths(out, len(prompts) * len(args.seed), args.panels, input_files(args, lora_paths))
+    boxes = panel_boxes(height, width, args.panels, args.layout)
+    given = reference_panels(len(args.ref), args.ref_panel, args.panels)  # 0-based panel of each --ref
+    refs = [(read_image(path, "--ref"), boxes[k]) for path, k in zip(args.ref, given, strict=True)]
+    init = read_image(args.init, "--init") if args.init else None
+    loras = [(path, read_lora_file(path)) for path in lora_paths]
+
+    # 1. Load the models (T5, CLIP, the flow transformer, the autoencoder), then the LoRAs (load_models).
+    pipe = load_models(args, loras)
 
     # 2. Tokenize and encode the prompts; 3. the schedule of times from 1 (noise) to 0 for this size.
     # With --true-cfg, the negative prompt too, once (`true_cfg` runs the flow on both at every step).
@@ -538,16 +563,7 @@ def main(argv=None) -> list[Path]:  # noqa: C901 (the recipe reads as numbered s
         images += to_pil(pipe.decode(unpack(x, height, width)))
 
     # 7. Save each image, and each of its panels, all with the run's settings.
-    chunk = settings_chunk(args)
-    written = []
-    for image, paths in zip(images, files, strict=True):
-        paths[0].parent.mkdir(parents=True, exist_ok=True)
-        panels = split_panels(image, args.panels, args.layout) if args.panels > 1 else []
-        for picture, path in zip([image, *panels], paths, strict=True):
-            picture.save(path, pnginfo=chunk)
-            print(path)
-            written.append(path)
-    return written
+    return save_images(images, files, args)
 
 
 if __name__ == "__main__":

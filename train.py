@@ -49,7 +49,7 @@ from iclora.options import (
 )
 from iclora.panels import LAYOUTS
 from iclora.resume import dataset_fingerprint, load_state, resume, start_from_lora
-from iclora.run import StopSignals, check_outputs, holding_lock, run_files, stopping_on_signals
+from iclora.run import StopSignals, check_outputs, finished, holding_lock, run_files, stopping_on_signals
 from iclora.training import (
     TIMESTEP_MODES,
     EncodedSet,
@@ -79,140 +79,119 @@ REF_MODE = "moved"
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The flags in groups, the ones most people need first, each explained in one sentence (docs/training.md
+    explains them in full). They are added in their historical order, the order of the training state's."""
     flux = MODEL_DEFAULTS["flux"]
     toy = MODEL_DEFAULTS["toy"]
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", type=Path, help="JSON file of option values (keys as the flags, with _); "
-                                               "flags given on the command line override it")
-    p.add_argument("--data", type=Path, help="dataset folder: joined images with same-named .txt captions, "
-                                             "or one sub-folder of panels + caption.txt per set (see "
-                                             "sets/README.md)")
-    p.add_argument("--layout", default="row", choices=LAYOUTS,
-                   help="how panels in sub-folders are joined, and how the --panels of joined images sit "
-                        "(default: row)")
-    p.add_argument("--panels", type=ranged(int, 1),
-                   help="panels in each joined image, so that their edges stay on the token grid and "
-                        "--ref-panel can find them (default: unknown; set folders know their panels)")
-    p.add_argument("--ref-panel", type=ranged(int, 1), action="append", default=[],
-                   help="1-based panel given as input (repeatable), as `sample.py --ref` gives it: the loss "
-                        "is on the other panels only, and the LoRA's metadata records the geometry (default: "
-                        "none, a plain text-to-set IC-LoRA)")
-    p.add_argument("--model", default="black-forest-labs/FLUX.1-dev",
-                   help="HF repo id or local folder in the HF repo layout, or `toy` for the 12 MB toy FLUX "
-                        "in toy/model, which also changes the defaults marked 'toy' (default: %(default)s)")
-    p.add_argument("--transformer", type=Path,
-                   help="a local transformer .safetensors (BFL or diffusers key names, or a ComfyUI "
-                        "checkpoint whose model.diffusion_model.* is read) used instead of --model's: bf16, "
-                        "fp32, an fp8 plain cast or ComfyUI scaled fp8, detected from its tensors; the LoRA "
-                        "then trains on its (dequantized) weights; VAE, text encoders and tokenizers come "
-                        "from --model (default: the --model's own)")
-    p.add_argument("--quantize", choices=["fp8"],
-                   help="fp8: store the weight of every Linear in the transformer's and T5's blocks in "
-                        "float8 e4m3fn with one float32 scale per row (1 byte a weight instead of bf16's 2: "
-                        "the paper's recipe then needs about 17 GiB instead of 28, computed; see "
-                        "docs/memory-and-speed.md); the embedders, norms, biases, CLIP and the VAE stay in "
-                        "the base dtype, compute too (weights dequantized per layer), and the LoRA adapters "
-                        "and optimizer stay fp32 (default: none)")
-    p.add_argument("--out", type=lora_file, default=Path("out.safetensors"),
-                   help="LoRA file, not a folder, outside --data; its other files are written next to it "
-                        "(default: out.safetensors)")
-    p.add_argument("--steps", type=ranged(int, 1),
-                   help=f"optimizer steps (default: {flux['steps']}, the paper's; toy: {toy['steps']})")
-    p.add_argument("--batch-size", type=ranged(int, 1), default=4,
-                   help="examples per step (default: 4, the paper's)")
-    p.add_argument("--grad-accum", type=ranged(int, 1), default=1,
-                   help="micro-batches of --batch-size per optimizer step (default: 1)")
-    p.add_argument("--rank", type=ranged(int, 1), default=16, help="LoRA rank (default: 16, the paper's)")
-    p.add_argument("--init-lora", type=Path,
-                   help="start the adapters from this LoRA file (any layout sample.py loads) instead of from "
-                        "zero: it must cover the same layers at the same --rank; its delta is kept whatever "
-                        "--alpha is (A as in the file, B divided by --alpha/--rank)")
-    p.add_argument("--alpha", type=above_zero, default=16.0,
-                   help="LoRA alpha, above 0; the update is scaled by alpha/rank (0 would train nothing) "
-                        "(default: 16)")
-    p.add_argument("--lr", type=ranged(float, 1e-12),
-                   help=f"AdamW learning rate (default: {flux['lr']}; toy: {toy['lr']})")
-    p.add_argument("--warmup", type=ranged(int, 0), default=100,
-                   help="linear warm-up steps (default: 100, ours; the authors' trainer has none)")
-    p.add_argument("--ema-decay", type=ranged(float, 0, 1),
-                   help="exponential moving average of the LoRA weights, updated after every step: the saved "
-                        "LoRA and the validation images use it, as the authors' trainer does; 0 = off, the "
-                        f"raw weights (default: {flux['ema_decay']}, the authors'; toy: {toy['ema_decay']}, "
-                        f"not yet measured on the toy task)")
-    p.add_argument("--grad-clip", type=ranged(float, 0), default=1.0,
-                   help="max gradient norm, the gradients scaled down to it when over; 0 = no clipping "
-                        "(default: 1.0)")
-    p.add_argument("--resolution", type=ranged(int, 16), nargs="+",
-                   help="one or more target areas, each as the side of a square: every set is trained at "
-                        "each, in the aspect bucket of about that many pixels squared (sides multiples of 16 "
-                        "per panel), never upscaled: where a bucket is larger than the set, the set's own "
-                        "size, panel sides rounded down to 16 (default: "
-                        + " ".join(map(str, flux["resolution"]))
-                        + f", the authors'; toy: {toy['resolution'][0]})")
-    p.add_argument("--caption-dropout", type=ranged(float, 0, 1), default=0.05,
-                   help="probability a caption is replaced by the empty one (default: 0.05)")
-    p.add_argument("--guidance", type=ranged(float, -math.inf), default=1.0,
-                   help="distilled-guidance input during training, a finite number (default: 1.0)")
-    p.add_argument("--timestep-sampling", type=timestep_mode,
-                   choices=TIMESTEP_MODES,
-                   help="how the training t is drawn: sigmoid = sigmoid(randn), the authors' recipe (median "
-                        "t 0.5); shift = the same, then moved toward noise by FLUX's resolution shift as the "
-                        "sampler's schedule is (kohya's flux_shift; median t 0.76 at 1024²; `logit_normal` "
-                        f"is its old name); uniform (default: {flux['timestep_sampling']}; toy: "
-                        f"{toy['timestep_sampling']})")
-    p.add_argument("--checkpointing", action=argparse.BooleanOptionalAction,
-                   help="gradient checkpointing per block: much less memory, ~30%% slower (default: on; toy: "
-                        "off)")
-    p.add_argument("--blocks-to-swap", type=ranged(int, 0, 57), default=0, metavar="K",
-                   help="keep the frozen weights of the last K of the 19 double + 38 single blocks (single "
-                        "blocks first) in CPU RAM and copy each to the GPU just before it runs, forward and "
-                        "in the backward pass's recomputation: saves K blocks' weights (bf16: 0.68 GB a "
-                        "double block, 0.28 GB a single one) for a slower step (PCIe copies). Needs "
-                        "--checkpointing (default: 0)")
-    p.add_argument("--compile", action="store_true",
-                   help="torch.compile each transformer block's forward (regional: one compiled graph per "
-                        "block class, compiled at the first step and again at a new image size and for "
-                        "validation sampling); the same training within float rounding; composes with the "
-                        "LoRA, --checkpointing, --quantize and --blocks-to-swap. Full-size FLUX.1-dev "
-                        "training crashed in its first compiled backward on an H200 with torch 2.11 "
-                        "(bench/RESULTS.md) (default: off)")
-    p.add_argument("--fsdp", action="store_true",
-                   help="under torchrun: shard the frozen base over the ranks with FSDP2, block by block, so "
-                        "that each GPU holds 1/N of its weights (gathering a block's just before it runs); "
-                        "the adapters stay whole and are all-reduced as in plain data parallel (default: "
-                        "off, every rank holds the whole base)")
-    p.add_argument("--save-every", type=ranged(int, 1), default=250,
-                   help="write LoRA + training state every N steps (default: 250)")
-    p.add_argument("--save-dtype", choices=["fp16", "bf16", "fp32"],
-                   help=f"dtype of the LoRA files; a value beyond fp16's range is written in bf16 with a "
-                        f"warning, never as inf (default: {flux['save_dtype']}, as the released IC-LoRAs; "
-                        f"toy: {toy['save_dtype']}); the training state keeps fp32")
-    p.add_argument("--keep-last", type=ranged(int, 0), default=4,
-                   help="also write each save as <stem>-step000250.safetensors and keep the last N of them; "
-                        "the unnumbered --out file is always the latest; 0 = no numbered copies (default: 4)")
-    p.add_argument("--sample-every", type=ranged(int, 0), default=250,
-                   help="validation images every N steps; 0 = never (default: 250)")
-    p.add_argument("--val-prompt", action="append", default=[],
-                   help="validation prompt, repeatable, with optional inline settings as in ai-toolkit and "
-                        "kohya: \"a caption --w 1024 --h 1536 --seed 3 --g 3.5 --s 20\" (--d and --l also "
-                        "mean seed and guidance); unset ones: the first set's size, seed 42, guidance 3.5, "
-                        "--sample-steps. Each --sample-every, and before the first step, the images go side "
-                        "by side into <stem>_samples/step000250.png (default: the first training caption)")
-    p.add_argument("--strict-captions", action="store_true",
-                   help="refuse captions and --val-prompt's longer than T5 reads (512 tokens for dev, 256 "
-                        "for schnell) instead of warning that their end is cut")
-    p.add_argument("--sample-steps", type=ranged(int, 1), default=20,
-                   help="steps for validation images (default: 20)")
-    p.add_argument("--seed", type=ranged(int, 0), default=42,
-                   help="seed for data order, noise, t and dropout, at least 0 (default: 42)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="torch device (default: cuda if available, else cpu)")
-    p.add_argument("--dtype", default=None, choices=["bf16", "fp32"],
-                   help="base-model dtype (default: bf16 on GPU, the stored dtype on CPU); the LoRA's "
-                        "parameters and optimizer state are fp32, its arithmetic in this dtype")
-    p.add_argument("--resume", action="store_true",
-                   help="continue from <out stem>.state.pt (bit for bit on CPU; on a GPU, nondeterministic "
-                        "kernels such as attention's backward can add tiny differences)")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                usage="python train.py --data FOLDER [--model M] [--out FILE] [options]",
+                                epilog="Every option in detail: docs/training.md, Options in detail.")
+    most = p.add_argument_group("the options most people need")
+    lora = p.add_argument_group("LoRA and panels")
+    training = p.add_argument_group("training")
+    memory = p.add_argument_group("memory and speed")
+    output = p.add_argument_group("output and logging")
+    advanced = p.add_argument_group("advanced")
+    most.add_argument("--config", type=Path, metavar="FILE",
+                      help="JSON file of option values, keys as the flags with _, which flags given override "
+                           "(default: none)")
+    most.add_argument("--data", type=Path, metavar="FOLDER",
+                      help="dataset folder: joined images with same-named .txt captions, or a folder of "
+                           "panels and caption.txt per set (sets/README.md)")
+    lora.add_argument("--layout", default="row", choices=LAYOUTS,
+                      help="how the panels of a set folder are joined, and how those of a joined image sit "
+                           "(default: row)")
+    lora.add_argument("--panels", type=ranged(int, 1), metavar="N",
+                      help="panels in each joined image, so that --ref-panel finds them (default: unknown; "
+                           "set folders know theirs)")
+    most.add_argument("--ref-panel", type=ranged(int, 1), action="append", default=[], metavar="K",
+                      help="1-based panel given as input, as sample.py --ref gives it, which makes the LoRA "
+                           "conditional (default: none)")
+    most.add_argument("--model", default="black-forest-labs/FLUX.1-dev", metavar="M",
+                      help="HF repo id, a local folder in the HF repo layout, or `toy` for the 12 MB toy "
+                           "FLUX and its defaults (default: %(default)s)")
+    memory.add_argument("--transformer", type=Path, metavar="FILE",
+                        help="a local transformer .safetensors (BFL, diffusers or ComfyUI; bf16, fp32 or "
+                             "fp8) to train on instead of --model's (default: --model's own)")
+    memory.add_argument("--quantize", choices=["fp8"],
+                        help="store the weights of the transformer's and T5's blocks in fp8, half of bf16's "
+                             "memory (default: none)")
+    most.add_argument("--out", type=lora_file, default=Path("out.safetensors"), metavar="FILE",
+                      help="the LoRA file, outside --data, with its state, loss log and samples next to it "
+                           "(default: out.safetensors)")
+    most.add_argument("--steps", type=ranged(int, 1), metavar="N",
+                      help=f"optimizer steps (default: {flux['steps']}, the paper's; toy: {toy['steps']})")
+    training.add_argument("--batch-size", type=ranged(int, 1), default=4, metavar="N",
+                          help="examples per step (default: 4, the paper's)")
+    training.add_argument("--grad-accum", type=ranged(int, 1), default=1, metavar="N",
+                          help="micro-batches of --batch-size per optimizer step (default: 1)")
+    lora.add_argument("--rank", type=ranged(int, 1), default=16, metavar="R",
+                      help="LoRA rank (default: 16, the paper's)")
+    lora.add_argument("--init-lora", type=Path, metavar="FILE",
+                      help="start the adapters from this LoRA file, of the same layers and --rank, instead "
+                           "of from zero (default: none)")
+    lora.add_argument("--alpha", type=above_zero, default=16.0, metavar="A",
+                      help="LoRA alpha, above 0, the update being scaled by alpha/rank (default: 16)")
+    training.add_argument("--lr", type=ranged(float, 1e-12),
+                          help=f"AdamW learning rate (default: {flux['lr']}; toy: {toy['lr']})")
+    training.add_argument("--warmup", type=ranged(int, 0), default=100, metavar="N",
+                          help="linear warm-up steps (default: 100, ours; the authors' trainer has none)")
+    training.add_argument("--ema-decay", type=ranged(float, 0, 1), metavar="D",
+                          help=f"decay of the moving average of the LoRA weights that is saved and sampled, "
+                               f"0 = off (default: {flux['ema_decay']}, the authors'; toy: "
+                               f"{toy['ema_decay']})")
+    training.add_argument("--grad-clip", type=ranged(float, 0), default=1.0, metavar="NORM",
+                          help="max gradient norm, 0 = no clipping (default: 1.0)")
+    training.add_argument("--resolution", type=ranged(int, 16), nargs="+", metavar="SIDE",
+                          help="target areas as square sides, every set trained at each, never upscaled "
+                               "(default: " + " ".join(map(str, flux["resolution"]))
+                               + f", the authors'; toy: {toy['resolution'][0]})")
+    advanced.add_argument("--caption-dropout", type=ranged(float, 0, 1), default=0.05, metavar="P",
+                          help="probability a caption is replaced by the empty one (default: 0.05)")
+    advanced.add_argument("--guidance", type=ranged(float, -math.inf), default=1.0, metavar="G",
+                          help="distilled-guidance input during training, a finite number (default: 1.0)")
+    advanced.add_argument("--timestep-sampling", type=timestep_mode, choices=TIMESTEP_MODES,
+                          help=f"how the training t is drawn (default: {flux['timestep_sampling']}, the "
+                               f"authors'; toy: {toy['timestep_sampling']})")
+    memory.add_argument("--checkpointing", action=argparse.BooleanOptionalAction,
+                        help="gradient checkpointing per block, much less memory for about 30%% more time "
+                             "(default: on; toy: off)")
+    memory.add_argument("--blocks-to-swap", type=ranged(int, 0, 57), default=0, metavar="K",
+                        help="keep the frozen weights of the last K of the 57 blocks in CPU RAM, each copied "
+                             "to the GPU as it runs, with --checkpointing (default: 0)")
+    memory.add_argument("--compile", action="store_true",
+                        help="torch.compile each transformer block's forward, for speed on a GPU "
+                             "(default: off)")
+    memory.add_argument("--fsdp", action="store_true",
+                        help="under torchrun, shard the frozen base so that each GPU holds 1/N of it "
+                             "(default: off)")
+    output.add_argument("--save-every", type=ranged(int, 1), default=250, metavar="N",
+                        help="write the LoRA and the training state every N steps (default: 250)")
+    output.add_argument("--save-dtype", choices=["fp16", "bf16", "fp32"],
+                        help=f"dtype of the LoRA files, the training state keeping fp32 (default: "
+                             f"{flux['save_dtype']}, as the released IC-LoRAs; toy: {toy['save_dtype']})")
+    output.add_argument("--keep-last", type=ranged(int, 0), default=4, metavar="N",
+                        help="also keep the last N saves as <stem>-step000250.safetensors, 0 = none "
+                             "(default: 4)")
+    output.add_argument("--sample-every", type=ranged(int, 0), default=250, metavar="N",
+                        help="validation images every N steps into <stem>_samples/, 0 = never (default: 250)")
+    output.add_argument("--val-prompt", action="append", default=[], metavar="TEXT",
+                        help="validation prompt, repeatable, with optional settings as in \"a caption --w "
+                             "1024 --seed 3\" (default: the first training caption)")
+    advanced.add_argument("--strict-captions", action="store_true",
+                          help="refuse captions longer than T5 reads instead of warning that their end is "
+                               "cut (default: off)")
+    output.add_argument("--sample-steps", type=ranged(int, 1), default=20, metavar="N",
+                        help="steps for validation images (default: 20)")
+    training.add_argument("--seed", type=ranged(int, 0), default=42,
+                          help="seed for data order, noise, t and dropout, at least 0 (default: 42)")
+    memory.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="torch device (default: cuda if available, else cpu)")
+    memory.add_argument("--dtype", default=None, choices=["bf16", "fp32"],
+                        help="base-model dtype, the LoRA's parameters staying fp32 (default: bf16 on GPU, "
+                             "the stored dtype on CPU)")
+    most.add_argument("--resume", action="store_true",
+                      help="continue from <out stem>.state.pt, bit for bit on the CPU (default: off)")
     return p
 
 
@@ -356,8 +335,7 @@ def train(args: argparse.Namespace) -> Path:  # noqa: C901 (the recipe reads top
     if start >= args.steps:
         checkpoint.save(start, log.losses, log.lrs)
     wait_for_rank0()
-    if rank() == 0:
-        print(args.out)
+    finished(args, files, done, log.losses, dataset.samples[per_set - 1], val_prompts[0]["caption"])
     return args.out
 
 

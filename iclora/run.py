@@ -1,13 +1,15 @@
 """A training run's place on disk and its life: the files it writes next to --out (none of them one of its
-inputs), the lock that keeps a second run off them, the temporary files a killed save left, and the signals
-that stop it (Ctrl-C, SIGTERM, SIGHUP: the steps done are saved)."""
+inputs), the lock that keeps a second run off them, the temporary files a killed save left, the signals
+that stop it (Ctrl-C, SIGTERM, SIGHUP: the steps done are saved), and the summary that ends it."""
 
 import contextlib
 import os
 import re
+import shlex
 import signal
 import socket
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -239,3 +241,75 @@ class StopSignals:
     def name(self) -> str:
         """The first signal received; SIGINT for a KeyboardInterrupt raised before the loop noted any."""
         return signal.Signals(self.received[0]).name if self.received else "SIGINT"
+
+
+
+def finished(args, files: RunFiles, steps: int, losses: list[float], first_set, caption: str):
+    """Rank 0's last words on a finished run: on stderr, the steps, the final loss, the time since the lock
+    was taken (the run's start, before any weight loaded), the files written and the sample.py command that
+    uses the LoRA; on stdout, last and alone, the LoRA's path, for scripts. `first_set`: the first set's
+    largest sample (iclora.data.Sample), whose size and panels the command gives with `caption`."""
+    if rank() != 0:
+        return
+    took = ""
+    with contextlib.suppress(OSError):  # no lock: train() was called without main()
+        took = f" in {duration(time.time() - files.lock.stat().st_mtime)}"
+    last = losses[-100:]
+    loss = "no loss logged"
+    if last:
+        loss = f"final loss {sum(last) / len(last):.4f} (the mean of the last {len(last)} steps)"
+    lines = [f"finished: {steps} steps{took}, {loss}", "wrote:"]
+    files_written = written(files)
+    width = max((len(shown) for shown, _ in files_written), default=0)
+    lines += [f"  {shown:<{width}}  {what}" for shown, what in files_written]
+    lines += ["sample with it:", f"  {sample_command(args, first_set, caption)}"]
+    if args.ref_panel:
+        lines.append(f"  (IMAGE: the picture for panel {', '.join(map(str, args.ref_panel))}, as in the "
+                     f"training sets; the LoRA sets the panels and their size)")
+    print("\n".join(lines), file=sys.stderr)
+    print(files.out)
+
+
+def duration(seconds: float) -> str:
+    """1h 02m 03s, 2m 31s or 12s."""
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    if hours:
+        return f"{hours}h {minutes:02d}m {secs:02d}s"
+    return f"{minutes}m {secs:02d}s" if minutes else f"{secs}s"
+
+
+def written(files: RunFiles) -> list[tuple[str, str]]:
+    """(path, what it is) of each of the run's files that exists; the numbered copies on one line."""
+    found = []
+    named = ((files.out, "the LoRA"), (files.state, "the training state (--resume continues from it)"),
+             (files.log, "the loss of every step"), (files.curve, "the loss curve"))
+    for path, what in named:
+        if path.exists():
+            found.append((str(path), what))
+    copies = sorted(p for p in files.out.parent.iterdir() if numbered_step(files, p) is not None)
+    if copies:
+        shown = str(copies[0]) if len(copies) == 1 else f"{copies[0]} ... {copies[-1].name}"
+        found.insert(1, (shown, f"numbered copies of the LoRA (--keep-last): {len(copies)}"))
+    if files.samples.is_dir():
+        count = len(list(files.samples.iterdir()))
+        found.append((f"{files.samples}{os.sep}", f"validation images: {count}"))
+    return found
+
+
+def sample_command(args, first_set, caption: str) -> str:
+    """The sample.py command that draws `caption` with the run's LoRA: a conditional one (--ref-panel) takes
+    its panels and size from the file and needs a --ref IMAGE for each reference panel; any other one is
+    given the first set's panels, layout and size."""
+    command = ["python", "sample.py", "--model", str(args.model)]
+    if args.transformer:
+        command += ["--transformer", str(args.transformer)]
+    command += ["--lora", str(args.out)]
+    if args.ref_panel:
+        command += ["--ref", "IMAGE"] * len(args.ref_panel)
+    else:
+        if first_set.count and first_set.count > 1:
+            command += ["--panels", str(first_set.count), "--layout", args.layout]
+        height, width = first_set.bucket
+        command += ["--width", str(width), "--height", str(height)]
+    return shlex.join([*command, "--prompt", caption])

@@ -41,10 +41,11 @@ def held_out_scenes(count: int, seed: int, max_shapes: int = 2) -> list[Scene]:
 
 
 def generate_sets(pipe: Pipeline, scenes: list[Scene], size: int, steps: int, seed: int, reference: bool,
-                  task: str = "recolour", ref_mode: str = "noised") -> list[Image.Image]:
+                  task: str = "recolour", ref_mode: str = "noised",
+                  progress: bool = False) -> list[Image.Image]:
     """One joined (2·size)×size set per scene, captioned as `task` does, all from one noise draw of `seed`;
     with `reference`, the left panel is the scene's render, pinned at every step in `ref_mode`
-    (iclora/references.py)."""
+    (iclora/references.py). `progress`: a bar of the steps on stderr."""
     width, height = 2 * size, size
     txt, vec = pipe.encode_prompts([TASKS[task](scene) for scene in scenes])
     noise = get_noise(len(scenes), height, width, seed)                                     # (B, c, h, w)
@@ -58,7 +59,7 @@ def generate_sets(pipe: Pipeline, scenes: list[Scene], size: int, steps: int, se
         hook = pin_references(ref_latents, ref_mask, noise, timesteps, mode=ref_mode)
     given = [0] if reference else []
     ids = image_positions(height, width, 2, "row", given, ref_mode)                       # (1, Li, 3)
-    latents = pipe.sample(txt, vec, height, width, steps, 3.5, seed, progress=False, after_step=hook,
+    latents = pipe.sample(txt, vec, height, width, steps, 3.5, seed, progress=progress, after_step=hook,
                           img_ids=ids)
     return to_pil(pipe.decode(latents))
 
@@ -76,17 +77,20 @@ def mean_scores(images: list[Image.Image], scenes: list[Scene], given_size: int 
 
 
 def evaluate(pipe: Pipeline, scenes: list[Scene], size: int = 64, steps: int = 20, seed: int = 0,
-             task: str = "recolour",
-             ref_mode: str = "noised") -> tuple[dict[str, Scores], dict[str, list[Image.Image]]]:
+             task: str = "recolour", ref_mode: str = "noised",
+             label: str | None = None) -> tuple[dict[str, Scores], dict[str, list[Image.Image]]]:
     """Scores and images of both modes, {"text": {...}, "ref": {...}}. text: from the joint caption alone;
     scores: caption match of the left and right panels, and the rule (the right panel is the left one, as it
     was generated, recoloured). ref: the left panel is the scene's render, pinned SDEdit-style as `sample.py
     --ref` does, so only the right panel is generated; scores: caption match of the right panel and the rule
-    against the given left panel (the render, not its copy decoded with the generated canvas)."""
-    images = {
-        "text": generate_sets(pipe, scenes, size, steps, seed, False, task, ref_mode),
-        "ref": generate_sets(pipe, scenes, size, steps, seed, True, task, ref_mode),
-    }
+    against the given left panel (the render, not its copy decoded with the generated canvas). With a
+    `label` (the model's name), each mode's progress goes to stderr: a line, then a bar of the steps."""
+    images = {}
+    for mode in ("text", "ref"):
+        if label:
+            print(f"{label}, {mode} mode: {len(scenes)} sets, {steps} steps", file=sys.stderr)
+        images[mode] = generate_sets(pipe, scenes, size, steps, seed, mode == "ref", task, ref_mode,
+                                     progress=label is not None)
     scores = {"text": mean_scores(images["text"], scenes), "ref": mean_scores(images["ref"], scenes, size)}
     del scores["ref"]["caption_left"]  # the given panel, not generated
     return scores, images
@@ -176,9 +180,11 @@ def main(argv=None) -> dict:
         if name == "lora":
             load_lora(pipe.flow, str(args.lora), name="recolour")
             ref_mode = args.ref_mode
-        results[name], images = evaluate(pipe, scenes, args.size, args.steps, args.seed, args.task, ref_mode)
+        results[name], images = evaluate(pipe, scenes, args.size, args.steps, args.seed, args.task, ref_mode,
+                                         label=name)
         for mode in images:
             rows.append((name, mode, images[mode]))
+    print(f"ceiling: the {len(scenes)} targets through the autoencoder", file=sys.stderr)
     results["ceiling"] = {"ref": {"rule": ceiling(pipe, scenes, args.size)}}
     print(json.dumps(results, indent=1))
     if args.sheet:
