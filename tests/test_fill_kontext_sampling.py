@@ -219,3 +219,17 @@ def test_an_output_that_would_overwrite_the_image_or_mask_is_refused(repos, tmp_
         with pytest.raises(ValueError, match=rf"would overwrite the {flag} file"):
             sample.main(["--model", str(repos["fill", "bfl"]), "--prompt", "x", "--image", image,
                          "--mask", mask, "--out", path])
+
+
+@pytest.mark.parametrize("variant", ["fill", "kontext"])
+def test_block_swap_and_offload_change_nothing_and_fp8_runs_on_both_variants(repos, tmp_path, variant):
+    image = save(picture(48, 32, seed=8), tmp_path / "i.png")
+    mask = save(mask_image(48, 32, (0, 0, 23, 31)), tmp_path / "m.png")
+    given = ["--image", image, "--width", "48", "--height", "32"]
+    given += ["--mask", mask] if variant == "fill" else ["--context-size", "own"]
+    plain = ours(repos[variant, "bfl"], tmp_path / "plain", *given, steps=2)
+    swapped = ours(repos[variant, "bfl"], tmp_path / "swap", *given, "--blocks-to-swap", "2", "--offload",
+                   steps=2)
+    fp8 = ours(repos[variant, "bfl"], tmp_path / "fp8", *given, "--quantize", "fp8", steps=2)
+    assert np.array_equal(plain[0], swapped[0])
+    assert fp8[0].shape == plain[0].shape == (32, 48, 3)
