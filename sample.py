@@ -551,7 +551,7 @@ def main(argv=None) -> list[Path]:  # noqa: C901 (the recipe reads as numbered s
         init_latents = None if init is None else pipe.encode_image(init_pixels, g).cpu()  # (1, c, h, w)
         noise = get_noise(B, height, width, seed, g)                                # (B, c, h, w) at t = 1
         x = noise if init is None else add_noise(init_latents, noise, timesteps[0])
-        cond = edit.condition(pipe, init_pixels if init else None, g)  # Fill: the third draw
+        cond = edit.condition(pipe, None if init is None else init_pixels, g)  # Fill: the third draw
         after_step = None
         if refs:
             after_step = pin_references(ref_latents, ref_mask, noise, timesteps, args.ref_strength,
