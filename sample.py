@@ -31,7 +31,8 @@ from iclora.panels import LAYOUTS, canvas_size, joint_caption, panel_boxes, pane
 from iclora.references import image_positions, pin_references, reference_latents, reference_panels
 from minflux.block_swap import BlockSwap
 from minflux.compile import compile_blocks
-from minflux.hub import hub_call
+from minflux.conditioning import conditioned
+from minflux.hub import TOY_MODELS, hub_call
 from minflux.images import open_rgb
 from minflux.pipeline import Pipeline, from_pil, load_pipeline, to_pil
 from minflux.png_settings import RUN_ONLY, flags_given, settings_chunk, stored_defaults
@@ -51,6 +52,8 @@ from minflux.sampling import (
 )
 from minflux.tokenizers import overlong
 from minflux.user_input import USER_ERRORS, check_device, ranged
+from minflux.variant_inputs import edit_inputs
+from minflux.variants import VARIANTS
 
 TOY_SIZE = 64  # the toy model draws 64×64 scenes (per panel)
 OUTPUTS = Path("outputs")  # without --out, images go to the next free number here: outputs/00001.png, ...
@@ -78,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     sampling = p.add_argument_group("sampling")
     memory = p.add_argument_group("memory and speed")
     sets = p.add_argument_group("LoRA and panels (In-Context LoRA)")
+    edit = p.add_argument_group("Fill and Kontext (docs/fill-and-kontext.md)")
     img2img = p.add_argument_group("image-to-image")
     replay = p.add_argument_group("settings (every PNG stores its run's, to run it again)")
     replay.add_argument("--from-image", type=Path, metavar="PNG",
@@ -100,9 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help=f"image height in pixels, a multiple of 16 up to {MAX_SIDE} (default: 1024; toy: "
                            f"{TOY_SIZE})")
     sampling.add_argument("--steps", type=ranged(int, 1), metavar="N",
-                          help="sampling steps (default: 28 for dev, 4 for schnell)")
-    sampling.add_argument("--guidance", type=finite(), default=3.5, metavar="G",
-                          help="distilled guidance strength, which schnell ignores (default: 3.5)")
+                          help="sampling steps (default: 28 for dev and Kontext, 4 for schnell, 50 for Fill)")
+    sampling.add_argument("--guidance", type=finite(), metavar="G",
+                          help="distilled guidance strength, which schnell ignores (default: 3.5; Fill 30, "
+                               "Kontext 2.5)")
     sampling.add_argument("--negative-prompt", metavar="TEXT",
                           help="what the image should not show, used by --true-cfg (default: none)")
     sampling.add_argument("--true-cfg", type=finite(ranged(float, 1)), default=1.0, metavar="S",
@@ -168,6 +173,17 @@ def build_parser() -> argparse.ArgumentParser:
     sets.add_argument("--ref-stop", type=ranged(float, 0, 1), default=0.0, metavar="F",
                       help="the last fraction F of the steps, in which the reference panels are left free to "
                            "smooth the seams (default: 0)")
+    edit.add_argument("--variant", choices=VARIANTS,
+                      help="which FLUX.1 the transformer is, for a bare file that cannot say (default: told "
+                           "from the files)")
+    edit.add_argument("--image", type=Path, metavar="IMAGE",
+                      help="Fill: the image to paint where --mask is white; Kontext: the context image to "
+                           "edit (default: none)")
+    edit.add_argument("--mask", type=Path, metavar="MASK",
+                      help="Fill: the area to paint, white, of the --image's size (default: none)")
+    edit.add_argument("--context-size", choices=["preferred", "own"],
+                      help="Kontext: the context resized to Kontext's resolution of the closest aspect, or "
+                           "its own size floored to 16 (default: preferred; toy models: own)")
     img2img.add_argument("--init", type=Path, metavar="IMAGE",
                          help="start from this image instead of noise (default: none)")
     img2img.add_argument("--strength", type=ranged(float, 0, 1), metavar="S",
@@ -183,8 +199,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         given = flags_given(build_parser(), argv)
         p.set_defaults(**stored_defaults(p, args, given))
         args = p.parse_args(argv)
-    if args.strength is not None and args.init is None:
-        p.error("--strength needs an --init image")
+    if args.strength is not None and args.init is None and args.image is None:
+        p.error("--strength needs an --init image (or a Fill model's --image)")
     if args.lora_scale and len(args.lora_scale) != len(args.lora):
         p.error(f"{len(args.lora_scale)} --lora-scale value(s) for {len(args.lora)} --lora file(s); "
                 f"give one per --lora, or none for 1.0")
@@ -203,10 +219,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.sized = any(v is not None for v in (args.width, args.height, args.panel_width, args.panel_height))
     # How references are pinned (iclora/references.py); a conditional LoRA may say "clean".
     args.ref_mode = "noised"
-    if args.model == "toy" and not args.sized:
+    if args.model in TOY_MODELS and not args.sized:
         args.panel_width = TOY_SIZE
         args.panel_height = TOY_SIZE
-    side = TOY_SIZE if args.model == "toy" else 1024
+    side = TOY_SIZE if args.model in TOY_MODELS else 1024
     args.width = side if args.width is None else args.width
     args.height = side if args.height is None else args.height
     if args.init and args.strength is None:
@@ -314,7 +330,7 @@ def conditional_lora(loras: list[Path], refs: list[Path]) -> tuple[Path, dict] |
     return first, first_meta
 
 
-def take_geometry(args, meta: dict, source: Path):
+def take_geometry(args, source: Path, meta: dict):
     """--ref with a conditional IC-LoRA: --panels, --layout and --ref-panel come from its metadata (a
     different value given is an error), and so does its reference treatment; the panel size from the flags,
     or else the trained size."""
@@ -401,7 +417,7 @@ def read_image(path: Path, flag: str):
 def input_files(args, loras: list[Path]) -> list[tuple[str, Path]]:
     """(flag, path) of every file the run reads: no output may overwrite one."""
     named = [("--from-image", args.from_image), ("--prompt-file", args.prompt_file), ("--init", args.init),
-             ("--transformer", args.transformer)]
+             ("--transformer", args.transformer), ("--image", args.image), ("--mask", args.mask)]
     named += [("--ref", path) for path in args.ref]
     named += [("--lora", path) for path in loras]
     return [(flag, path) for flag, path in named if path is not None]
@@ -445,11 +461,12 @@ def add_loras(flow, loras: list, scales: list[float], merge: bool):
               file=sys.stderr)
 
 
-def load_models(args, loras: list) -> Pipeline:
-    """The models (T5, CLIP, the flow transformer, the autoencoder) on the CPU, then the `loras` (path,
-    tensors): merged into the full-precision weights before --quantize; as adapters (--no-merge, or an fp8
-    file) after it. Then --blocks-to-swap and --compile, which come after every change to the blocks."""
-    pipe = load_pipeline(args.model, args.device, args.dtype, args.offload, args.transformer)
+def load_models(args, loras: list, edit) -> Pipeline:
+    """The models (T5, CLIP, the flow transformer, the autoencoder) of `edit`'s repo and variant
+    on the CPU, then the `loras` (path, tensors): merged into the full-precision weights before --quantize; as
+    adapters (--no-merge, or an fp8 file) after it. Then --blocks-to-swap and --compile, which come after
+    every change to the blocks."""
+    pipe = load_pipeline(edit.repo, args.device, args.dtype, args.offload, args.transformer, edit.variant)
     fp8_file = any(isinstance(m, FP8Linear) for m in pipe.flow.modules())
     if fp8_file and loras and not args.no_merge:
         print("note: the transformer file holds fp8 weights, which a LoRA is never merged into: the LoRAs "
@@ -496,15 +513,13 @@ def main(argv=None) -> list[Path]:  # noqa: C901 (the recipe reads as numbered s
     lora_paths = [resolve_lora(spec) for spec in args.lora]
     conditional = conditional_lora(lora_paths, args.ref)
     if conditional:
-        path, meta = conditional
-        take_geometry(args, meta, path)
+        take_geometry(args, *conditional)
     args.panels = args.panels or 1
     args.layout = args.layout or "row"
     prompts = []
     for prompt in read_prompts(args):
         prompts += [prompt] * args.num_images
-    height, width = canvas(args)
-    args.height, args.width = height, width  # stored as used
+    height, width = canvas(args)  # stored as used by edit_inputs, which may change it (Fill, Kontext)
     out = args.out or numbered_output()  # without --out: numbered again when saving (save_images)
     files = output_paths(out, len(prompts) * len(args.seed), args.panels, input_files(args, lora_paths))
     boxes = panel_boxes(height, width, args.panels, args.layout)
@@ -512,9 +527,11 @@ def main(argv=None) -> list[Path]:  # noqa: C901 (the recipe reads as numbered s
     refs = [(read_image(path, "--ref"), boxes[k]) for path, k in zip(args.ref, given, strict=True)]
     init = read_image(args.init, "--init") if args.init else None
     loras = [(path, read_lora_file(path)) for path in lora_paths]
+    edit = edit_inputs(args, refs, init, height, width)  # the variant; Fill's image starts as --init's
+    height, width, init, refs = edit.height, edit.width, edit.init, edit.refs
 
     # 1. Load the models (T5, CLIP, the flow transformer, the autoencoder), then the LoRAs (load_models).
-    pipe = load_models(args, loras)
+    pipe = load_models(args, loras, edit)
 
     # 2. Tokenize and encode the prompts; 3. the schedule of times from 1 (noise) to 0 for this size.
     # With --true-cfg, the negative prompt too, once (`true_cfg` runs the flow on both at every step).
@@ -552,14 +569,15 @@ def main(argv=None) -> list[Path]:  # noqa: C901 (the recipe reads as numbered s
         init_latents = None if init is None else pipe.encode_image(init_pixels, g).cpu()  # (1, c, h, w)
         noise = get_noise(B, height, width, seed, g)                                # (B, c, h, w) at t = 1
         x = noise if init is None else add_noise(init_latents, noise, timesteps[0])
+        cond = edit.condition(pipe, None if init is None else init_pixels, g)  # Fill: the third draw
         after_step = None
         if refs:
             after_step = pin_references(ref_latents, ref_mask, noise, timesteps, args.ref_strength,
                                         args.ref_stop, args.ref_mode)
         x = pack(x).to(pipe.device, pipe.dtype)                                     # (B, Li, 4c)
         pipe.on_device(pipe.flow)  # the flow to the device; with --offload, the autoencoder to the CPU
-        x = denoise(flow, x, img_ids.expand(B, -1, -1), txt, text_ids(B, Lt), vec, timesteps, args.guidance,
-                    after_step)                                                     # (B, Li, 4c) at t = 0
+        x = denoise(conditioned(flow, cond), x, img_ids.expand(B, -1, -1), txt, text_ids(B, Lt), vec,
+                    timesteps, args.guidance, after_step)                           # (B, Li, 4c) at t = 0
         images += to_pil(pipe.decode(unpack(x, height, width)))
 
     # 7. Save each image, and each of its panels, all with the run's settings.

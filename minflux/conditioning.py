@@ -7,13 +7,18 @@
   generated ones being at (0, row, col); the prediction is cut back to the image tokens.
 
 `conditioned(flow, cond)` has the flow's own signature, so `denoise` and the training loss run it unchanged.
+The recipes (`fill_mask`, `fill_condition`, `kontext_condition`) follow diffusers' FluxFillPipeline and
+FluxKontextPipeline, random draws included, so that a seed gives their image (docs/fill-and-kontext.md).
 Shape letters: B images, Li image tokens, Lc context tokens, c latent channels (16), H/W pixels, A axes (3).
 """
 
+import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from einops import rearrange
+from PIL import Image, ImageOps
 from torch import Tensor
 
 from .sampling import image_ids, pack
@@ -83,3 +88,54 @@ def conditioned(flow, cond: Condition | None):
         return flow(img, img_ids, *args, **kwargs)[:, :Li]                        # (B, Li, 4c)
 
     return forward
+
+
+def fill_mask(mask: Image.Image, height: int, width: int) -> Tensor:
+    """A mask image (white = paint) as diffusers' Fill pipeline reads it: resized to height×width (LANCZOS,
+    stretched, in the image's own mode), made greyscale, then 0 or 1 at half: (1, 1, H, W)."""
+    mask = mask.resize((width, height), Image.Resampling.LANCZOS).convert("L")
+    binary = torch.from_numpy(np.array(mask).astype(np.float32) / 255.0) >= 0.5        # (H, W)
+    return rearrange(binary.float(), "h w -> 1 1 h w")
+
+
+def fill_condition(pipe, pixels: Tensor, mask: Tensor, g: torch.Generator) -> Condition:
+    """Fill's channels for the image `pixels` (1, 3, H, W) in [-1, 1] and its `mask` (1, 1, H, W): the image
+    with the area to paint set to 0 (mid grey), encoded to a posterior sample drawn from `g`. In diffusers'
+    order this is the generator's third draw, after the image's own latents and the noise (sample.py)."""
+    masked_latents = pipe.encode_image(pixels * (1 - mask), g).cpu()              # (1, c, H/8, W/8)
+    return Condition(channels=fill_channels(masked_latents, mask))
+
+
+def fill_panels(refs: list, height: int, width: int) -> tuple[Image.Image, Image.Image]:
+    """A Fill input for a panel set: each (reference image, panel box (left, top, right, bottom)) is
+    cover-resized into its box on a mid-grey height×width canvas; the mask is white (paint) but over them."""
+    image = Image.new("RGB", (width, height), (128, 128, 128))
+    mask = Image.new("L", (width, height), 255)
+    for picture, (left, top, right, bottom) in refs:
+        fitted = ImageOps.fit(picture.convert("RGB"), (right - left, bottom - top), Image.Resampling.LANCZOS)
+        image.paste(fitted, (left, top))
+        mask.paste(0, (left, top, right, bottom))
+    return image, mask
+
+
+def context_size(height: int, width: int, mode: str = "preferred") -> tuple[int, int]:
+    """The (height, width) a height×width context image is resized to: "preferred", the Kontext resolution
+    of the closest aspect (kontext_size); "own", its own size floored to 16."""
+    if mode == "own":
+        return height // 16 * 16, width // 16 * 16
+    return kontext_size(height, width)
+
+
+def output_size(height: int, width: int, area: int) -> tuple[int, int]:
+    """A height×width image's aspect at about `area` pixels, floored to 16 (diffusers' Kontext max_area)."""
+    aspect = width / height
+    return round(math.sqrt(area / aspect)) // 16 * 16, round(math.sqrt(area * aspect)) // 16 * 16
+
+
+def kontext_condition(pipe, image: Image.Image, height: int, width: int) -> Condition:
+    """Kontext's context: the image resized to height×width (LANCZOS, stretched), encoded to its latents'
+    mean (no random draw), packed, at positions (1, row, col)."""
+    image = image.convert("RGB").resize((width, height), Image.Resampling.LANCZOS)
+    pixels = torch.from_numpy(np.array(image).astype(np.float32) / 255.0) * 2.0 - 1.0   # (H, W, 3)
+    latents = pipe.encode_image(rearrange(pixels, "h w c -> 1 c h w")).cpu()           # (1, c, H/8, W/8)
+    return Condition(tokens=pack(latents), token_ids=context_ids(1, height, width))

@@ -17,6 +17,10 @@ LAYOUT_HELP = ("a FLUX repo has flux1-*.safetensors + ae.safetensors at its root
 TOY_MODEL = Path(__file__).resolve().parents[1] / "toy" / "model"
 TOY_HINT = (" To try everything without the real weights, use --model toy (a 12 MB FLUX that ships in "
             "toy/model).")
+# The toy Fill and Kontext: toy/model's files, but for the transformer, made by toy/train_variants.py.
+TOY_VARIANTS = {"toy-fill": TOY_MODEL.parent / "variants" / "flux1-fill-toy.safetensors",
+                "toy-kontext": TOY_MODEL.parent / "variants" / "flux1-kontext-toy.safetensors"}
+TOY_MODELS = ("toy", *TOY_VARIANTS)  # the names --model takes for the toys
 
 
 def folder_files(root: Path) -> set[str]:
@@ -29,7 +33,8 @@ class Repo:
 
     def __init__(self, model: str):
         self.model = model
-        if model == "toy":  # the tiny FLUX trained on toy scenes that ships in the repo (toy/model)
+        self.elsewhere = {}  # name in the repo -> the file that stands for it (the toy variants' transformer)
+        if model in TOY_MODELS:  # the tiny FLUX trained on toy scenes that ships in the repo (toy/model)
             model = str(TOY_MODEL)
             if not TOY_MODEL.is_dir():
                 raise FileNotFoundError(f"the toy model is not at {TOY_MODEL} (it ships with a clone of the "
@@ -37,6 +42,8 @@ class Repo:
         if Path(model).is_dir():
             self.root = Path(model)
             self.files = folder_files(self.root)
+            if self.model in TOY_VARIANTS:
+                self.use_toy_variant(TOY_VARIANTS[self.model])
         elif Path(model).exists() or model.count("/") != 1 or model.startswith(("/", ".", "~")):
             raise ValueError(f"{model!r} is neither a folder nor a HF repo id like "
                              f"black-forest-labs/FLUX.1-dev")
@@ -51,7 +58,17 @@ class Repo:
                 self.root = Path(self.hub(lambda hub: hub.snapshot_download(model, local_files_only=True)))
                 self.files = folder_files(self.root)
 
+    def use_toy_variant(self, path: Path):
+        """toy/model's files with its transformer file replaced by the toy variant's `path`."""
+        if not path.is_file():
+            raise FileNotFoundError(f"--model {self.model}: its transformer {path} is not there; it is built "
+                                    f"from toy/model by `python toy/train_variants.py`")
+        self.files = self.files - {"flux1-dev.safetensors"} | {path.name}
+        self.elsewhere[path.name] = path
+
     def path(self, name: str) -> Path:
+        if name in self.elsewhere:
+            return self.elsewhere[name]
         if self.root is not None:
             return self.root / name
         return Path(self.hub(lambda hub: hub.hf_hub_download(self.model, name)))

@@ -28,6 +28,7 @@ from .module_tree import compute_dtype
 from .sampling import denoise, get_noise, get_schedule, image_ids, pack, text_ids, unpack
 from .t5 import T5Encoder
 from .tokenizers import CLIPTokenizer, T5Tokenizer
+from .variants import detect_variant
 
 
 @dataclass
@@ -40,6 +41,7 @@ class Pipeline:
     clip_tokenizer: CLIPTokenizer
     device: torch.device = torch.device("cpu")
     offload: bool = False  # keep models on the CPU and move each to `device` only while it runs
+    variant: str = "dev"  # "dev" (or schnell), "fill" or "kontext": minflux/variants.py
 
     @property
     def is_schnell(self) -> bool:
@@ -126,16 +128,20 @@ def load_t5_tokenizer(model: str, transformer: Path | None = None) -> T5Tokenize
     return loading.load_tokenizers(repo, loading.t5_max_length(repo, transformer))[1]
 
 
-def load_pipeline(model: str = "black-forest-labs/FLUX.1-dev", device: str = "cpu", dtype: str | None = None,
-                  offload: bool = False, transformer: Path | None = None) -> Pipeline:
+def load_pipeline(model: str | Repo = "black-forest-labs/FLUX.1-dev", device: str = "cpu",
+                  dtype: str | None = None, offload: bool = False, transformer: Path | None = None,
+                  variant: str | None = None) -> Pipeline:
     """Loads all six pieces of a FLUX repo (see `minflux.loading`) to the CPU; each goes to `device` on first
     use. `dtype` None keeps the stored dtypes but fp16's, which become bf16 (fp8 weights stay fp8 in any
-    case). `transformer`: a local single file (bf16, fp32 or fp8) used instead of the repo's transformer."""
-    repo = Repo(model)
+    case). `transformer`: a local single file (bf16, fp32 or fp8) used instead of the repo's transformer.
+    `variant` (dev, fill, kontext; None: told from the files) is checked against the weights before they
+    load (minflux/variants.py). `model` may be a Repo already made."""
+    repo = model if isinstance(model, Repo) else Repo(model)
     loading.check_repo(repo, transformer)
+    variant = detect_variant(repo, transformer, variant)
     torch_dtype = loading.parse_dtype(dtype)
     flow = loading.load_flow(repo, torch_dtype, transformer)
     clip_tok, t5_tok = loading.load_tokenizers(repo, loading.t5_max_length(repo, transformer))
     device = torch.device(device)
     return Pipeline(flow, loading.load_ae(repo, torch_dtype), loading.load_t5(repo, torch_dtype),
-                    loading.load_clip(repo, torch_dtype), t5_tok, clip_tok, device, offload)
+                    loading.load_clip(repo, torch_dtype), t5_tok, clip_tok, device, offload, variant)

@@ -20,6 +20,7 @@ from pathlib import Path
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
+from minflux.hub import TOY_MODELS
 from minflux.images import pixel_limit
 
 SETTINGS_KEY = "minflux"  # the PNG text chunk holding a run's settings, as JSON
@@ -28,8 +29,9 @@ SETTINGS_KEY = "minflux"  # the PNG text chunk holding a run's settings, as JSON
 RUN_ONLY = {"from_image", "prompt_file", "out", "device", "offload", "blocks_to_swap", "compile",
             "trust_settings"}
 # Stored as used, not as given (None: a default).
-RESOLVED = ("steps", "height", "width", "lora_scale", "strength")
-LOCATED = ("model", "transformer", "lora", "ref", "init")  # may name local files: stored as absolute paths
+RESOLVED = ("steps", "guidance", "height", "width", "lora_scale", "strength")
+# may name local files: stored as absolute paths
+LOCATED = ("model", "transformer", "lora", "ref", "init", "image", "mask")
 HUB = ("model", "lora")  # may also name a HF hub repo or file: a download
 # The first flag of a pair given drops the stored second: a new --lora, the stored --lora-scale; a new --ref,
 # the stored --ref-panel; a --prompt-file, the stored prompts; a new --width or --height, the stored panel
@@ -163,7 +165,7 @@ def trusted_files(used: dict, png: Path, trust: bool, default_model: str):
     folders = [png.resolve().parent, Path.cwd().resolve()]
     refused = []
     for key, value in named:
-        own = key == "model" and value in ("toy", default_model)  # the program's choice, not the PNG's
+        own = key == "model" and value in (*TOY_MODELS, default_model)  # the program's choice, not the PNG's
         reason = None if own else untrusted(key, value, folders)
         if reason:
             refused.append((key, value, reason))
@@ -181,7 +183,7 @@ def located(value):
     if isinstance(value, list):
         return [located(v) for v in value]
     path = Path(str(value)).expanduser()
-    if value not in (None, "toy") and path.exists():
+    if value not in (None, *TOY_MODELS) and path.exists():
         return str(path.resolve())
     return value
 

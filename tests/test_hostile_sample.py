@@ -97,7 +97,7 @@ def test_a_png_that_says_how_the_run_goes_is_refused_naming_the_key(folders, key
     ("prompt", "a fox", r"setting 'prompt' is 'a fox'; expected a list"),  # not the letters a, ' ', f, o, x
     ("seed", "7", r"setting 'seed' is '7'; expected a list"),
     ("guidance", [3.5], r"setting 'guidance' is \[3\.5\]; expected a number"),
-    ("guidance", None, r"setting 'guidance' is None; expected a number"),
+    ("true_cfg", None, r"setting 'true_cfg' is None; expected a number"),  # --guidance's None is the default
     ("guidance", float("inf"), r"setting 'guidance' is inf: must be a finite number"),
     ("no_merge", "yes", r"setting 'no_merge' is 'yes'; expected true or false"),
     ("layout", "diagonal", r"setting 'layout' is 'diagonal'; expected one of row, column, grid"),

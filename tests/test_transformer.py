@@ -87,15 +87,21 @@ def meta_shapes(module) -> dict:
     return {k: tuple(v.shape) for k, v in module.state_dict().items()}
 
 
-@pytest.mark.parametrize("name,tensors,params", [("flux-dev", 780, 11_901_408_320),
-                                                 ("flux-schnell", 776, 11_891_178_560)])
-def test_full_size_transformer_has_official_names_and_shapes(name, tensors, params):
+# FLUX.1 Fill-dev is dev with img_in taking 384 channels (BFL's util.py configs "flux-dev-fill": in_channels
+# 384, out_channels 64); Kontext-dev has dev's config ("flux-dev-kontext"), so the dev case covers it.
+@pytest.mark.parametrize("name,in_channels,tensors,params", [("flux-dev", 64, 780, 11_901_408_320),
+                                                             ("flux-schnell", 64, 776, 11_891_178_560),
+                                                             ("flux-dev", 384, 780, 11_902_391_360)])
+def test_full_size_transformer_has_official_names_and_shapes(name, in_channels, tensors, params):
     with torch.device("meta"):
-        ours = Flux(preset(name))
-        ref = FluxTransformer2DModel(guidance_embeds=name == "flux-dev")
+        ours = Flux(preset(name, in_channels=in_channels))
+        ref = FluxTransformer2DModel(guidance_embeds=name == "flux-dev", in_channels=in_channels,
+                                     out_channels=64)
     shapes = meta_shapes(ours)
     assert len(shapes) == tensors
     assert sum(p.numel() for p in ours.parameters()) == params
+    assert shapes["img_in.weight"] == (3072, in_channels)
+    assert shapes["final_layer.linear.weight"] == (64, 3072)
     assert shapes["double_blocks.18.img_attn.qkv.weight"] == (9216, 3072)
     assert shapes["single_blocks.37.linear1.weight"] == (21504, 3072)
     assert shapes["single_blocks.37.linear2.weight"] == (3072, 15360)

@@ -1,4 +1,5 @@
-"""Writes a tiny random FLUX repo in the exact layout of black-forest-labs/FLUX.1-dev (or -schnell).
+"""Writes a tiny random FLUX repo in the exact layout of black-forest-labs/FLUX.1-dev (or -schnell, -Fill-dev,
+-Kontext-dev: `variant`).
 
 The diffusers folders are written by diffusers / transformers themselves (`save_pretrained`, sharded where the
 official repo is sharded), so their key names and index files are the reference's own. The BFL root files
@@ -28,8 +29,17 @@ def jitter_(module: torch.nn.Module, std: float, names=("norm",)):
                 p.add_(torch.randn_like(p) * std)
 
 
-def write_tiny_repo(folder: Path, layout: str = "both", schnell: bool = False, seed: int = 0) -> Path:
-    """layout: "both" (as on the hub), "bfl" (root single files only) or "diffusers" (folders only)."""
+# per variant: the transformer's input channels, the BFL file's name, the pipeline class of model_index.json
+VARIANTS = {"dev": (None, None, None),
+            "fill": (384, "flux1-fill-dev.safetensors", "FluxFillPipeline"),
+            "kontext": (None, "flux1-kontext-dev.safetensors", "FluxKontextPipeline")}
+
+
+def write_tiny_repo(folder: Path, layout: str = "both", schnell: bool = False, seed: int = 0,
+                    variant: str = "dev") -> Path:
+    """layout: "both" (as on the hub), "bfl" (root single files only) or "diffusers" (folders only); variant:
+    "dev" (or schnell), "fill" (384 input channels) or "kontext" (dev's shapes, its own names)."""
+    in_channels, bfl_name, pipeline_class = VARIANTS[variant]
     torch.manual_seed(seed)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -48,8 +58,10 @@ def write_tiny_repo(folder: Path, layout: str = "both", schnell: bool = False, s
         feed_forward_proj="gated-gelu", tie_word_embeddings=False)
     T5EncoderModel(t5_config).save_pretrained(folder / "text_encoder_2", max_shard_size="100KB")
 
+    out = {} if in_channels is None else {"out_channels": p.in_channels}  # Fill: 384 channels in, 64 out
     transformer = FluxTransformer2DModel(
-        patch_size=1, in_channels=p.in_channels, num_layers=p.depth, num_single_layers=p.depth_single_blocks,
+        patch_size=1, in_channels=in_channels or p.in_channels, num_layers=p.depth,
+        num_single_layers=p.depth_single_blocks, **out,
         attention_head_dim=p.hidden_size // p.num_heads, num_attention_heads=p.num_heads,
         joint_attention_dim=p.context_in_dim, pooled_projection_dim=p.vec_in_dim, guidance_embeds=not schnell,
         axes_dims_rope=p.axes_dim)
@@ -66,10 +78,11 @@ def write_tiny_repo(folder: Path, layout: str = "both", schnell: bool = False, s
         num_train_timesteps=1000, shift=1.0 if schnell else 3.0, use_dynamic_shifting=not schnell,
         base_shift=0.5, max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096,
     ).save_pretrained(folder / "scheduler")
-    (folder / "model_index.json").write_text(json.dumps(MODEL_INDEX, indent=2))
+    index = MODEL_INDEX if pipeline_class is None else {**MODEL_INDEX, "_class_name": pipeline_class}
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2))
 
     if layout in ("both", "bfl"):
-        name = "flux1-schnell.safetensors" if schnell else "flux1-dev.safetensors"
+        name = bfl_name or ("flux1-schnell.safetensors" if schnell else "flux1-dev.safetensors")
         save_file(transformer_from_diffusers(transformer.state_dict()), folder / name)
         save_file(vae_from_diffusers(vae.state_dict()), folder / "ae.safetensors")
     if layout == "bfl":  # drop the folders' weights, keep their configs (RoPE split, latent scale/shift)
