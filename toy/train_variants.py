@@ -1,16 +1,16 @@
 """Make the toy FLUX.1 Fill and FLUX.1 Kontext from the toy FLUX.1-dev (toy/model/), each by a short CPU
 fine-tune, the way BFL made theirs from dev (issue #23; the inputs are minflux/conditioning.py's):
 
-    python toy/train_variants.py              # the shipped run: toy/variants/flux1-{fill,kontext}-toy.safetensors
+    python toy/train_variants.py     # the shipped run: toy/variants/flux1-{fill,kontext}-toy.safetensors
     python toy/train_variants.py --out /tmp/v --examples 64 --steps 3 --eval 2 --eval-steps 2   # a smoke run
 
 Fill: img_in widened from 64 to 384 input channels, the 320 new columns zero (at step 0 it is the dev toy),
 trained to inpaint scenes under random boxes, halves and whole-image masks. Kontext: dev's shapes, trained on
 edit pairs (context scene -> edited scene, captioned as the edited one) with the context's tokens after the
 image's at positions (1, row, col). Both: iclora/training.py's flow-matching objective through `conditioned`.
-Only the transformer is written (BFL's key names); encoders, VAE and tokenizers stay toy/model's. Deterministic
-for --seed and --threads. Shape letters: N examples, B batch, Li image tokens, Lc context tokens, c latent
-channels, H/W pixels.
+Only the transformer is written (BFL's key names); encoders, VAE and tokenizers stay toy/model's.
+Deterministic for --seed and --threads. Shape letters: N examples, B batch, Li image tokens, Lc context
+tokens, c latent channels, H/W pixels.
 """
 
 import argparse
@@ -56,8 +56,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="which models to make (default: both)")
     p.add_argument("--seed", type=int, default=0, help="seed of the data, batches and noise (default: 0)")
     p.add_argument("--threads", type=int, default=1,
-                   help="torch CPU threads; the files are bit-for-bit repeatable for a fixed count (default: 1, "
-                        "the same files on any machine)")
+                   help="torch CPU threads; the files are bit-for-bit repeatable for a fixed count "
+                        "(default: 1, the same files on any machine)")
     p.add_argument("--examples", type=int, default=2000,
                    help="training examples per model: scenes with a mask, or edit pairs (default: 2000)")
     p.add_argument("--size", type=int, default=64, help="image side in pixels (default: 64, the toy's)")
@@ -73,7 +73,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--kontext-guidance", type=float, nargs=2, default=(1.0, 5.0), metavar=("LOW", "HIGH"),
                    help="the same for Kontext, as the dev toy was trained (default: 1 5)")
     p.add_argument("--eval", type=int, default=16, help="held-out examples scored and drawn (default: 16)")
-    p.add_argument("--eval-steps", type=int, default=20, help="sampling steps of the evaluation (default: 20)")
+    p.add_argument("--eval-steps", type=int, default=20,
+                   help="sampling steps of the evaluation (default: 20)")
     return p.parse_args(argv)
 
 
@@ -113,7 +114,8 @@ def edit_scene(scene: Scene, rng: random.Random) -> Scene:
         shapes[i] = dataclasses.replace(shapes[i], cell=rng.choice(free))
     elif edit == "add or remove" and len(shapes) == 1:
         colours = [c for c in COLOURS if c != scene.background]
-        shapes.append(Shape(rng.choice(KINDS), rng.choice(colours), rng.choice(tuple(SIZES)), rng.choice(free)))
+        new = Shape(rng.choice(KINDS), rng.choice(colours), rng.choice(tuple(SIZES)), rng.choice(free))
+        shapes.append(new)
     elif edit == "add or remove":
         del shapes[i]
     else:
@@ -278,7 +280,8 @@ def evaluate(pipe: Pipeline, flow: Flux, data: Examples, args) -> tuple[dict, Im
     guidance = DEFAULTS[data.variant]["guidance"]
     base = draw(pipe, pipe.flow, None, captions, args.size, args.eval_steps, guidance)
     made = draw(pipe, flow, data.condition(), captions, args.size, args.eval_steps, guidance)
-    scores = {"dev, from the caption": score(base, data, args.size), data.variant: score(made, data, args.size)}
+    scores = {"dev, from the caption": score(base, data, args.size),
+              data.variant: score(made, data, args.size)}
     targets = to_pil(renders(data.targets, args.size))
     return scores, sheet([to_pil(data.given), targets, base, made])
 
@@ -289,6 +292,7 @@ def evaluate(pipe: Pipeline, flow: Flux, data: Examples, args) -> tuple[dict, Im
 def make_variant(pipe: Pipeline, variant: str, args) -> dict:
     """Trains one variant, writes its transformer file (replaced whole) and sample sheet; returns its log."""
     times = {}
+    cpu = time.process_time()  # CPU seconds: the wall-clock ones count the other programs on a shared CPU
     reach = int(json.loads((args.model / "train_log.json").read_text())["args"]["t5_reach"])
     with timed(times, "data"):
         data = make_examples(pipe, variant, args.examples, args.size, str(args.seed))
@@ -308,7 +312,8 @@ def make_variant(pipe: Pipeline, variant: str, args) -> dict:
         scores, picture = evaluate(pipe, flow, held_out, args)
     picture.save(args.out / f"{variant}-samples.png")
     print(f"{variant}: wrote {path}; {scores}; {times}", file=sys.stderr)
-    return {"losses": losses, "scores": scores, "seconds": {k: round(v, 1) for k, v in times.items()}}
+    return {"losses": losses, "scores": scores, "seconds": {k: round(v, 1) for k, v in times.items()},
+            "cpu_seconds": round(time.process_time() - cpu, 1)}
 
 
 def main(argv=None) -> dict:
