@@ -9,8 +9,10 @@ import torch
 from safetensors import safe_open
 
 from minflux.conditioning import Condition, conditioned, fill_channels
+from minflux.hub import Repo
 from minflux.pipeline import load_pipeline
 from minflux.sampling import image_ids, text_ids
+from minflux.variants import detect_variant
 from toy import train_variants
 from toy.world import random_scene
 
@@ -42,6 +44,12 @@ def official_shapes(variant: str) -> dict[str, tuple[int, ...]]:
 @pytest.mark.parametrize("variant", train_variants.VARIANTS)
 def test_shipped_variant_has_the_dev_toys_names_and_the_official_variants_shapes(variant):
     assert shapes(VARIANTS / train_variants.FILES[variant]) == official_shapes(variant)
+
+
+@pytest.mark.parametrize("variant", train_variants.VARIANTS)
+def test_shipped_variant_is_told_by_minflux_variants_with_toy_model(variant):
+    """Fill by its 384 input channels, Kontext by "kontext" in the file's name."""
+    assert detect_variant(Repo(str(MODEL)), VARIANTS / train_variants.FILES[variant]) == variant
 
 
 def test_fill_starts_as_exactly_the_dev_toy_whatever_its_extra_channels():
