@@ -54,7 +54,7 @@ def fill_channels(masked_latents: Tensor, mask: Tensor) -> Tensor:
 
 def context_ids(batch: int, height: int, width: int) -> Tensor:
     """Positions of a height×width context image's tokens: the image grid from (0, 0), first axis 1."""
-    ids = image_ids(batch, height, width)                                         # (B, Lc, A)
+    ids = image_ids(batch, height, width).clone()  # image_ids' rows share memory   # (B, Lc, A)
     ids[..., 0] = 1
     return ids
 
