@@ -22,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from iclora.checkpoint import Checkpoint, check_loss, lora_metadata
-from iclora.data import PanelSetDataset, batches_by_bucket, check_captions, check_reference_panels
+from iclora.data import PanelSetDataset, batches_by_bucket, check_captions
 from iclora.distributed import (
     gathered,
     init_distributed,
@@ -33,6 +33,7 @@ from iclora.distributed import (
     sum_gradients,
     wait_for_rank0,
 )
+from iclora.edit_training import TRAINING_GUIDANCE, prepare_variant
 from iclora.ema import EMA
 from iclora.lora import inject_lora
 from iclora.lora_files import read_lora_file
@@ -64,6 +65,7 @@ from minflux.compile import compile_blocks
 from minflux.pipeline import load_pipeline, load_t5_tokenizer
 from minflux.quantize import quantize_fp8
 from minflux.user_input import USER_ERRORS, check_device, ranged
+from minflux.variants import VARIANTS
 
 # The defaults that depend on the model: the paper's and its authors' trainer's for FLUX.1-dev; for --model
 # toy, a run of a few CPU minutes (no gradient checkpointing: the toy is tiny; resolution 96 keeps the 128x64
@@ -106,6 +108,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "fp32, an fp8 plain cast or ComfyUI scaled fp8, detected from its tensors; the LoRA "
                         "then trains on its (dequantized) weights; VAE, text encoders and tokenizers come "
                         "from --model (default: the --model's own)")
+    p.add_argument("--variant", choices=VARIANTS,
+                   help="the base model: dev (text to image, schnell too), fill (FLUX.1 Fill: with "
+                        "--ref-panel K the other panels are masked and painted, the ACE++ recipe) or kontext "
+                        "(FLUX.1 Kontext: the one --ref-panel K is the context image, the other panels the "
+                        "image to make: an editing LoRA from before/after pairs). All train at the sets' "
+                        "--resolution buckets, Kontext's context at its panel's size: a pair of 1024² panels "
+                        "is 4096 image + 4096 context tokens, the sequence (and memory) of dev's 2048x1024 "
+                        "two-panel set (computed; docs/fill-and-kontext.md) (default: told from the "
+                        "transformer's input width, Fill's is 384, and the repo's model_index.json or name)")
     p.add_argument("--quantize", choices=["fp8"],
                    help="fp8: store the weight of every Linear in the transformer's and T5's blocks in "
                         "float8 e4m3fn with one float32 scale per row (1 byte a weight instead of bf16's 2: "
@@ -151,8 +162,10 @@ def build_parser() -> argparse.ArgumentParser:
                         + f", the authors'; toy: {toy['resolution'][0]})")
     p.add_argument("--caption-dropout", type=ranged(float, 0, 1), default=0.05,
                    help="probability a caption is replaced by the empty one (default: 0.05)")
-    p.add_argument("--guidance", type=ranged(float, -math.inf), default=1.0,
-                   help="distilled-guidance input during training, a finite number (default: 1.0)")
+    p.add_argument("--guidance", type=ranged(float, -math.inf),
+                   help="distilled-guidance input during training, a finite number (default: "
+                        + ", ".join(f"{g} on {v}" for v, g in TRAINING_GUIDANCE.items())
+                        + "; ACE++ trained its Fill LoRAs at 50; docs/fill-and-kontext.md)")
     p.add_argument("--timestep-sampling", type=timestep_mode,
                    choices=TIMESTEP_MODES,
                    help="how the training t is drawn: sigmoid = sigmoid(randn), the authors' recipe (median "
@@ -247,19 +260,19 @@ def train(args: argparse.Namespace) -> Path:  # noqa: C901 (the recipe reads top
 
     # 1. Data: every image and caption is checked now, not at step 3,000; and a --resume's state against them.
     dataset = PanelSetDataset(args.data, resolution=args.resolution, layout=args.layout, panels=args.panels)
-    panels = check_reference_panels(dataset, args.ref_panel) if args.ref_panel else None
     per_set = len(dataset.resolutions)
     print(f"{len(dataset) // per_set} training sets from {args.data}, {len(dataset)} samples: each at "
           f"resolution {', '.join(map(str, dataset.resolutions))} (at its own size where that is smaller)",
           file=sys.stderr)
     fingerprint = dataset_fingerprint(dataset)
-    state = read_on_rank0(load_state, files.state, args, fingerprint, REF_MODE) if args.resume else None
     init_lora = read_lora_file(args.init_lora) if args.init_lora else None  # read (and so checked) now
     val_size = dataset.samples[per_set - 1].bucket  # the first set's largest (H, W): validation images' size
     val_prompts = validation_prompts(args, val_size, dataset.samples[0].caption)
     # Captions T5 would cut are reported now, from the tokenizer alone, before any weight loads.
     check_captions(load_t5_tokenizer(str(args.model), args.transformer), dataset,
                    [v["caption"] for v in val_prompts] if args.val_prompt else [], args.strict_captions)
+    panels = prepare_variant(args, dataset)  # the base's variant (dev, Fill, Kontext) and what it needs
+    state = read_on_rank0(load_state, files.state, args, fingerprint, REF_MODE) if args.resume else None
 
     # 2. Model; 3. encode every set and caption once, then the text encoders leave the device.
     dtype = args.dtype or ("bf16" if torch.device(args.device).type == "cuda" else None)
@@ -268,7 +281,7 @@ def train(args: argparse.Namespace) -> Path:  # noqa: C901 (the recipe reads top
         quantize_fp8(pipe.t5)
         quantize_fp8(pipe.flow)
     # each rank encodes its part of the samples, and every rank gets them all
-    sets = gathered(encode_sets(pipe, dataset, args.ref_panel, REF_MODE, part(len(dataset))))
+    sets = gathered(encode_sets(pipe, dataset, args.ref_panel, REF_MODE, part(len(dataset)), args.variant))
     empty_txt, empty_vec = pipe.encode_prompts([""])
     empty = EncodedSet(None, empty_txt[0].cpu(), empty_vec[0].cpu())  # for caption dropout
     val_refs = sets[per_set - 1] if args.ref_panel else None  # --ref-panel: the first set's, largest
@@ -328,10 +341,10 @@ def train(args: argparse.Namespace) -> Path:  # noqa: C901 (the recipe reads top
                 for _ in range(args.grad_accum):
                     # every rank collates the whole micro-batch (its draws), and computes the loss of its part
                     batch = next(batches)
-                    x0, txt, vec, refs = collate([sets[i] for i in batch], empty, args.caption_dropout, g,
-                                                 args.device, REF_MODE)
+                    x0, txt, vec, refs, cond = collate([sets[i] for i in batch], empty, args.caption_dropout,
+                                                       g, args.device, REF_MODE)
                     loss = training_loss(flow, x0, txt, vec, g, args.guidance, args.timestep_sampling, refs,
-                                         part(len(batch)))
+                                         part(len(batch)), cond)
                     (loss / args.grad_accum).backward()
                     loss_sum += loss.item()
                 loss_sum = sum_gradients(params, loss_sum)  # under torchrun: the ranks' parts added up
