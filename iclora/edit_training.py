@@ -25,7 +25,8 @@ from minflux.sampling import denoise, get_noise, image_ids, pack, text_ids, unpa
 from minflux.variants import detect_variant
 
 # --guidance's default while training, per base: dev's is the trainers' 1.0 (kohya, ai-toolkit), and Kontext
-# is dev's model; Fill's is the 30 it samples at (BFL's cli_fill.py), in the range ACE++ trained at (50)
+# is dev's model; Fill's is the 30 it samples at (BFL's cli_fill.py; ACE++ trained at 50). See
+# docs/fill-and-kontext.md
 TRAINING_GUIDANCE = {"dev": 1.0, "fill": 30.0, "kontext": 1.0}
 
 
