@@ -305,3 +305,14 @@ def test_a_foreign_lora_recording_no_variant_gets_a_note(tmp_path):
 def test_a_recorded_variant_that_is_none_of_ours_is_refused_naming_the_key(tmp_path):
     with pytest.raises(ValueError, match=r"broken metadata: base_variant 'canny'"):
         check_lora_variant(lora_with(tmp_path / "c.safetensors", {"base_variant": "canny"}), "dev")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant, size", [("fill", (64, 32)), ("kontext", (32, 32))])
+def test_validation_images_are_sampled_with_the_first_sets_condition_at_its_size(repos, data, tmp_path,
+                                                                                 variant, size):
+    """Fill paints the whole set (PIL size 64×32); Kontext makes panel 2 alone (32×32) from panel 1."""
+    out = run_train(repos[variant], data, tmp_path / "lora.safetensors", "--steps", "1", "--sample-every",
+                    "1", "--sample-steps", "2")
+    for step in ("step000000.png", "step000001.png"):
+        assert Image.open(out.with_name("lora_samples") / step).size == size
