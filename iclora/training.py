@@ -6,7 +6,8 @@ t is drawn logit-normal (SD3 §3.1; `sigmoid`, the authors' recipe), optionally 
 sampler's schedule is for that image size (`shift`), or uniform. Every random draw of step s comes from a
 generator seeded with (seed, s), so that a resumed run continues bit for bit without stored RNG state. A
 conditional IC-LoRA (`--ref-panel K`) gives the model its reference panels' tokens as sampling with `--ref`
-gives them (iclora/references.py, same function) and takes the loss on the other panels' tokens only.
+gives them (iclora/references.py, same function) and takes the loss on the other panels' tokens only; on a
+Fill or Kontext base, the model's extra input, a Condition, comes along (iclora/edit_training.py).
 
 Shape letters: B batch, Li image tokens, Lt text tokens, c latent channels, h/w latent height/width.
 """
