@@ -22,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from iclora.checkpoint import Checkpoint, check_loss, lora_metadata
-from iclora.data import PanelSetDataset, batches_by_bucket, check_captions
+from iclora.data import PanelSetDataset, batches_by_bucket, check_captions, check_reference_panels
 from iclora.distributed import (
     gathered,
     init_distributed,
@@ -248,6 +248,7 @@ def main(argv=None) -> Path:
     check_outputs(run_files(args.out), input_files(args))  # no input is overwritten, before anything loads
     # under torchrun: this rank joins the others; its GPU is cuda:LOCAL_RANK
     args.device = init_distributed(args.device)
+    check_device(args.device)
     with holding_lock(run_files(args.out)), stopping_on_signals():
         return train(args)
 
@@ -256,10 +257,10 @@ def train(args: argparse.Namespace) -> Path:  # noqa: C901 (the recipe reads top
     files = run_files(args.out)
     if files.state.exists() and not args.resume:  # a finished or stopped run: its files would be lost
         raise SystemExit(f"error: {files.state} exists: --resume to continue it, another --out, or delete it")
-    check_device(args.device)
 
     # 1. Data: every image and caption is checked now, not at step 3,000; and a --resume's state against them.
     dataset = PanelSetDataset(args.data, resolution=args.resolution, layout=args.layout, panels=args.panels)
+    panels = check_reference_panels(dataset, args.ref_panel) if args.ref_panel else None
     per_set = len(dataset.resolutions)
     print(f"{len(dataset) // per_set} training sets from {args.data}, {len(dataset)} samples: each at "
           f"resolution {', '.join(map(str, dataset.resolutions))} (at its own size where that is smaller)",
@@ -271,7 +272,7 @@ def train(args: argparse.Namespace) -> Path:  # noqa: C901 (the recipe reads top
     # Captions T5 would cut are reported now, from the tokenizer alone, before any weight loads.
     check_captions(load_t5_tokenizer(str(args.model), args.transformer), dataset,
                    [v["caption"] for v in val_prompts] if args.val_prompt else [], args.strict_captions)
-    panels = prepare_variant(args, dataset)  # the base's variant (dev, Fill, Kontext) and what it needs
+    prepare_variant(args)  # the base's variant (dev, Fill, Kontext), its --guidance and what it needs
     state = read_on_rank0(load_state, files.state, args, fingerprint, REF_MODE) if args.resume else None
 
     # 2. Model; 3. encode every set and caption once, then the text encoders leave the device.

@@ -16,7 +16,6 @@ import torch
 from einops import rearrange
 from torch import Tensor
 
-from iclora.data import check_reference_panels
 from iclora.panels import join_panels, panel_boxes, split_panels
 from minflux.conditioning import Condition, conditioned, context_ids, fill_channels
 from minflux.hub import Repo
@@ -30,10 +29,10 @@ from minflux.variants import detect_variant
 TRAINING_GUIDANCE = {"dev": 1.0, "fill": 30.0, "kontext": 1.0}
 
 
-def prepare_variant(args, dataset) -> int | None:
+def prepare_variant(args):
     """Sets args.variant (dev, fill or kontext, told from the transformer's header and the repo: minflux/
     variants.py) and args.guidance's default for it, and checks the options it needs, before any weight
-    loads; returns the sets' panel count with --ref-panel (check_reference_panels), else None."""
+    loads."""
     args.variant = detect_variant(Repo(str(args.model)), args.transformer, args.variant)
     if args.guidance is None:
         args.guidance = TRAINING_GUIDANCE[args.variant]
@@ -44,7 +43,6 @@ def prepare_variant(args, dataset) -> int | None:
     if args.variant == "kontext" and len(args.ref_panel) > 1:
         raise ValueError(f"--ref-panel {' --ref-panel '.join(map(str, args.ref_panel))}: a Kontext LoRA "
                          f"takes one panel as its context; give one --ref-panel")
-    return check_reference_panels(dataset, args.ref_panel) if args.ref_panel else None
 
 
 @dataclass

@@ -138,9 +138,13 @@ def test_a_fill_base_without_ref_panel_is_refused_before_the_weights_load(repos,
                     str(tmp_path / "x.safetensors"), "--panels", "2", "--device", "cpu"])
 
 
-def test_a_kontext_lora_takes_one_context_panel(repos, data, tmp_path):
+def test_a_kontext_lora_takes_one_context_panel(repos, tmp_path):
+    folder = tmp_path / "triples"
+    folder.mkdir()
+    Image.new("RGB", (96, 32), "red").save(folder / "triple.png")
+    (folder / "triple.txt").write_text("three red squares")
     with pytest.raises(ValueError, match=r"a Kontext LoRA takes one panel as its context"):
-        run_train(repos["kontext"], data, tmp_path / "x.safetensors", "--ref-panel", "2")
+        run_train(repos["kontext"], folder, tmp_path / "x.safetensors", "--panels", "3", "--ref-panel", "2")
 
 
 # ------------------------------------------------------------------------------------------------------------
