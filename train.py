@@ -33,6 +33,7 @@ from iclora.distributed import (
     sum_gradients,
     wait_for_rank0,
 )
+from iclora.edit_training import TRAINING_GUIDANCE, prepare_variant
 from iclora.ema import EMA
 from iclora.lora import inject_lora
 from iclora.lora_files import read_lora_file
@@ -61,9 +62,11 @@ from iclora.training import (
 from iclora.validation import Validation
 from minflux.block_swap import BlockSwap
 from minflux.compile import compile_blocks
+from minflux.hub import TOY_MODELS
 from minflux.pipeline import load_pipeline, load_t5_tokenizer
 from minflux.quantize import quantize_fp8
 from minflux.user_input import USER_ERRORS, check_device, ranged
+from minflux.variants import VARIANTS
 
 # The defaults that depend on the model: the paper's and its authors' trainer's for FLUX.1-dev; for --model
 # toy, a run of a few CPU minutes (no gradient checkpointing: the toy is tiny; resolution 96 keeps the 128x64
@@ -113,6 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
     memory.add_argument("--transformer", type=Path, metavar="FILE",
                         help="a local transformer .safetensors (BFL, diffusers or ComfyUI; bf16, fp32 or "
                              "fp8) to train on instead of --model's (default: --model's own)")
+    most.add_argument("--variant", choices=VARIANTS,
+                      help="the base: dev, fill (Fill paints the panels not given by --ref-panel) or kontext "
+                           "(the --ref-panel is the context image) (default: told from the files)")
     memory.add_argument("--quantize", choices=["fp8"],
                         help="store the weights of the transformer's and T5's blocks in fp8, half of bf16's "
                              "memory (default: none)")
@@ -148,8 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
                                + f", the authors'; toy: {toy['resolution'][0]})")
     advanced.add_argument("--caption-dropout", type=ranged(float, 0, 1), default=0.05, metavar="P",
                           help="probability a caption is replaced by the empty one (default: 0.05)")
-    advanced.add_argument("--guidance", type=ranged(float, -math.inf), default=1.0, metavar="G",
-                          help="distilled-guidance input during training, a finite number (default: 1.0)")
+    advanced.add_argument("--guidance", type=ranged(float, -math.inf), metavar="G",
+                          help="distilled-guidance input during training, a finite number (default: "
+                               + ", ".join(f"{g} on {v}" for v, g in TRAINING_GUIDANCE.items()) + ")")
     advanced.add_argument("--timestep-sampling", type=timestep_mode, choices=TIMESTEP_MODES,
                           help=f"how the training t is drawn (default: {flux['timestep_sampling']}, the "
                                f"authors'; toy: {toy['timestep_sampling']})")
@@ -199,7 +206,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     """The flags, over the --config file's values, over the model's defaults; checked."""
     p = build_parser()
     args = parse_with_config(p, argv)
-    for k, v in MODEL_DEFAULTS["toy" if args.model == "toy" else "flux"].items():
+    for k, v in MODEL_DEFAULTS["toy" if args.model in TOY_MODELS else "flux"].items():
         if getattr(args, k) is None:
             setattr(args, k, v)
     args.resolution = sorted(set(args.resolution))  # ascending, each once
@@ -214,6 +221,7 @@ def main(argv=None) -> Path:
     check_outputs(run_files(args.out), input_files(args))  # no input is overwritten, before anything loads
     # under torchrun: this rank joins the others; its GPU is cuda:LOCAL_RANK
     args.device = init_distributed(args.device)
+    check_device(args.device)
     with holding_lock(run_files(args.out)), stopping_on_signals():
         return train(args)
 
@@ -222,7 +230,6 @@ def train(args: argparse.Namespace) -> Path:  # noqa: C901 (the recipe reads top
     files = run_files(args.out)
     if files.state.exists() and not args.resume:  # a finished or stopped run: its files would be lost
         raise SystemExit(f"error: {files.state} exists: --resume to continue it, another --out, or delete it")
-    check_device(args.device)
 
     # 1. Data: every image and caption is checked now, not at step 3,000; and a --resume's state against them.
     dataset = PanelSetDataset(args.data, resolution=args.resolution, layout=args.layout, panels=args.panels)
@@ -232,22 +239,24 @@ def train(args: argparse.Namespace) -> Path:  # noqa: C901 (the recipe reads top
           f"resolution {', '.join(map(str, dataset.resolutions))} (at its own size where that is smaller)",
           file=sys.stderr)
     fingerprint = dataset_fingerprint(dataset)
-    state = read_on_rank0(load_state, files.state, args, fingerprint, REF_MODE) if args.resume else None
     init_lora = read_lora_file(args.init_lora) if args.init_lora else None  # read (and so checked) now
     val_size = dataset.samples[per_set - 1].bucket  # the first set's largest (H, W): validation images' size
     val_prompts = validation_prompts(args, val_size, dataset.samples[0].caption)
     # Captions T5 would cut are reported now, from the tokenizer alone, before any weight loads.
     check_captions(load_t5_tokenizer(str(args.model), args.transformer), dataset,
                    [v["caption"] for v in val_prompts] if args.val_prompt else [], args.strict_captions)
+    prepare_variant(args)  # the base's variant (dev, Fill, Kontext), its --guidance and what it needs
+    state = read_on_rank0(load_state, files.state, args, fingerprint, REF_MODE) if args.resume else None
 
     # 2. Model; 3. encode every set and caption once, then the text encoders leave the device.
     dtype = args.dtype or ("bf16" if torch.device(args.device).type == "cuda" else None)
-    pipe = load_pipeline(str(args.model), args.device, dtype, transformer=args.transformer)
+    pipe = load_pipeline(str(args.model), args.device, dtype, transformer=args.transformer,
+                         variant=args.variant)
     if args.quantize == "fp8":  # on the CPU, before T5 encodes and before the LoRA wraps the flow's Linears
         quantize_fp8(pipe.t5)
         quantize_fp8(pipe.flow)
     # each rank encodes its part of the samples, and every rank gets them all
-    sets = gathered(encode_sets(pipe, dataset, args.ref_panel, REF_MODE, part(len(dataset))))
+    sets = gathered(encode_sets(pipe, dataset, args.ref_panel, REF_MODE, part(len(dataset)), args.variant))
     empty_txt, empty_vec = pipe.encode_prompts([""])
     empty = EncodedSet(None, empty_txt[0].cpu(), empty_vec[0].cpu())  # for caption dropout
     val_refs = sets[per_set - 1] if args.ref_panel else None  # --ref-panel: the first set's, largest
@@ -307,10 +316,10 @@ def train(args: argparse.Namespace) -> Path:  # noqa: C901 (the recipe reads top
                 for _ in range(args.grad_accum):
                     # every rank collates the whole micro-batch (its draws), and computes the loss of its part
                     batch = next(batches)
-                    x0, txt, vec, refs = collate([sets[i] for i in batch], empty, args.caption_dropout, g,
-                                                 args.device, REF_MODE)
+                    x0, txt, vec, refs, cond = collate([sets[i] for i in batch], empty, args.caption_dropout,
+                                                       g, args.device, REF_MODE)
                     loss = training_loss(flow, x0, txt, vec, g, args.guidance, args.timestep_sampling, refs,
-                                         part(len(batch)))
+                                         part(len(batch)), cond)
                     (loss / args.grad_accum).backward()
                     loss_sum += loss.item()
                 loss_sum = sum_gradients(params, loss_sum)  # under torchrun: the ranks' parts added up

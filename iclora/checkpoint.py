@@ -24,13 +24,15 @@ STATE_KEYS = ("step", "lora", "optimizer", "args", "dataset")  # what every trai
 
 
 def lora_metadata(args, caption: str, panels: int | None, size: tuple[int, int], ref_mode: str) -> dict:
-    """The LoRA file's metadata: its settings and validation caption; with --ref-panel, the geometry
-    sample.py reads (panels of the first set's `size` (H, W))."""
+    """The LoRA file's metadata: its settings, base variant (dev, fill or kontext: sample.py refuses the LoRA
+    on another) and validation caption; with --ref-panel, the geometry sample.py reads (panels of the first
+    set's `size` (H, W)), and the reference mode Fill trains in ("noised", as the canvas)."""
     metadata = {"rank": str(args.rank), "alpha": str(args.alpha), "base_model": str(args.model),
-                "caption_template": caption, "steps": str(args.steps)}
+                "base_variant": args.variant, "caption_template": caption, "steps": str(args.steps)}
     if args.ref_panel:
         rows, cols = grid_shape(panels, args.layout)
-        metadata |= conditional_metadata(args.ref_panel, panels, args.layout, ref_mode, size[0] // rows,
+        mode = "noised" if args.variant == "fill" else ref_mode
+        metadata |= conditional_metadata(args.ref_panel, panels, args.layout, mode, size[0] // rows,
                                          size[1] // cols)
     return metadata
 

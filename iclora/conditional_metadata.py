@@ -2,13 +2,16 @@
 
 Its reference panels, the panel count and layout (iclora/panels.py), how reference tokens were given (a mode
 of iclora/references.py) and the trained panel size: sample.py and toy/score.py need them to use the LoRA as
-it was trained. safetensors metadata maps str to str; the values are checked when they are read.
+it was trained. Every train.py LoRA also records its base's variant (dev, fill or kontext), which
+`check_lora_variant` holds to the model it is loaded on. safetensors metadata maps str to str; the values are
+checked when they are read.
 """
 
 from iclora.panels import LAYOUTS
 from iclora.references import REF_MODES
 from minflux.loading import open_safetensors
 from minflux.sampling import MAX_PANELS, MAX_SIDE
+from minflux.variants import VARIANTS
 
 CONDITIONAL_KEYS = ("ref_panels", "panels", "layout", "ref_mode", "panel_height", "panel_width")
 
@@ -53,3 +56,22 @@ def check_limits(found: dict, path):
         raise ValueError(f"{path}: conditional IC-LoRA metadata asks for {panels} panel(s) of {sizes[1]}x"
                          f"{sizes[0]} px; the limit is 1 to {MAX_PANELS} panels of at most {MAX_SIDE} px a "
                          f"side")
+
+
+def check_lora_variant(path, variant: str) -> str | None:
+    """Refuses a LoRA file whose metadata records another base variant than `variant` (the model's: dev, fill
+    or kontext), naming both; returns a note for the caller to print where the file records none (a LoRA
+    from another trainer, or from train.py before the variant was recorded), else None."""
+    with open_safetensors(path, "not a readable safetensors LoRA file") as f:
+        recorded = (f.metadata() or {}).get("base_variant")
+    if recorded is None:
+        return (f"note: {path} does not record which FLUX.1 model it was trained on (no base_variant in its "
+                f"metadata); it is used on this {variant} model as it is")
+    if recorded not in VARIANTS:
+        raise ValueError(f"{path}: broken metadata: base_variant {recorded!r}; expected one of "
+                         f"{', '.join(VARIANTS)}")
+    if recorded != variant:
+        raise ValueError(f"{path} is a LoRA for FLUX.1 {recorded} (its metadata's base_variant) and this "
+                         f"model is FLUX.1 {variant}: load it on a {recorded} model, or use a LoRA trained "
+                         f"on {variant}")
+    return None

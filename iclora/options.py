@@ -9,7 +9,7 @@ import re
 from pathlib import Path
 
 from iclora.training import step_generator
-from minflux.hub import TOY_MODEL
+from minflux.hub import TOY_MODEL, TOY_MODELS, TOY_VARIANTS
 from minflux.sampling import check_size
 
 VAL_SEED = 42  # the noise of every validation image, so that they differ only by the training they show
@@ -136,7 +136,9 @@ def input_files(args: argparse.Namespace) -> list[tuple[str, Path]]:
     named = [(f"{flag} {path}", path) for flag, path in (("--init-lora", args.init_lora),
                                                           ("--config", args.config),
                                                           ("--transformer", args.transformer)) if path]
-    model = TOY_MODEL if args.model == "toy" else Path(str(args.model))
+    model = TOY_MODEL if args.model in TOY_MODELS else Path(str(args.model))
+    if args.model in TOY_VARIANTS:  # its transformer file lies outside toy/model
+        named.append((f"--model {args.model}'s transformer", TOY_VARIANTS[args.model]))
     for flag, folder in (("--data", args.data), ("--model", model)):
         for parent, _, names in os.walk(folder):  # nothing for a hub id
             named.extend((f"{Path(parent) / name}, a file of {flag} {folder}", Path(parent) / name)

@@ -17,7 +17,7 @@ from iclora.lora_files import load_lora
 # is spelled)
 RESUME_MUST_MATCH = ("layout", "model", "batch_size", "grad_accum", "rank", "alpha", "lr", "warmup",
                      "grad_clip", "resolution", "caption_dropout", "guidance", "timestep_sampling", "seed",
-                     "dtype", "transformer", "quantize", "panels", "ref_panel", "ema_decay")
+                     "dtype", "transformer", "quantize", "panels", "ref_panel", "ema_decay", "variant")
 
 
 def dataset_fingerprint(dataset: PanelSetDataset) -> dict:
@@ -90,7 +90,7 @@ def wrong_part(state: dict) -> str | None:
 def saved_settings(state: dict) -> dict:
     """The state's options as this train.py names them; states saved before a flag existed hold no value."""
     saved_args = {"transformer": "None", "quantize": "None", "panels": "None", "ref_panel": "[]",
-                  "ema_decay": "0.0"} | state["args"]
+                  "ema_decay": "0.0", "variant": "dev"} | state["args"]
     if saved_args.get("timestep_sampling") == "logit_normal":  # the old name of shift
         saved_args["timestep_sampling"] = "shift"
     if saved_args.get("resolution", "").isdigit():  # states saved before --resolution took a list

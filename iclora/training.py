@@ -6,7 +6,8 @@ t is drawn logit-normal (SD3 §3.1; `sigmoid`, the authors' recipe), optionally 
 sampler's schedule is for that image size (`shift`), or uniform. Every random draw of step s comes from a
 generator seeded with (seed, s), so that a resumed run continues bit for bit without stored RNG state. A
 conditional IC-LoRA (`--ref-panel K`) gives the model its reference panels' tokens as sampling with `--ref`
-gives them (iclora/references.py, same function) and takes the loss on the other panels' tokens only.
+gives them (iclora/references.py, same function) and takes the loss on the other panels' tokens only; on a
+Fill or Kontext base, the model's extra input, a Condition, comes along (iclora/edit_training.py).
 
 Shape letters: B batch, Li image tokens, Lt text tokens, c latent channels, h/w latent height/width.
 """
@@ -17,8 +18,10 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from iclora.edit_training import condition_rows, edit_inputs, stack_conditions
 from iclora.panels import panel_boxes, split_panels
 from iclora.references import image_positions, reference_latents, reference_tokens
+from minflux.conditioning import Condition, conditioned
 from minflux.module_tree import compute_dtype
 from minflux.pipeline import to_pil
 from minflux.sampling import add_noise, image_ids, pack, shift_mu, text_ids, time_shift
@@ -63,12 +66,14 @@ def draw_noise_and_times(x0: Tensor, g: torch.Generator, timestep_mode: str) -> 
 
 
 def predict_velocity(flow, x_t: Tensor, t: Tensor, img_ids: Tensor, txt: Tensor, vec: Tensor,
-                     guidance: float) -> Tensor:
-    """The flow's v (B, Li, 4c) for x_t (B, Li, 4c) at t (B,), computed in the flow's dtype."""
+                     guidance: float, cond: Condition | None = None) -> Tensor:
+    """The flow's v (B, Li, 4c) for x_t (B, Li, 4c) at t (B,), computed in the flow's dtype, given `cond`
+    (Fill's channels or Kontext's context: minflux/conditioning.py)."""
     B = x_t.shape[0]
     dtype = compute_dtype(flow)
     device = x_t.device
     guidance = torch.full((B,), guidance, dtype=dtype, device=device)             # (B,)
+    flow = conditioned(flow, cond)
     return flow(x_t.to(dtype), img_ids.to(device), txt.to(dtype), text_ids(B, txt.shape[1]).to(device),
                 timesteps=t.to(dtype), y=vec.to(dtype), guidance=guidance)
 
@@ -86,11 +91,11 @@ def flow_matching_loss(flow, x0: Tensor, txt: Tensor, vec: Tensor, g: torch.Gene
 
 def training_loss(flow, x0: Tensor, txt: Tensor, vec: Tensor, g: torch.Generator, guidance: float = 1.0,
                   timestep_mode: str = "shift", refs: References | None = None,
-                  rows: slice = slice(None)) -> Tensor:
-    """The same objective as flow_matching_loss, with two options train.py uses. With `refs`, their tokens
+                  rows: slice = slice(None), cond: Condition | None = None) -> Tensor:
+    """The same objective as flow_matching_loss, with three options train.py uses. With `refs`, their tokens
     become reference_tokens before the forward and the MSE is over the other tokens, at `refs.ids` if given.
     With `rows` (iclora/distributed.py), every draw is made for the whole batch and the loss is that of these
-    examples only, as their share of the batch's."""
+    examples only, as their share of the batch's. `cond` is a Fill or Kontext base's input."""
     B, _, h, w = x0.shape
     x0 = pack(x0)                                                                 # (B, Li, 4c)
     noise, t = draw_noise_and_times(x0, g, timestep_mode)                         # (B, Li, 4c), (B,)
@@ -112,7 +117,7 @@ def training_loss(flow, x0: Tensor, txt: Tensor, vec: Tensor, g: torch.Generator
     if refs is not None:
         given = reference_tokens(refs.latents[rows].to(x0), noise, t[:, None, None], refs.mode)
         x_t = torch.where(in_loss, x_t, given)
-    v = predict_velocity(flow, x_t, t, img_ids, txt, vec, guidance)               # (B, Li, 4c)
+    v = predict_velocity(flow, x_t, t, img_ids, txt, vec, guidance, condition_rows(cond, rows))  # (B, Li, 4c)
     return (v.float() - (noise - x0).float())[in_loss].square().sum() / count
 
 
@@ -126,15 +131,16 @@ class EncodedSet:
     ref_latents: Tensor | None = None  # (Li, 4c) packed latents of the reference panels
     ref_mask: Tensor | None = None     # (Li,) True on the reference tokens
     ids: Tensor | None = None          # (Li, 3) the tokens' positions in this mode (image_positions)
+    cond: Condition | None = None      # on a Fill or Kontext base (iclora/edit_training.py), unbatched
 
 
 @torch.no_grad()
 def encode_sets(pipe, dataset, ref_panels: list[int] = (), ref_mode: str = "noised",
-                part: slice = slice(None)) -> list[EncodedSet]:
+                part: slice = slice(None), variant: str = "dev") -> list[EncodedSet]:
     """Each sample's latents and caption states (of the samples `part` of the list only), each (set, bucket)
     and each caption encoded once; with 1-based `ref_panels`, its reference panels, cut from the resized set,
     encoded by reference_latents (as `sample.py --ref` encodes a reference image), ref_mask and the tokens'
-    positions in `ref_mode`."""
+    positions in `ref_mode`; on a Fill or Kontext base (`variant`), their inputs instead (edit_inputs)."""
     encoded = []
     by_sample = {}   # (set path, bucket) -> its EncodedSet
     by_caption = {}  # caption -> its T5 states and CLIP vector
@@ -144,11 +150,17 @@ def encode_sets(pipe, dataset, ref_panels: list[int] = (), ref_mode: str = "nois
             encoded.append(by_sample[key])
             continue
         item = dataset[i]
-        latents = pipe.encode_image(item["image"][None])[0].cpu()                 # (c, h, w)
         caption = item["caption"]
         if caption not in by_caption:  # a caption is encoded once, whatever its number of buckets
             by_caption[caption] = [x[0].cpu() for x in pipe.encode_prompts([caption])]  # (Lt, 4096), (768,)
         txt, vec = by_caption[caption]
+        if variant != "dev":  # Fill's or Kontext's inputs (iclora/edit_training.py)
+            n = dataset.samples[i].count
+            e = edit_inputs(pipe, item["image"], n, dataset.layout, ref_panels, variant)
+            by_sample[key] = EncodedSet(e.latents, txt, vec, e.ref_latents, e.ref_mask, e.ids, e.cond)
+            encoded.append(by_sample[key])
+            continue
+        latents = pipe.encode_image(item["image"][None])[0].cpu()                 # (c, h, w)
         ref_latents = None
         ref_mask = None
         ids = None
@@ -168,16 +180,18 @@ def encode_sets(pipe, dataset, ref_panels: list[int] = (), ref_mode: str = "nois
 
 
 def collate(sets: list[EncodedSet], empty: EncodedSet, dropout: float, g: torch.Generator, device,
-            ref_mode: str = "noised") -> tuple[Tensor, Tensor, Tensor, References | None]:
-    """Stacks a batch: latents, caption states, pooled vectors, and its References (in `ref_mode`; None
-    without reference panels). Each caption is replaced by the empty caption with probability `dropout`."""
+            ref_mode: str = "noised") -> tuple[Tensor, Tensor, Tensor, References | None, Condition | None]:
+    """Stacks a batch: latents, caption states, pooled vectors, its References (in `ref_mode`, but a Fill
+    base's, given "noised" as the canvas is; None without reference panels) and its Fill or Kontext
+    Condition (None on dev). Each caption is replaced by the empty caption with probability `dropout`."""
     drop = (torch.rand(len(sets), generator=g) < dropout).tolist()
     texts = [empty if d else s for d, s in zip(drop, sets, strict=True)]
     refs = None
+    cond = stack_conditions([s.cond for s in sets], device)
     if sets[0].ref_latents is not None:
         ref_latents = torch.stack([s.ref_latents for s in sets]).to(device)      # (B, Li, 4c)
         ref_mask = torch.stack([s.ref_mask for s in sets]).to(device)            # (B, Li)
         ids = torch.stack([s.ids for s in sets]).to(device)                      # (B, Li, 3)
-        refs = References(ref_latents, ref_mask, ref_mode, ids)
+        refs = References(ref_latents, ref_mask, ref_mode if cond is None else "noised", ids)
     return (torch.stack([s.latents for s in sets]).to(device), torch.stack([s.txt for s in texts]).to(device),
-            torch.stack([s.vec for s in texts]).to(device), refs)
+            torch.stack([s.vec for s in texts]).to(device), refs, cond)

@@ -1,6 +1,7 @@
 """A training run's validation images: each --val-prompt sampled with the weights of the step (the EMA's
 when on), side by side in `<stem>_samples/step000250.png`. A conditional LoRA's are given the first set's
-reference panels, as `sample.py --ref` gives them. A failure to write them (disk full) is a warning, and
+reference panels, as `sample.py --ref` gives them (on Fill and Kontext, its condition, at its size: iclora/
+edit_training.py). A failure to write them (disk full) is a warning, and
 training goes on: the steps are saved by the checkpoints, not by these images."""
 
 from pathlib import Path
@@ -9,6 +10,7 @@ from PIL import Image
 
 from iclora.atomic_files import write_or_warn
 from iclora.distributed import rank
+from iclora.edit_training import sample_edit
 from iclora.ema import EMA
 from iclora.references import pin_references
 from iclora.training import EncodedSet
@@ -28,7 +30,8 @@ class Validation:
         self.txt, self.vec = pipe.encode_prompts([v["caption"] for v in prompts])
         self.hooks = [None] * len(prompts)
         self.ids = [None] * len(prompts)
-        if shown is not None:
+        self.edit = shown if shown is not None and shown.cond is not None else None  # Fill, Kontext
+        if shown is not None and self.edit is None:
             for i, v in enumerate(prompts):
                 noise = get_noise(1, *size, v["seed"])
                 times = pipe.schedule(*size, v["steps"])
@@ -43,6 +46,10 @@ class Validation:
         images = []
         with ema.applied():
             for i, v in enumerate(self.prompts):
+                if self.edit is not None:
+                    latents = sample_edit(self.pipe, self.edit, self.txt[i : i + 1], self.vec[i : i + 1], v)
+                    images.append(to_pil(self.pipe.decode(latents))[0])
+                    continue
                 latents = self.pipe.sample(self.txt[i : i + 1], self.vec[i : i + 1], v["height"], v["width"],
                                            steps=v["steps"], guidance=v["guidance"], seed=v["seed"],
                                            progress=False, after_step=self.hooks[i], img_ids=self.ids[i])
