@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from iclora.conditional_metadata import read_conditional_metadata
+from iclora.conditional_metadata import check_lora_variant, read_conditional_metadata, recorded_variant
 from iclora.lora import fold_lora
 from iclora.lora_files import load_lora, read_lora_file
 from iclora.panels import LAYOUTS, canvas_size, joint_caption, panel_boxes, panel_size, split_panels
@@ -312,7 +312,7 @@ def conditional_lora(loras: list[Path], refs: list[Path]) -> tuple[Path, dict] |
     conditional = []
     for path in loras:
         meta = read_conditional_metadata(path)
-        if meta:
+        if meta and recorded_variant(path) != "kontext":  # a Kontext LoRA's reference is the --image
             conditional.append((path, meta))
     if not conditional:
         return None
@@ -466,6 +466,10 @@ def load_models(args, loras: list, edit) -> Pipeline:
     on the CPU, then the `loras` (path, tensors): merged into the full-precision weights before --quantize; as
     adapters (--no-merge, or an fp8 file) after it. Then --blocks-to-swap and --compile, which come after
     every change to the blocks."""
+    for path, _ in loras:  # a LoRA trained by train.py on another variant is refused before any weight loads
+        note = check_lora_variant(path, edit.variant)
+        if note:
+            print(note, file=sys.stderr)
     pipe = load_pipeline(edit.repo, args.device, args.dtype, args.offload, args.transformer, edit.variant)
     fp8_file = any(isinstance(m, FP8Linear) for m in pipe.flow.modules())
     if fp8_file and loras and not args.no_merge:

@@ -58,18 +58,24 @@ def check_limits(found: dict, path):
                          f"side")
 
 
+def recorded_variant(path) -> str | None:
+    """The base variant (dev, fill, kontext) a LoRA file's metadata records; None where it records none."""
+    with open_safetensors(path, "not a readable safetensors LoRA file") as f:
+        recorded = (f.metadata() or {}).get("base_variant")
+    if recorded is not None and recorded not in VARIANTS:
+        raise ValueError(f"{path}: broken metadata: base_variant {recorded!r}; expected one of "
+                         f"{', '.join(VARIANTS)}")
+    return recorded
+
+
 def check_lora_variant(path, variant: str) -> str | None:
     """Refuses a LoRA file whose metadata records another base variant than `variant` (the model's: dev, fill
     or kontext), naming both; returns a note for the caller to print where the file records none (a LoRA
     from another trainer, or from train.py before the variant was recorded), else None."""
-    with open_safetensors(path, "not a readable safetensors LoRA file") as f:
-        recorded = (f.metadata() or {}).get("base_variant")
+    recorded = recorded_variant(path)
     if recorded is None:
         return (f"note: {path} does not record which FLUX.1 model it was trained on (no base_variant in its "
                 f"metadata); it is used on this {variant} model as it is")
-    if recorded not in VARIANTS:
-        raise ValueError(f"{path}: broken metadata: base_variant {recorded!r}; expected one of "
-                         f"{', '.join(VARIANTS)}")
     if recorded != variant:
         raise ValueError(f"{path} is a LoRA for FLUX.1 {recorded} (its metadata's base_variant) and this "
                          f"model is FLUX.1 {variant}: load it on a {recorded} model, or use a LoRA trained "

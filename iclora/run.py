@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from iclora.distributed import rank
+from iclora.panels import canvas_size, panel_size
 
 # Ctrl-C; preemption or `timeout`; a closed terminal
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -263,7 +264,9 @@ def finished(args, files: RunFiles, steps: int, losses: list[float], first_set, 
     width = max((len(shown) for shown, _ in files_written), default=0)
     lines += [f"  {shown:<{width}}  {what}" for shown, what in files_written]
     lines += ["sample with it:", f"  {sample_command(args, first_set, caption)}"]
-    if args.ref_panel:
+    if getattr(args, "variant", "dev") == "kontext":
+        lines.append(f"  (IMAGE: the context, as panel {args.ref_panel[0]} of the training sets)")
+    elif args.ref_panel:
         lines.append(f"  (IMAGE: the picture for panel {', '.join(map(str, args.ref_panel))}, as in the "
                      f"training sets; the LoRA sets the panels and their size)")
     print("\n".join(lines), file=sys.stderr)
@@ -299,13 +302,18 @@ def written(files: RunFiles) -> list[tuple[str, str]]:
 
 def sample_command(args, first_set, caption: str) -> str:
     """The sample.py command that draws `caption` with the run's LoRA: a conditional one (--ref-panel) takes
-    its panels and size from the file and needs a --ref IMAGE for each reference panel; any other one is
-    given the first set's panels, layout and size."""
+    its panels and size from the file and needs a --ref IMAGE for each reference panel (a Kontext one, the
+    context as --image, and the size of the panels it draws); any other one is given the first set's panels,
+    layout and size."""
     command = ["python", "sample.py", "--model", str(args.model)]
     if args.transformer:
         command += ["--transformer", str(args.transformer)]
     command += ["--lora", str(args.out)]
-    if args.ref_panel:
+    if getattr(args, "variant", "dev") == "kontext":  # the context is --image; the other panels are drawn
+        n = first_set.count
+        height, width = canvas_size(n - 1, args.layout, *panel_size(n, args.layout, *first_set.bucket))
+        command += ["--image", "IMAGE", "--width", str(width), "--height", str(height)]
+    elif args.ref_panel:
         command += ["--ref", "IMAGE"] * len(args.ref_panel)
     else:
         if first_set.count and first_set.count > 1:
