@@ -305,10 +305,12 @@ def geometry(meta: dict) -> list:
     return [meta[k] for k in ("panels", "layout", "ref_panels", "ref_mode")]
 
 
-def conditional_lora(loras: list[Path], refs: list[Path]) -> tuple[Path, dict] | None:
+def conditional_lora(loras: list[Path], refs: list[Path], image: Path | None) -> tuple[Path, dict] | None:
     """The first conditional IC-LoRA among the files `loras`, with its metadata (read from the file's header
-    only); None if there is none, or (after a warning) if no --ref gives its input images. Conditional LoRAs
-    of another `geometry` are an error."""
+    only); None if there is none, if Fill's or Kontext's --image `image` stands for its references, or (after
+    a warning) if no --ref gives its input images. Conditional LoRAs of another `geometry` are an error."""
+    if image is not None:
+        return None
     conditional = []
     for path in loras:
         meta = read_conditional_metadata(path)
@@ -515,7 +517,7 @@ def main(argv=None) -> list[Path]:  # noqa: C901 (the recipe reads as numbered s
     # Everything that needs no model is read (and so checked) first.
     check_device(args.device)
     lora_paths = [resolve_lora(spec) for spec in args.lora]
-    conditional = conditional_lora(lora_paths, args.ref)
+    conditional = conditional_lora(lora_paths, args.ref, args.image)
     if conditional:
         take_geometry(args, *conditional)
     args.panels = args.panels or 1

@@ -3,64 +3,36 @@ records its base's variant, resumes bit for bit, takes its loss on the panels to
 diffusers with our transformer's output. The bases are tiny random checkpoints in the official layouts
 (tests/tiny_repo.py), Fill with its 384 input channels, Kontext named by its model_index.json."""
 
-import json
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from diffusers import FluxTransformer2DModel
+from diffusers import FluxFillPipeline, FluxKontextPipeline, FluxTransformer2DModel
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+import sample
 import train
 from iclora.conditional_metadata import check_lora_variant
 from iclora.data import PanelSetDataset
 from iclora.lora_files import load_lora
 from iclora.training import collate, encode_sets, sample_timesteps, training_loss
 from minflux.conditioning import Condition, conditioned, context_ids
-from minflux.convert import transformer_from_diffusers
 from minflux.model import preset
 from minflux.pipeline import load_pipeline
 from minflux.sampling import image_ids, pack, text_ids
-from tests.tiny_repo import jitter_, write_tiny_repo
+from tests.tiny_repo import write_tiny_repo
 
 CAPTIONS = ["a red square, then the same square in blue", "a green disc, then the same disc in yellow"]
-
-
-def write_variant_repo(folder: Path, variant: str) -> Path:
-    """The tiny dev repo (both layouts) made into a tiny FLUX.1 Fill-dev (a 384-channel transformer, the
-    pipeline class FluxFillPipeline) or Kontext-dev (dev's weights, FluxKontextPipeline), files named as in
-    the official repos."""
-    write_tiny_repo(folder, layout="both", seed=1)
-    index = json.loads((folder / "model_index.json").read_text())
-    index["_class_name"] = "FluxFillPipeline" if variant == "fill" else "FluxKontextPipeline"
-    (folder / "model_index.json").write_text(json.dumps(index, indent=2))
-    single = folder / "flux1-dev.safetensors"
-    if variant == "kontext":
-        single.rename(folder / "flux1-kontext-dev.safetensors")
-        return folder
-    torch.manual_seed(2)
-    p = preset("tiny")
-    transformer = FluxTransformer2DModel(
-        patch_size=1, in_channels=384, out_channels=64, num_layers=p.depth,
-        num_single_layers=p.depth_single_blocks, attention_head_dim=p.hidden_size // p.num_heads,
-        num_attention_heads=p.num_heads, joint_attention_dim=p.context_in_dim,
-        pooled_projection_dim=p.vec_in_dim, guidance_embeds=True, axes_dims_rope=p.axes_dim)
-    jitter_(transformer, 0.3, names=("norm", "proj_out"))
-    shutil.rmtree(folder / "transformer")
-    transformer.save_pretrained(folder / "transformer", max_shard_size="100KB")
-    single.unlink()
-    save_file(transformer_from_diffusers(transformer.state_dict()), folder / "flux1-fill-dev.safetensors")
-    return folder
 
 
 @pytest.fixture(scope="module")
 def repos(tmp_path_factory):
     root = tmp_path_factory.mktemp("variants")
-    return {v: write_variant_repo(root / f"FLUX.1-{v}-dev", v) for v in ("fill", "kontext")}
+    return {v: write_tiny_repo(root / f"FLUX.1-{v}-dev", layout="both", seed=1, variant=v)
+            for v in ("fill", "kontext")}
 
 
 @pytest.fixture(scope="module")
@@ -278,6 +250,52 @@ def test_a_trained_lora_loads_in_diffusers_and_gives_our_transformers_output(rep
     print(f"{variant}: max abs diff {(got - want).abs().max():.2e}, LoRA effect {effect:.2e}")
     assert effect > 1e-3
     assert (got - want).abs().max() < 1e-5
+
+
+def smooth_picture(width: int, height: int, seed: int) -> Image.Image:
+    g = np.random.default_rng(seed)
+    small = g.integers(0, 256, (4, 4, 3), dtype=np.uint8)
+    return Image.fromarray(small).resize((width, height), Image.Resampling.BILINEAR)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", ["fill", "kontext"])
+def test_a_trained_lora_gives_diffusers_image_through_sample_py(repos, trained, tmp_path, variant):
+    """The whole image: sample.py with the LoRA train.py wrote, and diffusers' pipeline with
+    load_lora_weights of the same file, the same seed: within 1/255 per pixel."""
+    image = smooth_picture(32, 32, 4)
+    image.save(tmp_path / "image.png")
+    flags = ["--image", str(tmp_path / "image.png")]
+    call = dict(image=image, height=32, width=32, num_inference_steps=3, max_sequence_length=512,
+                generator=torch.Generator().manual_seed(7))
+    if variant == "fill":
+        mask = Image.new("L", (32, 32), 0)
+        mask.paste(255, (8, 8, 24, 24))
+        mask.save(tmp_path / "mask.png")
+        flags += ["--mask", str(tmp_path / "mask.png")]
+        pipe = FluxFillPipeline.from_pretrained(repos[variant], torch_dtype=torch.float32)
+        call |= dict(mask_image=mask, guidance_scale=30.0)
+    else:
+        pipe = FluxKontextPipeline.from_pretrained(repos[variant], torch_dtype=torch.float32)
+        call |= dict(guidance_scale=2.5, max_area=32 * 32, _auto_resize=False)
+        flags += ["--context-size", "own", "--width", "32", "--height", "32"]
+    pipe.load_lora_weights(str(trained[variant]))
+    want = np.asarray(pipe(prompt=CAPTIONS[0], **call).images[0], dtype=np.int16)
+    paths = sample.main(["--model", str(repos[variant]), "--lora", str(trained[variant]), "--prompt",
+                         CAPTIONS[0], "--steps", "3", "--seed", "7", "--out", str(tmp_path / "ours.png"),
+                         "--device", "cpu", *flags])
+    got = np.asarray(Image.open(paths[0]), dtype=np.int16)
+    print(f"{variant}: max pixel diff {np.abs(got - want).max()}, pixel std {want.std():.1f}")
+    assert want.std() > 5, "a flat reference image would prove nothing"
+    assert np.abs(got - want).max() <= 1
+
+
+def test_a_fill_lora_on_dev_is_refused_by_sample_py_before_any_weight_loads(tmp_path, monkeypatch):
+    lora = lora_with(tmp_path / "fill.safetensors", {"base_variant": "fill"})
+    monkeypatch.setattr(sample, "load_pipeline", lambda *a, **k: pytest.fail("weights were loaded"))
+    with pytest.raises(ValueError, match="a LoRA for FLUX.1 fill .* this model is FLUX.1 dev"):
+        sample.main(["--model", "toy", "--prompt", "x", "--lora", str(lora), "--out",
+                     str(tmp_path / "o.png")])
 
 
 # ------------------------------------------------------------------------------------------------------------
