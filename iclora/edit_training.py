@@ -17,10 +17,10 @@ from einops import rearrange
 from torch import Tensor
 
 from iclora.panels import join_panels, panel_boxes, split_panels
-from minflux.conditioning import Condition, conditioned, context_ids, fill_channels
+from minflux.conditioning import Condition, context_ids, fill_channels
 from minflux.hub import Repo
 from minflux.pipeline import from_pil, to_pil
-from minflux.sampling import denoise, get_noise, image_ids, pack, text_ids, unpack
+from minflux.sampling import image_ids, pack
 from minflux.variants import detect_variant
 
 # --guidance's default while training, per base: dev's is the trainers' 1.0 (kohya, ai-toolkit), and Kontext
@@ -115,17 +115,3 @@ def condition_rows(cond: Condition | None, rows: slice) -> Condition | None:
     tokens = None if cond.tokens is None else cond.tokens[rows]
     token_ids = None if cond.token_ids is None else cond.token_ids[rows]
     return Condition(channels, tokens, token_ids)
-
-
-@torch.no_grad()
-def sample_edit(pipe, shown, txt: Tensor, vec: Tensor, v: dict) -> Tensor:
-    """A validation image's latents (1, c, h, w) on Fill or Kontext: `shown` (an EncodedSet) gives its
-    condition and its size (Fill: the set's; Kontext: the panels made), `v` (options.validation_prompts) its
-    seed, steps and guidance."""
-    h, w = shown.latents.shape[1:]
-    H, W = 8 * h, 8 * w
-    x = pack(get_noise(1, H, W, v["seed"])).to(pipe.device, pipe.dtype)           # (1, Li, 4c)
-    flow = conditioned(pipe.on_device(pipe.flow), stack_conditions([shown.cond], pipe.device))
-    x = denoise(flow, x, image_ids(1, H, W), txt, text_ids(1, txt.shape[1]), vec,
-                pipe.schedule(H, W, v["steps"]), v["guidance"], progress=False)
-    return unpack(x, H, W)

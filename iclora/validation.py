@@ -7,10 +7,11 @@ training goes on: the steps are saved by the checkpoints, not by these images.""
 from pathlib import Path
 
 from PIL import Image
+from tqdm.auto import tqdm
 
 from iclora.atomic_files import write_or_warn
 from iclora.distributed import rank
-from iclora.edit_training import sample_edit
+from iclora.edit_training import stack_conditions
 from iclora.ema import EMA
 from iclora.references import pin_references
 from iclora.training import EncodedSet
@@ -44,15 +45,18 @@ class Validation:
         rank 0 writes them."""
         flow.eval()
         images = []
+        cond = None
         with ema.applied():
-            for i, v in enumerate(self.prompts):
-                if self.edit is not None:
-                    latents = sample_edit(self.pipe, self.edit, self.txt[i : i + 1], self.vec[i : i + 1], v)
-                    images.append(to_pil(self.pipe.decode(latents))[0])
-                    continue
-                latents = self.pipe.sample(self.txt[i : i + 1], self.vec[i : i + 1], v["height"], v["width"],
+            for i, v in enumerate(tqdm(self.prompts, desc=f"validation images, step {step}", leave=False,
+                                       disable=rank() > 0)):
+                height, width = v["height"], v["width"]
+                if self.edit is not None:  # Fill, Kontext: the first set's condition, at its size
+                    cond = stack_conditions([self.edit.cond], self.pipe.device)
+                    height, width = (8 * side for side in self.edit.latents.shape[1:])
+                latents = self.pipe.sample(self.txt[i : i + 1], self.vec[i : i + 1], height, width,
                                            steps=v["steps"], guidance=v["guidance"], seed=v["seed"],
-                                           progress=False, after_step=self.hooks[i], img_ids=self.ids[i])
+                                           progress=False, after_step=self.hooks[i], img_ids=self.ids[i],
+                                           cond=cond)
                 images.append(to_pil(self.pipe.decode(latents))[0])
         flow.train()
         if rank() == 0:

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from . import loading
 from .autoencoder import AutoEncoder
 from .clip import CLIPTextModel
+from .conditioning import Condition, conditioned
 from .hub import Repo
 from .model import Flux
 from .module_tree import compute_dtype
@@ -89,15 +90,16 @@ class Pipeline:
     @torch.no_grad()
     def sample(self, txt: Tensor, vec: Tensor, height: int, width: int, steps: int | None = None,
                guidance: float = 3.5, seed: int = 0, progress: bool = True, after_step=None,
-               img_ids: Tensor | None = None) -> Tensor:
+               img_ids: Tensor | None = None, cond: Condition | None = None) -> Tensor:
         """Encoded prompts -> clean latents (B, c, h, w), all from one noise draw of `seed` (as diffusers
         does); `after_step(x, t)` edits the start and every step (see `denoise`); `img_ids` (1, Li, 3)
-        replaces the canvas's positions."""
+        replaces the canvas's positions; `cond`, a Fill or Kontext model's Condition."""
         B, Lt = txt.shape[:2]
         x = pack(get_noise(B, height, width, seed)).to(self.device, self.dtype)  # (B, Li, 4c) at t = 1
         img_ids = image_ids(B, height, width) if img_ids is None else img_ids.expand(B, -1, -1)   # (B, Li, 3)
-        x = denoise(self.on_device(self.flow), x, img_ids, txt, text_ids(B, Lt), vec,
-                    self.schedule(height, width, steps), guidance, after_step, progress=progress)
+        flow = conditioned(self.on_device(self.flow), cond)
+        x = denoise(flow, x, img_ids, txt, text_ids(B, Lt), vec, self.schedule(height, width, steps),
+                    guidance, after_step, progress=progress)
         return unpack(x, height, width)
 
     def generate(self, prompts: list[str], height: int = 1024, width: int = 1024, steps: int | None = None,
