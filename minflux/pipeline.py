@@ -18,6 +18,7 @@ import torch
 from einops import rearrange
 from PIL import Image, ImageOps
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from . import loading
 from .autoencoder import AutoEncoder
@@ -142,8 +143,15 @@ def load_pipeline(model: str | Repo = "black-forest-labs/FLUX.1-dev", device: st
     loading.check_repo(repo, transformer)
     variant = detect_variant(repo, transformer, variant)
     torch_dtype = loading.parse_dtype(dtype)
-    flow = loading.load_flow(repo, torch_dtype, transformer)
     clip_tok, t5_tok = loading.load_tokenizers(repo, loading.t5_max_length(repo, transformer))
-    device = torch.device(device)
-    return Pipeline(flow, loading.load_ae(repo, torch_dtype), loading.load_t5(repo, torch_dtype),
-                    loading.load_clip(repo, torch_dtype), t5_tok, clip_tok, device, offload, variant)
+    bar = tqdm(total=4, desc=f"loading {repo.model}", unit="model")  # FLUX.1-dev: 34 GB to read
+    flow = loading.load_flow(repo, torch_dtype, transformer)
+    bar.update()
+    ae = loading.load_ae(repo, torch_dtype)
+    bar.update()
+    t5 = loading.load_t5(repo, torch_dtype)
+    bar.update()
+    clip = loading.load_clip(repo, torch_dtype)
+    bar.update()
+    bar.close()
+    return Pipeline(flow, ae, t5, clip, t5_tok, clip_tok, torch.device(device), offload, variant)
