@@ -1,8 +1,9 @@
-"""LoRAs for the editing models, in the layouts they ship in, through sample.py: ACE++'s (kohya `lora_unet_`
-keys on every linear of the blocks, modulation included) and a kohya LoRA on Fill's 384-wide img_in give
-FluxFillPipeline's image with `load_lora_weights`; ai-toolkit's Kontext LoRA (PEFT/diffusers keys) gives
-FluxKontextPipeline's, and fal's (`base_model.model.` + BFL names) gives it with the deltas merged by hand,
-diffusers' reader of that layout being fixed to FLUX.1's full sizes. Where each layout comes from:
+"""LoRAs for the editing models, in the layouts they ship in, through sample.py, against diffusers' image
+(within 1/255). On Fill: ACE++'s (kohya `lora_unet_` keys on every linear of the blocks, modulation included)
+and LoRAs on Fill's 384-wide img_in. On Kontext: ai-toolkit's (PEFT/diffusers keys) and fal's
+(`base_model.model.` + BFL names). The reference is the pipeline with `load_lora_weights` where diffusers
+reads the file at the tiny model's sizes, else the file's deltas merged by hand into its weights (each test
+says why). A LoRA for another input width is refused before any weight loads. The layouts' sources:
 docs/lora-formats.md."""
 
 import re
