@@ -26,7 +26,7 @@ from PIL import Image
 
 from iclora.conditional_metadata import check_lora_variant, read_conditional_metadata, recorded_variant
 from iclora.lora import fold_lora
-from iclora.lora_files import load_lora, read_lora_file
+from iclora.lora_files import check_input_channels, load_lora, read_lora_file
 from iclora.panels import LAYOUTS, canvas_size, joint_caption, panel_boxes, panel_size, split_panels
 from iclora.references import image_positions, pin_references, reference_latents, reference_panels
 from minflux.block_swap import BlockSwap
@@ -53,7 +53,7 @@ from minflux.sampling import (
 from minflux.tokenizers import overlong
 from minflux.user_input import USER_ERRORS, check_device, ranged
 from minflux.variant_inputs import edit_inputs
-from minflux.variants import VARIANTS
+from minflux.variants import VARIANTS, input_channels
 
 TOY_SIZE = 64  # the toy model draws 64×64 scenes (per panel)
 OUTPUTS = Path("outputs")  # without --out, images go to the next free number here: outputs/00001.png, ...
@@ -463,15 +463,23 @@ def add_loras(flow, loras: list, scales: list[float], merge: bool):
               file=sys.stderr)
 
 
+def check_loras(loras: list, edit, transformer: Path | None):
+    """Before any weight loads: a LoRA train.py recorded for another variant, or one whose img_in part takes
+    another input width (a Fill LoRA's 384 on dev), is refused; a file recording no variant gets a note."""
+    channels = input_channels(edit.repo, transformer)  # from the file's header
+    for path, tensors in loras:
+        note = check_lora_variant(path, edit.variant)
+        if note:
+            print(note, file=sys.stderr)
+        check_input_channels(tensors, str(path), channels)
+
+
 def load_models(args, loras: list, edit) -> Pipeline:
     """The models (T5, CLIP, the flow transformer, the autoencoder) of `edit`'s repo and variant
     on the CPU, then the `loras` (path, tensors): merged into the full-precision weights before --quantize; as
     adapters (--no-merge, or an fp8 file) after it. Then --blocks-to-swap and --compile, which come after
     every change to the blocks."""
-    for path, _ in loras:  # a LoRA trained by train.py on another variant is refused before any weight loads
-        note = check_lora_variant(path, edit.variant)
-        if note:
-            print(note, file=sys.stderr)
+    check_loras(loras, edit, args.transformer)
     pipe = load_pipeline(edit.repo, args.device, args.dtype, args.offload, args.transformer, edit.variant)
     fp8_file = any(isinstance(m, FP8Linear) for m in pipe.flow.modules())
     if fp8_file and loras and not args.no_merge:

@@ -38,6 +38,10 @@ LORA_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # f
 # bf16's largest value is 3.39e38 (float32's 3.40e38), and the norms after a layer square its outputs: the
 # largest value a LoRA may give for inputs of size 1 is the square root of that
 LARGEST_OUTPUT = math.sqrt(torch.finfo(torch.bfloat16).max)
+# an input layer's module in any layout: BFL's img_in (kohya's lora_unet_img_in), diffusers' x_embedder
+INPUT_LAYER = re.compile(r"(?:^|[._])(?:img_in|x_embedder)$")
+# the models whose input layer takes this many channels (minflux/variants.py tells them apart the same way)
+INPUT_MODELS = {64: "FLUX.1 dev, schnell or Kontext", 384: "FLUX.1 Fill"}
 NAME_CHARACTERS = set(string.ascii_letters + string.digits + "_")  # of a module name's dotted parts
 
 
@@ -165,6 +169,20 @@ def check_tensors(sd: dict[str, Tensor], source: str):
         if key.endswith(tuple(DOWN_UP)) and tensor.shape[0] == 0:
             raise ValueError(f"{source}: {key} has rank 0 (shape {tuple(tensor.shape)}): an adapter without "
                              f"rows changes nothing and its alpha / rank is undefined")
+
+
+def check_input_channels(sd: dict[str, Tensor], source: str, channels: int):
+    """A ValueError naming the file and its input-layer key where the LoRA's img_in (x_embedder) adapter takes
+    another number of channels than the model's `channels`: a Fill LoRA (384) on dev or Kontext (64), or the
+    other way round. It needs only the model's header, so sample.py calls it before any weight loads."""
+    for module, key_a, _ in lora_pairs(sd):
+        width = sd[key_a].shape[-1] if sd[key_a].ndim == 2 else channels  # other shapes: load_lora's error
+        if not INPUT_LAYER.search(module) or width == channels:
+            continue
+        made_for = f", a LoRA for {INPUT_MODELS[width]}" if width in INPUT_MODELS else ""
+        raise ValueError(f"{source}: {key_a} takes {width} input channels{made_for}; this model's img_in "
+                         f"takes {channels} ({INPUT_MODELS.get(channels, 'an unknown model')}): use it on "
+                         f"the model it was trained on")
 
 
 def beyond(tensor: Tensor, limit: float) -> bool:
@@ -380,6 +398,7 @@ def load_lora(model: nn.Module, path_or_state_dict, name: str = "default", multi
     """Adds adapter `name` from a LoRA file or state dict in any known layout; returns the BFL modules it
     covers. `source` names a state dict in error messages (a path names itself)."""
     sd, source = transformer_tensors(path_or_state_dict, source)
+    check_input_channels(sd, source, model.params.in_channels)
     layout, modules, full = find_layout(model, sd, source)
     if any(isinstance(m, LoRALinear) and name in m.lora_A for _, m in linears(model)):
         raise ValueError(f"the model already has a LoRA adapter named {name!r}; "
