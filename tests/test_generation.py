@@ -484,6 +484,7 @@ def test_img2img_matches_diffusers_with_its_sampled_init_latents(repo, pipe, ini
         "the init image must matter")
 
 
+@pytest.mark.slow
 def test_a_trained_lora_saved_in_fp16_gives_diffusers_the_image_sample_py_draws(repo, data, tmp_path):
     out = train.main(["--model", str(repo), "--data", str(data), "--out", str(tmp_path / "lora.safetensors"),
                       "--resolution", "48", "--batch-size", "2", "--rank", "4", "--alpha", "4",

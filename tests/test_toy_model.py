@@ -116,6 +116,7 @@ def test_train_base_help_lists_every_flag(capsys):
     assert exit_.value.code == 0 and "--flow-steps" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_train_base_writes_a_loadable_repo_deterministically(tmp_path):
     threads = torch.get_num_threads()  # main() sets its own (--threads)
     try:
