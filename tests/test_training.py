@@ -148,6 +148,7 @@ def test_a_state_saved_with_one_resolution_number_resumes_as_that_list_and_refus
         run_train(repo, data, out, "--steps", "4", "--resolution", "32", "48", "--resume")
 
 
+@pytest.mark.slow
 def test_encode_sets_encodes_each_set_once_per_bucket(repo, data):
     pipe = load_pipeline(str(repo))
     dataset = PanelSetDataset(data, resolution=[32, 48, 64])

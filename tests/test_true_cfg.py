@@ -49,6 +49,7 @@ def test_true_cfg_is_two_passes_per_step_combined_by_hand(repo):
     assert (got - plain).abs().mean() > 0.05, "the negative prompt must change the result"
 
 
+@pytest.mark.slow
 def test_true_cfg_matches_diffusers_true_cfg_scale(repo, tmp_path):
     size, steps, seed, scale = (64, 48), 4, 7, 4.0
     ref = FluxPipeline.from_pretrained(repo, torch_dtype=torch.float32)
