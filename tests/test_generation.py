@@ -121,6 +121,7 @@ def two_loras_in_diffusers(repo, loras):
     return diffusers_with_loras(repo, loras, [1.0, 0.6])
 
 
+@pytest.mark.filterwarnings("ignore:Already found a `peft_config`:UserWarning")  # two adapters on purpose
 @pytest.mark.parametrize("merge", [True, False], ids=["merged", "unmerged"])
 def test_two_loras_at_once_match_diffusers_merged_or_not(repo, loras, two_loras_in_diffusers, tmp_path,
                                                          merge):
