@@ -133,6 +133,7 @@ def test_gpu_bench_counts_the_forward_flops_that_torch_counts():
             == pytest.approx(74.4, abs=0.05))
 
 
+@pytest.mark.slow
 def test_gpu_bench_runs_every_section_on_the_cpu_and_writes_every_field(tmp_path):
     gpu, out = load_bench("gpu"), tmp_path / "gpu.json"
     result = gpu.main(["--config", "tiny", "--device", "cpu", "--sizes", "32x32", "64x32",
@@ -169,6 +170,7 @@ def test_gpu_bench_knows_the_dense_bf16_peak_of_the_h100_sxm_h200_and_a100_only(
     assert load_bench("gpu").peak_tflops(torch.device("cuda")) == tflops
 
 
+@pytest.mark.slow
 def test_blocks_bench_finds_only_bfls_float32_upcasts_in_a_bf16_forward_and_sdpa_gets_bf16_without_copies():
     out = load_bench("blocks").main(["--config", "tiny", "--image-tokens", "16", "--text-tokens", "8",
                                      "--repeats", "1"])

@@ -214,6 +214,7 @@ def test_sample_py_draws_the_same_image_with_swapped_blocks(tmp_path, monkeypatc
     assert loads == [0, 1, 2] * 2  # 2 steps through 3 swapped blocks
 
 
+@pytest.mark.slow
 def test_train_py_learns_the_same_lora_with_swapped_blocks(tmp_path, monkeypatch):
     loads = count_loads(monkeypatch, train)
     (tmp_path / "sets").mkdir()

@@ -111,6 +111,7 @@ def test_sample_py_compiles_the_blocks_last_after_quantizing_and_block_swap(tmp_
     assert seen == [dict(fp8=True, lora=False, swap_hooks=2, checkpointing=False)]
 
 
+@pytest.mark.slow
 def test_train_py_compiles_the_blocks_with_their_lora_checkpointing_and_block_swap(tmp_path, monkeypatch):
     seen = record_compiles(monkeypatch, train)
     (tmp_path / "sets").mkdir()

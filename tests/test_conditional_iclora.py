@@ -283,6 +283,7 @@ def test_a_reference_panel_other_than_the_loras_is_refused_before_the_model_load
                      str(tmp_path / "ref.png"), "--ref-panel", "2", "--prompt", "x"])
 
 
+@pytest.mark.slow
 def test_validation_with_several_resolutions_uses_the_first_sets_largest_size_and_its_positions(sets,
                                                                                                 tmp_path):
     out = train.main(["--model", "toy", "--data", str(sets), "--panels", "2", "--ref-panel", "1",
@@ -291,6 +292,7 @@ def test_validation_with_several_resolutions_uses_the_first_sets_largest_size_an
     assert Image.open(out.with_name("c_samples") / "step000001.png").size == (128, 64)  # the sets' own size
 
 
+@pytest.mark.slow
 def test_resuming_a_run_trained_with_another_reference_treatment_is_refused(sets, tmp_path):
     flags = ["--model", "toy", "--data", str(sets), "--panels", "2", "--ref-panel", "1",
              "--sample-every", "0", "--device", "cpu", "--out", str(tmp_path / "c.safetensors")]

@@ -122,6 +122,7 @@ def single(repo, data, tmp_path_factory):
     return one_process(repo, data, tmp_path_factory.mktemp("single") / "lora.safetensors", "--steps", "4")
 
 
+@pytest.mark.slow
 def test_two_processes_train_the_lora_of_one_process_at_the_same_global_batch(single, two):
     diff = max_difference(single, two["ddp"])
     loss_diff = max(abs(a - b) for a, b in zip(losses(single), losses(two["ddp"]), strict=True))
@@ -130,6 +131,7 @@ def test_two_processes_train_the_lora_of_one_process_at_the_same_global_batch(si
     assert diff <= TOL and loss_diff <= TOL and len(losses(two["ddp"])) == 4
 
 
+@pytest.mark.slow
 def test_two_processes_with_grad_accum_train_the_lora_of_one_process(repo, data, two, tmp_path):
     one = one_process(repo, data, tmp_path / "lora.safetensors", *RUNS["grad_accum"][0])
     diff = max_difference(one, two["grad_accum"])
@@ -137,6 +139,7 @@ def test_two_processes_with_grad_accum_train_the_lora_of_one_process(repo, data,
     assert diff <= TOL
 
 
+@pytest.mark.slow
 def test_two_processes_train_the_lora_of_one_process_with_the_loss_on_the_target_panel_only(repo, data, two,
                                                                                             tmp_path):
     one = one_process(repo, data, tmp_path / "lora.safetensors", *RUNS["ref_panel"][0])
@@ -145,18 +148,21 @@ def test_two_processes_train_the_lora_of_one_process_with_the_loss_on_the_target
     assert diff <= TOL
 
 
+@pytest.mark.slow
 def test_a_resume_at_two_processes_continues_bit_for_bit(two):
     straight, resumed = two["ddp"], two["resumed"]
     for a, b in ((load_file(straight), load_file(resumed)), (adapters(straight), adapters(resumed))):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_block_swap_composes_with_data_parallel(single, two):
     diff = max_difference(single, two["block_swap"])
     print(f"DDP 2 processes with --blocks-to-swap 2 vs 1 process: adapters max abs diff {diff:.2e}")
     assert diff <= TOL
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["fsdp", "fsdp_fp8"])
 def test_fsdp_shards_give_the_losses_and_the_lora_of_one_process(repo, data, two, tmp_path, name):
     one = one_process(repo, data, tmp_path / "lora.safetensors", *[f for f in RUNS[name][0] if f != "--fsdp"])
@@ -166,6 +172,7 @@ def test_fsdp_shards_give_the_losses_and_the_lora_of_one_process(repo, data, two
     assert diff <= TOL and loss_diff <= TOL
 
 
+@pytest.mark.slow
 def test_sigterm_to_torchrun_stops_every_rank_at_one_step_and_rank_0_saves_it(repo, data, tmp_path):
     out = tmp_path / "lora.safetensors"
     run = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
@@ -188,6 +195,7 @@ def test_sigterm_to_torchrun_stops_every_rank_at_one_step_and_rank_0_saves_it(re
     assert not out.with_name("lora.lock").exists()
 
 
+@pytest.mark.slow
 def test_fsdp_gives_each_rank_half_of_the_frozen_weights(two):
     held = re.findall(r"--fsdp: rank (\d) holds ([\d,]+) of the base's ([\d,]+) weights",
                       two["ddp"].parents[1].joinpath("stderr.txt").read_text())

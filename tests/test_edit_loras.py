@@ -91,7 +91,7 @@ def fill_inputs(tmp_path):
 
 
 def fill_with_lora(repo, lora, image, mask) -> np.ndarray:
-    pipe = FluxFillPipeline.from_pretrained(repo, torch_dtype=torch.float32)
+    pipe = FluxFillPipeline.from_pretrained(repo, dtype=torch.float32)
     pipe.load_lora_weights(lora)
     return fill_reference(pipe, image, mask, 48, 64)
 
@@ -145,7 +145,7 @@ def test_an_ace_plus_lora_gives_fill_pipelines_image_with_its_deltas_merged_by_h
     lora = kohya_lora(tmp_path / "comfyui_portrait_lora4.safetensors", shapes, modules, rank=4, alpha=4.0,
                       seed=1)
     image, mask, flags = fill_inputs(tmp_path)
-    pipe = FluxFillPipeline.from_pretrained(repos["fill"], torch_dtype=torch.float32)
+    pipe = FluxFillPipeline.from_pretrained(repos["fill"], dtype=torch.float32)
     kohya_names = {"lora_unet_" + m.replace(".", "_"): m for m in modules}
     want = fill_reference(merged_by_hand(pipe, lora, kohya_names), image, mask, 48, 64)
     got = ours(repos["fill"], tmp_path, *flags, "--lora", lora)
@@ -177,7 +177,7 @@ def test_a_kohya_lora_on_fills_384_wide_img_in_gives_fill_pipelines_image_with_i
     lora = kohya_lora(tmp_path / "fill-img-in.safetensors", shapes, modules, rank=2, alpha=1.0, seed=2,
                       dtype=torch.float32)
     image, mask, flags = fill_inputs(tmp_path)
-    pipe = FluxFillPipeline.from_pretrained(repos["fill"], torch_dtype=torch.float32)
+    pipe = FluxFillPipeline.from_pretrained(repos["fill"], dtype=torch.float32)
     kohya_names = {"lora_unet_" + m.replace(".", "_"): m for m in modules}
     want = fill_reference(merged_by_hand(pipe, lora, kohya_names), image, mask, 48, 64)
     got = ours(repos["fill"], tmp_path, *flags, "--lora", lora)
@@ -232,7 +232,7 @@ def test_an_ai_toolkit_kontext_lora_gives_kontext_pipelines_image(repos, tmp_pat
     lora = str(tmp_path / "my_first_flux_kontext_lora_v1.safetensors")
     save_file(sd, lora)
     context, flags = kontext_inputs(tmp_path)
-    pipe = FluxKontextPipeline.from_pretrained(repos["kontext"], torch_dtype=torch.float32)
+    pipe = FluxKontextPipeline.from_pretrained(repos["kontext"], dtype=torch.float32)
     pipe.load_lora_weights(lora)
     want = kontext_reference(pipe, context, 48, 64, auto_resize=False)
     got = ours(repos["kontext"], tmp_path, *flags, "--lora", lora)
@@ -255,7 +255,7 @@ def test_a_fal_kontext_lora_gives_kontext_pipelines_image_with_its_deltas_merged
     lora = str(tmp_path / "plushie-kontext-dev-lora.safetensors")
     save_file(sd, lora)
     context, flags = kontext_inputs(tmp_path)
-    pipe = FluxKontextPipeline.from_pretrained(repos["kontext"], torch_dtype=torch.float32)
+    pipe = FluxKontextPipeline.from_pretrained(repos["kontext"], dtype=torch.float32)
     fal_names = {f"base_model.model.{m}": m for m in modules}
     want = kontext_reference(merged_by_hand(pipe, lora, fal_names), context, 48, 64, auto_resize=False)
     got = ours(repos["kontext"], tmp_path, *flags, "--lora", lora)

@@ -23,7 +23,7 @@ def repos(tmp_path_factory):
 
 
 def diffusers_images(folder, width, height, steps, guidance, seed, num_images=1, max_sequence_length=512):
-    pipe = FluxPipeline.from_pretrained(folder, torch_dtype=torch.float32)
+    pipe = FluxPipeline.from_pretrained(folder, dtype=torch.float32)
     out = pipe(PROMPT, width=width, height=height, num_inference_steps=steps, guidance_scale=guidance,
                num_images_per_prompt=num_images, generator=torch.Generator().manual_seed(seed),
                max_sequence_length=max_sequence_length)

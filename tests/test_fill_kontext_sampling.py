@@ -29,9 +29,9 @@ def repos(tmp_path_factory):
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, repos):
     """diffusers' own reading of the diffusers-layout repos (the BFL-layout ones hold the same weights)."""
-    return {"fill": FluxFillPipeline.from_pretrained(repos["fill", "diffusers"], torch_dtype=torch.float32),
+    return {"fill": FluxFillPipeline.from_pretrained(repos["fill", "diffusers"], dtype=torch.float32),
             "kontext": FluxKontextPipeline.from_pretrained(repos["kontext", "diffusers"],
-                                                           torch_dtype=torch.float32)}
+                                                           dtype=torch.float32)}
 
 
 def picture(width: int, height: int, seed: int) -> Image.Image:

@@ -273,10 +273,10 @@ def test_a_trained_lora_gives_diffusers_image_through_sample_py(repos, trained, 
         mask.paste(255, (8, 8, 24, 24))
         mask.save(tmp_path / "mask.png")
         flags += ["--mask", str(tmp_path / "mask.png")]
-        pipe = FluxFillPipeline.from_pretrained(repos[variant], torch_dtype=torch.float32)
+        pipe = FluxFillPipeline.from_pretrained(repos[variant], dtype=torch.float32)
         call |= dict(mask_image=mask, guidance_scale=30.0)
     else:
-        pipe = FluxKontextPipeline.from_pretrained(repos[variant], torch_dtype=torch.float32)
+        pipe = FluxKontextPipeline.from_pretrained(repos[variant], dtype=torch.float32)
         call |= dict(guidance_scale=2.5, max_area=32 * 32, _auto_resize=False)
         flags += ["--context-size", "own", "--width", "32", "--height", "32"]
     pipe.load_lora_weights(str(trained[variant]))

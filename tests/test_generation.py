@@ -74,7 +74,7 @@ def ours(repo, out, *args, size=(64, 48), steps=4, seed=7) -> list[np.ndarray]:
 
 
 def diffusers_with_loras(repo, loras, scales, size=(64, 48), steps=4, seed=7) -> np.ndarray:
-    pipe = FluxPipeline.from_pretrained(repo, torch_dtype=torch.float32)
+    pipe = FluxPipeline.from_pretrained(repo, dtype=torch.float32)
     for i, path in enumerate(loras):
         pipe.load_lora_weights(str(path), adapter_name=f"lora{i}")
     pipe.set_adapters([f"lora{i}" for i in range(len(loras))], adapter_weights=list(scales))
@@ -121,6 +121,7 @@ def two_loras_in_diffusers(repo, loras):
     return diffusers_with_loras(repo, loras, [1.0, 0.6])
 
 
+@pytest.mark.filterwarnings("ignore:Already found a `peft_config`:UserWarning")  # two adapters on purpose
 @pytest.mark.parametrize("merge", [True, False], ids=["merged", "unmerged"])
 def test_two_loras_at_once_match_diffusers_merged_or_not(repo, loras, two_loras_in_diffusers, tmp_path,
                                                          merge):
@@ -445,7 +446,7 @@ def test_img2img_strength_one_ignores_the_init_image(repo, init_image, tmp_path)
 
 @pytest.mark.parametrize("strength", [0.6, 1.0])
 def test_sample_py_init_gives_diffusers_img2img_image_for_the_same_seed(repo, init_image, tmp_path, strength):
-    want = np.asarray(FluxImg2ImgPipeline.from_pretrained(repo, torch_dtype=torch.float32)(
+    want = np.asarray(FluxImg2ImgPipeline.from_pretrained(repo, dtype=torch.float32)(
         PROMPT, image=Image.open(init_image), strength=strength, width=64, height=48, num_inference_steps=5,
         guidance_scale=3.5, generator=torch.Generator().manual_seed(4)).images[0], np.int16)
     got = ours(repo, tmp_path / "out.png", "--init", str(init_image), "--strength", str(strength),
@@ -467,7 +468,7 @@ def test_img2img_matches_diffusers_with_its_sampled_init_latents(repo, pipe, ini
     given those two draws (encode_image(generator=g), then randn from g) our sampler must land on its
     image."""
     image, seed, steps, strength = Image.open(init_image), 4, 5, 0.6
-    ref = FluxImg2ImgPipeline.from_pretrained(repo, torch_dtype=torch.float32)
+    ref = FluxImg2ImgPipeline.from_pretrained(repo, dtype=torch.float32)
     want = np.asarray(ref(PROMPT, image=image, strength=strength, width=64, height=48,
                           num_inference_steps=steps, guidance_scale=3.5,
                           generator=torch.Generator().manual_seed(seed)).images[0], np.int16)
@@ -484,6 +485,7 @@ def test_img2img_matches_diffusers_with_its_sampled_init_latents(repo, pipe, ini
         "the init image must matter")
 
 
+@pytest.mark.slow
 def test_a_trained_lora_saved_in_fp16_gives_diffusers_the_image_sample_py_draws(repo, data, tmp_path):
     out = train.main(["--model", str(repo), "--data", str(data), "--out", str(tmp_path / "lora.safetensors"),
                       "--resolution", "48", "--batch-size", "2", "--rank", "4", "--alpha", "4",

@@ -156,6 +156,7 @@ def test_a_decompression_bomb_in_a_dataset_is_a_listed_problem(tmp_path):
     assert f"dataset image {data / 'a.png'}: more than {limit} pixels" in str(refusal.value)
 
 
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # the size this test is about
 def test_a_large_dataset_photo_below_pillows_refusal_is_read_and_scaled_down(tmp_path, monkeypatch):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 80 * 80)  # 96x96 is over it (a warning), under twice it
     data = joined_sample(tmp_path / "data", image=Image.new("RGB", (96, 96), "red"))

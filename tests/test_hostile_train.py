@@ -95,6 +95,7 @@ def test_a_loss_log_path_that_links_to_a_caption_in_data_is_refused_naming_both(
     assert hashes(data) == before
 
 
+@pytest.mark.slow
 def test_keep_last_never_writes_nor_prunes_a_numbered_copy_given_as_init_lora(data, run, capsys):
     run.with_name("lora.state.pt").unlink()  # a new run on the same --out, from its step-1 copy
     given = run.with_name("lora-step000001.safetensors")
@@ -110,6 +111,7 @@ def test_keep_last_never_writes_nor_prunes_a_numbered_copy_given_as_init_lora(da
 # 3. Saves: the state is renamed last; --resume repairs the LoRA; stale temporary files go; images and the
 # curve cost no steps.
 
+@pytest.mark.slow
 def test_a_kill_between_the_loras_rename_and_the_states_is_repaired_by_resume(data, run, monkeypatch, capsys):
     state = run.with_name("lora.state.pt")
     replace = os.replace
@@ -137,6 +139,7 @@ def test_a_kill_between_the_loras_rename_and_the_states_is_repaired_by_resume(da
     assert lora_step(run) == "2" and all(torch.equal(repaired[k], saved[k]) for k in saved)
 
 
+@pytest.mark.slow
 def test_a_missing_lora_is_rewritten_from_the_state_on_resume(data, run, monkeypatch, capsys):
     run.unlink()
 
@@ -150,6 +153,7 @@ def test_a_missing_lora_is_rewritten_from_the_state_on_resume(data, run, monkeyp
     assert lora_step(run) == "2"
 
 
+@pytest.mark.slow
 def test_stale_temporary_files_of_a_killed_save_are_removed_with_a_note(data, run, monkeypatch, capsys):
     samples = run.with_name("lora_samples")
     samples.mkdir()
@@ -167,6 +171,7 @@ def test_stale_temporary_files_of_a_killed_save_are_removed_with_a_note(data, ru
     assert not any(p.exists() for p in stale) and all(p.exists() for p in kept)
 
 
+@pytest.mark.slow
 def test_a_full_disk_writing_validation_images_warns_and_keeps_every_step(data, run, monkeypatch, capsys):
     save = Image.Image.save
 
@@ -185,6 +190,7 @@ def test_a_full_disk_writing_validation_images_warns_and_keeps_every_step(data, 
     assert list(samples.iterdir()) == []  # no empty image, no temporary file
 
 
+@pytest.mark.slow
 def test_a_full_disk_drawing_the_loss_curve_warns_and_keeps_the_save(data, run, monkeypatch, capsys):
     def disk_full(*args, **kwargs):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
@@ -238,6 +244,7 @@ def test_a_config_file_that_is_not_json_is_refused_naming_it_and_where(data, tmp
             f"column 12" in capsys.readouterr().err)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("key, value, message", [
     ("step", "2", "'step' is '2', expected a step number"),
     ("lora", {"a": [1.0]}, "'lora' is a dict, expected a dict of tensors"),

@@ -115,6 +115,7 @@ class GatedHub(http.server.BaseHTTPRequestHandler):
         pass
 
 
+@pytest.mark.slow
 def test_a_gated_repo_without_token_explains_how_to_get_access(tmp_path):
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), GatedHub)
     threading.Thread(target=server.serve_forever, daemon=True).start()
@@ -137,6 +138,7 @@ def unreachable_hub(tmp_path) -> dict:
     return env | {"HF_ENDPOINT": "http://127.0.0.1:9", "HF_HOME": str(tmp_path / "hf")}
 
 
+@pytest.mark.slow
 def test_an_unreachable_hub_is_reported_within_seconds_with_the_toy_hint(tmp_path):
     start = time.perf_counter()
     command = [sys.executable, "sample.py", "--model", "org/x", "--prompt", "x", "--device", "cpu"]
@@ -148,6 +150,7 @@ def test_an_unreachable_hub_is_reported_within_seconds_with_the_toy_hint(tmp_pat
     assert "--model toy" in run.stderr and "Traceback" not in run.stderr
 
 
+@pytest.mark.slow
 def test_an_unreachable_hub_falls_back_to_the_copy_in_the_hf_cache(tmp_path):
     cached = tmp_path / "hf" / "hub" / "models--org--x"
     (cached / "snapshots" / ("0" * 40) / "vae").mkdir(parents=True)
@@ -162,6 +165,7 @@ def test_an_unreachable_hub_falls_back_to_the_copy_in_the_hf_cache(tmp_path):
     assert run.stdout.strip() == "['vae/config.json']", run.stderr
 
 
+@pytest.mark.slow
 def test_sample_py_help_explains_every_flag():
     run = subprocess.run([sys.executable, "sample.py", "--help"], cwd=ROOT, capture_output=True, text=True)
     assert run.returncode == 0
@@ -170,6 +174,7 @@ def test_sample_py_help_explains_every_flag():
         assert flag in run.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args,message", [
     (["--model", "org/x"], "org/x: not in the HF cache and the hub cannot be reached (offline?). "
                            "To try everything without the real weights, use --model toy"),

@@ -8,6 +8,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 
 import reading_path  # noqa: E402 (tools/ is not a package)
@@ -21,6 +23,7 @@ def write(tmp_path: Path, source: str) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_the_repository_keeps_the_reading_path_rule():
     run = subprocess.run([sys.executable, "tools/reading_path.py"], cwd=ROOT, capture_output=True, text=True)
     assert run.returncode == 0, run.stdout + run.stderr

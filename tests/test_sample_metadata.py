@@ -106,6 +106,7 @@ def test_a_hub_id_and_the_toy_model_are_stored_as_given(tmp_path, monkeypatch):
         "ali-vilab/In-Context-LoRA/film-storyboard.safetensors", None]
 
 
+@pytest.mark.slow
 def test_a_flag_given_with_from_image_replaces_the_stored_one(repo, tmp_path):
     common = ["--model", str(repo), "--prompt", PROMPT, "--width", "48", "--height", "32", "--steps", "3",
               "--device", "cpu"]
@@ -119,6 +120,7 @@ def test_a_flag_given_with_from_image_replaces_the_stored_one(repo, tmp_path):
     assert stored(changed) == stored(first) | {"seed": [5]}
 
 
+@pytest.mark.slow
 def test_a_run_at_the_model_default_size_stores_that_size_and_a_new_width_replaces_it(tmp_path):
     [first] = sample.main(["--model", "toy",
                            "--prompt", "a large red circle at the center, on a blue background",

@@ -58,6 +58,7 @@ def conditional_scores(sets):
     return tuned
 
 
+@pytest.mark.slow
 def test_toy_iclora_makes_generated_sets_follow_the_recolour_rule(scores):
     """The base model knows single scenes only: its sets never satisfy the rule (score 0 at this size)."""
     base, tuned = scores
@@ -65,12 +66,14 @@ def test_toy_iclora_makes_generated_sets_follow_the_recolour_rule(scores):
     assert tuned["ref"]["rule"] > base["ref"]["rule"] + 0.1
 
 
+@pytest.mark.slow
 def test_toy_iclora_draws_the_right_panel_the_joint_caption_describes(scores):
     base, tuned = scores
     assert tuned["ref"]["caption_right"] > base["ref"]["caption_right"] + 0.15
     assert tuned["text"]["caption_right"] > base["text"]["caption_right"] + 0.05
 
 
+@pytest.mark.slow
 def test_a_conditional_lora_follows_the_rule_from_the_given_panel_better_than_a_plain_one(
         scores, conditional_scores):
     """Given the left panel, the LoRA trained with it given follows the rule better than the text-to-set

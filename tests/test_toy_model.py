@@ -45,6 +45,7 @@ def test_toy_model_loads_as_flux_dev_with_the_documented_sizes(pipe):
     assert megabytes < 20
 
 
+@pytest.mark.slow
 def test_toy_model_draws_the_demo_prompt(pipe):
     image = pipe.generate([DEMO_PROMPT], width=64, height=64, steps=20, seed=0, progress=False)[0]
     score = caption_match(image, DEMO_SCENE)
@@ -52,6 +53,7 @@ def test_toy_model_draws_the_demo_prompt(pipe):
     assert image.size == (64, 64) and score >= MIN_DEMO_MATCH
 
 
+@pytest.mark.slow
 def test_toy_model_ignores_the_guidance_value(pipe):
     """Trained with random guidance in [1, 5]: IC-LoRA training's 1.0 and the sampler's 3.5 draw the same
     scene."""
@@ -116,6 +118,7 @@ def test_train_base_help_lists_every_flag(capsys):
     assert exit_.value.code == 0 and "--flow-steps" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_train_base_writes_a_loadable_repo_deterministically(tmp_path):
     threads = torch.get_num_threads()  # main() sets its own (--threads)
     try:

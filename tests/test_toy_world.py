@@ -190,6 +190,7 @@ def test_blind_recolour_sets_are_the_recolour_sets_with_one_caption_for_all():
                                      "[RIGHT] the same scene")
 
 
+@pytest.mark.slow
 def test_make_sets_writes_readable_pairs(tmp_path):
     script = [sys.executable, str(ROOT / "toy" / "make_sets.py")]
     subprocess.run(script + ["--out", str(tmp_path / "sets"), "--count", "5", "--size", "64", "--seed", "0"],

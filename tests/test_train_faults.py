@@ -23,6 +23,7 @@ data = test_training.data  # the fixtures: two joined two-panel sets,
 repo = test_training.repo  # and the tiny random FLUX
 
 
+@pytest.mark.slow
 def test_sigterm_saves_the_steps_done_and_resume_matches_an_uninterrupted_run(repo, data, tmp_path):
     out = tmp_path / "term" / "lora.safetensors"
     log = out.with_name("lora.loss.csv")
@@ -63,6 +64,7 @@ def saved_run(repo, data, tmp_path):
     return copy, out
 
 
+@pytest.mark.slow
 def test_resume_from_a_truncated_state_names_it_and_says_delete_it(repo, saved_run):
     copy, out = saved_run
     state = out.with_name("lora.state.pt")
@@ -73,6 +75,7 @@ def test_resume_from_a_truncated_state_names_it_and_says_delete_it(repo, saved_r
     assert "weights_only" not in str(caught.value)
 
 
+@pytest.mark.slow
 def test_resume_from_a_foreign_state_names_it_and_says_delete_it(repo, saved_run):
     copy, out = saved_run
     state = out.with_name("lora.state.pt")
@@ -83,6 +86,7 @@ def test_resume_from_a_foreign_state_names_it_and_says_delete_it(repo, saved_run
         run_train(repo, copy, out, "--steps", "4", "--resume")
 
 
+@pytest.mark.slow
 def test_resume_on_a_dataset_with_an_edited_caption_is_refused_naming_the_file(repo, saved_run):
     copy, out = saved_run
     (copy / "set1.txt").write_text("[TWO-PANEL] something else entirely")
@@ -90,6 +94,7 @@ def test_resume_on_a_dataset_with_an_edited_caption_is_refused_naming_the_file(r
         run_train(repo, copy, out, "--steps", "4", "--resume")
 
 
+@pytest.mark.slow
 def test_resume_on_a_dataset_with_an_added_image_is_refused_naming_it(repo, saved_run):
     copy, out = saved_run
     shutil.copy(copy / "set0.png", copy / "set2.png")
@@ -115,6 +120,7 @@ def test_a_lock_from_another_host_is_refused_saying_how_to_remove_it(repo, data,
         run_train(repo, data, out, "--steps", "1")
 
 
+@pytest.mark.slow
 def test_a_lock_left_by_a_finished_process_is_taken_over_with_a_note_and_removed_at_the_end(repo, data,
                                                                                             tmp_path,
                                                                                              capsys):
@@ -142,6 +148,7 @@ def test_the_lock_is_held_while_the_run_works_and_removed_when_it_stops_on_an_er
     assert seen == [f"{socket.gethostname()} {os.getpid()}\n"] and not lock.exists()
 
 
+@pytest.mark.slow
 def test_a_failed_save_stops_clearly_and_leaves_the_previous_lora_and_state_byte_identical(repo, data,
                                                                                            tmp_path,
                                                                                           monkeypatch):
@@ -163,6 +170,7 @@ def test_a_failed_save_stops_clearly_and_leaves_the_previous_lora_and_state_byte
                                                           "lora.state.pt"]  # no step 4, no temporary file
 
 
+@pytest.mark.slow
 def test_a_rerun_without_resume_is_refused_before_anything_loads_and_leaves_the_run_untouched(repo, data,
                                                                                               tmp_path):
     out = run_train(repo, data, tmp_path / "lora.safetensors", "--steps", "2", "--save-every", "1",
@@ -176,6 +184,7 @@ def test_a_rerun_without_resume_is_refused_before_anything_loads_and_leaves_the_
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
 
 
+@pytest.mark.slow
 def test_pruning_keeps_this_runs_newest_steps_and_leaves_numbered_files_of_later_steps_alone(repo, data,
                                                                                              tmp_path):
     out = run_train(repo, data, tmp_path / "lora.safetensors", "--steps", "3", "--save-every", "3")
@@ -185,6 +194,7 @@ def test_pruning_keeps_this_runs_newest_steps_and_leaves_numbered_files_of_later
         "lora-step000001.safetensors", "lora-step000002.safetensors", "lora-step000003.safetensors"]
 
 
+@pytest.mark.slow
 def test_a_failed_first_save_says_there_is_no_earlier_save_to_resume(repo, data, tmp_path, monkeypatch):
     def disk_full(*args, **kwargs):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
@@ -197,6 +207,7 @@ def test_a_failed_first_save_says_there_is_no_earlier_save_to_resume(repo, data,
     assert "previous save" not in str(caught.value) and not (tmp_path / "lora.state.pt").exists()
 
 
+@pytest.mark.slow
 def test_resume_on_a_dataset_with_an_image_edited_to_the_same_byte_size_is_refused_naming_it(repo, data,
                                                                                              tmp_path):
     copy = shutil.copytree(data, tmp_path / "twins")
@@ -211,12 +222,14 @@ def test_resume_on_a_dataset_with_an_image_edited_to_the_same_byte_size_is_refus
         run_train(repo, copy, out, "--steps", "4", "--resume")
 
 
+@pytest.mark.slow
 def test_resume_from_the_dataset_moved_to_another_folder_continues(repo, saved_run, tmp_path):
     copy, out = saved_run
     run_train(repo, copy.rename(tmp_path / "moved"), out, "--steps", "3", "--resume")
     assert torch.load(out.with_name("lora.state.pt"), weights_only=True)["step"] == 3
 
 
+@pytest.mark.slow
 def test_a_state_saved_before_images_were_hashed_resumes_checking_their_sizes(repo, saved_run):
     copy, out = saved_run
     path = out.with_name("lora.state.pt")

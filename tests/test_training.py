@@ -80,6 +80,7 @@ def trained(repo, data, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_training_lowers_the_flow_matching_loss_on_the_training_set(repo, data, trained):
     pipe = load_pipeline(str(repo))
     sets = encode_sets(pipe, PanelSetDataset(data, resolution=48))
@@ -90,6 +91,7 @@ def test_training_lowers_the_flow_matching_loss_on_the_training_set(repo, data, 
     assert after < 0.5 * before
 
 
+@pytest.mark.slow
 def test_sampling_with_the_trained_lora_moves_toward_the_training_images(repo, data, trained):
     pipe = load_pipeline(str(repo))
     target = encode_sets(pipe, PanelSetDataset(data, resolution=48))[0].latents
@@ -102,6 +104,7 @@ def test_sampling_with_the_trained_lora_moves_toward_the_training_images(repo, d
     assert d_tuned < 0.7 * d_base
 
 
+@pytest.mark.slow
 def test_training_writes_lora_state_and_loss_log(trained):
     assert trained.exists() and trained.with_name("twins.state.pt").exists()
     rows = trained.with_name("twins.loss.csv").read_text().splitlines()
@@ -109,6 +112,7 @@ def test_training_writes_lora_state_and_loss_log(trained):
     assert any(k.startswith("transformer.") and k.endswith("lora_A.weight") for k in load_file(trained))
 
 
+@pytest.mark.slow
 def test_resume_continues_bit_for_bit(repo, data, tmp_path):
     straight = run_train(repo, data, tmp_path / "a" / "lora.safetensors", "--steps", "6", "--save-every", "3")
     run_train(repo, data, tmp_path / "b" / "lora.safetensors", "--steps", "3", "--save-every", "3")
@@ -119,6 +123,7 @@ def test_resume_continues_bit_for_bit(repo, data, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_resume_with_several_resolutions_continues_bit_for_bit(repo, data, tmp_path):
     two = ("--resolution", "32", "48")  # each set at 48x16 and at 64x32 (its own size)
     straight = run_train(repo, data, tmp_path / "a" / "lora.safetensors", "--steps", "4", *two)
@@ -128,6 +133,7 @@ def test_resume_with_several_resolutions_continues_bit_for_bit(repo, data, tmp_p
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_a_state_saved_with_one_resolution_number_resumes_as_that_list_and_refuses_another(repo, data,
                                                                                            tmp_path):
     out = run_train(repo, data, tmp_path / "lora.safetensors", "--steps", "2")
@@ -142,6 +148,7 @@ def test_a_state_saved_with_one_resolution_number_resumes_as_that_list_and_refus
         run_train(repo, data, out, "--steps", "4", "--resolution", "32", "48", "--resume")
 
 
+@pytest.mark.slow
 def test_encode_sets_encodes_each_set_once_per_bucket(repo, data):
     pipe = load_pipeline(str(repo))
     dataset = PanelSetDataset(data, resolution=[32, 48, 64])
@@ -152,6 +159,7 @@ def test_encode_sets_encodes_each_set_once_per_bucket(repo, data):
     assert encoded[0].txt is encoded[1].txt  # the caption is encoded once for all its buckets
 
 
+@pytest.mark.slow
 def test_resume_keeps_the_loss_log_rows_up_to_the_saved_step_and_closes_the_file(repo, data, tmp_path):
     """Rows after the last save were lost with the run that wrote them: the resumed log has each step once."""
     out = tmp_path / "lora.safetensors"
@@ -170,6 +178,8 @@ def test_resume_keeps_the_loss_log_rows_up_to_the_saved_step_and_closes_the_file
     assert [int(r.split(",")[0]) for r in rows[1:]] == [1, 2, 3, 4, 5, 6]
 
 
+@pytest.mark.filterwarnings("ignore:.*exceeds fp16.s range:UserWarning")  # the blown-up LoRA it saves
+@pytest.mark.slow
 def test_a_nan_loss_stops_with_a_clear_message_naming_its_step_and_keeps_the_last_checkpoint(repo, data,
                                                                                              tmp_path):
     out = tmp_path / "nan.safetensors"
@@ -183,6 +193,7 @@ def test_a_nan_loss_stops_with_a_clear_message_naming_its_step_and_keeps_the_las
     assert all(torch.isfinite(t).all() for t in load_file(out).values())
 
 
+@pytest.mark.slow
 def test_a_nan_loss_before_the_first_save_says_nothing_was_saved(repo, data, tmp_path):
     out = tmp_path / "nan.safetensors"
     with pytest.raises(SystemExit, match=r"at step \d+: training stopped. Nothing was saved") as caught:
@@ -198,6 +209,7 @@ def test_a_broken_dataset_fails_before_the_model_is_loaded(tmp_path):
         train.main(["--model", str(tmp_path / "no-model-needed"), "--data", str(tmp_path), "--device", "cpu"])
 
 
+@pytest.mark.slow
 def test_a_missing_dataset_folder_is_one_line_pointing_at_the_sets_readme(tmp_path):
     missing = tmp_path / "sets" / "home_decor"  # a fresh clone: the README's dataset is not there yet
     run = subprocess.run([sys.executable, "train.py", "--data", str(missing)], cwd=ROOT, capture_output=True,
@@ -215,6 +227,7 @@ def test_config_file_values_are_used_and_flags_override_them(tmp_path):
     assert (args.data, args.rank, args.lr) == (Path("sets/x"), 32, 0.001)
 
 
+@pytest.mark.slow
 def test_train_py_help_explains_every_flag():
     run = subprocess.run([sys.executable, "train.py", "--help"], cwd=ROOT, capture_output=True, text=True)
     assert run.returncode == 0
@@ -240,6 +253,7 @@ def test_caption_dropout_swaps_in_the_empty_caption_reproducibly_at_rate_p():
     assert abs(sum(drops(1)) / 800 - 0.25) < 0.05
 
 
+@pytest.mark.slow
 def test_resume_with_different_settings_is_refused_naming_them(repo, data, tmp_path):
     out = tmp_path / "lora.safetensors"
     run_train(repo, data, out, "--steps", "2", "--save-every", "2")
@@ -330,6 +344,7 @@ def test_each_timestep_mode_draws_the_distribution_it_names(mode):
         assert abs(torch.median(t).item() - 0.76) < 0.005  # FLUX's shift at 1024² (4096 tokens): mu = 1.15
 
 
+@pytest.mark.slow
 def test_logit_normal_is_read_as_shift_in_flags_and_in_old_states(repo, data, tmp_path):
     g = lambda: torch.Generator().manual_seed(1)  # noqa: E731
     assert torch.equal(sample_timesteps(64, 256, g(), "logit_normal"),
@@ -345,6 +360,7 @@ def test_logit_normal_is_read_as_shift_in_flags_and_in_old_states(repo, data, tm
     assert torch.load(state_path, weights_only=True)["step"] == 3
 
 
+@pytest.mark.slow
 def test_the_ema_follows_its_closed_form_and_is_what_the_lora_file_holds(repo, data, tmp_path):
     decay, raw = 0.5, []
     for steps in (1, 2, 3):  # the same run, stopped after 1, 2 and 3 steps: its raw adapters at each step
@@ -364,6 +380,7 @@ def test_the_ema_follows_its_closed_form_and_is_what_the_lora_file_holds(repo, d
         assert torch.equal(w.B, ema[f"{module}.lora_B.default.weight"])
 
 
+@pytest.mark.slow
 def test_without_ema_the_lora_file_holds_the_raw_weights(repo, data, tmp_path):
     out = run_train(repo, data, tmp_path / "lora.safetensors", "--steps", "2", "--ema-decay", "0",
                     "--save-dtype", "fp32")
@@ -375,6 +392,7 @@ def test_without_ema_the_lora_file_holds_the_raw_weights(repo, data, tmp_path):
                for m, w in lora_state(flow).items())
 
 
+@pytest.mark.slow
 def test_each_save_leaves_a_numbered_copy_and_only_the_last_n_are_kept(repo, data, tmp_path):
     out = run_train(repo, data, tmp_path / "lora.safetensors", "--steps", "5", "--save-every", "1",
                     "--keep-last", "2")
@@ -384,12 +402,14 @@ def test_each_save_leaves_a_numbered_copy_and_only_the_last_n_are_kept(repo, dat
     assert latest.keys() == last.keys() and all(torch.equal(latest[k], last[k]) for k in latest)
 
 
+@pytest.mark.slow
 def test_keep_last_0_writes_no_numbered_copies(repo, data, tmp_path):
     run_train(repo, data, tmp_path / "lora.safetensors", "--steps", "2", "--save-every", "1",
               "--keep-last", "0")
     assert not list(tmp_path.glob("lora-step*"))
 
 
+@pytest.mark.slow
 def test_init_lora_starts_the_adapters_from_the_file(repo, data, tmp_path):
     first = run_train(repo, data, tmp_path / "a" / "lora.safetensors", "--steps", "3", "--save-dtype", "fp32",
                       "--ema-decay", "0")
@@ -419,6 +439,7 @@ def test_init_lora_starts_from_the_files_delta_whatever_the_alpha(tmp_path, alph
                                    atol=1e-6)
 
 
+@pytest.mark.slow
 def test_init_lora_of_another_rank_is_refused_naming_the_rank_to_give(repo, data, tmp_path):
     first = run_train(repo, data, tmp_path / "a" / "lora.safetensors", "--steps", "1")
     with pytest.raises(ValueError, match=r"has rank 4; this run trains rank 8 \(give --rank 4\)"):
@@ -426,6 +447,7 @@ def test_init_lora_of_another_rank_is_refused_naming_the_rank_to_give(repo, data
                   "--init-lora", str(first))
 
 
+@pytest.mark.slow
 def test_each_save_draws_the_loss_curve_next_to_the_csv(repo, data, tmp_path):
     out = run_train(repo, data, tmp_path / "lora.safetensors", "--steps", "6", "--save-every", "3")
     curve = np.asarray(Image.open(out.with_name("lora.loss.png")))
@@ -459,6 +481,7 @@ def test_a_bad_val_prompt_option_is_refused_before_the_weights_load(broken_weigh
                   "--steps", "1")
 
 
+@pytest.mark.slow
 def test_validation_images_go_side_by_side_into_one_picture_per_step_with_a_step_0_baseline(repo, data,
                                                                                             tmp_path):
     run_train(repo, data, tmp_path / "lora.safetensors", "--steps", "2", "--sample-every", "2",
@@ -469,6 +492,7 @@ def test_validation_images_go_side_by_side_into_one_picture_per_step_with_a_step
     assert Image.open(pictures[0]).size == (32 + 4 + 48, 32)
 
 
+@pytest.mark.slow
 def test_grad_clip_0_means_no_clipping_the_same_training_as_an_unreachable_clip(repo, data, tmp_path):
     fp32 = ("--steps", "2", "--ema-decay", "0", "--save-dtype", "fp32")
     unclipped = load_file(run_train(repo, data, tmp_path / "a" / "lora.safetensors", *fp32,
@@ -523,6 +547,7 @@ def test_config_values_a_flag_would_refuse_are_refused_naming_the_file_and_key(t
     assert f"{tmp_path / 'run.json'}: '{key}'" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_the_loss_logs_seconds_go_on_from_the_last_kept_row_after_resume(repo, data, tmp_path):
     out = run_train(repo, data, tmp_path / "lora.safetensors", "--steps", "2")
     log = out.with_name("lora.loss.csv")

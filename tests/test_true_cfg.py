@@ -49,9 +49,10 @@ def test_true_cfg_is_two_passes_per_step_combined_by_hand(repo):
     assert (got - plain).abs().mean() > 0.05, "the negative prompt must change the result"
 
 
+@pytest.mark.slow
 def test_true_cfg_matches_diffusers_true_cfg_scale(repo, tmp_path):
     size, steps, seed, scale = (64, 48), 4, 7, 4.0
-    ref = FluxPipeline.from_pretrained(repo, torch_dtype=torch.float32)
+    ref = FluxPipeline.from_pretrained(repo, dtype=torch.float32)
     want = np.asarray(ref(PROMPT, negative_prompt=NEGATIVE, true_cfg_scale=scale,
                           width=size[0], height=size[1], num_inference_steps=steps, guidance_scale=3.5,
                           generator=torch.Generator().manual_seed(seed)).images[0], dtype=np.int16)
