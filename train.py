@@ -116,9 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
     memory.add_argument("--transformer", type=Path, metavar="FILE",
                         help="a local transformer .safetensors (BFL, diffusers or ComfyUI; bf16, fp32 or "
                              "fp8) to train on instead of --model's (default: --model's own)")
-    most.add_argument("--variant", choices=VARIANTS,
-                      help="the base: dev, fill (Fill paints the panels not given by --ref-panel) or kontext "
-                           "(the --ref-panel is the context image) (default: told from the files)")
+    advanced.add_argument("--variant", choices=VARIANTS,
+                          help="the base: dev, fill (it paints the panels not given by --ref-panel) or "
+                               "kontext (the --ref-panel is its context) (default: told from the files)")
     memory.add_argument("--quantize", choices=["fp8"],
                         help="store the weights of the transformer's and T5's blocks in fp8, half of bf16's "
                              "memory (default: none)")
