@@ -49,6 +49,7 @@ linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"),
                                 reason="reads peak memory from /proc/self/status")
 
 
+@pytest.mark.slow
 @linux_only
 def test_train_memory_adds_the_full_models_exact_sizes_to_the_measured_step():
     out = load_bench("train_memory").main(["--batch-size", "2", "--grad-accum", "2", "--width", "64",
@@ -97,6 +98,7 @@ def test_train_memory_keeps_two_swapped_blocks_on_the_gpu_and_the_rest_in_host_r
         if isinstance(m, torch.nn.Linear)) / 2**30 + 2 * 2 * 128 / 2**30  # + the two RMSNorm scales, bf16
 
 
+@pytest.mark.slow
 @linux_only
 def test_sample_memory_is_the_largest_of_its_three_phases():
     out = load_bench("train_memory").main(["--what", "sample", "--width", "32", "--height", "32",

@@ -47,6 +47,7 @@ def report(name: str, got: torch.Tensor, want: torch.Tensor):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", ["plain", "fp8 and block swap"])
 def test_compiled_blocks_give_the_eager_output(variant, recwarn):
     flow = tiny_flow()
@@ -61,6 +62,7 @@ def test_compiled_blocks_give_the_eager_output(variant, recwarn):
     assert not [w for w in recwarn if "complex operators" in str(w.message)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("swap,fp8", [(0, False), (3, True)])
 def test_a_compiled_lora_training_step_with_checkpointing_gives_the_eager_loss_and_gradients(swap, fp8):
     flow = tiny_flow()

@@ -265,6 +265,7 @@ def conditional_lora(tmp_path_factory):
     return path
 
 
+@pytest.mark.slow
 def test_sample_py_takes_panels_layout_reference_panel_and_size_from_a_conditional_lora(conditional_lora,
                                                                                         tmp_path):
     ref = tmp_path / "ref.png"

@@ -167,6 +167,7 @@ def test_an_ace_plus_lora_gives_fill_pipelines_image_with_load_lora_weights(repo
     assert_lora_matters(got[0], ours(repos["fill"], tmp_path / "base", *flags)[0])
 
 
+@pytest.mark.slow
 def test_a_kohya_lora_on_fills_384_wide_img_in_gives_fill_pipelines_image_with_its_deltas_merged(repos,
                                                                                                   tmp_path):
     """diffusers 0.42's kohya reader names img_in's LoRA `x_embedder`, without the `transformer.` prefix its
@@ -240,6 +241,7 @@ def test_an_ai_toolkit_kontext_lora_gives_kontext_pipelines_image(repos, tmp_pat
     assert_lora_matters(got[0], ours(repos["kontext"], tmp_path / "base", *flags)[0])
 
 
+@pytest.mark.slow
 def test_a_fal_kontext_lora_gives_kontext_pipelines_image_with_its_deltas_merged_by_hand(repos, tmp_path):
     """fal's Kontext trainer writes `base_model.model.<BFL module>.lora_A/B.weight`, no alpha, on every linear
     of the blocks and final_layer.linear. diffusers reads that layout (its `_convert_fal_kontext_lora_to_

@@ -123,6 +123,7 @@ def test_kontext_with_a_context_of_another_size_gives_diffusers_image(repos, ref
     assert_same(f"Kontext {layout} vs FluxKontextPipeline", got[0], want)
 
 
+@pytest.mark.slow
 def test_kontext_context_resized_to_the_preferred_resolution_gives_diffusers_image(repos, reference,
                                                                                    tmp_path):
     context = picture(50, 30, seed=5)  # the closest preferred aspect is 1568×672 (W×H)

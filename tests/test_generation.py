@@ -369,6 +369,7 @@ def test_reference_panel_decodes_close_to_the_reference_image(tmp_path):
         assert generated > 4 * pinned
 
 
+@pytest.mark.slow
 def test_the_generated_panel_changes_with_the_reference_picture(tmp_path):
     """Same prompt, same seed, only the reference picture differs."""
     _, left_a, right_a = toy_set_with_reference(tmp_path, toy_scene(0), seed=1, prompt_scene=toy_scene(0))
@@ -444,7 +445,7 @@ def test_img2img_strength_one_ignores_the_init_image(repo, init_image, tmp_path)
                                     "--init", str(other), "--strength", "1")[0])
 
 
-@pytest.mark.parametrize("strength", [0.6, 1.0])
+@pytest.mark.parametrize("strength", [0.6, pytest.param(1.0, marks=pytest.mark.slow)])
 def test_sample_py_init_gives_diffusers_img2img_image_for_the_same_seed(repo, init_image, tmp_path, strength):
     want = np.asarray(FluxImg2ImgPipeline.from_pretrained(repo, dtype=torch.float32)(
         PROMPT, image=Image.open(init_image), strength=strength, width=64, height=48, num_inference_steps=5,
@@ -463,6 +464,7 @@ def test_img2img_start_index_is_diffusers_rule(steps, strength):
     assert img2img_start(steps, strength) == steps - remaining
 
 
+@pytest.mark.slow
 def test_img2img_matches_diffusers_with_its_sampled_init_latents(repo, pipe, init_image):
     """diffusers samples the VAE posterior with the generator, then draws the noise from the same generator;
     given those two draws (encode_image(generator=g), then randn from g) our sampler must land on its

@@ -132,6 +132,7 @@ def test_a_run_at_the_model_default_size_stores_that_size_and_a_new_width_replac
     assert Image.open(wider).size == (96, 64)
 
 
+@pytest.mark.slow
 def test_a_new_width_and_height_replace_a_stored_panel_size(tmp_path):
     [first, *_] = sample.main(["--model", "toy", "--panels", "2", "--panel-width", "64",
                                "--panel-height", "64", "--prompt", "two scenes", "--steps", "2",
