@@ -159,11 +159,11 @@ def fp8_path(mode: str, device) -> tuple[str, str]:
 
 def check_scaled_mm(device: torch.device):
     """A ValueError, naming the device, if it cannot run a row-wise scaled fp8 matmul (tried on 16×16)."""
-    try:
-        ones = torch.ones(16, 16, device=device)
-        x8 = ones.to(torch.float8_e4m3fn)
-        torch._scaled_mm(x8, x8.t(), ones[:, :1], ones[:1], out_dtype=torch.bfloat16)
-    except (RuntimeError, AssertionError) as e:  # AssertionError: CUDA asked of a torch built without it
+    try:  # the call is fixed and valid: whatever it raises, the device cannot run it
+        x8 = torch.ones(16, 16, device=device).to(torch.float8_e4m3fn)
+        scale = torch.ones(16, 1, device=device)
+        torch._scaled_mm(x8, x8.t(), scale, scale.t().contiguous(), out_dtype=torch.bfloat16)
+    except (RuntimeError, ValueError, NotImplementedError, AssertionError) as e:  # AssertionError: no CUDA
         raise ValueError(f"--fp8-compute on: {device} cannot run torch._scaled_mm with row-wise scales "
                          f"({str(e).splitlines()[0]}); use --fp8-compute auto or off") from None
 
