@@ -248,3 +248,17 @@ def test_train_py_trains_a_lora_with_fp8_compute_on(tmp_path, capsys):
     lora = load_file(out)
     assert lora and all(torch.isfinite(v).all() for v in lora.values())
     assert any(v.abs().sum() > 0 for k, v in lora.items() if "lora_B" in k or "lora_up" in k)
+
+
+@pytest.mark.slow
+def test_a_compiled_fp8_compute_layer_gives_the_eager_output_and_input_gradient():
+    layer = fp8_layer()
+    x = torch.randn(2, 5, 64, requires_grad=True)
+    eager = layer(x)
+    eager.square().sum().backward()
+    grad = x.grad.clone()
+    x.grad = None
+    compiled = torch.compile(layer)(x)
+    compiled.square().sum().backward()
+    torch.testing.assert_close(compiled, eager, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(x.grad, grad, rtol=1e-6, atol=1e-6)
