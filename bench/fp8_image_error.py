@@ -40,7 +40,8 @@ def main(argv=None) -> dict:
         prompt_flags += ["--prompt", prompt]
     with tempfile.TemporaryDirectory() as tmp:
         for name, flags in runs.items():
-            paths = sample.main([*common, "--out", f"{tmp}/{name}.png", *flags, *prompt_flags])
+            out = f"{tmp}/{name.replace(' ', '-')}.png"
+            paths = sample.main([*common, "--out", out, *flags, *prompt_flags])
             images[name] = np.stack([np.asarray(Image.open(path), dtype=np.int16) for path in paths])
     pairs = [("bf16", "fp32"), ("fp8", "fp32"), ("fp8 compute", "fp32"), ("fp8 compute", "bf16")]
     result = {}
