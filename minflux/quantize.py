@@ -55,10 +55,10 @@ class ScaledLinear(torch.autograd.Function):
     def forward(ctx, x: Tensor, weight: Tensor, scale: Tensor, bias: Tensor | None) -> Tensor:
         ctx.save_for_backward(weight, scale)
         fused = bias if bias is not None and bias.dtype == torch.bfloat16 else None
-        x8, x_scale = quantize_rows(x)                                            # (M, I), (M, 1)
+        x8, x_scale = quantize_rows(x.contiguous())  # row-major, as _scaled_mm's first operand must be
         out = torch._scaled_mm(x8, weight.t(), x_scale, scale[None, :], bias=fused,
                                out_dtype=torch.bfloat16).to(x.dtype)              # (M, O)
-        return out if bias is None or fused is not None else out + bias
+        return out if bias is None or fused is not None else out + bias.to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
