@@ -36,7 +36,7 @@ from minflux.hub import TOY_MODELS, hub_call
 from minflux.images import open_rgb
 from minflux.pipeline import Pipeline, from_pil, load_pipeline, to_pil
 from minflux.png_settings import RUN_ONLY, flags_given, settings_chunk, stored_defaults
-from minflux.quantize import FP8Linear, quantize_fp8
+from minflux.quantize import FP8_MODES, FP8Linear, apply_fp8, fp8_path
 from minflux.sampling import (
     MAX_IMAGES,
     MAX_PANELS,
@@ -131,6 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
     memory.add_argument("--quantize", choices=["fp8"],
                         help="store the weights of the transformer's and T5's blocks in fp8, half of bf16's "
                              "memory (default: none)")
+    memory.add_argument("--fp8-compute", choices=FP8_MODES, default="auto",
+                        help="how fp8 layers multiply: in fp8 (on), with their weights dequantized (off), or "
+                             "in fp8 on CUDA capability 9.0 and up only (auto) (default: %(default)s)")
     memory.add_argument("--offload", action="store_true",
                         help="keep the models in CPU RAM, each moved to the GPU only while it runs "
                              "(default: off)")
@@ -484,13 +487,11 @@ def load_models(args, loras: list, edit) -> Pipeline:
     fp8_file = any(isinstance(m, FP8Linear) for m in pipe.flow.modules())
     if fp8_file and loras and not args.no_merge:
         print("note: the transformer file holds fp8 weights, which a LoRA is never merged into: the LoRAs "
-              "are applied as adapters on the dequantized weights", file=sys.stderr)
+              "are applied as adapters on the fp8 layers", file=sys.stderr)
     merge = not args.no_merge and not fp8_file
     if merge:
         add_loras(pipe.flow, loras, args.lora_scale, merge)
-    if args.quantize == "fp8":
-        quantize_fp8(pipe.flow)
-        quantize_fp8(pipe.t5)
+    apply_fp8(pipe.flow, pipe.t5, args.quantize, args.fp8_compute, args.device)  # --quantize, --fp8-compute
     if not merge:
         add_loras(pipe.flow, loras, args.lora_scale, merge)
     BlockSwap(pipe.flow, args.blocks_to_swap, args.device)  # last: before the flow first goes to the device
@@ -524,6 +525,7 @@ def main(argv=None) -> list[Path]:  # noqa: C901 (the recipe reads as numbered s
     args = parse_args(argv)
     # Everything that needs no model is read (and so checked) first.
     check_device(args.device)
+    fp8_path(args.fp8_compute, args.device)  # --fp8-compute on: refused now where the device cannot run it
     lora_paths = [resolve_lora(spec) for spec in args.lora]
     conditional = conditional_lora(lora_paths, args.ref, args.image)
     if conditional:

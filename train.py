@@ -64,7 +64,7 @@ from minflux.block_swap import BlockSwap
 from minflux.compile import compile_blocks
 from minflux.hub import TOY_MODELS
 from minflux.pipeline import load_pipeline, load_t5_tokenizer
-from minflux.quantize import quantize_fp8
+from minflux.quantize import FP8_MODES, apply_fp8, fp8_path
 from minflux.user_input import USER_ERRORS, check_device, ranged
 from minflux.variants import VARIANTS
 
@@ -122,6 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
     memory.add_argument("--quantize", choices=["fp8"],
                         help="store the weights of the transformer's and T5's blocks in fp8, half of bf16's "
                              "memory (default: none)")
+    memory.add_argument("--fp8-compute", choices=FP8_MODES, default="auto",
+                        help="how fp8 layers multiply: in fp8 (on), with their weights dequantized (off), or "
+                             "in fp8 on CUDA capability 9.0 and up only (auto) (default: %(default)s)")
     most.add_argument("--out", type=lora_file, default=Path("out.safetensors"), metavar="FILE",
                       help="the LoRA file, outside --data, with its state, loss log and samples next to it "
                            "(default: out.safetensors)")
@@ -222,6 +225,7 @@ def main(argv=None) -> Path:
     # under torchrun: this rank joins the others; its GPU is cuda:LOCAL_RANK
     args.device = init_distributed(args.device)
     check_device(args.device)
+    fp8_path(args.fp8_compute, args.device)  # --fp8-compute on: refused now where the device cannot run it
     with holding_lock(run_files(args.out)), stopping_on_signals():
         return train(args)
 
@@ -252,9 +256,8 @@ def train(args: argparse.Namespace) -> Path:  # noqa: C901 (the recipe reads top
     dtype = args.dtype or ("bf16" if torch.device(args.device).type == "cuda" else None)
     pipe = load_pipeline(str(args.model), args.device, dtype, transformer=args.transformer,
                          variant=args.variant)
-    if args.quantize == "fp8":  # on the CPU, before T5 encodes and before the LoRA wraps the flow's Linears
-        quantize_fp8(pipe.t5)
-        quantize_fp8(pipe.flow)
+    # --quantize and --fp8-compute on the CPU, before T5 encodes and before the LoRA wraps the flow's Linears
+    apply_fp8(pipe.flow, pipe.t5, args.quantize, args.fp8_compute, args.device)
     # each rank encodes its part of the samples, and every rank gets them all
     sets = gathered(encode_sets(pipe, dataset, args.ref_panel, REF_MODE, part(len(dataset)), args.variant))
     empty_txt, empty_vec = pipe.encode_prompts([""])

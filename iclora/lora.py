@@ -1,6 +1,6 @@
 """A hand-written LoRA injector for minflux's FLUX transformer (LoRA: Hu et al., arXiv 2106.09685).
 
-A targeted `nn.Linear` (or fp8 `FP8Linear`, whose `scale` comes along) is replaced in place by a
+A targeted `nn.Linear` (or fp8 `FP8Linear`, whose `scale` and `compute` come along) is replaced in place by a
 `LoRALinear`, which keeps the base `weight` and `bias` under their official names and adds named adapters:
     y = W x + b + Σ_adapters scaling · B(A(dropout(x))),   scaling = multiplier · alpha / r.
 A starts kaiming-uniform (as nn.Linear) and B at zero, so a fresh adapter leaves the model unchanged.
@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from minflux.module_tree import replace
-from minflux.quantize import FP8Linear, dequantize
+from minflux.quantize import FP8Linear, linear
 
 # every Linear of the 19 double (img/txt: mod.lin, attn.qkv, attn.proj, mlp.0, mlp.2) and 38 single blocks
 # (linear1, linear2, modulation.lin): 304 BFL linears = the 494 diffusers modules of the IC-LoRA release
@@ -36,6 +36,7 @@ class LoRALinear(nn.Module):
         self.weight = base.weight.requires_grad_(False)
         self.register_parameter("bias", base.bias.requires_grad_(False) if base.bias is not None else None)
         self.register_buffer("scale", base.scale if isinstance(base, FP8Linear) else None)  # None: not fp8
+        self.compute = base.compute if isinstance(base, FP8Linear) else None  # fp8: FP8Linear's own matmul
         # per adapter, by name
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
@@ -77,8 +78,7 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         # x: (..., I)
-        weight = self.weight if self.scale is None else dequantize(self.weight, self.scale, x.dtype)  # (O, I)
-        out = F.linear(x, weight, self.bias)                                      # (..., O)
+        out = linear(x, self.weight, self.scale, self.bias, self.compute)         # (..., O), as the base's
         for name, A in self.lora_A.items():
             if name in self.merged:  # already in weight
                 continue
@@ -211,7 +211,7 @@ def drop_adapter(model: nn.Module, name: str):
         if m.lora_A:  # other adapters stay
             continue
         if m.scale is not None:
-            base = FP8Linear(m.weight, m.scale, m.bias)
+            base = FP8Linear(m.weight, m.scale, m.bias, m.compute)
         else:
             base = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
             base.weight = m.weight

@@ -62,9 +62,10 @@ def test_every_file_of_a_run_carries_all_its_settings(repo, inputs, first_run):
             "seed": [3, 4], "num_images": 1, "height": 32, "width": 64, "panels": 2, "layout": "row",
             "panel_width": 32, "panel_height": 32, "steps": 3, "guidance": 2.5, "negative_prompt": NEGATIVE,
             "true_cfg": 2.5, "lora": [str(inputs["lora"])], "lora_scale": [0.7], "no_merge": True,
-            "quantize": "fp8", "dtype": "fp32", "transformer": None, "ref": [str(inputs["ref"])],
-            "ref_panel": [2], "ref_strength": 0.9, "ref_stop": 0.34, "init": str(inputs["init"]),
-            "strength": 0.8, "variant": None, "image": None, "mask": None, "context_size": None}
+            "quantize": "fp8", "fp8_compute": "auto", "dtype": "fp32", "transformer": None,
+            "ref": [str(inputs["ref"])], "ref_panel": [2], "ref_strength": 0.9, "ref_stop": 0.34,
+            "init": str(inputs["init"]), "strength": 0.8, "variant": None, "image": None, "mask": None,
+            "context_size": None}
     for path in first_run:
         assert stored(path) == want, path.name
 

@@ -26,7 +26,7 @@ from iclora.lora_files import load_lora  # noqa: E402 (after sys.path.insert)
 from iclora.panels import join_panels  # noqa: E402 (after sys.path.insert)
 from iclora.references import image_positions, pin_references, reference_latents  # noqa: E402 (after sys.path.insert)
 from minflux.pipeline import Pipeline, from_pil, load_pipeline, to_pil  # noqa: E402 (after sys.path.insert)
-from minflux.quantize import quantize_fp8  # noqa: E402 (after sys.path.insert)
+from minflux.quantize import FP8_MODES, apply_fp8  # noqa: E402 (after sys.path.insert)
 from minflux.sampling import get_noise  # noqa: E402 (after sys.path.insert)
 from minflux.user_input import USER_ERRORS  # noqa: E402 (after sys.path.insert)
 from toy.world import TASKS, Scene, panel_consistency, random_scene, recolour, render  # noqa: E402 (after sys.path.insert)
@@ -138,6 +138,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="fp8: the transformer's and T5's Linear weights in float8 e4m3fn (per-row scales), "
                         "as sample.py --quantize; the LoRA is then an adapter on the fp8 layers "
                         "(default: none)")
+    p.add_argument("--fp8-compute", choices=FP8_MODES, default="auto",
+                   help="with --quantize fp8: multiply in fp8 (on), dequantize (off), or as sample.py's auto "
+                        "(default: auto)")
     p.add_argument("--count", type=int, default=20, help="held-out sets (default: 20)")
     p.add_argument("--scenes-seed", type=int, default=1000,
                    help="seed of the held-out scenes (default: 1000)")
@@ -168,9 +171,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     pipe = load_pipeline(args.model)
-    if args.quantize == "fp8":
-        quantize_fp8(pipe.flow)
-        quantize_fp8(pipe.t5)
+    apply_fp8(pipe.flow, pipe.t5, args.quantize, args.fp8_compute, pipe.device)
     scenes = held_out_scenes(args.count, args.scenes_seed)
     names = ["base", "lora"] if args.lora else ["base"]
     results = {}
