@@ -49,11 +49,11 @@ class Validation:
         with ema.applied():
             for i, v in enumerate(tqdm(self.prompts, desc=f"validation images, step {step}", leave=False,
                                        disable=rank() > 0)):
-                height, width = v["height"], v["width"]
+                size = (v["height"], v["width"])
                 if self.edit is not None:  # Fill, Kontext: the first set's condition, at its size
                     cond = stack_conditions([self.edit.cond], self.pipe.device)
-                    height, width = (8 * side for side in self.edit.latents.shape[1:])
-                latents = self.pipe.sample(self.txt[i : i + 1], self.vec[i : i + 1], height, width,
+                    size = tuple(8 * side for side in self.edit.latents.shape[1:])
+                latents = self.pipe.sample(self.txt[i : i + 1], self.vec[i : i + 1], size,
                                            steps=v["steps"], guidance=v["guidance"], seed=v["seed"],
                                            progress=False, after_step=self.hooks[i], img_ids=self.ids[i],
                                            cond=cond)

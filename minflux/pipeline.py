@@ -89,12 +89,13 @@ class Pipeline:
         return ae.decode(latents.to(self.device, next(ae.parameters()).dtype))
 
     @torch.no_grad()
-    def sample(self, txt: Tensor, vec: Tensor, height: int, width: int, steps: int | None = None,
+    def sample(self, txt: Tensor, vec: Tensor, size: tuple[int, int], steps: int | None = None,
                guidance: float = 3.5, seed: int = 0, progress: bool = True, after_step=None,
                img_ids: Tensor | None = None, cond: Condition | None = None) -> Tensor:
-        """Encoded prompts -> clean latents (B, c, h, w), all from one noise draw of `seed` (as diffusers
-        does); `after_step(x, t)` edits the start and every step (see `denoise`); `img_ids` (1, Li, 3)
-        replaces the canvas's positions; `cond`, a Fill or Kontext model's Condition."""
+        """Encoded prompts -> clean latents (B, c, h, w) of a `size` (height, width) image, all from one noise
+        draw of `seed` (as diffusers does); `after_step(x, t)` edits the start and every step (see `denoise`);
+        `img_ids` (1, Li, 3) replaces the canvas's positions; `cond`, a Fill or Kontext model's Condition."""
+        height, width = size
         B, Lt = txt.shape[:2]
         x = pack(get_noise(B, height, width, seed)).to(self.device, self.dtype)  # (B, Li, 4c) at t = 1
         img_ids = image_ids(B, height, width) if img_ids is None else img_ids.expand(B, -1, -1)   # (B, Li, 3)
@@ -107,7 +108,7 @@ class Pipeline:
                  guidance: float = 3.5, seed: int = 0, progress: bool = True) -> list[Image.Image]:
         """Text to images, one per prompt: the whole recipe (sample.py spells it out with every option)."""
         txt, vec = self.encode_prompts(prompts)                                   # (B, Lt, 4096), (B, 768)
-        return to_pil(self.decode(self.sample(txt, vec, height, width, steps, guidance, seed, progress)))
+        return to_pil(self.decode(self.sample(txt, vec, (height, width), steps, guidance, seed, progress)))
 
 
 def from_pil(image: Image.Image, height: int, width: int) -> Tensor:

@@ -194,7 +194,7 @@ def test_sample_py_gives_a_moved_conditional_lora_the_moved_positions(tmp_path):
     known, mask = reference_latents(pipe, [(reference, (0, 0, 64, 64))], 64, 128)
     timesteps = pipe.schedule(64, 128, 3)
     hook = pin_references(known, mask, get_noise(1, 64, 128, 7), timesteps, mode="clean")
-    want = to_pil(pipe.decode(pipe.sample(txt, vec, 64, 128, 3, 3.5, 7, False, hook, moved_by_hand(1))))[0]
+    want = to_pil(pipe.decode(pipe.sample(txt, vec, (64, 128), 3, 3.5, 7, False, hook, moved_by_hand(1))))[0]
     diff = np.abs(np.asarray(Image.open(joined), np.int16) - np.asarray(want, np.int16))
     assert diff.max() <= 1, f"max pixel difference {diff.max()}"
 

@@ -96,9 +96,9 @@ def test_sampling_with_the_trained_lora_moves_toward_the_training_images(repo, d
     pipe = load_pipeline(str(repo))
     target = encode_sets(pipe, PanelSetDataset(data, resolution=48))[0].latents
     txt, vec = pipe.encode_prompts([CAPTIONS[0]])
-    base = pipe.sample(txt, vec, height=32, width=64, steps=10, guidance=1.0, seed=3, progress=False)[0]
+    base = pipe.sample(txt, vec, (32, 64), steps=10, guidance=1.0, seed=3, progress=False)[0]
     load_lora(pipe.flow, trained)
-    tuned = pipe.sample(txt, vec, height=32, width=64, steps=10, guidance=1.0, seed=3, progress=False)[0]
+    tuned = pipe.sample(txt, vec, (32, 64), steps=10, guidance=1.0, seed=3, progress=False)[0]
     d_base, d_tuned = (base - target).norm().item(), (tuned - target).norm().item()
     print(f"latent distance to the training image: base {d_base:.2f}, with LoRA {d_tuned:.2f}")
     assert d_tuned < 0.7 * d_base

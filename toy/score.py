@@ -59,7 +59,7 @@ def generate_sets(pipe: Pipeline, scenes: list[Scene], size: int, steps: int, se
         hook = pin_references(ref_latents, ref_mask, noise, timesteps, mode=ref_mode)
     given = [0] if reference else []
     ids = image_positions(height, width, 2, "row", given, ref_mode)                       # (1, Li, 3)
-    latents = pipe.sample(txt, vec, height, width, steps, 3.5, seed, progress=progress, after_step=hook,
+    latents = pipe.sample(txt, vec, (height, width), steps, 3.5, seed, progress=progress, after_step=hook,
                           img_ids=ids)
     return to_pil(pipe.decode(latents))
 
