@@ -1,6 +1,6 @@
 """GPU speed at full FLUX.1-dev size, random weights, in one short run; results in bench/RESULTS.md.
 
-    python bench/gpu.py                  # all sections; `--only sample|train|fp8` for one
+    python bench/gpu.py                  # every section within --budget; `--only image compile-train` some
     python bench/gpu.py --config tiny --device cpu --sizes 32x32 --train-size 32x64 --text-tokens 8   # smoke
 
 sample: a denoising step (batch 1, 512 text tokens) at each --sizes, ours eager and `--compile`d against
