@@ -1,6 +1,6 @@
 """GPU speed at full FLUX.1-dev size, random weights, in one short run; results in bench/RESULTS.md.
 
-    python bench/gpu.py                  # all sections; `--only sample|train|fp8` for one
+    python bench/gpu.py                  # every section within --budget; `--only image compile-train` some
     python bench/gpu.py --config tiny --device cpu --sizes 32x32 --train-size 32x64 --text-tokens 8   # smoke
 
 sample: a denoising step (batch 1, 512 text tokens) at each --sizes, ours eager and `--compile`d against
@@ -24,9 +24,14 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's minflux, and bench.py
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # its sibling scripts, also when loaded by a test
+import gpu_sections  # noqa: E402 (after sys.path.insert)
+import image_models  # noqa: E402 (after sys.path.insert)
+
 import bench  # noqa: E402 (after sys.path.insert)
 from iclora.lora import inject_lora, lora_parameters  # noqa: E402 (after sys.path.insert)
 from iclora.training import flow_matching_loss, step_generator  # noqa: E402 (after sys.path.insert)
+from minflux import quantize  # noqa: E402 (after sys.path.insert)
 from minflux.block_swap import BlockSwap  # noqa: E402 (after sys.path.insert)
 from minflux.compile import compile_blocks  # noqa: E402 (after sys.path.insert)
 from minflux.model import CONFIGS, FluxParams  # noqa: E402 (after sys.path.insert)
@@ -44,6 +49,9 @@ FLOPS_COUNTED = ("matrix products of the forward (block linears, attention, inpu
                  "recomputation")
 NOT_COMPILED = "compiled variants run on a GPU, without --eager"
 NO_REFERENCE = "diffusers is not installed, or --no-reference"
+# name: estimated seconds at FLUX.1-dev size on an H200 (model build, compiling, the timed calls; from the run
+# in bench/RESULTS.md), in the order a short GPU window should measure them
+SECTIONS = {"sample": 60, "fp8": 90, "image": 150, "compile-train": 120, "train": 150, "overheads": 200}
 
 
 def say(message: str):
@@ -308,14 +316,20 @@ def train_rows(args, device, dtype, peak, flow, swap: bool, section="train") -> 
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", choices=["sample", "train", "fp8"], help="run one section (default: all three)")
+    ap.add_argument("--only", choices=list(SECTIONS), nargs="+",
+                    help=f"run these sections (default: all, in this order: {', '.join(SECTIONS)})")
+    ap.add_argument("--budget", type=float, default=480,
+                    help="start no section whose estimate would end past this many seconds (default: 480)")
+    ap.add_argument("--steps", type=int, default=28, help="denoising steps of the whole image (default: 28)")
+    ap.add_argument("--qk-norm", default="fused", choices=["fused", "separate", "eager"],
+                    help="compile_blocks' qk_norm in the compile-train section (default: fused)")
     ap.add_argument("--config", default="flux-dev", choices=list(CONFIGS),
                     help="transformer size, random weights (default: flux-dev; tiny for the CPU smoke test)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                     help="torch device (default: cuda if available, else cpu)")
-    ap.add_argument("--sizes", type=parse_size, nargs="+", default=[(1024, 1024), (1024, 2048)],
-                    metavar="WxH",
-                    help="sampling canvases (default: 1024x1024 2048x1024, one image and a two-panel set)")
+    ap.add_argument("--sizes", type=parse_size, nargs="+", default=[(1024, 1024)],
+                    metavar="WxH", help="sampling canvases; the first one for image and overheads "
+                                        "(default: 1024x1024)")
     ap.add_argument("--train-size", type=parse_size, default=(1536, 1024), metavar="WxH",
                     help="training canvas (default: 1024x1536, the paper's three-panel film storyboard)")
     ap.add_argument("--batch-size", type=int, default=4, help="training batch (default: 4, the paper's)")
@@ -370,24 +384,133 @@ def build_model(args, device: torch.device, dtype: torch.dtype, reference: bool)
 
 
 def run_sections(args, device: torch.device, dtype: torch.dtype, peak, sections: list[str],
-                 reference: bool) -> list[dict]:
-    """The rows of each section, one model at a time: the bf16 one for sample and train, then fp8's."""
+                 reference: bool, checks: dict) -> list[dict]:
+    """The rows of each section in SECTIONS' order, one model at a time; a section whose estimate would end
+    past --budget is skipped (estimates at FLUX.1-dev size only)."""
     rows = []
-    if "sample" in sections:
-        ours, ref = build_model(args, device, dtype, reference)
-        rows += sample_rows(args, device, dtype, peak, ours, ref, args.sizes)
-        ref = None
+    for name in sections:
+        estimate = SECTIONS[name] if args.config == "flux-dev" else 0
+        elapsed = time.perf_counter() - START
+        if elapsed + estimate > args.budget:
+            say(f"{name}: skipped, {elapsed:.0f} s + ~{estimate} s would pass --budget {args.budget:.0f} s")
+            rows.append(row(name, "all", args.sizes[0], 1, skipped=f"past --budget {args.budget:.0f} s"))
+            continue
+        say(f"{name}: estimated {estimate} s, {elapsed:.0f} s so far")
         free(device)
-    if "train" in sections:
-        ours = ours if "sample" in sections else build_model(args, device, dtype, False)[0]
-        rows += train_rows(args, device, dtype, peak, ours, swap=True)
-    if "fp8" in sections:
-        ours = None
-        free(device)  # the bf16 model (its block swap hooks hold it in a cycle)
-        ours = quantize_fp8(build_model(args, device, dtype, False)[0])
-        rows += sample_rows(args, device, dtype, peak, ours, None, args.sizes[:1], section="fp8 sample")
-        rows += train_rows(args, device, dtype, peak, ours, swap=True, section="fp8 train")
+        rows += SECTION_RUNS[name](args, device, dtype, peak, reference, checks)
     return rows
+
+
+def bf16_steps(args, device, dtype, peak, reference, checks) -> list[dict]:
+    ours, ref = build_model(args, device, dtype, reference)
+    return sample_rows(args, device, dtype, peak, ours, ref, args.sizes)
+
+
+def fp8_steps(args, device, dtype, peak, reference, checks) -> list[dict]:
+    """A denoising step with fp8 weights, dequantized for each matmul; then, where minflux has it
+    (quantize.set_fp8_compute), with fp8 matmuls forced on."""
+    ours = quantize_fp8(build_model(args, device, dtype, False)[0])
+    rows = sample_rows(args, device, dtype, peak, ours, None, args.sizes[:1], section="fp8 sample")
+    set_fp8_compute = getattr(quantize, "set_fp8_compute", None)
+    if set_fp8_compute is None:
+        return rows + [row("fp8-compute sample", "ours", args.sizes[0], 1, skipped="no fp8 compute yet")]
+    set_fp8_compute(ours, "on", device)
+    return rows + sample_rows(args, device, dtype, peak, ours, None, args.sizes[:1], "fp8-compute sample")
+
+
+def whole_image(args, device, dtype, peak, reference, checks) -> list[dict]:
+    """One image at --sizes' first size and --steps steps, token ids to pixels, ours and diffusers', eager and
+    (on a GPU) with the transformer blocks compiled."""
+    pipes = image_models.pipelines(args.config, device, dtype, reference)
+    calls = gpu_sections.whole_image_variants(pipes, args.sizes[0], args.steps, args.text_tokens, device)
+    gpu = compiles(device, args)
+    fast = {"ours": ours_compiled(pipes[0].flow) if gpu else None}
+    if pipes[1] is not None:
+        fast["diffusers"] = diffusers_compiled(pipes[1].transformer) if gpu else None
+    variants = {}
+    for name, call in calls.items():
+        for compiled in (False, True) if gpu else (False,):
+            key = f"{name} {'compiled' if compiled else 'eager'}"
+            variants[key] = (partial(switch, fast, name if compiled else None), call)
+    with torch.no_grad():
+        timings = measure(variants, args, device)
+    switch(fast, None)
+    names = list(calls) + ([] if "diffusers" in calls else ["diffusers"])
+    rows = []
+    for name in names:
+        for kind in ("eager", "compiled"):
+            key = f"{name} {kind}"
+            skipped = NOT_COMPILED if name in calls else NO_REFERENCE
+            timing = timings.get(key, {})
+            rows.append(row("image", f"{key}, {args.steps} steps", args.sizes[0], 1,
+                            skipped=None if timing else skipped, **timing))
+    return rows
+
+
+def compile_train(args, device, dtype, peak, reference, checks) -> list[dict]:
+    """Compiled training against eager (gpu_sections.compiled_training_check); on the CPU only when named
+    with --only (compiling there takes minutes)."""
+    if args.eager or not (compiles(device, args) or "compile-train" in (args.only or [])):
+        return [row("compile-train", "compiled vs eager", args.train_size, args.batch_size,
+                    skipped=NOT_COMPILED)]
+    check = gpu_sections.compiled_training_check(args, device, dtype, args.qk_norm)
+    checks["compile-train"] = check
+    say(f"  compile-train: {json.dumps(check)}")
+    steps = check["steps"]
+    return [row("compile-train", f"eager, {steps} steps", args.train_size, args.batch_size,
+                s_per_step=check["eager_s"] / steps),
+            row("compile-train", f"compiled ({args.qk_norm}), {steps} steps incl. compiling", args.train_size,
+                args.batch_size, s_per_step=check["compiled_s_with_compiling"] / steps)]
+
+
+def training(args, device, dtype, peak, reference, checks) -> list[dict]:
+    """The LoRA training step in bf16, then with fp8 weights."""
+    rows = train_rows(args, device, dtype, peak, build_model(args, device, dtype, False)[0], swap=True)
+    free(device)  # the bf16 model (its block swap hooks hold it in a cycle)
+    ours = quantize_fp8(build_model(args, device, dtype, False)[0])
+    return rows + train_rows(args, device, dtype, peak, ours, swap=True, section="fp8 train")
+
+
+def overheads(args, device, dtype, peak, reference, checks) -> list[dict]:
+    """A denoising step under each torch.compile mode (CUDA graphs: reduce-overhead) and each SDPA backend,
+    and the VAE decode; compiled variants on a GPU only."""
+    ours = build_model(args, device, dtype, False)[0]
+    step = sample_step(args, ours, device, dtype)
+    variants, skipped = gpu_sections.attention_variants(step, device)
+    fast = {}  # mode -> its compiled forwards; switched on for its own variant only
+    eager = partial(switch, fast, None)
+    variants = {name: (eager, call) for name, call in variants.items()}
+    blocks = [*ours.double_blocks, *ours.single_blocks]
+    for mode in gpu_sections.OVERHEAD_MODES if compiles(device, args) else ():
+        fast[mode] = Compiled(blocks, gpu_sections.mode_forwards(ours, mode))
+        variants[f"step, compiled {mode}"] = (partial(switch, fast, mode), step)
+    ae = image_models.autoencoders(args.config, device, dtype, False)[0]
+    for name, call in gpu_sections.vae_decode_variants(ae, args.sizes[0], device, dtype,
+                                                       compiles(device, args)).items():
+        variants[name] = (eager, call)
+    with torch.no_grad():
+        timings = measure(variants, args, device)
+    rows = [row("overheads", name, args.sizes[0], 1, **t) for name, t in timings.items()]
+    return rows + [row("overheads", name, args.sizes[0], 1, skipped=why) for name, why in skipped.items()]
+
+
+def sample_step(args, flow, device, dtype):
+    """One denoising step's call at --sizes' first size (batch 1), as sample_size_rows times it."""
+    H, W = args.sizes[0]
+    p = flow.params
+    Li = (H // 16) * (W // 16)
+    img = torch.randn(1, Li, p.in_channels, device=device, dtype=dtype)
+    txt = torch.randn(1, args.text_tokens, p.context_in_dim, device=device, dtype=dtype)
+    y = torch.randn(1, p.vec_in_dim, device=device, dtype=dtype)
+    iid = image_ids(1, H, W).to(device)
+    tid = text_ids(1, args.text_tokens).to(device)
+    t = torch.full((1,), 0.7, device=device, dtype=dtype)
+    g = torch.full((1,), 3.5, device=device, dtype=dtype)
+    return partial(flow, img, iid, txt, tid, t, y, g)
+
+
+SECTION_RUNS = {"sample": bf16_steps, "fp8": fp8_steps, "image": whole_image, "compile-train": compile_train,
+                "train": training, "overheads": overheads}
 
 
 def main(argv=None) -> dict:
@@ -397,7 +520,7 @@ def main(argv=None) -> dict:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     peak = peak_tflops(device)
     version = diffusers_version()
-    sections = [args.only] if args.only else ["sample", "train", "fp8"]
+    sections = [name for name in SECTIONS if name in (args.only or SECTIONS)]
     meta = dict(device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                 torch=torch.__version__, diffusers=version, config=args.config,
                 dtype=str(dtype).removeprefix("torch."), peak_bf16_tflops=peak,
@@ -406,8 +529,10 @@ def main(argv=None) -> dict:
                 repeats=args.repeats, flops_counted=FLOPS_COUNTED)
     say(json.dumps(meta))
     torch.manual_seed(0)
-    rows = run_sections(args, device, dtype, peak, sections, version is not None and not args.no_reference)
-    result = dict(meta=meta | {"seconds": round(time.perf_counter() - begin, 1)}, rows=rows)
+    checks = {}
+    rows = run_sections(args, device, dtype, peak, sections, version is not None and not args.no_reference,
+                        checks)
+    result = dict(meta=meta | {"seconds": round(time.perf_counter() - begin, 1)}, rows=rows, checks=checks)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
     args.out.with_suffix(".md").write_text(table(result))

@@ -124,3 +124,28 @@ def test_train_py_compiles_the_blocks_with_their_lora_checkpointing_and_block_sw
                 "--resolution", "32", "--checkpointing", "--blocks-to-swap", "3", "--sample-every", "0",
                 "--device", "cpu", "--compile", "--out", str(tmp_path / "a.safetensors")])
     assert seen == [dict(fp8=False, lora=True, swap_hooks=3, checkpointing=True)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("qk_norm", ["separate", "eager"])
+def test_the_qk_norm_set_apart_from_the_compiled_block_gives_the_eager_loss_and_gradients(qk_norm):
+    flow = with_lora(tiny_flow())
+    flow.gradient_checkpointing = True
+    fast = compile_blocks(copy.deepcopy(flow), qk_norm=qk_norm)
+    losses = []
+    for model in (flow, fast):
+        losses.append(run(model).square().mean())
+        losses[-1].backward()
+    report("loss", losses[1].detach(), losses[0].detach())
+    got_grads = torch.cat([p.grad.flatten() for p in lora_parameters(fast)])
+    want_grads = torch.cat([p.grad.flatten() for p in lora_parameters(flow)])
+    report("LoRA gradients", got_grads, want_grads)
+
+
+@pytest.mark.parametrize("kwargs,named", [(dict(mode="fastest"), "compile mode 'fastest'"),
+                                          (dict(qk_norm="apart"), "qk_norm 'apart'"),
+                                          (dict(mode="max-autotune", options={"max_fusion_size": 1}),
+                                           "default mode only")])
+def test_compile_blocks_refuses_an_unknown_mode_qk_norm_or_options_with_a_mode(kwargs, named):
+    with pytest.raises(ValueError, match=named):
+        compile_blocks(tiny_flow(), **kwargs)
