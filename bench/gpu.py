@@ -31,11 +31,10 @@ import image_models  # noqa: E402 (after sys.path.insert)
 import bench  # noqa: E402 (after sys.path.insert)
 from iclora.lora import inject_lora, lora_parameters  # noqa: E402 (after sys.path.insert)
 from iclora.training import flow_matching_loss, step_generator  # noqa: E402 (after sys.path.insert)
-from minflux import quantize  # noqa: E402 (after sys.path.insert)
 from minflux.block_swap import BlockSwap  # noqa: E402 (after sys.path.insert)
 from minflux.compile import compile_blocks  # noqa: E402 (after sys.path.insert)
 from minflux.model import CONFIGS, FluxParams  # noqa: E402 (after sys.path.insert)
-from minflux.quantize import quantize_fp8  # noqa: E402 (after sys.path.insert)
+from minflux.quantize import quantize_fp8, set_fp8_compute  # noqa: E402 (after sys.path.insert)
 from minflux.sampling import image_ids, text_ids  # noqa: E402 (after sys.path.insert)
 
 GIB = 2**30
@@ -407,14 +406,12 @@ def bf16_steps(args, device, dtype, peak, reference, checks) -> list[dict]:
 
 
 def fp8_steps(args, device, dtype, peak, reference, checks) -> list[dict]:
-    """A denoising step with fp8 weights, dequantized for each matmul; then, where minflux has it
-    (quantize.set_fp8_compute), with fp8 matmuls forced on."""
+    """A denoising step with fp8 weights, dequantized for each matmul (--fp8-compute off); then with fp8
+    matmuls (torch._scaled_mm) forced on."""
     ours = quantize_fp8(build_model(args, device, dtype, False)[0])
+    say(set_fp8_compute(ours, "off", device))
     rows = sample_rows(args, device, dtype, peak, ours, None, args.sizes[:1], section="fp8 sample")
-    set_fp8_compute = getattr(quantize, "set_fp8_compute", None)
-    if set_fp8_compute is None:
-        return rows + [row("fp8-compute sample", "ours", args.sizes[0], 1, skipped="no fp8 compute yet")]
-    set_fp8_compute(ours, "on", device)
+    say(set_fp8_compute(ours, "on", device))
     return rows + sample_rows(args, device, dtype, peak, ours, None, args.sizes[:1], "fp8-compute sample")
 
 
@@ -464,11 +461,16 @@ def compile_train(args, device, dtype, peak, reference, checks) -> list[dict]:
 
 
 def training(args, device, dtype, peak, reference, checks) -> list[dict]:
-    """The LoRA training step in bf16, then with fp8 weights."""
+    """The LoRA training step in bf16, then with fp8 weights dequantized per matmul, then with fp8 matmuls
+    (--fp8-compute on: the forward in fp8, the input gradient from the dequantized weight)."""
     rows = train_rows(args, device, dtype, peak, build_model(args, device, dtype, False)[0], swap=True)
     free(device)  # the bf16 model (its block swap hooks hold it in a cycle)
     ours = quantize_fp8(build_model(args, device, dtype, False)[0])
-    return rows + train_rows(args, device, dtype, peak, ours, swap=True, section="fp8 train")
+    rows += train_rows(args, device, dtype, peak, ours, swap=True, section="fp8 train")
+    free(device)
+    ours = quantize_fp8(build_model(args, device, dtype, False)[0])
+    say(set_fp8_compute(ours, "on", device))
+    return rows + train_rows(args, device, dtype, peak, ours, swap=False, section="fp8-compute train")
 
 
 def overheads(args, device, dtype, peak, reference, checks) -> list[dict]:

@@ -33,7 +33,7 @@ def whole_image_variants(pipes: tuple, size: tuple, steps: int, text_tokens: int
 
     def ours_image():
         txt, vec = encode()
-        return ours.decode(ours.sample(txt, vec, H, W, steps, progress=False))    # (1, 3, H, W)
+        return ours.decode(ours.sample(txt, vec, (H, W), steps, progress=False))  # (1, 3, H, W)
 
     def diffusers_image():
         txt, vec = encode()

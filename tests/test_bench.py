@@ -147,13 +147,11 @@ def test_gpu_bench_runs_every_section_on_the_cpu_and_writes_every_field(tmp_path
     assert result["meta"]["diffusers"] is not None and result["meta"]["peak_bf16_tflops"] is None  # a CPU
     rows = result["rows"]
     assert all(tuple(r) == gpu.ROW_FIELDS for r in rows)
-    fp8_compute = hasattr(gpu.quantize, "set_fp8_compute")
     assert [(r["section"], r["variant"], r["size"]) for r in rows] == [
         *[("sample", f"{impl} {kind}", size) for size in ("32x32", "64x32") for impl in ("ours", "diffusers")
           for kind in ("eager", "compiled")],
         ("fp8 sample", "ours eager", "32x32"), ("fp8 sample", "ours compiled", "32x32"),
-        *([("fp8-compute sample", "ours eager", "32x32"), ("fp8-compute sample", "ours compiled", "32x32")]
-          if fp8_compute else [("fp8-compute sample", "ours", "32x32")]),
+        ("fp8-compute sample", "ours eager", "32x32"), ("fp8-compute sample", "ours compiled", "32x32"),
         *[("image", f"{impl} {kind}, 2 steps", "32x32") for impl in ("ours", "diffusers")
           for kind in ("eager", "compiled")],
         ("compile-train", "compiled vs eager", "32x64"),
@@ -161,14 +159,15 @@ def test_gpu_bench_runs_every_section_on_the_cpu_and_writes_every_field(tmp_path
         ("train", "compiled", "32x64"),
         ("fp8 train", "eager", "32x64"), ("fp8 train", "eager, blocks-to-swap 4", "32x64"),
         ("fp8 train", "compiled", "32x64"),
+        ("fp8-compute train", "eager", "32x64"), ("fp8-compute train", "compiled", "32x64"),
         ("overheads", "attention flash, eager", "32x32"), ("overheads", "vae decode, eager", "32x32"),
         ("overheads", "vae decode, channels_last", "32x32"),
         ("overheads", "attention cudnn, eager", "32x32"),
         ("overheads", "attention efficient, eager", "32x32")]
     for r in rows:
-        if r["section"] in ("fp8-compute sample", "compile-train") or "attention cudnn" in r["variant"] or (
+        if r["section"] == "compile-train" or "attention cudnn" in r["variant"] or (
                 "attention efficient" in r["variant"]):
-            assert r["skipped"]  # no fp8 compute yet, or compiled; no such SDPA kernel on the CPU
+            assert r["skipped"]  # compiled; no such SDPA kernel on the CPU
             continue
         if r["section"] in ("image", "overheads") and "compiled" not in r["variant"]:
             assert r["skipped"] is None and r["s_per_step"] > 0  # no FLOPs counted for these
