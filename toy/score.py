@@ -198,7 +198,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--task", default="recolour", choices=TASKS,
                    help="the captions of the held-out sets: recolour describes both panels, blind_recolour "
                         "neither (default: recolour)")
-    p.add_argument("--model", default="toy", help="the base model (default: toy)")
+    p.add_argument("--model", default="toy",
+                   help="the base model: toy, toy-fill or toy-kontext (a Fill or Kontext base runs ref mode "
+                        "only) (default: toy)")
     p.add_argument("--quantize", choices=["fp8"],
                    help="fp8: the transformer's and T5's Linear weights in float8 e4m3fn (per-row scales), "
                         "as sample.py --quantize; the LoRA is then an adapter on the fp8 layers "
