@@ -7,8 +7,10 @@ the toy FLUX, with and without a LoRA, read every panel back with toy.world.anal
 
 `evaluate` generates each set in two modes (arXiv 2410.23775 §4): "text" from the caption alone, "ref" with
 the left panel given (as a `train.py --ref-panel` LoRA's metadata says); "ceiling" is what exact target
-latents would score. Scenes have their own seed (--scenes-seed), not make_sets.py's; a set gets the same
-noise (--seed) with and without the LoRA. Shape letters: B sets, Li image tokens, c latent channels.
+latents would score. On toy Fill and toy Kontext (--model toy-fill, toy-kontext) only "ref" runs, the left
+panel given as each base takes it (docs/fill-and-kontext.md). Scenes have their own seed (--scenes-seed), not
+make_sets.py's; a set gets the same noise (--seed) with and without the LoRA, on every base.
+Shape letters: B sets, Li image tokens, Lc context tokens, c latent channels.
 """
 
 import argparse
@@ -21,14 +23,23 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
-from iclora.conditional_metadata import read_conditional_metadata  # noqa: E402 (after sys.path.insert)
+from iclora.conditional_metadata import check_lora_variant, read_conditional_metadata  # noqa: E402 (after sys.path.insert)
 from iclora.lora_files import load_lora  # noqa: E402 (after sys.path.insert)
 from iclora.panels import join_panels  # noqa: E402 (after sys.path.insert)
 from iclora.references import image_positions, pin_references, reference_latents  # noqa: E402 (after sys.path.insert)
+from minflux.conditioning import (  # noqa: E402 (after sys.path.insert)
+    Condition,
+    fill_condition,
+    fill_mask,
+    fill_panels,
+    kontext_condition,
+)
+from minflux.hub import Repo  # noqa: E402 (after sys.path.insert)
 from minflux.pipeline import Pipeline, from_pil, load_pipeline, to_pil  # noqa: E402 (after sys.path.insert)
 from minflux.quantize import FP8_MODES, apply_fp8  # noqa: E402 (after sys.path.insert)
 from minflux.sampling import get_noise  # noqa: E402 (after sys.path.insert)
 from minflux.user_input import USER_ERRORS  # noqa: E402 (after sys.path.insert)
+from minflux.variants import DEFAULTS, detect_variant  # noqa: E402 (after sys.path.insert)
 from toy.world import TASKS, Scene, panel_consistency, random_scene, recolour, render  # noqa: E402 (after sys.path.insert)
 
 SCORES = ("caption_left", "caption_right", "rule")
@@ -59,9 +70,52 @@ def generate_sets(pipe: Pipeline, scenes: list[Scene], size: int, steps: int, se
         hook = pin_references(ref_latents, ref_mask, noise, timesteps, mode=ref_mode)
     given = [0] if reference else []
     ids = image_positions(height, width, 2, "row", given, ref_mode)                       # (1, Li, 3)
-    latents = pipe.sample(txt, vec, (height, width), steps, 3.5, seed, progress=progress, after_step=hook,
-                          img_ids=ids)
+    guidance = DEFAULTS["dev"]["guidance"]  # 3.5
+    latents = pipe.sample(txt, vec, (height, width), steps, guidance, seed, progress=progress,
+                          after_step=hook, img_ids=ids)
     return to_pil(pipe.decode(latents))
+
+
+def edit_sets(pipe: Pipeline, scenes: list[Scene], size: int, steps: int, seed: int, task: str = "recolour",
+              progress: bool = False) -> list[Image.Image]:
+    """generate_sets' ref mode on a Fill or Kontext base, the left panel given as `sample.py` gives it
+    (minflux/variant_inputs.py), at the base's own guidance (Fill 30, Kontext 2.5): Fill paints the right
+    panel of the two-panel canvas; Kontext makes a size×size panel from the render, joined after it. The
+    noise is one draw of `seed`, as generate_sets'."""
+    height, width = (size, 2 * size) if pipe.variant == "fill" else (size, size)
+    txt, vec = pipe.encode_prompts([TASKS[task](scene) for scene in scenes])
+    cond = edit_condition(pipe, scenes, size, seed)
+    latents = pipe.sample(txt, vec, (height, width), steps, DEFAULTS[pipe.variant]["guidance"], seed,
+                          progress=progress, cond=cond)
+    images = to_pil(pipe.decode(latents))
+    if pipe.variant == "fill":
+        return images
+    joined = []
+    for scene, image in zip(scenes, images, strict=True):  # Kontext: [the given render | the generated panel]
+        joined.append(join_panels([render(scene, size), image], "row"))
+    return joined
+
+
+def edit_condition(pipe: Pipeline, scenes: list[Scene], size: int, seed: int) -> Condition:
+    """The scenes' renders as the left panel, a batch's Condition (minflux/conditioning.py). Fill: the
+    canvas and mask of `sample.py --panels 2 --ref` (fill_panels), the masked image's latents drawn from a
+    generator of `seed`; Kontext: the render as the context, at its own size (the toys' --context-size)."""
+    g = torch.Generator().manual_seed(seed)
+    channels, tokens, token_ids = [], [], []
+    for scene in scenes:
+        left = render(scene, size)
+        if pipe.variant == "fill":
+            image, mask = fill_panels([(left, (0, 0, size, size))], size, 2 * size)
+            pixels = from_pil(image, size, 2 * size)                                # (1, 3, H, W)
+            cond = fill_condition(pipe, pixels, fill_mask(mask, size, 2 * size), g)
+            channels.append(cond.channels)                                          # (1, Li, 320)
+        else:
+            cond = kontext_condition(pipe, left, size, size)
+            tokens.append(cond.tokens)                                              # (1, Lc, 4c)
+            token_ids.append(cond.token_ids)                                        # (1, Lc, A)
+    if pipe.variant == "fill":
+        return Condition(channels=torch.cat(channels))                              # (B, Li, 320)
+    return Condition(tokens=torch.cat(tokens), token_ids=torch.cat(token_ids))     # (B, Lc, 4c), (B, Lc, A)
 
 
 def mean_scores(images: list[Image.Image], scenes: list[Scene], given_size: int | None = None) -> Scores:
@@ -78,20 +132,28 @@ def mean_scores(images: list[Image.Image], scenes: list[Scene], given_size: int 
 
 def evaluate(pipe: Pipeline, scenes: list[Scene], size: int = 64, steps: int = 20, seed: int = 0,
              task: str = "recolour", ref_mode: str = "noised",
-             label: str | None = None) -> tuple[dict[str, Scores], dict[str, list[Image.Image]]]:
+             label: str | None = None) -> tuple[dict[str, Scores | None], dict[str, list[Image.Image]]]:
     """Scores and images of both modes, {"text": {...}, "ref": {...}}. text: from the joint caption alone;
     scores: caption match of the left and right panels, and the rule (the right panel is the left one, as it
     was generated, recoloured). ref: the left panel is the scene's render, pinned SDEdit-style as `sample.py
     --ref` does, so only the right panel is generated; scores: caption match of the right panel and the rule
-    against the given left panel (the render, not its copy decoded with the generated canvas). With a
-    `label` (the model's name), each mode's progress goes to stderr: a line, then a bar of the steps."""
+    against the given left panel (the render, not its copy decoded with the generated canvas). On a Fill or
+    Kontext base (pipe.variant) ref mode gives the left panel as that base takes it (edit_sets) and text
+    mode, which has no reference, is None. With a `label` (the model's name), each mode's progress goes to
+    stderr: a line, then a bar of the steps."""
+    modes = ("text", "ref") if pipe.variant == "dev" else ("ref",)
     images = {}
-    for mode in ("text", "ref"):
+    for mode in modes:
         if label:
             print(f"{label}, {mode} mode: {len(scenes)} sets, {steps} steps", file=sys.stderr)
-        images[mode] = generate_sets(pipe, scenes, size, steps, seed, mode == "ref", task, ref_mode,
-                                     progress=label is not None)
-    scores = {"text": mean_scores(images["text"], scenes), "ref": mean_scores(images["ref"], scenes, size)}
+        if pipe.variant != "dev":
+            images[mode] = edit_sets(pipe, scenes, size, steps, seed, task, progress=label is not None)
+        else:
+            images[mode] = generate_sets(pipe, scenes, size, steps, seed, mode == "ref", task, ref_mode,
+                                         progress=label is not None)
+    scores = {"text": None, "ref": mean_scores(images["ref"], scenes, size)}
+    if "text" in images:
+        scores["text"] = mean_scores(images["text"], scenes)
     del scores["ref"]["caption_left"]  # the given panel, not generated
     return scores, images
 
@@ -133,7 +195,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--task", default="recolour", choices=TASKS,
                    help="the captions of the held-out sets: recolour describes both panels, blind_recolour "
                         "neither (default: recolour)")
-    p.add_argument("--model", default="toy", help="the base model (default: toy)")
+    p.add_argument("--model", default="toy",
+                   help="the base model: toy, toy-fill or toy-kontext (a Fill or Kontext base runs ref mode "
+                        "only) (default: toy)")
     p.add_argument("--quantize", choices=["fp8"],
                    help="fp8: the transformer's and T5's Linear weights in float8 e4m3fn (per-row scales), "
                         "as sample.py --quantize; the LoRA is then an adapter on the fp8 layers "
@@ -170,7 +234,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    pipe = load_pipeline(args.model)
+    variant = detect_variant(Repo(args.model), None, None)  # dev, fill or kontext, before any weight loads
+    note = check_lora_variant(args.lora, variant) if args.lora else None  # refuses another base's LoRA
+    if note:
+        print(note, file=sys.stderr)
+    pipe = load_pipeline(args.model, variant=variant)
     apply_fp8(pipe.flow, pipe.t5, args.quantize, args.fp8_compute, pipe.device)
     scenes = held_out_scenes(args.count, args.scenes_seed)
     names = ["base", "lora"] if args.lora else ["base"]
