@@ -22,6 +22,15 @@ from tests.test_block_swap import with_lora
 from tests.test_transformer import inputs
 
 
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    """Each test compiles from nothing: Dynamo remembers the shapes a block's code saw in earlier tests (the
+    bench's in-process compile too) and would otherwise compile a dynamic-shape graph more."""
+    torch.compiler.reset()
+    yield
+    torch.compiler.reset()
+
+
 def tiny_flow() -> Flux:
     """The tiny preset with its default (nn.Linear) init, frozen as loading leaves it."""
     torch.manual_seed(0)
