@@ -1,5 +1,6 @@
-r"""Generate images with FLUX.1 (dev or schnell): text to image, with LoRAs, In-Context LoRA panel sets,
-reference panels and image-to-image. `main` is BFL's cli.py recipe in order, then one block per option.
+r"""Generate images with FLUX.1 (dev, schnell, Fill or Kontext): text to image, with LoRAs, In-Context LoRA
+panel sets, reference panels, image-to-image, inpainting (Fill) and editing (Kontext). `main` is BFL's cli.py
+recipe in order, then one block per option.
 
     python sample.py --prompt "a red fox in the snow, watercolor" --width 1024 --height 768
     python sample.py --lora ali-vilab/In-Context-LoRA/film-storyboard.safetensors --panels 3 --layout column \
@@ -33,7 +34,7 @@ from minflux.block_swap import BlockSwap
 from minflux.compile import compile_blocks
 from minflux.conditioning import conditioned
 from minflux.hub import TOY_MODELS, hub_call
-from minflux.images import open_rgb
+from minflux.images import read_image
 from minflux.pipeline import Pipeline, from_pil, load_pipeline, to_pil
 from minflux.png_settings import RUN_ONLY, flags_given, settings_chunk, stored_defaults
 from minflux.quantize import FP8_MODES, FP8Linear, apply_fp8, fp8_path
@@ -91,8 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="with --from-image, use the files and downloads its settings name outside the "
                              "PNG's and the working folder (default: refused)")
     most.add_argument("--model", default="black-forest-labs/FLUX.1-dev", metavar="M",
-                      help="HF repo id, a local folder in the HF repo layout, or `toy` for the 12 MB toy "
-                           "FLUX of toy/model (default: %(default)s)")
+                      help="HF repo id, a local folder in the HF repo layout, or `toy` (`toy-fill`, "
+                           "`toy-kontext`) for the 12 MB toy FLUX of toy/ (default: %(default)s)")
     most.add_argument("--prompt", action="append", default=[], metavar="TEXT",
                       help="text prompt, repeatable, which with --panel-prompt sums up the whole set")
     sampling.add_argument("--prompt-file", type=Path, metavar="FILE",
@@ -190,8 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
     img2img.add_argument("--init", type=Path, metavar="IMAGE",
                          help="start from this image instead of noise (default: none)")
     img2img.add_argument("--strength", type=ranged(float, 0, 1), metavar="S",
-                         help="how much of the schedule to run from --init, from 0 (the image) to 1 (ignores "
-                              "it) (default: 0.6)")
+                         help="how much of the schedule to run from --init (or Fill's --image), from 0 (the "
+                              "image) to 1 (ignores it) (default: 0.6 with --init; Fill 1.0)")
     return p
 
 
@@ -268,6 +269,19 @@ def numbered_output(folder: Path = OUTPUTS) -> Path:
             if number:
                 highest = max(highest, int(number[0]))
     return folder / f"{highest + 1:05d}.png"
+
+
+def claim_numbered_output(folder: Path = OUTPUTS) -> Path:
+    """numbered_output's file, created empty at once (O_EXCL), so that two runs saving at the same moment
+    never take one number: the second finds the first's file and takes the next."""
+    folder.mkdir(parents=True, exist_ok=True)
+    while True:
+        path = numbered_output(folder)
+        try:
+            os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            return path
+        except FileExistsError:
+            continue
 
 
 def read_prompt_file(path: Path) -> list[str]:
@@ -410,15 +424,6 @@ def resolve_lora(spec: str) -> Path:
     return Path(hub_call(repo, download))
 
 
-def read_image(path: Path, flag: str):
-    if not path.is_file():
-        raise FileNotFoundError(f"{flag} {path}: no such image file")
-    try:
-        return open_rgb(path, flag)  # alpha on white; a decompression bomb or an unconvertible mode refused
-    except OSError as error:  # PIL's UnidentifiedImageError, a truncated file
-        raise ValueError(f"{flag} {path}: not a readable image ({error})") from None
-
-
 def input_files(args, loras: list[Path]) -> list[tuple[str, Path]]:
     """(flag, path) of every file the run reads: no output may overwrite one."""
     named = [("--from-image", args.from_image), ("--prompt-file", args.prompt_file), ("--init", args.init),
@@ -503,9 +508,9 @@ def load_models(args, loras: list, edit) -> Pipeline:
 def save_images(images: list[Image.Image], files: list[list[Path]], args) -> list[Path]:
     """Each image to its `files` (output_paths'), and each of its panels, all with the run's settings in a PNG
     text chunk; the paths written, each printed. Without --out, the number in outputs/ is taken now, so that a
-    run that finished meanwhile keeps its own."""
+    run that finished meanwhile keeps its own (claim_numbered_output)."""
     if args.out is None:
-        files = output_paths(numbered_output(), len(files), args.panels)
+        files = output_paths(claim_numbered_output(), len(files), args.panels)
     chunk = settings_chunk(args)
     written = []
     for image, paths in zip(images, files, strict=True):

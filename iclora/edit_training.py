@@ -10,12 +10,14 @@ base is FLUX.1 Fill or FLUX.1 Kontext instead of dev; the models' inputs are min
 Shape letters: B batch, Li image tokens, Lc context tokens, c latent channels (16), H/W pixels, A axes (3).
 """
 
+import sys
 from dataclasses import dataclass
 
 import torch
 from einops import rearrange
 from torch import Tensor
 
+from iclora.conditional_metadata import check_lora_variant
 from iclora.panels import join_panels, panel_boxes, split_panels
 from minflux.conditioning import Condition, context_ids, fill_channels
 from minflux.hub import Repo
@@ -31,8 +33,8 @@ TRAINING_GUIDANCE = {"dev": 1.0, "fill": 30.0, "kontext": 1.0}
 
 def prepare_variant(args):
     """Sets args.variant (dev, fill or kontext, told from the transformer's header and the repo: minflux/
-    variants.py) and args.guidance's default for it, and checks the options it needs, before any weight
-    loads."""
+    variants.py) and args.guidance's default for it, and checks the options it needs and --init-lora's
+    recorded base, before any weight loads."""
     args.variant = detect_variant(Repo(str(args.model)), args.transformer, args.variant)
     if args.guidance is None:
         args.guidance = TRAINING_GUIDANCE[args.variant]
@@ -43,10 +45,14 @@ def prepare_variant(args):
     if args.variant == "kontext" and len(args.ref_panel) > 1:
         raise ValueError(f"--ref-panel {' --ref-panel '.join(map(str, args.ref_panel))}: a Kontext LoRA "
                          f"takes one panel as its context; give one --ref-panel")
+    if args.init_lora:  # a LoRA train.py recorded for another base is refused, as sample.py refuses it
+        note = check_lora_variant(args.init_lora, args.variant)
+        if note:
+            print(note, file=sys.stderr)
 
 
 @dataclass
-class EditInputs:
+class EditSet:
     """One set's training inputs on Fill or Kontext, the fields of iclora/training.py's EncodedSet."""
     latents: Tensor                    # (c, h, w) the image to make: Fill the whole set, Kontext the others
     cond: Condition                    # unbatched: channels (Li, 320), or tokens (Lc, 4c) and ids (Lc, A)
@@ -56,7 +62,7 @@ class EditInputs:
 
 
 @torch.no_grad()
-def edit_inputs(pipe, image: Tensor, n: int, layout: str, ref_panels: list[int], variant: str) -> EditInputs:
+def edit_set(pipe, image: Tensor, n: int, layout: str, ref_panels: list[int], variant: str) -> EditSet:
     """The inputs of a set `image` (3, H, W) in [-1, 1] of n panels whose 1-based `ref_panels` are given."""
     if variant == "fill":
         return fill_inputs(pipe, image, n, layout, ref_panels)
@@ -65,7 +71,7 @@ def edit_inputs(pipe, image: Tensor, n: int, layout: str, ref_panels: list[int],
     raise ValueError(f"no Fill or Kontext inputs for a {variant!r} base")
 
 
-def fill_inputs(pipe, image: Tensor, n: int, layout: str, ref_panels: list[int]) -> EditInputs:
+def fill_inputs(pipe, image: Tensor, n: int, layout: str, ref_panels: list[int]) -> EditSet:
     """Fill's: the mask is 1 over every panel but the references (a grid's unused cells are given, as black
     as the joined image has them), the condition the set with those panels blanked."""
     H, W = image.shape[1:]
@@ -77,11 +83,11 @@ def fill_inputs(pipe, image: Tensor, n: int, layout: str, ref_panels: list[int])
     masked = pipe.encode_image(image[None] * (1 - mask)).cpu()                    # (1, c, h, w)
     channels = fill_channels(masked, mask)                                        # (1, Li, 320)
     ref_mask = rearrange(mask[0, 0, ::16, ::16] == 0, "h w -> (h w)")             # (Li,)
-    return EditInputs(latents[0], Condition(channels=channels[0]), pack(masked)[0], ref_mask,
+    return EditSet(latents[0], Condition(channels=channels[0]), pack(masked)[0], ref_mask,
                       image_ids(1, H, W)[0])
 
 
-def kontext_inputs(pipe, image: Tensor, n: int, layout: str, ref_panel: int) -> EditInputs:
+def kontext_inputs(pipe, image: Tensor, n: int, layout: str, ref_panel: int) -> EditSet:
     """Kontext's: the 1-based `ref_panel` is the context at its own (panel) size, the other panels joined in
     the layout the image to make."""
     panels = split_panels(to_pil(image[None])[0], n, layout)
@@ -90,7 +96,7 @@ def kontext_inputs(pipe, image: Tensor, n: int, layout: str, ref_panel: int) -> 
     latents = pipe.encode_image(from_pil(target, target.height, target.width)).cpu()         # (1, c, h, w)
     tokens = pack(pipe.encode_image(from_pil(context, context.height, context.width)).cpu())  # (1, Lc, 4c)
     ids = context_ids(1, context.height, context.width)                           # (1, Lc, A)
-    return EditInputs(latents[0], Condition(tokens=tokens[0], token_ids=ids[0]))
+    return EditSet(latents[0], Condition(tokens=tokens[0], token_ids=ids[0]))
 
 
 def stack_conditions(conds: list[Condition | None], device) -> Condition | None:

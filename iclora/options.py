@@ -154,9 +154,10 @@ def check_data_folder(data: Path):
 
 def parse_val_prompt(text: str, height: int, width: int, steps: int) -> dict:
     """`a caption --w 1024 --h 1536 --seed 3 --g 3.5 --s 20` -> the caption and its settings; the ones it does
-    not give are the first set's size, VAL_SEED, guidance 3.5 and --sample-steps."""
+    not give are the first set's size, VAL_SEED, the base's sampling guidance (None here: Validation reads it
+    off the model, dev 3.5, Fill 30, Kontext 2.5) and --sample-steps."""
     caption, *options = re.split(r"\s+--(?=[a-z]+\s)", " " + text.strip())
-    found = dict(caption=caption.strip(), height=height, width=width, seed=VAL_SEED, guidance=3.5,
+    found = dict(caption=caption.strip(), height=height, width=width, seed=VAL_SEED, guidance=None,
                  steps=steps)
     for option in options:
         name, _, value = option.partition(" ")
@@ -174,7 +175,7 @@ def parse_val_prompt(text: str, height: int, width: int, steps: int) -> dict:
         raise ValueError(f"--val-prompt {text[:40]!r}: {stray[1]!r} is not a setting with its value (they "
                          f"follow the caption in lower case, as '--s 20'): use --w, --h, --seed (--d), --g "
                          f"(--l) or --s")
-    if found["steps"] < 1 or not math.isfinite(found["guidance"]):
+    if found["steps"] < 1 or (found["guidance"] is not None and not math.isfinite(found["guidance"])):
         raise ValueError(f"--val-prompt {text[:40]!r}: --s must be at least 1 and --g a finite number")
     check_size(found["height"], found["width"])
     return found

@@ -312,7 +312,8 @@ def sample_command(args, first_set, caption: str) -> str:
     if getattr(args, "variant", "dev") == "kontext":  # the context is --image; the other panels are drawn
         n = first_set.count
         height, width = canvas_size(n - 1, args.layout, *panel_size(n, args.layout, *first_set.bucket))
-        command += ["--image", "IMAGE", "--width", str(width), "--height", str(height)]
+        command += ["--image", "IMAGE", "--context-size", "own"]  # the context at its size, as trained
+        command += ["--width", str(width), "--height", str(height)]
     elif args.ref_panel:
         command += ["--ref", "IMAGE"] * len(args.ref_panel)
     else:

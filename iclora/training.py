@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from iclora.edit_training import condition_rows, edit_inputs, stack_conditions
+from iclora.edit_training import condition_rows, edit_set, stack_conditions
 from iclora.panels import panel_boxes, split_panels
 from iclora.references import image_positions, reference_latents, reference_tokens
 from minflux.conditioning import Condition, conditioned
@@ -140,7 +140,7 @@ def encode_sets(pipe, dataset, ref_panels: list[int] = (), ref_mode: str = "nois
     """Each sample's latents and caption states (of the samples `part` of the list only), each (set, bucket)
     and each caption encoded once; with 1-based `ref_panels`, its reference panels, cut from the resized set,
     encoded by reference_latents (as `sample.py --ref` encodes a reference image), ref_mask and the tokens'
-    positions in `ref_mode`; on a Fill or Kontext base (`variant`), their inputs instead (edit_inputs)."""
+    positions in `ref_mode`; on a Fill or Kontext base (`variant`), their inputs instead (edit_set)."""
     encoded = []
     by_sample = {}   # (set path, bucket) -> its EncodedSet
     by_caption = {}  # caption -> its T5 states and CLIP vector
@@ -156,7 +156,7 @@ def encode_sets(pipe, dataset, ref_panels: list[int] = (), ref_mode: str = "nois
         txt, vec = by_caption[caption]
         if variant != "dev":  # Fill's or Kontext's inputs (iclora/edit_training.py)
             n = dataset.samples[i].count
-            e = edit_inputs(pipe, item["image"], n, dataset.layout, ref_panels, variant)
+            e = edit_set(pipe, item["image"], n, dataset.layout, ref_panels, variant)
             by_sample[key] = EncodedSet(e.latents, txt, vec, e.ref_latents, e.ref_mask, e.ids, e.cond)
             encoded.append(by_sample[key])
             continue

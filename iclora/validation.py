@@ -17,6 +17,7 @@ from iclora.references import pin_references
 from iclora.training import EncodedSet
 from minflux.pipeline import to_pil
 from minflux.sampling import get_noise
+from minflux.variants import DEFAULTS
 
 
 class Validation:
@@ -40,6 +41,10 @@ class Validation:
                                                mode=ref_mode)
                 self.ids[i] = shown.ids[None]
 
+    def guidance(self, v: dict) -> float:
+        """A prompt's --g, or the base's sampling default (dev 3.5, Fill 30, Kontext 2.5)."""
+        return DEFAULTS[self.pipe.variant]["guidance"] if v["guidance"] is None else v["guidance"]
+
     def __call__(self, flow, ema: EMA, step: int):
         """This step's images: every rank samples them (under --fsdp each holds a part of every block), and
         rank 0 writes them."""
@@ -54,7 +59,7 @@ class Validation:
                     cond = stack_conditions([self.edit.cond], self.pipe.device)
                     size = tuple(8 * side for side in self.edit.latents.shape[1:])
                 latents = self.pipe.sample(self.txt[i : i + 1], self.vec[i : i + 1], size,
-                                           steps=v["steps"], guidance=v["guidance"], seed=v["seed"],
+                                           steps=v["steps"], guidance=self.guidance(v), seed=v["seed"],
                                            progress=False, after_step=self.hooks[i], img_ids=self.ids[i],
                                            cond=cond)
                 images.append(to_pil(self.pipe.decode(latents))[0])

@@ -78,3 +78,14 @@ def float_to_8_bit(image: Image.Image, path: Path, what: str) -> Image.Image:
                          f"{high:g}; float images are read only with values in [0, 1]: save it as 8- or "
                          f"16-bit")
     return Image.fromarray((values * 255).round().astype(np.uint8))
+
+
+def read_image(path: Path, flag: str) -> Image.Image:
+    """The image file a flag names (--ref, --init, --image, --mask), as open_rgb reads it, or a clear error
+    naming both: a missing file, or one PIL cannot read (not an image, truncated)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{flag} {path}: no such image file")
+    try:
+        return open_rgb(path, flag)  # alpha on white; a decompression bomb or an unconvertible mode refused
+    except OSError as error:  # PIL's UnidentifiedImageError, a truncated file
+        raise ValueError(f"{flag} {path}: not a readable image ({error})") from None

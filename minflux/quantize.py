@@ -138,8 +138,8 @@ def quantize_fp8(model: nn.Module) -> nn.Module:
 
 def fp8_path(mode: str, device) -> tuple[str, str]:
     """The path of --fp8-compute `mode` on `device`, "scaled_mm" or "dequantize", and why. auto takes
-    torch._scaled_mm only on CUDA capability 9.0 and up (row-wise scales); on takes it wherever the device
-    runs it, which is tried first (a ValueError if not); off dequantizes."""
+    torch._scaled_mm on CUDA capability 9.0 and up (row-wise scales) where a trial call runs; on takes it
+    wherever the device runs it, which is tried first (a ValueError if not); off dequantizes."""
     if mode not in FP8_MODES:
         raise ValueError(f"--fp8-compute {mode}: expected one of {', '.join(FP8_MODES)}")
     device = torch.device(device)
@@ -152,9 +152,13 @@ def fp8_path(mode: str, device) -> tuple[str, str]:
         return "dequantize", f"--fp8-compute auto on {device}: fp8 matmuls only on CUDA capability 9.0 and up"
     capability = torch.cuda.get_device_capability(device)
     why = f"--fp8-compute auto on {device}, CUDA capability {capability[0]}.{capability[1]}"
-    if tuple(capability) >= ROWWISE_CAPABILITY:
-        return "scaled_mm", f"{why}: row-wise scaled fp8 matmuls"
-    return "dequantize", f"{why}: row-wise scaled fp8 matmuls need 9.0 and up (H100, H200)"
+    if tuple(capability) < ROWWISE_CAPABILITY:
+        return "dequantize", f"{why}: row-wise scaled fp8 matmuls need 9.0 and up (H100, H200)"
+    try:  # a newer card whose torch build lacks the kernel dequantizes, and says so
+        check_scaled_mm(device)
+    except ValueError as error:
+        return "dequantize", f"{why}: {error}"
+    return "scaled_mm", f"{why}: row-wise scaled fp8 matmuls"
 
 
 def check_scaled_mm(device: torch.device):
@@ -163,7 +167,7 @@ def check_scaled_mm(device: torch.device):
         x8 = torch.ones(16, 16, device=device).to(torch.float8_e4m3fn)
         scale = torch.ones(16, 1, device=device)
         torch._scaled_mm(x8, x8.t(), scale, scale.t().contiguous(), out_dtype=torch.bfloat16)
-    except (RuntimeError, ValueError, NotImplementedError, AssertionError) as e:  # AssertionError: no CUDA
+    except Exception as e:  # RuntimeError, NotImplementedError, AssertionError (no CUDA), TypeError (MPS)
         raise ValueError(f"--fp8-compute on: {device} cannot run torch._scaled_mm with row-wise scales "
                          f"({str(e).splitlines()[0]}); use --fp8-compute auto or off") from None
 

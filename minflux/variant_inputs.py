@@ -21,7 +21,7 @@ from .conditioning import (
     output_size,
 )
 from .hub import TOY_MODELS, Repo
-from .images import open_rgb
+from .images import read_image
 from .loading import check_repo
 from .sampling import check_size
 from .variants import DEFAULTS, detect_variant
@@ -50,21 +50,13 @@ class EditInputs:
         return self.kontext
 
 
-def read_image(path, flag: str) -> Image.Image:
-    """An image file a flag names, in RGB, or a clear error naming both."""
-    if not path.is_file():
-        raise FileNotFoundError(f"{flag} {path}: no such image file")
-    try:
-        return open_rgb(path, flag)
-    except OSError as error:  # PIL's UnidentifiedImageError, a truncated file
-        raise ValueError(f"{flag} {path}: not a readable image ({error})") from None
-
-
 def check_flags(args, variant: str, refs: list, init):
     """Which of --image, --mask, --ref, --init and --strength the variant takes (ValueError otherwise)."""
     model = f"--model {args.model}" + (f" (--transformer {args.transformer})" if args.transformer else "")
     name = {"dev": "a text-to-image model (dev or schnell)", "fill": "FLUX.1 Fill",
             "kontext": "FLUX.1 Kontext"}[variant]
+    if args.context_size and variant != "kontext":
+        raise ValueError(f"--context-size is for a FLUX.1 Kontext model's context image; {model} is {name}")
     if args.mask and variant != "fill":
         raise ValueError(f"--mask is for a FLUX.1 Fill model; {model} is {name}")
     if args.image and variant == "dev":

@@ -14,7 +14,7 @@ from .loading import COMFY_PREFIX, open_safetensors
 VARIANTS = ("dev", "fill", "kontext")  # "dev" covers every text-to-image model, schnell too
 DEFAULTS = {"dev": dict(guidance=3.5, steps=28),
             "fill": dict(guidance=30.0, steps=50),     # BFL's cli_fill.py
-            "kontext": dict(guidance=2.5, steps=28)}   # diffusers' FluxKontextPipeline
+            "kontext": dict(guidance=2.5, steps=28)}   # BFL's cli_kontext; diffusers' step count
 REFUSED = {448: "the ACE++ full fine-tune (Fill's 384 + 64 channels of the edit image); use FLUX.1 Fill-dev "
                 "with an ACE++ LoRA instead",
            128: "FLUX.1 Canny or Depth (64 + 64 channels of the control image), which is not supported"}

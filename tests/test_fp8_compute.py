@@ -17,7 +17,7 @@ from torch import nn
 import sample
 import train
 from iclora.lora import LoRALinear, inject_lora, lora_parameters, remove_lora
-from minflux import png_settings
+from minflux import png_settings, quantize
 from minflux.quantize import (
     E4M3_MAX,
     FP8Linear,
@@ -137,9 +137,17 @@ def test_a_lora_added_and_removed_keeps_the_layers_fp8_compute():
                                              ((8, 9), "dequantize"), ((8, 0), "dequantize")])
 def test_auto_computes_in_fp8_only_on_cuda_capability_9_and_up(monkeypatch, capability, path):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(quantize, "check_scaled_mm", lambda device: None)  # the trial call runs
     chosen, why = fp8_path("auto", "cuda")
     assert chosen == path
     assert f"CUDA capability {capability[0]}.{capability[1]}" in why
+
+
+def test_auto_dequantizes_where_a_new_cards_trial_scaled_matmul_fails_and_says_why(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (12, 0))
+    chosen, why = fp8_path("auto", "cuda")  # this CPU-only torch cannot run it on "cuda"
+    assert chosen == "dequantize"
+    assert "CUDA capability 12.0" in why and "cannot run torch._scaled_mm" in why
 
 
 def test_auto_dequantizes_on_the_cpu():
