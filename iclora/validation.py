@@ -41,10 +41,6 @@ class Validation:
                                                mode=ref_mode)
                 self.ids[i] = shown.ids[None]
 
-    def guidance(self, v: dict) -> float:
-        """A prompt's --g, or the base's sampling default (dev 3.5, Fill 30, Kontext 2.5)."""
-        return DEFAULTS[self.pipe.variant]["guidance"] if v["guidance"] is None else v["guidance"]
-
     def __call__(self, flow, ema: EMA, step: int):
         """This step's images: every rank samples them (under --fsdp each holds a part of every block), and
         rank 0 writes them."""
@@ -58,15 +54,20 @@ class Validation:
                 if self.edit is not None:  # Fill, Kontext: the first set's condition, at its size
                     cond = stack_conditions([self.edit.cond], self.pipe.device)
                     size = tuple(8 * side for side in self.edit.latents.shape[1:])
-                latents = self.pipe.sample(self.txt[i : i + 1], self.vec[i : i + 1], size,
-                                           steps=v["steps"], guidance=self.guidance(v), seed=v["seed"],
-                                           progress=False, after_step=self.hooks[i], img_ids=self.ids[i],
-                                           cond=cond)
+                guidance = guidance_of(v, self.pipe.variant)
+                latents = self.pipe.sample(self.txt[i : i + 1], self.vec[i : i + 1], size, steps=v["steps"],
+                                           guidance=guidance, seed=v["seed"], progress=False,
+                                           after_step=self.hooks[i], img_ids=self.ids[i], cond=cond)
                 images.append(to_pil(self.pipe.decode(latents))[0])
         flow.train()
         if rank() == 0:
             write_or_warn(self.folder / f"step{step:06d}.png",
                           lambda tmp: side_by_side(images).save(tmp, format="PNG"), "the validation images")
+
+
+def guidance_of(v: dict, variant: str) -> float:
+    """A validation prompt's --g, or its base's sampling default (dev 3.5, Fill 30, Kontext 2.5)."""
+    return DEFAULTS[variant]["guidance"] if v["guidance"] is None else v["guidance"]
 
 
 def side_by_side(images: list[Image.Image], gap: int = 4) -> Image.Image:

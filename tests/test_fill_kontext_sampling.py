@@ -183,6 +183,8 @@ def no_weights(monkeypatch):
     ("kontext", ["--image", "I80", "--mask", "M80"], r"--mask is for a FLUX\.1 Fill model; .* is FLUX\.1 "
                                                      r"Kontext"),
     ("kontext", ["--image", "TEXT"], r"--image .*notes\.png: not a readable image"),
+    ("fill", ["--image", "I80", "--mask", "M80", "--context-size", "own"], r"--context-size is for a FLUX\.1 "
+                                                                          r"Kontext model's context image"),
 ])
 def test_bad_fill_and_kontext_inputs_are_refused_before_any_weight_loads(repos, tmp_path, no_weights, variant,
                                                                          flags, error):

@@ -153,3 +153,10 @@ def test_every_help_line_is_one_short_sentence(script):
         sentence = re.sub(r" \(default: [^()]*(\([^()]*\)[^()]*)*\)$", "", text)
         assert len(text) <= 160, (action.dest, text)
         assert not re.search(r"[.!?] [A-Z]", sentence) and not sentence.endswith("."), (action.dest, text)
+
+
+def test_a_claimed_number_is_never_handed_out_again_even_before_its_image_is_saved(tmp_path):
+    outputs = tmp_path / "outputs"
+    first = sample.claim_numbered_output(outputs)   # another run, still sampling: its file exists, empty
+    second = sample.claim_numbered_output(outputs)
+    assert (first.name, second.name) == ("00001.png", "00002.png")

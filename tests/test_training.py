@@ -28,6 +28,7 @@ from iclora.training import (
     flow_matching_loss,
     sample_timesteps,
 )
+from iclora.validation import guidance_of
 from minflux.pipeline import load_pipeline
 from minflux.sampling import shift_mu, time_shift
 from tests.test_lora_files import trained as with_random_lora
@@ -463,6 +464,13 @@ def test_inline_val_prompt_settings_are_read_and_others_take_the_defaults():
     assert parse_val_prompt("a fox --d 5 --l 4", 48, 32, 20) == dict(caption="a fox", height=48, width=32,
                                                                          seed=5, guidance=4.0, steps=20)
     assert parse_val_prompt("a fox--like dog", 16, 16, 9)["caption"] == "a fox--like dog"
+
+
+def test_a_val_prompt_without_g_is_sampled_at_its_bases_own_guidance():
+    assert parse_val_prompt("a fox", 16, 16, 9)["guidance"] is None  # Validation reads the base's default
+    for variant, guidance in (("dev", 3.5), ("fill", 30.0), ("kontext", 2.5)):
+        assert guidance_of({"guidance": None}, variant) == guidance
+        assert guidance_of({"guidance": 4.0}, variant) == 4.0
 
 
 @pytest.mark.parametrize("text, error", [("a fox --x 3", "unknown option --x"),
