@@ -79,13 +79,14 @@ def predict_velocity(flow, x_t: Tensor, t: Tensor, img_ids: Tensor, txt: Tensor,
 
 
 def flow_matching_loss(flow, x0: Tensor, txt: Tensor, vec: Tensor, g: torch.Generator, guidance: float = 1.0,
-                       timestep_mode: str = "shift") -> Tensor:
-    """MSE between the predicted and the true velocity ε − x0 at a random point t of the noise-data line."""
+                       timestep_mode: str = "shift", cond: Condition | None = None) -> Tensor:
+    """MSE between the predicted and the true velocity ε − x0 at a random point t of the noise-data line
+    (with `cond`, a Fill or Kontext base's input)."""
     B, _, h, w = x0.shape
     x0 = pack(x0)                                                                 # (B, Li, 4c)
     noise, t = draw_noise_and_times(x0, g, timestep_mode)                         # (B, Li, 4c), (B,)
     x_t = add_noise(x0, noise, t[:, None, None])                                  # (B, Li, 4c)
-    v = predict_velocity(flow, x_t, t, image_ids(B, 8 * h, 8 * w), txt, vec, guidance)
+    v = predict_velocity(flow, x_t, t, image_ids(B, 8 * h, 8 * w), txt, vec, guidance, cond)
     return (v.float() - (noise - x0).float()).square().mean()
 
 

@@ -30,11 +30,11 @@ from tqdm.auto import tqdm
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere
-from iclora.training import TIMESTEP_MODES, draw_noise_and_times, step_generator  # noqa: E402 (after sys.path.insert)
+from iclora.training import TIMESTEP_MODES, flow_matching_loss, step_generator  # noqa: E402 (after sys.path.insert)
 from minflux.conditioning import Condition, conditioned, context_ids, fill_channels  # noqa: E402 (after sys.path.insert)
 from minflux.model import Flux  # noqa: E402 (after sys.path.insert)
 from minflux.pipeline import Pipeline, load_pipeline, to_pil  # noqa: E402 (after sys.path.insert)
-from minflux.sampling import add_noise, denoise, get_noise, get_schedule, image_ids, pack, text_ids, unpack  # noqa: E402 (after sys.path.insert)
+from minflux.sampling import denoise, get_noise, get_schedule, image_ids, pack, text_ids, unpack  # noqa: E402 (after sys.path.insert)
 from minflux.variants import DEFAULTS  # noqa: E402 (after sys.path.insert)
 from toy.hf_files import save_weights  # noqa: E402 (after sys.path.insert)
 from toy.train_base import encode_captions, merged_pad_attention, renders, timed, warmup_cosine  # noqa: E402 (after sys.path.insert)
@@ -186,20 +186,6 @@ def start_from_dev(dev: Flux, variant: str) -> Flux:
     return flow.float().train().requires_grad_(True)
 
 
-def conditioned_loss(flow: Flux, x0: torch.Tensor, cond: Condition, txt: torch.Tensor, vec: torch.Tensor,
-                     g: torch.Generator, guidance: float, timestep_mode: str) -> torch.Tensor:
-    """iclora/training.py's objective (x_t = (1 − t)·x0 + t·ε, target ε − x0, the same draws) for latents x0
-    (B, c, h, w) through conditioned(flow, cond); the MSE is over every generated token (Kontext's context
-    tokens are cut from the prediction by `conditioned`)."""
-    B, _, h, w = x0.shape
-    x0 = pack(x0)                                                                  # (B, Li, 4c)
-    noise, t = draw_noise_and_times(x0, g, timestep_mode)                          # (B, Li, 4c), (B,)
-    x_t = add_noise(x0, noise, t[:, None, None])                                   # (B, Li, 4c)
-    v = conditioned(flow, cond)(x_t, image_ids(B, 8 * h, 8 * w), txt, text_ids(B, txt.shape[1]),
-                                timesteps=t, y=vec, guidance=torch.full((B,), guidance))  # (B, Li, 4c)
-    return (v - (noise - x0)).square().mean()
-
-
 def fine_tune(flow: Flux, data: Examples, text: tuple, args, seed: int, guidance_range) -> dict:
     """AdamW with warm-up and cosine decay (Fill's img_in --new-input-lr times faster), gradient clipping at
     1; every draw of step s from step_generator(seed, s). `text`: encode_captions' (txt, bias, vec)."""
@@ -218,8 +204,8 @@ def fine_tune(flow: Flux, data: Examples, text: tuple, args, seed: int, guidance
                 group["lr"] = args.lr * group["scale"] * warmup_cosine(step, args.steps, args.warmup)
             rows = torch.randint(len(data.latents), (args.batch,), generator=g)
             guidance = low + (high - low) * torch.rand((), generator=g).item()
-            loss = conditioned_loss(flow, data.latents[rows], data.condition(rows), txt[rows], vec[rows], g,
-                                    guidance, args.timesteps)
+            loss = flow_matching_loss(flow, data.latents[rows], txt[rows], vec[rows], g, guidance,
+                                      args.timesteps, data.condition(rows))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(flow.parameters(), 1.0)
