@@ -84,7 +84,7 @@ def fill_inputs(pipe, image: Tensor, n: int, layout: str, ref_panels: list[int])
     channels = fill_channels(masked, mask)                                        # (1, Li, 320)
     ref_mask = rearrange(mask[0, 0, ::16, ::16] == 0, "h w -> (h w)")             # (Li,)
     return EditSet(latents[0], Condition(channels=channels[0]), pack(masked)[0], ref_mask,
-                      image_ids(1, H, W)[0])
+                   image_ids(1, H, W)[0])
 
 
 def kontext_inputs(pipe, image: Tensor, n: int, layout: str, ref_panel: int) -> EditSet:

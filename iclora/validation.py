@@ -32,8 +32,12 @@ class Validation:
         self.txt, self.vec = pipe.encode_prompts([v["caption"] for v in prompts])
         self.hooks = [None] * len(prompts)
         self.ids = [None] * len(prompts)
-        self.edit = shown if shown is not None and shown.cond is not None else None  # Fill, Kontext
-        if shown is not None and self.edit is None:
+        self.sizes = [(v["height"], v["width"]) for v in prompts]
+        self.cond = None
+        if shown is not None and shown.cond is not None:  # Fill, Kontext: the first set's condition, its size
+            self.cond = stack_conditions([shown.cond], pipe.device)
+            self.sizes = [tuple(8 * side for side in shown.latents.shape[1:])] * len(prompts)
+        elif shown is not None:
             for i, v in enumerate(prompts):
                 noise = get_noise(1, *size, v["seed"])
                 times = pipe.schedule(*size, v["steps"])
@@ -46,18 +50,14 @@ class Validation:
         rank 0 writes them."""
         flow.eval()
         images = []
-        cond = None
         with ema.applied():
             for i, v in enumerate(tqdm(self.prompts, desc=f"validation images, step {step}", leave=False,
                                        disable=rank() > 0)):
-                size = (v["height"], v["width"])
-                if self.edit is not None:  # Fill, Kontext: the first set's condition, at its size
-                    cond = stack_conditions([self.edit.cond], self.pipe.device)
-                    size = tuple(8 * side for side in self.edit.latents.shape[1:])
                 guidance = guidance_of(v, self.pipe.variant)
-                latents = self.pipe.sample(self.txt[i : i + 1], self.vec[i : i + 1], size, steps=v["steps"],
-                                           guidance=guidance, seed=v["seed"], progress=False,
-                                           after_step=self.hooks[i], img_ids=self.ids[i], cond=cond)
+                latents = self.pipe.sample(self.txt[i : i + 1], self.vec[i : i + 1], self.sizes[i],
+                                           steps=v["steps"], guidance=guidance, seed=v["seed"],
+                                           progress=False, after_step=self.hooks[i], img_ids=self.ids[i],
+                                           cond=self.cond)
                 images.append(to_pil(self.pipe.decode(latents))[0])
         flow.train()
         if rank() == 0:
