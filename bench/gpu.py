@@ -206,20 +206,11 @@ def sample_rows(args, device, dtype, peak, ours, ref, sizes, section="sample") -
 def sample_size_rows(args, device, dtype, peak, ours, ref, size: tuple[int, int], section: str) -> list[dict]:
     """sample_rows at one (height, width)."""
     H, W = size
-    p = ours.params
-    B = 1
-    Lt = args.text_tokens
     gpu = compiles(device, args)
     torch.compiler.reset()  # static shapes for this size, as a run of sample.py has
     Li = (H // 16) * (W // 16)
     say(f"{section} {W}x{H}: {Li} image tokens")
-    img = torch.randn(B, Li, p.in_channels, device=device, dtype=dtype)
-    txt = torch.randn(B, Lt, p.context_in_dim, device=device, dtype=dtype)
-    y = torch.randn(B, p.vec_in_dim, device=device, dtype=dtype)
-    iid = image_ids(B, H, W).to(device)
-    tid = text_ids(B, Lt).to(device)
-    t = torch.full((B,), 0.7, device=device, dtype=dtype)
-    g = torch.full((B,), 3.5, device=device, dtype=dtype)
+    img, iid, txt, tid, t, y, g = step_inputs(args, ours.params, size, device, dtype)
 
     def step(v):  # the Euler update of sampling.denoise
         return (img.float() - 0.04 * v.float()).to(dtype)
@@ -246,7 +237,8 @@ def sample_size_rows(args, device, dtype, peak, ours, ref, size: tuple[int, int]
             own[key] = weights_bytes(ours if name == "ours" else ref)
     with torch.no_grad():  # as sample.py's denoise
         timings = measure(variants, args, device, own)
-    rows = size_rows(section, list(models), timings, size, B, forward_flops(p, B, Li, Lt), peak)
+    flops = forward_flops(ours.params, 1, Li, args.text_tokens)  # batch 1
+    rows = size_rows(section, list(models), timings, size, 1, flops, peak)
     switch(fast, None)
     return rows
 
@@ -496,10 +488,10 @@ def overheads(args, device, dtype, peak, reference, checks) -> list[dict]:
     return rows + [row("overheads", name, args.sizes[0], 1, skipped=why) for name, why in skipped.items()]
 
 
-def sample_step(args, flow, device, dtype):
-    """One denoising step's call at --sizes' first size (batch 1), as sample_size_rows times it."""
-    H, W = args.sizes[0]
-    p = flow.params
+def step_inputs(args, p: FluxParams, size: tuple[int, int], device, dtype) -> tuple:
+    """A denoising step's random inputs at `size` (H, W), batch 1, in the flow's argument order: img, img_ids,
+    txt, txt_ids, timesteps, y, guidance."""
+    H, W = size
     Li = (H // 16) * (W // 16)
     img = torch.randn(1, Li, p.in_channels, device=device, dtype=dtype)
     txt = torch.randn(1, args.text_tokens, p.context_in_dim, device=device, dtype=dtype)
@@ -508,7 +500,12 @@ def sample_step(args, flow, device, dtype):
     tid = text_ids(1, args.text_tokens).to(device)
     t = torch.full((1,), 0.7, device=device, dtype=dtype)
     g = torch.full((1,), 3.5, device=device, dtype=dtype)
-    return partial(flow, img, iid, txt, tid, t, y, g)
+    return img, iid, txt, tid, t, y, g
+
+
+def sample_step(args, flow, device, dtype):
+    """One denoising step's call at --sizes' first size, as sample_size_rows times it."""
+    return partial(flow, *step_inputs(args, flow.params, args.sizes[0], device, dtype))
 
 
 SECTION_RUNS = {"sample": bf16_steps, "fp8": fp8_steps, "image": whole_image, "compile-train": compile_train,
