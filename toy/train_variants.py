@@ -31,10 +31,10 @@ from tqdm.auto import tqdm
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 from iclora.training import TIMESTEP_MODES, flow_matching_loss, step_generator  # noqa: E402 (after sys.path.insert)
-from minflux.conditioning import Condition, conditioned, context_ids, fill_channels  # noqa: E402 (after sys.path.insert)
+from minflux.conditioning import Condition, context_ids, fill_channels  # noqa: E402 (after sys.path.insert)
 from minflux.model import Flux  # noqa: E402 (after sys.path.insert)
 from minflux.pipeline import Pipeline, load_pipeline, to_pil  # noqa: E402 (after sys.path.insert)
-from minflux.sampling import denoise, get_noise, get_schedule, image_ids, pack, text_ids, unpack  # noqa: E402 (after sys.path.insert)
+from minflux.sampling import pack  # noqa: E402 (after sys.path.insert)
 from minflux.variants import DEFAULTS  # noqa: E402 (after sys.path.insert)
 from toy.hf_files import save_weights  # noqa: E402 (after sys.path.insert)
 from toy.train_base import encode_captions, merged_pad_attention, renders, timed, warmup_cosine  # noqa: E402 (after sys.path.insert)
@@ -222,15 +222,12 @@ def fine_tune(flow: Flux, data: Examples, text: tuple, args, seed: int, guidance
 @torch.no_grad()
 def draw(pipe: Pipeline, flow: Flux, cond: Condition | None, captions: list[str], size: int, steps: int,
          guidance: float, seed: int = 0) -> list[Image.Image]:
-    """The sampler in a few lines: seed's noise, the captions' full 512-token T5 states, `denoise` running
-    conditioned(flow, cond), decoded."""
+    """size×size images of the captions, sampled by Pipeline.sample with `flow` in place of the pipeline's own
+    (the dev toy's encoders and autoencoder), given `cond`."""
     txt, vec = pipe.encode_prompts(captions)                                       # (B, Lt, C), (B, C)
-    B = len(captions)
-    x = pack(get_noise(B, size, size, seed))                                       # (B, Li, 4c) at t = 1
-    timesteps = get_schedule(steps, x.shape[1])
-    x = denoise(conditioned(flow, cond), x, image_ids(B, size, size), txt, text_ids(B, txt.shape[1]), vec,
-                timesteps, guidance, progress=False)
-    return to_pil(pipe.decode(unpack(x, size, size)))
+    latents = dataclasses.replace(pipe, flow=flow).sample(txt, vec, (size, size), steps, guidance, seed,
+                                                          progress=False, cond=cond)
+    return to_pil(pipe.decode(latents))
 
 
 def palette_agreement(image: Image.Image, target: Image.Image, where: np.ndarray | None = None) -> float:
