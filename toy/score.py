@@ -234,11 +234,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    variant = detect_variant(Repo(args.model), None, None)  # dev, fill or kontext, before any weight loads
+    repo = Repo(args.model)
+    variant = detect_variant(repo, None, None)  # dev, fill or kontext, before any weight loads
     note = check_lora_variant(args.lora, variant) if args.lora else None  # refuses another base's LoRA
     if note:
         print(note, file=sys.stderr)
-    pipe = load_pipeline(args.model, variant=variant)
+    pipe = load_pipeline(repo, variant=variant)
     apply_fp8(pipe.flow, pipe.t5, args.quantize, args.fp8_compute, pipe.device)
     scenes = held_out_scenes(args.count, args.scenes_seed)
     names = ["base", "lora"] if args.lora else ["base"]
